@@ -1,0 +1,159 @@
+"""``RewardClient``: score image batches on one or more reward servers over msgpack/HTTP.
+
+Two ways in: ``await client.score(...)`` from async code, and ``client.submit(...)`` which returns a
+``concurrent.futures.Future`` for synchronous loops (the trainer). ``submit`` runs on one background event
+loop thread; it only touches numpy and bytes, never torch, so it cannot slow the caller's torch threads.
+
+Retries: connection errors, timeouts, 429 and 5xx are retried with capped exponential backoff (honouring
+Retry-After), moving to the next URL each time, all under one total deadline. A 4xx other than 429 means the
+request itself is wrong: it raises at once with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+import time
+import uuid
+from typing import Any, Sequence
+
+import httpx
+import numpy as np
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+
+from protocol.codec import build_request, parse_reply, unpack
+from protocol.errors import ProtocolError, RewardServerError
+from protocol.schema import MEDIA_TYPE, Encoding, ScoreReply
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError) or (isinstance(exc, RewardServerError) and exc.retryable)
+
+
+class RewardClient:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        timeout: float = 120.0,
+        retries: int = 8,
+        token: str | None = None,
+        deadline: float = 600.0,
+        max_backoff: float = 10.0,
+    ):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("RewardClient needs at least one URL")
+        self.timeout, self.retries, self.deadline, self.max_backoff = timeout, retries, deadline, max_backoff
+        self._headers = {"content-type": MEDIA_TYPE, "accept": MEDIA_TYPE}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
+        self._next_url = itertools.cycle(range(len(self.urls)))
+        self._http: httpx.AsyncClient | None = None
+        self._http_loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- async API -------------------------------------------------------------------------------------
+    async def score(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        encoding: Encoding = "raw",
+        request_id: str | None = None,
+    ) -> ScoreReply:
+        """Score a uint8 NHWC batch; one score per image, in order."""
+        body = build_request(images, prompts, metadata, request_id or uuid.uuid4().hex, encoding)
+        return await self.score_body(body, expected=len(prompts))
+
+    async def score_body(self, body: bytes, expected: int | None = None) -> ScoreReply:
+        http = self._client()
+        start = time.monotonic()
+        first = next(self._next_url)
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self.deadline) | stop_after_attempt(self.retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                url = self.urls[(first + attempt.retry_state.attempt_number - 1) % len(self.urls)]
+                left = max(0.1, self.deadline - (time.monotonic() - start))
+                response = await http.post(
+                    f"{url}/v1/score", content=body, headers=self._headers, timeout=min(self.timeout, left)
+                )
+                if response.status_code != 200:
+                    raise _server_error(url, response)
+                try:
+                    return parse_reply(response.content, expected)
+                except ProtocolError as exc:
+                    raise RewardServerError(url, 502, "bad_reply", exc.message, exc.field) from None
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _wait(self, state) -> float:
+        backoff = wait_exponential_jitter(initial=0.2, max=self.max_backoff)(state)
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        return min(self.max_backoff, max(backoff, retry_after or 0.0))
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._http is None:
+            limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+            self._http = httpx.AsyncClient(limits=limits, timeout=self.timeout)
+            self._http_loop = loop
+        elif self._http_loop is not loop:
+            raise RuntimeError("a RewardClient is bound to the first event loop that used it; make one per loop")
+        return self._http
+
+    # -- synchronous API -------------------------------------------------------------------------------
+    def submit(self, images, prompts, metadata=None, encoding: Encoding = "raw", request_id=None):
+        """Start scoring in the background; returns a ``concurrent.futures.Future[ScoreReply]``."""
+        images = np.ascontiguousarray(images) if isinstance(images, np.ndarray) else list(images)
+        coroutine = self.score(images, prompts, metadata, encoding, request_id)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="reward-client", daemon=True)
+            self._thread.start()
+        return self._loop
+
+    def close(self) -> None:
+        if self._loop is not None:
+            if self._http is not None:
+                asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(timeout=10)
+                self._http = None
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+            self._loop = None
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def __enter__(self) -> "RewardClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _server_error(url: str, response: httpx.Response) -> RewardServerError:
+    code, message, field = "http_error", response.reason_phrase, None
+    try:
+        error = unpack(response.content)["error"]
+        code, message, field = error["code"], error["message"], error.get("field")
+    except Exception:  # not our error map (a proxy, a crash page): keep the HTTP reason
+        if response.content:
+            message = response.content[:200].decode("utf-8", "replace")
+    err = RewardServerError(url, response.status_code, code, message, field)
+    retry_after = response.headers.get("retry-after")
+    err.retry_after = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+    return err

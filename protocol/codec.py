@@ -1,0 +1,120 @@
+"""msgpack bodies and image payloads: bytes <-> validated models <-> uint8 numpy arrays."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+from pydantic import ValidationError
+
+from protocol.errors import ProtocolError
+from protocol.schema import Encoding, Image, Limits, ScoreReply, ScoreRequest
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
+
+
+def encode_image(array: np.ndarray, encoding: Encoding = "raw", quality: int = 95) -> dict[str, Any]:
+    """One HWC uint8 RGB array as a wire image map."""
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"images must be uint8 HxWx3, got {array.dtype} {array.shape}")
+    height, width, _ = array.shape
+    if encoding == "raw":
+        data = np.ascontiguousarray(array).data  # msgpack packs a buffer without an extra copy
+    else:
+        from PIL import Image as PILImage
+
+        buf = io.BytesIO()
+        options = {"quality": quality} if encoding == "jpeg" else {"compress_level": 1}
+        PILImage.fromarray(array).save(buf, format=encoding.upper(), **options)
+        data = buf.getvalue()
+    return {"height": height, "width": width, "channels": 3, "encoding": encoding, "data": data}
+
+
+def decode_image(image: Image, field: str) -> np.ndarray:
+    """A validated wire image as an HWC uint8 array (read-only for raw data: no copy)."""
+    shape = (image.height, image.width, image.channels)
+    if image.encoding == "raw":
+        return np.frombuffer(image.data, dtype=np.uint8).reshape(shape)
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(image.data), formats=[image.encoding.upper()]) as pil:
+            if pil.width * pil.height != image.width * image.height:  # before decoding pixels
+                raise ProtocolError(
+                    422, "invalid_image", f"image is {pil.width}x{pil.height}, declared {image.width}x{image.height}", field
+                )
+            array = np.asarray(pil.convert("RGB"))
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(422, "invalid_image", f"cannot decode {image.encoding}: {exc}", field) from None
+    if array.shape != shape:
+        raise ProtocolError(422, "invalid_image", f"decoded shape {array.shape} differs from declared {shape}", field)
+    return array
+
+
+def build_request(
+    images: np.ndarray | Sequence[np.ndarray],
+    prompts: Sequence[str],
+    metadata: Sequence[dict[str, Any]] | None = None,
+    request_id: str = "",
+    encoding: Encoding = "raw",
+) -> bytes:
+    """A request body from a uint8 NHWC batch (or a list of HWC arrays)."""
+    metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
+    return pack(
+        {
+            "version": 1,
+            "request_id": request_id,
+            "images": [encode_image(im, encoding) for im in images],
+            "prompts": list(prompts),
+            "metadata": metadata,
+        }
+    )
+
+
+def parse_request(body: bytes, limits: Limits = Limits()) -> ScoreRequest:
+    obj = unpack(body)
+    if not isinstance(obj, dict):
+        raise ProtocolError(400, "malformed_body", f"body must be a msgpack map, got {type(obj).__name__}")
+    try:
+        return ScoreRequest.model_validate(obj, context={"limits": limits})
+    except ValidationError as exc:
+        raise ProtocolError.from_validation(exc) from None
+
+
+def decode_images(request: ScoreRequest) -> np.ndarray:
+    """The request's images as one uint8 NHWC batch; all images in a request must share one size."""
+    first = request.images[0]
+    for i, image in enumerate(request.images):
+        if (image.height, image.width) != (first.height, first.width):
+            raise ProtocolError(
+                422,
+                "invalid_request",
+                f"image is {image.height}x{image.width} but images.0 is {first.height}x{first.width}; "
+                "send images of one size per request",
+                f"images.{i}",
+            )
+    return np.stack([decode_image(image, f"images.{i}") for i, image in enumerate(request.images)])
+
+
+def parse_reply(body: bytes, expected: int | None = None) -> ScoreReply:
+    obj = unpack(body)
+    try:
+        reply = ScoreReply.model_validate(obj)
+    except ValidationError as exc:
+        raise ProtocolError.from_validation(exc) from None
+    if expected is not None and len(reply.scores) != expected:
+        raise ProtocolError(502, "bad_reply", f"{len(reply.scores)} scores for {expected} images", "scores")
+    return reply

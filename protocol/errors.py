@@ -1,0 +1,46 @@
+"""Errors of the wire contract, shared by servers and clients.
+
+Every rejected request maps to one ``ProtocolError``: an HTTP status, a stable ``code`` for programs, a
+``message`` for people and the ``field`` (dotted path such as ``images.3.data``) that caused it, if any.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+    def to_wire(self) -> dict[str, Any]:
+        from protocol.schema import VERSION
+
+        return {"version": VERSION, "error": {"code": self.code, "message": self.message, "field": self.field}}
+
+    @classmethod
+    def from_validation(cls, exc: Any, prefix: str = "") -> "ProtocolError":
+        """The first problem of a pydantic ValidationError, with its location as a dotted field path."""
+        first = exc.errors(include_url=False)[0]
+        loc = ".".join(str(part) for part in first["loc"] if part != "__root__")
+        message = first["msg"].removeprefix("Value error, ")
+        field = ".".join(p for p in (prefix, loc) if p) or None
+        # A model-level check reports its own field at the start of its message ("images.2: ...").
+        if first["type"] == "value_error" and ": " in message and " " not in message.split(": ", 1)[0]:
+            inner, message = message.split(": ", 1)
+            field = ".".join(p for p in (field, inner) if p)
+        return cls(422, "invalid_request", message, field)
+
+
+class RewardServerError(RuntimeError):
+    """A reward server refused a request or failed; carries what the server said."""
+
+    def __init__(self, url: str, status: int, code: str, message: str, field: str | None = None):
+        where = f" (field {field})" if field else ""
+        super().__init__(f"reward server {url} answered {status} {code}: {message}{where}")
+        self.url, self.status, self.code, self.message, self.field = url, status, code, message, field
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == 429 or self.status >= 500

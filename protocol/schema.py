@@ -1,0 +1,110 @@
+"""The msgpack wire contract of ``POST /v1/score`` as pydantic models (see protocol/README.md).
+
+Limits are not constants: a server passes its own through the validation context
+(``ScoreRequest.model_validate(obj, context={"limits": limits})``), and the defaults apply otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+VERSION = 1
+MEDIA_TYPE = "application/x-msgpack"
+Encoding = Literal["raw", "png", "jpeg"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 256
+    max_pixels: int = 1024 * 1024  # per image (height x width)
+    max_body_bytes: int = 256 * 1024 * 1024
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    return (info.context or {}).get("limits", Limits())
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Image(_Wire):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[3] = 3
+    encoding: Encoding
+    data: bytes
+
+    @model_validator(mode="after")
+    def _size(self, info: ValidationInfo) -> "Image":
+        limit = _limits(info).max_pixels
+        if self.height * self.width > limit:
+            raise ValueError(f"height: {self.height}x{self.width} pixels exceed the limit of {limit} per image")
+        expected = self.height * self.width * self.channels
+        if self.encoding == "raw" and len(self.data) != expected:
+            raise ValueError(
+                f"data: raw data has {len(self.data)} bytes, height x width x channels = {expected}"
+            )
+        return self
+
+
+class ScoreRequest(_Wire):
+    version: Literal[1] = VERSION
+    request_id: str = Field(max_length=200)
+    images: list[Image] = Field(min_length=1)
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _count(cls, images: Any, info: ValidationInfo) -> Any:
+        limit = _limits(info).max_images
+        if isinstance(images, list) and len(images) > limit:
+            raise ValueError(f"{len(images)} images exceed the limit of {limit} per request")
+        return images
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "ScoreRequest":
+        for name in ("prompts", "metadata"):
+            if len(getattr(self, name)) != len(self.images):
+                raise ValueError(f"{name}: has {len(getattr(self, name))} entries for {len(self.images)} images")
+        return self
+
+
+class ScoreReply(_Wire):
+    version: Literal[1] = VERSION
+    request_id: str
+    scores: list[float]
+    info: dict[str, list[Any]] = {}
+    scorer: str
+    elapsed_ms: float = Field(ge=0)
+
+    @field_validator("scores")
+    @classmethod
+    def _finite(cls, scores: list[float]) -> list[float]:
+        for i, s in enumerate(scores):
+            if not math.isfinite(s):
+                raise ValueError(f"scores.{i}: score {s} is not finite")
+        return scores
+
+    @model_validator(mode="after")
+    def _info_lengths(self) -> "ScoreReply":
+        for key, values in self.info.items():
+            if len(values) != len(self.scores):
+                raise ValueError(f"info.{key}: has {len(values)} entries for {len(self.scores)} scores")
+        return self
+
+
+class ErrorDetail(_Wire):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorReply(_Wire):
+    version: Literal[1] = VERSION
+    error: ErrorDetail

@@ -1,0 +1,87 @@
+"""HTTP routes of a reward server: ``POST /v1/score`` (msgpack), health, readiness and info (JSON)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from protocol import MEDIA_TYPE, VERSION, Limits, ProtocolError, pack, parse_request
+from reward_servers.scorer import Scorer
+from reward_servers.service import ScoringService
+
+log = logging.getLogger("reward_servers")
+
+
+def create_app(scorer: Scorer, limits: Limits = Limits(), device: str = "cpu") -> FastAPI:
+    service = ScoringService(scorer, device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.load()
+        yield
+
+    app = FastAPI(title=f"reward-server ({scorer.name})", lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError) -> Response:
+        log.warning("rejected %s %s: %s", request.method, request.url.path, exc)
+        return _msgpack(exc.to_wire(), exc.status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s", request.url.path)
+        return _msgpack(ProtocolError(500, "internal", f"{type(exc).__name__}: {exc}").to_wire(), 500)
+
+    @app.post("/v1/score", summary="Score a batch of images (msgpack body and reply)")
+    async def score(request: Request) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type != MEDIA_TYPE:
+            raise ProtocolError(415, "unsupported_media_type", f"content-type must be {MEDIA_TYPE}, got {content_type!r}", "content-type")
+        body = await _read_body(request, limits.max_body_bytes)
+        parsed = await run_in_threadpool(parse_request, body, limits)
+        reply = await service.score(parsed)
+        return _msgpack(reply.model_dump(), 200)
+
+    @app.get("/healthz", summary="Alive")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Model loaded and serving")
+    async def readyz() -> JSONResponse:
+        return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+
+    @app.get("/v1/info", summary="What this server scores")
+    async def info() -> dict:
+        return {
+            "version": VERSION,
+            "scorer": scorer.name,
+            "description": scorer.description,
+            "max_batch": scorer.max_batch,
+            "limits": {"max_images": limits.max_images, "max_pixels": limits.max_pixels, "max_body_bytes": limits.max_body_bytes},
+        }
+
+    return app
+
+
+def _msgpack(obj: dict, status: int) -> Response:
+    return Response(pack(obj), status_code=status, media_type=MEDIA_TYPE)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = ProtocolError(413, "payload_too_large", f"body exceeds the limit of {limit} bytes", "body")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,36 @@
+"""JPEG (in)compressibility rewards, as ddpo-pytorch defines them: the JPEG size at quality 95 in kB."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from reward_servers.scorer import ScoreOutput, Scorer
+
+
+def jpeg_size_kb(image: np.ndarray, quality: int = 95) -> float:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.tell() / 1000
+
+
+class JpegIncompressibility(Scorer):
+    name = "incompressibility"
+    description = "JPEG size at quality 95 in kB (bytes / 1000); higher = less compressible"
+    max_batch = 256
+    sign = 1.0
+
+    def __init__(self, quality: int = 95):
+        self.quality = quality
+
+    def score(self, images, prompts, metadata) -> ScoreOutput:
+        sizes = np.array([jpeg_size_kb(image, self.quality) for image in images], dtype=np.float64)
+        return ScoreOutput(scores=self.sign * sizes, info={"jpeg_kb": sizes.tolist()})
+
+
+class JpegCompressibility(JpegIncompressibility):
+    name = "compression"
+    description = "minus the JPEG size at quality 95 in kB (bytes / 1000); higher = more compressible"
+    sign = -1.0

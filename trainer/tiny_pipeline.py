@@ -1,0 +1,144 @@
+"""An embedded tiny Stable Diffusion pipeline, built offline from a config and a seed.
+
+The trainer loads every model through ``from_pretrained``; ``"tiny"`` only decides where that path comes
+from. Building writes a complete diffusers pipeline folder (tokenizer, CLIP text encoder, UNet, an f8 VAE,
+DDIM scheduler) so the code path a user runs with ``runwayml/stable-diffusion-v1-5`` is the one tested here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Words the tokenizer knows whole; anything else falls back to byte-level pieces, as CLIP's BPE does.
+VOCABULARY = (
+    "a an the of in on with and photo picture painting drawing image "
+    "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf "
+    "lizard beetle ant butterfly fish shark whale dolphin elephant giraffe camel kangaroo panda koala owl "
+    "washing dishes riding bike playing chess red blue green small big cute"
+).split()
+
+# Everything that shapes the weights goes into this dict: its hash names the cache folder.
+SPEC = {
+    "seed": 0,
+    "resolution": 64,
+    "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "unet": {"block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 8},
+    "vae": {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8},
+    "vocabulary": VOCABULARY,
+}
+
+
+def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the folder of the tiny pipeline, building it first if it is not there yet."""
+    root = Path(cache_dir or os.environ.get("DIFFUSION_RL_CACHE", Path.home() / ".cache" / "diffusion-rl"))
+    digest = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode()).hexdigest()[:12]
+    path = root / f"tiny-sd-{digest}"
+    if not (path / "model_index.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename, so concurrent processes never see half a pipeline.
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=root))
+        try:
+            build_tiny_pipeline().save_pretrained(staging)
+            try:
+                staging.rename(path)
+            except OSError:  # another process finished first; its copy is identical
+                if not (path / "model_index.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _bpe_files(words: list[str], folder: Path) -> tuple[Path, Path]:
+    """Write a CLIP-style BPE vocabulary in which each word of ``words`` merges into a single token."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in merges:
+                merges.append(pair)
+                tokens.append(pair[0] + pair[1])
+            symbols = [pair[0] + pair[1]] + symbols[2:]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab))
+    merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab_file, merges_file
+
+
+def build_tiny_pipeline():
+    """Random-init tiny StableDiffusionPipeline, identical for identical SPEC."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = _bpe_files(SPEC["vocabulary"], Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+
+    torch.manual_seed(SPEC["seed"])
+    text = SPEC["text"]
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **text,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=SPEC["resolution"] // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text["hidden_size"],
+        norm_num_groups=16,
+        **SPEC["unet"],
+    )
+    vae_blocks = SPEC["vae"]["block_out_channels"]
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+        latent_channels=4,
+        sample_size=SPEC["resolution"],
+        **SPEC["vae"],
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
