@@ -46,6 +46,7 @@ class RewardClient:
         if not self.urls:
             raise ValueError("RewardClient needs at least one URL")
         self.timeout, self.retries, self.deadline, self.max_backoff = timeout, retries, deadline, max_backoff
+        self._backoff = wait_exponential_jitter(multiplier=0.2, max=max_backoff, jitter=0.2)
         self._headers = {"content-type": MEDIA_TYPE, "accept": MEDIA_TYPE}
         if token:
             self._headers["authorization"] = f"Bearer {token}"
@@ -94,7 +95,7 @@ class RewardClient:
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _wait(self, state) -> float:
-        backoff = wait_exponential_jitter(initial=0.2, max=self.max_backoff)(state)
+        backoff = self._backoff(state)
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
         return min(self.max_backoff, max(backoff, retry_after or 0.0))

@@ -88,7 +88,7 @@ class ScoreReply(_Wire):
     def _finite(cls, scores: list[float]) -> list[float]:
         for i, s in enumerate(scores):
             if not math.isfinite(s):
-                raise ValueError(f"scores.{i}: score {s} is not finite")
+                raise ValueError(f"{i}: score {s} is not finite")
         return scores
 
     @model_validator(mode="after")

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Oversubscribed intra-op threads made tiny models ~80x slower on 2-core machines.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """One tiny pipeline build per test session (or the user's cache when DIFFUSION_RL_CACHE is set)."""
+    return Path(os.environ.get("DIFFUSION_RL_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real ``reward-server`` subprocess on 127.0.0.1."""
+
+    def __init__(self, *args: str, port: int | None = None, log: Path):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = shutil.which("reward-server", path=str(Path(sys.executable).parent)) or "reward-server"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [exe, *args, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"reward-server exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"reward-server not ready after {timeout} s: {self.log.read_text()}")
+
+    def healthy(self) -> bool:
+        return httpx.get(f"{self.url}/healthz", timeout=5).json() == {"status": "ok"}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    servers: list[ServerProcess] = []
+
+    def start(*args: str, port: int | None = None, wait: bool = True) -> ServerProcess:
+        server = ServerProcess(*args, port=port, log=tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def compression_server(tmp_path_factory):
+    server = ServerProcess(
+        "--model", "compression", "--max-body-mb", "1", log=tmp_path_factory.mktemp("srv") / "server.log"
+    ).wait_ready()
+    yield server
+    server.stop()

@@ -1,0 +1,97 @@
+"""RewardClient's retry policy against real servers: 4xx at once, connection errors and 5xx retried."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from protocol import RewardClient, RewardServerError, pack
+
+IMAGES = np.zeros((2, 16, 16, 3), np.uint8)
+
+
+def test_4xx_raises_at_once_with_the_servers_message(compression_server):
+    client = RewardClient(compression_server.url, retries=5, deadline=60)
+    start = time.monotonic()
+    with pytest.raises(RewardServerError) as err:
+        client.submit(IMAGES, ["only one prompt"]).result(timeout=30)
+    assert time.monotonic() - start < 5  # no backoff happened
+    assert err.value.status == 422 and err.value.field == "prompts" and "has 1 entries for 2 images" in str(err.value)
+    client.close()
+
+
+def test_connection_errors_are_retried_until_the_server_comes_up(start_server):
+    from tests.conftest import free_port
+
+    port = free_port()
+    client = RewardClient(f"http://127.0.0.1:{port}", retries=50, deadline=60, max_backoff=0.5)
+    future = client.submit(IMAGES, ["a", "b"])
+    time.sleep(1.0)
+    assert not future.done()
+    start_server("--model", "compression", port=port)
+    assert len(future.result(timeout=60).scores) == 2
+    client.close()
+
+
+def test_failover_to_the_next_url(compression_server):
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with RewardClient([dead, compression_server.url], retries=3, deadline=30, max_backoff=0.1) as client:
+        for _ in range(3):
+            assert len(client.submit(IMAGES, ["a", "b"]).result(timeout=30).scores) == 2
+
+
+def test_gives_up_at_the_deadline():
+    from tests.conftest import free_port
+
+    with RewardClient(f"http://127.0.0.1:{free_port()}", retries=1000, deadline=1.5, max_backoff=0.2) as client:
+        start = time.monotonic()
+        with pytest.raises(httpx.ConnectError):
+            client.submit(IMAGES, ["a", "b"]).result(timeout=30)
+        assert 1.0 < time.monotonic() - start < 6
+
+
+def test_5xx_and_429_retried_then_succeed():
+    """Unit test of the retry policy alone: an in-process transport answers 503, 429, then a reply."""
+    answers = iter([503, 429, 200])
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        seen.append(status)
+        if status != 200:
+            body = pack({"version": 1, "error": {"code": "busy", "message": "try later", "field": None}})
+            return httpx.Response(status, content=body, headers={"retry-after": "0"})
+        reply = {"version": 1, "request_id": "r", "scores": [1.0, 2.0], "info": {}, "scorer": "t", "elapsed_ms": 1.0}
+        return httpx.Response(200, content=pack(reply))
+
+    client = RewardClient("http://scorer.invalid", retries=5, deadline=30, max_backoff=0.05)
+
+    async def run():
+        client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client._http_loop = asyncio.get_running_loop()
+        return await client.score(IMAGES, ["a", "b"])
+
+    assert asyncio.run(run()).scores == [1.0, 2.0]
+    assert seen == [503, 429, 200]
+
+
+def test_submit_from_many_threads(compression_server):
+    with RewardClient(compression_server.url) as client:
+        results = [None] * 8
+
+        def work(i):
+            results[i] = client.submit(np.full((1, 8, 8, 3), i * 30, np.uint8), [str(i)]).result(timeout=30)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(len(r.scores) == 1 for r in results)

@@ -1,0 +1,116 @@
+"""The trainer end to end: 2 epochs in-process and against a live reward server; the LoRA loads in diffusers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import BatchPlan, Config
+from trainer.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(tmp_path, tiny_cache, **reward) -> Config:
+    return Config(
+        run={"output_dir": tmp_path / "run", "num_epochs": 2, "log_with": "tensorboard"},
+        pretrained={"cache_dir": tiny_cache},
+        sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 2},
+        train={"batch_size": 2, "gradient_accumulation_steps": 2},
+        reward=reward,
+    )
+
+
+def check_run(cfg: Config, history: list[dict]) -> None:
+    out = cfg.run.output_dir
+    assert [m["epoch"] for m in history] == [0, 1]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
+    for m in history:
+        assert -20 < m["reward_mean"] < 0 and m["reward_std"] > 0  # minus JPEG kB of 64 px images
+        assert m["approx_kl"] >= 0 and 0 <= m["clipfrac"] <= 1 and np.isfinite(m["loss"])
+    # 2 batches x 4 samples / (2 x 2 accumulation) = 2 optimizer steps per epoch
+    assert history[-1]["global_step"] == 4
+    assert Config.model_validate_json((out / "config.json").read_text()) == cfg
+    assert list((out / "diffusion-rl").glob("events.out.tfevents.*")), "tensorboard events written"
+
+
+def load_with_diffusers(cfg: Config):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.tiny_pipeline import tiny_pipeline_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path(cfg.pretrained.cache_dir), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(cfg.run.output_dir / "lora", adapter_name="ddpo")
+    tuned = pipe("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    return pipe, base, tuned
+
+
+def test_in_process_run_saves_a_lora_diffusers_loads(tmp_path, tiny_cache):
+    cfg = small_config(tmp_path, tiny_cache)
+    history = train(cfg)
+    check_run(cfg, history)
+    from safetensors.torch import load_file
+
+    weights = load_file(cfg.run.output_dir / "lora" / "pytorch_lora_weights.safetensors")
+    assert weights and all(k.startswith("unet.") and "module." not in k for k in weights)
+    assert any(".conv1." in k for k in weights) and any(".to_q." in k for k in weights)
+    pipe, base, tuned = load_with_diffusers(cfg)
+    from peft.utils import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="ddpo")
+    assert len(loaded) == len(weights)  # every adapter arrived, attention and conv alike
+    for key, value in weights.items():
+        assert torch.equal(loaded[key.removeprefix("unet.")], value), key
+    assert np.abs(base - tuned).max() > 0  # the trained adapters change the images
+
+
+def test_remote_run_against_a_live_reward_server(tmp_path, tiny_cache, compression_server):
+    cfg = small_config(tmp_path, tiny_cache, url=[compression_server.url], encoding="png")
+    history = train(cfg)
+    check_run(cfg, history)
+
+
+def test_same_seed_same_rewards_local_and_remote(tmp_path, tiny_cache, compression_server):
+    local = small_config(tmp_path / "a", tiny_cache)
+    remote = small_config(tmp_path / "b", tiny_cache, url=[compression_server.url])
+    local.run.num_epochs = remote.run.num_epochs = 1
+    a, b = train(local), train(remote)
+    assert a[0]["reward_mean"] == pytest.approx(b[0]["reward_mean"], abs=1e-12)
+
+
+def test_bad_config_fails_before_any_model_loads(tmp_path):
+    # The model path does not exist: the error must be about the batch sizes, found first.
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--pretrained.model", str(tmp_path / "missing"),
+         "--sample.batch_size", "6", "--train.batch_size", "4", "--run.output_dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "sample.batch_size (6) must be a multiple of train.batch_size (4)" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+    result = subprocess.run([sys.executable, "-m", "trainer", "--train.learning_rate", "-1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "train.learning_rate" in result.stderr
+
+
+def test_batch_plan_arithmetic():
+    cfg = Config(sample={"batch_size": 8, "num_batches_per_epoch": 4, "num_steps": 50}, train={"batch_size": 4, "gradient_accumulation_steps": 2, "timestep_fraction": 0.5})
+    plan = BatchPlan.of(cfg, num_processes=8)
+    assert (plan.samples_per_epoch, plan.effective_train_batch, plan.optimizer_steps_per_epoch, plan.train_timesteps) == (256, 64, 4, 25)
+    with pytest.raises(ValueError, match=r"= 24 must be a multiple of .* = 32"):
+        BatchPlan.of(Config(sample={"batch_size": 4, "num_batches_per_epoch": 3}, train={"batch_size": 4, "gradient_accumulation_steps": 4}), 2)
+
+
+def test_dotted_cli_overrides():
+    from pydantic_settings import CliApp
+
+    cfg = CliApp.run(Config, cli_args=["--train.learning_rate", "3e-4", "--reward.url", "http://a:1", "--reward.url", "http://b:2", "--no-train.cfg"])
+    assert cfg.train.learning_rate == 3e-4 and cfg.reward.url == ["http://a:1", "http://b:2"] and cfg.train.cfg is False

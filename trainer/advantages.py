@@ -1,0 +1,53 @@
+"""Rewards to advantages: normalised over the epoch's batch, or per exact prompt string."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+
+def batch_normalize(rewards: np.ndarray) -> np.ndarray:
+    return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+
+
+class PerPromptStatTracker:
+    """A reward buffer per prompt, keyed by the prompt string itself (not by decoded tokens).
+
+    With at least ``min_count`` rewards for a prompt, its advantages use that prompt's mean and std; before
+    that, the whole batch's. Its state is plain data so it can go into a checkpoint.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        advantages = np.empty_like(rewards, dtype=np.float64)
+        prompts_arr = np.array(prompts, dtype=object)
+        for prompt in dict.fromkeys(prompts):
+            mask = prompts_arr == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            if len(buffer) >= self.min_count:
+                mean, std = np.mean(buffer), np.std(buffer) + 1e-6
+            else:
+                mean, std = rewards.mean(), rewards.std() + 1e-6
+            advantages[mask] = (rewards[mask] - mean) / std
+        return advantages
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {k: list(v) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
+
+
+def compute_advantages(
+    rewards: np.ndarray, prompts: list[str], tracker: PerPromptStatTracker | None = None
+) -> np.ndarray:
+    """Advantages for the whole gathered epoch (every process passes the same arrays)."""
+    return tracker.update(prompts, rewards) if tracker is not None else batch_normalize(rewards)

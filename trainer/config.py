@@ -1,0 +1,152 @@
+"""Run configuration, grouped like ddpo-pytorch's, and the batch arithmetic checked before any model loads.
+
+Every field can be overridden on the command line with its dotted path: ``--train.learning_rate 3e-4``.
+The defaults are the ``tiny`` run: an embedded random-init pipeline on CPU that finishes in minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(_Group):
+    output_dir: Path = Field(Path("outputs/tiny"), description="config, metrics.jsonl, logs and weights go here")
+    seed: int = 42
+    num_epochs: int = Field(20, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16: frozen weights in half")
+    allow_tf32: bool = True
+    log_with: Literal["none", "tensorboard", "wandb"] = "tensorboard"
+
+
+class PretrainedConfig(_Group):
+    model: str = Field("tiny", description='"tiny" (embedded, built offline) or a diffusers model id / path')
+    revision: str | None = None
+    cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")
+
+
+class SampleConfig(_Group):
+    num_steps: int = Field(20, gt=0, description="DDIM steps per image")
+    eta: float = Field(1.0, ge=0, description="DDIM stochasticity; the policy's noise (0 gives a degenerate policy)")
+    guidance_scale: float = Field(5.0, ge=1.0)
+    batch_size: int = Field(8, gt=0, description="images per sampling batch, per process")
+    num_batches_per_epoch: int = Field(4, gt=0)
+    resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
+
+
+class TrainConfig(_Group):
+    batch_size: int = Field(4, gt=0, description="samples per training step, per process")
+    learning_rate: float = Field(3e-3, gt=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    num_inner_epochs: int = Field(1, gt=0)
+    cfg: bool = Field(True, description="train on the guided prediction, as sampled")
+    adv_clip_max: float = Field(5.0, gt=0)
+    clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5)")
+    timestep_fraction: float = Field(1.0, gt=0, le=1.0)
+    lora: bool = Field(True, description="train LoRA adapters; false trains the whole UNet")
+    lora_rank: int = Field(4, gt=0)
+    lora_alpha: float = Field(4.0, gt=0)
+    lora_targets: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+        description="UNet module names that get adapters; convolutions matter for a random-init UNet",
+    )
+    per_prompt_stat_tracking: bool = Field(False, description="normalise rewards per exact prompt string")
+    stat_buffer_size: int = Field(16, gt=0)
+    stat_min_count: int = Field(16, gt=0)
+
+
+class PromptConfig(_Group):
+    fn: Literal["simple_animals", "from_file"] = "simple_animals"
+    path: Path | None = Field(None, description="for from_file: one prompt per line")
+
+    @model_validator(mode="after")
+    def _path(self) -> "PromptConfig":
+        if self.fn == "from_file" and (self.path is None or not self.path.is_file()):
+            raise ValueError(f"prompt.path: from_file needs an existing file, got {self.path}")
+        return self
+
+
+class RewardConfig(_Group):
+    scorer: str = Field("compression", description="in-process scorer name (used when no url is given)")
+    url: list[str] = Field([], description="reward server URL(s); empty scores in-process")
+    token: str | None = Field(None, description="bearer token for the reward server")
+    encoding: Literal["raw", "png", "jpeg"] = "raw"
+    timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
+    deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
+    retries: int = Field(8, ge=0)
+
+    @model_validator(mode="after")
+    def _known(self) -> "RewardConfig":
+        from reward_servers.scorer import SCORERS
+
+        if not self.url and self.scorer not in SCORERS:
+            raise ValueError(f"reward.scorer: unknown scorer {self.scorer!r}; choose one of {sorted(SCORERS)}")
+        return self
+
+
+class Config(BaseSettings):
+    """DDPO finetuning of a text-to-image diffusion model with rewards."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True
+    )
+
+    run: RunConfig = RunConfig()
+    pretrained: PretrainedConfig = PretrainedConfig()
+    sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+    prompt: PromptConfig = PromptConfig()
+    reward: RewardConfig = RewardConfig()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How an epoch divides into sampling batches and optimizer steps (ANCHORS section 1)."""
+
+    num_processes: int
+    samples_per_epoch: int
+    effective_train_batch: int
+    train_timesteps: int
+    optimizer_steps_per_epoch: int
+
+    @classmethod
+    def of(cls, cfg: Config, num_processes: int) -> "BatchPlan":
+        s, t = cfg.sample, cfg.train
+        problems = []
+        if s.batch_size < t.batch_size or s.batch_size % t.batch_size:
+            problems.append(
+                f"sample.batch_size ({s.batch_size}) must be a multiple of train.batch_size ({t.batch_size})"
+            )
+        samples = s.batch_size * num_processes * s.num_batches_per_epoch
+        effective = t.batch_size * num_processes * t.gradient_accumulation_steps
+        if samples % effective:
+            problems.append(
+                f"samples per epoch = sample.batch_size x processes x sample.num_batches_per_epoch = "
+                f"{s.batch_size} x {num_processes} x {s.num_batches_per_epoch} = {samples} must be a multiple of "
+                f"the effective train batch = train.batch_size x processes x train.gradient_accumulation_steps = "
+                f"{t.batch_size} x {num_processes} x {t.gradient_accumulation_steps} = {effective}"
+            )
+        if problems:
+            raise ValueError("batch sizes do not fit:\n  " + "\n  ".join(problems))
+        timesteps = max(1, int(s.num_steps * t.timestep_fraction))
+        return cls(num_processes, samples, effective, timesteps, samples // effective * t.num_inner_epochs)
+
+    def describe(self) -> str:
+        return (
+            f"{self.samples_per_epoch} samples per epoch on {self.num_processes} process(es); effective train "
+            f"batch {self.effective_train_batch}; {self.optimizer_steps_per_epoch} optimizer steps per epoch, "
+            f"each over {self.train_timesteps} timesteps"
+        )

@@ -1,0 +1,65 @@
+"""One DDIM step with the log-probability of its result: the policy of DDPO.
+
+The same function serves sampling (draws x_{t-1}) and training (re-scores a stored x_{t-1}), so the
+importance ratio is exactly 1 before the first update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SIGMA_MIN = 1e-6  # eta = 0 makes sigma 0; the density needs a floor (as the JAX original)
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample tensor shaped to broadcast against ``like``."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x_{t-1}, log p(x_{t-1} | x_t)), the log-prob averaged over all but the batch dimension.
+
+    ``timestep`` is a scalar or one timestep per sample; ``scheduler`` is a diffusers DDIMScheduler on which
+    ``set_timesteps`` has been called. Works in float32 whatever the model's dtype.
+    """
+    config = scheduler.config
+    model_output, sample = model_output.float(), sample.float()
+    t = torch.as_tensor(timestep, device=sample.device).long()
+    t_prev = t - config.num_train_timesteps // scheduler.num_inference_steps
+
+    alphas = scheduler.alphas_cumprod.to(sample.device, torch.float32)
+    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device)
+    a_t = _broadcast(alphas[t], sample)
+    a_prev = _broadcast(torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], final), sample)
+
+    if config.prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    elif config.prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
+        eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * sample
+    else:
+        raise ValueError(f"prediction_type {config.prediction_type!r} is not supported")
+
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    sigma = eta * variance.clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = mean + sigma * noise
+    prev_sample = prev_sample.float()
+
+    std = sigma.clamp(min=SIGMA_MIN)
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))

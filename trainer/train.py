@@ -1,0 +1,175 @@
+"""The DDPO epoch loop: sample with log-probs while rewards are scored, then PPO-clip updates.
+
+Reads top to bottom: set-up, then per epoch (1) sample batches and submit each to the reward function at
+once, (2) wait for the epoch's rewards and turn them into advantages, (3) train on the stored trajectories.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trainer.advantages import PerPromptStatTracker, compute_advantages
+from trainer.config import BatchPlan, Config
+from trainer.loss import ppo_clip_loss
+from trainer.models import load_pipeline, make_trainable, save_weights
+from trainer.prompts import make_prompt_fn
+from trainer.rewards import Pending, make_reward
+from trainer.sampling import Trajectories, encode_prompts, rescore, sample, to_uint8
+
+
+def train(cfg: Config) -> list[dict]:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    plan_processes = _world_size()
+    plan = BatchPlan.of(cfg, plan_processes)  # fails on bad batch sizes before anything heavy happens
+    out = Path(cfg.run.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.run.mixed_precision,
+        # One optimizer step spans the accumulated batches and, within each, every trained timestep.
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * plan.train_timesteps,
+        log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
+        project_dir=out,
+    )
+    accelerator.print(f"batch plan: {plan.describe()}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+        accelerator.init_trackers("diffusion-rl", config=_flat(cfg.model_dump(mode="json")))
+    if cfg.run.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(cfg.run.seed, device_specific=True)
+    prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
+    prompt_fn = make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
+    reward = make_reward(cfg.reward)
+
+    pipe = load_pipeline(cfg, accelerator.device)
+    params = make_trainable(pipe.unet, cfg)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.train.learning_rate,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        weight_decay=cfg.train.adam_weight_decay,
+        eps=cfg.train.adam_epsilon,
+    )
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    negative_embeds = encode_prompts(pipe, [""])
+    resolution = cfg.sample.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    tracker = (
+        PerPromptStatTracker(cfg.train.stat_buffer_size, cfg.train.stat_min_count)
+        if cfg.train.per_prompt_stat_tracking
+        else None
+    )
+    bars = not accelerator.is_local_main_process
+    history, global_step = [], 0
+
+    for epoch in range(cfg.run.num_epochs):
+        # 1. Sample; each batch goes to the reward function at once and sampling goes on.
+        t0 = time.perf_counter()
+        unet.eval()
+        pending, batches = Pending(reward), []
+        for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=bars, leave=False):
+            prompts, metadata = zip(*(prompt_fn(prompt_rng) for _ in range(cfg.sample.batch_size)))
+            with accelerator.autocast():
+                batch, final = sample(
+                    pipe, accelerator.unwrap_model(unet), list(prompts), list(metadata), negative_embeds,
+                    cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution,
+                )
+            pending.add(reward.submit(to_uint8(pipe.vae, final), batch.prompts, batch.metadata))
+            batches.append(batch)
+            pending.raise_if_failed()
+        trajectories = Trajectories.cat(batches)
+
+        # 2. Rewards of the whole epoch, gathered across processes, into advantages.
+        t1 = time.perf_counter()
+        scored = pending.wait(cfg.reward.deadline)
+        t2 = time.perf_counter()
+        rewards = accelerator.gather(torch.as_tensor(scored.scores, device=accelerator.device)).cpu().numpy()
+        prompts_all = gather_object(trajectories.prompts)
+        advantages = compute_advantages(rewards, prompts_all, tracker)
+        mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
+        advantages_local = torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32)
+
+        # 3. PPO-clip updates on the stored trajectories.
+        unet.train()
+        stats = defaultdict(list)
+        for inner in range(cfg.train.num_inner_epochs):
+            batch_iter = trajectories.shuffled(advantages_local, cfg.train.batch_size, plan.train_timesteps)
+            for chunk, adv in tqdm(batch_iter, total=len(trajectories.prompts) // cfg.train.batch_size,
+                                   desc=f"epoch {epoch} training", disable=bars, leave=False):
+                for j in range(plan.train_timesteps):
+                    with accelerator.accumulate(unet):
+                        with accelerator.autocast():
+                            log_prob = rescore(
+                                unet, pipe.scheduler, chunk, j, negative_embeds if cfg.train.cfg else None,
+                                cfg.sample.guidance_scale, cfg.sample.eta,
+                            )
+                        loss, step_stats = ppo_clip_loss(
+                            log_prob, chunk.log_probs[:, j], adv, cfg.train.clip_range, cfg.train.adv_clip_max
+                        )
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                            stats["grad_norm"].append(float(grad_norm))
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    stats["loss"].append(loss.item())
+                    for k, v in step_stats.items():
+                        stats[k].append(v.item())
+                    global_step += accelerator.sync_gradients
+        t3 = time.perf_counter()
+
+        metrics = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            **{k: float(np.mean(v)) for k, v in stats.items()},
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "seconds_sampling": t1 - t0,
+            "seconds_reward_wait": t2 - t1,
+            "seconds_training": t3 - t2,
+        }
+        history.append(metrics)
+        accelerator.log(metrics, step=epoch)
+        accelerator.print(
+            f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
+            f"sample {t1 - t0:5.1f}s  reward-wait {t2 - t1:5.1f}s  train {t3 - t2:5.1f}s | "
+            f"loss {metrics.get('loss', 0):+.2e} kl {metrics.get('approx_kl', 0):.2e} clipfrac {metrics.get('clipfrac', 0):.3f}"
+        )
+        if accelerator.is_main_process:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        where = save_weights(accelerator.unwrap_model(unet), cfg, out)
+        accelerator.print(f"saved weights to {where}")
+    accelerator.end_training()
+    reward.close()
+    return history
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested config as flat scalars (what tensorboard's hparams accept)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
