@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
-from protocol.codec import build_request, parse_reply, unpack
+from protocol.codec import parse_reply, request_parts, unpack
 from protocol.errors import ProtocolError, RewardServerError
 from protocol.schema import MEDIA_TYPE, Encoding, ScoreReply
 
@@ -66,11 +66,19 @@ class RewardClient:
         request_id: str | None = None,
     ) -> ScoreReply:
         """Score a uint8 NHWC batch; one score per image, in order."""
-        body = build_request(images, prompts, metadata, request_id or uuid.uuid4().hex, encoding)
-        return await self.score_body(body, expected=len(prompts))
+        parts = request_parts(images, prompts, metadata, request_id or uuid.uuid4().hex, encoding)
+        return await self.score_body(parts, expected=len(prompts))
 
-    async def score_body(self, body: bytes, expected: int | None = None) -> ScoreReply:
+    async def score_body(self, body: bytes | list[bytes | memoryview], expected: int | None = None) -> ScoreReply:
+        """POST a ready body (bytes, or buffers to send in order) with the retry policy."""
         http = self._client()
+        parts = [body] if isinstance(body, bytes) else body
+        headers = {**self._headers, "content-length": str(sum(len(p) for p in parts))}
+
+        async def stream():
+            for part in parts:
+                yield part
+
         start = time.monotonic()
         first = next(self._next_url)
         retrying = AsyncRetrying(
@@ -84,7 +92,7 @@ class RewardClient:
                 url = self.urls[(first + attempt.retry_state.attempt_number - 1) % len(self.urls)]
                 left = max(0.1, self.deadline - (time.monotonic() - start))
                 response = await http.post(
-                    f"{url}/v1/score", content=body, headers=self._headers, timeout=min(self.timeout, left)
+                    f"{url}/v1/score", content=stream(), headers=headers, timeout=min(self.timeout, left)
                 )
                 if response.status_code != 200:
                     raise _server_error(url, response)

@@ -30,7 +30,7 @@ def encode_image(array: np.ndarray, encoding: Encoding = "raw", quality: int = 9
         raise ValueError(f"images must be uint8 HxWx3, got {array.dtype} {array.shape}")
     height, width, _ = array.shape
     if encoding == "raw":
-        data = np.ascontiguousarray(array).data  # msgpack packs a buffer without an extra copy
+        data = np.ascontiguousarray(array).reshape(-1).data  # a flat view: no copy, len() counts bytes
     else:
         from PIL import Image as PILImage
 
@@ -64,24 +64,48 @@ def decode_image(image: Image, field: str) -> np.ndarray:
     return array
 
 
-def build_request(
+def request_parts(
     images: np.ndarray | Sequence[np.ndarray],
     prompts: Sequence[str],
     metadata: Sequence[dict[str, Any]] | None = None,
     request_id: str = "",
     encoding: Encoding = "raw",
-) -> bytes:
-    """A request body from a uint8 NHWC batch (or a list of HWC arrays)."""
+) -> list[bytes | memoryview]:
+    """A request body as a list of buffers whose concatenation is the msgpack map; image data not copied.
+
+    Sending the parts one after another saves building a second copy of a large batch (a 25 MB body costs
+    more in fresh-page faults than in copying).
+    """
     metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
-    return pack(
-        {
-            "version": 1,
-            "request_id": request_id,
-            "images": [encode_image(im, encoding) for im in images],
-            "prompts": list(prompts),
-            "metadata": metadata,
-        }
-    )
+    packer = msgpack.Packer(use_bin_type=True)
+    parts: list[bytes | memoryview] = []
+    head = bytearray()  # small msgpack pieces, coalesced so each write carries real data
+    head += packer.pack_map_header(5) + packer.pack("version") + packer.pack(1)
+    head += packer.pack("request_id") + packer.pack(request_id) + packer.pack("images")
+    head += packer.pack_array_header(len(images))
+    for array in images:
+        image = encode_image(array, encoding)
+        data = image.pop("data")
+        head += packer.pack_map_header(5) + b"".join(packer.pack(x) for kv in image.items() for x in kv)
+        head += packer.pack("data") + _bin_header(len(data))
+        parts += [bytes(head), data]
+        head.clear()
+    head += packer.pack("prompts") + packer.pack(list(prompts)) + packer.pack("metadata") + packer.pack(metadata)
+    return [*parts, bytes(head)]
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack's bin 8/16/32 header for ``n`` bytes of payload."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def build_request(*args: Any, **kwargs: Any) -> bytes:
+    """A request body from a uint8 NHWC batch (or a list of HWC arrays); see ``request_parts``."""
+    return b"".join(request_parts(*args, **kwargs))
 
 
 def parse_request(body: bytes, limits: Limits = Limits()) -> ScoreRequest:

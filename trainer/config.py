@@ -44,7 +44,7 @@ class SampleConfig(_Group):
 
 class TrainConfig(_Group):
     batch_size: int = Field(4, gt=0, description="samples per training step, per process")
-    learning_rate: float = Field(3e-3, gt=0)
+    learning_rate: float = Field(5e-3, gt=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
@@ -55,13 +55,14 @@ class TrainConfig(_Group):
     cfg: bool = Field(True, description="train on the guided prediction, as sampled")
     adv_clip_max: float = Field(5.0, gt=0)
     clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5)")
-    timestep_fraction: float = Field(1.0, gt=0, le=1.0)
+    timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's steps")
     lora: bool = Field(True, description="train LoRA adapters; false trains the whole UNet")
     lora_rank: int = Field(4, gt=0)
     lora_alpha: float = Field(4.0, gt=0)
     lora_targets: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-        description="UNet module names that get adapters; convolutions matter for a random-init UNet",
+        ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
+         "conv_in", "conv_out", "time_emb_proj"],
+        description="UNet module names that get adapters; attention-only LoRA is inert on a random-init UNet",
     )
     per_prompt_stat_tracking: bool = Field(False, description="normalise rewards per exact prompt string")
     stat_buffer_size: int = Field(16, gt=0)

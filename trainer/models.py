@@ -30,10 +30,10 @@ def load_pipeline(cfg: Config, device: torch.device):
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.vae.requires_grad_(False).to(device)
-    pipe.text_encoder.requires_grad_(False).to(device)
-    # With LoRA the base UNet is frozen and can sit in half precision; full finetuning keeps fp32 master weights.
-    pipe.unet.requires_grad_(False).to(device, dtype if cfg.train.lora else torch.float32)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False).to(device)
+    if not cfg.train.lora and dtype != torch.float32:
+        pipe.unet.to(dtype=torch.float32)  # full finetuning keeps fp32 master weights; LoRA's base stays half
     return pipe
 
 
