@@ -142,8 +142,13 @@ class BatchPlan:
             )
         if problems:
             raise ValueError("batch sizes do not fit:\n  " + "\n  ".join(problems))
-        timesteps = max(1, int(s.num_steps * t.timestep_fraction))
-        return cls(num_processes, samples, effective, timesteps, samples // effective * t.num_inner_epochs)
+        return cls(
+            num_processes, samples, effective, cls.train_timesteps_of(cfg), samples // effective * t.num_inner_epochs
+        )
+
+    @staticmethod
+    def train_timesteps_of(cfg: Config) -> int:
+        return max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
 
     def describe(self) -> str:
         return (

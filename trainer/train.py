@@ -28,16 +28,15 @@ def train(cfg: Config) -> list[dict]:
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
-    plan_processes = _world_size()
-    plan = BatchPlan.of(cfg, plan_processes)  # fails on bad batch sizes before anything heavy happens
     out = Path(cfg.run.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.run.mixed_precision,
         # One optimizer step spans the accumulated batches and, within each, every trained timestep.
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * plan.train_timesteps,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * BatchPlan.train_timesteps_of(cfg),
         log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
         project_dir=out,
     )
+    plan = BatchPlan.of(cfg, accelerator.num_processes)  # bad batch sizes fail here, before any model loads
     accelerator.print(f"batch plan: {plan.describe()}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -155,12 +154,6 @@ def train(cfg: Config) -> list[dict]:
     accelerator.end_training()
     reward.close()
     return history
-
-
-def _world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
