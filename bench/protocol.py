@@ -41,6 +41,7 @@ def serve(port: int) -> None:
     from reward_servers.app import create_app
     from reward_servers.cli import keep_freed_memory
     from reward_servers.scorer import ScoreOutput, Scorer
+    from reward_servers.service import ServingOptions
 
     keep_freed_memory()  # as reward-server does
 
@@ -50,7 +51,7 @@ def serve(port: int) -> None:
         def score(self, images, prompts, metadata):
             return ScoreOutput(np.zeros(len(images)))
 
-    app = create_app(NullScorer(), Limits(max_body_bytes=1 << 30))
+    app = create_app(NullScorer, ServingOptions(limits=Limits(max_body_bytes=1 << 30)))
 
     @app.post("/echo")
     async def echo(request: Request) -> Response:

@@ -44,3 +44,14 @@ class RewardServerError(RuntimeError):
     @property
     def retryable(self) -> bool:
         return self.status == 429 or self.status >= 500
+
+
+def cli_message(exc: Any, kebab: bool = False) -> str:
+    """A pydantic ValidationError of command-line settings as '--flag: problem' lines."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        flag = "--" + (field.replace("_", "-") if kebab else field)
+        lines.append(f"{flag}: {message}" if field else message)
+    return "\n".join(lines)

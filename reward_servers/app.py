@@ -1,35 +1,46 @@
-"""HTTP routes of a reward server: ``POST /v1/score`` (msgpack), health, readiness and info (JSON)."""
+"""HTTP routes of a reward server: ``POST /v1/score`` (msgpack); health, readiness, info and metrics."""
 
 from __future__ import annotations
 
+import hmac
 import logging
+import time
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from protocol import MEDIA_TYPE, VERSION, Limits, ProtocolError, pack, parse_request
+from protocol import MEDIA_TYPE, VERSION, ProtocolError, pack, parse_request
 from reward_servers.scorer import Scorer
-from reward_servers.service import ScoringService
+from reward_servers.service import ScoringService, ServingOptions
 
 log = logging.getLogger("reward_servers")
+RETRY_AFTER_S = 1
 
 
-def create_app(scorer: Scorer, limits: Limits = Limits(), device: str = "cpu") -> FastAPI:
-    service = ScoringService(scorer, device)
+def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = ServingOptions()) -> FastAPI:
+    service = ScoringService(make_scorer, options)
+    limits = options.limits
+    expected_auth = f"Bearer {options.token}".encode() if options.token else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.load()
         yield
+        # uvicorn has already waited for in-flight requests (SIGTERM drains); now stop the replicas.
+        await service.close()
 
-    app = FastAPI(title=f"reward-server ({scorer.name})", lifespan=lifespan)
+    app = FastAPI(title=f"reward-server ({service.name})", lifespan=lifespan)
     app.state.service = service
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> Response:
         log.warning("rejected %s %s: %s", request.method, request.url.path, exc)
-        return _msgpack(exc.to_wire(), exc.status)
+        headers = {"retry-after": str(RETRY_AFTER_S)} if exc.status in (429, 503) else {}
+        if exc.status == 401:
+            headers["www-authenticate"] = "Bearer"
+        return _msgpack(exc.to_wire(), exc.status, headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
@@ -38,15 +49,28 @@ def create_app(scorer: Scorer, limits: Limits = Limits(), device: str = "cpu") -
 
     @app.post("/v1/score", summary="Score a batch of images (msgpack body and reply)")
     async def score(request: Request) -> Response:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip()
-        if content_type != MEDIA_TYPE:
-            raise ProtocolError(415, "unsupported_media_type", f"content-type must be {MEDIA_TYPE}, got {content_type!r}", "content-type")
-        body = await _read_body(request, limits.max_body_bytes)
-        # Inline, not in a worker thread: parsing is a few memcpys (~3 ms for 25 MB), and the thread hop
-        # measured slower than the work itself (bench/protocol.py).
-        parsed = parse_request(body, limits)
-        reply = await service.score(parsed)
-        return _msgpack(reply.model_dump(), 200)
+        start, status, images = time.perf_counter(), 500, 0
+        try:
+            if expected_auth is not None:
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected_auth):
+                    raise ProtocolError(401, "unauthorized", "missing or wrong bearer token", "authorization")
+            content_type = request.headers.get("content-type", "").split(";")[0].strip()
+            if content_type != MEDIA_TYPE:
+                raise ProtocolError(415, "unsupported_media_type", f"content-type must be {MEDIA_TYPE}, got {content_type!r}", "content-type")
+            body = await _read_body(request, limits.max_body_bytes)
+            # Inline, not in a worker thread: parsing is a few memcpys (~3 ms for 25 MB), and the thread hop
+            # measured slower than the work itself (bench/protocol.py).
+            parsed = parse_request(body, limits)
+            images = len(parsed.images)
+            reply = await service.score(parsed)
+            status = 200
+            return _msgpack(reply.model_dump(), 200)
+        except ProtocolError as exc:
+            status = exc.status
+            raise
+        finally:
+            service.metrics.request(status, images, time.perf_counter() - start)
 
     @app.get("/healthz", summary="Alive")
     async def healthz() -> dict:
@@ -60,17 +84,23 @@ def create_app(scorer: Scorer, limits: Limits = Limits(), device: str = "cpu") -
     async def info() -> dict:
         return {
             "version": VERSION,
-            "scorer": scorer.name,
-            "description": scorer.description,
-            "max_batch": scorer.max_batch,
+            "scorer": service.name,
+            "description": service.description,
+            "max_batch": options.max_batch,
+            "replicas": options.devices,
             "limits": {"max_images": limits.max_images, "max_pixels": limits.max_pixels, "max_body_bytes": limits.max_body_bytes},
+            "auth": expected_auth is not None,
         }
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-def _msgpack(obj: dict, status: int) -> Response:
-    return Response(pack(obj), status_code=status, media_type=MEDIA_TYPE)
+def _msgpack(obj: dict, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(pack(obj), status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -1,19 +1,25 @@
-"""``reward-server``: host one scorer over HTTP with uvicorn."""
+"""``reward-server``: host one scorer over HTTP with uvicorn, one replica per GPU (or CPU replicas)."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
 import logging
 import sys
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from reward_servers.scorer import SCORERS
+from protocol.errors import cli_message
+from reward_servers.scorer import SCORERS, scorer_class
+
+# CLI fields handed to the scorer's constructor when it takes them (and an error when it does not).
+SCORER_OPTIONS = ("checkpoint", "weights", "mode", "bertscore_model", "bertscore_layer", "max_new_tokens", "latency_ms", "oom_above")
 
 
 class ServerSettings(BaseSettings):
-    """Serve a reward scorer over msgpack/HTTP (POST /v1/score)."""
+    """Serve a reward scorer over msgpack/HTTP (POST /v1/score). Every flag also reads REWARD_SERVER_<NAME>."""
 
     model_config = SettingsConfigDict(
         env_prefix="REWARD_SERVER_", cli_prog_name="reward-server", cli_kebab_case=True, cli_implicit_flags=True
@@ -22,11 +28,25 @@ class ServerSettings(BaseSettings):
     model: str = Field(description=f"scorer to serve: {', '.join(sorted(SCORERS))}")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
     port: int = Field(8000, ge=0, le=65535)
-    device: str = Field("cpu", description="torch device for the scorer's model")
+    gpus: str | None = Field(None, description="comma-separated CUDA device ids, one replica each (e.g. 6,7)")
+    replicas: int = Field(1, gt=0, description="CPU replicas when --gpus is not given")
+    max_batch: int = Field(32, gt=0, description="images per model call, merged across requests")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_queue: int = Field(4096, gt=0, description="images queued before requests get 503 + Retry-After")
+    token: SecretStr | None = Field(None, description="bearer token required on /v1/score (or REWARD_SERVER_TOKEN)")
     max_images: int = Field(256, gt=0, description="images per request")
     max_pixels: int = Field(1024 * 1024, gt=0, description="height x width per image")
     max_body_mb: float = Field(256.0, gt=0, description="request body size limit in MiB")
     log_level: str = Field("info")
+    # scorer options
+    checkpoint: str | None = Field(None, description="model id or path of the scorer's network ('tiny': built offline)")
+    weights: str | None = Field(None, description="aesthetic: the LAION MLP weights (.pth or .safetensors)")
+    mode: str | None = Field(None, description="llava: bertscore (default) or strict")
+    bertscore_model: str | None = Field(None, description="llava bertscore: encoder id or path")
+    bertscore_layer: int | None = Field(None, description="llava bertscore: hidden layer to match (default: last)")
+    max_new_tokens: int | None = Field(None, gt=0, description="llava: answer length limit")
+    latency_ms: float | None = Field(None, ge=0, description="synthetic: seconds of fake model time per batch, in ms")
+    oom_above: int | None = Field(None, ge=0, description="synthetic: simulate out-of-memory above this batch size")
 
     @field_validator("model")
     @classmethod
@@ -35,18 +55,52 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
         return name
 
-    def cli_cmd(self) -> None:
+    @model_validator(mode="after")
+    def _options_apply(self) -> "ServerSettings":
+        accepted = inspect.signature(scorer_class(self.model).__init__).parameters
+        for option in SCORER_OPTIONS:
+            if getattr(self, option) is not None and option not in accepted:
+                raise ValueError(f"--{option.replace('_', '-')} does not apply to scorer {self.model!r}")
+        return self
+
+    def devices(self) -> list[str]:
+        if self.gpus is None:
+            return ["cpu"] * self.replicas
+        ids = [part.strip() for part in self.gpus.split(",") if part.strip()]
+        if not ids or not all(i.isdigit() for i in ids):
+            raise SystemExit(f"reward-server: --gpus must be comma-separated device ids, got {self.gpus!r}")
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = [i for i in ids if int(i) >= count]
+        if missing:
+            raise SystemExit(
+                f"reward-server: --gpus {self.gpus}: GPU {', '.join(missing)} does not exist "
+                f"(this process sees {count} CUDA device(s); CUDA_VISIBLE_DEVICES renumbers them)"
+            )
+        return [f"cuda:{i}" for i in ids]
+
+    def serve(self) -> None:
         import uvicorn
 
         from protocol import Limits
         from reward_servers.app import create_app
         from reward_servers.scorer import create_scorer
+        from reward_servers.service import ServingOptions
 
         logging.basicConfig(level=self.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         keep_freed_memory()
-        limits = Limits(self.max_images, self.max_pixels, int(self.max_body_mb * 1024 * 1024))
-        app = create_app(create_scorer(self.model), limits, self.device)
-        uvicorn.run(app, host=self.host, port=self.port, log_level=self.log_level)
+        options = ServingOptions(
+            devices=self.devices(),
+            max_batch=self.max_batch,
+            max_wait_ms=self.max_wait_ms,
+            max_queue=self.max_queue,
+            token=self.token.get_secret_value() if self.token else None,
+            limits=Limits(self.max_images, self.max_pixels, int(self.max_body_mb * 1024 * 1024)),
+        )
+        scorer_options = {k: getattr(self, k) for k in SCORER_OPTIONS if getattr(self, k) is not None}
+        app = create_app(functools.partial(create_scorer, self.model, **scorer_options), options)
+        uvicorn.run(app, host=self.host, port=self.port, log_level=self.log_level, timeout_graceful_shutdown=120)
 
 
 def keep_freed_memory() -> None:
@@ -67,7 +121,11 @@ def keep_freed_memory() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    CliApp.run(ServerSettings, cli_args=argv)
+    try:
+        settings = CliApp.run(ServerSettings, cli_args=argv)
+    except ValidationError as exc:
+        raise SystemExit(f"reward-server: {cli_message(exc, kebab=True)}") from None
+    settings.serve()
 
 
 if __name__ == "__main__":

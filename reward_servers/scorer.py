@@ -37,11 +37,16 @@ class Scorer(ABC):
 SCORERS: dict[str, str] = {
     "compression": "reward_servers.compression:JpegCompressibility",
     "incompressibility": "reward_servers.compression:JpegIncompressibility",
+    "synthetic": "reward_servers.synthetic:SyntheticScorer",
 }
 
 
-def create_scorer(name: str, **options: Any) -> Scorer:
+def scorer_class(name: str) -> type[Scorer]:
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
     module, cls = SCORERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**options)
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_scorer(name: str, **options: Any) -> Scorer:
+    return scorer_class(name)(**options)

@@ -1,58 +1,80 @@
-"""What a reward server does with a parsed request: decode images, run the scorer, check its output.
+"""What a reward server does with a parsed request: decode images, batch them onto replicas, check output.
 
-Kept apart from the HTTP routes so batching, replicas and metrics can grow here without touching them.
+Kept apart from the HTTP routes: this is the part that knows about models, devices and batching.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
-import numpy as np
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from protocol import ProtocolError, ScoreReply, ScoreRequest, decode_images
+from protocol import Limits, ProtocolError, ScoreReply, ScoreRequest, decode_images
+from reward_servers.batcher import DynamicBatcher
+from reward_servers.metrics import ServerMetrics
 from reward_servers.scorer import Scorer
 
-log = logging.getLogger("reward_servers")
+
+@dataclass
+class ServingOptions:
+    devices: list[str] = field(default_factory=lambda: ["cpu"])  # one replica per entry
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 4096  # images waiting, all requests together
+    token: str | None = None
+    limits: Limits = Limits()
 
 
 class ScoringService:
-    def __init__(self, scorer: Scorer, device: str = "cpu"):
-        self.scorer, self.device = scorer, device
+    def __init__(self, make_scorer: Callable[[], Scorer], options: ServingOptions):
+        self.make_scorer, self.options = make_scorer, options
+        probe = make_scorer()  # constructing is cheap: weights load in load()
+        self.name, self.description = probe.name, probe.description
+        self.metrics = ServerMetrics(self.name)
+        self.batcher: DynamicBatcher | None = None
         self.ready = False
-        self._lock = asyncio.Lock()  # one model call at a time per loaded model
 
     async def load(self) -> None:
-        await run_in_threadpool(self.scorer.load, self.device)
+        """One replica per device, loaded one after another (a failing device stops start-up)."""
+        replicas = []
+        for device in self.options.devices:
+            scorer = self.make_scorer()
+            await run_in_threadpool(scorer.load, device)
+            replicas.append(scorer)
+        self.scorer = replicas[0]
+        self.batcher = DynamicBatcher(
+            replicas, self.options.max_batch, self.options.max_wait_ms, self.options.max_queue, self.metrics.batch
+        )
+        self.batcher.start()
         self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop()
 
     async def score(self, request: ScoreRequest) -> ScoreReply:
         if not self.ready:
-            raise ProtocolError(503, "not_ready", "the scorer is still loading")
+            raise ProtocolError(503, "not_ready", "the scorer is not loaded (starting or shutting down)")
         start = time.perf_counter()
         if all(image.encoding == "raw" for image in request.images):
             images = decode_images(request)  # one memcpy: cheaper than a thread hop
         else:
             images = await run_in_threadpool(decode_images, request)  # PNG/JPEG decoding is real work
-        async with self._lock:
-            output = await run_in_threadpool(self.scorer.score, images, request.prompts, request.metadata)
-        elapsed_ms = (time.perf_counter() - start) * 1000
+        self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images + len(images))
+        output = await self.batcher.score(images, request.prompts, request.metadata)
+        self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
         try:
-            reply = ScoreReply(
+            return ScoreReply(
                 request_id=request.request_id,
-                scores=np.asarray(output.scores, dtype=np.float64).tolist(),
+                scores=output.scores.tolist(),
                 info=output.info,
-                scorer=self.scorer.name,
-                elapsed_ms=elapsed_ms,
+                scorer=self.name,
+                elapsed_ms=(time.perf_counter() - start) * 1000,
             )
-            if len(reply.scores) != len(images):
-                raise ValueError(f"{len(reply.scores)} scores for {len(images)} images")
-        except (ValidationError, ValueError) as exc:
-            raise ProtocolError(500, "scorer_error", f"scorer {self.scorer.name} returned bad output: {exc}")
-        log.info(
-            "scored request=%s images=%d elapsed_ms=%.1f", request.request_id, len(images), elapsed_ms
-        )
-        return reply
+        except ValidationError as exc:
+            bad = ProtocolError.from_validation(exc)
+            raise ProtocolError(500, "scorer_error", f"scorer {self.name} returned bad output: {bad.message}", bad.field)

@@ -37,7 +37,7 @@ def free_port() -> int:
 class ServerProcess:
     """A real ``reward-server`` subprocess on 127.0.0.1."""
 
-    def __init__(self, *args: str, port: int | None = None, log: Path):
+    def __init__(self, *args: str, port: int | None = None, log: Path, env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = shutil.which("reward-server", path=str(Path(sys.executable).parent)) or "reward-server"
@@ -46,6 +46,7 @@ class ServerProcess:
             [exe, *args, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
             stdout=open(log, "wb"),
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def wait_ready(self, timeout: float = 60.0) -> "ServerProcess":
@@ -60,6 +61,17 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"reward-server not ready after {timeout} s: {self.log.read_text()}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of the server's /metrics (0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
 
     def healthy(self) -> bool:
         return httpx.get(f"{self.url}/healthz", timeout=5).json() == {"status": "ok"}
@@ -76,8 +88,8 @@ class ServerProcess:
 def start_server(tmp_path):
     servers: list[ServerProcess] = []
 
-    def start(*args: str, port: int | None = None, wait: bool = True) -> ServerProcess:
-        server = ServerProcess(*args, port=port, log=tmp_path / f"server-{len(servers)}.log")
+    def start(*args: str, port: int | None = None, wait: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(*args, port=port, log=tmp_path / f"server-{len(servers)}.log", env=env)
         servers.append(server)
         return server.wait_ready() if wait else server
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,31 +71,33 @@ class TrainConfig(_Group):
 
 class PromptConfig(_Group):
     fn: Literal["simple_animals", "from_file"] = "simple_animals"
-    path: Path | None = Field(None, description="for from_file: one prompt per line")
+    path: Path | None = Field(None, description="for from_file: one prompt per line", validate_default=True)
 
-    @model_validator(mode="after")
-    def _path(self) -> "PromptConfig":
-        if self.fn == "from_file" and (self.path is None or not self.path.is_file()):
-            raise ValueError(f"prompt.path: from_file needs an existing file, got {self.path}")
-        return self
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if info.data.get("fn") == "from_file" and (path is None or not path.is_file()):
+            raise ValueError(f"from_file needs an existing file, got {path}")
+        return path
 
 
 class RewardConfig(_Group):
-    scorer: str = Field("compression", description="in-process scorer name (used when no url is given)")
     url: list[str] = Field([], description="reward server URL(s); empty scores in-process")
+    scorer: str = Field("compression", description="in-process scorer name (used when no url is given)")
     token: str | None = Field(None, description="bearer token for the reward server")
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
     deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
     retries: int = Field(8, ge=0)
 
-    @model_validator(mode="after")
-    def _known(self) -> "RewardConfig":
+    @field_validator("scorer")
+    @classmethod
+    def _known(cls, scorer: str, info: ValidationInfo) -> str:
         from reward_servers.scorer import SCORERS
 
-        if not self.url and self.scorer not in SCORERS:
-            raise ValueError(f"reward.scorer: unknown scorer {self.scorer!r}; choose one of {sorted(SCORERS)}")
-        return self
+        if not info.data.get("url") and scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(sorted(SCORERS))}")
+        return scorer
 
 
 class Config(BaseSettings):
@@ -111,6 +113,10 @@ class Config(BaseSettings):
     train: TrainConfig = TrainConfig()
     prompt: PromptConfig = PromptConfig()
     reward: RewardConfig = RewardConfig()
+
+
+class BatchPlanError(ValueError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ class BatchPlan:
                 f"{t.batch_size} x {num_processes} x {t.gradient_accumulation_steps} = {effective}"
             )
         if problems:
-            raise ValueError("batch sizes do not fit:\n  " + "\n  ".join(problems))
+            raise BatchPlanError("batch sizes do not fit:\n  " + "\n  ".join(problems))
         return cls(
             num_processes, samples, effective, cls.train_timesteps_of(cfg), samples // effective * t.num_inner_epochs
         )

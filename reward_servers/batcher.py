@@ -1,0 +1,170 @@
+"""Dynamic batching across requests and clients, over one or more model replicas.
+
+Requests are cut into items of at most ``max_batch`` images and queued. Each replica has a worker that takes
+the oldest item, waits up to ``max_wait_ms`` for more to fill the batch, runs the scorer on its own thread
+(one thread per replica: a GPU's CUDA context stays with it) and hands each item its slice of the result.
+The queue is bounded in images: past ``max_queue`` a request is refused with 503 and Retry-After, so a
+client backs off instead of piling up latency. A batch that runs out of GPU memory is halved and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from protocol import ProtocolError
+from reward_servers.scorer import ScoreOutput, Scorer
+
+log = logging.getLogger("reward_servers")
+
+
+@dataclass
+class _Item:
+    images: np.ndarray
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+    future: asyncio.Future
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def concat(outputs: list[ScoreOutput]) -> ScoreOutput:
+    scores = np.concatenate([np.asarray(o.scores, dtype=np.float64) for o in outputs])
+    info = {key: sum((list(o.info[key]) for o in outputs), []) for key in outputs[0].info}
+    return ScoreOutput(scores, info)
+
+
+def split(output: ScoreOutput, sizes: list[int]) -> list[ScoreOutput]:
+    parts, start = [], 0
+    for n in sizes:
+        parts.append(ScoreOutput(output.scores[start : start + n], {k: v[start : start + n] for k, v in output.info.items()}))
+        start += n
+    return parts
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        replicas: list[Scorer],
+        max_batch: int,
+        max_wait_ms: float,
+        max_queue: int,
+        on_batch: Callable[[int, int, float], None] = lambda replica, size, seconds: None,
+    ):
+        self.replicas, self.max_batch, self.max_wait, self.max_queue = replicas, max_batch, max_wait_ms / 1000, max_queue
+        self.on_batch = on_batch
+        self.pending: deque[_Item] = deque()
+        self.queued_images = 0
+        self._arrived = asyncio.Event()
+        self._threads = [
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"replica-{i}") for i in range(len(replicas))
+        ]
+        self._workers: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work(i)) for i in range(len(self.replicas))]
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for pool in self._threads:
+            pool.shutdown(wait=True)
+
+    async def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
+        n = len(prompts)
+        if self.queued_images + n > self.max_queue:
+            raise ProtocolError(
+                503, "overloaded", f"{self.queued_images} images queued; the limit is {self.max_queue}", None
+            )
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(images[s : s + self.max_batch], prompts[s : s + self.max_batch], metadata[s : s + self.max_batch], loop.create_future())
+            for s in range(0, n, self.max_batch)
+        ]
+        self.pending.extend(items)
+        self.queued_images += n
+        self._arrived.set()
+        return concat(await asyncio.gather(*(item.future for item in items)))
+
+    async def _next_batch(self) -> list[_Item]:
+        while not self.pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        loop = asyncio.get_running_loop()
+        batch, size, deadline = [], 0, loop.time() + self.max_wait
+        while True:
+            while self.pending and size + len(self.pending[0]) <= self.max_batch:
+                item = self.pending.popleft()
+                batch.append(item)
+                size += len(item)
+            if size >= self.max_batch or self.pending or loop.time() >= deadline:
+                break  # full, or the next item does not fit, or waited long enough
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                pass
+        self.queued_images -= size
+        return batch
+
+    async def _work(self, replica: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [item for item in await self._next_batch() if not item.future.done()]  # done: client gone
+            if not batch:
+                continue
+            images = np.concatenate([item.images for item in batch])
+            prompts = [p for item in batch for p in item.prompts]
+            metadata = [m for item in batch for m in item.metadata]
+            start = time.perf_counter()
+            try:
+                output = await loop.run_in_executor(self._threads[replica], self._run, replica, images, prompts, metadata)
+                results: list[Any] = split(output, [len(item) for item in batch])
+            except Exception as exc:  # the scorer failed: every request in the batch gets the error
+                log.exception("scorer failed on a batch of %d images", len(prompts))
+                error = ProtocolError(500, "scorer_error", f"scorer {self.replicas[replica].name} failed: {type(exc).__name__}: {exc}")
+                results = [error] * len(batch)
+            seconds = time.perf_counter() - start
+            self.on_batch(replica, len(prompts), seconds)
+            log.info(
+                "batch replica=%d images=%d requests=%d model_ms=%.1f queued=%d",
+                replica, len(prompts), len(batch), seconds * 1000, self.queued_images,
+            )
+            for item, result in zip(batch, results):
+                if not item.future.done():
+                    (item.future.set_exception if isinstance(result, Exception) else item.future.set_result)(result)
+
+    def _run(self, replica: int, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
+        """Score on the replica's thread; on out-of-memory, halve the batch and try again."""
+        try:
+            output = self.replicas[replica].score(images, prompts, metadata)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(prompts) == 1:
+                raise
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(prompts) // 2
+            log.warning("out of memory on %d images; retrying as %d + %d", len(prompts), half, len(prompts) - half)
+            return concat([
+                self._run(replica, images[:half], prompts[:half], metadata[:half]),
+                self._run(replica, images[half:], prompts[half:], metadata[half:]),
+            ])
+        scores = np.asarray(output.scores, dtype=np.float64)
+        if scores.shape != (len(prompts),) or any(len(v) != len(prompts) for v in output.info.values()):
+            raise ValueError(f"returned {scores.shape[0] if scores.ndim else 0} scores for {len(prompts)} images")
+        return ScoreOutput(scores, {k: list(v) for k, v in output.info.items()})

@@ -1,0 +1,144 @@
+"""Replicas, dynamic batching, back-pressure, out-of-memory splitting, draining, auth and metrics:
+each against a real reward-server subprocess running the synthetic scorer (a model call that sleeps)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from protocol import MEDIA_TYPE, RewardClient, RewardServerError, build_request, unpack
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def batch(n: int, value: int = 51) -> np.ndarray:
+    return np.full((n, 8, 8, 3), value, np.uint8)
+
+
+def post(server, n: int, value: int = 51, **headers) -> httpx.Response:
+    body = build_request(batch(n, value), ["p"] * n)
+    return httpx.post(f"{server.url}/v1/score", content=body, headers={"content-type": MEDIA_TYPE, **headers}, timeout=60)
+
+
+def test_two_replicas_score_two_batches_at_once(start_server):
+    server = start_server("--model", "synthetic", "--latency-ms", "1000", "--replicas", "2", "--max-batch", "4")
+    with ThreadPoolExecutor(2) as pool:
+        start = time.monotonic()
+        replies = list(pool.map(lambda _: post(server, 4), range(2)))
+        wall = time.monotonic() - start
+    assert [r.status_code for r in replies] == [200, 200]
+    assert wall < 1.8, f"two 1 s batches on two replicas took {wall:.2f} s: they did not run in parallel"
+    for replica in ("0", "1"):
+        assert server.metric("reward_model_seconds_total", replica=replica) >= 0.95
+
+
+def test_concurrent_clients_are_merged_into_batches(start_server):
+    server = start_server("--model", "synthetic", "--latency-ms", "300", "--max-batch", "16", "--max-wait-ms", "200")
+    with RewardClient(server.url) as client:
+        futures = [client.submit(batch(1, 10 * i), ["p"]) for i in range(12)]
+        replies = [f.result(timeout=60) for f in futures]
+    assert [r.scores[0] for r in replies] == pytest.approx([10 * i / 255 for i in range(12)])  # each got its own
+    sizes = [r.info["batch_size"][0] for r in replies]
+    assert max(sizes) > 1
+    batches = server.metric("reward_batch_images_count")
+    assert server.metric("reward_batch_images_sum") == 12 and batches < 12, (sizes, batches)
+
+
+def test_full_queue_answers_503_then_recovers(start_server):
+    server = start_server("--model", "synthetic", "--latency-ms", "1500", "--max-batch", "4", "--max-queue", "4")
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, server, 4)  # taken by the replica
+        time.sleep(0.4)
+        queued = pool.submit(post, server, 4)  # fills the queue
+        time.sleep(0.4)
+        refused = post(server, 1)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert unpack(refused.content)["error"]["code"] == "overloaded"
+        # The client backs off on 503 and gets through once the queue drains.
+        with RewardClient(server.url, retries=20, deadline=30) as client:
+            assert len(client.submit(batch(1), ["p"]).result(timeout=60).scores) == 1
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+    assert server.metric("reward_requests_total", status="503") >= 1
+
+
+def test_out_of_memory_batches_are_split_not_failed(start_server):
+    server = start_server("--model", "synthetic", "--oom-above", "2", "--max-batch", "8")
+    values = np.arange(8) * 20
+    images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in values])
+    with RewardClient(server.url) as client:
+        reply = client.submit(images, ["p"] * 8).result(timeout=60)
+    assert reply.scores == pytest.approx(list(values / 255))
+    assert set(reply.info["batch_size"]) <= {1, 2}
+
+
+def test_scorer_failure_is_a_500_and_the_server_keeps_serving(start_server):
+    server = start_server("--model", "synthetic", "--oom-above", "0", "--max-batch", "4")  # even 1 image "OOMs"
+    reply = post(server, 1)
+    assert reply.status_code == 500
+    error = unpack(reply.content)["error"]
+    assert error["code"] == "scorer_error" and "out of memory" in error["message"]
+    assert server.healthy()
+
+
+def test_sigterm_drains_requests_in_flight(start_server):
+    server = start_server("--model", "synthetic", "--latency-ms", "1500")
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("reply", post(server, 2)))
+    thread.start()
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(timeout=30)
+    assert result["reply"].status_code == 200 and len(unpack(result["reply"].content)["scores"]) == 2
+    # uvicorn re-raises the captured SIGTERM once drained, so the exit status says "terminated", cleanly
+    assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_gpu_that_does_not_exist_is_a_startup_error():
+    exe = Path(sys.executable).parent / "reward-server"
+    result = subprocess.run([str(exe), "--model", "compression", "--gpus", "0,7"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "GPU 0, 7 does not exist" in result.stderr or "GPU 7 does not exist" in result.stderr
+
+
+def test_options_that_do_not_apply_are_refused():
+    exe = Path(sys.executable).parent / "reward-server"
+    result = subprocess.run([str(exe), "--model", "compression", "--weights", "x.pth"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--weights does not apply to scorer 'compression'" in result.stderr
+
+
+def test_bearer_token(start_server):
+    token = "s3cret-token-value"
+    server = start_server("--model", "compression", "--log-level", "debug", env={"REWARD_SERVER_TOKEN": token})
+    assert post(server, 1).status_code == 401
+    wrong = post(server, 1, authorization="Bearer nope")
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert unpack(wrong.content)["error"]["field"] == "authorization"
+    assert post(server, 1, authorization=f"Bearer {token}").status_code == 200
+    assert server.healthy() and httpx.get(f"{server.url}/v1/info").json()["auth"] is True
+    with RewardClient(server.url, token=token) as client:
+        assert len(client.submit(batch(2), ["a", "b"]).result(timeout=30).scores) == 2
+    with RewardClient(server.url, token="wrong") as client, pytest.raises(RewardServerError, match="401"):
+        client.submit(batch(1), ["a"]).result(timeout=30)
+    server.stop()
+    assert token not in server.log.read_text()
+
+
+def test_metrics_count_requests_and_images_by_status(start_server):
+    server = start_server("--model", "compression")
+    post(server, 3)
+    httpx.post(f"{server.url}/v1/score", content=b"junk", headers={"content-type": MEDIA_TYPE})
+    assert server.metric("reward_requests_total", scorer="compression", status="200") == 1
+    assert server.metric("reward_images_total", status="200") == 3
+    assert server.metric("reward_requests_total", status="400") == 1
+    assert server.metric("reward_request_seconds_count") == 2
+    assert server.metric("reward_queue_images", scorer="compression") == 0
