@@ -15,7 +15,7 @@ from protocol.errors import cli_message
 from reward_servers.scorer import SCORERS, scorer_class
 
 # CLI fields handed to the scorer's constructor when it takes them (and an error when it does not).
-SCORER_OPTIONS = ("checkpoint", "weights", "mode", "bertscore_model", "bertscore_layer", "max_new_tokens", "latency_ms", "oom_above")
+SCORER_OPTIONS = ("checkpoint", "processor", "weights", "mode", "bertscore_model", "bertscore_layer", "max_new_tokens", "latency_ms", "oom_above")
 
 
 class ServerSettings(BaseSettings):
@@ -40,6 +40,7 @@ class ServerSettings(BaseSettings):
     log_level: str = Field("info")
     # scorer options
     checkpoint: str | None = Field(None, description="model id or path of the scorer's network ('tiny': built offline)")
+    processor: str | None = Field(None, description="clipscore/pickscore: processor id or path, if not the checkpoint's")
     weights: str | None = Field(None, description="aesthetic: the LAION MLP weights (.pth or .safetensors)")
     mode: str | None = Field(None, description="llava: bertscore (default) or strict")
     bertscore_model: str | None = Field(None, description="llava bertscore: encoder id or path")

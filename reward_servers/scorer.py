@@ -28,6 +28,9 @@ class Scorer(ABC):
     def load(self, device: str = "cpu") -> None:
         """Load weights onto ``device``; called once before the first ``score``."""
 
+    def check(self, prompts: list[str], metadata: list[dict[str, Any]]) -> None:
+        """Raise ValueError("metadata.3: ...") for a request this scorer cannot score, before it is batched."""
+
     @abstractmethod
     def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
         """Score a uint8 (N, H, W, 3) batch."""
@@ -38,6 +41,10 @@ SCORERS: dict[str, str] = {
     "compression": "reward_servers.compression:JpegCompressibility",
     "incompressibility": "reward_servers.compression:JpegIncompressibility",
     "synthetic": "reward_servers.synthetic:SyntheticScorer",
+    "aesthetic": "reward_servers.aesthetic:AestheticScorer",
+    "clipscore": "reward_servers.clip:ClipScore",
+    "pickscore": "reward_servers.clip:PickScore",
+    "llava": "reward_servers.llava:LlavaScorer",
 }
 
 

@@ -31,8 +31,8 @@ class ServingOptions:
 class ScoringService:
     def __init__(self, make_scorer: Callable[[], Scorer], options: ServingOptions):
         self.make_scorer, self.options = make_scorer, options
-        probe = make_scorer()  # constructing is cheap: weights load in load()
-        self.name, self.description = probe.name, probe.description
+        self.probe = make_scorer()  # constructing is cheap: weights load in load()
+        self.name, self.description = self.probe.name, self.probe.description
         self.metrics = ServerMetrics(self.name)
         self.batcher: DynamicBatcher | None = None
         self.ready = False
@@ -60,6 +60,12 @@ class ScoringService:
         if not self.ready:
             raise ProtocolError(503, "not_ready", "the scorer is not loaded (starting or shutting down)")
         start = time.perf_counter()
+        try:
+            self.probe.check(request.prompts, request.metadata)
+        except ValueError as exc:
+            message = str(exc)
+            field, _, message = message.partition(": ") if ": " in message else (None, "", message)
+            raise ProtocolError(422, "invalid_request", message, field)
         if all(image.encoding == "raw" for image in request.images):
             images = decode_images(request)  # one memcpy: cheaper than a thread hop
         else:

@@ -7,11 +7,7 @@ DDIM scheduler) so the code path a user runs with ``runwayml/stable-diffusion-v1
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 # Words the tokenizer knows whole; anything else falls back to byte-level pieces, as CLIP's BPE does.
@@ -35,62 +31,20 @@ SPEC = {
 
 def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the tiny pipeline, building it first if it is not there yet."""
-    root = Path(cache_dir or os.environ.get("DIFFUSION_RL_CACHE", Path.home() / ".cache" / "diffusion-rl"))
-    digest = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode()).hexdigest()[:12]
-    path = root / f"tiny-sd-{digest}"
-    if not (path / "model_index.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename, so concurrent processes never see half a pipeline.
-        staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=root))
-        try:
-            build_tiny_pipeline().save_pretrained(staging)
-            try:
-                staging.rename(path)
-            except OSError:  # another process finished first; its copy is identical
-                if not (path / "model_index.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return path
+    from reward_servers.tiny_models import cached_build
 
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def _bpe_files(words: list[str], folder: Path) -> tuple[Path, Path]:
-    """Write a CLIP-style BPE vocabulary in which each word of ``words`` merges into a single token."""
-    alphabet = _byte_alphabet()
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            if pair not in merges:
-                merges.append(pair)
-                tokens.append(pair[0] + pair[1])
-            symbols = [pair[0] + pair[1]] + symbols[2:]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    vocab_file.write_text(json.dumps(vocab))
-    merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return vocab_file, merges_file
+    return cached_build("tiny-sd", SPEC, lambda folder: build_tiny_pipeline().save_pretrained(folder), cache_dir)
 
 
 def build_tiny_pipeline():
     """Random-init tiny StableDiffusionPipeline, identical for identical SPEC."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = _bpe_files(SPEC["vocabulary"], Path(tmp))
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+    from reward_servers.tiny_models import clip_tokenizer
+
+    tokenizer = clip_tokenizer(SPEC["vocabulary"])
 
     torch.manual_seed(SPEC["seed"])
     text = SPEC["text"]

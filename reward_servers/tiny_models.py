@@ -1,0 +1,185 @@
+"""Tiny random-init stand-ins for the scorers' networks, built offline and saved like real checkpoints.
+
+``--checkpoint tiny`` (and the tests) load these through exactly the code that loads
+openai/clip-vit-large-patch14 or llava-hf/llava-1.5-7b-hf: only the path differs. Each is built once per
+spec into a cache folder named by the spec's hash, atomically, so concurrent processes agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+WORDS = (
+    "a an the of in on with and is are this that what going image contains photo picture answer concisely "
+    "cat dog horse monkey rabbit zebra bird sheep deer cow goat lion tiger bear fox wolf fish owl panda "
+    "washing dishes riding bike playing chess red blue green small big cute yes no one two three four"
+).split()
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("DIFFUSION_RL_CACHE", Path.home() / ".cache" / "diffusion-rl"))
+
+
+def cached_build(name: str, spec: dict[str, Any], build: Callable[[Path], None], cache_dir=None) -> Path:
+    """``cache/<name>-<hash of spec>``, running ``build(folder)`` into a staging folder first if missing."""
+    root = cache_root(cache_dir)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    path = root / f"{name}-{digest}"
+    if not (path / ".complete").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            build(staging)
+            (staging / ".complete").touch()
+            try:
+                staging.rename(path)
+            except OSError:  # another process finished first; its copy is identical
+                if not (path / ".complete").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def clip_tokenizer(words: list[str], model_max_length: int = 77):
+    """A CLIP-style BPE tokenizer in which each of ``words`` can merge into one token."""
+    from transformers import CLIPTokenizer
+
+    alphabet = byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in merges:
+                merges.append(pair)
+                tokens.append(pair[0] + pair[1])
+            symbols = [pair[0] + pair[1]] + symbols[2:]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
+
+
+# -- CLIP (aesthetic, clipscore, pickscore) -------------------------------------------------------------
+CLIP_SPEC = {"seed": 1, "hidden": 32, "layers": 2, "heads": 4, "image_size": 32, "patch": 8, "projection": 16}
+
+
+def build_clip(folder: Path, spec: dict = CLIP_SPEC) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer(WORDS)
+    common = {"hidden_size": spec["hidden"], "intermediate_size": 2 * spec["hidden"],
+              "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
+    config = CLIPConfig(
+        text_config={**common, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={**common, "image_size": spec["image_size"], "patch_size": spec["patch"]},
+        projection_dim=spec["projection"],
+    )
+    torch.manual_seed(spec["seed"])
+    CLIPModel(config).save_pretrained(folder)
+    size = spec["image_size"]
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def build_aesthetic_mlp(file: Path, in_features: int, seed: int = 2) -> None:
+    """Random weights in the LAION improved-aesthetic layout (keys layers.0/2/4/6/7)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from reward_servers.aesthetic import AestheticMLP
+
+    torch.manual_seed(seed)
+    save_file(AestheticMLP(in_features).state_dict(), str(file))
+
+
+# -- LLaVA ------------------------------------------------------------------------------------------------
+LLAVA_SPEC = {"seed": 3, "hidden": 32, "layers": 2, "heads": 4, "image_size": 8, "patch": 2}
+
+
+def build_llava(folder: Path, spec: dict = LLAVA_SPEC) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (AddedToken, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["USER:", "ASSISTANT:", "?", ".", ","]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
+    size, patch, hidden = spec["image_size"], spec["patch"], spec["hidden"]
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>",
+    )
+    layers = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
+    config = LlavaConfig(
+        text_config=LlamaConfig(**layers, num_key_value_heads=spec["heads"], vocab_size=len(vocab),
+                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        vision_config=CLIPVisionConfig(**layers, image_size=size, patch_size=patch),
+        image_token_index=vocab["<image>"], image_seq_length=(size // patch) ** 2,
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(spec["seed"])
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+# -- a BERT-like encoder for BERTScore --------------------------------------------------------------------
+BERT_SPEC = {"seed": 4, "hidden": 32, "layers": 3, "heads": 4}
+
+
+def build_bert(folder: Path, spec: dict = BERT_SPEC) -> None:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    torch.manual_seed(spec["seed"])
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
+                         num_attention_heads=spec["heads"], intermediate_size=2 * spec["hidden"])).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+TINY = {
+    "clip": (CLIP_SPEC, build_clip),
+    "llava": (LLAVA_SPEC, build_llava),
+    "bert": (BERT_SPEC, build_bert),
+}
+
+
+def tiny_checkpoint(kind: str, cache_dir=None) -> Path:
+    spec, build = TINY[kind]
+    return cached_build(f"tiny-{kind}", {**spec, "words": WORDS}, build, cache_dir)
+
+
+def resolve(checkpoint: str, kind: str) -> str:
+    """A checkpoint option as a from_pretrained argument: 'tiny' becomes the built folder."""
+    return str(tiny_checkpoint(kind)) if checkpoint == "tiny" else checkpoint
