@@ -58,10 +58,11 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
             content_type = request.headers.get("content-type", "").split(";")[0].strip()
             if content_type != MEDIA_TYPE:
                 raise ProtocolError(415, "unsupported_media_type", f"content-type must be {MEDIA_TYPE}, got {content_type!r}", "content-type")
-            body = await _read_body(request, limits.max_body_bytes)
-            # Inline, not in a worker thread: parsing is a few memcpys (~3 ms for 25 MB), and the thread hop
-            # measured slower than the work itself (bench/protocol.py).
-            parsed = parse_request(body, limits)
+            with service.receiving():  # batches forming now may wait for this request
+                body = await _read_body(request, limits.max_body_bytes)
+                # Inline, not in a worker thread: parsing is a few memcpys (~3 ms for 25 MB), and the thread
+                # hop measured slower than the work itself (bench/protocol.py).
+                parsed = parse_request(body, limits)
             images = len(parsed.images)
             reply = await service.score(parsed)
             status = 200

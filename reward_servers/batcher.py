@@ -1,7 +1,8 @@
 """Dynamic batching across requests and clients, over one or more model replicas.
 
 Requests are cut into items of at most ``max_batch`` images and queued. Each replica has a worker that takes
-the oldest item, waits up to ``max_wait_ms`` for more to fill the batch, runs the scorer on its own thread
+the oldest item and, while other requests are still being received, waits up to ``max_wait_ms`` for them to
+fill the batch (never for requests that may not come: a lone client pays no wait). It runs the scorer on its own thread
 (one thread per replica: a GPU's CUDA context stays with it) and hands each item its slice of the result.
 The queue is bounded in images: past ``max_queue`` a request is refused with 503 and Retry-After, so a
 client backs off instead of piling up latency. A batch that runs out of GPU memory is halved and retried.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import sys
 import time
@@ -68,6 +70,7 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.pending: deque[_Item] = deque()
         self.queued_images = 0
+        self.incoming = 0  # requests being received or parsed: they will queue soon
         self._arrived = asyncio.Event()
         self._threads = [
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"replica-{i}") for i in range(len(replicas))
@@ -83,6 +86,16 @@ class DynamicBatcher:
         await asyncio.gather(*self._workers, return_exceptions=True)
         for pool in self._threads:
             pool.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def receiving(self):
+        """Wrap a request from its first byte until it is queued (or refused): batches may wait for it."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
+            self._arrived.set()  # a waiting worker re-checks whether anything is still coming
 
     async def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
         n = len(prompts)
@@ -111,8 +124,8 @@ class DynamicBatcher:
                 item = self.pending.popleft()
                 batch.append(item)
                 size += len(item)
-            if size >= self.max_batch or self.pending or loop.time() >= deadline:
-                break  # full, or the next item does not fit, or waited long enough
+            if size >= self.max_batch or self.pending or not self.incoming or loop.time() >= deadline:
+                break  # full, the next item does not fit, nothing is on its way, or waited long enough
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())

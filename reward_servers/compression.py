@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,6 +19,22 @@ def jpeg_size_kb(image: np.ndarray, quality: int = 95) -> float:
     return buf.tell() / 1000
 
 
+_local = threading.local()
+
+
+def jpeg_size_kb_unlocked(image: np.ndarray, quality: int = 95) -> float:
+    """``jpeg_size_kb`` through an in-memory file descriptor: Pillow encodes to a real fd in one call with
+    the GIL released, but to a BytesIO in chunks that hold it, so only the fd version scales with threads."""
+    if not hasattr(os, "memfd_create"):
+        return jpeg_size_kb(image, quality)
+    if not hasattr(_local, "file"):
+        _local.file = open(os.memfd_create("jpeg-size"), "w+b")
+    file = _local.file
+    file.seek(0)
+    Image.fromarray(image).save(file, format="JPEG", quality=quality)
+    return file.tell() / 1000
+
+
 class JpegIncompressibility(Scorer):
     name = "incompressibility"
     description = "JPEG size at quality 95 in kB (bytes / 1000); higher = less compressible"
@@ -26,7 +43,7 @@ class JpegIncompressibility(Scorer):
 
     def __init__(self, quality: int = 95, workers: int | None = None):
         self.quality = quality
-        # Pillow releases the GIL while encoding, so threads spread JPEG work over the cores.
+        # With jpeg_size_kb_unlocked the encoding runs without the GIL, so threads use every core.
         self.workers = workers or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
 
@@ -34,9 +51,8 @@ class JpegIncompressibility(Scorer):
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="jpeg")
 
     def score(self, images, prompts, metadata) -> ScoreOutput:
-        sizes = self._pool.map(lambda image: jpeg_size_kb(image, self.quality), images) if self._pool else (
-            jpeg_size_kb(image, self.quality) for image in images
-        )
+        size = lambda image: jpeg_size_kb_unlocked(image, self.quality)  # noqa: E731
+        sizes = self._pool.map(size, images) if self._pool else map(size, images)
         sizes = np.fromiter(sizes, dtype=np.float64, count=len(images))
         return ScoreOutput(scores=self.sign * sizes, info={"jpeg_kb": sizes.tolist()})
 

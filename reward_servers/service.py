@@ -5,6 +5,7 @@ Kept apart from the HTTP routes: this is the part that knows about models, devic
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -55,6 +56,9 @@ class ScoringService:
         self.ready = False
         if self.batcher is not None:
             await self.batcher.stop()
+
+    def receiving(self):
+        return self.batcher.receiving() if self.batcher is not None else contextlib.nullcontext()
 
     async def score(self, request: ScoreRequest) -> ScoreReply:
         if not self.ready:
