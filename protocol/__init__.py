@@ -1,12 +1,12 @@
 """The reward wire contract: msgpack over HTTP, validated with pydantic. Imports no torch."""
 
 from protocol.client import RewardClient
-from protocol.codec import build_request, decode_image, decode_images, encode_image, pack, parse_reply, parse_request, unpack
+from protocol.codec import build_request, decode_image, decode_image_list, decode_images, encode_image, pack, parse_reply, parse_request, unpack
 from protocol.errors import ProtocolError, RewardServerError
 from protocol.schema import MEDIA_TYPE, VERSION, ErrorReply, Image, Limits, ScoreReply, ScoreRequest
 
 __all__ = [
     "MEDIA_TYPE", "VERSION", "ErrorReply", "Image", "Limits", "ProtocolError", "RewardClient",
-    "RewardServerError", "ScoreReply", "ScoreRequest", "build_request", "decode_image", "decode_images",
+    "RewardServerError", "ScoreReply", "ScoreRequest", "build_request", "decode_image", "decode_image_list", "decode_images",
     "encode_image", "pack", "parse_reply", "parse_request", "unpack",
 ]

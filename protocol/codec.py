@@ -118,8 +118,8 @@ def parse_request(body: bytes, limits: Limits = Limits()) -> ScoreRequest:
         raise ProtocolError.from_validation(exc) from None
 
 
-def decode_images(request: ScoreRequest) -> np.ndarray:
-    """The request's images as one uint8 NHWC batch; all images in a request must share one size."""
+def decode_image_list(request: ScoreRequest) -> list[np.ndarray]:
+    """The request's images as HWC uint8 arrays (raw ones are views of the body: no copy)."""
     first = request.images[0]
     for i, image in enumerate(request.images):
         if (image.height, image.width) != (first.height, first.width):
@@ -130,7 +130,12 @@ def decode_images(request: ScoreRequest) -> np.ndarray:
                 "send images of one size per request",
                 f"images.{i}",
             )
-    return np.stack([decode_image(image, f"images.{i}") for i, image in enumerate(request.images)])
+    return [decode_image(image, f"images.{i}") for i, image in enumerate(request.images)]
+
+
+def decode_images(request: ScoreRequest) -> np.ndarray:
+    """The request's images as one uint8 NHWC batch; all images in a request must share one size."""
+    return np.stack(decode_image_list(request))
 
 
 def parse_reply(body: bytes, expected: int | None = None) -> ScoreReply:

@@ -13,7 +13,7 @@ from typing import Callable
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from protocol import Limits, ProtocolError, ScoreReply, ScoreRequest, decode_images
+from protocol import Limits, ProtocolError, ScoreReply, ScoreRequest, decode_image_list
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
 from reward_servers.scorer import Scorer
@@ -71,9 +71,9 @@ class ScoringService:
             field, _, message = message.partition(": ") if ": " in message else (None, "", message)
             raise ProtocolError(422, "invalid_request", message, field)
         if all(image.encoding == "raw" for image in request.images):
-            images = decode_images(request)  # one memcpy: cheaper than a thread hop
+            images = decode_image_list(request)  # views of the body; the batcher copies them once
         else:
-            images = await run_in_threadpool(decode_images, request)  # PNG/JPEG decoding is real work
+            images = await run_in_threadpool(decode_image_list, request)  # PNG/JPEG decoding is real work
         self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images + len(images))
         output = await self.batcher.score(images, request.prompts, request.metadata)
         self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
