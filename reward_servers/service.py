@@ -32,7 +32,7 @@ class ServingOptions:
 class ScoringService:
     def __init__(self, make_scorer: Callable[[], Scorer], options: ServingOptions):
         self.make_scorer, self.options = make_scorer, options
-        self.probe = make_scorer()  # constructing is cheap: weights load in load()
+        self.probe = make_scorer()  # constructing is cheap (weights load in load()); also replica 0
         self.name, self.description = self.probe.name, self.probe.description
         self.metrics = ServerMetrics(self.name)
         self.batcher: DynamicBatcher | None = None
@@ -40,12 +40,9 @@ class ScoringService:
 
     async def load(self) -> None:
         """One replica per device, loaded one after another (a failing device stops start-up)."""
-        replicas = []
-        for device in self.options.devices:
-            scorer = self.make_scorer()
+        replicas = [self.probe] + [self.make_scorer() for _ in self.options.devices[1:]]
+        for scorer, device in zip(replicas, self.options.devices):
             await run_in_threadpool(scorer.load, device)
-            replicas.append(scorer)
-        self.scorer = replicas[0]
         self.batcher = DynamicBatcher(
             replicas, self.options.max_batch, self.options.max_wait_ms, self.options.max_queue, self.metrics.batch
         )

@@ -114,3 +114,15 @@ def test_dotted_cli_overrides():
 
     cfg = CliApp.run(Config, cli_args=["--train.learning_rate", "3e-4", "--reward.url", "http://a:1", "--reward.url", "http://b:2", "--no-train.cfg"])
     assert cfg.train.learning_rate == 3e-4 and cfg.reward.url == ["http://a:1", "http://b:2"] and cfg.train.cfg is False
+
+
+def test_a_failing_scorer_stops_the_run_naming_it(tmp_path, tiny_cache, start_server):
+    from trainer.rewards import RewardError
+
+    server = start_server("--model", "synthetic", "--oom-above", "0")  # every batch fails
+    cfg = small_config(tmp_path, tiny_cache, url=[server.url], retries=1, deadline=30)
+    cfg.sample.num_batches_per_epoch = 50  # the run must stop long before sampling all of these
+    with pytest.raises(RewardError, match=rf"reward server {server.url} failed: .*500 scorer_error"):
+        train(cfg)
+    assert server.metric("reward_requests_total", status="500") < 10
+    assert not (cfg.run.output_dir / "metrics.jsonl").exists()

@@ -43,7 +43,7 @@ class RemoteReward:
     def __init__(self, cfg: RewardConfig):
         from protocol import RewardClient
 
-        self.name = f"{cfg.scorer}@{','.join(cfg.url)}"
+        self.name = f"reward server {', '.join(cfg.url)}"
         self.encoding = cfg.encoding
         self.client = RewardClient(cfg.url, timeout=cfg.timeout, retries=cfg.retries, token=cfg.token, deadline=cfg.deadline)
 
@@ -55,7 +55,6 @@ class RemoteReward:
                 result.set_exception(reply.exception())
             else:
                 r = reply.result()
-                self.name = f"{r.scorer}@{self.name.split('@', 1)[1]}"
                 result.set_result(ScoreOutput(np.asarray(r.scores, dtype=np.float64), r.info))
 
         self.client.submit(images, prompts, metadata, encoding=self.encoding).add_done_callback(done)

@@ -66,7 +66,7 @@ def train(cfg: Config) -> list[dict]:
         if cfg.train.per_prompt_stat_tracking
         else None
     )
-    bars = not accelerator.is_local_main_process
+    quiet = not accelerator.is_local_main_process  # one set of progress bars per machine
     history, global_step = [], 0
 
     for epoch in range(cfg.run.num_epochs):
@@ -74,7 +74,7 @@ def train(cfg: Config) -> list[dict]:
         t0 = time.perf_counter()
         unet.eval()
         pending, batches = Pending(reward), []
-        for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=bars, leave=False):
+        for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
             prompts, metadata = zip(*(prompt_fn(prompt_rng) for _ in range(cfg.sample.batch_size)))
             with accelerator.autocast():
                 batch, final = sample(
@@ -102,7 +102,7 @@ def train(cfg: Config) -> list[dict]:
         for inner in range(cfg.train.num_inner_epochs):
             batch_iter = trajectories.shuffled(advantages_local, cfg.train.batch_size, plan.train_timesteps)
             for chunk, adv in tqdm(batch_iter, total=len(trajectories.prompts) // cfg.train.batch_size,
-                                   desc=f"epoch {epoch} training", disable=bars, leave=False):
+                                   desc=f"epoch {epoch} training", disable=quiet, leave=False):
                 for j in range(plan.train_timesteps):
                     with accelerator.accumulate(unet):
                         with accelerator.autocast():
