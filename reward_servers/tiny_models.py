@@ -27,15 +27,21 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def cached_build(name: str, spec: dict[str, Any], build: Callable[[Path], None], cache_dir=None) -> Path:
-    """``cache/<name>-<hash of spec>``, running ``build(folder)`` into a staging folder first if missing."""
+    """``cache/<name>-<hash of spec>``, running ``build(folder)`` into a staging folder first if missing.
+
+    Whether the cache was warm must not change a seeded run, so building leaves torch's RNG as it found it.
+    """
     root = cache_root(cache_dir)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"{name}-{digest}"
     if not (path / ".complete").exists():
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        import torch
+
         try:
-            build(staging)
+            with torch.random.fork_rng(devices=[]):  # builders seed torch; the caller's stream must not move
+                build(staging)
             (staging / ".complete").touch()
             try:
                 staging.rename(path)

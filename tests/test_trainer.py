@@ -126,3 +126,38 @@ def test_a_failing_scorer_stops_the_run_naming_it(tmp_path, tiny_cache, start_se
         train(cfg)
     assert server.metric("reward_requests_total", status="500") < 10
     assert not (cfg.run.output_dir / "metrics.jsonl").exists()
+
+
+def test_resume_is_exact(tmp_path, tiny_cache):
+    from safetensors.torch import load_file
+
+    def run(out, epochs, resume=None, **train_options):
+        cfg = small_config(tmp_path, tiny_cache)
+        cfg.run.output_dir, cfg.run.num_epochs, cfg.run.resume_from, cfg.run.save_freq = out, epochs, resume, 1
+        cfg.train.per_prompt_stat_tracking, cfg.train.stat_min_count = True, 2
+        return train(cfg)
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "split", 2)
+    # a half-written checkpoint (killed mid-save) is never picked up
+    (tmp_path / "split" / "checkpoints" / ".staging-checkpoint-3").mkdir()
+    resumed = run(tmp_path / "split", 4, resume=tmp_path / "split")
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for a, b in zip(straight[2:], resumed):
+        assert a["reward_mean"] == b["reward_mean"] and a["global_step"] == b["global_step"]
+    final = lambda run: load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors")  # noqa: E731
+    one, two = final("straight"), final("split")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
+
+
+def test_a_cold_model_cache_does_not_change_a_seeded_run(tmp_path):
+    runs = []
+    for name in ("cold", "warm"):  # the first builds the tiny pipeline into the empty cache, the second loads it
+        cfg = small_config(tmp_path / name, tmp_path / "fresh-cache")
+        cfg.run.num_epochs = 1
+        runs.append(train(cfg)[0])
+    assert runs[0]["reward_mean"] == runs[1]["reward_mean"] and runs[0]["loss"] == runs[1]["loss"]

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from trainer import checkpoint
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import BatchPlan, Config
 from trainer.loss import ppo_clip_loss
@@ -67,9 +68,19 @@ def train(cfg: Config) -> list[dict]:
         else None
     )
     quiet = not accelerator.is_local_main_process  # one set of progress bars per machine
-    history, global_step = [], 0
+    trainable = {n: p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+    history, global_step, first_epoch = [], 0, 0
+    if cfg.run.resume_from is not None:
+        found = checkpoint.latest(cfg.run.resume_from)
+        if found is None:
+            raise FileNotFoundError(f"run.resume_from: no complete checkpoint under {cfg.run.resume_from}")
+        state = checkpoint.load(accelerator, found, params=trainable, optimizer=optimizer, prompt_rng=prompt_rng)
+        first_epoch, global_step = state["epoch"], state["global_step"]
+        if tracker is not None and state.get("tracker"):
+            tracker.load_state_dict(state["tracker"])
+        accelerator.print(f"resumed from {found} (epoch {first_epoch}, step {global_step})")
 
-    for epoch in range(cfg.run.num_epochs):
+    for epoch in range(first_epoch, cfg.run.num_epochs):
         # 1. Sample; each batch goes to the reward function at once and sampling goes on.
         t0 = time.perf_counter()
         unet.eval()
@@ -146,6 +157,13 @@ def train(cfg: Config) -> list[dict]:
         if accelerator.is_main_process:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        done = epoch + 1
+        if done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0):
+            checkpoint.save(
+                accelerator, out, done, cfg.run.checkpoint_limit, params=trainable, optimizer=optimizer,
+                state={"global_step": global_step, "tracker": tracker.state_dict() if tracker else None},
+                prompt_rng=prompt_rng,
+            )
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
