@@ -34,7 +34,7 @@ def cached_build(name: str, spec: dict[str, Any], build: Callable[[Path], None],
     root = cache_root(cache_dir)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"{name}-{digest}"
-    if not (path / ".complete").exists():
+    if not path.exists():  # a folder only ever appears here by an atomic rename of a finished build
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         import torch
@@ -42,11 +42,10 @@ def cached_build(name: str, spec: dict[str, Any], build: Callable[[Path], None],
         try:
             with torch.random.fork_rng(devices=[]):  # builders seed torch; the caller's stream must not move
                 build(staging)
-            (staging / ".complete").touch()
             try:
                 staging.rename(path)
             except OSError:  # another process finished first; its copy is identical
-                if not (path / ".complete").exists():
+                if not path.exists():
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)

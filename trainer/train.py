@@ -31,6 +31,8 @@ def train(cfg: Config) -> list[dict]:
 
     out = Path(cfg.run.output_dir)
     accelerator = Accelerator(
+        # Without a GPU, several processes must be told to use CPU (gloo); with one, accelerate picks it.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=cfg.run.mixed_precision,
         # One optimizer step spans the accumulated batches and, within each, every trained timestep.
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * BatchPlan.train_timesteps_of(cfg),
@@ -50,7 +52,10 @@ def train(cfg: Config) -> list[dict]:
     prompt_fn = make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
     reward = make_reward(cfg.reward)
 
-    pipe = load_pipeline(cfg, accelerator.device)
+    # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
+    # is up, so a build elsewhere would be empty); the others load it after.
+    with accelerator.main_process_first():
+        pipe = load_pipeline(cfg, accelerator.device)
     params = make_trainable(pipe.unet, cfg)
     optimizer = torch.optim.AdamW(
         params,
@@ -103,6 +108,11 @@ def train(cfg: Config) -> list[dict]:
         t2 = time.perf_counter()
         rewards = accelerator.gather(torch.as_tensor(scored.scores, device=accelerator.device)).cpu().numpy()
         prompts_all = gather_object(trajectories.prompts)
+        samples = gather_object([
+            {"epoch": epoch, "process": accelerator.process_index, "prompt": prompt, "reward": float(scored.scores[i]),
+             **{key: values[i] for key, values in scored.info.items()}}
+            for i, prompt in enumerate(trajectories.prompts)
+        ])
         advantages = compute_advantages(rewards, prompts_all, tracker)
         mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
         advantages_local = torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32)
@@ -136,8 +146,12 @@ def train(cfg: Config) -> list[dict]:
                     global_step += accelerator.sync_gradients
         t3 = time.perf_counter()
 
+        # Every process must hold the same weights; a spread above 0 means gradients were not synchronised.
+        checksum = torch.stack([p.detach().double().sum() for p in trainable.values()]).sum().reshape(1)
+        sums = accelerator.gather(checksum.to(accelerator.device))
         metrics = {
             "epoch": epoch,
+            "weights_spread_across_processes": float(sums.max() - sums.min()),
             "global_step": global_step,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
@@ -157,6 +171,8 @@ def train(cfg: Config) -> list[dict]:
         if accelerator.is_main_process:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            with open(out / "samples.jsonl", "a") as f:  # every sample's prompt, reward and scorer info
+                f.writelines(json.dumps(sample) + "\n" for sample in samples)
         done = epoch + 1
         if done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0):
             checkpoint.save(
