@@ -135,6 +135,8 @@ def test_resume_is_exact(tmp_path, tiny_cache):
         cfg = small_config(tmp_path, tiny_cache)
         cfg.run.output_dir, cfg.run.num_epochs, cfg.run.resume_from, cfg.run.save_freq = out, epochs, resume, 1
         cfg.train.per_prompt_stat_tracking, cfg.train.stat_min_count = True, 2
+        # a warm-up that crosses the resume point (step 4 of 8); its length does not depend on num_epochs
+        cfg.train.lr_scheduler, cfg.train.lr_warmup_steps = "constant_with_warmup", 6
         return train(cfg)
 
     straight = run(tmp_path / "straight", 4)
@@ -145,6 +147,9 @@ def test_resume_is_exact(tmp_path, tiny_cache):
     assert [m["epoch"] for m in resumed] == [2, 3]
     for a, b in zip(straight[2:], resumed):
         assert a["reward_mean"] == b["reward_mean"] and a["global_step"] == b["global_step"]
+        assert a["learning_rate"] == b["learning_rate"]
+    lrs = [m["learning_rate"] / 5e-3 for m in straight]  # read after 2, 4, 6, 8 optimizer steps
+    assert lrs == pytest.approx([2 / 6, 4 / 6, 1.0, 1.0])
     final = lambda run: load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors")  # noqa: E731
     one, two = final("straight"), final("split")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -6,11 +6,12 @@ The defaults are the ``tiny`` run: an embedded random-init pipeline on CPU that 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +49,8 @@ class SampleConfig(_Group):
 class TrainConfig(_Group):
     batch_size: int = Field(4, gt=0, description="samples per training step, per process")
     learning_rate: float = Field(5e-3, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
@@ -73,7 +76,9 @@ class TrainConfig(_Group):
 
 
 class PromptConfig(_Group):
-    fn: Literal["simple_animals", "from_file"] = "simple_animals"
+    fn: Literal[
+        "simple_animals", "imagenet_all", "imagenet_animals", "imagenet_dogs", "nouns_activities", "counting", "from_file"
+    ] = "simple_animals"
     path: Path | None = Field(None, description="for from_file: one prompt per line", validate_default=True)
 
     @field_validator("path")
@@ -87,6 +92,9 @@ class PromptConfig(_Group):
 class RewardConfig(_Group):
     url: list[str] = Field([], description="reward server URL(s); empty scores in-process")
     scorer: str = Field("compression", description="in-process scorer name (used when no url is given)")
+    options: dict[str, str | int | float] = Field(
+        {}, description="in-process scorer options, e.g. --reward.options weights=/models/sac+logos+ava1-l14-linearMSE.pth"
+    )
     token: str | None = Field(None, description="bearer token for the reward server")
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
@@ -102,6 +110,21 @@ class RewardConfig(_Group):
             raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(sorted(SCORERS))}")
         return scorer
 
+    @field_validator("options")
+    @classmethod
+    def _options(cls, options: dict, info: ValidationInfo) -> dict:
+        import inspect
+
+        from reward_servers.scorer import scorer_class
+
+        scorer = info.data.get("scorer")
+        if options and scorer:
+            accepted = inspect.signature(scorer_class(scorer).__init__).parameters
+            unknown = sorted(set(options) - set(accepted) - {"self"})
+            if unknown:
+                raise ValueError(f"scorer {scorer!r} takes no option {', '.join(unknown)}")
+        return options
+
 
 class Config(BaseSettings):
     """DDPO finetuning of a text-to-image diffusion model with rewards."""
@@ -110,12 +133,42 @@ class Config(BaseSettings):
         extra="forbid", cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True
     )
 
+    preset: str = Field("tiny", description="starting point: tiny, sd15-compressibility, sd15-aesthetic, ... (-1gpu)")
+    config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     sample: SampleConfig = SampleConfig()
     train: TrainConfig = TrainConfig()
     prompt: PromptConfig = PromptConfig()
     reward: RewardConfig = RewardConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layers(cls, given: Any) -> Any:
+        """Preset, then config file, then what was given explicitly (command line or keyword arguments)."""
+        from trainer.presets import PRESETS, merge
+
+        if not isinstance(given, dict):
+            return given
+        name = given.get("preset", "tiny")
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        layered = PRESETS[name]
+        if given.get("config") is not None:
+            layered = merge(layered, _read_settings_file(Path(given["config"])))
+        return merge(layered, given)
+
+
+def _read_settings_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config: no such file {path}")
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(path.read_text())
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    raise ValueError(f"config: {path} must be .json or .toml")
 
 
 class BatchPlanError(ValueError):

@@ -1,34 +1,77 @@
-"""Prompt functions: each draws one (prompt, metadata) pair from a numpy Generator."""
+"""Prompt functions: each draws one (prompt, metadata) pair from a numpy Generator.
+
+The sets our users know from ddpo-pytorch, from data files shipped in ``trainer/assets``. Metadata travels
+with each image to the scorer (``counting`` carries the questions and answers for strict VQA scoring).
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 PromptFn = Callable[[np.random.Generator], tuple[str, dict[str, Any]]]
+ASSETS = Path(__file__).parent / "assets"
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
-SIMPLE_ANIMALS = (
-    "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf "
-    "lizard beetle ant butterfly fish shark whale dolphin elephant giraffe camel kangaroo panda koala owl"
-).split()
+
+@cache
+def lines(path: Path) -> tuple[str, ...]:
+    found = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    if not found:
+        raise ValueError(f"prompt.path: {path} has no prompts")
+    return found
+
+
+def imagenet(first: int = 0, last: int = 999) -> PromptFn:
+    names = [line.split(",")[0].strip() for line in lines(ASSETS / "imagenet_classes.txt")[first : last + 1]]
+    return lambda rng: (names[rng.integers(len(names))], {})
 
 
 def simple_animals(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
-    return str(rng.choice(SIMPLE_ANIMALS)), {}
+    animals = lines(ASSETS / "simple_animals.txt")
+    return animals[rng.integers(len(animals))], {}
+
+
+def nouns_activities(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+    """'a {animal} {activity}', the prompt-alignment experiment's prompts."""
+    animals, activities = lines(ASSETS / "simple_animals.txt"), lines(ASSETS / "activities.txt")
+    return f"a {animals[rng.integers(len(animals))]} {activities[rng.integers(len(activities))]}", {}
+
+
+def counting(low: int = 1, high: int = 4) -> PromptFn:
+    """'{number} {animal}s' with the question and answer a strict VQA scorer checks."""
+
+    def draw(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+        animals = lines(ASSETS / "simple_animals.txt")
+        animal, n = animals[rng.integers(len(animals))], int(rng.integers(low, high + 1))
+        plural = animal if n == 1 else f"{animal}s"
+        return f"{NUMBERS[n]} {plural}", {
+            "questions": [f"How many {animal}s are there in this image?"],
+            "answers": [NUMBERS[n]],
+        }
+
+    return draw
 
 
 def from_file(path: Path) -> PromptFn:
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"prompt.path: {path} has no prompts")
-    return lambda rng: (lines[rng.integers(len(lines))], {})
+    prompts = lines(Path(path))
+    return lambda rng: (prompts[rng.integers(len(prompts))], {})
+
+
+PROMPT_FNS: dict[str, Callable[[], PromptFn]] = {
+    "imagenet_all": lambda: imagenet(),
+    "imagenet_animals": lambda: imagenet(0, 397),
+    "imagenet_dogs": lambda: imagenet(151, 268),
+    "simple_animals": lambda: simple_animals,
+    "nouns_activities": lambda: nouns_activities,
+    "counting": lambda: counting(),
+}
 
 
 def make_prompt_fn(name: str, path: Path | None = None) -> PromptFn:
-    if name == "simple_animals":
-        return simple_animals
     if name == "from_file":
         return from_file(path)
-    raise ValueError(f"prompt.fn: unknown prompt function {name!r}")
+    return PROMPT_FNS[name]()

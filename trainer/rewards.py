@@ -24,9 +24,9 @@ class RewardError(RuntimeError):
 class LocalReward:
     """A scorer in this process, run on one helper thread (it receives numpy only, never tensors)."""
 
-    def __init__(self, name: str, device: str = "cpu"):
+    def __init__(self, name: str, device: str = "cpu", **options: Any):
         self.name = name
-        self.scorer = create_scorer(name)
+        self.scorer = create_scorer(name, **options)
         self.scorer.load(device)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}")
 
@@ -65,7 +65,7 @@ class RemoteReward:
 
 
 def make_reward(cfg: RewardConfig, device: str = "cpu") -> LocalReward | RemoteReward:
-    return RemoteReward(cfg) if cfg.url else LocalReward(cfg.scorer, device)
+    return RemoteReward(cfg) if cfg.url else LocalReward(cfg.scorer, device, **cfg.options)
 
 
 class Pending:

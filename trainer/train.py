@@ -50,7 +50,7 @@ def train(cfg: Config) -> list[dict]:
     set_seed(cfg.run.seed, device_specific=True)
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
-    reward = make_reward(cfg.reward)
+    reward = make_reward(cfg.reward)  # a local scorer loads here: its errors come before the big models
 
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
@@ -63,6 +63,12 @@ def train(cfg: Config) -> list[dict]:
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         weight_decay=cfg.train.adam_weight_decay,
         eps=cfg.train.adam_epsilon,
+    )
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
+        cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
+        num_training_steps=plan.optimizer_steps_per_epoch * cfg.run.num_epochs,
     )
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     negative_embeds = encode_prompts(pipe, [""])
@@ -81,6 +87,7 @@ def train(cfg: Config) -> list[dict]:
             raise FileNotFoundError(f"run.resume_from: no complete checkpoint under {cfg.run.resume_from}")
         state = checkpoint.load(accelerator, found, params=trainable, optimizer=optimizer, prompt_rng=prompt_rng)
         first_epoch, global_step = state["epoch"], state["global_step"]
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
         if tracker is not None and state.get("tracker"):
             tracker.load_state_dict(state["tracker"])
         accelerator.print(f"resumed from {found} (epoch {first_epoch}, step {global_step})")
@@ -138,7 +145,9 @@ def train(cfg: Config) -> list[dict]:
                         if accelerator.sync_gradients:
                             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                             stats["grad_norm"].append(float(grad_norm))
-                        optimizer.step()
+                        optimizer.step()  # a no-op while accumulating
+                        if accelerator.sync_gradients:
+                            lr_scheduler.step()
                         optimizer.zero_grad()
                     stats["loss"].append(loss.item())
                     for k, v in step_stats.items():
@@ -177,7 +186,8 @@ def train(cfg: Config) -> list[dict]:
         if done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0):
             checkpoint.save(
                 accelerator, out, done, cfg.run.checkpoint_limit, params=trainable, optimizer=optimizer,
-                state={"global_step": global_step, "tracker": tracker.state_dict() if tracker else None},
+                state={"global_step": global_step, "lr_scheduler": lr_scheduler.state_dict(),
+                       "tracker": tracker.state_dict() if tracker else None},
                 prompt_rng=prompt_rng,
             )
 

@@ -1,0 +1,67 @@
+"""Presets, config files and the command line, layered; every preset's batch plan holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+from trainer.config import BatchPlan, Config
+from trainer.presets import PRESETS
+
+PROCESSES = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6}
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSES))
+def test_published_presets_and_their_one_gpu_variants(name):
+    full, single = Config(preset=name), Config(preset=f"{name}-1gpu")
+    many, one = BatchPlan.of(full, PROCESSES[name]), BatchPlan.of(single, 1)
+    assert many.samples_per_epoch == one.samples_per_epoch == (288 if "alignment" in name else 256)
+    assert many.effective_train_batch == one.effective_train_batch
+    assert single.train.batch_size == 1
+    assert full.pretrained.model == "runwayml/stable-diffusion-v1-5" and full.run.mixed_precision == "fp16"
+    assert (full.train.learning_rate, full.train.clip_range, full.sample.num_steps) == (3e-4, 1e-4, 50)
+    assert full.train.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"] and full.train.per_prompt_stat_tracking
+
+
+def test_preset_specifics():
+    assert Config(preset="sd15-incompressibility").reward.scorer == "incompressibility"
+    aesthetic = Config(preset="sd15-aesthetic")
+    assert (aesthetic.run.num_epochs, aesthetic.prompt.fn, aesthetic.train.stat_buffer_size) == (200, "simple_animals", 32)
+    assert Config(preset="sd15-alignment").prompt.fn == "nouns_activities"
+    assert Config().model_dump() == Config(preset="tiny").model_dump()
+
+
+def test_layers_preset_then_file_then_command_line(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"train": {"learning_rate": 1e-5, "clip_range": 2e-4}, "run": {"num_epochs": 3}}))
+    (tmp_path / "run.toml").write_text('[train]\nlearning_rate = 2e-5\n[sample]\nnum_steps = 30\n')
+    cfg = CliApp.run(Config, cli_args=["--preset", "sd15-aesthetic", "--config", str(tmp_path / "run.json"), "--train.learning_rate", "7e-5"])
+    assert cfg.train.learning_rate == 7e-5  # command line over file
+    assert cfg.train.clip_range == 2e-4 and cfg.run.num_epochs == 3  # file over preset
+    assert cfg.prompt.fn == "simple_animals" and cfg.sample.num_steps == 50  # preset under both
+    toml = CliApp.run(Config, cli_args=["--config", str(tmp_path / "run.toml")])
+    assert (toml.train.learning_rate, toml.sample.num_steps, toml.train.clip_range) == (2e-5, 30, 1e-2)
+    # the saved config reproduces itself
+    assert Config.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"preset": "sd99"}, "unknown preset 'sd99'"),
+        ({"config": "missing.json"}, "no such file"),
+        ({"reward": {"options": {"weights": "x"}}}, "scorer 'compression' takes no option weights"),
+        ({"prompt": {"fn": "from_file"}}, "from_file needs an existing file"),
+        ({"train": {"lr_scheduler": "exponential"}}, "lr_scheduler"),
+    ],
+)
+def test_bad_settings_name_the_field(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        Config(**kwargs)
+
+
+def test_every_preset_validates():
+    for name in PRESETS:
+        Config(preset=name)
