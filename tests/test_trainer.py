@@ -120,9 +120,9 @@ def test_a_failing_scorer_stops_the_run_naming_it(tmp_path, tiny_cache, start_se
     from trainer.rewards import RewardError
 
     server = start_server("--model", "synthetic", "--oom-above", "0")  # every batch fails
-    cfg = small_config(tmp_path, tiny_cache, url=[server.url], retries=1, deadline=30)
+    cfg = small_config(tmp_path, tiny_cache, url=[server.url], scorer="synthetic", retries=1, deadline=30)
     cfg.sample.num_batches_per_epoch = 50  # the run must stop long before sampling all of these
-    with pytest.raises(RewardError, match=rf"reward server {server.url} failed: .*500 scorer_error"):
+    with pytest.raises(RewardError, match=rf"reward scorer synthetic \(reward server {server.url}\) failed: .*500 scorer_error"):
         train(cfg)
     assert server.metric("reward_requests_total", status="500") < 10
     assert not (cfg.run.output_dir / "metrics.jsonl").exists()
@@ -166,3 +166,25 @@ def test_a_cold_model_cache_does_not_change_a_seeded_run(tmp_path):
         cfg.run.num_epochs = 1
         runs.append(train(cfg)[0])
     assert runs[0]["reward_mean"] == runs[1]["reward_mean"] and runs[0]["loss"] == runs[1]["loss"]
+
+
+def test_weighted_rewards_local_and_remote(tmp_path, tiny_cache, start_server):
+    """Two components, one in-process and one on a server, each every batch; the sum is weighted and normalised."""
+    server = start_server("--model", "synthetic")
+    cfg = small_config(tmp_path, tiny_cache, components=[
+        {"scorer": "compression", "weight": 2.0, "normalize": True},
+        {"scorer": "synthetic", "name": "brightness", "url": [server.url], "weight": -0.5},
+    ])
+    cfg.run.num_epochs = 1
+    metrics = train(cfg)[0]
+    samples = [json.loads(line) for line in (cfg.run.output_dir / "samples.jsonl").read_text().splitlines()]
+    jpeg = np.array([s["compression"] for s in samples])
+    bright = np.array([s["brightness"] for s in samples])
+    assert all(s["compression/jpeg_kb"] == -s["compression"] for s in samples)
+    assert all(s["brightness/batch_size"] >= 1 for s in samples)
+    expected = 2.0 * (jpeg - jpeg.mean()) / (jpeg.std() + 1e-8) - 0.5 * bright
+    assert [s["reward"] for s in samples] == pytest.approx(expected.tolist())
+    assert metrics["reward_mean"] == pytest.approx(expected.mean())
+    assert metrics["reward_compression_mean"] == pytest.approx(jpeg.mean())
+    assert metrics["reward_brightness_mean"] == pytest.approx(bright.mean()) and 0 < bright.mean() < 1
+    assert server.metric("reward_images_total", status="200") == len(samples)  # every image, once

@@ -89,17 +89,14 @@ class PromptConfig(_Group):
         return path
 
 
-class RewardConfig(_Group):
+class RewardSource(_Group):
+    """One scorer: in-process by name, or a reward server (one URL per replica)."""
+
     url: list[str] = Field([], description="reward server URL(s); empty scores in-process")
-    scorer: str = Field("compression", description="in-process scorer name (used when no url is given)")
+    scorer: str = Field("compression", description="scorer name (in-process), or a label for the server's")
     options: dict[str, str | int | float] = Field(
         {}, description="in-process scorer options, e.g. --reward.options weights=/models/sac+logos+ava1-l14-linearMSE.pth"
     )
-    token: str | None = Field(None, description="bearer token for the reward server")
-    encoding: Literal["raw", "png", "jpeg"] = "raw"
-    timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
-    deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
-    retries: int = Field(8, ge=0)
 
     @field_validator("scorer")
     @classmethod
@@ -118,12 +115,45 @@ class RewardConfig(_Group):
         from reward_servers.scorer import scorer_class
 
         scorer = info.data.get("scorer")
-        if options and scorer:
+        if options and scorer and not info.data.get("url"):
             accepted = inspect.signature(scorer_class(scorer).__init__).parameters
             unknown = sorted(set(options) - set(accepted) - {"self"})
             if unknown:
                 raise ValueError(f"scorer {scorer!r} takes no option {', '.join(unknown)}")
         return options
+
+
+class RewardComponent(RewardSource):
+    """One term of a weighted sum of rewards."""
+
+    name: str | None = Field(None, description="label in logs and metrics (default: the scorer name)")
+    weight: float = 1.0
+    normalize: bool = Field(False, description="standardise this reward over the epoch before weighting")
+
+
+class RewardConfig(RewardSource):
+    components: list[RewardComponent] = Field(
+        [], description="several rewards, summed with weights (JSON list, or [[reward.components]] in TOML); "
+        "when empty, the single scorer above"
+    )
+    token: str | None = Field(None, description="bearer token for the reward servers")
+    encoding: Literal["raw", "png", "jpeg"] = "raw"
+    timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
+    deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
+    retries: int = Field(8, ge=0)
+
+    @field_validator("components")
+    @classmethod
+    def _unique(cls, components: list[RewardComponent]) -> list[RewardComponent]:
+        names = [c.name or c.scorer for c in components]
+        if len(set(names)) != len(names):
+            raise ValueError(f"component names must differ (got {names}); set name= on repeated scorers")
+        return components
+
+    def sources(self) -> list[RewardComponent]:
+        """The components with names filled in; the single scorer as one component of weight 1."""
+        parts = self.components or [RewardComponent(url=self.url, scorer=self.scorer, options=self.options)]
+        return [c.model_copy(update={"name": c.name or c.scorer}) for c in parts]
 
 
 class Config(BaseSettings):

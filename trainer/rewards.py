@@ -1,7 +1,9 @@
-"""Rewards behind one interface, in-process or on a reward server, always as futures.
+"""Rewards behind one interface, in-process or on reward servers, always as futures.
 
-Each sampled batch is submitted the moment it exists and sampling goes on; ``Pending.wait`` collects the
-epoch's rewards under a deadline. A failed batch stops the run as soon as it is seen, not after the epoch.
+Each sampled batch goes to every reward component the moment it exists, and sampling goes on;
+``Pending.wait`` collects the epoch's rewards under one deadline. A failed batch stops the run as soon as
+it is seen, not after the epoch. ``combine`` turns the components into one reward: a weighted sum, each
+optionally standardised over the epoch first so that rewards of different scales weigh what their weights say.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from reward_servers.scorer import ScoreOutput, create_scorer
-from trainer.config import RewardConfig
+from trainer.config import RewardComponent, RewardConfig
 
 
 class RewardError(RuntimeError):
@@ -24,11 +26,11 @@ class RewardError(RuntimeError):
 class LocalReward:
     """A scorer in this process, run on one helper thread (it receives numpy only, never tensors)."""
 
-    def __init__(self, name: str, device: str = "cpu", **options: Any):
-        self.name = name
-        self.scorer = create_scorer(name, **options)
+    def __init__(self, component: RewardComponent, device: str = "cpu"):
+        self.name = component.name
+        self.scorer = create_scorer(component.scorer, **component.options)
         self.scorer.load(device)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}")
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reward-{self.name}")
 
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> Future:
         return self._pool.submit(self.scorer.score, images, prompts, metadata)
@@ -40,12 +42,14 @@ class LocalReward:
 class RemoteReward:
     """A reward server (or several replicas of one) reached through ``protocol.RewardClient``."""
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, component: RewardComponent, cfg: RewardConfig):
         from protocol import RewardClient
 
-        self.name = f"reward server {', '.join(cfg.url)}"
+        self.name = f"{component.name} (reward server {', '.join(component.url)})"
         self.encoding = cfg.encoding
-        self.client = RewardClient(cfg.url, timeout=cfg.timeout, retries=cfg.retries, token=cfg.token, deadline=cfg.deadline)
+        self.client = RewardClient(
+            component.url, timeout=cfg.timeout, retries=cfg.retries, token=cfg.token, deadline=cfg.deadline
+        )
 
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> Future:
         result: Future = Future()
@@ -64,37 +68,62 @@ class RemoteReward:
         self.client.close()
 
 
-def make_reward(cfg: RewardConfig, device: str = "cpu") -> LocalReward | RemoteReward:
-    return RemoteReward(cfg) if cfg.url else LocalReward(cfg.scorer, device, **cfg.options)
+class Rewards:
+    """All reward components of a run."""
+
+    def __init__(self, cfg: RewardConfig, device: str = "cpu"):
+        self.components = cfg.sources()
+        self.sources = {
+            c.name: RemoteReward(c, cfg) if c.url else LocalReward(c, device) for c in self.components
+        }
+
+    def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Future]:
+        return {name: source.submit(images, prompts, metadata) for name, source in self.sources.items()}
+
+    def combine(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The weighted sum over components of the (optionally standardised) epoch-wide scores."""
+        total = np.zeros_like(next(iter(scores.values())), dtype=np.float64)
+        for c in self.components:
+            r = scores[c.name]
+            total += c.weight * ((r - r.mean()) / (r.std() + 1e-8) if c.normalize else r)
+        return total
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
 
 
 class Pending:
-    """The reward futures of one epoch, in sampling order."""
+    """The reward futures of one epoch, in sampling order, for every component."""
 
-    def __init__(self, reward: LocalReward | RemoteReward):
-        self.reward = reward
-        self.futures: list[Future] = []
+    def __init__(self, rewards: Rewards):
+        self.rewards = rewards
+        self.batches: list[dict[str, Future]] = []
 
-    def add(self, future: Future) -> None:
-        self.futures.append(future)
+    def add(self, futures: dict[str, Future]) -> None:
+        self.batches.append(futures)
 
     def raise_if_failed(self) -> None:
-        for future in self.futures:
-            if future.done() and future.exception() is not None:
-                self._fail(future.exception())
+        for futures in self.batches:
+            for name, future in futures.items():
+                if future.done() and future.exception() is not None:
+                    source = self.rewards.sources[name].name
+                    raise RewardError(f"reward scorer {source} failed: {future.exception()}") from future.exception()
 
-    def wait(self, deadline: float) -> ScoreOutput:
+    def wait(self, deadline: float) -> dict[str, ScoreOutput]:
         start = time.monotonic()
-        _, not_done = concurrent.futures.wait(self.futures, timeout=deadline)
+        everything = [f for futures in self.batches for f in futures.values()]
+        _, not_done = concurrent.futures.wait(everything, timeout=deadline)
         if not_done:
+            late = sorted({self.rewards.sources[n].name for fs in self.batches for n, f in fs.items() if f in not_done})
             raise RewardError(
-                f"reward scorer {self.reward.name}: {len(not_done)} of {len(self.futures)} batches unanswered "
-                f"after {time.monotonic() - start:.0f} s (reward.deadline = {deadline})"
+                f"reward scorer {', '.join(late)}: {len(not_done)} batch(es) unanswered after "
+                f"{time.monotonic() - start:.0f} s (reward.deadline = {deadline})"
             )
         self.raise_if_failed()
-        outputs = [f.result() for f in self.futures]
-        info = {k: sum((o.info.get(k, [None] * len(o.scores)) for o in outputs), []) for k in outputs[0].info}
-        return ScoreOutput(np.concatenate([o.scores for o in outputs]), info)
+        return {name: _concat([fs[name].result() for fs in self.batches]) for name in self.rewards.sources}
 
-    def _fail(self, exc: BaseException) -> None:
-        raise RewardError(f"reward scorer {self.reward.name} failed: {exc}") from exc
+
+def _concat(outputs: list[ScoreOutput]) -> ScoreOutput:
+    info = {k: sum((o.info.get(k, [None] * len(o.scores)) for o in outputs), []) for k in outputs[0].info}
+    return ScoreOutput(np.concatenate([o.scores for o in outputs]), info)

@@ -21,7 +21,7 @@ from trainer.config import BatchPlan, Config
 from trainer.loss import ppo_clip_loss
 from trainer.models import load_pipeline, make_trainable, save_weights
 from trainer.prompts import make_prompt_fn
-from trainer.rewards import Pending, make_reward
+from trainer.rewards import Pending, Rewards
 from trainer.sampling import Trajectories, encode_prompts, rescore, sample, to_uint8
 
 
@@ -50,7 +50,7 @@ def train(cfg: Config) -> list[dict]:
     set_seed(cfg.run.seed, device_specific=True)
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
-    reward = make_reward(cfg.reward)  # a local scorer loads here: its errors come before the big models
+    reward_fns = Rewards(cfg.reward)  # local scorers load here: their errors come before the big models
 
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
@@ -96,7 +96,7 @@ def train(cfg: Config) -> list[dict]:
         # 1. Sample; each batch goes to the reward function at once and sampling goes on.
         t0 = time.perf_counter()
         unet.eval()
-        pending, batches = Pending(reward), []
+        pending, batches = Pending(reward_fns), []
         for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
             prompts, metadata = zip(*(prompt_fn(prompt_rng) for _ in range(cfg.sample.batch_size)))
             with accelerator.autocast():
@@ -104,7 +104,7 @@ def train(cfg: Config) -> list[dict]:
                     pipe, accelerator.unwrap_model(unet), list(prompts), list(metadata), negative_embeds,
                     cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution,
                 )
-            pending.add(reward.submit(to_uint8(pipe.vae, final), batch.prompts, batch.metadata))
+            pending.add(reward_fns.submit(to_uint8(pipe.vae, final), batch.prompts, batch.metadata))
             batches.append(batch)
             pending.raise_if_failed()
         trajectories = Trajectories.cat(batches)
@@ -113,13 +113,15 @@ def train(cfg: Config) -> list[dict]:
         t1 = time.perf_counter()
         scored = pending.wait(cfg.reward.deadline)
         t2 = time.perf_counter()
-        rewards = accelerator.gather(torch.as_tensor(scored.scores, device=accelerator.device)).cpu().numpy()
+        components = {
+            name: accelerator.gather(torch.as_tensor(out.scores, device=accelerator.device)).cpu().numpy()
+            for name, out in scored.items()
+        }
+        rewards = reward_fns.combine(components)
         prompts_all = gather_object(trajectories.prompts)
-        samples = gather_object([
-            {"epoch": epoch, "process": accelerator.process_index, "prompt": prompt, "reward": float(scored.scores[i]),
-             **{key: values[i] for key, values in scored.info.items()}}
-            for i, prompt in enumerate(trajectories.prompts)
-        ])
+        samples = gather_object(_sample_records(epoch, accelerator.process_index, trajectories.prompts, scored))
+        for record, reward in zip(samples, rewards):  # gathered in the same (process-major) order
+            record["reward"] = float(reward)
         advantages = compute_advantages(rewards, prompts_all, tracker)
         mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
         advantages_local = torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32)
@@ -164,6 +166,7 @@ def train(cfg: Config) -> list[dict]:
             "global_step": global_step,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
+            **{f"reward_{name}_{stat}": float(getattr(r, stat)()) for name, r in components.items() for stat in ("mean", "std")},
             **{k: float(np.mean(v)) for k, v in stats.items()},
             "learning_rate": optimizer.param_groups[0]["lr"],
             "seconds_sampling": t1 - t0,
@@ -196,8 +199,22 @@ def train(cfg: Config) -> list[dict]:
         where = save_weights(accelerator.unwrap_model(unet), cfg, out)
         accelerator.print(f"saved weights to {where}")
     accelerator.end_training()
-    reward.close()
+    reward_fns.close()
     return history
+
+
+def _sample_records(epoch: int, process: int, prompts: list[str], scored: dict) -> list[dict]:
+    """One JSON-able record per local sample: prompt, each component's score and info (prefixed when several)."""
+    several = len(scored) > 1
+    records = []
+    for i, prompt in enumerate(prompts):
+        record = {"epoch": epoch, "process": process, "prompt": prompt}
+        for name, out in scored.items():
+            if several:
+                record[name] = float(out.scores[i])
+            record.update({f"{name}/{k}" if several else k: v[i] for k, v in out.info.items()})
+        records.append(record)
+    return records
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
