@@ -37,7 +37,7 @@ def test_first_step_importance_ratio_is_exactly_one(pipe):
     for chunk, _ in trajectories.shuffled(advantages, batch_size=4, num_timesteps=6):
         for j in range(6):
             with torch.no_grad():
-                log_prob = rescore(pipe.unet, pipe.scheduler, chunk, j, negative, 5.0, 1.0)
+                log_prob, _, _ = rescore(pipe.unet, pipe.scheduler, chunk, j, negative, 5.0, 1.0)
             ratio = torch.exp(log_prob - chunk.log_probs[:, j])
             assert torch.equal(ratio, torch.ones_like(ratio)), (j, ratio)
 

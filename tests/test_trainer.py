@@ -188,3 +188,44 @@ def test_weighted_rewards_local_and_remote(tmp_path, tiny_cache, start_server):
     assert metrics["reward_compression_mean"] == pytest.approx(jpeg.mean())
     assert metrics["reward_brightness_mean"] == pytest.approx(bright.mean()) and 0 < bright.mean() < 1
     assert server.metric("reward_images_total", status="200") == len(samples)  # every image, once
+
+
+def test_kl_penalty_ema_and_gradient_checkpointing(tmp_path, tiny_cache):
+    from safetensors.torch import load_file
+
+    def run(name, **train_options):
+        cfg = small_config(tmp_path / name, tiny_cache)
+        cfg.run.num_epochs = 1
+        cfg = Config.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), **train_options}})
+        return cfg, train(cfg)[0]
+
+    _, plain = run("plain")
+    _, checkpointed = run("checkpointed", gradient_checkpointing=True)
+    assert checkpointed["reward_mean"] == plain["reward_mean"]
+    assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-7)  # same math, recomputed
+
+    cfg, kl = run("kl", kl_coef=0.1, ema_decay=0.5)
+    assert kl["kl_to_reference"] > 0  # the adapters moved the policy away from the base model
+    online = load_file(cfg.run.output_dir / "checkpoints" / "checkpoint-1" / "trainable.safetensors")
+    published = load_file(cfg.run.output_dir / "lora" / "pytorch_lora_weights.safetensors")
+    lora_b = [k for k in online if "lora_B" in k]
+    assert any(not torch.equal(online[k], published["unet." + k.replace(".default", "")]) for k in lora_b)  # EMA
+
+
+def test_ema_update_math():
+    from trainer.ema import EMA
+
+    p = {"w": torch.tensor([0.0, 10.0])}
+    ema = EMA(p, decay=0.75)
+    p["w"] = torch.tensor([4.0, 2.0])
+    ema.update(p)
+    assert ema.shadow["w"].tolist() == [1.0, 8.0]  # 0.75 * old + 0.25 * new
+
+
+def test_knobs_that_cannot_work_fail_in_the_config():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="kl_coef: the KL reference is the UNet with its LoRA adapters disabled"):
+        Config(train={"kl_coef": 0.1, "lora": False})
+    with pytest.raises(ValidationError, match="use_8bit_adam: needs `pip install bitsandbytes` and a CUDA GPU"):
+        Config(train={"use_8bit_adam": True})

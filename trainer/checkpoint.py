@@ -49,7 +49,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any], promp
 
 
 def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, torch.Tensor], optimizer,
-         state: dict[str, Any], prompt_rng: np.random.Generator) -> Path:
+         state: dict[str, Any], prompt_rng: np.random.Generator, ema=None) -> Path:
     """Collective: every process calls it. ``epoch`` counts the epochs completed."""
     root = out / "checkpoints"
     staging, final = root / f".staging-{PREFIX}{epoch}", root / f"{PREFIX}{epoch}"
@@ -65,6 +65,8 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
     if accelerator.is_main_process:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        if ema is not None:
+            save_file(ema.shadow, str(staging / "ema.safetensors"))
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
         (staging / "state.json").write_text(json.dumps({**state, "epoch": epoch}))  # written last: marks complete
@@ -81,7 +83,7 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
 
 
 def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
-         prompt_rng: np.random.Generator) -> dict[str, Any]:
+         prompt_rng: np.random.Generator, ema=None) -> dict[str, Any]:
     """Restore everything ``save`` wrote; returns the plain state (epoch, global_step, tracker, ...)."""
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(params) - set(weights)
@@ -92,6 +94,10 @@ def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
         for name, param in params.items():
             param.copy_(weights[name])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if ema is not None:
+        if not (path / "ema.safetensors").exists():
+            raise ValueError(f"run.resume_from: {path} has no EMA weights; it was written with train.ema_decay 0")
+        ema.shadow = {k: v.to(params[k].device) for k, v in load_file(str(path / "ema.safetensors")).items()}
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rank = accelerator.process_index

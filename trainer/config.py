@@ -70,9 +70,27 @@ class TrainConfig(_Group):
          "conv_in", "conv_out", "time_emb_proj"],
         description="UNet module names that get adapters; attention-only LoRA is inert on a random-init UNet",
     )
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward: less memory")
+    use_8bit_adam: bool = Field(False, description="bitsandbytes' AdamW8bit (needs a CUDA GPU)")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty toward the adapter-disabled UNet (LoRA only)")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA")
     per_prompt_stat_tracking: bool = Field(False, description="normalise rewards per exact prompt string")
     stat_buffer_size: int = Field(16, gt=0)
     stat_min_count: int = Field(16, gt=0)
+
+
+    @model_validator(mode="after")
+    def _requirements(self) -> "TrainConfig":
+        if self.kl_coef and not self.lora:
+            raise ValueError("kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora")
+        if self.use_8bit_adam:
+            import importlib.util
+
+            import torch
+
+            if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+                raise ValueError("use_8bit_adam: needs `pip install bitsandbytes` and a CUDA GPU; drop the flag to use AdamW")
+        return self
 
 
 class PromptConfig(_Group):

@@ -18,20 +18,10 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values
 
 
-def ddim_step_with_logprob(
-    scheduler,
-    model_output: torch.Tensor,
-    timestep: torch.Tensor | int,
-    sample: torch.Tensor,
-    eta: float,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+def ddim_mean_std(
+    scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (x_{t-1}, log p(x_{t-1} | x_t)), the log-prob averaged over all but the batch dimension.
-
-    ``timestep`` is a scalar or one timestep per sample; ``scheduler`` is a diffusers DDIMScheduler on which
-    ``set_timesteps`` has been called. Works in float32 whatever the model's dtype.
-    """
+    """Mean and standard deviation of p(x_{t-1} | x_t), in float32 (sigma unclamped: 0 when eta is 0)."""
     config = scheduler.config
     model_output, sample = model_output.float(), sample.float()
     t = torch.as_tensor(timestep, device=sample.device).long()
@@ -54,9 +44,26 @@ def ddim_step_with_logprob(
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     sigma = eta * variance.clamp(min=0).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    return mean, sigma
 
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x_{t-1}, log p(x_{t-1} | x_t)), the log-prob averaged over all but the batch dimension.
+
+    ``timestep`` is a scalar or one timestep per sample; ``scheduler`` is a diffusers DDIMScheduler on which
+    ``set_timesteps`` has been called. Works in float32 whatever the model's dtype.
+    """
+    mean, sigma = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         prev_sample = mean + sigma * noise
     prev_sample = prev_sample.float()
 

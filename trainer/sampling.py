@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.ddim import ddim_step_with_logprob
+from trainer.ddim import ddim_mean_std, ddim_step_with_logprob
 
 
 @dataclass
@@ -131,12 +131,14 @@ def rescore(
     negative_embeds: torch.Tensor | None,
     guidance_scale: float,
     eta: float,
-) -> torch.Tensor:
-    """Log-prob under the current ``unet`` of the stored step ``j`` of each trajectory in ``chunk``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-prob under ``unet`` of the stored step ``j`` of each trajectory in ``chunk``, with the step's
+    Gaussian mean and sigma (for a KL to a reference policy)."""
     timesteps, latents = chunk.timesteps[:, j], chunk.latents[:, j]
     noise = guided_noise(unet, latents, timesteps, chunk.prompt_embeds, negative_embeds, guidance_scale)
     _, log_prob = ddim_step_with_logprob(scheduler, noise, timesteps, latents, eta, prev_sample=chunk.next_latents[:, j])
-    return log_prob
+    mean, sigma = ddim_mean_std(scheduler, noise, timesteps, latents, eta)
+    return log_prob, mean, sigma
 
 
 @torch.no_grad()

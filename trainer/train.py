@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from trainer import checkpoint
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import BatchPlan, Config
-from trainer.loss import ppo_clip_loss
+from trainer.ema import EMA
+from trainer.loss import gaussian_kl, ppo_clip_loss
 from trainer.models import load_pipeline, make_trainable, save_weights
 from trainer.prompts import make_prompt_fn
 from trainer.rewards import Pending, Rewards
@@ -57,7 +58,9 @@ def train(cfg: Config) -> list[dict]:
     with accelerator.main_process_first():
         pipe = load_pipeline(cfg, accelerator.device)
     params = make_trainable(pipe.unet, cfg)
-    optimizer = torch.optim.AdamW(
+    if cfg.train.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    optimizer = _adamw(cfg)(
         params,
         lr=cfg.train.learning_rate,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
@@ -80,12 +83,13 @@ def train(cfg: Config) -> list[dict]:
     )
     quiet = not accelerator.is_local_main_process  # one set of progress bars per machine
     trainable = {n: p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+    ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
     history, global_step, first_epoch = [], 0, 0
     if cfg.run.resume_from is not None:
         found = checkpoint.latest(cfg.run.resume_from)
         if found is None:
             raise FileNotFoundError(f"run.resume_from: no complete checkpoint under {cfg.run.resume_from}")
-        state = checkpoint.load(accelerator, found, params=trainable, optimizer=optimizer, prompt_rng=prompt_rng)
+        state = checkpoint.load(accelerator, found, params=trainable, optimizer=optimizer, prompt_rng=prompt_rng, ema=ema)
         first_epoch, global_step = state["epoch"], state["global_step"]
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if tracker is not None and state.get("tracker"):
@@ -135,14 +139,16 @@ def train(cfg: Config) -> list[dict]:
                                    desc=f"epoch {epoch} training", disable=quiet, leave=False):
                 for j in range(plan.train_timesteps):
                     with accelerator.accumulate(unet):
+                        guidance = (negative_embeds if cfg.train.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
                         with accelerator.autocast():
-                            log_prob = rescore(
-                                unet, pipe.scheduler, chunk, j, negative_embeds if cfg.train.cfg else None,
-                                cfg.sample.guidance_scale, cfg.sample.eta,
-                            )
+                            log_prob, mean, sigma = rescore(unet, pipe.scheduler, chunk, j, *guidance)
                         loss, step_stats = ppo_clip_loss(
                             log_prob, chunk.log_probs[:, j], adv, cfg.train.clip_range, cfg.train.adv_clip_max
                         )
+                        if cfg.train.kl_coef:
+                            kl = gaussian_kl(mean, _reference_mean(accelerator, unet, pipe.scheduler, chunk, j, guidance), sigma)
+                            loss = loss + cfg.train.kl_coef * kl.mean()
+                            step_stats["kl_to_reference"] = kl.mean().detach()
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -150,6 +156,8 @@ def train(cfg: Config) -> list[dict]:
                         optimizer.step()  # a no-op while accumulating
                         if accelerator.sync_gradients:
                             lr_scheduler.step()
+                            if ema is not None:
+                                ema.update(trainable)
                         optimizer.zero_grad()
                     stats["loss"].append(loss.item())
                     for k, v in step_stats.items():
@@ -191,16 +199,38 @@ def train(cfg: Config) -> list[dict]:
                 accelerator, out, done, cfg.run.checkpoint_limit, params=trainable, optimizer=optimizer,
                 state={"global_step": global_step, "lr_scheduler": lr_scheduler.state_dict(),
                        "tracker": tracker.state_dict() if tracker else None},
-                prompt_rng=prompt_rng,
+                prompt_rng=prompt_rng, ema=ema,
             )
 
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(trainable)  # the published weights are the average
     if accelerator.is_main_process:
         where = save_weights(accelerator.unwrap_model(unet), cfg, out)
         accelerator.print(f"saved weights to {where}")
     accelerator.end_training()
     reward_fns.close()
     return history
+
+
+def _adamw(cfg: Config):
+    if cfg.train.use_8bit_adam:  # availability was checked with the config
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    return torch.optim.AdamW
+
+
+@torch.no_grad()
+def _reference_mean(accelerator, unet, scheduler, chunk, j, guidance) -> torch.Tensor:
+    """The step's mean under the base model: the same UNet with its LoRA adapters switched off."""
+    base = accelerator.unwrap_model(unet)
+    base.disable_adapters()
+    try:
+        with accelerator.autocast():
+            return rescore(base, scheduler, chunk, j, *guidance)[1]
+    finally:
+        base.enable_adapters()
 
 
 def _sample_records(epoch: int, process: int, prompts: list[str], scored: dict) -> list[dict]:
