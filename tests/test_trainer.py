@@ -229,3 +229,16 @@ def test_knobs_that_cannot_work_fail_in_the_config():
         Config(train={"kl_coef": 0.1, "lora": False})
     with pytest.raises(ValidationError, match="use_8bit_adam: needs `pip install bitsandbytes` and a CUDA GPU"):
         Config(train={"use_8bit_adam": True})
+
+
+def test_grouped_sampling(tmp_path, tiny_cache):
+    cfg = small_config(tmp_path, tiny_cache)
+    cfg = Config.model_validate({**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), "images_per_prompt": 2}})
+    cfg.run.num_epochs = 1
+    train(cfg)
+    prompts = [json.loads(line)["prompt"] for line in (cfg.run.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert prompts[0::2] == prompts[1::2] and len(prompts) == 8  # each prompt twice in a row
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="images_per_prompt: 3 must divide sample.batch_size"):
+        Config(sample={"batch_size": 4, "images_per_prompt": 3})

@@ -1,4 +1,5 @@
-"""Rewards to advantages: normalised over the epoch's batch, or per exact prompt string."""
+"""Rewards to advantages: normalised over the epoch's batch, per group of images of one prompt, or per
+exact prompt string across epochs."""
 
 from __future__ import annotations
 
@@ -46,8 +47,26 @@ class PerPromptStatTracker:
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
 
+def group_normalize(rewards: np.ndarray, groups: np.ndarray, global_std: bool = False) -> np.ndarray:
+    """(r - mean of its group) / (std of its group, or of all rewards when ``global_std``)."""
+    advantages = np.empty_like(rewards, dtype=np.float64)
+    for group in np.unique(groups):
+        mask = groups == group
+        std = rewards.std() if global_std else rewards[mask].std()
+        advantages[mask] = (rewards[mask] - rewards[mask].mean()) / (std + 1e-6)
+    return advantages
+
+
 def compute_advantages(
-    rewards: np.ndarray, prompts: list[str], tracker: PerPromptStatTracker | None = None
+    rewards: np.ndarray,
+    prompts: list[str],
+    tracker: PerPromptStatTracker | None = None,
+    groups: np.ndarray | None = None,
+    global_std: bool = False,
 ) -> np.ndarray:
     """Advantages for the whole gathered epoch (every process passes the same arrays)."""
-    return tracker.update(prompts, rewards) if tracker is not None else batch_normalize(rewards)
+    if tracker is not None:
+        return tracker.update(prompts, rewards)
+    if groups is not None:
+        return group_normalize(rewards, groups, global_std)
+    return batch_normalize(rewards)

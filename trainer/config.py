@@ -44,6 +44,14 @@ class SampleConfig(_Group):
     batch_size: int = Field(8, gt=0, description="images per sampling batch, per process")
     num_batches_per_epoch: int = Field(4, gt=0)
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
+    images_per_prompt: int = Field(1, ge=1, description="K > 1: each prompt sampled K times in a batch, advantages "
+                                   "normalised within its group (Flow-GRPO)")
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> "SampleConfig":
+        if self.batch_size % self.images_per_prompt:
+            raise ValueError(f"images_per_prompt: {self.images_per_prompt} must divide sample.batch_size ({self.batch_size})")
+        return self
 
 
 class TrainConfig(_Group):
@@ -74,6 +82,8 @@ class TrainConfig(_Group):
     use_8bit_adam: bool = Field(False, description="bitsandbytes' AdamW8bit (needs a CUDA GPU)")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty toward the adapter-disabled UNet (LoRA only)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA")
+    group_std: Literal["group", "global"] = Field("group", description="with images_per_prompt > 1: divide by each "
+                                                  "group's std or by the whole epoch's")
     per_prompt_stat_tracking: bool = Field(False, description="normalise rewards per exact prompt string")
     stat_buffer_size: int = Field(16, gt=0)
     stat_min_count: int = Field(16, gt=0)

@@ -102,7 +102,9 @@ def train(cfg: Config) -> list[dict]:
         unet.eval()
         pending, batches = Pending(reward_fns), []
         for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
-            prompts, metadata = zip(*(prompt_fn(prompt_rng) for _ in range(cfg.sample.batch_size)))
+            k = cfg.sample.images_per_prompt
+            drawn = [prompt_fn(prompt_rng) for _ in range(cfg.sample.batch_size // k)]
+            prompts, metadata = zip(*(pair for pair in drawn for _ in range(k)))  # each prompt k times in a row
             with accelerator.autocast():
                 batch, final = sample(
                     pipe, accelerator.unwrap_model(unet), list(prompts), list(metadata), negative_embeds,
@@ -126,7 +128,9 @@ def train(cfg: Config) -> list[dict]:
         samples = gather_object(_sample_records(epoch, accelerator.process_index, trajectories.prompts, scored))
         for record, reward in zip(samples, rewards):  # gathered in the same (process-major) order
             record["reward"] = float(reward)
-        advantages = compute_advantages(rewards, prompts_all, tracker)
+        # Groups: runs of images_per_prompt consecutive samples (same prompt, same process and batch).
+        groups = np.arange(len(rewards)) // cfg.sample.images_per_prompt if cfg.sample.images_per_prompt > 1 else None
+        advantages = compute_advantages(rewards, prompts_all, tracker, groups, cfg.train.group_std == "global")
         mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
         advantages_local = torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32)
 
