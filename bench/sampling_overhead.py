@@ -1,0 +1,63 @@
+"""Our sampler (log-probs, stored trajectory) vs diffusers' own pipeline call: same model, steps, batch.
+
+    python bench/sampling_overhead.py [--steps 20] [--batch 8] [--repeats 7]
+
+Prints JSON with the median seconds of each and their ratio (target <= 1.10). Both decode to uint8 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    from trainer.config import Config
+    from trainer.models import load_pipeline, make_trainable
+    from trainer.sampling import encode_prompts, sample, to_uint8
+
+    cfg = Config()
+    pipe = load_pipeline(cfg, torch.device("cpu"))
+    make_trainable(pipe.unet, cfg)  # LoRA adapters in both measurements, as in training
+    prompts = ["a photo of a cat"] * args.batch
+    negative = encode_prompts(pipe, [""])
+
+    def ours():
+        _, final = sample(pipe, pipe.unet, prompts, [{}] * args.batch, negative, args.steps, 1.0, 5.0, 64)
+        return to_uint8(pipe.vae, final)
+
+    def theirs():
+        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0, height=64, width=64, output_type="np").images
+
+    times = {"ours": [], "diffusers": []}
+    ours(), theirs()  # warm-up
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        for name, fn in (("ours", ours), ("diffusers", theirs)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({
+        "benchmark": "sampling_overhead", "steps": args.steps, "batch": args.batch, "torch_threads": torch.get_num_threads(),
+        "median_seconds": {k: round(v, 4) for k, v in med.items()},
+        "ratio_ours_vs_diffusers": round(med["ours"] / med["diffusers"], 3), "target": "<= 1.10",
+    }))
+
+
+if __name__ == "__main__":
+    main()
