@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -242,3 +243,49 @@ def test_grouped_sampling(tmp_path, tiny_cache):
 
     with pytest.raises(ValidationError, match="images_per_prompt: 3 must divide sample.batch_size"):
         Config(sample={"batch_size": 4, "images_per_prompt": 3})
+
+
+def test_image_samples_hook_grid_and_histograms(tmp_path, tiny_cache):
+    import io
+
+    from PIL import Image
+
+    calls = []
+    cfg = small_config(tmp_path, tiny_cache)
+    cfg.run.num_epochs, cfg.run.log_images_every = 2, 1
+    train(cfg, image_samples_hook=lambda epoch, batches: calls.append((epoch, batches)))
+    assert [epoch for epoch, _ in calls] == [0, 1] and all(len(batches) == 2 for _, batches in calls)
+    for _, batches in calls:
+        for batch in batches:
+            assert batch["images"].shape == (4, 64, 64, 3) and len(batch["prompts"]) == 4
+            for image, reward in zip(batch["images"], batch["rewards"]["compression"]):
+                buf = io.BytesIO()
+                Image.fromarray(image).save(buf, format="JPEG", quality=95)
+                assert reward == pytest.approx(-len(buf.getvalue()) / 1000)
+    sheet = Image.open(cfg.run.output_dir / "images" / "epoch-0001.png")
+    assert sheet.size == (4 * 64, 64 + 14)
+    events = list((cfg.run.output_dir / "diffusion-rl").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "histograms": 0, "tensors": 0}).Reload()
+    assert "reward/compression" in acc.Tags()["histograms"] and "samples" in acc.Tags()["images"]
+    assert "reward_mean" in acc.Tags()["scalars"]
+
+
+def test_before_after_grid(tmp_path, tiny_cache):
+    from PIL import Image
+
+    cfg = small_config(tmp_path, tiny_cache)
+    cfg.run.num_epochs = 1
+    train(cfg)
+    out = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.sample", "--cache_dir", str(tiny_cache), "--lora", str(cfg.run.output_dir / "lora"),
+         "--prompts", '["a cat", "an owl"]', "--per_prompt", "2", "--steps", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["reward"] == "compression" and summary["mean_before"] < 0 and summary["mean_after"] < 0
+    assert summary["mean_before"] != summary["mean_after"]  # the LoRA changed the images
+    assert Image.open(out).size == (4 * 64, 2 * (64 + 14))

@@ -26,6 +26,7 @@ class RunConfig(_Group):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16: frozen weights in half")
     allow_tf32: bool = True
     log_with: Literal["none", "tensorboard", "wandb"] = "tensorboard"
+    log_images_every: int = Field(5, ge=0, description="save and log a captioned sample grid every N epochs (0: never)")
     save_freq: int = Field(20, ge=0, description="checkpoint every this many epochs (and always at the end); 0: end only")
     checkpoint_limit: int = Field(5, gt=0, description="how many checkpoints to keep")
     resume_from: Path | None = Field(None, description="a run folder (its newest checkpoint) or one checkpoint folder")

@@ -10,12 +10,13 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer import checkpoint
+from trainer import checkpoint, tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import BatchPlan, Config
 from trainer.ema import EMA
@@ -26,7 +27,13 @@ from trainer.rewards import Pending, Rewards
 from trainer.sampling import Trajectories, encode_prompts, rescore, sample, to_uint8
 
 
-def train(cfg: Config) -> list[dict]:
+def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
+    """Run DDPO; returns the per-epoch metrics.
+
+    ``image_samples_hook(epoch, batches)``, as TRL's, receives this process's sampling batches of the epoch:
+    dicts with ``images`` (uint8 NHWC), ``prompts``, ``metadata``, ``rewards`` and ``info`` (each reward
+    component's per-image extras).
+    """
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
@@ -45,7 +52,7 @@ def train(cfg: Config) -> list[dict]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-        accelerator.init_trackers("diffusion-rl", config=_flat(cfg.model_dump(mode="json")))
+        accelerator.init_trackers("diffusion-rl", config=tracking.flat(cfg.model_dump(mode="json")))
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.run.seed, device_specific=True)
@@ -100,7 +107,7 @@ def train(cfg: Config) -> list[dict]:
         # 1. Sample; each batch goes to the reward function at once and sampling goes on.
         t0 = time.perf_counter()
         unet.eval()
-        pending, batches = Pending(reward_fns), []
+        pending, batches, images = Pending(reward_fns), [], []
         for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
             k = cfg.sample.images_per_prompt
             drawn = [prompt_fn(prompt_rng) for _ in range(cfg.sample.batch_size // k)]
@@ -110,7 +117,8 @@ def train(cfg: Config) -> list[dict]:
                     pipe, accelerator.unwrap_model(unet), list(prompts), list(metadata), negative_embeds,
                     cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution,
                 )
-            pending.add(reward_fns.submit(to_uint8(pipe.vae, final), batch.prompts, batch.metadata))
+            images.append(to_uint8(pipe.vae, final))
+            pending.add(reward_fns.submit(images[-1], batch.prompts, batch.metadata))
             batches.append(batch)
             pending.raise_if_failed()
         trajectories = Trajectories.cat(batches)
@@ -125,7 +133,7 @@ def train(cfg: Config) -> list[dict]:
         }
         rewards = reward_fns.combine(components)
         prompts_all = gather_object(trajectories.prompts)
-        samples = gather_object(_sample_records(epoch, accelerator.process_index, trajectories.prompts, scored))
+        samples = gather_object(tracking.sample_records(epoch, accelerator.process_index, trajectories.prompts, scored))
         for record, reward in zip(samples, rewards):  # gathered in the same (process-major) order
             record["reward"] = float(reward)
         # Groups: runs of images_per_prompt consecutive samples (same prompt, same process and batch).
@@ -133,6 +141,10 @@ def train(cfg: Config) -> list[dict]:
         advantages = compute_advantages(rewards, prompts_all, tracker, groups, cfg.train.group_std == "global")
         mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
         advantages_local = torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32)
+
+        if image_samples_hook is not None or (cfg.run.log_images_every and epoch % cfg.run.log_images_every == 0):
+            tracking.show_samples(accelerator, out, epoch, images, batches, scored, rewards, image_samples_hook,
+                          cfg.run.log_images_every and epoch % cfg.run.log_images_every == 0)
 
         # 3. PPO-clip updates on the stored trajectories.
         unet.train()
@@ -187,6 +199,10 @@ def train(cfg: Config) -> list[dict]:
         }
         history.append(metrics)
         accelerator.log(metrics, step=epoch)
+        board = tracking.tensorboard(accelerator)
+        if board is not None:
+            for name, r in components.items():
+                board.add_histogram(f"reward/{name}", r, epoch)
         accelerator.print(
             f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
             f"sample {t1 - t0:5.1f}s  reward-wait {t2 - t1:5.1f}s  train {t3 - t2:5.1f}s | "
@@ -235,29 +251,3 @@ def _reference_mean(accelerator, unet, scheduler, chunk, j, guidance) -> torch.T
             return rescore(base, scheduler, chunk, j, *guidance)[1]
     finally:
         base.enable_adapters()
-
-
-def _sample_records(epoch: int, process: int, prompts: list[str], scored: dict) -> list[dict]:
-    """One JSON-able record per local sample: prompt, each component's score and info (prefixed when several)."""
-    several = len(scored) > 1
-    records = []
-    for i, prompt in enumerate(prompts):
-        record = {"epoch": epoch, "process": process, "prompt": prompt}
-        for name, out in scored.items():
-            if several:
-                record[name] = float(out.scores[i])
-            record.update({f"{name}/{k}" if several else k: v[i] for k, v in out.info.items()})
-        records.append(record)
-    return records
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Nested config as flat scalars (what tensorboard's hparams accept)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat

@@ -1,0 +1,72 @@
+"""What a run shows: per-sample records, the captioned sample grid, scorer info as text, histograms."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def tensorboard(accelerator):
+    try:
+        return accelerator.get_tracker("tensorboard", unwrap=True)
+    except (ValueError, KeyError):
+        return None
+
+
+def show_samples(accelerator, out, epoch, images, batches, scored, rewards, hook, sheet: bool) -> None:
+    """The hook (every process, its own batches) and, on the main process, a captioned grid of the first
+    batch with the scorers' per-image info as text."""
+    start = 0
+    per_batch = []
+    for array, batch in zip(images, batches):
+        n = len(batch.prompts)
+        per_batch.append({
+            "images": array, "prompts": batch.prompts, "metadata": batch.metadata,
+            "rewards": {name: out_.scores[start : start + n] for name, out_ in scored.items()},
+            "info": {name: {k: v[start : start + n] for k, v in out_.info.items()} for name, out_ in scored.items()},
+        })
+        start += n
+    if hook is not None:
+        hook(epoch, per_batch)
+    if not (sheet and accelerator.is_main_process):
+        return
+    from trainer.grid import grid
+
+    first, total = per_batch[0], rewards[: len(per_batch[0]["prompts"])]  # the main process's first batch
+    captions = [f"{r:+.3f} {p}" for p, r in zip(first["prompts"], total)]
+    picture = grid(list(first["images"]), captions, columns=min(8, len(captions)))
+    (out / "images").mkdir(exist_ok=True)
+    picture.save(out / "images" / f"epoch-{epoch:04d}.png")
+    board = tensorboard(accelerator)
+    if board is not None:
+        board.add_image("samples", np.asarray(picture), epoch, dataformats="HWC")
+        rows = ["| prompt | reward | info |", "| --- | --- | --- |"]
+        for i, (prompt, reward) in enumerate(zip(first["prompts"], total)):
+            info = "; ".join(f"{n}.{k}={v[i]}" for n, fields in first["info"].items() for k, v in fields.items())
+            rows.append(f"| {prompt} | {reward:+.4f} | {info} |")
+        board.add_text("samples", "\n".join(rows), epoch)
+
+
+def sample_records(epoch: int, process: int, prompts: list[str], scored: dict) -> list[dict]:
+    """One JSON-able record per local sample: prompt, each component's score and info (prefixed when several)."""
+    several = len(scored) > 1
+    records = []
+    for i, prompt in enumerate(prompts):
+        record = {"epoch": epoch, "process": process, "prompt": prompt}
+        for name, out in scored.items():
+            if several:
+                record[name] = float(out.scores[i])
+            record.update({f"{name}/{k}" if several else k: v[i] for k, v in out.info.items()})
+        records.append(record)
+    return records
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """Nested config as flat scalars (what tensorboard's hparams accept)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
