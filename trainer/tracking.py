@@ -6,10 +6,12 @@ import numpy as np
 
 
 def tensorboard(accelerator):
+    """The SummaryWriter when this process logs to tensorboard, else None (other processes get a stand-in)."""
     try:
-        return accelerator.get_tracker("tensorboard", unwrap=True)
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
     except (ValueError, KeyError):
         return None
+    return writer if hasattr(writer, "add_histogram") else None
 
 
 def show_samples(accelerator, out, epoch, images, batches, scored, rewards, hook, sheet: bool) -> None:
