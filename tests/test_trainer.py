@@ -289,3 +289,18 @@ def test_before_after_grid(tmp_path, tiny_cache):
     assert summary["reward"] == "compression" and summary["mean_before"] < 0 and summary["mean_after"] < 0
     assert summary["mean_before"] != summary["mean_after"]  # the LoRA changed the images
     assert Image.open(out).size == (4 * 64, 2 * (64 + 14))
+
+
+def test_reward_overlap_modes(tmp_path, tiny_cache, compression_server):
+    runs = {}
+    for mode in ("none", "epoch", "next_epoch"):
+        cfg = small_config(tmp_path / mode, tiny_cache, url=[compression_server.url], overlap=mode)
+        cfg.run.num_epochs = 3
+        runs[mode] = train(cfg)
+        samples = (cfg.run.output_dir / "samples.jsonl").read_text().splitlines()
+        assert len(samples) == 3 * 8 and [m["epoch"] for m in runs[mode]] == [0, 1, 2]
+        assert runs[mode][-1]["global_step"] == 3 * 2
+    # Same draws whatever the schedule: epoch 0 is sampled from the same weights and RNG in every mode,
+    # and "none" differs from "epoch" only in when it submits.
+    assert runs["none"][0]["reward_mean"] == runs["epoch"][0]["reward_mean"] == runs["next_epoch"][0]["reward_mean"]
+    assert [m["reward_mean"] for m in runs["none"]] == [m["reward_mean"] for m in runs["epoch"]]

@@ -165,6 +165,10 @@ class RewardConfig(RewardSource):
         [], description="several rewards, summed with weights (JSON list, or [[reward.components]] in TOML); "
         "when empty, the single scorer above"
     )
+    overlap: Literal["none", "epoch", "next_epoch"] = Field(
+        "epoch", description="none: score after all sampling (TRL); epoch: each batch as soon as it is sampled "
+        "(ddpo-pytorch); next_epoch: also sample epoch k+1 while epoch k's rewards finish (samples one update old)"
+    )
     token: str | None = Field(None, description="bearer token for the reward servers")
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")

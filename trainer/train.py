@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -103,9 +104,9 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
             tracker.load_state_dict(state["tracker"])
         accelerator.print(f"resumed from {found} (epoch {first_epoch}, step {global_step})")
 
-    for epoch in range(first_epoch, cfg.run.num_epochs):
-        # 1. Sample; each batch goes to the reward function at once and sampling goes on.
-        t0 = time.perf_counter()
+    def collect(epoch: int) -> Collected:
+        """Sample one epoch's batches; each goes to the reward functions as reward.overlap says."""
+        start = time.perf_counter()
         unet.eval()
         pending, batches, images = Pending(reward_fns), [], []
         for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
@@ -118,10 +119,28 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
                     cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution,
                 )
             images.append(to_uint8(pipe.vae, final))
-            pending.add(reward_fns.submit(images[-1], batch.prompts, batch.metadata))
             batches.append(batch)
-            pending.raise_if_failed()
-        trajectories = Trajectories.cat(batches)
+            if cfg.reward.overlap != "none":
+                pending.add(reward_fns.submit(images[-1], batch.prompts, batch.metadata))
+                pending.raise_if_failed()
+        if cfg.reward.overlap == "none":  # TRL's order: score only once everything is sampled
+            for array, batch in zip(images, batches):
+                pending.add(reward_fns.submit(array, batch.prompts, batch.metadata))
+        return Collected(Trajectories.cat(batches), batches, images, pending, time.perf_counter() - start)
+
+    upcoming = None
+    for epoch in range(first_epoch, cfg.run.num_epochs):
+        # 1. Sample, unless the previous epoch already did (reward.overlap = next_epoch).
+        t0 = time.perf_counter()
+        collected, sampling = upcoming or collect(epoch), 0.0
+        sampling += collected.seconds if upcoming is None else 0.0
+        upcoming = None
+        if cfg.reward.overlap == "next_epoch" and epoch + 1 < cfg.run.num_epochs:
+            # Sample epoch + 1 now, while this epoch's last rewards are scored: those samples come from
+            # weights one update old, which the PPO ratio's stored behaviour log-probs account for.
+            upcoming = collect(epoch + 1)
+            sampling += upcoming.seconds
+        trajectories, batches, images, pending = collected.trajectories, collected.batches, collected.images, collected.pending
 
         # 2. Rewards of the whole epoch, gathered across processes, into advantages.
         t1 = time.perf_counter()
@@ -193,9 +212,10 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
             **{f"reward_{name}_{stat}": float(getattr(r, stat)()) for name, r in components.items() for stat in ("mean", "std")},
             **{k: float(np.mean(v)) for k, v in stats.items()},
             "learning_rate": optimizer.param_groups[0]["lr"],
-            "seconds_sampling": t1 - t0,
+            "seconds_sampling": sampling,
             "seconds_reward_wait": t2 - t1,
             "seconds_training": t3 - t2,
+            "seconds_epoch": t3 - t0,
         }
         history.append(metrics)
         accelerator.log(metrics, step=epoch)
@@ -205,7 +225,7 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
                 board.add_histogram(f"reward/{name}", r, epoch)
         accelerator.print(
             f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
-            f"sample {t1 - t0:5.1f}s  reward-wait {t2 - t1:5.1f}s  train {t3 - t2:5.1f}s | "
+            f"sample {sampling:5.1f}s  reward-wait {t2 - t1:5.1f}s  train {t3 - t2:5.1f}s | "
             f"loss {metrics.get('loss', 0):+.2e} kl {metrics.get('approx_kl', 0):.2e} clipfrac {metrics.get('clipfrac', 0):.3f}"
         )
         if accelerator.is_main_process:
@@ -231,6 +251,17 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     accelerator.end_training()
     reward_fns.close()
     return history
+
+
+@dataclass
+class Collected:
+    """One epoch's samples: stored trajectories, per-batch views and images, their reward futures."""
+
+    trajectories: Trajectories
+    batches: list[Trajectories]
+    images: list[np.ndarray]
+    pending: Pending
+    seconds: float
 
 
 def _adamw(cfg: Config):
