@@ -29,6 +29,8 @@ class RunConfig(_Group):
     log_images_every: int = Field(5, ge=0, description="save and log a captioned sample grid every N epochs (0: never)")
     save_freq: int = Field(20, ge=0, description="checkpoint every this many epochs (and always at the end); 0: end only")
     checkpoint_limit: int = Field(5, gt=0, description="how many checkpoints to keep")
+    push_to_hub: str | None = Field(None, description="hub repo id to upload the final weights to (off by default; "
+                                    "uses HF_TOKEN or your huggingface-cli login)")
     resume_from: Path | None = Field(None, description="a run folder (its newest checkpoint) or one checkpoint folder")
 
 

@@ -248,6 +248,13 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     if accelerator.is_main_process:
         where = save_weights(accelerator.unwrap_model(unet), cfg, out)
         accelerator.print(f"saved weights to {where}")
+        if cfg.run.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(cfg.run.push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=cfg.run.push_to_hub, folder_path=where, commit_message=f"{cfg.preset}: {cfg.run.num_epochs} epochs")
+            accelerator.print(f"uploaded {where} to {cfg.run.push_to_hub}")
     accelerator.end_training()
     reward_fns.close()
     return history
