@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -171,7 +171,8 @@ class RewardConfig(RewardSource):
         "epoch", description="none: score after all sampling (TRL); epoch: each batch as soon as it is sampled "
         "(ddpo-pytorch); next_epoch: also sample epoch k+1 while epoch k's rewards finish (samples one update old)"
     )
-    token: str | None = Field(None, description="bearer token for the reward servers")
+    token: SecretStr | None = Field(None, description="bearer token for the reward servers (or DIFFUSION_RL_REWARD__TOKEN); "
+                                    "never written to config.json")
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
     deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
@@ -195,7 +196,8 @@ class Config(BaseSettings):
     """DDPO finetuning of a text-to-image diffusion model with rewards."""
 
     model_config = SettingsConfigDict(
-        extra="forbid", cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True
+        extra="forbid", cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
+        env_prefix="DIFFUSION_RL_", env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
     )
 
     preset: str = Field("tiny", description="starting point: tiny, sd15-compressibility, sd15-aesthetic, ... (-1gpu)")

@@ -48,7 +48,8 @@ class RemoteReward:
         self.name = f"{component.name} (reward server {', '.join(component.url)})"
         self.encoding = cfg.encoding
         self.client = RewardClient(
-            component.url, timeout=cfg.timeout, retries=cfg.retries, token=cfg.token, deadline=cfg.deadline
+            component.url, timeout=cfg.timeout, retries=cfg.retries, deadline=cfg.deadline,
+            token=cfg.token.get_secret_value() if cfg.token else None,
         )
 
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> Future:
