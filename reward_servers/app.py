@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from protocol import MEDIA_TYPE, VERSION, ProtocolError, pack, parse_request
 from reward_servers.scorer import Scorer
@@ -47,7 +47,12 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
         log.exception("internal error on %s", request.url.path)
         return _msgpack(ProtocolError(500, "internal", f"{type(exc).__name__}: {exc}").to_wire(), 500)
 
-    @app.post("/v1/score", summary="Score a batch of images (msgpack body and reply)")
+    @app.post(
+        "/v1/score",
+        summary="Score a batch of images (msgpack body and reply; see protocol/README.md)",
+        openapi_extra={"requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+        responses=_SCORE_RESPONSES,
+    )
     async def score(request: Request) -> Response:
         start, status, images = time.perf_counter(), 500, 0
         try:
@@ -77,7 +82,7 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Model loaded and serving")
+    @app.get("/readyz", summary="Model loaded and serving", responses={503: {"description": "still loading, or draining"}})
     async def readyz() -> JSONResponse:
         return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
@@ -93,11 +98,22 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
             "auth": expected_auth is not None,
         }
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+_MSGPACK = {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}
+_SCORE_RESPONSES = {
+    200: {"description": "scores: a msgpack reply map", "content": _MSGPACK},
+    **{code: {"description": f"{what}: a msgpack error map", "content": _MSGPACK} for code, what in [
+        (400, "malformed body"), (401, "missing or wrong bearer token"), (413, "body too large"),
+        (415, "wrong content type"), (422, "invalid request"), (500, "scorer failure"), (503, "overloaded or loading"),
+    ]},
+}
 
 
 def _msgpack(obj: dict, status: int, headers: dict[str, str] | None = None) -> Response:
