@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from protocol import ProtocolError
-from reward_servers.scorer import ScoreOutput, Scorer
+from reward_servers.scorer import ScoreOutput, Scorer, concat
 
 log = logging.getLogger("reward_servers")
 
@@ -41,12 +41,6 @@ class _Item:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def concat(outputs: list[ScoreOutput]) -> ScoreOutput:
-    scores = np.concatenate([np.asarray(o.scores, dtype=np.float64) for o in outputs])
-    info = {key: sum((list(o.info[key]) for o in outputs), []) for key in outputs[0].info}
-    return ScoreOutput(scores, info)
 
 
 def split(output: ScoreOutput, sizes: list[int]) -> list[ScoreOutput]:

@@ -20,6 +20,12 @@ class ScoreOutput:
     info: dict[str, list[Any]] = field(default_factory=dict)  # each list one entry per image
 
 
+def concat(outputs: list[ScoreOutput]) -> ScoreOutput:
+    """Outputs of consecutive batches as one (info keys are the first output's)."""
+    scores = np.concatenate([np.asarray(o.scores, dtype=np.float64) for o in outputs])
+    return ScoreOutput(scores, {key: sum((list(o.info[key]) for o in outputs), []) for key in outputs[0].info})
+
+
 class Scorer(ABC):
     name: ClassVar[str]
     description: ClassVar[str]  # what the number means, shown by GET /v1/info

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from reward_servers.scorer import ScoreOutput, create_scorer
+from reward_servers.scorer import ScoreOutput, concat, create_scorer
 from trainer.config import RewardComponent, RewardConfig
 
 
@@ -122,9 +122,4 @@ class Pending:
                 f"{time.monotonic() - start:.0f} s (reward.deadline = {deadline})"
             )
         self.raise_if_failed()
-        return {name: _concat([fs[name].result() for fs in self.batches]) for name in self.rewards.sources}
-
-
-def _concat(outputs: list[ScoreOutput]) -> ScoreOutput:
-    info = {k: sum((o.info.get(k, [None] * len(o.scores)) for o in outputs), []) for k in outputs[0].info}
-    return ScoreOutput(np.concatenate([o.scores for o in outputs]), info)
+        return {name: concat([fs[name].result() for fs in self.batches]) for name in self.rewards.sources}
