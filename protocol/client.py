@@ -162,7 +162,6 @@ def _server_error(url: str, response: httpx.Response) -> RewardServerError:
     except Exception:  # not our error map (a proxy, a crash page): keep the HTTP reason
         if response.content:
             message = response.content[:200].decode("utf-8", "replace")
-    err = RewardServerError(url, response.status_code, code, message, field)
-    retry_after = response.headers.get("retry-after")
-    err.retry_after = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-    return err
+    retry_after = response.headers.get("retry-after", "")
+    wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
+    return RewardServerError(url, response.status_code, code, message, field, retry_after=wait)

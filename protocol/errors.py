@@ -36,10 +36,13 @@ class ProtocolError(Exception):
 class RewardServerError(RuntimeError):
     """A reward server refused a request or failed; carries what the server said."""
 
-    def __init__(self, url: str, status: int, code: str, message: str, field: str | None = None):
+    def __init__(
+        self, url: str, status: int, code: str, message: str, field: str | None = None, retry_after: float | None = None
+    ):
         where = f" (field {field})" if field else ""
         super().__init__(f"reward server {url} answered {status} {code}: {message}{where}")
         self.url, self.status, self.code, self.message, self.field = url, status, code, message, field
+        self.retry_after = retry_after  # seconds the server asked us to wait (429/503)
 
     @property
     def retryable(self) -> bool:
