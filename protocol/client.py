@@ -133,14 +133,17 @@ class RewardClient:
         return self._loop
 
     def close(self) -> None:
-        if self._loop is not None:
-            if self._http is not None:
-                asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(timeout=10)
-                self._http = None
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        """Close the connection pool and stop the background loop (for ``submit`` users)."""
+        if self._loop is None:
+            return
+        if self._http is not None and self._http_loop is self._loop:
+            asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(timeout=10)
+            self._http = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
             self._loop.close()
-            self._loop = None
+        self._loop = None
 
     async def aclose(self) -> None:
         if self._http is not None:

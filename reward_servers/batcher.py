@@ -78,8 +78,13 @@ class DynamicBatcher:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        gone = ProtocolError(503, "not_ready", "the server is shutting down")
+        while self.pending:  # nothing waits forever: what was never scored gets a 503 to retry elsewhere
+            item = self.pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(gone)
         for pool in self._threads:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.contextmanager
     def receiving(self):
@@ -93,6 +98,8 @@ class DynamicBatcher:
 
     async def score(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
         n = len(prompts)
+        if n > self.max_queue:  # it would never fit: a retry cannot help
+            raise ProtocolError(413, "payload_too_large", f"{n} images exceed the server's queue of {self.max_queue}", "images")
         if self.queued_images + n > self.max_queue:
             raise ProtocolError(
                 503, "overloaded", f"{self.queued_images} images queued; the limit is {self.max_queue}", None
@@ -113,8 +120,9 @@ class DynamicBatcher:
             await self._arrived.wait()
         loop = asyncio.get_running_loop()
         batch, size, deadline = [], 0, loop.time() + self.max_wait
+        shape = self.pending[0].images[0].shape  # one model batch holds one image size
         while True:
-            while self.pending and size + len(self.pending[0]) <= self.max_batch:
+            while self.pending and size + len(self.pending[0]) <= self.max_batch and self.pending[0].images[0].shape == shape:
                 item = self.pending.popleft()
                 batch.append(item)
                 size += len(item)
@@ -134,13 +142,13 @@ class DynamicBatcher:
             batch = [item for item in await self._next_batch() if not item.future.done()]  # done: client gone
             if not batch:
                 continue
-            # The one copy of the pixels on the server. On the event loop thread on purpose: a 25 MB buffer
-            # allocated on a replica thread comes from a fresh glibc arena and page-faults every time.
-            images = np.stack([image for item in batch for image in item.images])
             prompts = [p for item in batch for p in item.prompts]
             metadata = [m for item in batch for m in item.metadata]
             start = time.perf_counter()
-            try:
+            try:  # whatever happens, every future of the batch gets a result or an error
+                # The one copy of the pixels on the server. On the event loop thread on purpose: a 25 MB buffer
+                # allocated on a replica thread comes from a fresh glibc arena and page-faults every time.
+                images = np.stack([image for item in batch for image in item.images])
                 output = await loop.run_in_executor(self._threads[replica], self._run, replica, images, prompts, metadata)
                 results: list[Any] = split(output, [len(item) for item in batch])
             except Exception as exc:  # the scorer failed: every request in the batch gets the error

@@ -142,3 +142,19 @@ def test_metrics_count_requests_and_images_by_status(start_server):
     assert server.metric("reward_requests_total", status="400") == 1
     assert server.metric("reward_request_seconds_count") == 2
     assert server.metric("reward_queue_images", scorer="compression") == 0
+
+
+def test_requests_of_different_image_sizes_batch_apart(start_server):
+    server = start_server("--model", "synthetic", "--latency-ms", "200", "--max-batch", "16", "--max-wait-ms", "300")
+    with RewardClient(server.url) as client:
+        small = [client.submit(np.full((2, 8, 8, 3), 30, np.uint8), ["a", "b"]) for _ in range(3)]
+        large = [client.submit(np.full((1, 16, 16, 3), 60, np.uint8), ["c"]) for _ in range(3)]
+        assert all(f.result(timeout=60).scores == pytest.approx([30 / 255] * 2) for f in small)
+        assert all(f.result(timeout=60).scores == pytest.approx([60 / 255]) for f in large)
+    assert server.metric("reward_requests_total", status="500") == 0 and server.healthy()
+
+
+def test_a_request_larger_than_the_queue_is_413_not_503(start_server):
+    server = start_server("--model", "synthetic", "--max-queue", "2")
+    reply = post(server, 3)
+    assert reply.status_code == 413 and unpack(reply.content)["error"]["field"] == "images"

@@ -1,5 +1,7 @@
 """Checkpoints that resume exactly: trainable weights, optimizer, scaler, RNG streams, counters, stat tracker.
 
+(Exactly, unless reward.overlap is next_epoch: the samples drawn ahead are not saved and are redrawn.)
+
 Layout: ``<output_dir>/checkpoints/checkpoint-<epochs done>/``. A checkpoint is written into a hidden staging
 folder and renamed into place only when every process has written its part, so a run killed mid-save
 leaves no folder that ``latest`` would pick. Only the newest ``keep`` checkpoints stay. Nothing is pickled:

@@ -59,7 +59,7 @@ class SampleConfig(_Group):
 
 class TrainConfig(_Group):
     batch_size: int = Field(4, gt=0, description="samples per training step, per process")
-    learning_rate: float = Field(5e-3, gt=0)
+    learning_rate: float = Field(1e-2, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up")
     adam_beta1: float = 0.9

@@ -33,7 +33,13 @@ class LocalReward:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reward-{self.name}")
 
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> Future:
-        return self._pool.submit(self.scorer.score, images, prompts, metadata)
+        return self._pool.submit(self._score, images, prompts, metadata)
+
+    def _score(self, images, prompts, metadata) -> ScoreOutput:
+        output = self.scorer.score(images, prompts, metadata)
+        if len(output.scores) != len(prompts):  # every process must gather the same number of rewards
+            raise ValueError(f"returned {len(output.scores)} scores for {len(prompts)} images")
+        return ScoreOutput(np.asarray(output.scores, dtype=np.float64), output.info)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -56,7 +62,9 @@ class RemoteReward:
         result: Future = Future()
 
         def done(reply: Future) -> None:
-            if reply.exception() is not None:
+            if reply.cancelled():
+                result.set_exception(RewardError(f"reward scorer {self.name}: request cancelled"))
+            elif reply.exception() is not None:
                 result.set_exception(reply.exception())
             else:
                 r = reply.result()

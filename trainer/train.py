@@ -59,7 +59,8 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     set_seed(cfg.run.seed, device_specific=True)
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
-    reward_fns = Rewards(cfg.reward)  # local scorers load here: their errors come before the big models
+    # Local scorers load here, on the training device: their errors come before the big models.
+    reward_fns = Rewards(cfg.reward, device=str(accelerator.device))
 
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
