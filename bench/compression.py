@@ -1,6 +1,6 @@
 """The JPEG compression scorer's thread pool vs a plain single-threaded PIL loop, at 512 px.
 
-    python bench/compression.py
+    python -m bench.compression
 
 Prints JSON: images/s of both and their ratio (Pillow releases the GIL while encoding, so the pool scales
 with cores; this machine's core count is in the output).
@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from reward_servers.compression import JpegCompressibility, jpeg_size_kb  # noqa: E402
+from reward_servers.compression import JpegCompressibility, jpeg_size_kb
 
 N, SIZE, REPEATS = 64, 512, 5
 

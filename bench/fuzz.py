@@ -1,6 +1,6 @@
 """The fuzzing drill at length: hypothesis-generated bodies against a live reward server.
 
-    python bench/fuzz.py [--cases 10000]
+    python -m bench.fuzz [--cases 10000]
 
 Same strategies as tests/test_drills.py (garbage bytes, any msgpack value, valid requests with one field
 replaced). Prints JSON: cases sent, responses by status, 5xx count (must be 0), and health afterwards.
@@ -11,12 +11,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import tempfile
 from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Does the default run learn? Train, then report the reward curve and its rise in epoch-std units.
 
-    python bench/learning.py [trainer overrides, e.g. --run.num_epochs 60 --train.learning_rate 1e-2]
+    python -m bench.learning [trainer overrides, e.g. --run.num_epochs 60 --train.learning_rate 1e-2]
 
 Prints JSON: per-epoch reward means, rise = (mean of the last 3 epochs - mean of the first 3) / mean epoch
 std, and the seconds per epoch split into sampling / reward wait / training.

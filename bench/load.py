@@ -1,6 +1,6 @@
 """Load: many concurrent clients against one reward server; errors and latency percentiles.
 
-    python bench/load.py [--clients 32] [--requests 20] [--model compression] [--images 4]
+    python -m bench.load [--clients 32] [--requests 20] [--model compression] [--images 4]
 
 Starts a real reward-server, then ``--clients`` asyncio clients each send ``--requests`` requests of
 ``--images`` 256 px images back to back. Prints JSON: errors, p50/p90/p99 latency, images/s.
@@ -11,15 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 async def hammer(url: str, clients: int, requests: int, images: np.ndarray) -> tuple[list[float], int]:

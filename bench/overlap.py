@@ -1,6 +1,6 @@
 """How long the trainer waits for rewards: after-sampling (TRL), per batch (ddpo-pytorch), across epochs (ours).
 
-    python bench/overlap.py [--epochs 4] [--latency-ms 400]
+    python -m bench.overlap [--epochs 4] [--latency-ms 400]
 
 A real reward-server runs the synthetic scorer, which takes ``--latency-ms`` per request (one request per
 sampling batch, one replica, so requests queue like a busy scorer's). The tiny default run samples, waits
@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
 
 
 def main() -> None:

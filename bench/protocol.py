@@ -1,6 +1,6 @@
 """Wire overhead: 32 images of 512x512x3 uint8 through the real server and client vs raw bytes.
 
-    python bench/protocol.py
+    python -m bench.protocol
 
 Starts one uvicorn server (subprocess, 127.0.0.1) hosting our app with a zero-cost scorer plus two baseline
 routes: /echo returns the raw body (the issue's baseline) and /sink returns its length (stricter: upload
@@ -21,14 +21,8 @@ import subprocess
 import sys
 import time
 
-from pathlib import Path
-
-# This file is named after what it measures, which shadows the ``protocol`` package when run as a script.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx
+import numpy as np
 
 N, SIZE, REPEATS = 32, 512, 15
 
@@ -80,7 +74,7 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+    server = subprocess.Popen([sys.executable, "-m", "bench.protocol", "--serve", str(port)])
     try:
         for _ in range(200):
             try:

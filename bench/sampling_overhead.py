@@ -1,6 +1,6 @@
 """Our sampler (log-probs, stored trajectory) vs diffusers' own pipeline call: same model, steps, batch.
 
-    python bench/sampling_overhead.py [--steps 20] [--batch 8] [--repeats 7]
+    python -m bench.sampling_overhead [--steps 20] [--batch 8] [--repeats 7]
 
 Prints JSON with the median seconds of each and their ratio (target <= 1.10). Both decode to uint8 images.
 """
@@ -10,14 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
-
-import torch  # noqa: E402
+import torch
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Dynamic batching under many clients: images/s with batching vs ``--max-batch 1``.
 
-    python bench/server_batching.py [--seconds 6]
+    python -m bench.server_batching [--seconds 6]
 
 Serves ``clipscore`` on a CLIP built offline at a size where the per-call cost matters on CPU (ViT and text
 tower of 12 layers, width 384, 64 px images in 16 patches), in a real reward-server subprocess. 1, 4 and 16 concurrent
@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SPEC = {"seed": 5, "hidden": 384, "layers": 12, "heads": 6, "image_size": 64, "patch": 16, "projection": 128}
 

@@ -12,7 +12,6 @@ request itself is wrong: it raises at once with the server's message.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import threading
 import time

@@ -66,7 +66,7 @@ class ScoringService:
         except ValueError as exc:
             message = str(exc)
             field, _, message = message.partition(": ") if ": " in message else (None, "", message)
-            raise ProtocolError(422, "invalid_request", message, field)
+            raise ProtocolError(422, "invalid_request", message, field) from None
         if all(image.encoding == "raw" for image in request.images):
             images = decode_image_list(request)  # views of the body; the batcher copies them once
         else:
@@ -84,4 +84,4 @@ class ScoringService:
             )
         except ValidationError as exc:
             bad = ProtocolError.from_validation(exc)
-            raise ProtocolError(500, "scorer_error", f"scorer {self.name} returned bad output: {bad.message}", bad.field)
+            raise ProtocolError(500, "scorer_error", f"scorer {self.name} returned bad output: {bad.message}", bad.field) from None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from reward_servers.scorer import ScoreOutput, Scorer
 
 

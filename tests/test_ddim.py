@@ -27,7 +27,6 @@ def test_sample_matches_diffusers_step_with_the_same_noise(prediction_type, eta)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
     out = torch.randn(3, 4, 8, 8, generator=g)
-    noise = torch.randn(3, 4, 8, 8, generator=g)
     for t in scheduler.timesteps[[0, 5, -1]]:  # -1: the last step, where alpha_prev is final_alpha_cumprod
         ours, _ = ddim_step_with_logprob(scheduler, out, t, x, eta, generator=torch.Generator().manual_seed(1))
         mine_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))

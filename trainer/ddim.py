@@ -66,7 +66,11 @@ def ddim_step_with_logprob(
         noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         prev_sample = mean + sigma * noise
     prev_sample = prev_sample.float()
+    return prev_sample, gaussian_log_prob(prev_sample, mean, sigma)
 
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, sigma^2) averaged over all but the batch dimension, sigma floored at SIGMA_MIN."""
     std = sigma.clamp(min=SIGMA_MIN)
-    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    log_prob = -((x.float() - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))

@@ -37,10 +37,11 @@ def load_pipeline(cfg: Config, device: torch.device):
     return pipe
 
 
-def make_trainable(unet, cfg: Config) -> list[torch.nn.Parameter]:
+def make_trainable(unet, cfg: Config) -> dict[str, torch.nn.Parameter]:
+    """Adapters (or the whole UNet) set to train; returns them by name (the names checkpoints use)."""
     if not cfg.train.lora:
         unet.requires_grad_(True)
-        return list(unet.parameters())
+        return dict(unet.named_parameters())
     from peft import LoraConfig
 
     unet.add_adapter(
@@ -51,8 +52,8 @@ def make_trainable(unet, cfg: Config) -> list[torch.nn.Parameter]:
             target_modules=cfg.train.lora_targets,
         )
     )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # adapters train in fp32 whatever the base dtype
+    params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    for p in params.values():  # adapters train in fp32 whatever the base dtype
         p.data = p.data.float()
     return params
 

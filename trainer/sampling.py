@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.ddim import ddim_mean_std, ddim_step_with_logprob
+from trainer.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_log_prob
 
 
 @dataclass
@@ -136,9 +136,8 @@ def rescore(
     Gaussian mean and sigma (for a KL to a reference policy)."""
     timesteps, latents = chunk.timesteps[:, j], chunk.latents[:, j]
     noise = guided_noise(unet, latents, timesteps, chunk.prompt_embeds, negative_embeds, guidance_scale)
-    _, log_prob = ddim_step_with_logprob(scheduler, noise, timesteps, latents, eta, prev_sample=chunk.next_latents[:, j])
     mean, sigma = ddim_mean_std(scheduler, noise, timesteps, latents, eta)
-    return log_prob, mean, sigma
+    return gaussian_log_prob(chunk.next_latents[:, j], mean, sigma), mean, sigma
 
 
 @torch.no_grad()

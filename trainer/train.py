@@ -66,11 +66,11 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     # is up, so a build elsewhere would be empty); the others load it after.
     with accelerator.main_process_first():
         pipe = load_pipeline(cfg, accelerator.device)
-    params = make_trainable(pipe.unet, cfg)
+    trainable = make_trainable(pipe.unet, cfg)  # the same tensors the optimizer, EMA and checkpoints see
     if cfg.train.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     optimizer = _adamw(cfg)(
-        params,
+        trainable.values(),
         lr=cfg.train.learning_rate,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         weight_decay=cfg.train.adam_weight_decay,
@@ -91,7 +91,9 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
         else None
     )
     quiet = not accelerator.is_local_main_process  # one set of progress bars per machine
-    trainable = {n: p for n, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+    # Training runs through the (possibly DDP-wrapped) ``unet``; sampling and the KL reference use the bare one.
+    policy = accelerator.unwrap_model(unet)
+    guidance = (negative_embeds if cfg.train.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
     ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
     history, global_step, first_epoch = [], 0, 0
     if cfg.run.resume_from is not None:
@@ -116,7 +118,7 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
             prompts, metadata = zip(*(pair for pair in drawn for _ in range(k)))  # each prompt k times in a row
             with accelerator.autocast():
                 batch, final = sample(
-                    pipe, accelerator.unwrap_model(unet), list(prompts), list(metadata), negative_embeds,
+                    pipe, policy, list(prompts), list(metadata), negative_embeds,
                     cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution,
                 )
             images.append(to_uint8(pipe.vae, final))
@@ -133,8 +135,8 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     for epoch in range(first_epoch, cfg.run.num_epochs):
         # 1. Sample, unless the previous epoch already did (reward.overlap = next_epoch).
         t0 = time.perf_counter()
-        collected, sampling = upcoming or collect(epoch), 0.0
-        sampling += collected.seconds if upcoming is None else 0.0
+        collected = upcoming or collect(epoch)
+        sampling = 0.0 if upcoming else collected.seconds  # seconds spent sampling in this iteration
         upcoming = None
         if cfg.reward.overlap == "next_epoch" and epoch + 1 < cfg.run.num_epochs:
             # Sample epoch + 1 now, while this epoch's last rewards are scored: those samples come from
@@ -162,32 +164,31 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
         mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
         advantages_local = torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32)
 
-        if image_samples_hook is not None or (cfg.run.log_images_every and epoch % cfg.run.log_images_every == 0):
-            tracking.show_samples(accelerator, out, epoch, images, batches, scored, rewards, image_samples_hook,
-                          cfg.run.log_images_every and epoch % cfg.run.log_images_every == 0)
+        sheet = bool(cfg.run.log_images_every) and epoch % cfg.run.log_images_every == 0
+        if image_samples_hook is not None or sheet:
+            tracking.show_samples(accelerator, out, epoch, images, batches, scored, rewards, image_samples_hook, sheet)
 
         # 3. PPO-clip updates on the stored trajectories.
         unet.train()
         stats = defaultdict(list)
-        for inner in range(cfg.train.num_inner_epochs):
+        for _ in range(cfg.train.num_inner_epochs):
             batch_iter = trajectories.shuffled(advantages_local, cfg.train.batch_size, plan.train_timesteps)
             for chunk, adv in tqdm(batch_iter, total=len(trajectories.prompts) // cfg.train.batch_size,
                                    desc=f"epoch {epoch} training", disable=quiet, leave=False):
                 for j in range(plan.train_timesteps):
                     with accelerator.accumulate(unet):
-                        guidance = (negative_embeds if cfg.train.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
                         with accelerator.autocast():
                             log_prob, mean, sigma = rescore(unet, pipe.scheduler, chunk, j, *guidance)
                         loss, step_stats = ppo_clip_loss(
                             log_prob, chunk.log_probs[:, j], adv, cfg.train.clip_range, cfg.train.adv_clip_max
                         )
                         if cfg.train.kl_coef:
-                            kl = gaussian_kl(mean, _reference_mean(accelerator, unet, pipe.scheduler, chunk, j, guidance), sigma)
+                            kl = gaussian_kl(mean, _reference_mean(accelerator, policy, pipe.scheduler, chunk, j, guidance), sigma)
                             loss = loss + cfg.train.kl_coef * kl.mean()
                             step_stats["kl_to_reference"] = kl.mean().detach()
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                            grad_norm = accelerator.clip_grad_norm_(trainable.values(), cfg.train.max_grad_norm)
                             stats["grad_norm"].append(float(grad_norm))
                         optimizer.step()  # a no-op while accumulating
                         if accelerator.sync_gradients:
@@ -247,7 +248,7 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     if ema is not None:
         ema.copy_to(trainable)  # the published weights are the average
     if accelerator.is_main_process:
-        where = save_weights(accelerator.unwrap_model(unet), cfg, out)
+        where = save_weights(policy, cfg, out)
         accelerator.print(f"saved weights to {where}")
         if cfg.run.push_to_hub:
             from huggingface_hub import HfApi
@@ -281,9 +282,8 @@ def _adamw(cfg: Config):
 
 
 @torch.no_grad()
-def _reference_mean(accelerator, unet, scheduler, chunk, j, guidance) -> torch.Tensor:
-    """The step's mean under the base model: the same UNet with its LoRA adapters switched off."""
-    base = accelerator.unwrap_model(unet)
+def _reference_mean(accelerator, base, scheduler, chunk, j, guidance) -> torch.Tensor:
+    """The step's mean under the base model: the same (unwrapped) UNet with its LoRA adapters switched off."""
     base.disable_adapters()
     try:
         with accelerator.autocast():
