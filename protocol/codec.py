@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from protocol.errors import ProtocolError
 from protocol.schema import Encoding, Image, Limits, ScoreReply, ScoreRequest
+from protocol.zero_copy import unpack_views
 
 
 def pack(obj: dict[str, Any]) -> bytes:
@@ -108,8 +109,12 @@ def build_request(*args: Any, **kwargs: Any) -> bytes:
     return b"".join(request_parts(*args, **kwargs))
 
 
-def parse_request(body: bytes, limits: Limits = Limits()) -> ScoreRequest:
-    obj = unpack(body)
+def parse_request(body: bytes | bytearray | memoryview, limits: Limits = Limits()) -> ScoreRequest:
+    """A validated request; its raw image data are views of ``body`` (see ``protocol.zero_copy``)."""
+    try:
+        obj = unpack_views(body)
+    except ValueError as exc:
+        raise ProtocolError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(400, "malformed_body", f"body must be a msgpack map, got {type(obj).__name__}")
     try:

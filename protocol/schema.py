@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 VERSION = 1
 MEDIA_TYPE = "application/x-msgpack"
@@ -22,6 +22,18 @@ class Limits:
     max_images: int = 256
     max_pixels: int = 1024 * 1024  # per image (height x width)
     max_body_bytes: int = 256 * 1024 * 1024
+
+
+def _binary(value: Any) -> bytes | memoryview:
+    if isinstance(value, (bytes, memoryview)):
+        return value
+    if isinstance(value, bytearray):
+        return bytes(value)
+    raise ValueError(f"must be binary (msgpack bin), got {type(value).__name__}")
+
+
+# Raw image bytes: ``bytes``, or a read-only view of the request body when the server parsed it in place.
+Payload = Annotated[Any, PlainValidator(_binary), WithJsonSchema({"type": "string", "format": "binary"})]
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -37,7 +49,7 @@ class Image(_Wire):
     width: int = Field(gt=0)
     channels: Literal[3] = 3
     encoding: Encoding
-    data: bytes
+    data: Payload
 
     @model_validator(mode="after")
     def _size(self, info: ValidationInfo) -> "Image":
