@@ -1,8 +1,10 @@
 """Dynamic batching across requests and clients, over one or more model replicas.
 
 Requests are cut into items of at most ``max_batch`` images and queued. Each replica has a worker that takes
-the oldest item and, while other requests are still being received, waits up to ``max_wait_ms`` for them to
-fill the batch (never for requests that may not come: a lone client pays no wait). It runs the scorer on its own thread
+the oldest item and waits up to ``max_wait_ms`` for more to fill the batch, but only while more are on their
+way: requests being received, or clients whose replies the last batch just sent (under many clients each
+sends its next request as soon as it has its reply; not waiting for them splits the clients into two
+half-size batches that take turns). A lone client is never kept waiting. It runs the scorer on its own thread
 (one thread per replica: a GPU's CUDA context stays with it) and hands each item its slice of the result.
 The queue is bounded in images: past ``max_queue`` a request is refused with 503 and Retry-After, so a
 client backs off instead of piling up latency. A batch that runs out of GPU memory is halved and retried.
@@ -65,6 +67,8 @@ class DynamicBatcher:
         self.pending: deque[_Item] = deque()
         self.queued_images = 0
         self.incoming = 0  # requests being received or parsed: they will queue soon
+        self.returning = 0  # requests the last batch answered whose clients have not sent their next one yet
+        self._returning_until = 0.0
         self._arrived = asyncio.Event()
         self._threads = [
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"replica-{i}") for i in range(len(replicas))
@@ -90,6 +94,7 @@ class DynamicBatcher:
     def receiving(self):
         """Wrap a request from its first byte until it is queued (or refused): batches may wait for it."""
         self.incoming += 1
+        self.returning = max(0, self.returning - 1)
         try:
             yield
         finally:
@@ -126,7 +131,8 @@ class DynamicBatcher:
                 item = self.pending.popleft()
                 batch.append(item)
                 size += len(item)
-            if size >= self.max_batch or self.pending or not self.incoming or loop.time() >= deadline:
+            expected = self.incoming or (self.returning and loop.time() < self._returning_until)
+            if size >= self.max_batch or self.pending or not expected or loop.time() >= deadline:
                 break  # full, the next item does not fit, nothing is on its way, or waited long enough
             self._arrived.clear()
             try:
@@ -161,6 +167,8 @@ class DynamicBatcher:
                 "batch replica=%d images=%d requests=%d model_ms=%.1f queued=%d",
                 replica, len(prompts), len(batch), seconds * 1000, self.queued_images,
             )
+            self.returning = len(batch)
+            self._returning_until = loop.time() + self.max_wait
             for item, result in zip(batch, results):
                 if not item.future.done():
                     (item.future.set_exception if isinstance(result, Exception) else item.future.set_result)(result)

@@ -158,3 +158,27 @@ def test_a_request_larger_than_the_queue_is_413_not_503(start_server):
     server = start_server("--model", "synthetic", "--max-queue", "2")
     reply = post(server, 3)
     assert reply.status_code == 413 and unpack(reply.content)["error"]["field"] == "images"
+
+
+def test_clients_answered_together_are_waited_for_and_batched_together(start_server):
+    # 8 clients, each sending its next request as soon as it has its reply. Without waiting for the clients a
+    # batch has just answered, the first to come back would start a small batch and the rest a second one.
+    server = start_server("--model", "synthetic", "--latency-ms", "150", "--max-batch", "8", "--max-wait-ms", "300")
+    with RewardClient(server.url) as client:
+        def loop(i: int) -> list[int]:
+            return [client.submit(batch(1, i), ["p"]).result(timeout=60).info["batch_size"][0] for _ in range(5)]
+
+        with ThreadPoolExecutor(8) as pool:
+            sizes = [size for sizes in pool.map(loop, range(8)) for size in sizes]
+    assert sum(sizes) / len(sizes) >= 7, sizes  # a size counted once per image it holds
+
+
+def test_a_lone_client_is_not_kept_waiting(start_server):
+    server = start_server("--model", "synthetic", "--max-batch", "8", "--max-wait-ms", "1000")
+    with RewardClient(server.url) as client:
+        client.submit(batch(1), ["p"]).result(timeout=60)
+        start = time.monotonic()
+        for _ in range(5):
+            client.submit(batch(1), ["p"]).result(timeout=60)
+        wall = time.monotonic() - start
+    assert wall < 2.5, f"5 sequential requests took {wall:.2f} s: each waited for clients that were not coming"
