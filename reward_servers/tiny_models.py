@@ -91,7 +91,7 @@ def build_clip(folder: Path, spec: dict = CLIP_SPEC) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = clip_tokenizer(WORDS)
-    common = {"hidden_size": spec["hidden"], "intermediate_size": 2 * spec["hidden"],
+    common = {"hidden_size": spec["hidden"], "intermediate_size": spec.get("intermediate", 2 * spec["hidden"]),
               "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
     config = CLIPConfig(
         text_config={**common, "vocab_size": len(tokenizer), "max_position_embeddings": 77,

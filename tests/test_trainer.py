@@ -101,6 +101,11 @@ def test_bad_config_fails_before_any_model_loads(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainer", "--train.learning_rate", "-1"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "train.learning_rate" in result.stderr
 
+    if not torch.cuda.is_available():  # half weights without autocast would fail deep inside the UNet
+        result = subprocess.run([sys.executable, "-m", "trainer", "--run.mixed_precision", "fp16", "--run.output_dir", str(tmp_path / "h")],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "run.mixed_precision: fp16 needs a GPU" in result.stderr
+
 
 def test_batch_plan_arithmetic():
     cfg = Config(sample={"batch_size": 8, "num_batches_per_epoch": 4, "num_steps": 50}, train={"batch_size": 4, "gradient_accumulation_steps": 2, "timestep_fraction": 0.5})

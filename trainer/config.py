@@ -59,7 +59,7 @@ class SampleConfig(_Group):
 
 class TrainConfig(_Group):
     batch_size: int = Field(4, gt=0, description="samples per training step, per process")
-    learning_rate: float = Field(1e-2, gt=0)
+    learning_rate: float = Field(5e-3, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up")
     adam_beta1: float = 0.9
@@ -74,8 +74,8 @@ class TrainConfig(_Group):
     clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5)")
     timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's steps")
     lora: bool = Field(True, description="train LoRA adapters; false trains the whole UNet")
-    lora_rank: int = Field(4, gt=0)
-    lora_alpha: float = Field(4.0, gt=0)
+    lora_rank: int = Field(16, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] = Field(
         ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
          "conv_in", "conv_out", "time_emb_proj"],

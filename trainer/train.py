@@ -49,6 +49,8 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
         project_dir=out,
     )
     plan = BatchPlan.of(cfg, accelerator.num_processes)  # bad batch sizes fail here, before any model loads
+    if cfg.run.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # half weights, no autocast there
+        raise ValueError("run.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no (--run.mixed_precision no)")
     accelerator.print(f"batch plan: {plan.describe()}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
