@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.timing import median_seconds
 
 CLIP_L = {"seed": 7, "hidden": 1024, "intermediate": 4096, "layers": 24, "heads": 16, "image_size": 224, "patch": 14, "projection": 768}
 SMOKE = {"seed": 7, "hidden": 32, "layers": 2, "heads": 4, "image_size": 32, "patch": 8, "projection": 16}
@@ -51,13 +51,8 @@ def main() -> None:
     for batch in args.batches:
         images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
         prompts, metadata = [""] * batch, [{}] * batch
-        scorer.score(images, prompts, metadata)  # warm-up (returns numpy: the GPU has finished)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            scorer.score(images, prompts, metadata)
-            times.append(time.perf_counter() - start)
-        rates[batch] = batch / statistics.median(times)
+        # score returns numpy, so each timing includes the GPU finishing its work
+        rates[batch] = batch / median_seconds(lambda: scorer.score(images, prompts, metadata), args.repeats)
     result["images_per_s"] = {str(b): round(r, 1) for b, r in rates.items()}
     result["speedup_vs_batch_1"] = {str(b): round(r / rates[args.batches[0]], 2) for b, r in rates.items()}
     if args.device.startswith("cuda"):

@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 
 import numpy as np
 
+from bench.timing import median_seconds
 from reward_servers.compression import JpegCompressibility, jpeg_size_kb
 
 N, SIZE, REPEATS = 64, 512, 5
 
 
 def rate(fn) -> float:
-    fn()
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return N / statistics.median(times)
+    return N / median_seconds(fn, REPEATS)
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
-import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import time
 import httpx
 import numpy as np
 from fastapi import Request, Response  # module level: the routes' (string) annotations must resolve
+
+from bench import timing
 
 N, SIZE, REPEATS = 32, 512, 15
 
@@ -59,25 +60,7 @@ def serve(port: int) -> None:
 
 
 def median_seconds(fn, repeats: int = REPEATS) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved_medians(variants: dict, rounds: int = 3 * REPEATS) -> dict[str, float]:
-    for fn in variants.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return timing.median_seconds(fn, repeats)
 
 
 def main() -> None:
@@ -125,14 +108,13 @@ def main() -> None:
 
         assert len(loop.run_until_complete(post_async("echo"))) == len(payload)  # a baseline that really echoes
 
-        # Interleaved rounds, medians of each: the machine's drift hits every variant alike.
         variants = {
             "ours_raw": run(lambda: client.score(images, prompts)),
             "raw_echo": run(lambda: post_async("echo")),
             "raw_sink": run(lambda: post_async("sink")),
             "raw_echo_sync_client": lambda: post_sync("echo"),
         }
-        rates = {name: N / seconds for name, seconds in interleaved_medians(variants).items()}
+        rates = {name: N / seconds for name, seconds in timing.interleaved_medians(variants, 3 * REPEATS).items()}
         rates["ours_png"] = N / median_seconds(run(lambda: client.score(images, prompts, encoding="png")), repeats=3)
         result["images_per_s"] = {k: round(v, 1) for k, v in rates.items()}
         result["ratio_ours_raw_vs_raw_echo"] = round(rates["ours_raw"] / rates["raw_echo"], 3)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+
+from bench.timing import interleaved_medians
 
 
 def main() -> None:
@@ -39,14 +39,7 @@ def main() -> None:
     def theirs():
         return pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0, height=64, width=64, output_type="np").images
 
-    times = {"ours": [], "diffusers": []}
-    ours(), theirs()  # warm-up
-    for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        for name, fn in (("ours", ours), ("diffusers", theirs)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({"ours": ours, "diffusers": theirs}, args.repeats)
     print(json.dumps({
         "benchmark": "sampling_overhead", "steps": args.steps, "batch": args.batch, "torch_threads": torch.get_num_threads(),
         "median_seconds": {k: round(v, 4) for k, v in med.items()},

@@ -20,11 +20,11 @@ from pathlib import Path
 
 def build_sd15_shaped(folder: Path) -> None:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from reward_servers.tiny_models import clip_tokenizer
-    from trainer.tiny_pipeline import SPEC
+    from trainer.tiny_pipeline import SPEC, assemble_pipeline
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(SPEC["vocabulary"])
@@ -38,12 +38,7 @@ def build_sd15_shaped(folder: Path) -> None:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(folder)
+    assemble_pipeline(text_encoder, tokenizer, unet, vae).save_pretrained(folder)
 
 
 def main() -> None:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.timing import median_seconds
 
 SPEC = {"seed": 5, "hidden": 64, "layers": 48, "heads": 2, "image_size": 64, "patch": 16, "projection": 64}
 
@@ -57,13 +58,7 @@ def model_ceiling(checkpoint: Path, image: np.ndarray, repeats: int = 5) -> floa
 
     def seconds(n: int) -> float:
         images, prompts = np.repeat(image[None], n, axis=0), ["a photo of a cat"] * n
-        scorer.score(images, prompts, [{}] * n)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scorer.score(images, prompts, [{}] * n)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_seconds(lambda: scorer.score(images, prompts, [{}] * n), repeats)
 
     return round(16 * seconds(1) / seconds(16), 2)
 
@@ -72,7 +67,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
-    parser.add_argument("--server-threads", type=int, default=0, help="OMP_NUM_THREADS of the server (0: torch's default)")
     args = parser.parse_args()
 
     from reward_servers.tiny_models import build_clip
@@ -87,7 +81,6 @@ def main() -> None:
             server = ServerProcess(
                 "--model", "clipscore", "--checkpoint", str(Path(tmp) / "clip"), "--max-batch", max_batch,
                 "--max-wait-ms", str(args.max_wait_ms), log=Path(tmp) / f"{label}.log",
-                env={"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None,
             ).wait_ready(120)
             try:
                 rates[label], mean_batch = {}, {}

@@ -17,7 +17,8 @@ from typing import Any
 
 MAX_DEPTH = 256
 
-# First byte -> (struct format of the length/value that follows, or None) for the fixed-width families.
+# First byte -> struct format of the value (ints, floats) or of the length (bin, str, array, map) that follows.
+_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
 _INTS = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q"}
 _FLOATS = {0xCA: ">f", 0xCB: ">d"}
 _LENGTHS = {  # family -> {byte: length format}
@@ -71,8 +72,8 @@ class _Reader:
             return [self.value(depth + 1) for _ in range(byte & 0x0F)]
         if 0xA0 <= byte <= 0xBF:
             return self._str(byte & 0x1F)
-        if byte in (0xC0, 0xC2, 0xC3):
-            return {0xC0: None, 0xC2: False, 0xC3: True}[byte]
+        if byte in _CONSTANTS:
+            return _CONSTANTS[byte]
         if byte in _INTS:
             return self._unpack(_INTS[byte])
         if byte in _FLOATS:

@@ -39,7 +39,7 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
 def build_tiny_pipeline():
     """Random-init tiny StableDiffusionPipeline, identical for identical SPEC."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from reward_servers.tiny_models import clip_tokenizer
@@ -78,21 +78,18 @@ def build_tiny_pipeline():
         sample_size=SPEC["resolution"],
         **SPEC["vae"],
     )
+    return assemble_pipeline(text_encoder, tokenizer, unet, vae)
+
+
+def assemble_pipeline(text_encoder, tokenizer, unet, vae):
+    """A StableDiffusionPipeline of these parts with Stable Diffusion 1.x's DDIM schedule and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
     )
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
