@@ -181,7 +181,8 @@ def test_the_token_works_and_is_never_written(tmp_path, tiny_cache, start_server
     assert cfg.reward.token.get_secret_value() == token
     train(cfg)
     written = "".join(p.read_text(errors="replace") for p in cfg.run.output_dir.rglob("*") if p.suffix in (".json", ".jsonl"))
-    assert token not in written and "**********" in (cfg.run.output_dir / "config.json").read_text()
+    assert token not in written and "**********" not in written  # not even masked: the mask would be sent back
+    assert "token" not in json.loads((cfg.run.output_dir / "config.json").read_text())["reward"]
     monkeypatch.setenv("DIFFUSION_RL_REWARD__TOKEN", "wrong")
     from trainer.rewards import RewardError
 

@@ -118,7 +118,8 @@ def test_batch_plan_arithmetic():
 def test_dotted_cli_overrides():
     from pydantic_settings import CliApp
 
-    cfg = CliApp.run(Config, cli_args=["--train.learning_rate", "3e-4", "--reward.url", "http://a:1", "--reward.url", "http://b:2", "--no-train.cfg"])
+    cfg = CliApp.run(Config, cli_args=["--train.learning_rate", "3e-4", "--reward.url", "http://a:1", "--reward.url", "http://b:2", "--no-train.cfg",
+                                      "--sample.guidance_scale", "1"])
     assert cfg.train.learning_rate == 3e-4 and cfg.reward.url == ["http://a:1", "http://b:2"] and cfg.train.cfg is False
 
 

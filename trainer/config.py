@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, fi
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+MASK = "*" * 10  # how pydantic prints a SecretStr (older config.json files hold it)
+
+
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -129,6 +132,11 @@ class RewardSource(_Group):
         {}, description="in-process scorer options, e.g. --reward.options weights=/models/sac+logos+ava1-l14-linearMSE.pth"
     )
 
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        return [_server_url(url) for url in urls]
+
     @field_validator("scorer")
     @classmethod
     def _known(cls, scorer: str, info: ValidationInfo) -> str:
@@ -154,6 +162,32 @@ class RewardSource(_Group):
         return options
 
 
+def _server_url(url: str) -> str:
+    """A reward server's base URL, checked here so that a typo fails before any model loads (the client
+    appends /v1/score, so a path or query would silently point elsewhere)."""
+    from urllib.parse import urlsplit
+
+    expected = "expected http(s)://host[:port] with no path, query or fragment"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a reward server URL ({exc}); {expected}") from None
+    problem = (
+        "the scheme must be http or https" if parts.scheme not in ("http", "https")
+        else "no host" if not parts.hostname
+        else "a path" if parts.path not in ("", "/")
+        else "a query" if parts.query or url.rstrip("/").endswith("?")
+        else "a fragment" if parts.fragment or "#" in url
+        else "a space" if any(c.isspace() for c in url)
+        else None
+    )
+    if problem:
+        raise ValueError(f"{url!r} is not a reward server URL ({problem}); {expected}")
+    del port
+    return url.rstrip("/")
+
+
 class RewardComponent(RewardSource):
     """One term of a weighted sum of rewards."""
 
@@ -171,12 +205,24 @@ class RewardConfig(RewardSource):
         "epoch", description="none: score after all sampling (TRL); epoch: each batch as soon as it is sampled "
         "(ddpo-pytorch); next_epoch: also sample epoch k+1 while epoch k's rewards finish (samples one update old)"
     )
-    token: SecretStr | None = Field(None, description="bearer token for the reward servers (or DIFFUSION_RL_REWARD__TOKEN); "
-                                    "never written to config.json")
+    # exclude: no dump (config.json, tracker hparams) carries the token, not even masked: a masked copy
+    # given back as --config would be sent as the token. The environment supplies it again.
+    token: SecretStr | None = Field(None, exclude=True, description="bearer token for the reward servers (or "
+                                    "DIFFUSION_RL_REWARD__TOKEN); never written to config.json")
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
     deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
     retries: int = Field(8, ge=0)
+
+    @field_validator("token")
+    @classmethod
+    def _not_the_mask(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and token.get_secret_value() == MASK:
+            raise ValueError(
+                f"reward.token: {MASK!r} is the mask older runs wrote to config.json in place of the token, not a "
+                "token; delete it from the file and give the token as DIFFUSION_RL_REWARD__TOKEN"
+            )
+        return token
 
     @field_validator("components")
     @classmethod
@@ -224,6 +270,25 @@ class Config(BaseSettings):
         if given.get("config") is not None:
             layered = merge(layered, _read_settings_file(Path(given["config"])))
         return merge(layered, given)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        """Settings that each make sense alone but contradict each other."""
+        if self.train.per_prompt_stat_tracking and self.sample.images_per_prompt > 1:
+            # compute_advantages normalises per prompt string and never sees the groups.
+            raise ValueError(
+                f"train.per_prompt_stat_tracking normalises per prompt across epochs, sample.images_per_prompt "
+                f"({self.sample.images_per_prompt}) > 1 within each group of one epoch: choose one (set "
+                "--no-train.per_prompt_stat_tracking, or sample.images_per_prompt 1)"
+            )
+        if not self.train.cfg and self.sample.guidance_scale != 1.0:
+            # The PPO ratio compares the training policy with the sampling one: they must be the same policy.
+            raise ValueError(
+                f"train.cfg is false (train on the unguided prediction) but sample.guidance_scale "
+                f"({self.sample.guidance_scale}) samples guided, so the ratio starts away from 1: set "
+                "sample.guidance_scale 1 or train.cfg true"
+            )
+        return self
 
 
 def _read_settings_file(path: Path) -> dict[str, Any]:
