@@ -3,10 +3,10 @@
 from protocol.client import RewardClient
 from protocol.codec import build_request, decode_image, decode_image_list, decode_images, encode_image, pack, parse_reply, parse_request, unpack
 from protocol.errors import ProtocolError, RewardServerError
-from protocol.schema import MEDIA_TYPE, VERSION, ErrorReply, Image, Limits, ScoreReply, ScoreRequest
+from protocol.schema import MEDIA_TYPE, VERSION, ErrorReply, Image, Limits, ScoreReply, ScoreRequest, check_scores
 
 __all__ = [
     "MEDIA_TYPE", "VERSION", "ErrorReply", "Image", "Limits", "ProtocolError", "RewardClient",
-    "RewardServerError", "ScoreReply", "ScoreRequest", "build_request", "decode_image", "decode_image_list", "decode_images",
+    "RewardServerError", "ScoreReply", "ScoreRequest", "build_request", "check_scores", "decode_image", "decode_image_list", "decode_images",
     "encode_image", "pack", "parse_reply", "parse_request", "unpack",
 ]

@@ -4,9 +4,11 @@ Two ways in: ``await client.score(...)`` from async code, and ``client.submit(..
 ``concurrent.futures.Future`` for synchronous loops (the trainer). ``submit`` runs on one background event
 loop thread; it only touches numpy and bytes, never torch, so it cannot slow the caller's torch threads.
 
-Retries: connection errors, timeouts, 429 and 5xx are retried with capped exponential backoff (honouring
-Retry-After), moving to the next URL each time, all under one total deadline. A 4xx other than 429 means the
-request itself is wrong: it raises at once with the server's message.
+Retries: connection errors, timeouts, 429 and 503 are retried with capped exponential backoff (honouring
+Retry-After), moving to the next URL each time, all under one total deadline. Everything else is final and
+raises at once with the server's message: a 4xx means the request itself is wrong, a 500 ``scorer_error`` (or
+a reply that fails ``check_scores``) is the scorer's deterministic failure, and retrying it on every replica
+would only delay the error by minutes.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class RewardClient:
         self._http_loop: asyncio.AbstractEventLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()  # many threads may call submit first at once: one loop for all
 
     # -- async API -------------------------------------------------------------------------------------
     async def score(
@@ -125,24 +128,26 @@ class RewardClient:
         return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())
 
     def _background_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=self._loop.run_forever, name="reward-client", daemon=True)
-            self._thread.start()
-        return self._loop
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="reward-client", daemon=True)
+                self._thread.start()
+            return self._loop
 
     def close(self) -> None:
         """Close the connection pool and stop the background loop (for ``submit`` users)."""
-        if self._loop is None:
-            return
-        if self._http is not None and self._http_loop is self._loop:
-            asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(timeout=10)
-            self._http = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-        self._loop = None
+        with self._loop_lock:
+            if self._loop is None:
+                return
+            if self._http is not None and self._http_loop is self._loop:
+                asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(timeout=10)
+                self._http = None
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
+            self._loop = None
 
     async def aclose(self) -> None:
         if self._http is not None:

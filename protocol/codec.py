@@ -10,8 +10,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocol.errors import ProtocolError
-from protocol.schema import Encoding, Image, Limits, ScoreReply, ScoreRequest
-from protocol.zero_copy import unpack_views
+from protocol.schema import VERSION, Encoding, Image, Limits, ScoreReply, ScoreRequest
+from protocol.zero_copy import TooManyValues, unpack_views
 
 
 def pack(obj: dict[str, Any]) -> bytes:
@@ -43,18 +43,31 @@ def encode_image(array: np.ndarray, encoding: Encoding = "raw", quality: int = 9
 
 
 def decode_image(image: Image, field: str) -> np.ndarray:
-    """A validated wire image as an HWC uint8 array (read-only for raw data: no copy)."""
+    """A validated wire image as an HWC uint8 array (read-only for raw data: no copy).
+
+    PNG and JPEG files must be whole: PIL fills what a truncated file lacks with grey whenever some library
+    in the process has set ``ImageFile.LOAD_TRUNCATED_IMAGES``, and a scorer would score the made-up pixels.
+    So a PNG's chunk checksums and end chunk are verified, and a JPEG must end with its end-of-image marker.
+    (A JPEG corrupted in the middle cannot be told from a real one: the format has no checksum.)
+    """
     shape = (image.height, image.width, image.channels)
     if image.encoding == "raw":
         return np.frombuffer(image.data, dtype=np.uint8).reshape(shape)
     from PIL import Image as PILImage
 
+    fmt = image.encoding.upper()
     try:
-        with PILImage.open(io.BytesIO(image.data), formats=[image.encoding.upper()]) as pil:
-            if pil.width * pil.height != image.width * image.height:  # before decoding pixels
+        if fmt == "JPEG" and bytes(image.data[-2:]) != b"\xff\xd9":
+            raise ValueError("truncated: the file does not end with the JPEG end-of-image marker")
+        with PILImage.open(io.BytesIO(image.data), formats=[fmt]) as pil:
+            if pil.size != (image.width, image.height):  # checked before any pixel is decoded
                 raise ProtocolError(
-                    422, "invalid_image", f"image is {pil.width}x{pil.height}, declared {image.width}x{image.height}", field
+                    422, "invalid_image", f"image is {pil.width}x{pil.height} (width x height), declared "
+                    f"{image.width}x{image.height}", field,
                 )
+            if fmt == "PNG":
+                pil.verify()  # reads the chunks and their CRCs without decompressing
+        with PILImage.open(io.BytesIO(image.data), formats=[fmt]) as pil:
             array = np.asarray(pil.convert("RGB"))
     except ProtocolError:
         raise
@@ -81,7 +94,7 @@ def request_parts(
     packer = msgpack.Packer(use_bin_type=True)
     parts: list[bytes | memoryview] = []
     head = bytearray()  # small msgpack pieces, coalesced so each write carries real data
-    head += packer.pack_map_header(5) + packer.pack("version") + packer.pack(1)
+    head += packer.pack_map_header(5) + packer.pack("version") + packer.pack(VERSION)
     head += packer.pack("request_id") + packer.pack(request_id) + packer.pack("images")
     head += packer.pack_array_header(len(images))
     for array in images:
@@ -112,7 +125,9 @@ def build_request(*args: Any, **kwargs: Any) -> bytes:
 def parse_request(body: bytes | bytearray | memoryview, limits: Limits = Limits()) -> ScoreRequest:
     """A validated request; its raw image data are views of ``body`` (see ``protocol.zero_copy``)."""
     try:
-        obj = unpack_views(body)
+        obj = unpack_views(body, limits.max_elements)
+    except TooManyValues as exc:
+        raise ProtocolError(413, "payload_too_large", str(exc), "body") from None
     except ValueError as exc:
         raise ProtocolError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):

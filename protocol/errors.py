@@ -46,7 +46,9 @@ class RewardServerError(RuntimeError):
 
     @property
     def retryable(self) -> bool:
-        return self.status == 429 or self.status >= 500
+        """Only "busy" is worth another try: 429 and 503 (overloaded, loading, draining). Anything else the
+        server said, a scorer error included, would be said again: the run must hear it at once."""
+        return self.status in (429, 503)
 
 
 def cli_message(exc: Any, kebab: bool = False) -> str:

@@ -22,6 +22,7 @@ class Limits:
     max_images: int = 256
     max_pixels: int = 1024 * 1024  # per image (height x width)
     max_body_bytes: int = 256 * 1024 * 1024
+    max_elements: int = 100_000  # msgpack values per body (see protocol.zero_copy)
 
 
 def _binary(value: Any) -> bytes | memoryview:
@@ -87,6 +88,33 @@ class ScoreRequest(_Wire):
         return self
 
 
+def check_scores(scores: Any, info: Any, expected: int) -> tuple[list[float], dict[str, list[Any]]]:
+    """The one check of a scorer's output, wherever it runs (a server, in process) and on every reply.
+
+    Returns the scores as ``expected`` finite floats and ``info`` as lists of one entry per image (numpy
+    scalars made plain); raises ``ValueError("scores.3: ...")`` naming the first problem.
+    """
+    try:
+        values = [float(s) for s in scores]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"scores: not a sequence of numbers ({exc})") from None
+    if len(values) != expected:
+        raise ValueError(f"scores: {len(values)} scores for {expected} images")
+    for i, s in enumerate(values):
+        if not math.isfinite(s):
+            raise ValueError(f"scores.{i}: score {s} is not finite")
+    if not isinstance(info, dict):
+        raise ValueError(f"info: must be a map of per-image lists, got {type(info).__name__}")
+    checked = {}
+    for key, entries in info.items():
+        if isinstance(entries, (str, bytes, dict)) or not hasattr(entries, "__len__"):
+            raise ValueError(f"info.{key}: must be a list of one entry per image, got {type(entries).__name__}")
+        if len(entries) != expected:
+            raise ValueError(f"info.{key}: has {len(entries)} entries for {expected} images")
+        checked[str(key)] = [e.item() if hasattr(e, "item") and hasattr(e, "dtype") else e for e in entries]
+    return values, checked
+
+
 class ScoreReply(_Wire):
     version: Literal[1] = VERSION
     request_id: str
@@ -95,19 +123,9 @@ class ScoreReply(_Wire):
     scorer: str
     elapsed_ms: float = Field(ge=0)
 
-    @field_validator("scores")
-    @classmethod
-    def _finite(cls, scores: list[float]) -> list[float]:
-        for i, s in enumerate(scores):
-            if not math.isfinite(s):
-                raise ValueError(f"{i}: score {s} is not finite")
-        return scores
-
     @model_validator(mode="after")
-    def _info_lengths(self) -> "ScoreReply":
-        for key, values in self.info.items():
-            if len(values) != len(self.scores):
-                raise ValueError(f"info.{key}: has {len(values)} entries for {len(self.scores)} scores")
+    def _checked(self) -> "ScoreReply":
+        check_scores(self.scores, self.info, len(self.scores))
         return self
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from protocol import MEDIA_TYPE, VERSION, ProtocolError, pack, parse_request
 from reward_servers.scorer import Scorer
@@ -22,11 +27,12 @@ RETRY_AFTER_S = 1
 def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = ServingOptions()) -> FastAPI:
     service = ScoringService(make_scorer, options)
     limits = options.limits
-    expected_auth = f"Bearer {options.token}".encode() if options.token else None
+    token = options.token.encode() if options.token else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await service.load()
+        _drain_on_sigterm(service, options.drain_delay_s)
         yield
         # uvicorn has already waited for in-flight requests (SIGTERM drains); now stop the replicas.
         await service.close()
@@ -54,27 +60,28 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
         responses=_SCORE_RESPONSES,
     )
     async def score(request: Request) -> Response:
-        start, status, images = time.perf_counter(), 500, 0
+        start, status, images = time.perf_counter(), "500", 0
         try:
-            if expected_auth is not None:
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected_auth):
-                    raise ProtocolError(401, "unauthorized", "missing or wrong bearer token", "authorization")
+            if token is not None and not _bearer_matches(request.headers.get("authorization", ""), token):
+                raise ProtocolError(401, "unauthorized", "missing or wrong bearer token", "authorization")
             content_type = request.headers.get("content-type", "").split(";")[0].strip()
             if content_type != MEDIA_TYPE:
                 raise ProtocolError(415, "unsupported_media_type", f"content-type must be {MEDIA_TYPE}, got {content_type!r}", "content-type")
-            with service.receiving():  # batches forming now may wait for this request
-                body = await _read_body(request, limits.max_body_bytes)
-                # Inline, not in a worker thread: parsing walks the headers and leaves the pixels in the body
-                # (0.4 ms for 25 MB), less than a thread hop costs (bench/protocol.py).
-                parsed = parse_request(body, limits)
+            body = await _read_body(request, limits.max_body_bytes, options.body_timeout_s)
+            # Off the event loop: even within the element budget a body can take tens of milliseconds to walk,
+            # and /healthz and every other client must not wait for it.
+            parsed = await run_in_threadpool(parse_request, body, limits)
             images = len(parsed.images)
             reply = await service.score(parsed)
-            status = 200
+            status = "200"
             return _msgpack(reply.model_dump(), 200)
         except ProtocolError as exc:
-            status = exc.status
+            status = str(exc.status)
             raise
+        except ClientDisconnect:  # the client hung up mid-body: nobody to answer, nothing went wrong here
+            status = "client_closed"
+            log.info("client closed the connection before its request body arrived")
+            return Response(status_code=499)
         finally:
             service.metrics.request(status, images, time.perf_counter() - start)
 
@@ -84,7 +91,8 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
 
     @app.get("/readyz", summary="Model loaded and serving", responses={503: {"description": "still loading, or draining"}})
     async def readyz() -> JSONResponse:
-        return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+        ready = service.ready and not service.draining
+        return JSONResponse({"ready": ready, "draining": service.draining}, status_code=200 if ready else 503)
 
     @app.get("/v1/info", summary="What this server scores")
     async def info() -> dict:
@@ -92,10 +100,14 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
             "version": VERSION,
             "scorer": service.name,
             "description": service.description,
-            "max_batch": options.max_batch,
+            "max_batch": service.max_batch,
             "replicas": options.devices,
-            "limits": {"max_images": limits.max_images, "max_pixels": limits.max_pixels, "max_body_bytes": limits.max_body_bytes},
-            "auth": expected_auth is not None,
+            "limits": {
+                "max_images": limits.max_images, "max_pixels": limits.max_pixels, "max_body_bytes": limits.max_body_bytes,
+                "max_elements": limits.max_elements, "max_queue": options.max_queue,
+                "max_decoded_bytes": options.max_decoded_bytes, "body_timeout_s": options.body_timeout_s,
+            },
+            "auth": token is not None,
         }
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
@@ -110,7 +122,8 @@ _MSGPACK = {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}
 _SCORE_RESPONSES = {
     200: {"description": "scores: a msgpack reply map", "content": _MSGPACK},
     **{code: {"description": f"{what}: a msgpack error map", "content": _MSGPACK} for code, what in [
-        (400, "malformed body"), (401, "missing or wrong bearer token"), (413, "body too large"),
+        (400, "malformed body"), (401, "missing or wrong bearer token"), (408, "body not received in time"),
+        (413, "body, values, images or decoded pixels over a limit"),
         (415, "wrong content type"), (422, "invalid request"), (500, "scorer failure"), (503, "overloaded or loading"),
     ]},
 }
@@ -120,16 +133,57 @@ def _msgpack(obj: dict, status: int, headers: dict[str, str] | None = None) -> R
     return Response(pack(obj), status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+def _bearer_matches(header: str, token: bytes) -> bool:
+    """``Authorization: Bearer <token>``; the scheme is case-insensitive (RFC 7235), the token compared in constant time."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 if it
+    has not fully arrived ``timeout_s`` after the headers (a stalled upload must not hold a connection)."""
     too_large = ProtocolError(413, "payload_too_large", f"body exceeds the limit of {limit} bytes", "body")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ProtocolError(408, "request_timeout", f"the body did not arrive within {timeout_s:g} s", "body") from None
+
+
+def _drain_on_sigterm(service: ScoringService, delay_s: float) -> None:
+    """On SIGTERM, say "not ready" at once (a load balancer stops sending), then let uvicorn drain.
+
+    uvicorn owns the signal while it serves; its handler stops accepting and waits for the requests in flight.
+    Ours runs first and, with a drain delay, keeps accepting for ``delay_s`` so that the balancer sees /readyz
+    fail before the listening socket closes.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals exist only there (e.g. TestClient)
+        return
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(uvicorn_handler):
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum, frame):
+        if service.draining:  # a second SIGTERM does not wait again
+            return uvicorn_handler(signum, frame)
+        service.draining = True
+        log.info("SIGTERM: not ready; draining in %.1f s", delay_s)
+        if delay_s > 0:
+            loop.call_soon_threadsafe(loop.call_later, delay_s, uvicorn_handler, signum, None)
+        else:
+            uvicorn_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -6,8 +6,10 @@ way: requests being received, or clients whose replies the last batch just sent 
 sends its next request as soon as it has its reply; not waiting for them splits the clients into two
 half-size batches that take turns). A lone client is never kept waiting. It runs the scorer on its own thread
 (one thread per replica: a GPU's CUDA context stays with it) and hands each item its slice of the result.
-The queue is bounded in images: past ``max_queue`` a request is refused with 503 and Retry-After, so a
-client backs off instead of piling up latency. A batch that runs out of GPU memory is halved and retried.
+The queue is bounded in images, reserved before a request is decoded: past ``max_queue`` a request is
+refused with 503 and Retry-After, so a client backs off instead of piling up latency. A batch that runs out
+of GPU memory is halved and retried; a batch that fails otherwise is retried one request at a time, so only
+the request that breaks the scorer fails. Every output goes through ``protocol.check_scores``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from protocol import ProtocolError
+from protocol import ProtocolError, check_scores
 from reward_servers.scorer import ScoreOutput, Scorer, concat
 
 log = logging.getLogger("reward_servers")
@@ -101,23 +103,40 @@ class DynamicBatcher:
             self.incoming -= 1
             self._arrived.set()  # a waiting worker re-checks whether anything is still coming
 
-    async def score(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
-        n = len(prompts)
+    def reserve(self, n: int) -> None:
+        """Claim queue room for a request of ``n`` images before it is decoded (413: never fits; 503: full)."""
         if n > self.max_queue:  # it would never fit: a retry cannot help
             raise ProtocolError(413, "payload_too_large", f"{n} images exceed the server's queue of {self.max_queue}", "images")
         if self.queued_images + n > self.max_queue:
             raise ProtocolError(
                 503, "overloaded", f"{self.queued_images} images queued; the limit is {self.max_queue}", None
             )
+        self.queued_images += n
+
+    def release(self, n: int) -> None:
+        """Give back a reservation whose request never reached ``submit`` (it failed to decode)."""
+        self.queued_images -= n
+        self._arrived.set()
+
+    def submit(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]]) -> Awaitable[ScoreOutput]:
+        """Queue a reserved request now; returns what to await for its scores, in order."""
         loop = asyncio.get_running_loop()
         items = [
             _Item(images[s : s + self.max_batch], prompts[s : s + self.max_batch], metadata[s : s + self.max_batch], loop.create_future())
-            for s in range(0, n, self.max_batch)
+            for s in range(0, len(prompts), self.max_batch)
         ]
         self.pending.extend(items)
-        self.queued_images += n
         self._arrived.set()
+        return self._gather(items)
+
+    @staticmethod
+    async def _gather(items: list[_Item]) -> ScoreOutput:
         return concat(await asyncio.gather(*(item.future for item in items)))
+
+    async def score(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
+        """Reserve, queue and await in one call (for callers with nothing to decode)."""
+        self.reserve(len(prompts))
+        return await self.submit(images, prompts, metadata)
 
     async def _next_batch(self) -> list[_Item]:
         while not self.pending:
@@ -148,30 +167,40 @@ class DynamicBatcher:
             batch = [item for item in await self._next_batch() if not item.future.done()]  # done: client gone
             if not batch:
                 continue
-            prompts = [p for item in batch for p in item.prompts]
-            metadata = [m for item in batch for m in item.metadata]
             start = time.perf_counter()
-            try:  # whatever happens, every future of the batch gets a result or an error
-                # The one copy of the pixels on the server. On the event loop thread on purpose: a 25 MB buffer
-                # allocated on a replica thread comes from a fresh glibc arena and page-faults every time.
-                images = np.stack([image for item in batch for image in item.images])
-                output = await loop.run_in_executor(self._threads[replica], self._run, replica, images, prompts, metadata)
-                results: list[Any] = split(output, [len(item) for item in batch])
-            except Exception as exc:  # the scorer failed: every request in the batch gets the error
-                log.exception("scorer failed on a batch of %d images", len(prompts))
-                error = ProtocolError(500, "scorer_error", f"scorer {self.replicas[replica].name} failed: {type(exc).__name__}: {exc}")
-                results = [error] * len(batch)
+            results = await self._score_batch(replica, batch)
             seconds = time.perf_counter() - start
-            self.on_batch(replica, len(prompts), seconds)
+            images = sum(len(item) for item in batch)
+            self.on_batch(replica, images, seconds)
             log.info(
                 "batch replica=%d images=%d requests=%d model_ms=%.1f queued=%d",
-                replica, len(prompts), len(batch), seconds * 1000, self.queued_images,
+                replica, images, len(batch), seconds * 1000, self.queued_images,
             )
             self.returning = len(batch)
             self._returning_until = loop.time() + self.max_wait
             for item, result in zip(batch, results):
                 if not item.future.done():
                     (item.future.set_exception if isinstance(result, Exception) else item.future.set_result)(result)
+
+    async def _score_batch(self, replica: int, batch: list[_Item]) -> list[ScoreOutput | Exception]:
+        """One result per item, whatever happens: its slice of the output, or the error that is its own."""
+        prompts = [p for item in batch for p in item.prompts]
+        metadata = [m for item in batch for m in item.metadata]
+        try:
+            # The one copy of the pixels on the server. On the event loop thread on purpose: a 25 MB buffer
+            # allocated on a replica thread comes from a fresh glibc arena and page-faults every time.
+            images = np.stack([image for item in batch for image in item.images])
+            output = await asyncio.get_running_loop().run_in_executor(
+                self._threads[replica], self._run, replica, images, prompts, metadata
+            )
+            return split(output, [len(item) for item in batch])
+        except Exception as exc:
+            if len(batch) > 1:  # one request may have broken the batch: score each alone, so only it fails
+                log.warning("scorer failed on a batch of %d requests (%s: %s); retrying them one by one",
+                            len(batch), type(exc).__name__, exc)
+                return [result for item in batch for result in await self._score_batch(replica, [item])]
+            log.exception("scorer failed on a request of %d images", len(prompts))
+            return [ProtocolError(500, "scorer_error", f"scorer {self.replicas[replica].name} failed: {type(exc).__name__}: {exc}")]
 
     def _run(self, replica: int, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
         """Score on the replica's thread; on out-of-memory, halve the batch and try again."""
@@ -189,7 +218,5 @@ class DynamicBatcher:
                 self._run(replica, images[:half], prompts[:half], metadata[:half]),
                 self._run(replica, images[half:], prompts[half:], metadata[half:]),
             ])
-        scores = np.asarray(output.scores, dtype=np.float64)
-        if scores.shape != (len(prompts),) or any(len(v) != len(prompts) for v in output.info.values()):
-            raise ValueError(f"returned {scores.shape[0] if scores.ndim else 0} scores for {len(prompts)} images")
-        return ScoreOutput(scores, {k: list(v) for k, v in output.info.items()})
+        scores, info = check_scores(output.scores, output.info, len(prompts))
+        return ScoreOutput(np.asarray(scores, dtype=np.float64), info)

@@ -15,7 +15,10 @@ from protocol.errors import cli_message
 from reward_servers.scorer import SCORERS, scorer_class
 
 # CLI fields handed to the scorer's constructor when it takes them (and an error when it does not).
-SCORER_OPTIONS = ("checkpoint", "processor", "weights", "mode", "bertscore_model", "bertscore_layer", "max_new_tokens", "latency_ms", "oom_above")
+SCORER_OPTIONS = (
+    "checkpoint", "processor", "weights", "mode", "bertscore_model", "bertscore_layer", "max_new_tokens",
+    "latency_ms", "oom_above", "fail_prompt", "nan_prompt",
+)
 
 
 class ServerSettings(BaseSettings):
@@ -30,13 +33,21 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     gpus: str | None = Field(None, description="comma-separated CUDA device ids, one replica each (e.g. 6,7)")
     replicas: int = Field(1, gt=0, description="CPU replicas when --gpus is not given")
-    max_batch: int = Field(32, gt=0, description="images per model call, merged across requests")
+    max_batch: int = Field(32, gt=0, description="images per model call, merged across requests (at most the scorer's own limit)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(4096, gt=0, description="images queued before requests get 503 + Retry-After")
     token: SecretStr | None = Field(None, description="bearer token required on /v1/score (or REWARD_SERVER_TOKEN)")
     max_images: int = Field(256, gt=0, description="images per request")
     max_pixels: int = Field(1024 * 1024, gt=0, description="height x width per image")
     max_body_mb: float = Field(256.0, gt=0, description="request body size limit in MiB")
+    max_elements: int = Field(100_000, gt=0, description="msgpack values per request body (refused with 413 beyond)")
+    max_decoded_mb: float = Field(
+        2048.0, gt=0, description="MiB of decoded pixels held by all requests in flight; beyond it 503 + Retry-After"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds a request body may take to arrive (408 after)")
+    drain_delay_s: float = Field(
+        0.0, ge=0, description="on SIGTERM, answer /readyz 503 and keep serving this long before draining"
+    )
     log_level: str = Field("info")
     # scorer options
     checkpoint: str | None = Field(None, description="model id or path of the scorer's network ('tiny': built offline)")
@@ -48,6 +59,8 @@ class ServerSettings(BaseSettings):
     max_new_tokens: int | None = Field(None, gt=0, description="llava: answer length limit")
     latency_ms: float | None = Field(None, ge=0, description="synthetic: seconds of fake model time per batch, in ms")
     oom_above: int | None = Field(None, ge=0, description="synthetic: simulate out-of-memory above this batch size")
+    fail_prompt: str | None = Field(None, description="synthetic: a batch holding this prompt raises (drills)")
+    nan_prompt: str | None = Field(None, description="synthetic: an image with this prompt scores NaN (drills)")
 
     @field_validator("model")
     @classmethod
@@ -96,8 +109,11 @@ class ServerSettings(BaseSettings):
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_ms,
             max_queue=self.max_queue,
+            max_decoded_bytes=int(self.max_decoded_mb * 1024 * 1024),
+            body_timeout_s=self.body_timeout_s,
+            drain_delay_s=self.drain_delay_s,
             token=self.token.get_secret_value() if self.token else None,
-            limits=Limits(self.max_images, self.max_pixels, int(self.max_body_mb * 1024 * 1024)),
+            limits=Limits(self.max_images, self.max_pixels, int(self.max_body_mb * 1024 * 1024), self.max_elements),
         )
         scorer_options = {k: getattr(self, k) for k in SCORER_OPTIONS if getattr(self, k) is not None}
         app = create_app(functools.partial(create_scorer, self.model, **scorer_options), options)

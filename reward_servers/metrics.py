@@ -24,7 +24,8 @@ class ServerMetrics:
         self.model_seconds = Counter("reward_model_seconds", "Time in the model", ["scorer", "replica"], registry=r)
         self.queue_depth = Gauge("reward_queue_images", "Images waiting for a replica", ["scorer"], registry=r)
 
-    def request(self, status: int, images: int, seconds: float) -> None:
+    def request(self, status: str, images: int, seconds: float) -> None:
+        """``status``: the HTTP status sent, or ``client_closed`` when the client hung up before its answer."""
         self.requests.labels(self.scorer, str(status)).inc()
         self.images.labels(self.scorer, str(status)).inc(images)
         self.latency.labels(self.scorer).observe(seconds)

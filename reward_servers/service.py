@@ -1,4 +1,5 @@
-"""What a reward server does with a parsed request: decode images, batch them onto replicas, check output.
+"""What a reward server does with a parsed request: check it, admit it, decode images, batch them onto
+replicas, check the output.
 
 Kept apart from the HTTP routes: this is the part that knows about models, devices and batching.
 """
@@ -6,17 +7,19 @@ Kept apart from the HTTP routes: this is the part that knows about models, devic
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from protocol import Limits, ProtocolError, ScoreReply, ScoreRequest, decode_image_list
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
 from reward_servers.scorer import Scorer
+
+log = logging.getLogger("reward_servers")
 
 
 @dataclass
@@ -25,6 +28,9 @@ class ServingOptions:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 4096  # images waiting, all requests together
+    max_decoded_bytes: int = 2 * 1024**3  # decoded pixels held by requests in flight, all together
+    body_timeout_s: float = 30.0
+    drain_delay_s: float = 0.0
     token: str | None = None
     limits: Limits = Limits()
 
@@ -34,9 +40,13 @@ class ScoringService:
         self.make_scorer, self.options = make_scorer, options
         self.probe = make_scorer()  # constructing is cheap (weights load in load()); also replica 0
         self.name, self.description = self.probe.name, self.probe.description
+        # A scorer knows the largest batch its model takes (LLaVA: 16); the server never batches past it.
+        self.max_batch = min(options.max_batch, self.probe.max_batch)
         self.metrics = ServerMetrics(self.name)
         self.batcher: DynamicBatcher | None = None
         self.ready = False
+        self.draining = False  # set by SIGTERM: /readyz says 503 while the requests in flight finish
+        self.decoded_bytes = 0  # pixels admitted and not yet answered
 
     async def load(self) -> None:
         """One replica per device, loaded one after another (a failing device stops start-up)."""
@@ -44,7 +54,7 @@ class ScoringService:
         for scorer, device in zip(replicas, self.options.devices):
             await run_in_threadpool(scorer.load, device)
         self.batcher = DynamicBatcher(
-            replicas, self.options.max_batch, self.options.max_wait_ms, self.options.max_queue, self.metrics.batch
+            replicas, self.max_batch, self.options.max_wait_ms, self.options.max_queue, self.metrics.batch
         )
         self.batcher.start()
         self.ready = True
@@ -53,9 +63,6 @@ class ScoringService:
         self.ready = False
         if self.batcher is not None:
             await self.batcher.stop()
-
-    def receiving(self):
-        return self.batcher.receiving() if self.batcher is not None else contextlib.nullcontext()
 
     async def score(self, request: ScoreRequest) -> ScoreReply:
         if not self.ready:
@@ -67,21 +74,48 @@ class ScoringService:
             message = str(exc)
             field, _, message = message.partition(": ") if ": " in message else (None, "", message)
             raise ProtocolError(422, "invalid_request", message, field) from None
-        if all(image.encoding == "raw" for image in request.images):
-            images = decode_image_list(request)  # views of the body; the batcher copies them once
-        else:
-            images = await run_in_threadpool(decode_image_list, request)  # PNG/JPEG decoding is real work
-        self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images + len(images))
-        output = await self.batcher.score(images, request.prompts, request.metadata)
+        n = len(request.images)
+        with self._decoded_budget(sum(i.height * i.width * i.channels for i in request.images)):
+            with self.batcher.receiving():  # from here until queued, a forming batch may wait for it
+                self.batcher.reserve(n)  # before decoding: a compressed request expands only if it fits
+                try:
+                    if all(image.encoding == "raw" for image in request.images):
+                        images = decode_image_list(request)  # views of the body; the batcher copies them once
+                    else:
+                        images = await run_in_threadpool(decode_image_list, request)  # real work: off the loop
+                except BaseException:
+                    self.batcher.release(n)
+                    raise
+                scored = self.batcher.submit(images, request.prompts, request.metadata)
+            self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
+            output = await scored
         self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
-        try:
-            return ScoreReply(
-                request_id=request.request_id,
-                scores=output.scores.tolist(),
-                info=output.info,
-                scorer=self.name,
-                elapsed_ms=(time.perf_counter() - start) * 1000,
+        return ScoreReply(  # the batcher checked the output (protocol.check_scores)
+            request_id=request.request_id,
+            scores=output.scores.tolist(),
+            info=output.info,
+            scorer=self.name,
+            elapsed_ms=(time.perf_counter() - start) * 1000,
+        )
+
+    @contextlib.contextmanager
+    def _decoded_budget(self, nbytes: int):
+        """Hold ``nbytes`` of the decoded-pixel budget while a request is decoded, queued and scored.
+
+        ``max_queue`` counts images; this bounds memory, whatever the images' size and however well they
+        compress on the wire (64 solid 1024 px PNGs are 345 KB in a body and 200 MB decoded).
+        """
+        limit = self.options.max_decoded_bytes
+        if nbytes > limit:
+            raise ProtocolError(
+                413, "payload_too_large", f"the images decode to {nbytes} bytes; the server's limit is {limit}", "images"
             )
-        except ValidationError as exc:
-            bad = ProtocolError.from_validation(exc)
-            raise ProtocolError(500, "scorer_error", f"scorer {self.name} returned bad output: {bad.message}", bad.field) from None
+        if self.decoded_bytes + nbytes > limit:
+            raise ProtocolError(
+                503, "overloaded", f"{self.decoded_bytes} bytes of decoded images in flight; the limit is {limit}"
+            )
+        self.decoded_bytes += nbytes
+        try:
+            yield
+        finally:
+            self.decoded_bytes -= nbytes

@@ -182,3 +182,57 @@ def test_a_lone_client_is_not_kept_waiting(start_server):
             client.submit(batch(1), ["p"]).result(timeout=60)
         wall = time.monotonic() - start
     assert wall < 2.5, f"5 sequential requests took {wall:.2f} s: each waited for clients that were not coming"
+
+
+def _queued_behind_a_busy_replica(server, requests: list[tuple[int, str]]) -> list[httpx.Response]:
+    """Send ``(value, prompt)`` requests together while the replica is busy, so they form one batch."""
+    def send(value_prompt):
+        value, prompt = value_prompt
+        body = build_request(batch(1, value), [prompt])
+        return httpx.post(f"{server.url}/v1/score", content=body, headers={"content-type": MEDIA_TYPE}, timeout=60)
+
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        busy = pool.submit(send, (0, "first"))
+        time.sleep(0.3)  # the replica is now scoring "first"; the rest queue up behind it
+        replies = list(pool.map(send, requests))
+        assert busy.result().status_code == 200
+    return replies
+
+
+@pytest.mark.parametrize("option, culprit, message", [("--fail-prompt", "BAD", "simulated scorer bug"),
+                                                     ("--nan-prompt", "NAN", "is not finite")])
+def test_one_bad_request_fails_alone_not_its_whole_batch(start_server, option, culprit, message):
+    server = start_server("--model", "synthetic", option, culprit, "--latency-ms", "600", "--max-batch", "16",
+                          "--max-wait-ms", "200")
+    replies = _queued_behind_a_busy_replica(server, [(30, "a"), (60, culprit), (90, "b"), (120, "c")])
+    assert [r.status_code for r in replies] == [200, 500, 200, 200]
+    error = unpack(replies[1].content)["error"]
+    assert error["code"] == "scorer_error" and message in error["message"]
+    for reply, value in zip([replies[0], *replies[2:]], (30, 90, 120)):
+        assert unpack(reply.content)["scores"] == pytest.approx([value / 255])
+    assert server.metric("reward_batch_images_sum") >= 4 + 1  # the four were batched together first
+
+
+def test_the_scorers_own_batch_limit_is_honoured():
+    from reward_servers.scorer import ScoreOutput, Scorer
+    from reward_servers.service import ScoringService, ServingOptions
+
+    class Small(Scorer):
+        name, description, max_batch = "small", "a scorer whose model takes 4 images at most", 4
+
+        def score(self, images, prompts, metadata):
+            return ScoreOutput(np.zeros(len(images)))
+
+    assert ScoringService(Small, ServingOptions(max_batch=32)).max_batch == 4
+    assert ScoringService(Small, ServingOptions(max_batch=2)).max_batch == 2
+
+
+def test_a_scorer_error_is_not_retried(start_server):
+    server = start_server("--model", "synthetic", "--fail-prompt", "BAD")
+    with RewardClient(server.url, retries=8, deadline=60) as client:
+        start = time.monotonic()
+        with pytest.raises(RewardServerError, match="500 scorer_error") as err:
+            client.submit(batch(1), ["BAD"]).result(timeout=60)
+        assert time.monotonic() - start < 3
+    assert "synthetic" in err.value.message and not err.value.retryable
+    assert server.metric("reward_requests_total", status="500") == 1

@@ -95,3 +95,49 @@ def test_submit_from_many_threads(compression_server):
         for t in threads:
             t.join()
     assert all(len(r.scores) == 1 for r in results)
+
+
+def test_a_bad_reply_is_final_not_retried():
+    """A reply that fails check_scores (here a NaN) would come back the same from every replica."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        reply = {"version": 1, "request_id": "r", "scores": [1.0, float("nan")], "info": {}, "scorer": "t", "elapsed_ms": 1.0}
+        return httpx.Response(200, content=pack(reply))
+
+    client = RewardClient("http://scorer.invalid", retries=5, deadline=30, max_backoff=0.05)
+
+    async def run():
+        client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client._http_loop = asyncio.get_running_loop()
+        return await client.score(IMAGES, ["a", "b"])
+
+    with pytest.raises(RewardServerError, match="502 bad_reply.*not finite"):
+        asyncio.run(run())
+    assert len(calls) == 1
+
+
+def test_many_threads_submitting_first_share_one_loop(compression_server):
+    """The background loop starts once however many threads race to be first."""
+    for _ in range(5):
+        client = RewardClient(compression_server.url)
+        gate = threading.Barrier(16)
+        results, errors = [], []
+
+        def work(i):
+            gate.wait()
+            try:
+                results.append(client.submit(np.full((1, 8, 8, 3), i, np.uint8), [str(i)]).result(timeout=30))
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        loops = [t for t in threading.enumerate() if t.name == "reward-client"]
+        client.close()
+        assert not errors and len(results) == 16 and len(loops) == 1, (errors[:1], len(loops))
+        assert not [t for t in threading.enumerate() if t.name == "reward-client"]

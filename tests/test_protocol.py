@@ -139,3 +139,64 @@ def test_protocol_does_not_import_torch():
 
     code = "import sys, protocol; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_files_are_invalid_even_where_pil_would_pad_them(fmt, monkeypatch):
+    """Some library in a scorer's process may set LOAD_TRUNCATED_IMAGES; a cut file must still be refused,
+    not scored as the grey PIL makes up for the missing part."""
+    from PIL import ImageFile
+
+    from protocol import decode_image
+    from protocol.schema import Image as WireImage
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    array = np.random.default_rng(0).integers(0, 256, (32, 24, 3), dtype=np.uint8)
+    data = _encoded(array, fmt)
+    whole = decode_image(WireImage(height=32, width=24, encoding=fmt.lower(), data=data), "images.0")
+    assert whole.shape == (32, 24, 3)
+    for cut in (len(data) // 2, 20):
+        with pytest.raises(ProtocolError) as err:
+            decode_image(WireImage(height=32, width=24, encoding=fmt.lower(), data=data[:-cut]), "images.0")
+        assert (err.value.status, err.value.code, err.value.field) == (422, "invalid_image", "images.0")
+
+
+def test_declared_height_and_width_are_checked_not_just_their_product():
+    from protocol import decode_image
+    from protocol.schema import Image as WireImage
+
+    data = _encoded(np.zeros((32, 24, 3), np.uint8), "PNG")  # 24 wide, 32 high
+    with pytest.raises(ProtocolError, match="image is 24x32 .* declared 32x24") as err:
+        decode_image(WireImage(height=24, width=32, encoding="png", data=data), "images.0")
+    assert err.value.status == 422 and err.value.code == "invalid_image"
+
+
+def test_requests_carry_the_protocol_version_constant(monkeypatch):
+    import protocol.codec
+
+    monkeypatch.setattr(protocol.codec, "VERSION", 7)
+    assert msgpack.unpackb(build_request(np.zeros((1, 2, 2, 3), np.uint8), ["a"]))["version"] == 7
+
+
+@pytest.mark.parametrize(
+    "scores, info, message",
+    [
+        ([1.0, float("nan")], {}, "scores.1: score nan is not finite"),
+        ([1.0], {}, "scores: 1 scores for 2 images"),
+        ([1.0, 2.0], {"answer": ["only one"]}, "info.answer: has 1 entries for 2 images"),
+        ([1.0, 2.0], {"answer": "ab"}, "info.answer: must be a list"),
+        (None, {}, "scores: not a sequence"),
+    ],
+)
+def test_scorer_output_is_checked_by_one_function(scores, info, message):
+    from protocol import check_scores
+
+    with pytest.raises(ValueError, match=message):
+        check_scores(scores, info, 2)
+    assert check_scores(np.array([1.0, 2.0]), {"n": np.array([1, 2])}, 2) == ([1.0, 2.0], {"n": [1, 2]})

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import signal
+import socket
+import threading
+import time
 
 import httpx
 import msgpack
@@ -44,8 +48,8 @@ def test_incompressibility_is_plus_jpeg_kilobytes(start_server, images):
     assert reply.scores == pytest.approx([pil_jpeg_kb(im) for im in images], abs=1e-12)
 
 
-def _post(url: str, body: bytes, content_type: str = MEDIA_TYPE, **kw) -> httpx.Response:
-    return httpx.post(f"{url}/v1/score", content=body, headers={"content-type": content_type}, timeout=30, **kw)
+def _post(url: str, body: bytes, content_type: str = MEDIA_TYPE, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/score", content=body, headers={"content-type": content_type, **(headers or {})}, timeout=30)
 
 
 def _wrong_length(images):
@@ -88,7 +92,7 @@ def test_streamed_oversize_body_is_refused_without_content_length(compression_se
 
 
 def test_json_endpoints(compression_server):
-    assert httpx.get(f"{compression_server.url}/readyz").json() == {"ready": True}
+    assert httpx.get(f"{compression_server.url}/readyz").json() == {"ready": True, "draining": False}
     info = httpx.get(f"{compression_server.url}/v1/info").json()
     assert info["scorer"] == "compression" and info["version"] == 1 and "JPEG" in info["description"]
     assert info["limits"]["max_body_bytes"] == 1024 * 1024
@@ -103,3 +107,127 @@ def test_unknown_scorer_is_a_clear_startup_error(tmp_path):
     result = subprocess.run([str(exe), "--model", "nope"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "unknown scorer 'nope'" in result.stderr and "compression" in result.stderr
+
+
+# -- hardening: what an attacker or a careless client does must not hurt anyone else --------------------------
+def _raw_http(server, head: bytes, body: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(head + body)
+    return sock
+
+
+def _peak_rss(server) -> int:
+    """The server process's peak resident memory (Linux's VmHWM), in bytes."""
+    for line in open(f"/proc/{server.proc.pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _head(server, length: int) -> bytes:
+    return (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\ncontent-type: {MEDIA_TYPE}\r\n"
+            f"content-length: {length}\r\n\r\n").encode()
+
+
+def test_an_element_heavy_body_neither_stalls_nor_bloats_the_server(start_server, images):
+    server = start_server("--model", "compression")
+    n = 3_000_000
+    bomb = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n  # 3 MB: three million empty arrays
+    peak_before = _peak_rss(server)
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(_post(server.url, bomb)))
+    sender.start()
+    worst = 0.0
+    while sender.is_alive():
+        start = time.monotonic()
+        assert server.healthy()
+        worst = max(worst, time.monotonic() - start)
+    sender.join()
+    assert worst < 1.0, f"/healthz took {worst:.2f} s while the body was parsed"
+    grown = _peak_rss(server) - peak_before
+    assert grown < 10 * len(bomb), f"peak RSS grew by {grown / 2**20:.0f} MiB for a {len(bomb) / 2**20:.0f} MiB body"
+    assert answers[0].status_code == 413 and unpack(answers[0].content)["error"]["code"] == "payload_too_large"
+    with RewardClient(server.url) as client:
+        assert len(client.submit(images, ["a"] * 3).result(timeout=30).scores) == 3
+
+
+def test_a_client_that_hangs_up_is_counted_as_closed_not_as_a_500(start_server, images):
+    server = start_server("--model", "compression")
+    for _ in range(5):
+        sock = _raw_http(server, _head(server, 100_000), b"\x85" + bytes(10))
+        time.sleep(0.05)
+        sock.close()
+    deadline = time.monotonic() + 10
+    while server.metric("reward_requests_total", status="client_closed") < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("reward_requests_total", status="client_closed") == 5
+    assert server.metric("reward_requests_total", status="500") == 0
+    with RewardClient(server.url) as client:
+        assert len(client.submit(images, ["a"] * 3).result(timeout=30).scores) == 3
+    server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_stalled_upload_times_out_with_408_and_delays_no_batch(start_server):
+    server = start_server("--model", "synthetic", "--max-wait-ms", "500", "--body-timeout-s", "3")
+    stalled = _raw_http(server, _head(server, 1000), b"\x85\xa7")  # 2 of 1,000 bytes, then silence
+    time.sleep(0.2)
+    with RewardClient(server.url) as client:
+        client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["p"]).result(timeout=30)
+        start = time.monotonic()
+        for _ in range(4):
+            client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["p"]).result(timeout=30)
+        wall = time.monotonic() - start
+    assert wall < 1.5, f"4 requests took {wall:.2f} s: each batch waited for the stalled upload"
+    stalled.settimeout(10)
+    answer = stalled.recv(65536)
+    stalled.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+    assert server.metric("reward_requests_total", status="408") == 1
+
+
+def test_compressed_images_are_admitted_by_their_decoded_size_before_decoding(start_server):
+    server = start_server("--model", "synthetic", "--max-decoded-mb", "2", "--latency-ms", "1500")
+    corrupt = msgpack.unpackb(build_request(np.zeros((4, 512, 512, 3), np.uint8), ["a"] * 4, encoding="png"))
+    for image in corrupt["images"]:
+        image["data"] = b"\x89PNG not really"  # 3 MB declared; would be a 422 if anything were decoded
+    refused = _post(server.url, pack(corrupt))
+    assert refused.status_code == 413 and unpack(refused.content)["error"]["field"] == "images"
+    # Two requests that fit alone but not together: the second waits its turn (503 + Retry-After).
+    one = build_request(np.zeros((1, 600, 600, 3), np.uint8), ["a"], encoding="png")  # 1.03 MiB decoded
+    first = []
+    thread = threading.Thread(target=lambda: first.append(_post(server.url, one)))
+    thread.start()
+    time.sleep(0.5)
+    second = _post(server.url, one)
+    thread.join()
+    assert first[0].status_code == 200
+    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+    assert unpack(second.content)["error"]["code"] == "overloaded"
+
+
+def test_duplicate_keys_are_a_400(compression_server):
+    body = b"\x86\xa7version\x01" + pack({"version": 1, "request_id": "r", "images": [], "prompts": [], "metadata": []})[1:]
+    response = _post(compression_server.url, body)
+    assert response.status_code == 400 and "duplicate map key 'version'" in unpack(response.content)["error"]["message"]
+
+
+def test_the_bearer_scheme_is_case_insensitive(start_server, images):
+    server = start_server("--model", "compression", env={"REWARD_SERVER_TOKEN": "tok-123"})
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        response = _post(server.url, build_request(images, ["a"] * 3), headers={"authorization": f"{scheme} tok-123"})
+        assert response.status_code == 200, scheme
+    assert _post(server.url, build_request(images, ["a"] * 3), headers={"authorization": "Basic tok-123"}).status_code == 401
+
+
+def test_readyz_fails_as_soon_as_sigterm_arrives(start_server, images):
+    import signal
+    server = start_server("--model", "compression", "--drain-delay-s", "3")
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    ready = httpx.get(f"{server.url}/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.json() == {"ready": False, "draining": True}
+    with RewardClient(server.url, retries=0) as client:  # still serving while the balancer notices
+        assert len(client.submit(images, ["a"] * 3).result(timeout=30).scores) == 3
+    assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)

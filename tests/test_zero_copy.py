@@ -63,3 +63,27 @@ def test_raw_images_are_views_of_the_body_not_copies():
 def test_refuses_with_a_reason(body, message):
     with pytest.raises(ValueError, match=message):
         unpack_views(body)
+
+
+def test_an_element_heavy_body_is_refused_at_its_first_header():
+    """Three million empty arrays in 3 MB: refused before a single one is built (it cost 12 s and 212 MB)."""
+    from protocol.zero_copy import TooManyValues
+
+    n = 3_000_000
+    with pytest.raises(TooManyValues, match="container at offset 0 declares 3000000"):
+        unpack_views(b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n)
+
+
+def test_the_element_budget_counts_every_value_of_the_body():
+    body = msgpack.packb([[1, 2], {"a": 3}])  # 2 + 2 + 2 (a map entry is a key and a value)
+    assert unpack_views(body, max_elements=6) == [[1, 2], {"a": 3}]
+    with pytest.raises(ValueError, match="limit is 5 per body"):
+        unpack_views(body, max_elements=5)
+    # a container cannot declare more values than there are bytes left
+    with pytest.raises(ValueError, match="declares 1000 values, 1 bytes left"):
+        unpack_views(b"\xdc\x03\xe8\x01")
+
+
+def test_duplicate_map_keys_are_refused():
+    with pytest.raises(ValueError, match="duplicate map key 'a'"):
+        unpack_views(b"\x82\xa1a\x01\xa1a\x02")  # {"a": 1, "a": 2}
