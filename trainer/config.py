@@ -212,7 +212,9 @@ class RewardConfig(RewardSource):
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
     deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
-    retries: int = Field(8, ge=0)
+    retries: int = Field(8, ge=0, description="attempts after the first, for connection errors, 429 and 503 only")
+    probe_timeout: float = Field(15.0, gt=0, description="seconds to wait at start-up, before any model loads, "
+                                 "for every reward server's /readyz")
 
     @field_validator("token")
     @classmethod
