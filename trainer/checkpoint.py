@@ -7,31 +7,140 @@ folder and renamed into place only when every process has written its part, so a
 leaves no folder that ``latest`` would pick. Only the newest ``keep`` checkpoints stay. Nothing is pickled:
 tensors go to safetensors, the rest to JSON; the optimizer's state dict goes through
 ``torch.load(weights_only=True)``.
+
+The rename does not protect against a file truncated later (a full disk, an interrupted copy, a crash
+before the data reached the disk), so ``manifest.json`` (every file's size and sha256) is written last and
+``resolve`` checks it before anything is loaded. Checkpoints written before manifests existed are checked
+by parsing each file (safetensors header, zip CRCs, JSON) instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "checkpoint-"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "state.json").exists() or (path / MANIFEST).exists() or path.name.startswith(PREFIX)
+
+
+def _newest_first(run: Path) -> list[Path]:
+    found = [p for p in (run / "checkpoints").glob(f"{PREFIX}*") if p.name.removeprefix(PREFIX).isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)), reverse=True)
 
 
 def latest(path: Path) -> Path | None:
-    """``path`` itself if it is a checkpoint, else the newest complete checkpoint of the run folder ``path``."""
+    """``path`` itself if it is a checkpoint, else the newest complete checkpoint of the run folder ``path``
+    (unverified: ``resolve`` is what resuming uses)."""
     path = Path(path)
     if (path / "state.json").exists():
         return path
-    done = sorted((p for p in (path / "checkpoints").glob(f"{PREFIX}*") if (p / "state.json").exists()),
-                  key=lambda p: int(p.name.removeprefix(PREFIX)))
-    return done[-1] if done else None
+    done = [p for p in _newest_first(path) if (p / "state.json").exists()]
+    return done[0] if done else None
+
+
+def resolve(path: Path, warn: Callable[[str], None] = print) -> Path:
+    """The checkpoint to resume from: ``path`` itself if it names one (which must verify), else the newest
+    checkpoint of the run folder ``path`` that verifies, warning about each damaged one passed over."""
+    path = Path(path)
+    if _is_checkpoint(path):
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"run.resume_from: checkpoint {path} is damaged: {problem}")
+        return path
+    skipped = []
+    for candidate in _newest_first(path):
+        problem = verify(candidate)
+        if problem is None:
+            if skipped:
+                warn(f"WARNING: resuming from the older checkpoint {candidate}, the newest good one")
+            return candidate
+        skipped.append(f"{candidate}: {problem}")
+        warn(f"WARNING: checkpoint {candidate} is damaged and is skipped: {problem}")
+    raise CheckpointError(f"run.resume_from: no usable checkpoint under {path}" +
+                          "".join(f"\n  {line}" for line in skipped))
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at ``path`` is whole, else what is wrong, naming the file."""
+    if not (path / "state.json").exists():
+        return f"{path / 'state.json'} is missing (not a complete checkpoint)"
+    if not (path / MANIFEST).exists():
+        return _parses(path)
+    try:
+        listed = json.loads((path / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{path / MANIFEST} is unreadable ({exc})"
+    for name, expected in sorted(listed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{file} has {size} bytes, the manifest says {expected['size']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{file} does not match its sha256 in the manifest"
+    return None
+
+
+def _parses(path: Path) -> str | None:
+    """The check for a checkpoint without a manifest: each file opens as what it claims to be."""
+    from safetensors import safe_open
+
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):  # checks the header covers the file exactly
+                    pass
+            elif file.suffix == ".pt":
+                with zipfile.ZipFile(file) as archive:  # torch.save's format; testzip checks every CRC
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{file} is corrupt (zip member {bad})"
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as exc:  # noqa: BLE001 - any failure to parse means the file is damaged
+            return f"{file} is damaged ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """Every file's size and hash, written (and synced) after they all are, before the folder is renamed:
+    after a crash, data that never reached the disk shows as a mismatch instead of a loadable-looking file."""
+    files = {}
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+        files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def rng_state(prompt_rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -75,10 +184,10 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
+        _write_manifest(staging)  # every process's files are in place now
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        done = sorted((p for p in root.glob(f"{PREFIX}*")), key=lambda p: int(p.name.removeprefix(PREFIX)))
-        for old in done[:-keep]:
+        for old in _newest_first(out)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -87,7 +196,7 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
 def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
          prompt_rng: np.random.Generator, ema=None) -> dict[str, Any]:
     """Restore everything ``save`` wrote; returns the plain state (epoch, global_step, tracker, ...)."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = _read(load_file, path / "trainable.safetensors")
     missing = set(params) - set(weights)
     if missing:
         raise ValueError(f"run.resume_from: {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); "
@@ -95,15 +204,23 @@ def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(_read(torch.load, path / "optimizer.pt", map_location="cpu", weights_only=True))
     if ema is not None:
         if not (path / "ema.safetensors").exists():
             raise ValueError(f"run.resume_from: {path} has no EMA weights; it was written with train.ema_decay 0")
-        ema.shadow = {k: v.to(params[k].device) for k, v in load_file(str(path / "ema.safetensors")).items()}
+        ema.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, path / "ema.safetensors").items()}
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        accelerator.scaler.load_state_dict(_read(torch.load, path / "scaler.pt", weights_only=True))
     rank = accelerator.process_index
     if not (path / f"rng-{rank}.json").exists():
         raise ValueError(f"run.resume_from: {path} was written by fewer processes than this run has ({rank + 1}+)")
-    set_rng_state(load_file(str(path / f"rng-{rank}.safetensors")), json.loads((path / f"rng-{rank}.json").read_text()), prompt_rng)
+    set_rng_state(_read(load_file, path / f"rng-{rank}.safetensors"), json.loads((path / f"rng-{rank}.json").read_text()), prompt_rng)
     return json.loads((path / "state.json").read_text())
+
+
+def _read(reader, file: Path, **kwargs):
+    """``reader(file)``, its failure naming the file (safetensors' and zip errors name none)."""
+    try:
+        return reader(str(file), **kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"run.resume_from: cannot read {file}: {type(exc).__name__}: {exc}") from exc

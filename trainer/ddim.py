@@ -47,6 +47,30 @@ def ddim_mean_std(
     return mean, sigma
 
 
+def check_scheduler(scheduler, num_steps: int) -> None:
+    """Fail unless ``ddim_mean_std`` models this scheduler: it takes the previous timestep to be
+    ``t - num_train_timesteps // num_steps`` (as diffusers' DDIMScheduler.step does) and never clips or
+    thresholds the predicted x0."""
+    config = scheduler.config
+    for name in ("clip_sample", "thresholding"):
+        if config.get(name, False):
+            raise ValueError(
+                f"pretrained.model: its scheduler sets {name} true; the DDIM log-prob step does not clip the "
+                f"predicted x0, so its log-probs would not be those of the samples: set \"{name}\": false in the "
+                "model's scheduler/scheduler_config.json"
+            )
+    scheduler.set_timesteps(num_steps)
+    stride = config.num_train_timesteps // num_steps
+    gaps = (scheduler.timesteps[:-1] - scheduler.timesteps[1:]).tolist()
+    if any(gap != stride for gap in gaps):
+        raise ValueError(
+            f"pretrained.model: its scheduler's timestep_spacing {config.get('timestep_spacing')!r} gives "
+            f"{num_steps} steps (sample.num_steps) {sorted(set(gaps))} apart; the DDIM log-prob step needs them "
+            f"num_train_timesteps // sample.num_steps = {stride} apart: use timestep_spacing \"leading\" or a "
+            "sample.num_steps that divides num_train_timesteps"
+        )
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,

@@ -22,6 +22,10 @@ def grid(images: list[np.ndarray], captions: list[str], columns: int) -> Image.I
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    while text and draw.textlength(text, font=font) > width:
-        text = text[:-2] + "…"
-    return text
+    """``text``, or its longest prefix plus an ellipsis, that fits in ``width`` pixels ("" if not even the
+    ellipsis does: on an image a few pixels wide)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:  # shrinks every pass, so it ends
+        text = text[:-1]
+    return text + "…" if draw.textlength(text + "…", font=font) <= width else ""

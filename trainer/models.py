@@ -29,6 +29,9 @@ def load_pipeline(cfg: Config, device: torch.device):
         path, revision=cfg.pretrained.revision, safety_checker=None, requires_safety_checker=False, **{dtype_arg: dtype}
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    from trainer.ddim import check_scheduler
+
+    check_scheduler(pipe.scheduler, cfg.sample.num_steps)  # before the weights move to the device
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.requires_grad_(False).to(device)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
+
+LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON record per line, each with its "epoch"
 
 
 def tensorboard(accelerator):
@@ -72,3 +78,30 @@ def flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return out
+
+
+def trim_logs(out: Path, epoch: int) -> None:
+    """Drop the records of epochs ``epoch`` and later: a run killed after logging an epoch but before its
+    checkpoint logs that epoch again when it resumes. A line that does not parse (a kill mid-write) goes too."""
+    for name in LOGS:
+        path = Path(out) / name
+        if not path.exists():
+            continue
+        kept = path.with_name(f".{name}.trimmed")
+        with open(path) as src, open(kept, "w") as dst:
+            for line in src:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("epoch", -1) < epoch:  # a record without an epoch is not ours to drop
+                    dst.write(line if line.endswith("\n") else line + "\n")
+        os.replace(kept, path)  # atomic: a kill now leaves the old or the trimmed log, never half of one
+
+
+def tracker_kwargs(log_with: str, first_epoch: int) -> dict:
+    """accelerate's ``init_kwargs``: on resume, tensorboard hides the events of the epochs about to be redone
+    (SummaryWriter's purge_step: readers drop earlier-written events at or after that step)."""
+    if log_with == "tensorboard" and first_epoch > 0:
+        return {"tensorboard": {"purge_step": first_epoch}}
+    return {}

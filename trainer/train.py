@@ -7,6 +7,7 @@ once, (2) wait for the epoch's rewards and turn them into advantages, (3) train 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     component's per-image extras).
     """
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     out = Path(cfg.run.output_dir)
     accelerator = Accelerator(
@@ -52,18 +53,59 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     if cfg.run.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # half weights, no autocast there
         raise ValueError("run.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no (--run.mixed_precision no)")
     accelerator.print(f"batch plan: {plan.describe()}")
+    # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
+    # logs are trimmed to its epoch before anything is logged.
+    resume, first_epoch = _resume_point(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-        accelerator.init_trackers("diffusion-rl", config=tracking.flat(cfg.model_dump(mode="json")))
+        (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # the token is excluded from dumps
+        if resume is not None:
+            tracking.trim_logs(out, first_epoch)
+        accelerator.init_trackers("diffusion-rl", config=tracking.flat(cfg.model_dump(mode="json")),
+                                  init_kwargs=tracking.tracker_kwargs(cfg.run.log_with, first_epoch))
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.run.seed, device_specific=True)
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
-    # Local scorers load here, on the training device: their errors come before the big models.
-    reward_fns = Rewards(cfg.reward, device=str(accelerator.device))
+    reward_fns = None
+    # Whatever ends the run (an error, Ctrl-C), the reward clients' threads and event loops stop and the
+    # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
+    try:
+        # Local scorers load here, on the training device: their errors come before the big models.
+        reward_fns = Rewards(cfg.reward, device=str(accelerator.device))
+        return _train(cfg, accelerator, plan, reward_fns, prompt_fn, prompt_rng, resume, first_epoch, image_samples_hook)
+    finally:
+        try:
+            if reward_fns is not None:
+                reward_fns.close()
+        finally:
+            accelerator.end_training()
 
+
+def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
+    """The verified checkpoint to resume from (None: a fresh run) and the epoch it ends."""
+    from accelerate.utils import gather_object
+
+    if cfg.run.resume_from is None:
+        return None, 0
+
+    def warn(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+
+    found = checkpoint.resolve(cfg.run.resume_from, warn=warn)
+    chosen = set(gather_object([found.name]))
+    if len(chosen) > 1:  # e.g. a machine whose copy of the run folder differs; the processes would diverge
+        raise checkpoint.CheckpointError(f"run.resume_from: the processes found different checkpoints: {sorted(chosen)}")
+    return found, json.loads((found / "state.json").read_text())["epoch"]
+
+
+def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, prompt_fn, prompt_rng,
+           resume: Path | None, first_epoch: int, image_samples_hook) -> list[dict]:
+    from accelerate.utils import gather_object
+
+    out = Path(cfg.run.output_dir)
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
     with accelerator.main_process_first():
@@ -97,17 +139,14 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
     policy = accelerator.unwrap_model(unet)
     guidance = (negative_embeds if cfg.train.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
     ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    history, global_step, first_epoch = [], 0, 0
-    if cfg.run.resume_from is not None:
-        found = checkpoint.latest(cfg.run.resume_from)
-        if found is None:
-            raise FileNotFoundError(f"run.resume_from: no complete checkpoint under {cfg.run.resume_from}")
-        state = checkpoint.load(accelerator, found, params=trainable, optimizer=optimizer, prompt_rng=prompt_rng, ema=ema)
-        first_epoch, global_step = state["epoch"], state["global_step"]
+    history, global_step = [], 0
+    if resume is not None:
+        state = checkpoint.load(accelerator, resume, params=trainable, optimizer=optimizer, prompt_rng=prompt_rng, ema=ema)
+        global_step = state["global_step"]
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if tracker is not None and state.get("tracker"):
             tracker.load_state_dict(state["tracker"])
-        accelerator.print(f"resumed from {found} (epoch {first_epoch}, step {global_step})")
+        accelerator.print(f"resumed from {resume} (epoch {first_epoch}, step {global_step})")
 
     def collect(epoch: int) -> Collected:
         """Sample one epoch's batches; each goes to the reward functions as reward.overlap says."""
@@ -173,6 +212,7 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
         # 3. PPO-clip updates on the stored trajectories.
         unet.train()
         stats = defaultdict(list)
+        epoch_start_step = global_step
         for _ in range(cfg.train.num_inner_epochs):
             batch_iter = trajectories.shuffled(advantages_local, cfg.train.batch_size, plan.train_timesteps)
             for chunk, adv in tqdm(batch_iter, total=len(trajectories.prompts) // cfg.train.batch_size,
@@ -201,6 +241,10 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
                     stats["loss"].append(loss.item())
                     for k, v in step_stats.items():
                         stats[k].append(v.item())
+                    if global_step == epoch_start_step:
+                        # Before the epoch's first update the ratios measure only how stale the samples are:
+                        # 0 when they come from the current weights, large with reward.overlap next_epoch.
+                        stats["clipfrac_first_step"].append(step_stats["clipfrac"].item())
                     global_step += accelerator.sync_gradients
         t3 = time.perf_counter()
 
@@ -259,8 +303,6 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
             api.create_repo(cfg.run.push_to_hub, exist_ok=True)
             api.upload_folder(repo_id=cfg.run.push_to_hub, folder_path=where, commit_message=f"{cfg.preset}: {cfg.run.num_epochs} epochs")
             accelerator.print(f"uploaded {where} to {cfg.run.push_to_hub}")
-    accelerator.end_training()
-    reward_fns.close()
     return history
 
 
