@@ -19,6 +19,8 @@ from reward_servers.tiny_models import resolve
 QUESTION = "Answer concisely: what is going on in this image?"
 REFERENCE = "The image contains {prompt}"
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # llava-1.5's conversation format
+IMAGE_TOKEN = "<image>"
+MAX_QUESTIONS = 8  # strict mode: per image; each question is one more row in the generate batch
 
 
 class LlavaScorer(Scorer):
@@ -61,6 +63,13 @@ class LlavaScorer(Scorer):
             questions, answers = meta.get("questions"), meta.get("answers")
             if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers) or not questions:
                 raise ValueError(f"metadata.{i}: strict mode needs equal-length non-empty lists 'questions' and 'answers'")
+            if len(questions) > MAX_QUESTIONS:
+                raise ValueError(f"metadata.{i}.questions: {len(questions)} questions; at most {MAX_QUESTIONS} per image")
+            for j, (question, answer) in enumerate(zip(questions, answers)):
+                if not isinstance(question, str) or not isinstance(answer, str):
+                    raise ValueError(f"metadata.{i}.questions.{j}: questions and answers must be strings")
+                if IMAGE_TOKEN in question:  # the processor would count one image too many: the batch fails
+                    raise ValueError(f"metadata.{i}.questions.{j}: must not contain {IMAGE_TOKEN!r}")
 
     def answer(self, images: np.ndarray, questions: list[str]) -> list[str]:
         """Greedy answers, one per (image, question) pair, in one batched generate call."""

@@ -99,3 +99,16 @@ def test_topology_runs_as_local_processes(start_server, tmp_path, tiny_cache, mo
         assert servers[name].metric("reward_images_total", status="200") == 2 * 8
         assert f"reward_{name.replace('llava', 'alignment')}_mean" in history[-1]
     assert all(m["seconds_reward_wait"] >= 0 for m in history)
+
+
+def test_tool_caches_are_not_part_of_the_repository():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", ".schemathesis", ".hypothesis"], cwd=root, capture_output=True, text=True)
+    assert tracked.stdout == ""
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".schemathesis/cache"], cwd=root)
+    assert ignored.returncode == 0

@@ -134,3 +134,16 @@ def test_llava_strict(start_server, checkpoints, images):
     bad = httpx.post(f"{server.url}/v1/score", content=body, headers={"content-type": MEDIA_TYPE})
     assert bad.status_code == 422 and unpack(bad.content)["error"]["field"] == "metadata.1"
     assert server.healthy()
+
+    # Metadata that would break the processor for the whole batch is refused on its own, before batching.
+    breaking = [
+        ({"questions": ["what is <image> here?"], "answers": ["x"]}, "metadata.1.questions.0", "must not contain '<image>'"),
+        ({"questions": ["q"] * 9, "answers": ["a"] * 9}, "metadata.1.questions", "at most 8 per image"),
+        ({"questions": [3], "answers": ["a"]}, "metadata.1.questions.0", "must be strings"),
+    ]
+    for meta, field, message in breaking:
+        body = build_request(images[:2], PROMPTS[:2], [metadata[0], meta])
+        bad = httpx.post(f"{server.url}/v1/score", content=body, headers={"content-type": MEDIA_TYPE})
+        error = unpack(bad.content)["error"]
+        assert (bad.status_code, error["field"]) == (422, field) and message in error["message"], error
+    assert score(server, images[:2], PROMPTS[:2], metadata).scores == pytest.approx([0.5, 0.5])
