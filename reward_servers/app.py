@@ -139,7 +139,7 @@ def _bearer_matches(header: str, token: bytes) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes | bytearray:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and with 408 if it
     has not fully arrived ``timeout_s`` after the headers (a stalled upload must not hold a connection)."""
     too_large = ProtocolError(413, "payload_too_large", f"body exceeds the limit of {limit} bytes", "body")
@@ -147,7 +147,15 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
 
-    async def read() -> bytes:
+    async def read() -> bytes | bytearray:
+        if declared.isdigit():  # filled in place: chunks and their join would hold the body twice
+            body, size = bytearray(int(declared)), 0
+            async for chunk in request.stream():
+                if size + len(chunk) > len(body):
+                    raise ProtocolError(400, "malformed_body", f"body longer than its content-length {declared}", "body")
+                body[size : size + len(chunk)] = chunk
+                size += len(chunk)
+            return body
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
