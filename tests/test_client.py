@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -57,19 +58,24 @@ def test_gives_up_at_the_deadline():
         assert 1.0 < time.monotonic() - start < 6
 
 
-def test_5xx_and_429_retried_then_succeed():
-    """Unit test of the retry policy alone: an in-process transport answers 503, 429, then a reply."""
-    answers = iter([503, 429, 200])
-    seen = []
+def _reply(scores: list[float]) -> httpx.Response:
+    return httpx.Response(200, content=pack({"version": 1, "request_id": "r", "scores": scores, "info": {}, "scorer": "t", "elapsed_ms": 1.0}))
+
+
+def _error(status: int, code: str) -> httpx.Response:
+    body = pack({"version": 1, "error": {"code": code, "message": "from the test", "field": None}})
+    return httpx.Response(status, content=body, headers={"retry-after": "0"})
+
+
+def _score_through(answers: list[httpx.Response]) -> tuple[object, int]:
+    """Unit test of the retry policy alone: an in-process transport gives ``answers`` in turn; returns the
+    outcome (a reply or the exception) and how many requests were made."""
+    given = iter(answers)
+    calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        status = next(answers)
-        seen.append(status)
-        if status != 200:
-            body = pack({"version": 1, "error": {"code": "busy", "message": "try later", "field": None}})
-            return httpx.Response(status, content=body, headers={"retry-after": "0"})
-        reply = {"version": 1, "request_id": "r", "scores": [1.0, 2.0], "info": {}, "scorer": "t", "elapsed_ms": 1.0}
-        return httpx.Response(200, content=pack(reply))
+        calls.append(1)
+        return next(given)
 
     client = RewardClient("http://scorer.invalid", retries=5, deadline=30, max_backoff=0.05)
 
@@ -78,8 +84,26 @@ def test_5xx_and_429_retried_then_succeed():
         client._http_loop = asyncio.get_running_loop()
         return await client.score(IMAGES, ["a", "b"])
 
-    assert asyncio.run(run()).scores == [1.0, 2.0]
-    assert seen == [503, 429, 200]
+    try:
+        return asyncio.run(run()), len(calls)
+    except RewardServerError as exc:
+        return exc, len(calls)
+
+
+def test_503_and_429_retried_then_succeed():
+    outcome, calls = _score_through([_error(503, "overloaded"), _error(429, "busy"), _reply([1.0, 2.0])])
+    assert outcome.scores == [1.0, 2.0] and calls == 3
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (_error(500, "scorer_error"), "500 scorer_error"),
+    (_error(500, "internal"), "500 internal"),
+    (_reply([1.0, float("nan")]), "502 bad_reply.*not finite"),  # fails check_scores: the same on every replica
+])
+def test_a_scorer_error_or_bad_reply_is_final(answer, expected):
+    outcome, calls = _score_through([answer, _reply([1.0, 2.0])])
+    assert isinstance(outcome, RewardServerError) and calls == 1
+    assert re.search(expected, str(outcome))
 
 
 def test_submit_from_many_threads(compression_server):
@@ -95,27 +119,6 @@ def test_submit_from_many_threads(compression_server):
         for t in threads:
             t.join()
     assert all(len(r.scores) == 1 for r in results)
-
-
-def test_a_bad_reply_is_final_not_retried():
-    """A reply that fails check_scores (here a NaN) would come back the same from every replica."""
-    calls = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(1)
-        reply = {"version": 1, "request_id": "r", "scores": [1.0, float("nan")], "info": {}, "scorer": "t", "elapsed_ms": 1.0}
-        return httpx.Response(200, content=pack(reply))
-
-    client = RewardClient("http://scorer.invalid", retries=5, deadline=30, max_backoff=0.05)
-
-    async def run():
-        client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        client._http_loop = asyncio.get_running_loop()
-        return await client.score(IMAGES, ["a", "b"])
-
-    with pytest.raises(RewardServerError, match="502 bad_reply.*not finite"):
-        asyncio.run(run())
-    assert len(calls) == 1
 
 
 def test_many_threads_submitting_first_share_one_loop(compression_server):
