@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import inspect
 import logging
 import sys
 
@@ -12,7 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from protocol.errors import cli_message
-from reward_servers.scorer import SCORERS, scorer_class
+from reward_servers.scorer import SCORERS, scorer_options, scorer_target
 
 # CLI fields handed to the scorer's constructor when it takes them (and an error when it does not).
 SCORER_OPTIONS = (
@@ -28,7 +27,8 @@ class ServerSettings(BaseSettings):
         env_prefix="REWARD_SERVER_", cli_prog_name="reward-server", cli_kebab_case=True, cli_implicit_flags=True
     )
 
-    model: str = Field(description=f"scorer to serve: {', '.join(sorted(SCORERS))}")
+    model: str = Field(description=f"scorer to serve: {', '.join(sorted(SCORERS))}, one an installed package "
+                       "registers (entry point diffusion_rl.scorers), or module:Class / module:function")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
     port: int = Field(8000, ge=0, le=65535)
     gpus: str | None = Field(None, description="comma-separated CUDA device ids, one replica each (e.g. 6,7)")
@@ -59,22 +59,28 @@ class ServerSettings(BaseSettings):
     max_new_tokens: int | None = Field(None, gt=0, description="llava: answer length limit")
     latency_ms: float | None = Field(None, ge=0, description="synthetic: seconds of fake model time per batch, in ms")
     oom_above: int | None = Field(None, ge=0, description="synthetic: simulate out-of-memory above this batch size")
+    options: dict[str, str | int | float] = Field(
+        {}, description="further constructor options of the scorer, for your own Scorer classes (e.g. --options threshold=0.5)"
+    )
     fail_prompt: str | None = Field(None, description="synthetic: a batch holding this prompt raises (drills)")
     nan_prompt: str | None = Field(None, description="synthetic: an image with this prompt scores NaN (drills)")
 
     @field_validator("model")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
+        scorer_target(name)  # raises saying what is wrong
         return name
 
     @model_validator(mode="after")
     def _options_apply(self) -> "ServerSettings":
-        accepted = inspect.signature(scorer_class(self.model).__init__).parameters
+        accepted = scorer_options(self.model)
         for option in SCORER_OPTIONS:
             if getattr(self, option) is not None and option not in accepted:
                 raise ValueError(f"--{option.replace('_', '-')} does not apply to scorer {self.model!r}")
+        unknown = sorted(set(self.options) - accepted)
+        if unknown:
+            raise ValueError(f"--options: scorer {self.model!r} takes no option {', '.join(unknown)}"
+                             + (f" (it takes {', '.join(sorted(accepted))})" if accepted else ""))
         return self
 
     def devices(self) -> list[str]:
@@ -115,7 +121,7 @@ class ServerSettings(BaseSettings):
             token=self.token.get_secret_value() if self.token else None,
             limits=Limits(self.max_images, self.max_pixels, int(self.max_body_mb * 1024 * 1024), self.max_elements),
         )
-        scorer_options = {k: getattr(self, k) for k in SCORER_OPTIONS if getattr(self, k) is not None}
+        scorer_options = {**self.options, **{k: getattr(self, k) for k in SCORER_OPTIONS if getattr(self, k) is not None}}
         app = create_app(functools.partial(create_scorer, self.model, **scorer_options), options)
         uvicorn.run(app, host=self.host, port=self.port, log_level=self.log_level, timeout_graceful_shutdown=120)
 

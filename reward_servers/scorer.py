@@ -2,14 +2,21 @@
 
 A scorer is loaded once on a device, then scores uint8 NHWC batches with their prompts and metadata. The
 same classes run inside a reward server and in-process in the trainer, so a scorer is written once.
+
+A scorer is named by a built-in name (``SCORERS``), by a name another package registers under the
+``diffusion_rl.scorers`` entry point, or as ``module:attribute``. The attribute is a ``Scorer`` class, or a
+plain reward function ``fn(images, prompts, metadata) -> (scores, info)`` as ddpo-pytorch and TRL take
+(``info`` a dict of per-image lists, or omitted); ``FunctionScorer`` makes the function a scorer, so the same
+user code runs in the trainer's process or behind ``reward-server --model module:fn``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -54,12 +61,85 @@ SCORERS: dict[str, str] = {
 }
 
 
+ENTRY_POINTS = "diffusion_rl.scorers"
+
+
+def registered() -> dict[str, str]:
+    """Every scorer name: the built-in ones and those installed packages register (built-ins win a clash)."""
+    from importlib.metadata import entry_points
+
+    return {**{ep.name: ep.value for ep in entry_points(group=ENTRY_POINTS)}, **SCORERS}
+
+
+def scorer_target(name: str) -> Any:
+    """The Scorer class or reward function ``name`` stands for; ValueError saying why when there is none."""
+    names = registered()
+    target = names.get(name) or (name if ":" in name else None)
+    if target is None:
+        raise ValueError(
+            f"unknown scorer {name!r}; choose one of {', '.join(sorted(names))}, or name your own as module:function"
+        )
+    obj = import_attribute(target, f"scorer {name!r}")
+    if not (isinstance(obj, type) and issubclass(obj, Scorer)) and not callable(obj):
+        raise ValueError(f"scorer {name!r}: {target} is neither a Scorer class nor a function")
+    return obj
+
+
+def import_attribute(target: str, what: str) -> Any:
+    """``module:attribute`` (dots allowed in both) imported; ValueError starting with ``what`` otherwise."""
+    module, sep, attribute = target.partition(":")
+    if not sep or not module or not attribute:
+        raise ValueError(f"{what}: {target!r} is not module:attribute")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"{what}: cannot import module {module!r} ({exc})") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what}: module {module!r} has no {attribute!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def scorer_options(name: str) -> set[str]:
+    """The options ``create_scorer(name, **options)`` takes (a function takes none)."""
+    target = scorer_target(name)
+    if not (isinstance(target, type) and issubclass(target, Scorer)):
+        return set()
+    return set(inspect.signature(target.__init__).parameters) - {"self", "args", "kwargs"}
+
+
 def scorer_class(name: str) -> type[Scorer]:
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
-    module, cls = SCORERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    target = scorer_target(name)
+    return target if isinstance(target, type) and issubclass(target, Scorer) else FunctionScorer
 
 
 def create_scorer(name: str, **options: Any) -> Scorer:
-    return scorer_class(name)(**options)
+    target = scorer_target(name)
+    if isinstance(target, type) and issubclass(target, Scorer):
+        return target(**options)
+    if options:
+        raise ValueError(f"scorer {name!r} is a function: it takes no options (got {', '.join(sorted(options))})")
+    return FunctionScorer(target, name)
+
+
+class FunctionScorer(Scorer):
+    """A reward function ``fn(images, prompts, metadata) -> (scores, info)`` (or ``-> scores``) as a scorer.
+
+    ``fn`` may also return a ``concurrent.futures.Future`` of that; the scorer waits for it.
+    """
+
+    description = "a reward function"
+
+    def __init__(self, fn: Callable[..., Any], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "reward_fn")
+        self.description = (inspect.getdoc(fn) or "a reward function").splitlines()[0]
+
+    def score(self, images, prompts, metadata) -> ScoreOutput:
+        result = self.fn(images, prompts, metadata)
+        if hasattr(result, "result") and callable(result.result):  # a Future
+            result = result.result()
+        has_info = isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], (dict, type(None)))
+        scores, info = result if has_info else (result, {})
+        return ScoreOutput(np.asarray(scores, dtype=np.float64), dict(info or {}))

@@ -2,6 +2,13 @@
 
 The sets our users know from ddpo-pytorch, from data files shipped in ``trainer/assets``. Metadata travels
 with each image to the scorer (``counting`` carries the questions and answers for strict VQA scoring).
+
+Your own function (``--prompt.fn module:function``, or ``train(cfg, prompt_fn=...)``) may take the
+Generator, ``fn(rng)``, or nothing, ``fn()``, as ddpo-pytorch's and TRL's do; it returns a prompt or a
+``(prompt, metadata)`` pair. Prefer ``fn(rng)``: that Generator is seeded per process from ``run.seed`` and
+saved in every checkpoint, so a resumed run draws exactly the prompts it would have drawn. (Python's
+``random`` is seeded and checkpointed too, so ``fn()`` built on it resumes exactly as well; any other
+source of randomness does not.)
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable
+
+import inspect
 
 import numpy as np
 
@@ -71,7 +80,32 @@ PROMPT_FNS: dict[str, Callable[[], PromptFn]] = {
 }
 
 
+def user_prompt_fn(fn: Callable[..., Any], what: str = "prompt_fn") -> PromptFn:
+    """Your function as a PromptFn: called with the Generator if it takes an argument, else with none."""
+    if not callable(fn):
+        raise ValueError(f"{what}: {fn!r} is not a function")
+    try:
+        takes_rng = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                        for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: assume the anchors' fn()
+        takes_rng = False
+
+    def draw(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+        out = fn(rng) if takes_rng else fn()
+        pair = (out, {}) if isinstance(out, str) else out
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], (dict, type(None)))):
+            raise ValueError(f"{what} must return a prompt (str) or (prompt, metadata dict); it returned {out!r:.200}")
+        return pair[0], dict(pair[1] or {})
+
+    return draw
+
+
 def make_prompt_fn(name: str, path: Path | None = None) -> PromptFn:
     if name == "from_file":
         return from_file(path)
+    if ":" in name:
+        from reward_servers.scorer import import_attribute
+
+        return user_prompt_fn(import_attribute(name, "prompt.fn"), f"prompt.fn {name}")
     return PROMPT_FNS[name]()
