@@ -253,3 +253,20 @@ def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
     for j in range(4):  # training (train.cfg false: no negative prompt) re-scores exactly what was sampled
         log_prob, _, _ = rescore(pipe.unet, pipe.scheduler, batch, j, None, 1.0, 1.0)
         assert torch.equal(log_prob, batch.log_probs[:, j])
+
+
+# -- item 15 ------------------------------------------------------------------------------------------------
+def test_next_epoch_samples_are_clipped_around_the_current_weights(tmp_path, tiny_cache):
+    def run(name, overlap, decoupled="auto"):
+        cfg = tiny_run(tmp_path / name, tiny_cache, 2)
+        cfg.run.log_with, cfg.reward.overlap, cfg.train.decoupled_ppo = "none", overlap, decoupled
+        return train(cfg)
+
+    plain, fresh = run("plain", "epoch"), run("fresh", "epoch", "on")
+    # Samples from the current weights: the proximal policy is the sampling one, decoupled PPO is plain PPO.
+    assert [m["loss"] for m in fresh] == pytest.approx([m["loss"] for m in plain], rel=1e-4, abs=1e-9)
+    assert all(m["clipfrac_first_step"] == 0 and m["stale_clipfrac"] == 0 for m in fresh)
+    stale, ahead = run("stale", "next_epoch", "off"), run("ahead", "next_epoch")  # auto: decoupled
+    assert stale[1]["clipfrac_first_step"] > 0.1  # epoch 1 was sampled before epoch 0's updates
+    assert ahead[1]["clipfrac_first_step"] == 0 and ahead[1]["stale_clipfrac"] > 0.1
+    assert ahead[0]["reward_mean"] == stale[0]["reward_mean"] and ahead[1]["reward_mean"] == stale[1]["reward_mean"]

@@ -4,7 +4,7 @@
 
 Layout: ``<output_dir>/checkpoints/checkpoint-<epochs done>/``. A checkpoint is written into a hidden staging
 folder and renamed into place only when every process has written its part, so a run killed mid-save
-leaves no folder that ``latest`` would pick. Only the newest ``keep`` checkpoints stay. Nothing is pickled:
+leaves no folder that ``resolve`` would pick. Only the newest ``keep`` checkpoints stay. Nothing is pickled:
 tensors go to safetensors, the rest to JSON; the optimizer's state dict goes through
 ``torch.load(weights_only=True)``.
 
@@ -44,16 +44,6 @@ def _is_checkpoint(path: Path) -> bool:
 def _newest_first(run: Path) -> list[Path]:
     found = [p for p in (run / "checkpoints").glob(f"{PREFIX}*") if p.name.removeprefix(PREFIX).isdigit()]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)), reverse=True)
-
-
-def latest(path: Path) -> Path | None:
-    """``path`` itself if it is a checkpoint, else the newest complete checkpoint of the run folder ``path``
-    (unverified: ``resolve`` is what resuming uses)."""
-    path = Path(path)
-    if (path / "state.json").exists():
-        return path
-    done = [p for p in _newest_first(path) if (p / "state.json").exists()]
-    return done[0] if done else None
 
 
 def resolve(path: Path, warn: Callable[[str], None] = print) -> Path:

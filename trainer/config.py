@@ -90,6 +90,10 @@ class TrainConfig(_Group):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA")
     group_std: Literal["group", "global"] = Field("group", description="with images_per_prompt > 1: divide by each "
                                                   "group's std or by the whole epoch's")
+    decoupled_ppo: Literal["auto", "on", "off"] = Field(
+        "auto", description="on: clip the PPO ratio around the weights at the start of each update and weight it "
+        "back to the sampling weights (decoupled PPO), one more forward per trained step; auto: on exactly when "
+        "reward.overlap is next_epoch, whose samples are one update old")
     per_prompt_stat_tracking: bool = Field(False, description="normalise rewards per exact prompt string")
     stat_buffer_size: int = Field(16, gt=0)
     stat_min_count: int = Field(16, gt=0)
@@ -110,10 +114,23 @@ class TrainConfig(_Group):
 
 
 class PromptConfig(_Group):
-    fn: Literal[
-        "simple_animals", "imagenet_all", "imagenet_animals", "imagenet_dogs", "nouns_activities", "counting", "from_file"
-    ] = "simple_animals"
+    fn: str = Field("simple_animals", description="simple_animals, imagenet_all, imagenet_animals, imagenet_dogs, "
+                    "nouns_activities, counting, from_file, or your own module:function (see trainer/prompts.py)")
     path: Path | None = Field(None, description="for from_file: one prompt per line", validate_default=True)
+
+    @field_validator("fn")
+    @classmethod
+    def _known(cls, fn: str) -> str:
+        from trainer.prompts import PROMPT_FNS
+
+        if ":" in fn:
+            from reward_servers.scorer import import_attribute
+
+            import_attribute(fn, repr(fn))  # importable now, not after the model has loaded
+        elif fn not in {*PROMPT_FNS, "from_file"}:
+            raise ValueError(f"unknown prompt set {fn!r}; choose one of {', '.join([*PROMPT_FNS, 'from_file'])}, "
+                             "or name your own as module:function")
+        return fn
 
     @field_validator("path")
     @classmethod
@@ -127,7 +144,8 @@ class RewardSource(_Group):
     """One scorer: in-process by name, or a reward server (one URL per replica)."""
 
     url: list[str] = Field([], description="reward server URL(s); empty scores in-process")
-    scorer: str = Field("compression", description="scorer name (in-process), or a label for the server's")
+    scorer: str = Field("compression", description="in-process: a scorer name, or your own module:function / "
+                        "module:Class; with url: a label for the server's")
     options: dict[str, str | int | float] = Field(
         {}, description="in-process scorer options, e.g. --reward.options weights=/models/sac+logos+ava1-l14-linearMSE.pth"
     )
@@ -140,25 +158,24 @@ class RewardSource(_Group):
     @field_validator("scorer")
     @classmethod
     def _known(cls, scorer: str, info: ValidationInfo) -> str:
-        from reward_servers.scorer import SCORERS
+        from reward_servers.scorer import scorer_target
 
-        if not info.data.get("url") and scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(sorted(SCORERS))}")
+        if not info.data.get("url"):
+            scorer_target(scorer)  # a built-in, an entry point or module:function; raises saying what is wrong
         return scorer
 
     @field_validator("options")
     @classmethod
     def _options(cls, options: dict, info: ValidationInfo) -> dict:
-        import inspect
-
-        from reward_servers.scorer import scorer_class
+        from reward_servers.scorer import scorer_options
 
         scorer = info.data.get("scorer")
         if options and scorer and not info.data.get("url"):
-            accepted = inspect.signature(scorer_class(scorer).__init__).parameters
-            unknown = sorted(set(options) - set(accepted) - {"self"})
+            accepted = scorer_options(scorer)
+            unknown = sorted(set(options) - accepted)
             if unknown:
-                raise ValueError(f"scorer {scorer!r} takes no option {', '.join(unknown)}")
+                raise ValueError(f"scorer {scorer!r} takes no option {', '.join(unknown)}"
+                                 + (f" (it takes {', '.join(sorted(accepted))})" if accepted else ""))
         return options
 
 

@@ -212,18 +212,33 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
         # 3. PPO-clip updates on the stored trajectories.
         unet.train()
         stats = defaultdict(list)
+        decoupled = cfg.train.decoupled_ppo == "on" or (cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch")
         epoch_start_step = global_step
         for _ in range(cfg.train.num_inner_epochs):
-            batch_iter = trajectories.shuffled(advantages_local, cfg.train.batch_size, plan.train_timesteps)
-            for chunk, adv in tqdm(batch_iter, total=len(trajectories.prompts) // cfg.train.batch_size,
-                                   desc=f"epoch {epoch} training", disable=quiet, leave=False):
+            chunks = list(trajectories.shuffled(advantages_local, cfg.train.batch_size, plan.train_timesteps))
+            # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples
+            # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
+            # range and give no gradient; clip around the weights at the start of this update instead (one
+            # extra forward per trained step), importance-weighted back to the weights that sampled.
+            proximal = [_proximal(accelerator, policy, pipe.scheduler, chunk, plan.train_timesteps, guidance)
+                        if decoupled else None for chunk, _ in chunks]
+            for (chunk, adv), prox in tqdm(zip(chunks, proximal), total=len(chunks), desc=f"epoch {epoch} training",
+                                           disable=quiet, leave=False):
                 for j in range(plan.train_timesteps):
                     with accelerator.accumulate(unet):
                         with accelerator.autocast():
                             log_prob, mean, sigma = rescore(unet, pipe.scheduler, chunk, j, *guidance)
-                        loss, step_stats = ppo_clip_loss(
-                            log_prob, chunk.log_probs[:, j], adv, cfg.train.clip_range, cfg.train.adv_clip_max
-                        )
+                        if prox is None:
+                            loss, step_stats = ppo_clip_loss(
+                                log_prob, chunk.log_probs[:, j], adv, cfg.train.clip_range, cfg.train.adv_clip_max
+                            )
+                        else:
+                            weight = torch.exp(prox[:, j] - chunk.log_probs[:, j])  # proximal / behaviour
+                            clipped = adv.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
+                            # weight > 0 scales both PPO terms alike, so it can ride on the advantages
+                            loss, step_stats = ppo_clip_loss(log_prob, prox[:, j], clipped * weight,
+                                                             cfg.train.clip_range, float("inf"))
+                            step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.train.clip_range).float().mean()
                         if cfg.train.kl_coef:
                             kl = gaussian_kl(mean, _reference_mean(accelerator, policy, pipe.scheduler, chunk, j, guidance), sigma)
                             loss = loss + cfg.train.kl_coef * kl.mean()
@@ -323,6 +338,13 @@ def _adamw(cfg: Config):
 
         return bnb.optim.AdamW8bit
     return torch.optim.AdamW
+
+
+@torch.no_grad()
+def _proximal(accelerator, unet, scheduler, chunk: Trajectories, steps: int, guidance) -> torch.Tensor:
+    """(N, steps) log-probs of the chunk's stored steps under the current weights, as constants."""
+    with accelerator.autocast():
+        return torch.stack([rescore(unet, scheduler, chunk, j, *guidance)[0] for j in range(steps)], dim=1)
 
 
 @torch.no_grad()
