@@ -178,17 +178,21 @@ def test_config_json_given_back_takes_the_token_from_the_environment(tmp_path, t
 def test_captions_fit_images_of_any_width():
     from PIL import Image, ImageDraw, ImageFont
 
-    from trainer.grid import _fit, grid
+    from trainer.grid import MIN_CELL_PX, grid, wrap
 
     draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
-    for width in (1, 2, 5, 8, 11, 12, 13, 30, 64):
-        sheet = grid([np.zeros((8, width, 3), np.uint8)] * 2, ["a rather long caption", "…"], columns=2)
-        assert sheet.size == (2 * width, 8 + 14)
-        for caption in ("a rather long caption", "…", "ab", ""):
-            fitted = _fit(draw, caption, font, width - 4)
-            assert draw.textlength(fitted, font=font) <= max(width - 4, 0)
-    assert _fit(draw, "a cat", font, 100) == "a cat"
-    assert _fit(draw, "a rather long caption", font, 40).endswith("…")
+    caption = "+1.234 a tiny turkey riding a bicycle through a field of extraordinarily-long-hyphenated-words"
+    for width in (1, 2, 5, 8, 11, 12, 13, 30, 64, 300):
+        sheet = grid([np.zeros((8, width, 3), np.uint8)] * 3, [caption, "…", ""], columns=2)
+        cell = width * max(1, -(-MIN_CELL_PX // width))
+        assert sheet.size[0] == 2 * cell and cell >= min(width, MIN_CELL_PX)
+        for text in (caption, "…", "ab", ""):
+            for pixels in (0, 1, width, cell):
+                lines = wrap(draw, text, font, pixels)
+                assert "".join(lines).replace(" ", "") == text.replace(" ", "")  # nothing cut
+                assert all(draw.textlength(line, font=font) <= pixels or len(line) == 1 for line in lines)
+    assert wrap(draw, "a cat", font, 100) == ["a cat"]
+    assert len(wrap(draw, caption, font, 180)) > 1
 
 
 def _tiny_copy(tmp_path, tiny_cache, **scheduler) -> str:

@@ -269,12 +269,15 @@ def test_image_samples_hook_grid_and_histograms(tmp_path, tiny_cache):
                 Image.fromarray(image).save(buf, format="JPEG", quality=95)
                 assert reward == pytest.approx(-len(buf.getvalue()) / 1000)
     sheet = Image.open(cfg.run.output_dir / "images" / "epoch-0001.png")
-    assert sheet.size == (4 * 64, 64 + 14)
+    assert sheet.size[0] == 4 * 192 and sheet.size[1] > 192  # 64 px enlarged 3x, captions wrapped under
     events = list((cfg.run.output_dir / "diffusion-rl").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "histograms": 0, "tensors": 0}).Reload()
     assert "reward/compression" in acc.Tags()["histograms"] and "samples" in acc.Tags()["images"]
+    table = acc.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    rows = table.splitlines()[2:]
+    assert len(rows) == 8 and all("compression.jpeg_kb=" in row for row in rows)  # every sample, not one batch
     assert "reward_mean" in acc.Tags()["scalars"]
 
 
@@ -294,7 +297,8 @@ def test_before_after_grid(tmp_path, tiny_cache):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["reward"] == "compression" and summary["mean_before"] < 0 and summary["mean_after"] < 0
     assert summary["mean_before"] != summary["mean_after"]  # the LoRA changed the images
-    assert Image.open(out).size == (4 * 64, 2 * (64 + 14))
+    width, height = Image.open(out).size  # 2 prompts x (2 before + 2 after), 64 px enlarged 3x to 192
+    assert width == 4 * 192 and height > 2 * 192
 
 
 def test_reward_overlap_modes(tmp_path, tiny_cache, compression_server):

@@ -47,11 +47,20 @@ def show_samples(accelerator, out, epoch, images, batches, scored, rewards, hook
     board = tensorboard(accelerator)
     if board is not None:
         board.add_image("samples", np.asarray(picture), epoch, dataformats="HWC")
-        rows = ["| prompt | reward | info |", "| --- | --- | --- |"]
-        for i, (prompt, reward) in enumerate(zip(first["prompts"], total)):
-            info = "; ".join(f"{n}.{k}={v[i]}" for n, fields in first["info"].items() for k, v in fields.items())
-            rows.append(f"| {prompt} | {reward:+.4f} | {info} |")
+        # Every sample of this process, not only the pictured batch (the main process's come first in
+        # ``rewards``, which is gathered process-major).
+        rows, i = ["| prompt | reward | info |", "| --- | --- | --- |"], 0
+        for batch in per_batch:
+            for j, prompt in enumerate(batch["prompts"]):
+                info = "; ".join(f"{n}.{k}={v[j]}" for n, fields in batch["info"].items() for k, v in fields.items())
+                rows.append(f"| {_cell(prompt)} | {rewards[i]:+.4f} | {_cell(info)} |")
+                i += 1
         board.add_text("samples", "\n".join(rows), epoch)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def sample_records(epoch: int, process: int, prompts: list[str], scored: dict) -> list[dict]:
