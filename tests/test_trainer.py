@@ -287,11 +287,11 @@ def test_before_after_grid(tmp_path, tiny_cache):
     cfg = small_config(tmp_path, tiny_cache)
     cfg.run.num_epochs = 1
     train(cfg)
-    out = tmp_path / "grid.png"
+    out = cfg.run.output_dir / "before_after.png"  # the run folder by default, whatever the current folder
     result = subprocess.run(
         [sys.executable, "-m", "trainer.sample", "--cache_dir", str(tiny_cache), "--lora", str(cfg.run.output_dir / "lora"),
-         "--prompts", '["a cat", "an owl"]', "--per_prompt", "2", "--steps", "4", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+         "--prompts", '["a cat", "an owl"]', "--per_prompt", "2", "--steps", "4"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

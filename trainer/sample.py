@@ -1,6 +1,9 @@
 """``python -m trainer.sample``: the same seeds through a base model and base + LoRA, side by side, scored.
 
-    python -m trainer.sample --lora outputs/tiny/lora --prompts '["a cat", "an owl"]' --out before_after.png
+    python -m trainer.sample --lora outputs/tiny/lora --prompts '["a cat", "an owl"]'
+
+writes ``outputs/tiny/before_after.png``: the run folder (the one holding ``lora/`` or ``unet/``), unless
+``--out`` says otherwise.
 
 Each row is one prompt: the base model's images, then the finetuned ones from the same noise. Captions
 carry each image's reward; a JSON summary (mean reward before and after) goes to stdout.
@@ -32,11 +35,13 @@ class SampleSettings(BaseSettings):
     guidance_scale: float = 5.0
     eta: float = 1.0
     reward: str | None = Field("compression", description="in-process scorer for the captions (none: no scores)")
-    out: Path = Path("before_after.png")
+    out: Path | None = Field(None, description="where the grid goes (default: before_after.png in the run folder)")
 
     def cli_cmd(self) -> None:
         if (self.lora is None) == (self.unet is None):
             raise SystemExit("python -m trainer.sample: give exactly one of --lora or --unet")
+        if self.out is None:  # next to the run's other outputs, not wherever the command was typed
+            self.out = Path(self.lora or self.unet).resolve().parent / "before_after.png"
         print(json.dumps(render(self)))
 
 
