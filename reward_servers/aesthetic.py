@@ -47,6 +47,12 @@ class AestheticScorer(Scorer):
         self.clip = ClipEmbedder(checkpoint)
         self.weights = weights
 
+    def requirements(self) -> dict[str, tuple[str, str | None, str]]:
+        needs = self.clip.requirements()
+        if self.clip.checkpoint != "tiny":  # the tiny CLIP comes with tiny MLP weights
+            needs["weights"] = ("file", self.weights, "the LAION MLP, sac+logos+ava1-l14-linearMSE.pth or .safetensors")
+        return needs
+
     def load(self, device: str = "cpu") -> None:
         if self.weights is None:
             if self.clip.checkpoint != "tiny":

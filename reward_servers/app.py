@@ -94,8 +94,9 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
         ready = service.ready and not service.draining
         return JSONResponse({"ready": ready, "draining": service.draining}, status_code=200 if ready else 503)
 
-    @app.get("/v1/info", summary="What this server scores")
-    async def info() -> dict:
+    @app.get("/v1/info", summary="What this server scores (and, given a bearer token, whether it is accepted)")
+    async def info(request: Request) -> dict:
+        given = request.headers.get("authorization")
         return {
             "version": VERSION,
             "scorer": service.name,
@@ -108,6 +109,8 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
                 "max_decoded_bytes": options.max_decoded_bytes, "body_timeout_s": options.body_timeout_s,
             },
             "auth": token is not None,
+            # An authenticated no-op: a trainer checks its token here before any model loads.
+            "authorized": None if given is None else (token is None or _bearer_matches(given, token)),
         }
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,

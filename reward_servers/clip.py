@@ -22,6 +22,12 @@ class ClipEmbedder:
     def __init__(self, checkpoint: str, processor: str | None = None):
         self.checkpoint, self.processor_id = checkpoint, processor or checkpoint
 
+    def requirements(self) -> dict[str, tuple[str, str | None, str]]:
+        needs = {"checkpoint": ("model", self.checkpoint, "the CLIP model")}
+        if self.processor_id != self.checkpoint:
+            needs["processor"] = ("model", self.processor_id, "the CLIP processor")
+        return needs
+
     def load(self, device: str) -> None:
         import torch
         from transformers import AutoProcessor, CLIPModel
@@ -50,6 +56,9 @@ class ClipScore(Scorer):
 
     def __init__(self, checkpoint: str = "openai/clip-vit-large-patch14", processor: str | None = None):
         self.clip = ClipEmbedder(checkpoint, processor)
+
+    def requirements(self) -> dict[str, tuple[str, str | None, str]]:
+        return self.clip.requirements()
 
     def load(self, device: str = "cpu") -> None:
         self.clip.load(device)

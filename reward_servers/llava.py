@@ -44,6 +44,12 @@ class LlavaScorer(Scorer):
 
             self.bertscore = BertScore(bertscore_model, bertscore_layer)
 
+    def requirements(self) -> dict[str, tuple[str, str | None, str]]:
+        needs = {"checkpoint": ("model", self.checkpoint, "the LLaVA model")}
+        if self.mode == "bertscore":
+            needs["bertscore_model"] = ("model", self.bertscore.checkpoint, "the BERTScore encoder")
+        return needs
+
     def load(self, device: str = "cpu") -> None:
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration

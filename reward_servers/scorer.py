@@ -41,6 +41,12 @@ class Scorer(ABC):
     def load(self, device: str = "cpu") -> None:
         """Load weights onto ``device``; called once before the first ``score``."""
 
+    def requirements(self) -> dict[str, tuple[str, str | None, str]]:
+        """What ``load`` will need, by option name: ``(kind, ref, what)`` with kind "model" (an id or folder)
+        or "file", ``ref`` None when the option must be given, ``what`` naming it for people. Checked before
+        anything loads (``reward_servers.hub.problem``)."""
+        return {}
+
     def check(self, prompts: list[str], metadata: list[dict[str, Any]]) -> None:
         """Raise ValueError("metadata.3: ...") for a request this scorer cannot score, before it is batched."""
 

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import free_port
 from trainer.config import Config, RewardComponent, RewardConfig
-from trainer.rewards import LocalReward, RewardError, Rewards
+from trainer.preflight import PreflightError, check
+from trainer.rewards import LocalReward, Rewards
 
 
 def test_an_in_process_nan_stops_the_run_instead_of_reaching_the_advantages():
@@ -28,7 +29,7 @@ def test_an_unreachable_reward_server_is_found_before_any_model_loads(tmp_path):
     from trainer.train import train
 
     start = time.monotonic()
-    with pytest.raises(RewardError, match=f"not ready after 1 s: {dead}: unreachable .*--reward.url"):
+    with pytest.raises(PreflightError, match=f"(?s)--reward.url {dead}: unreachable .*fix --reward.url"):
         train(cfg)
     assert time.monotonic() - start < 30
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), "a model was loaded first"
@@ -36,8 +37,9 @@ def test_an_unreachable_reward_server_is_found_before_any_model_loads(tmp_path):
 
 def test_one_replica_down_is_a_warning_while_another_is_ready(compression_server, caplog):
     dead = f"http://127.0.0.1:{free_port()}"
-    rewards = Rewards(RewardConfig(url=[dead, compression_server.url], probe_timeout=1.0))
-    assert "some replicas are not ready" in caplog.text and dead in caplog.text
+    check(Config(reward={"url": [dead, compression_server.url], "probe_timeout": 1.0}), 1, "cpu")
+    assert "using the other replicas" in caplog.text and dead in caplog.text
+    rewards = Rewards(RewardConfig(url=[dead, compression_server.url]))
     scores = rewards.submit(np.zeros((2, 8, 8, 3), np.uint8), ["a", "b"], [{}, {}])["compression"].result(timeout=30)
     assert len(scores.scores) == 2
     rewards.close()

@@ -9,7 +9,6 @@ optionally standardised over the epoch first so that rewards of different scales
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -19,9 +18,6 @@ import numpy as np
 from protocol import check_scores
 from reward_servers.scorer import ScoreOutput, concat, create_scorer
 from trainer.config import RewardComponent, RewardConfig
-
-
-log = logging.getLogger("trainer")
 
 
 class RewardError(RuntimeError):
@@ -59,7 +55,6 @@ class RemoteReward:
 
         self.name = f"{component.name} (reward server {', '.join(component.url)})"
         self.encoding = cfg.encoding
-        probe(self.name, component.url, cfg.probe_timeout)
         self.client = RewardClient(
             component.url, timeout=cfg.timeout, retries=cfg.retries, deadline=cfg.deadline,
             token=cfg.token.get_secret_value() if cfg.token else None,
@@ -82,36 +77,6 @@ class RemoteReward:
 
     def close(self) -> None:
         self.client.close()
-
-
-def probe(name: str, urls: list[str], timeout: float) -> None:
-    """Wait up to ``timeout`` s for the servers' /readyz, so that a wrong URL or a server that is down is
-    found before the big model loads, not minutes later at the first batch. A replica that stays down is
-    only a warning while another is ready: the client fails over."""
-    import httpx
-
-    deadline, seen, waiting = time.monotonic() + timeout, {}, list(urls)
-    with httpx.Client(timeout=min(5.0, timeout)) as http:
-        while True:
-            for url in list(waiting):
-                try:
-                    status = http.get(f"{url}/readyz").status_code
-                    seen[url] = f"/readyz answered {status} (still loading the model, or shutting down)"
-                except httpx.HTTPError as exc:
-                    status, seen[url] = None, f"unreachable ({type(exc).__name__}: {exc})"
-                if status == 200:
-                    waiting.remove(url)
-            if not waiting or time.monotonic() >= deadline:
-                break
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    problems = "; ".join(f"{url}: {seen[url]}" for url in waiting)
-    if waiting and len(waiting) == len(urls):
-        raise RewardError(
-            f"reward scorer {name}: not ready after {timeout:g} s: {problems}. Start the server "
-            "(reward-server --model ...), fix --reward.url, or wait longer with --reward.probe_timeout"
-        )
-    if waiting:
-        log.warning("reward scorer %s: some replicas are not ready (%s); using the others", name, problems)
 
 
 class Rewards:

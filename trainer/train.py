@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer import checkpoint, tracking
+from trainer import checkpoint, preflight, tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import BatchPlan, Config
 from trainer.ema import EMA
@@ -49,9 +49,8 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
         log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
         project_dir=out,
     )
-    plan = BatchPlan.of(cfg, accelerator.num_processes)  # bad batch sizes fail here, before any model loads
-    if cfg.run.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # half weights, no autocast there
-        raise ValueError("run.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no (--run.mixed_precision no)")
+    # Every problem of the config, its models, files and reward servers at once, before any model loads.
+    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type)
     accelerator.print(f"batch plan: {plan.describe()}")
     # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
     # logs are trimmed to its epoch before anything is logged.

@@ -1,0 +1,83 @@
+"""Errors a person can act on: every problem of a run found before any model loads, each in one line that
+names the setting and the fix, exit status 2, no traceback (unless --debug)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run_trainer(tmp_path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = ["--run.output_dir", str(tmp_path / "run"), "--pretrained.cache_dir", str(tmp_path / "cache"),
+            "--run.log_with", "none", "--reward.probe_timeout", "1"]
+    return subprocess.run([sys.executable, "-m", "trainer", *base, *args], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def assert_user_error(tmp_path, result, *messages: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    for message in messages:
+        assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.iterdir()), "a model was built or loaded before the error"
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_misspelled_option_suggests_the_right_one(tmp_path):
+    result = run_trainer(tmp_path, "--train.learnin_rate", "3e-4")
+    assert_user_error(tmp_path, result, "--train.learnin_rate: no such option; did you mean --train.learning_rate?")
+
+
+def test_a_bad_value_names_its_field(tmp_path):
+    result = run_trainer(tmp_path, "--train.learning_rate", "-1")
+    assert_user_error(tmp_path, result, "--train.learning_rate: Input should be greater than 0")
+
+
+def test_a_gpu_preset_on_a_cpu_box_lists_every_problem_at_once(tmp_path):
+    result = run_trainer(tmp_path, "--preset", "sd15-aesthetic-1gpu", env={"HF_HUB_OFFLINE": "1"})
+    assert_user_error(
+        tmp_path, result,
+        "run.mixed_precision: fp16 needs a GPU",
+        "--pretrained.model runwayml/stable-diffusion-v1-5: not in the Hugging Face cache",
+        "--reward.options checkpoint=...: openai/clip-vit-large-patch14: not in the Hugging Face cache",
+        "--reward.options weights=...: required (the LAION MLP",  # the trainer's flag, not the server's --weights
+    )
+
+
+def test_missing_files_and_folders_are_named(tmp_path):
+    result = run_trainer(tmp_path, "--pretrained.model", str(tmp_path / "nowhere"), "--reward.scorer", "aesthetic",
+                         "--reward.options", f"weights={tmp_path / 'mlp.pth'}", "--reward.options", "checkpoint=tiny",
+                         "--sample.batch_size", "6", "--train.batch_size", "4")
+    assert_user_error(tmp_path, result, f"--pretrained.model {tmp_path / 'nowhere'}: no such folder",
+                      "sample.batch_size (6) must be a multiple of train.batch_size (4)")
+    assert "weights" not in result.stderr  # the tiny CLIP brings its own MLP weights
+
+
+def test_an_unreachable_scorer(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run_trainer(tmp_path, "--reward.url", dead)
+    assert_user_error(tmp_path, result, f"--reward.url {dead}: unreachable", "reward-server --model compression")
+
+
+def test_a_token_that_is_missing_or_refused_and_a_scorer_that_is_not_the_one_named(tmp_path, start_server):
+    server = start_server("--model", "synthetic", env={"REWARD_SERVER_TOKEN": "right-token"})
+    result = run_trainer(tmp_path, "--reward.url", server.url)
+    assert_user_error(tmp_path, result, f"--reward.url {server.url} serves 'synthetic', not 'compression': set "
+                      "--reward.scorer synthetic", "requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN")
+    result = run_trainer(tmp_path, "--reward.url", server.url, "--reward.scorer", "synthetic",
+                         env={"DIFFUSION_RL_REWARD__TOKEN": "wrong-token"})
+    assert_user_error(tmp_path, result, f"--reward.url {server.url} refuses the token given")
+    assert "wrong-token" not in result.stderr and "right-token" not in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_trainer(tmp_path, "--debug", "--pretrained.model", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "Traceback" in result.stderr and "PreflightError" in result.stderr

@@ -1,0 +1,107 @@
+"""Everything a run needs, checked before any model loads; every problem reported at once, each with the
+setting that fixes it in the trainer's own syntax.
+
+Checked: the batch arithmetic, mixed precision against the device, the pretrained model (a local folder,
+the Hugging Face cache or the hub), each in-process scorer's models and files (e.g. the LAION weights), and
+each reward server: that it answers /readyz, serves the scorer the config names, and accepts the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from reward_servers.hub import problem
+from trainer.config import BatchPlan, BatchPlanError, Config, RewardComponent, RewardConfig
+
+log = logging.getLogger("trainer")
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message lists why, one line per problem."""
+
+
+def check(cfg: Config, num_processes: int, device_type: str) -> BatchPlan | None:
+    """Raise PreflightError naming every problem; returns the batch plan."""
+    problems, plan = [], None
+    try:
+        plan = BatchPlan.of(cfg, num_processes)
+    except BatchPlanError as exc:
+        problems += [line.strip() for line in str(exc).splitlines()[1:]]
+    if cfg.run.mixed_precision == "fp16" and device_type == "cpu":  # half weights, no autocast there
+        problems.append("run.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no (--run.mixed_precision no)")
+    found = problem("model", cfg.pretrained.model, "the diffusers pipeline", marker="model_index.json")
+    if found:
+        problems.append(f"--pretrained.model {found}")
+    for i, component in enumerate(cfg.reward.sources()):
+        where = "reward" if not cfg.reward.components else f"reward.components[{i}]"
+        if component.url:
+            problems += _server_problems(component, cfg.reward, where)
+        else:
+            problems += _scorer_problems(component, where)
+    if problems:
+        raise PreflightError("this run cannot start:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def _scorer_problems(component: RewardComponent, where: str) -> list[str]:
+    from reward_servers.scorer import create_scorer
+
+    try:
+        scorer = create_scorer(component.scorer, **component.options)  # constructing loads nothing
+    except (TypeError, ValueError) as exc:
+        return [f"{where}.scorer {component.scorer}: {exc}"]
+    flag = "--reward.options" if where == "reward" else f"{where}.options"
+    return [f"{flag} {option}=...: {found}" for option, (kind, ref, what) in scorer.requirements().items()
+            if (found := problem(kind, ref, what))]
+
+
+def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) -> list[str]:
+    import httpx
+
+    token = cfg.token.get_secret_value() if cfg.token else None
+    ready, problems = probe(component.url, cfg.probe_timeout)
+    if len(problems) == len(component.url):
+        return [f"--{where}.url {url}: {p}" for url, p in problems.items()] + [
+            f"  (start the server, e.g. reward-server --model {component.scorer}; fix --{where}.url; "
+            f"or wait longer with --reward.probe_timeout, now {cfg.probe_timeout:g} s)"]
+    for url, p in problems.items():
+        log.warning("reward server %s: %s; using the other replicas", url, p)
+    found = []
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    for url in ready:
+        try:
+            info = httpx.get(f"{url}/v1/info", headers=headers, timeout=10).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            found.append(f"--{where}.url {url}: /v1/info failed ({type(exc).__name__}: {exc})")
+            continue
+        if info.get("scorer") != component.scorer:
+            found.append(f"--{where}.url {url} serves {info.get('scorer')!r}, not {component.scorer!r}: set "
+                         f"--{where}.scorer {info.get('scorer')} (a remote scorer's name labels it) or point the URL at a "
+                         f"{component.scorer} server")
+        if info.get("auth") and token is None:
+            found.append(f"--{where}.url {url} requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN (reward.token)")
+        elif info.get("authorized") is False:
+            found.append(f"--{where}.url {url} refuses the token given (DIFFUSION_RL_REWARD__TOKEN / reward.token)")
+    return found
+
+
+def probe(urls: list[str], timeout: float) -> tuple[list[str], dict[str, str]]:
+    """Poll every URL's /readyz for up to ``timeout`` s; returns the ready ones and, for the others, why not."""
+    import httpx
+
+    deadline, seen, waiting = time.monotonic() + timeout, {}, list(urls)
+    with httpx.Client(timeout=min(5.0, timeout)) as http:
+        while True:
+            for url in list(waiting):
+                try:
+                    status = http.get(f"{url}/readyz").status_code
+                    seen[url] = f"/readyz answered {status} after {timeout:g} s (still loading the model, or shutting down)"
+                except httpx.HTTPError as exc:
+                    status, seen[url] = None, f"unreachable ({type(exc).__name__}: {exc})"
+                if status == 200:
+                    waiting.remove(url)
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    return [u for u in urls if u not in waiting], {u: seen[u] for u in waiting}
