@@ -129,10 +129,21 @@ def create_scorer(name: str, **options: Any) -> Scorer:
     return FunctionScorer(target, name)
 
 
+def torch_images(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a reward function that takes images as TRL passes them: a float torch tensor in [0, 1], (N, 3, H, W).
+
+    Unmarked functions get what every scorer gets: uint8 numpy, (N, H, W, 3).
+    """
+    fn.images = "torch"
+    return fn
+
+
 class FunctionScorer(Scorer):
     """A reward function ``fn(images, prompts, metadata) -> (scores, info)`` (or ``-> scores``) as a scorer.
 
-    ``fn`` may also return a ``concurrent.futures.Future`` of that; the scorer waits for it.
+    ``images`` are uint8 numpy (N, H, W, 3), or a float torch tensor in [0, 1] (N, 3, H, W) for a function
+    marked with ``torch_images``. ``fn`` may also return a ``concurrent.futures.Future`` of its result; the
+    scorer waits for it. Scores may be any sequence of numbers (a list, numpy, a torch tensor).
     """
 
     description = "a reward function"
@@ -143,9 +154,15 @@ class FunctionScorer(Scorer):
         self.description = (inspect.getdoc(fn) or "a reward function").splitlines()[0]
 
     def score(self, images, prompts, metadata) -> ScoreOutput:
+        if getattr(self.fn, "images", "numpy") == "torch":
+            import torch
+
+            images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
         result = self.fn(images, prompts, metadata)
         if hasattr(result, "result") and callable(result.result):  # a Future
             result = result.result()
         has_info = isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], (dict, type(None)))
         scores, info = result if has_info else (result, {})
+        if hasattr(scores, "detach"):  # a torch tensor, perhaps on a GPU
+            scores = scores.detach().float().cpu().numpy()
         return ScoreOutput(np.asarray(scores, dtype=np.float64), dict(info or {}))

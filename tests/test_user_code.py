@@ -88,3 +88,63 @@ def test_user_scorer_mistakes_are_start_up_errors(user_package, args, message):
     exe = Path(sys.executable).parent / "reward-server"
     result = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+# -- the Python API and the command line, end to end --------------------------------------------------------
+def _small(tmp_path, tiny_cache, **reward):
+    from trainer.config import Config
+
+    return Config(run={"output_dir": tmp_path / "run", "num_epochs": 1, "log_with": "none", "log_images_every": 0},
+                  pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 3, "batch_size": 4, "num_batches_per_epoch": 2},
+                  train={"batch_size": 2}, reward=reward)
+
+
+@pytest.mark.slow
+def test_reward_and_prompt_functions_from_python(tmp_path, tiny_cache):
+    import json
+
+    from reward_servers.scorer import torch_images
+    from trainer.train import train
+
+    seen = {}
+
+    def brightness(images, prompts, metadata):
+        seen["numpy"] = (images.dtype, images.shape, metadata[0])
+        return images.mean(axis=(1, 2, 3)) / 255, {"tag": [m["animal"] for m in metadata]}
+
+    @torch_images
+    def redness(images, prompts, metadata):  # TRL's signature: a float tensor in [0, 1], NCHW
+        seen["torch"] = (str(images.dtype), tuple(images.shape), float(images.min()), float(images.max()))
+        return images[:, 0].mean(dim=(1, 2)), {}
+
+    def animal(rng):
+        name = ["cat", "dog", "owl"][rng.integers(3)]
+        return f"a photo of a {name}", {"animal": name}
+
+    cfg = _small(tmp_path, tiny_cache, components=[{"name": "redness", "scorer": "compression", "weight": 0.5}])
+    history = train(cfg, reward_fn={"brightness": brightness, "redness": redness}, prompt_fn=animal)
+    assert seen["numpy"][0] == np.uint8 and seen["numpy"][1] == (4, 64, 64, 3) and "animal" in seen["numpy"][2]
+    assert seen["torch"][:2] == ("torch.float32", (4, 3, 64, 64)) and 0 <= seen["torch"][2] <= seen["torch"][3] <= 1
+    m = history[0]
+    # redness keeps its configured weight 0.5 (its scorer is the function now); brightness joins with weight 1
+    assert m["reward_mean"] == pytest.approx(m["reward_brightness_mean"] + 0.5 * m["reward_redness_mean"], rel=1e-6)
+    samples = [json.loads(line) for line in (cfg.run.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(s["prompt"] == f"a photo of a {s['brightness/tag']}" for s in samples)
+
+
+@pytest.mark.slow
+def test_reward_and_prompt_functions_by_name_on_the_command_line(user_package, tmp_path, tiny_cache):
+    import json
+    import os
+
+    (user_package / "user_prompts.py").write_text("def animal():\n    return 'a photo of an owl'\n")
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--reward.scorer", "user_rewards:brightness", "--prompt.fn", "user_prompts:animal",
+         "--run.output_dir", str(out), "--run.num_epochs", "1", "--run.log_with", "none", "--pretrained.cache_dir", str(tiny_cache),
+         "--sample.num_steps", "3", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1", "--train.batch_size", "2"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["a photo of an owl"] * 4 and all("first_pixel" in s for s in samples)

@@ -21,8 +21,9 @@ class PreflightError(ValueError):
     """The run cannot start; the message lists why, one line per problem."""
 
 
-def check(cfg: Config, num_processes: int, device_type: str) -> BatchPlan | None:
-    """Raise PreflightError naming every problem; returns the batch plan."""
+def check(cfg: Config, num_processes: int, device_type: str, skip: set[str] = frozenset()) -> BatchPlan | None:
+    """Raise PreflightError naming every problem; returns the batch plan. ``skip``: components that Python
+    reward functions replace (``train(cfg, reward_fn=...)``)."""
     problems, plan = [], None
     try:
         plan = BatchPlan.of(cfg, num_processes)
@@ -34,6 +35,8 @@ def check(cfg: Config, num_processes: int, device_type: str) -> BatchPlan | None
     if found:
         problems.append(f"--pretrained.model {found}")
     for i, component in enumerate(cfg.reward.sources()):
+        if component.name in skip or (skip and not cfg.reward.components):
+            continue
         where = "reward" if not cfg.reward.components else f"reward.components[{i}]"
         if component.url:
             problems += _server_problems(component, cfg.reward, where)

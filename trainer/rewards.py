@@ -11,13 +11,15 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from protocol import check_scores
-from reward_servers.scorer import ScoreOutput, concat, create_scorer
+from reward_servers.scorer import FunctionScorer, ScoreOutput, Scorer, concat, create_scorer
 from trainer.config import RewardComponent, RewardConfig
+
+RewardFn = Callable[..., Any]  # fn(images, prompts, metadata) -> (scores, info); see FunctionScorer
 
 
 class RewardError(RuntimeError):
@@ -27,9 +29,8 @@ class RewardError(RuntimeError):
 class LocalReward:
     """A scorer in this process, run on one helper thread (it receives numpy only, never tensors)."""
 
-    def __init__(self, component: RewardComponent, device: str = "cpu"):
-        self.name = component.name
-        self.scorer = create_scorer(component.scorer, **component.options)
+    def __init__(self, name: str, scorer: Scorer, device: str = "cpu"):
+        self.name, self.scorer = name, scorer
         self.scorer.load(device)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reward-{self.name}")
 
@@ -79,14 +80,55 @@ class RemoteReward:
         self.client.close()
 
 
-class Rewards:
-    """All reward components of a run."""
+def reward_functions(reward_fn: RewardFn | dict[str, RewardFn] | None) -> dict[str, RewardFn]:
+    """``train``'s ``reward_fn`` as name -> function: one function (named after itself) or a dict of them."""
+    if reward_fn is None:
+        return {}
+    if callable(reward_fn):
+        name = getattr(reward_fn, "__name__", "reward_fn")
+        return {"reward_fn" if name == "<lambda>" else name: reward_fn}
+    if isinstance(reward_fn, dict) and all(isinstance(k, str) and callable(v) for k, v in reward_fn.items()):
+        return dict(reward_fn)
+    raise TypeError(f"reward_fn must be a function or a dict of name -> function, got {type(reward_fn).__name__}")
 
-    def __init__(self, cfg: RewardConfig, device: str = "cpu"):
-        self.components = cfg.sources()
-        self.sources = {
-            c.name: RemoteReward(c, cfg) if c.url else LocalReward(c, device) for c in self.components
-        }
+
+def with_functions(cfg: RewardConfig, functions: dict[str, RewardFn]) -> list[RewardComponent]:
+    """The run's components once Python reward functions join them.
+
+    With no ``reward.components`` the functions replace the single configured scorer. Otherwise a function
+    takes the place (and the weight and normalisation) of the component of its name, or joins with weight 1.
+    """
+    def component(name: str, like: RewardComponent | None = None) -> RewardComponent:
+        # Constructed, not validated: the "scorer" of a function is the function, not a registered name.
+        return RewardComponent.model_construct(
+            name=name, scorer=name, url=[], options={}, weight=like.weight if like else 1.0,
+            normalize=like.normalize if like else False,
+        )
+
+    configured = cfg.sources()
+    if not functions:
+        return configured
+    if not cfg.components:
+        return [component(name) for name in functions]
+    by_name = {c.name: c for c in configured}
+    replaced = [component(c.name, c) if c.name in functions else c for c in configured]
+    return replaced + [component(name) for name in functions if name not in by_name]
+
+
+class Rewards:
+    """All reward components of a run: configured scorers (in process or served) and Python functions."""
+
+    def __init__(self, cfg: RewardConfig, device: str = "cpu", functions: dict[str, RewardFn] | None = None):
+        functions = functions or {}
+        self.components = with_functions(cfg, functions)
+        self.sources = {}
+        for c in self.components:
+            if c.name in functions:
+                self.sources[c.name] = LocalReward(c.name, FunctionScorer(functions[c.name], c.name), device)
+            elif c.url:
+                self.sources[c.name] = RemoteReward(c, cfg)
+            else:
+                self.sources[c.name] = LocalReward(c.name, create_scorer(c.scorer, **c.options), device)
 
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Future]:
         return {name: source.submit(images, prompts, metadata) for name, source in self.sources.items()}

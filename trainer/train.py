@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,13 +24,27 @@ from trainer.config import BatchPlan, Config
 from trainer.ema import EMA
 from trainer.loss import gaussian_kl, ppo_clip_loss
 from trainer.models import load_pipeline, make_trainable, save_weights
-from trainer.prompts import make_prompt_fn
-from trainer.rewards import Pending, Rewards
+from trainer.prompts import make_prompt_fn, user_prompt_fn
+from trainer.rewards import Pending, RewardFn, Rewards, reward_functions
 from trainer.sampling import Trajectories, encode_prompts, rescore, sample, to_uint8
 
 
-def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
+def train(
+    cfg: Config,
+    reward_fn: RewardFn | dict[str, RewardFn] | None = None,
+    prompt_fn: Callable[..., Any] | None = None,
+    image_samples_hook: Callable[[int, list[dict]], None] | None = None,
+) -> list[dict]:
     """Run DDPO; returns the per-epoch metrics.
+
+    ``reward_fn(images, prompts, metadata) -> (scores, info)``, as ddpo-pytorch's and TRL's: images uint8
+    numpy (N, H, W, 3) (a torch tensor in [0, 1], (N, 3, H, W), for a function marked ``torch_images``),
+    ``info`` a dict of per-image lists or omitted; it may return a Future instead. A dict of name ->
+    function gives several, weighted and normalised like ``reward.components`` of the same names. They
+    replace ``reward.scorer``, or join ``reward.components``.
+
+    ``prompt_fn(rng)`` or ``prompt_fn()`` returns a prompt or ``(prompt, metadata)`` (see trainer.prompts);
+    it replaces ``prompt.fn``.
 
     ``image_samples_hook(epoch, batches)``, as TRL's, receives this process's sampling batches of the epoch:
     dicts with ``images`` (uint8 NHWC), ``prompts``, ``metadata``, ``rewards`` and ``info`` (each reward
@@ -50,7 +64,8 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
         project_dir=out,
     )
     # Every problem of the config, its models, files and reward servers at once, before any model loads.
-    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type)
+    functions = reward_functions(reward_fn)
+    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type, skip=set(functions))
     accelerator.print(f"batch plan: {plan.describe()}")
     # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
     # logs are trimmed to its epoch before anything is logged.
@@ -66,13 +81,13 @@ def train(cfg: Config, image_samples_hook: Callable[[int, list[dict]], None] | N
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.run.seed, device_specific=True)
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
-    prompt_fn = make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
+    prompt_fn = user_prompt_fn(prompt_fn) if prompt_fn is not None else make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
     reward_fns = None
     # Whatever ends the run (an error, Ctrl-C), the reward clients' threads and event loops stop and the
     # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
     try:
         # Local scorers load here, on the training device: their errors come before the big models.
-        reward_fns = Rewards(cfg.reward, device=str(accelerator.device))
+        reward_fns = Rewards(cfg.reward, device=str(accelerator.device), functions=functions)
         return _train(cfg, accelerator, plan, reward_fns, prompt_fn, prompt_rng, resume, first_epoch, image_samples_hook)
     finally:
         try:
