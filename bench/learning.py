@@ -20,7 +20,7 @@ import numpy as np
 from pydantic_settings import CliApp
 
 from trainer.config import Config
-from trainer.train import train
+from trainer.ddpo import train
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def main() -> None:
     from pydantic_settings import CliApp
 
     from trainer.config import Config
-    from trainer.train import train
+    from trainer.ddpo import train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--sample-batch", type=int, default=8)

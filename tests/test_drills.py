@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from protocol import MEDIA_TYPE, build_request
 from trainer.config import Config
-from trainer.train import train
+from trainer.ddpo import train
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -14,7 +14,7 @@ import pytest
 from pydantic_settings import CliApp
 
 from trainer.config import Config
-from trainer.train import train
+from trainer.ddpo import train
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port
-from trainer.config import Config, RewardComponent, RewardConfig
+from trainer.config import Config, RewardConfig
 from trainer.preflight import PreflightError, check
 from trainer.rewards import LocalReward, Rewards
 
 
 def test_an_in_process_nan_stops_the_run_instead_of_reaching_the_advantages():
-    reward = LocalReward(RewardComponent(name="synthetic", scorer="synthetic", options={"nan_prompt": "bad"}))
+    from reward_servers.scorer import create_scorer
+
+    reward = LocalReward("synthetic", create_scorer("synthetic", nan_prompt="bad"))
     images = np.full((3, 8, 8, 3), 51, np.uint8)
     assert reward.submit(images, ["a", "b", "c"], [{}] * 3).result(timeout=30).scores == pytest.approx([0.2] * 3)
     with pytest.raises(ValueError, match="scores.1: score nan is not finite"):
@@ -26,7 +28,7 @@ def test_an_unreachable_reward_server_is_found_before_any_model_loads(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = Config(run={"output_dir": tmp_path / "run", "log_with": "none"}, pretrained={"cache_dir": tmp_path / "cache"},
                  reward={"url": [dead], "probe_timeout": 1.0})
-    from trainer.train import train
+    from trainer.ddpo import train
 
     start = time.monotonic()
     with pytest.raises(PreflightError, match=f"(?s)--reward.url {dead}: unreachable .*fix --reward.url"):

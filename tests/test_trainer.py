@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer.config import BatchPlan, Config
-from trainer.train import train
+from trainer.ddpo import train
 
 pytestmark = pytest.mark.slow
 

@@ -104,7 +104,7 @@ def test_reward_and_prompt_functions_from_python(tmp_path, tiny_cache):
     import json
 
     from reward_servers.scorer import torch_images
-    from trainer.train import train
+    from trainer.ddpo import train
 
     seen = {}
 
@@ -148,3 +148,23 @@ def test_reward_and_prompt_functions_by_name_on_the_command_line(user_package, t
     assert result.returncode == 0, result.stderr[-3000:]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == ["a photo of an owl"] * 4 and all("first_pixel" in s for s in samples)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written(tmp_path, tiny_cache):
+    import os
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- example: my_rewards.py.*?-->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert 15 <= len(code.strip().splitlines()) <= 30
+    (tmp_path / "my_rewards.py").write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_RL_PRETRAINED__CACHE_DIR": str(tiny_cache),
+           "DIFFUSION_RL_RUN__LOG_WITH": "none"}
+    result = subprocess.run([sys.executable, "my_rewards.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"reward 0\.\d{4} -> 0\.\d{4}", result.stdout), result.stdout[-500:]
+    import json
+
+    samples = [json.loads(line) for line in (tmp_path / "outputs/brightness/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 8 and all(s["prompt"].startswith("a photo of a ") and 0 <= s["red"] <= 255 for s in samples)

@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return Config
     if name == "train":
-        from trainer.train import train
+        from trainer.ddpo import train
 
         return train
     if name == "torch_images":

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.checkpoint import CheckpointError
     from trainer.preflight import PreflightError
     from trainer.rewards import RewardError
-    from trainer.train import train
+    from trainer.ddpo import train
 
     try:
         train(cfg)

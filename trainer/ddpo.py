@@ -1,4 +1,4 @@
-"""The DDPO epoch loop: sample with log-probs while rewards are scored, then PPO-clip updates.
+"""DDPO: the epoch loop that samples with log-probs while rewards are scored, then PPO-clip updates.
 
 Reads top to bottom: set-up, then per epoch (1) sample batches and submit each to the reward function at
 once, (2) wait for the epoch's rewards and turn them into advantages, (3) train on the stored trajectories.
