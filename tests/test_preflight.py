@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -81,3 +82,48 @@ def test_a_token_that_is_missing_or_refused_and_a_scorer_that_is_not_the_one_nam
 def test_debug_shows_the_traceback(tmp_path):
     result = run_trainer(tmp_path, "--debug", "--pretrained.model", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "Traceback" in result.stderr and "PreflightError" in result.stderr
+
+
+@pytest.mark.parametrize("when", ["sampling", "training"])
+def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, tiny_cache, when):
+    """SIGINT to a real trainer: it saves the last finished epoch (or finishes the epoch it is training),
+    prints the command, and that command continues to the very weights of an uninterrupted run."""
+    import re
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["--pretrained.cache_dir", str(tiny_cache), "--run.num_epochs", "4", "--run.save_freq", "0",
+            "--run.log_with", "none", "--run.log_images_every", "0", "--sample.num_steps", "4", "--sample.batch_size", "4",
+            "--sample.num_batches_per_epoch", "2", "--train.batch_size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([sys.executable, "-m", "trainer", "--run.output_dir", str(tmp_path / "straight"), *args],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--run.output_dir", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while f"epoch 2 {when}" not in "".join(err):  # tqdm names the phase the run is in
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(err)[-2000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=240) == 130, "".join(err)[-3000:]
+    reader.join(timeout=10)
+    stderr = "".join(err)
+    assert "Traceback" not in stderr
+    command = re.search(r"Resume with:\n  (python -m trainer .*)", stderr).group(1)
+    assert command == f"python -m trainer --config {out / 'config.json'} --run.resume_from {out}"
+    done = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    # sampling: epoch 2's samples are dropped, epoch 2 (the last finished) is saved; training: epoch 3 finishes first
+    assert done == ([2] if when == "sampling" else [3]), (done, stderr[-2000:])
+    assert ("finishing this epoch's updates" in stderr) == (when == "training")
+    resumed = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    one = load_file(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors")
+    two = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert one.keys() == two.keys() and all((one[k] == two[k]).all() for k in one)

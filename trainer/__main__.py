@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except (PreflightError, BatchPlanError, CheckpointError, RewardError, RewardServerError) as exc:  # the user's to fix
         fail(str(exc), exc, debug)
+    except KeyboardInterrupt:  # the trainer has saved what it could and printed how to resume
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

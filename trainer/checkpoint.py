@@ -41,7 +41,7 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "state.json").exists() or (path / MANIFEST).exists() or path.name.startswith(PREFIX)
 
 
-def _newest_first(run: Path) -> list[Path]:
+def newest_first(run: Path) -> list[Path]:
     found = [p for p in (run / "checkpoints").glob(f"{PREFIX}*") if p.name.removeprefix(PREFIX).isdigit()]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)), reverse=True)
 
@@ -56,7 +56,7 @@ def resolve(path: Path, warn: Callable[[str], None] = print) -> Path:
             raise CheckpointError(f"run.resume_from: checkpoint {path} is damaged: {problem}")
         return path
     skipped = []
-    for candidate in _newest_first(path):
+    for candidate in newest_first(path):
         problem = verify(candidate)
         if problem is None:
             if skipped:
@@ -150,8 +150,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any], promp
 
 
 def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, torch.Tensor], optimizer,
-         state: dict[str, Any], prompt_rng: np.random.Generator, ema=None) -> Path:
-    """Collective: every process calls it. ``epoch`` counts the epochs completed."""
+         state: dict[str, Any], prompt_rng: np.random.Generator, ema=None, rng: tuple | None = None) -> Path:
+    """Collective: every process calls it. ``epoch`` counts the epochs completed. ``rng``: the streams as
+    ``rng_state`` took them when the epoch ended, if they have moved on since (a save after Ctrl-C)."""
     root = out / "checkpoints"
     staging, final = root / f".staging-{PREFIX}{epoch}", root / f"{PREFIX}{epoch}"
     if accelerator.is_main_process:
@@ -160,7 +161,7 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
     accelerator.wait_for_everyone()
 
     rank = accelerator.process_index
-    tensors, plain = rng_state(prompt_rng)  # every process has its own streams
+    tensors, plain = rng or rng_state(prompt_rng)  # every process has its own streams
     save_file(tensors, str(staging / f"rng-{rank}.safetensors"))
     (staging / f"rng-{rank}.json").write_text(json.dumps(plain))
     if accelerator.is_main_process:
@@ -177,7 +178,7 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
         _write_manifest(staging)  # every process's files are in place now
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        for old in _newest_first(out)[keep:]:
+        for old in newest_first(out)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -6,6 +6,7 @@ once, (2) wait for the epoch's rewards and turn them into advantages, (3) train 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ from trainer import checkpoint, preflight, tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import BatchPlan, Config
 from trainer.ema import EMA
+from trainer.interrupt import CtrlC
 from trainer.loss import gaussian_kl, ppo_clip_loss
 from trainer.models import load_pipeline, make_trainable, save_weights
 from trainer.prompts import make_prompt_fn, user_prompt_fn
@@ -83,13 +85,19 @@ def train(
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = user_prompt_fn(prompt_fn) if prompt_fn is not None else make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
     reward_fns = None
+    ctrl_c = CtrlC(out, accelerator.num_processes)
     # Whatever ends the run (an error, Ctrl-C), the reward clients' threads and event loops stop and the
     # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
     try:
         # Local scorers load here, on the training device: their errors come before the big models.
         reward_fns = Rewards(cfg.reward, device=str(accelerator.device), functions=functions)
-        return _train(cfg, accelerator, plan, reward_fns, prompt_fn, prompt_rng, resume, first_epoch, image_samples_hook)
+        return _train(cfg, accelerator, plan, reward_fns, prompt_fn, prompt_rng, resume, first_epoch,
+                      image_samples_hook, ctrl_c)
+    except KeyboardInterrupt:
+        ctrl_c.interrupted(accelerator.is_main_process)
+        raise
     finally:
+        ctrl_c.restore()
         try:
             if reward_fns is not None:
                 reward_fns.close()
@@ -116,7 +124,7 @@ def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
 
 
 def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, prompt_fn, prompt_rng,
-           resume: Path | None, first_epoch: int, image_samples_hook) -> list[dict]:
+           resume: Path | None, first_epoch: int, image_samples_hook, ctrl_c: CtrlC) -> list[dict]:
     from accelerate.utils import gather_object
 
     out = Path(cfg.run.output_dir)
@@ -219,11 +227,13 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
         mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
         advantages_local = torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32)
 
-        sheet = bool(cfg.run.log_images_every) and epoch % cfg.run.log_images_every == 0
+        last = epoch == cfg.run.num_epochs - 1  # the final epoch's grid is always kept
+        sheet = bool(cfg.run.log_images_every) and (epoch % cfg.run.log_images_every == 0 or last)
         if image_samples_hook is not None or sheet:
             tracking.show_samples(accelerator, out, epoch, images, batches, scored, rewards, image_samples_hook, sheet)
 
         # 3. PPO-clip updates on the stored trajectories.
+        ctrl_c.updating()
         unet.train()
         stats = defaultdict(list)
         decoupled = cfg.train.decoupled_ppo == "on" or (cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch")
@@ -311,13 +321,16 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
             with open(out / "samples.jsonl", "a") as f:  # every sample's prompt, reward and scorer info
                 f.writelines(json.dumps(sample) + "\n" for sample in samples)
         done = epoch + 1
-        if done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0):
-            checkpoint.save(
-                accelerator, out, done, cfg.run.checkpoint_limit, params=trainable, optimizer=optimizer,
-                state={"global_step": global_step, "lr_scheduler": lr_scheduler.state_dict(),
-                       "tracker": tracker.state_dict() if tracker else None},
-                prompt_rng=prompt_rng, ema=ema,
-            )
+        save = functools.partial(  # bound now: what the epoch ended with, should Ctrl-C ask for it later
+            checkpoint.save, accelerator, out, done, cfg.run.checkpoint_limit, params=trainable, optimizer=optimizer,
+            state={"global_step": global_step, "lr_scheduler": lr_scheduler.state_dict(),
+                   "tracker": tracker.state_dict() if tracker else None},
+            prompt_rng=prompt_rng, ema=ema, rng=checkpoint.rng_state(prompt_rng),
+        )
+        due = done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0)
+        if due:
+            save()
+        ctrl_c.epoch_done(None if due else save)
 
     accelerator.wait_for_everyone()
     if ema is not None:
