@@ -38,7 +38,7 @@ def epochs_of(path) -> list[int]:
 def scalar_steps(out, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "diffusion-rl"), size_guidance={"scalars": 0}).Reload()
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0}).Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 

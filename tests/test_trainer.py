@@ -38,7 +38,8 @@ def check_run(cfg: Config, history: list[dict]) -> None:
     # 2 batches x 4 samples / (2 x 2 accumulation) = 2 optimizer steps per epoch
     assert history[-1]["global_step"] == 4
     assert Config.model_validate_json((out / "config.json").read_text()) == cfg
-    assert list((out / "diffusion-rl").glob("events.out.tfevents.*")), "tensorboard events written"
+    assert list(out.glob("events.out.tfevents.*")), "tensorboard events written into the run folder itself"
+    assert not [p for p in out.iterdir() if p.is_dir() and p.name not in ("images", "checkpoints", "lora", "unet")]
 
 
 def load_with_diffusers(cfg: Config):
@@ -270,7 +271,7 @@ def test_image_samples_hook_grid_and_histograms(tmp_path, tiny_cache):
                 assert reward == pytest.approx(-len(buf.getvalue()) / 1000)
     sheet = Image.open(cfg.run.output_dir / "images" / "epoch-0001.png")
     assert sheet.size[0] == 4 * 192 and sheet.size[1] > 192  # 64 px enlarged 3x, captions wrapped under
-    events = list((cfg.run.output_dir / "diffusion-rl").glob("events.out.tfevents.*"))
+    events = list(cfg.run.output_dir.glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "histograms": 0, "tensors": 0}).Reload()

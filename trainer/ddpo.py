@@ -77,8 +77,7 @@ def train(
         (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # the token is excluded from dumps
         if resume is not None:
             tracking.trim_logs(out, first_epoch)
-        accelerator.init_trackers("diffusion-rl", config=tracking.flat(cfg.model_dump(mode="json")),
-                                  init_kwargs=tracking.tracker_kwargs(cfg.run.log_with, first_epoch))
+        tracking.start_trackers(accelerator, cfg, first_epoch)
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.run.seed, device_specific=True)
@@ -132,6 +131,7 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
     # is up, so a build elsewhere would be empty); the others load it after.
     with accelerator.main_process_first():
         pipe = load_pipeline(cfg, accelerator.device)
+    accelerator.print(f"model: {pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
     trainable = make_trainable(pipe.unet, cfg)  # the same tensors the optimizer, EMA and checkpoints see
     if cfg.train.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()

@@ -108,6 +108,25 @@ def trim_logs(out: Path, epoch: int) -> None:
         os.replace(kept, path)  # atomic: a kill now leaves the old or the trimmed log, never half of one
 
 
+def start_trackers(accelerator, cfg, first_epoch: int) -> None:
+    """tensorboard writes straight into the run folder (no nested project folder, no timestamped hparams
+    run beside it): the config goes into the same events file as hparams. wandb gets the project
+    "diffusion-rl" and the config."""
+    config = flat(cfg.model_dump(mode="json"))
+    kwargs = tracker_kwargs(cfg.run.log_with, first_epoch)
+    if cfg.run.log_with != "tensorboard":
+        accelerator.init_trackers("diffusion-rl", config=config, init_kwargs=kwargs)
+        return
+    accelerator.init_trackers("", init_kwargs=kwargs)  # the run name "" puts the events in project_dir itself
+    board = tensorboard(accelerator)
+    if board is not None:
+        from torch.utils.tensorboard.summary import hparams
+
+        writer = board._get_file_writer()
+        for summary in hparams(config, {}):
+            writer.add_summary(summary)
+
+
 def tracker_kwargs(log_with: str, first_epoch: int) -> dict:
     """accelerate's ``init_kwargs``: on resume, tensorboard hides the events of the epochs about to be redone
     (SummaryWriter's purge_step: readers drop earlier-written events at or after that step)."""
