@@ -127,3 +127,17 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, t
     one = load_file(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors")
     two = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     assert one.keys() == two.keys() and all((one[k] == two[k]).all() for k in one)
+
+
+def test_a_scorer_failing_mid_run_is_one_message_and_status_2(tmp_path, tiny_cache, start_server):
+    server = start_server("--model", "synthetic", "--fail-prompt", "a broken prompt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a broken prompt\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--run.output_dir", str(tmp_path / "run"), "--pretrained.cache_dir", str(tiny_cache),
+         "--run.log_with", "none", "--reward.url", server.url, "--reward.scorer", "synthetic", "--prompt.fn", "from_file",
+         "--prompt.path", str(prompts), "--sample.num_steps", "2", "--sample.batch_size", "2", "--train.batch_size", "2"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "500 scorer_error: scorer synthetic failed: ValueError: cannot score the prompt 'a broken prompt'" in result.stderr
