@@ -27,18 +27,19 @@ from pathlib import Path
 RUNS = {"epoch": ("epoch", "off"), "next_epoch": ("next_epoch", "off"), "next_epoch_decoupled": ("next_epoch", "on")}
 
 
-def learning(epochs: int, train_options: dict, names: list[str]) -> dict:
+def learning(epochs: int, train_options: dict, names: list[str], seed: int = 42) -> dict:
     import numpy as np
 
     from trainer.config import Config
-    from trainer.train import train
+    from trainer.ddpo import train
 
     modes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             mode, decoupled = RUNS[name]
             cfg = Config(
-                run={"output_dir": Path(tmp) / name, "num_epochs": epochs, "log_with": "none", "log_images_every": 0},
+                run={"output_dir": Path(tmp) / name, "num_epochs": epochs, "log_with": "none", "log_images_every": 0,
+                     "seed": seed},
                 train={**train_options, "decoupled_ppo": decoupled}, reward={"overlap": mode},
             )
             history = train(cfg)
@@ -56,7 +57,7 @@ def learning(epochs: int, train_options: dict, names: list[str]) -> dict:
                 "reward_mean_per_epoch": [round(float(x), 3) for x in means],
                 "seconds_training": round(float(np.median([m["seconds_training"] for m in history])), 2),
             }
-    return {"benchmark": "overlap-learning", "epochs": epochs, "train": train_options, "modes": modes}
+    return {"benchmark": "overlap-learning", "epochs": epochs, "seed": seed, "train": train_options, "modes": modes}
 
 
 def main() -> None:
@@ -66,15 +67,16 @@ def main() -> None:
     parser.add_argument("--learning", action="store_true", help="epoch vs next_epoch: clip fractions and reward rise")
     parser.add_argument("--clip-range", type=float, help="train.clip_range for --learning (default: the tiny run's)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"for --learning, some of {', '.join(RUNS)}")
+    parser.add_argument("--seed", type=int, default=42, help="run.seed for --learning")
     args = parser.parse_args()
     if args.learning:
         options = {} if args.clip_range is None else {"clip_range": args.clip_range}
-        print(json.dumps(learning(args.epochs, options, args.runs.split(","))))
+        print(json.dumps(learning(args.epochs, options, args.runs.split(","), args.seed)))
         return
 
     from tests.conftest import ServerProcess
     from trainer.config import Config
-    from trainer.train import train
+    from trainer.ddpo import train
 
     result = {"benchmark": "overlap", "epochs": args.epochs, "scorer_latency_ms_per_batch": args.latency_ms}
     with tempfile.TemporaryDirectory() as tmp:
