@@ -136,18 +136,27 @@ class RewardClient:
             return self._loop
 
     def close(self) -> None:
-        """Close the connection pool and stop the background loop (for ``submit`` users)."""
+        """Cancel what is in flight, close the connection pool and stop the background loop (for ``submit``
+        users); the futures of cancelled requests end cancelled."""
         with self._loop_lock:
             if self._loop is None:
                 return
-            if self._http is not None and self._http_loop is self._loop:
-                asyncio.run_coroutine_threadsafe(self._http.aclose(), self._loop).result(timeout=10)
-                self._http = None
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             if not self._thread.is_alive():
                 self._loop.close()
             self._loop = None
+
+    async def _shutdown(self) -> None:
+        """On the background loop: no request task may outlive it (asyncio would warn it was destroyed pending)."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._http is not None and self._http_loop is self._loop:
+            await self._http.aclose()
+            self._http = None
 
     async def aclose(self) -> None:
         if self._http is not None:

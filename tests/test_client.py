@@ -144,3 +144,24 @@ def test_many_threads_submitting_first_share_one_loop(compression_server):
         client.close()
         assert not errors and len(results) == 16 and len(loops) == 1, (errors[:1], len(loops))
         assert not [t for t in threading.enumerate() if t.name == "reward-client"]
+
+
+def test_close_with_requests_in_flight_cancels_them_quietly(start_server):
+    import subprocess
+    import sys
+
+    server = start_server("--model", "synthetic", "--latency-ms", "3000")
+    script = f"""
+import numpy as np, time
+from protocol import RewardClient
+client = RewardClient("{server.url}")
+futures = [client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["p"]) for _ in range(3)]
+time.sleep(0.3)
+start = time.monotonic()
+client.close()
+assert time.monotonic() - start < 2, "close waited for the scorer"
+assert all(f.cancelled() for f in futures), [f for f in futures]
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Task was destroyed" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
