@@ -38,6 +38,8 @@ def check_run(cfg: Config, history: list[dict]) -> None:
     # 2 batches x 4 samples / (2 x 2 accumulation) = 2 optimizer steps per epoch
     assert history[-1]["global_step"] == 4
     assert Config.model_validate_json((out / "config.json").read_text()) == cfg
+    last = history[-1]["epoch"]  # every log_images_every epochs, and the final epoch always
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted({"epoch-0000.png", f"epoch-{last:04d}.png"})
     assert list(out.glob("events.out.tfevents.*")), "tensorboard events written into the run folder itself"
     assert not [p for p in out.iterdir() if p.is_dir() and p.name not in ("images", "checkpoints", "lora", "unet")]
 
