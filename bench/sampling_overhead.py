@@ -24,17 +24,18 @@ def main() -> None:
 
     from trainer.config import Config
     from trainer.models import load_pipeline, make_trainable
-    from trainer.sampling import encode_prompts, sample, to_uint8
+    from trainer.models import family_of
+    from trainer.sampling import sample
 
     cfg = Config()
     pipe = load_pipeline(cfg, torch.device("cpu"))
     make_trainable(pipe.unet, cfg)  # LoRA adapters in both measurements, as in training
     prompts = ["a photo of a cat"] * args.batch
-    negative = encode_prompts(pipe, [""])
+    negative = family_of(pipe).encode_prompts([""])
 
     def ours():
-        _, final = sample(pipe, pipe.unet, prompts, [{}] * args.batch, negative, args.steps, 1.0, 5.0, 64)
-        return to_uint8(pipe.vae, final)
+        _, final = sample(family_of(pipe), pipe.unet, prompts, [{}] * args.batch, negative, args.steps, 1.0, 5.0, 64)
+        return family_of(pipe).to_uint8(final)
 
     def theirs():
         return pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0, height=64, width=64, output_type="np").images

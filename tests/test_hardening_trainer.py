@@ -247,15 +247,16 @@ def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
     import torch
 
     from trainer.models import load_pipeline
-    from trainer.sampling import encode_prompts, rescore, sample
+    from trainer.models import family_of
+    from trainer.sampling import rescore, sample
 
     cfg = Config(pretrained={"cache_dir": tiny_cache}, train={"cfg": False}, sample={"guidance_scale": 1.0, "num_steps": 4})
     pipe = load_pipeline(cfg, torch.device("cpu"))
-    negative = encode_prompts(pipe, [""])
+    negative = family_of(pipe).encode_prompts([""])
     torch.manual_seed(0)
-    batch, _ = sample(pipe, pipe.unet, ["a cat", "an owl"], [{}, {}], negative, 4, 1.0, 1.0, 64)
+    batch, _ = sample(family_of(pipe), pipe.unet, ["a cat", "an owl"], [{}, {}], negative, 4, 1.0, 1.0, 64)
     for j in range(4):  # training (train.cfg false: no negative prompt) re-scores exactly what was sampled
-        log_prob, _, _ = rescore(pipe.unet, pipe.scheduler, batch, j, None, 1.0, 1.0)
+        log_prob, _, _ = rescore(family_of(pipe), pipe.unet, batch, j, None, 1.0, 1.0)
         assert torch.equal(log_prob, batch.log_probs[:, j])
 
 

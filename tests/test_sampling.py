@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from trainer.config import Config
-from trainer.models import load_pipeline, make_trainable
-from trainer.sampling import Trajectories, encode_prompts, rescore, sample, to_uint8
+from trainer.models import family_of, load_pipeline, make_trainable
+from trainer.sampling import Trajectories, rescore, sample
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,15 @@ def pipe(tiny_cache):
 
 def test_first_step_importance_ratio_is_exactly_one(pipe):
     torch.manual_seed(0)
-    negative = encode_prompts(pipe, [""])
+    negative = family_of(pipe).encode_prompts([""])
     prompts = ["cat", "dog", "a red fox", "owl"]
-    trajectories, final = sample(pipe, pipe.unet, prompts, [{}] * 4, negative, num_steps=6, eta=1.0, guidance_scale=5.0, resolution=64)
+    trajectories, final = sample(family_of(pipe), pipe.unet, prompts, [{}] * 4, negative, num_steps=6, eta=1.0, guidance_scale=5.0, resolution=64)
     assert trajectories.latents.shape == (4, 6, 4, 8, 8) and trajectories.log_probs.shape == (4, 6)
     assert torch.isfinite(trajectories.log_probs).all()
     # x_{t-1} of step j is x_t of step j+1
     assert torch.equal(trajectories.next_latents[:, :-1], trajectories.latents[:, 1:])
 
-    images = to_uint8(pipe.vae, final)
+    images = family_of(pipe).to_uint8(final)
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
 
     # The training path: shuffled samples, per-sample shuffled timesteps, same batch size as sampling.
@@ -37,7 +37,7 @@ def test_first_step_importance_ratio_is_exactly_one(pipe):
     for chunk, _ in trajectories.shuffled(advantages, batch_size=4, num_timesteps=6):
         for j in range(6):
             with torch.no_grad():
-                log_prob, _, _ = rescore(pipe.unet, pipe.scheduler, chunk, j, negative, 5.0, 1.0)
+                log_prob, _, _ = rescore(family_of(pipe), pipe.unet, chunk, j, negative, 5.0, 1.0)
             ratio = torch.exp(log_prob - chunk.log_probs[:, j])
             assert torch.equal(ratio, torch.ones_like(ratio)), (j, ratio)
 

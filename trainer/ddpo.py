@@ -25,10 +25,10 @@ from trainer.config import BatchPlan, Config
 from trainer.ema import EMA
 from trainer.interrupt import CtrlC
 from trainer.loss import gaussian_kl, ppo_clip_loss
-from trainer.models import load_pipeline, make_trainable, save_weights
+from trainer.models import load_family, make_trainable, save_weights
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Pending, RewardFn, Rewards, reward_functions
-from trainer.sampling import Trajectories, encode_prompts, rescore, sample, to_uint8
+from trainer.sampling import Trajectories, rescore, sample
 
 
 def train(
@@ -130,11 +130,11 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
     with accelerator.main_process_first():
-        pipe = load_pipeline(cfg, accelerator.device)
-    accelerator.print(f"model: {pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
-    trainable = make_trainable(pipe.unet, cfg)  # the same tensors the optimizer, EMA and checkpoints see
+        family = load_family(cfg, accelerator.device)
+    accelerator.print(f"model: {family.pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
+    trainable = make_trainable(family.denoiser, cfg)  # the same tensors the optimizer, EMA and checkpoints see
     if cfg.train.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        family.denoiser.enable_gradient_checkpointing()
     optimizer = _adamw(cfg)(
         trainable.values(),
         lr=cfg.train.learning_rate,
@@ -148,9 +148,9 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
         cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=plan.optimizer_steps_per_epoch * cfg.run.num_epochs,
     )
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-    negative_embeds = encode_prompts(pipe, [""])
-    resolution = cfg.sample.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    unet, optimizer = accelerator.prepare(family.denoiser, optimizer)
+    negative_embeds = family.encode_prompts([""])
+    resolution = cfg.sample.resolution or family.native_resolution()
     tracker = (
         PerPromptStatTracker(cfg.train.stat_buffer_size, cfg.train.stat_min_count)
         if cfg.train.per_prompt_stat_tracking
@@ -181,10 +181,10 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
             prompts, metadata = zip(*(pair for pair in drawn for _ in range(k)))  # each prompt k times in a row
             with accelerator.autocast():
                 batch, final = sample(
-                    pipe, policy, list(prompts), list(metadata), negative_embeds,
+                    family, policy, list(prompts), list(metadata), negative_embeds,
                     cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution,
                 )
-            images.append(to_uint8(pipe.vae, final))
+            images.append(family.to_uint8(final))
             batches.append(batch)
             if cfg.reward.overlap != "none":
                 pending.add(reward_fns.submit(images[-1], batch.prompts, batch.metadata))
@@ -244,14 +244,14 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
             # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
             # range and give no gradient; clip around the weights at the start of this update instead (one
             # extra forward per trained step), importance-weighted back to the weights that sampled.
-            proximal = [_proximal(accelerator, policy, pipe.scheduler, chunk, plan.train_timesteps, guidance)
+            proximal = [_proximal(accelerator, policy, family, chunk, plan.train_timesteps, guidance)
                         if decoupled else None for chunk, _ in chunks]
             for (chunk, adv), prox in tqdm(zip(chunks, proximal), total=len(chunks), desc=f"epoch {epoch} training",
                                            disable=quiet, leave=False):
                 for j in range(plan.train_timesteps):
                     with accelerator.accumulate(unet):
                         with accelerator.autocast():
-                            log_prob, mean, sigma = rescore(unet, pipe.scheduler, chunk, j, *guidance)
+                            log_prob, mean, sigma = rescore(family, unet, chunk, j, *guidance)
                         if prox is None:
                             loss, step_stats = ppo_clip_loss(
                                 log_prob, chunk.log_probs[:, j], adv, cfg.train.clip_range, cfg.train.adv_clip_max
@@ -264,7 +264,7 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
                                                              cfg.train.clip_range, float("inf"))
                             step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.train.clip_range).float().mean()
                         if cfg.train.kl_coef:
-                            kl = gaussian_kl(mean, _reference_mean(accelerator, policy, pipe.scheduler, chunk, j, guidance), sigma)
+                            kl = gaussian_kl(mean, _reference_mean(accelerator, policy, family, chunk, j, guidance), sigma)
                             loss = loss + cfg.train.kl_coef * kl.mean()
                             step_stats["kl_to_reference"] = kl.mean().detach()
                         accelerator.backward(loss)
@@ -336,7 +336,7 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
     if ema is not None:
         ema.copy_to(trainable)  # the published weights are the average
     if accelerator.is_main_process:
-        where = save_weights(policy, cfg, out)
+        where = save_weights(family, cfg, out)
         accelerator.print(f"saved weights to {where}")
         if cfg.run.push_to_hub:
             from huggingface_hub import HfApi
@@ -368,18 +368,18 @@ def _adamw(cfg: Config):
 
 
 @torch.no_grad()
-def _proximal(accelerator, unet, scheduler, chunk: Trajectories, steps: int, guidance) -> torch.Tensor:
+def _proximal(accelerator, unet, family, chunk: Trajectories, steps: int, guidance) -> torch.Tensor:
     """(N, steps) log-probs of the chunk's stored steps under the current weights, as constants."""
     with accelerator.autocast():
-        return torch.stack([rescore(unet, scheduler, chunk, j, *guidance)[0] for j in range(steps)], dim=1)
+        return torch.stack([rescore(family, unet, chunk, j, *guidance)[0] for j in range(steps)], dim=1)
 
 
 @torch.no_grad()
-def _reference_mean(accelerator, base, scheduler, chunk, j, guidance) -> torch.Tensor:
-    """The step's mean under the base model: the same (unwrapped) UNet with its LoRA adapters switched off."""
+def _reference_mean(accelerator, base, family, chunk, j, guidance) -> torch.Tensor:
+    """The step's mean under the base model: the same (unwrapped) denoiser with its LoRA adapters switched off."""
     base.disable_adapters()
     try:
         with accelerator.autocast():
-            return rescore(base, scheduler, chunk, j, *guidance)[1]
+            return rescore(family, base, chunk, j, *guidance)[1]
     finally:
         base.enable_adapters()

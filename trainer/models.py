@@ -1,4 +1,5 @@
-"""Loading the pipeline and making the UNet trainable (LoRA adapters or full), with mixed-precision placement."""
+"""Loading a model family and making its denoiser trainable (LoRA adapters or full), with mixed-precision
+placement; saving what was trained."""
 
 from __future__ import annotations
 
@@ -7,37 +8,44 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
+from trainer.sd1 import SD1
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FAMILIES = {SD1.pipeline_class: SD1}  # a diffusers pipeline class name -> its family
 
 
-def load_pipeline(cfg: Config, device: torch.device):
-    """The diffusers pipeline with a DDIM scheduler; frozen parts in the mixed-precision dtype."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def load_family(cfg: Config, device: torch.device):
+    """The model family of ``pretrained.model`` (told by its pipeline class in model_index.json), loaded:
+    frozen, on ``device``, in the mixed-precision dtype (a fully finetuned denoiser in fp32)."""
+    from diffusers import DiffusionPipeline
 
     path = cfg.pretrained.model
     if path == "tiny":
         from trainer.tiny_pipeline import tiny_pipeline_path
 
         path = str(tiny_pipeline_path(cfg.pretrained.cache_dir))
-    import diffusers
-
+    kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
+    if kind not in FAMILIES:
+        raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")
     dtype = DTYPES[cfg.run.mixed_precision]
-    # diffusers renamed torch_dtype to dtype in 0.36 and warns about the old name.
-    dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, revision=cfg.pretrained.revision, safety_checker=None, requires_safety_checker=False, **{dtype_arg: dtype}
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    from trainer.ddim import check_scheduler
-
-    check_scheduler(pipe.scheduler, cfg.sample.num_steps)  # before the weights move to the device
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+    family = FAMILIES[kind].load(path, cfg.pretrained.revision, dtype, cfg.sample.num_steps)
+    for module in family.frozen_modules():
         module.requires_grad_(False).to(device)
     if not cfg.train.lora and dtype != torch.float32:
-        pipe.unet.to(dtype=torch.float32)  # full finetuning keeps fp32 master weights; LoRA's base stays half
-    return pipe
+        family.denoiser.to(dtype=torch.float32)  # full finetuning keeps fp32 master weights; LoRA's base stays half
+    return family
+
+
+def family_of(pipe):
+    """The family of an already loaded pipeline, by its class."""
+    if type(pipe).__name__ not in FAMILIES:
+        raise ValueError(f"a {type(pipe).__name__} is not a supported family; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[type(pipe).__name__](pipe)
+
+
+def load_pipeline(cfg: Config, device: torch.device):
+    """The diffusers pipeline alone (see ``load_family``)."""
+    return load_family(cfg, device).pipe
 
 
 def make_trainable(unet, cfg: Config) -> dict[str, torch.nn.Parameter]:
@@ -61,16 +69,15 @@ def make_trainable(unet, cfg: Config) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-def save_weights(unet, cfg: Config, output_dir: Path) -> Path:
-    """LoRA in diffusers format (``pipeline.load_lora_weights``) or a full UNet folder."""
+def save_weights(family, cfg: Config, output_dir: Path) -> Path:
+    """LoRA in diffusers format (the family pipeline's ``load_lora_weights``) or a full denoiser folder."""
+    denoiser = family.denoiser
     if not cfg.train.lora:
-        unet.save_pretrained(output_dir / "unet")
+        denoiser.save_pretrained(output_dir / "unet")
         return output_dir / "unet"
-    from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     # peft-format keys on purpose: convert_state_dict_to_diffusers renames attention keys to the old
     # lora.down/up form but leaves conv keys alone, and load_lora_weights then drops the attention adapters.
-    layers = get_peft_model_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(output_dir / "lora", unet_lora_layers=layers, safe_serialization=True)
+    family.save_lora(get_peft_model_state_dict(denoiser), output_dir / "lora")
     return output_dir / "lora"

@@ -52,20 +52,21 @@ def render(s: SampleSettings) -> dict:
     from trainer.config import Config
     from trainer.grid import grid
     from trainer.models import load_pipeline
-    from trainer.sampling import encode_prompts, sample, to_uint8
+    from trainer.models import family_of
+    from trainer.sampling import sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir})
     pipe = load_pipeline(cfg, device)
-    negative = encode_prompts(pipe, [""])
+    negative = family_of(pipe).encode_prompts([""])
     prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def images() -> "np.ndarray":  # noqa: F821
         generator = torch.Generator(device).manual_seed(s.seed)
-        _, final = sample(pipe, pipe.unet, prompts, [{}] * len(prompts), negative, s.steps, s.eta,
+        _, final = sample(family_of(pipe), pipe.unet, prompts, [{}] * len(prompts), negative, s.steps, s.eta,
                           s.guidance_scale, resolution, generator=generator)
-        return to_uint8(pipe.vae, final)
+        return family_of(pipe).to_uint8(final)
 
     before = images()
     if s.lora is not None:

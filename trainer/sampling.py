@@ -1,6 +1,8 @@
-"""Sampling with log-probabilities: the DDIM trajectory of each image, kept for the PPO update.
+"""The rollout, the same for every model family: sampling with log-probabilities, and re-scoring stored steps.
 
-``guided_noise`` is the single UNet forward used both here and in training, so both see the same numbers.
+A family (trainer/sd1.py, ...) supplies the prediction and one stochastic step's mean and std; this file
+draws from that Gaussian and scores it. Sampling and training call the same ``family.predict`` and
+``family.step``, so both see the same numbers and the importance ratio is exactly 1 before the first update.
 """
 
 from __future__ import annotations
@@ -8,17 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
 import torch
 
-from trainer.ddim import ddim_mean_std, ddim_step_with_logprob, gaussian_log_prob
+from trainer.ddim import gaussian_log_prob
 
 
 @dataclass
 class Trajectories:
     """A batch of sampled images with everything the update needs; tensors are (N, ...) on one device."""
 
-    prompt_embeds: torch.Tensor  # (N, L, D)
+    prompt_embeds: torch.Tensor  # (N, ...): the family's conditioning
     latents: torch.Tensor  # (N, T, C, h, w): x_t fed to step j
     next_latents: torch.Tensor  # (N, T, C, h, w): x_{t-1} drawn at step j
     log_probs: torch.Tensor  # (N, T)
@@ -51,38 +52,9 @@ class Trajectories:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    tokens = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
-
-
-def guided_noise(
-    unet,
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """The model's prediction, with classifier-free guidance when ``negative_embeds`` is given."""
-    timesteps = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
-    if negative_embeds is None:
-        return unet(latents, timesteps, prompt_embeds).sample
-    both = unet(
-        torch.cat([latents, latents]),
-        torch.cat([timesteps, timesteps]),
-        torch.cat([negative_embeds.expand_as(prompt_embeds), prompt_embeds]),
-    ).sample
-    uncond, cond = both.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
-
-
-@torch.no_grad()
 def sample(
-    pipe,
-    unet,
+    family,
+    model,
     prompts: list[str],
     metadata: list[dict[str, Any]],
     negative_embeds: torch.Tensor,
@@ -92,31 +64,29 @@ def sample(
     resolution: int,
     generator: torch.Generator | None = None,
 ) -> tuple[Trajectories, torch.Tensor]:
-    """Run DDIM from noise; return the trajectories and the final latents (decode them with ``to_uint8``)."""
+    """Run the family's sampler from noise; return the trajectories and the final latents
+    (``family.to_uint8`` decodes them)."""
     device = negative_embeds.device
-    prompt_embeds = encode_prompts(pipe, prompts)
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_steps, device=device)
-    size = resolution // pipe.vae_scale_factor
-    x = torch.randn(
-        (len(prompts), unet.config.in_channels, size, size), generator=generator, device=device, dtype=torch.float32
-    ) * scheduler.init_noise_sigma
+    cond = family.encode_prompts(prompts)
+    timesteps = family.timesteps(num_steps, device)
+    x = family.initial_latents(len(prompts), resolution, generator, device)
 
     latents, next_latents, log_probs = [], [], []
-    for t in scheduler.timesteps:
-        noise = guided_noise(unet, x, t, prompt_embeds, negative_embeds, guidance_scale)
-        x_prev, log_prob = ddim_step_with_logprob(scheduler, noise, t, x, eta, generator=generator)
+    for t in timesteps:
+        output = family.predict(model, x, t, cond, negative_embeds, guidance_scale)
+        mean, std = family.step(output, t, x, eta)
+        x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         latents.append(x)
-        next_latents.append(x_prev)
-        log_probs.append(log_prob)
-        x = x_prev
+        next_latents.append(x_next)
+        log_probs.append(gaussian_log_prob(x_next, mean, std))
+        x = x_next
 
     trajectories = Trajectories(
-        prompt_embeds=prompt_embeds,
+        prompt_embeds=cond,
         latents=torch.stack(latents, dim=1),
         next_latents=torch.stack(next_latents, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
-        timesteps=scheduler.timesteps.repeat(len(prompts), 1),
+        timesteps=timesteps.repeat(len(prompts), 1),
         prompts=list(prompts),
         metadata=list(metadata),
     )
@@ -124,29 +94,17 @@ def sample(
 
 
 def rescore(
-    unet,
-    scheduler,
+    family,
+    model,
     chunk: Trajectories,
     j: int,
     negative_embeds: torch.Tensor | None,
     guidance_scale: float,
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-prob under ``unet`` of the stored step ``j`` of each trajectory in ``chunk``, with the step's
-    Gaussian mean and sigma (for a KL to a reference policy)."""
+    """Log-prob under ``model`` of the stored step ``j`` of each trajectory in ``chunk``, with the step's
+    Gaussian mean and std (for a KL to a reference policy)."""
     timesteps, latents = chunk.timesteps[:, j], chunk.latents[:, j]
-    noise = guided_noise(unet, latents, timesteps, chunk.prompt_embeds, negative_embeds, guidance_scale)
-    mean, sigma = ddim_mean_std(scheduler, noise, timesteps, latents, eta)
-    return gaussian_log_prob(chunk.next_latents[:, j], mean, sigma), mean, sigma
-
-
-@torch.no_grad()
-def to_uint8(vae, latents: torch.Tensor) -> np.ndarray:
-    """Decode latents to uint8 NHWC numpy on the calling (main) thread.
-
-    Reward futures get numpy, never tensors: torch work in a helper thread slows the main thread's torch
-    for the rest of the process (ANCHORS section 9).
-    """
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    output = family.predict(model, latents, timesteps, chunk.prompt_embeds, negative_embeds, guidance_scale)
+    mean, std = family.step(output, timesteps, latents, eta)
+    return gaussian_log_prob(chunk.next_latents[:, j], mean, std), mean, std

@@ -1,0 +1,112 @@
+"""The SD1.x / SD2.x family: a UNet on one CLIP text encoder, sampled with DDIM.
+
+Everything the algorithms need from a model family, in one place: load the pipeline, encode prompts into
+one conditioning object, predict (with classifier-free guidance when asked), one stochastic step's mean and
+std, decode latents to images differentiably, encode images to latents, and save LoRA so that the family's
+own diffusers pipeline loads it. The rollout (trainer/sampling.py) and the algorithms see only these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.ddim import check_scheduler, ddim_mean_std
+
+
+class SD1:
+    pipeline_class = "StableDiffusionPipeline"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int) -> "SD1":
+        """The pipeline with a DDIM scheduler, its parts in ``dtype``."""
+        import diffusers
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        # diffusers renamed torch_dtype to dtype in 0.36 and warns about the old name.
+        dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, revision=revision, safety_checker=None, requires_safety_checker=False, **{dtype_arg: dtype}
+        )
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        check_scheduler(pipe.scheduler, num_steps)  # before the weights move to the device
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.pipe.vae, self.pipe.text_encoder, self.pipe.unet]
+
+    def native_resolution(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    # -- conditioning and prediction -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+    @staticmethod
+    def predict(model, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                negative: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+        """The model's prediction, with classifier-free guidance when ``negative`` is given."""
+        timesteps = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
+        if negative is None:
+            return model(latents, timesteps, cond).sample
+        both = model(
+            torch.cat([latents, latents]),
+            torch.cat([timesteps, timesteps]),
+            torch.cat([negative.expand_as(cond), cond]),
+        ).sample
+        uncond, guided = both.chunk(2)
+        return uncond + guidance_scale * (guided - uncond)
+
+    # -- the stochastic step ---------------------------------------------------------------------------------
+    def timesteps(self, num_steps: int, device) -> torch.Tensor:
+        self.pipe.scheduler.set_timesteps(num_steps, device=device)
+        return self.pipe.scheduler.timesteps
+
+    def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
+        size = resolution // self.pipe.vae_scale_factor
+        shape = (n, self.pipe.unet.config.in_channels, size, size)
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * self.pipe.scheduler.init_noise_sigma
+
+    def step(self, output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor, eta: float):
+        """Mean and std of p(x_{t-1} | x_t) (DDIM, float32)."""
+        return ddim_mean_std(self.pipe.scheduler, output, timesteps, latents, eta)
+
+    # -- pixels ----------------------------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (N, 3, H, W), float32; differentiable."""
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def to_uint8(self, latents: torch.Tensor) -> np.ndarray:
+        """Decoded uint8 NHWC numpy, made on the calling (main) thread: reward futures get numpy, never
+        tensors (torch work handed to a helper thread competes with the training threads)."""
+        return (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Latents of images in [0, 1], (N, 3, H, W) (for losses on real images: DPO, ReFL's pre-training)."""
+        vae = self.pipe.vae
+        posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+        return posterior.sample(generator) * vae.config.scaling_factor
+
+    # -- saving ----------------------------------------------------------------------------------------------
+    def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
