@@ -1,33 +1,27 @@
 """DDPO: the epoch loop that samples with log-probs while rewards are scored, then PPO-clip updates.
 
-Reads top to bottom: set-up, then per epoch (1) sample batches and submit each to the reward function at
-once, (2) wait for the epoch's rewards and turn them into advantages, (3) train on the stored trajectories.
+Reads top to bottom: the shared run set-up (trainer/run.py), then per epoch (1) sample batches and submit
+each to the reward function at once, (2) wait for the epoch's rewards and turn them into advantages, (3)
+train on the stored trajectories, (4) log and checkpoint.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer import checkpoint, preflight, tracking
+from trainer import run as run_setup
+from trainer import tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import BatchPlan, Config
-from trainer.ema import EMA
-from trainer.interrupt import CtrlC
 from trainer.loss import gaussian_kl, ppo_clip_loss
-from trainer.models import load_family, make_trainable, save_weights
-from trainer.prompts import make_prompt_fn, user_prompt_fn
-from trainer.rewards import Pending, RewardFn, Rewards, reward_functions
+from trainer.rewards import Pending, RewardFn
 from trainer.sampling import Trajectories, rescore, sample
 
 
@@ -52,103 +46,20 @@ def train(
     dicts with ``images`` (uint8 NHWC), ``prompts``, ``metadata``, ``rewards`` and ``info`` (each reward
     component's per-image extras).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    out = Path(cfg.run.output_dir)
-    accelerator = Accelerator(
-        # Without a GPU, several processes must be told to use CPU (gloo); with one, accelerate picks it.
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-        mixed_precision=cfg.run.mixed_precision,
-        # One optimizer step spans the accumulated batches and, within each, every trained timestep.
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * BatchPlan.train_timesteps_of(cfg),
-        log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
-        project_dir=out,
-    )
-    # Every problem of the config, its models, files and reward servers at once, before any model loads.
-    functions = reward_functions(reward_fn)
-    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type, skip=set(functions))
-    accelerator.print(f"batch plan: {plan.describe()}")
-    # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
-    # logs are trimmed to its epoch before anything is logged.
-    resume, first_epoch = _resume_point(accelerator, cfg)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # the token is excluded from dumps
-        if resume is not None:
-            tracking.trim_logs(out, first_epoch)
-        tracking.start_trackers(accelerator, cfg, first_epoch)
-    if cfg.run.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(cfg.run.seed, device_specific=True)
-    prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
-    prompt_fn = user_prompt_fn(prompt_fn) if prompt_fn is not None else make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
-    reward_fns = None
-    ctrl_c = CtrlC(out, accelerator.num_processes)
-    # Whatever ends the run (an error, Ctrl-C), the reward clients' threads and event loops stop and the
-    # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
-    try:
-        # Local scorers load here, on the training device: their errors come before the big models.
-        reward_fns = Rewards(cfg.reward, device=str(accelerator.device), functions=functions)
-        return _train(cfg, accelerator, plan, reward_fns, prompt_fn, prompt_rng, resume, first_epoch,
-                      image_samples_hook, ctrl_c)
-    except KeyboardInterrupt:
-        ctrl_c.interrupted(accelerator.is_main_process)
-        raise
-    finally:
-        ctrl_c.restore()
-        try:
-            if reward_fns is not None:
-                reward_fns.close()
-        finally:
-            accelerator.end_training()
+    # One optimizer step spans the accumulated batches and, within each, every trained timestep.
+    accumulation = cfg.train.gradient_accumulation_steps * BatchPlan.train_timesteps_of(cfg)
+    with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
+        return _ddpo(run, image_samples_hook)
 
 
-def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
-    """The verified checkpoint to resume from (None: a fresh run) and the epoch it ends."""
+def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     from accelerate.utils import gather_object
 
-    if cfg.run.resume_from is None:
-        return None, 0
-
-    def warn(message: str) -> None:
-        if accelerator.is_main_process:
-            print(message, file=sys.stderr, flush=True)
-
-    found = checkpoint.resolve(cfg.run.resume_from, warn=warn)
-    chosen = set(gather_object([found.name]))
-    if len(chosen) > 1:  # e.g. a machine whose copy of the run folder differs; the processes would diverge
-        raise checkpoint.CheckpointError(f"run.resume_from: the processes found different checkpoints: {sorted(chosen)}")
-    return found, json.loads((found / "state.json").read_text())["epoch"]
-
-
-def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, prompt_fn, prompt_rng,
-           resume: Path | None, first_epoch: int, image_samples_hook, ctrl_c: CtrlC) -> list[dict]:
-    from accelerate.utils import gather_object
-
-    out = Path(cfg.run.output_dir)
-    # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
-    # is up, so a build elsewhere would be empty); the others load it after.
-    with accelerator.main_process_first():
-        family = load_family(cfg, accelerator.device)
-    accelerator.print(f"model: {family.pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
-    trainable = make_trainable(family.denoiser, cfg)  # the same tensors the optimizer, EMA and checkpoints see
-    if cfg.train.gradient_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
-    optimizer = _adamw(cfg)(
-        trainable.values(),
-        lr=cfg.train.learning_rate,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        weight_decay=cfg.train.adam_weight_decay,
-        eps=cfg.train.adam_epsilon,
-    )
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
-        cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
-        num_training_steps=plan.optimizer_steps_per_epoch * cfg.run.num_epochs,
-    )
-    unet, optimizer = accelerator.prepare(family.denoiser, optimizer)
+    cfg, accelerator, plan, out = run.cfg, run.accelerator, run.plan, run.out
+    state = run_setup.load_model(run, plan.optimizer_steps_per_epoch * cfg.run.num_epochs)
+    family, unet, trainable, optimizer, lr_scheduler, ema = (
+        run.family, run.model, run.trainable, run.optimizer, run.lr_scheduler, run.ema)
+    prompt_fn, prompt_rng, reward_fns, ctrl_c = run.prompt_fn, run.prompt_rng, run.rewards, run.ctrl_c
     negative_embeds = family.encode_prompts([""])
     resolution = cfg.sample.resolution or family.native_resolution()
     tracker = (
@@ -156,19 +67,13 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
         if cfg.train.per_prompt_stat_tracking
         else None
     )
+    if tracker is not None and state.get("tracker"):
+        tracker.load_state_dict(state["tracker"])
+    global_step = state.get("global_step", 0)
     quiet = not accelerator.is_local_main_process  # one set of progress bars per machine
     # Training runs through the (possibly DDP-wrapped) ``unet``; sampling and the KL reference use the bare one.
     policy = accelerator.unwrap_model(unet)
     guidance = (negative_embeds if cfg.train.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
-    ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    history, global_step = [], 0
-    if resume is not None:
-        state = checkpoint.load(accelerator, resume, params=trainable, optimizer=optimizer, prompt_rng=prompt_rng, ema=ema)
-        global_step = state["global_step"]
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if tracker is not None and state.get("tracker"):
-            tracker.load_state_dict(state["tracker"])
-        accelerator.print(f"resumed from {resume} (epoch {first_epoch}, step {global_step})")
 
     def collect(epoch: int) -> Collected:
         """Sample one epoch's batches; each goes to the reward functions as reward.overlap says."""
@@ -195,7 +100,7 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
         return Collected(Trajectories.cat(batches), batches, images, pending, time.perf_counter() - start)
 
     upcoming = None
-    for epoch in range(first_epoch, cfg.run.num_epochs):
+    for epoch in range(run.first_epoch, cfg.run.num_epochs):
         # 1. Sample, unless the previous epoch already did (reward.overlap = next_epoch).
         t0 = time.perf_counter()
         collected = upcoming or collect(epoch)
@@ -287,12 +192,10 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
                     global_step += accelerator.sync_gradients
         t3 = time.perf_counter()
 
-        # Every process must hold the same weights; a spread above 0 means gradients were not synchronised.
-        checksum = torch.stack([p.detach().double().sum() for p in trainable.values()]).sum().reshape(1)
-        sums = accelerator.gather(checksum.to(accelerator.device))
+        # 4. Log, checkpoint.
         metrics = {
             "epoch": epoch,
-            "weights_spread_across_processes": float(sums.max() - sums.min()),
+            "weights_spread_across_processes": run_setup.weights_spread(run),
             "global_step": global_step,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
@@ -304,48 +207,14 @@ def _train(cfg: Config, accelerator, plan: BatchPlan, reward_fns: Rewards, promp
             "seconds_training": t3 - t2,
             "seconds_epoch": t3 - t0,
         }
-        history.append(metrics)
-        accelerator.log(metrics, step=epoch)
-        board = tracking.tensorboard(accelerator)
-        if board is not None:
-            for name, r in components.items():
-                board.add_histogram(f"reward/{name}", r, epoch)
+        run_setup.log_epoch(run, metrics, components, samples)
         accelerator.print(
             f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
             f"sample {sampling:5.1f}s  reward-wait {t2 - t1:5.1f}s  train {t3 - t2:5.1f}s | "
             f"loss {metrics.get('loss', 0):+.2e} kl {metrics.get('approx_kl', 0):.2e} clipfrac {metrics.get('clipfrac', 0):.3f}"
         )
-        if accelerator.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            with open(out / "samples.jsonl", "a") as f:  # every sample's prompt, reward and scorer info
-                f.writelines(json.dumps(sample) + "\n" for sample in samples)
-        done = epoch + 1
-        save = functools.partial(  # bound now: what the epoch ended with, should Ctrl-C ask for it later
-            checkpoint.save, accelerator, out, done, cfg.run.checkpoint_limit, params=trainable, optimizer=optimizer,
-            state={"global_step": global_step, "lr_scheduler": lr_scheduler.state_dict(),
-                   "tracker": tracker.state_dict() if tracker else None},
-            prompt_rng=prompt_rng, ema=ema, rng=checkpoint.rng_state(prompt_rng),
-        )
-        due = done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0)
-        if due:
-            save()
-        ctrl_c.epoch_done(None if due else save)
-
-    accelerator.wait_for_everyone()
-    if ema is not None:
-        ema.copy_to(trainable)  # the published weights are the average
-    if accelerator.is_main_process:
-        where = save_weights(family, cfg, out)
-        accelerator.print(f"saved weights to {where}")
-        if cfg.run.push_to_hub:
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-            api.create_repo(cfg.run.push_to_hub, exist_ok=True)
-            api.upload_folder(repo_id=cfg.run.push_to_hub, folder_path=where, commit_message=f"{cfg.preset}: {cfg.run.num_epochs} epochs")
-            accelerator.print(f"uploaded {where} to {cfg.run.push_to_hub}")
-    return history
+        run_setup.end_epoch(run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None})
+    return run_setup.finish(run)
 
 
 @dataclass
@@ -357,14 +226,6 @@ class Collected:
     images: list[np.ndarray]
     pending: Pending
     seconds: float
-
-
-def _adamw(cfg: Config):
-    if cfg.train.use_8bit_adam:  # availability was checked with the config
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit
-    return torch.optim.AdamW
 
 
 @torch.no_grad()

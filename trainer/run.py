@@ -1,0 +1,222 @@
+"""The run set-up every algorithm shares, so that each algorithm file is only its own loop.
+
+``started`` opens a run: the accelerator, every pre-flight check, the checkpoint to resume from, the run
+folder and trackers, seeds, prompts, rewards, and Ctrl-C handling; whatever ends the run, the reward
+clients stop and the trackers flush. ``load_model`` loads the model family and makes it trainable (LoRA or
+full), with the optimizer, LR schedule, EMA and the resumed state. ``log_epoch``, ``end_epoch`` (checkpoint)
+and ``finish`` (save and publish the weights) close each epoch and the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from trainer import checkpoint, preflight, tracking
+from trainer.config import BatchPlan, Config
+from trainer.ema import EMA
+from trainer.interrupt import CtrlC
+from trainer.models import load_family, make_trainable, save_weights
+from trainer.prompts import make_prompt_fn, user_prompt_fn
+from trainer.rewards import Rewards, reward_functions
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Any
+    plan: BatchPlan
+    out: Path
+    rewards: Rewards
+    prompt_fn: Callable
+    prompt_rng: np.random.Generator
+    ctrl_c: CtrlC
+    resume: Path | None
+    first_epoch: int
+    # set by load_model
+    family: Any = None
+    model: Any = None  # the trained denoiser as accelerate prepared it (DDP-wrapped on several processes)
+    trainable: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    ema: EMA | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None) -> Iterator[Run]:
+    """``accumulation_steps``: backward passes per optimizer step (the algorithm knows how many)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.run.output_dir)
+    accelerator = Accelerator(
+        # Without a GPU, several processes must be told to use CPU (gloo); with one, accelerate picks it.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        mixed_precision=cfg.run.mixed_precision,
+        gradient_accumulation_steps=accumulation_steps,
+        log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
+        project_dir=out,
+    )
+    # Every problem of the config, its models, files and reward servers at once, before any model loads.
+    functions = reward_functions(reward_fn)
+    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type, skip=set(functions))
+    accelerator.print(f"batch plan: {plan.describe()}")
+    # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
+    # logs are trimmed to its epoch before anything is logged.
+    resume, first_epoch = _resume_point(accelerator, cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # the token is excluded from dumps
+        if resume is not None:
+            tracking.trim_logs(out, first_epoch)
+        tracking.start_trackers(accelerator, cfg, first_epoch)
+    if cfg.run.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(cfg.run.seed, device_specific=True)
+    prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
+    prompt_fn = user_prompt_fn(prompt_fn) if prompt_fn is not None else make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
+    rewards = None
+    ctrl_c = CtrlC(out, accelerator.num_processes)
+    # Whatever ends the run (an error, Ctrl-C), the reward clients' threads and event loops stop and the
+    # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
+    try:
+        # Local scorers load here, on the training device: their errors come before the big models.
+        rewards = Rewards(cfg.reward, device=str(accelerator.device), functions=functions)
+        yield Run(cfg, accelerator, plan, out, rewards, prompt_fn, prompt_rng, ctrl_c, resume, first_epoch)
+    except KeyboardInterrupt:
+        ctrl_c.interrupted(accelerator.is_main_process)
+        raise
+    finally:
+        ctrl_c.restore()
+        try:
+            if rewards is not None:
+                rewards.close()
+        finally:
+            accelerator.end_training()
+
+
+def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
+    """The verified checkpoint to resume from (None: a fresh run) and the epoch it ends."""
+    from accelerate.utils import gather_object
+
+    if cfg.run.resume_from is None:
+        return None, 0
+
+    def warn(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+
+    found = checkpoint.resolve(cfg.run.resume_from, warn=warn)
+    chosen = set(gather_object([found.name]))
+    if len(chosen) > 1:  # e.g. a machine whose copy of the run folder differs; the processes would diverge
+        raise checkpoint.CheckpointError(f"run.resume_from: the processes found different checkpoints: {sorted(chosen)}")
+    return found, json.loads((found / "state.json").read_text())["epoch"]
+
+
+def load_model(run: Run, optimizer_steps: int) -> dict[str, Any]:
+    """Load the family, make it trainable, build the optimizer, LR schedule (over ``optimizer_steps``) and
+    EMA, and restore a checkpoint when resuming; returns the checkpoint's plain state ({} for a fresh run)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
+    # is up, so a build elsewhere would be empty); the others load it after.
+    with accelerator.main_process_first():
+        run.family = load_family(cfg, accelerator.device)
+    accelerator.print(f"model: {run.family.pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
+    run.trainable = make_trainable(run.family.denoiser, cfg)  # the same tensors the optimizer, EMA and checkpoints see
+    if cfg.train.gradient_checkpointing:
+        run.family.denoiser.enable_gradient_checkpointing()
+    optimizer = _adamw(cfg)(
+        run.trainable.values(),
+        lr=cfg.train.learning_rate,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        weight_decay=cfg.train.adam_weight_decay,
+        eps=cfg.train.adam_epsilon,
+    )
+    from diffusers.optimization import get_scheduler
+
+    run.lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
+        cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps, num_training_steps=optimizer_steps,
+    )
+    run.model, run.optimizer = accelerator.prepare(run.family.denoiser, optimizer)
+    run.ema = EMA(run.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if run.resume is None:
+        return {}
+    state = checkpoint.load(accelerator, run.resume, params=run.trainable, optimizer=run.optimizer,
+                            prompt_rng=run.prompt_rng, ema=run.ema)
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    accelerator.print(f"resumed from {run.resume} (epoch {run.first_epoch}, step {state['global_step']})")
+    return state
+
+
+def _adamw(cfg: Config):
+    if cfg.train.use_8bit_adam:  # availability was checked with the config
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    return torch.optim.AdamW
+
+
+def log_epoch(run: Run, metrics: dict, components: dict[str, np.ndarray], samples: list[dict]) -> None:
+    """The epoch's metrics to the history, the trackers and metrics.jsonl; its samples to samples.jsonl."""
+    accelerator, epoch = run.accelerator, metrics["epoch"]
+    run.history.append(metrics)
+    accelerator.log(metrics, step=epoch)
+    board = tracking.tensorboard(accelerator)
+    if board is not None:
+        for name, r in components.items():
+            board.add_histogram(f"reward/{name}", r, epoch)
+    if accelerator.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(run.out / "samples.jsonl", "a") as f:  # every sample's prompt, reward and scorer info
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+
+
+def weights_spread(run: Run) -> float:
+    """0 when every process holds the same weights; above 0 means gradients were not synchronised."""
+    checksum = torch.stack([p.detach().double().sum() for p in run.trainable.values()]).sum().reshape(1)
+    sums = run.accelerator.gather(checksum.to(run.accelerator.device))
+    return float(sums.max() - sums.min())
+
+
+def end_epoch(run: Run, done: int, state: dict[str, Any]) -> None:
+    """Checkpoint after ``done`` epochs when it is due; otherwise keep what Ctrl-C would save. ``state``:
+    the plain counters to resume (``global_step`` and the algorithm's own)."""
+    cfg = run.cfg
+    save = functools.partial(  # bound now: what the epoch ended with, should Ctrl-C ask for it later
+        checkpoint.save, run.accelerator, run.out, done, cfg.run.checkpoint_limit, params=run.trainable,
+        optimizer=run.optimizer, state={**state, "lr_scheduler": run.lr_scheduler.state_dict()},
+        prompt_rng=run.prompt_rng, ema=run.ema, rng=checkpoint.rng_state(run.prompt_rng),
+    )
+    due = done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0)
+    if due:
+        save()
+    run.ctrl_c.epoch_done(None if due else save)
+
+
+def finish(run: Run) -> list[dict]:
+    """Save the trained weights (the EMA when kept) where diffusers loads them, and publish them if asked."""
+    cfg, accelerator = run.cfg, run.accelerator
+    accelerator.wait_for_everyone()
+    if run.ema is not None:
+        run.ema.copy_to(run.trainable)  # the published weights are the average
+    if accelerator.is_main_process:
+        where = save_weights(run.family, cfg, run.out)
+        accelerator.print(f"saved weights to {where}")
+        if cfg.run.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(cfg.run.push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=cfg.run.push_to_hub, folder_path=where, commit_message=f"{cfg.preset}: {cfg.run.num_epochs} epochs")
+            accelerator.print(f"uploaded {where} to {cfg.run.push_to_hub}")
+    return run.history
