@@ -1,0 +1,58 @@
+"""Flow-GRPO's SDE step against an independent, element-by-element implementation of the published formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.ddim import gaussian_log_prob
+from trainer.flow import flow_sde_mean_std
+
+
+def reference(sigmas: list[float], i: int, v: float, x: float, noise_level: float) -> tuple[float, float]:
+    s, s_next = sigmas[i], sigmas[i + 1]
+    dt = s_next - s
+    s_prime = sigmas[1] if s == 1.0 else s
+    std_t = noise_level * math.sqrt(s / (1 - s_prime))
+    mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+    return mean, std_t * math.sqrt(-dt)
+
+
+@pytest.fixture
+def scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3's shift
+    scheduler.set_timesteps(10)
+    return scheduler
+
+
+@pytest.mark.parametrize("noise_level", [0.7, 0.3])
+def test_mean_std_and_log_prob_match_the_formula(scheduler, noise_level):
+    rng = np.random.default_rng(0)
+    sigmas = scheduler.sigmas.tolist()
+    x, v = rng.standard_normal((4, 2, 3, 3)), rng.standard_normal((4, 2, 3, 3))
+    index = torch.tensor([0, 3, 7, 9])  # the first step (s == 1), middle ones and the last (s_next == 0)
+    mean, std = flow_sde_mean_std(scheduler.sigmas, index, torch.tensor(v), torch.tensor(x), noise_level)
+    x_next = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    for n, i in enumerate(index.tolist()):
+        expected = np.vectorize(lambda a, b: reference(sigmas, i, b, a, noise_level))(x[n], v[n])
+        np.testing.assert_allclose(mean[n].numpy(), expected[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(std[n].expand_as(mean[n]).numpy(), expected[1], rtol=1e-6, atol=1e-7)
+        # log p averaged over C, H, W, as Flow-GRPO and DDPO
+        sd = expected[1]
+        log_p = np.mean(-((x_next[n].numpy() - expected[0]) ** 2) / (2 * sd**2) - np.log(sd) - math.log(math.sqrt(2 * math.pi)))
+        assert gaussian_log_prob(x_next[n : n + 1], mean[n : n + 1], std[n : n + 1]).item() == pytest.approx(log_p, rel=1e-5)
+
+
+def test_noise_level_zero_is_the_schedulers_euler_step(scheduler):
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for i, t in enumerate(scheduler.timesteps):
+        mean, std = flow_sde_mean_std(scheduler.sigmas, i, v, x, noise_level=0.0)
+        scheduler._step_index = None  # step() looks its index up from t
+        euler = scheduler.step(v, t, x).prev_sample
+        torch.testing.assert_close(mean, euler, rtol=1e-6, atol=1e-6)
+        assert float(std.abs().max()) == 0.0
