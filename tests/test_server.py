@@ -226,7 +226,6 @@ def test_the_bearer_scheme_is_case_insensitive(start_server, images):
 
 
 def test_readyz_fails_as_soon_as_sigterm_arrives(start_server, images):
-    import signal
     server = start_server("--model", "compression", "--drain-delay-s", "3")
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     server.proc.send_signal(signal.SIGTERM)
