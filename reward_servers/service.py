@@ -7,7 +7,6 @@ Kept apart from the HTTP routes: this is the part that knows about models, devic
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,8 +17,6 @@ from protocol import Limits, ProtocolError, ScoreReply, ScoreRequest, decode_ima
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
 from reward_servers.scorer import Scorer
-
-log = logging.getLogger("reward_servers")
 
 
 @dataclass
