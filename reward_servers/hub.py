@@ -20,7 +20,7 @@ def problem(kind: str, ref: str | None, what: str = "", marker: str = "config.js
         return f"required ({what})" if what else "required"
     if kind == "file":
         return None if Path(ref).is_file() else f"{ref}: no such file"
-    if ref == "tiny" or Path(ref).is_dir():
+    if ref == "tiny" or ref.startswith("tiny-") or Path(ref).is_dir():  # tiny models are built offline
         return None
     if Path(ref).exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         return f"{ref}: no such folder"

@@ -38,7 +38,8 @@ class RunConfig(_Group):
 
 
 class PretrainedConfig(_Group):
-    model: str = Field("tiny", description='"tiny" (embedded, built offline) or a diffusers model id / path')
+    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" (embedded, built offline) or a diffusers model id / '
+                       'path (a StableDiffusionPipeline or StableDiffusionXLPipeline)')
     revision: str | None = None
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")
 

@@ -9,9 +9,11 @@ import torch
 
 from trainer.config import Config
 from trainer.sd1 import SD1
+from trainer.sdxl import SDXL
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FAMILIES = {SD1.pipeline_class: SD1}  # a diffusers pipeline class name -> its family
+FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL)}  # a diffusers pipeline class -> its family
+TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path"}  # built offline (trainer/tiny_pipeline.py)
 
 
 def load_family(cfg: Config, device: torch.device):
@@ -20,10 +22,10 @@ def load_family(cfg: Config, device: torch.device):
     from diffusers import DiffusionPipeline
 
     path = cfg.pretrained.model
-    if path == "tiny":
-        from trainer.tiny_pipeline import tiny_pipeline_path
+    if path in TINY:
+        from trainer import tiny_pipeline
 
-        path = str(tiny_pipeline_path(cfg.pretrained.cache_dir))
+        path = str(getattr(tiny_pipeline, TINY[path])(cfg.pretrained.cache_dir))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
     if kind not in FAMILIES:
         raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")

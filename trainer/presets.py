@@ -34,6 +34,7 @@ def _with(base: dict, **groups: dict) -> dict:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
+    "tiny-sdxl": {"run": {"output_dir": "outputs/tiny-sdxl"}, "pretrained": {"model": "tiny-sdxl"}},  # SDXL's shape, CPU
     "sd15-compressibility": _with(_SD15, reward={"scorer": "compression"}),
     "sd15-incompressibility": _with(_SD15, reward={"scorer": "incompressibility"}),
     "sd15-aesthetic": _with(

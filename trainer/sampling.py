@@ -19,7 +19,7 @@ from trainer.ddim import gaussian_log_prob
 class Trajectories:
     """A batch of sampled images with everything the update needs; tensors are (N, ...) on one device."""
 
-    prompt_embeds: torch.Tensor  # (N, ...): the family's conditioning
+    prompt_embeds: torch.Tensor | dict[str, torch.Tensor]  # the family's conditioning, each tensor (N, ...)
     latents: torch.Tensor  # (N, T, C, h, w): x_t fed to step j
     next_latents: torch.Tensor  # (N, T, C, h, w): x_{t-1} drawn at step j
     log_probs: torch.Tensor  # (N, T)
@@ -27,8 +27,8 @@ class Trajectories:
     prompts: list[str] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+    def tensors(self) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "metadata")}
 
     def shuffled(self, advantages: torch.Tensor, batch_size: int, num_timesteps: int):
         """Yield (chunk, advantages) in random sample order, each sample with its own random timesteps.
@@ -39,16 +39,27 @@ class Trajectories:
         order = torch.randperm(n, device=advantages.device)
         steps = torch.stack([torch.randperm(total, device=advantages.device)[:num_timesteps] for _ in range(n)])
         per_step = {"latents", "next_latents", "log_probs", "timesteps"}
-        tensors = {k: v[order[:, None], steps] if k in per_step else v[order] for k, v in self.tensors().items()}
+        tensors = {k: v[order[:, None], steps] if k in per_step else _each(v, lambda t: t[order])
+                   for k, v in self.tensors().items()}
         advantages = advantages[order]
         for start in range(0, n, batch_size):
-            part = {k: v[start : start + batch_size] for k, v in tensors.items()}
+            part = {k: _each(v, lambda t: t[start : start + batch_size]) for k, v in tensors.items()}
             yield Trajectories(**part), advantages[start : start + batch_size]
 
     @classmethod
     def cat(cls, parts: list["Trajectories"]) -> "Trajectories":
-        tensors = {k: torch.cat([p.tensors()[k] for p in parts]) for k in parts[0].tensors()}
+        def cat(values):
+            if isinstance(values[0], dict):
+                return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+            return torch.cat(values)
+
+        tensors = {k: cat([p.tensors()[k] for p in parts]) for k in parts[0].tensors()}
         return cls(**tensors, prompts=sum((p.prompts for p in parts), []), metadata=sum((p.metadata for p in parts), []))
+
+
+def _each(value, fn):
+    """``fn`` of a tensor, or of each tensor of a conditioning dict."""
+    return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
 
 
 @torch.no_grad()
@@ -66,7 +77,7 @@ def sample(
 ) -> tuple[Trajectories, torch.Tensor]:
     """Run the family's sampler from noise; return the trajectories and the final latents
     (``family.to_uint8`` decodes them)."""
-    device = negative_embeds.device
+    device = model.device  # the bare (unwrapped) denoiser samples
     cond = family.encode_prompts(prompts)
     timesteps = family.timesteps(num_steps, device)
     x = family.initial_latents(len(prompts), resolution, generator, device)

@@ -93,3 +93,47 @@ def assemble_pipeline(text_encoder, tokenizer, unet, vae):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+# SDXL's shape in miniature: two CLIP text encoders (the second with a projection, whose pooled output and
+# the six micro-conditioning numbers feed the UNet's "text_time" embedding), the same VAE as above.
+SDXL_SPEC = {**SPEC, "text_2": {**SPEC["text"], "projection_dim": 16}, "addition_time_embed_dim": 8}
+
+
+def tiny_sdxl_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the tiny SDXL pipeline, building it first if it is not there yet."""
+    from reward_servers.tiny_models import cached_build
+
+    return cached_build("tiny-sdxl", SDXL_SPEC, lambda folder: build_tiny_sdxl().save_pretrained(folder), cache_dir)
+
+
+def build_tiny_sdxl():
+    """Random-init tiny StableDiffusionXLPipeline, identical for identical SDXL_SPEC."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from reward_servers.tiny_models import clip_tokenizer
+
+    base = build_tiny_pipeline()  # its VAE and first text encoder, seeded as the SD1 tiny model
+    tokenizer = clip_tokenizer(SDXL_SPEC["vocabulary"])
+    torch.manual_seed(SDXL_SPEC["seed"] + 1)
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        **SDXL_SPEC["text_2"], vocab_size=len(tokenizer), max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    time_dim = SDXL_SPEC["addition_time_embed_dim"]
+    unet = UNet2DConditionModel(
+        sample_size=SDXL_SPEC["resolution"] // 8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SDXL_SPEC["text"]["hidden_size"] + SDXL_SPEC["text_2"]["hidden_size"], norm_num_groups=16,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=SDXL_SPEC["text_2"]["projection_dim"] + 6 * time_dim,
+        **SDXL_SPEC["unet"],
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=text_2, tokenizer=base.tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+    )

@@ -1,0 +1,88 @@
+"""The SDXL family: a UNet on two CLIP text encoders (penultimate hidden states concatenated; the second's
+pooled projection and the micro-conditioning (original size, crop, target size) feed its "text_time"
+embedding), sampled with DDIM like SD1.
+
+The DDIM step, the initial noise and the VAE are SD1's (the same UNet-latent layout), so they are SD1's
+code, reached through ``self.sd1``; what differs is loading, the conditioning and the prediction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.ddim import check_scheduler
+from trainer.sd1 import SD1
+
+
+class SDXL:
+    pipeline_class = "StableDiffusionXLPipeline"
+
+    def __init__(self, pipe):
+        self.pipe, self.sd1 = pipe, SD1(pipe)
+        self.step, self.timesteps, self.initial_latents = self.sd1.step, self.sd1.timesteps, self.sd1.initial_latents
+        self.decode, self.to_uint8, self.encode = self.sd1.decode, self.sd1.to_uint8, self.sd1.encode
+
+    @classmethod
+    def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int) -> "SDXL":
+        import diffusers
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, revision=revision, **{dtype_arg: dtype})
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        check_scheduler(pipe.scheduler, num_steps)
+        if pipe.vae.config.get("force_upcast") and dtype == torch.float16:
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as the pipeline itself knows
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.unet]
+
+    def native_resolution(self) -> int:
+        return self.sd1.native_resolution()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Hidden states, pooled embedding and time ids, as StableDiffusionXLPipeline.encode_prompt makes them
+        (an all-empty batch is zeros, its force_zeros_for_empty_prompt: the negative prompt of guidance)."""
+        pipe = self.pipe
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's projected pooled output
+        embeds = torch.cat(hidden, dim=-1)
+        if all(p == "" for p in prompts) and pipe.config.get("force_zeros_for_empty_prompt", True):
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        size = self.native_resolution()
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=embeds.dtype, device=embeds.device)
+        return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids}
+
+    @staticmethod
+    def predict(model, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
+                negative: dict[str, torch.Tensor] | None, guidance_scale: float) -> torch.Tensor:
+        timesteps = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
+
+        def call(x, t, c):
+            extra = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
+            return model(x, t, encoder_hidden_states=c["prompt_embeds"], added_cond_kwargs=extra).sample
+
+        if negative is None:
+            return call(latents, timesteps, cond)
+        both = {k: torch.cat([negative[k].expand_as(v), v]) for k, v in cond.items()}
+        uncond, guided = call(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).chunk(2)
+        return uncond + guidance_scale * (guided - uncond)
+
+    def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
