@@ -26,18 +26,10 @@ class SD1:
     @classmethod
     def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int) -> "SD1":
         """The pipeline with a DDIM scheduler, its parts in ``dtype``."""
-        import diffusers
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
 
-        # diffusers renamed torch_dtype to dtype in 0.36 and warns about the old name.
-        dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, revision=revision, safety_checker=None, requires_safety_checker=False, **{dtype_arg: dtype}
-        )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        check_scheduler(pipe.scheduler, num_steps)  # before the weights move to the device
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe)
+        return cls(load_with_ddim(StableDiffusionPipeline, path, revision, dtype, num_steps,
+                                  safety_checker=None, requires_safety_checker=False))
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -110,3 +102,18 @@ class SD1:
         from diffusers import StableDiffusionPipeline
 
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def load_with_ddim(pipeline_class, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, **kwargs):
+    """``pipeline_class.from_pretrained`` in ``dtype``, its scheduler replaced by DDIM (checked to be one the
+    log-prob step models) and its progress bars off."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    # diffusers renamed torch_dtype to dtype in 0.36 and warns about the old name.
+    dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
+    pipe = pipeline_class.from_pretrained(path, revision=revision, **kwargs, **{dtype_arg: dtype})
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    check_scheduler(pipe.scheduler, num_steps)  # before the weights move to the device
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.ddim import check_scheduler
-from trainer.sd1 import SD1
+from trainer.sd1 import SD1, load_with_ddim
 
 
 class SDXL:
@@ -26,16 +25,11 @@ class SDXL:
 
     @classmethod
     def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int) -> "SDXL":
-        import diffusers
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLPipeline
 
-        dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, revision=revision, **{dtype_arg: dtype})
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        check_scheduler(pipe.scheduler, num_steps)
+        pipe = load_with_ddim(StableDiffusionXLPipeline, path, revision, dtype, num_steps)
         if pipe.vae.config.get("force_upcast") and dtype == torch.float16:
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as the pipeline itself knows
-        pipe.set_progress_bar_config(disable=True)
         return cls(pipe)
 
     @property
