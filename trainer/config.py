@@ -329,7 +329,7 @@ class BatchPlanError(ValueError):
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """How an epoch divides into sampling batches and optimizer steps (ANCHORS section 1)."""
+    """How an epoch divides into sampling batches and optimizer steps, as in ddpo-pytorch."""
 
     num_processes: int
     samples_per_epoch: int

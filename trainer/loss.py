@@ -1,4 +1,5 @@
-"""The PPO-clip objective on per-step log-probabilities (ANCHORS section 1)."""
+"""The PPO-clip objective on per-step log-probabilities (DDPO: Black et al. 2023, "Training Diffusion Models
+with Reinforcement Learning"; github.com/kvablack/ddpo-pytorch)."""
 
 from __future__ import annotations
 

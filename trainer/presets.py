@@ -1,8 +1,9 @@
 """Named starting points: ``--preset NAME``; anything given on the command line or in ``--config`` wins.
 
 ``tiny`` is the built-in default (CPU, minutes). The ``sd15-*`` presets are ddpo-pytorch's published
-8-GPU runs (ANCHORS section 1); each ``-1gpu`` variant keeps the samples per epoch and the effective train
-batch on one GPU: sampling batches x8, train batch 1, gradient accumulation x(4 x 8) / 1.
+8-GPU runs (github.com/kvablack/ddpo-pytorch, config/dgx.py); each ``-1gpu`` variant keeps the samples per
+epoch and the effective train batch on one GPU: sampling batches x8, train batch 1, gradient accumulation
+x(4 x 8) / 1.
 """
 
 from __future__ import annotations
