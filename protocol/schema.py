@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
+from protocol.zero_copy import MAX_ELEMENTS
+
 VERSION = 1
 MEDIA_TYPE = "application/x-msgpack"
 Encoding = Literal["raw", "png", "jpeg"]
@@ -22,7 +24,7 @@ class Limits:
     max_images: int = 256
     max_pixels: int = 1024 * 1024  # per image (height x width)
     max_body_bytes: int = 256 * 1024 * 1024
-    max_elements: int = 100_000  # msgpack values per body (see protocol.zero_copy)
+    max_elements: int = MAX_ELEMENTS  # msgpack values per body (see protocol.zero_copy)
 
 
 def _binary(value: Any) -> bytes | memoryview:

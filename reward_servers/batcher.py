@@ -133,11 +133,6 @@ class DynamicBatcher:
     async def _gather(items: list[_Item]) -> ScoreOutput:
         return concat(await asyncio.gather(*(item.future for item in items)))
 
-    async def score(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
-        """Reserve, queue and await in one call (for callers with nothing to decode)."""
-        self.reserve(len(prompts))
-        return await self.submit(images, prompts, metadata)
-
     async def _next_batch(self) -> list[_Item]:
         while not self.pending:
             self._arrived.clear()

@@ -115,11 +115,6 @@ def scorer_options(name: str) -> set[str]:
     return set(inspect.signature(target.__init__).parameters) - {"self", "args", "kwargs"}
 
 
-def scorer_class(name: str) -> type[Scorer]:
-    target = scorer_target(name)
-    return target if isinstance(target, type) and issubclass(target, Scorer) else FunctionScorer
-
-
 def create_scorer(name: str, **options: Any) -> Scorer:
     target = scorer_target(name)
     if isinstance(target, type) and issubclass(target, Scorer):

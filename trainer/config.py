@@ -188,7 +188,7 @@ def _server_url(url: str) -> str:
     expected = "expected http(s)://host[:port] with no path, query or fragment"
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises on a port that is not a number in range
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
     except ValueError as exc:
         raise ValueError(f"{url!r} is not a reward server URL ({exc}); {expected}") from None
     problem = (
@@ -202,7 +202,6 @@ def _server_url(url: str) -> str:
     )
     if problem:
         raise ValueError(f"{url!r} is not a reward server URL ({problem}); {expected}")
-    del port
     return url.rstrip("/")
 
 

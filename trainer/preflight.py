@@ -21,9 +21,9 @@ class PreflightError(ValueError):
     """The run cannot start; the message lists why, one line per problem."""
 
 
-def check(cfg: Config, num_processes: int, device_type: str, skip: set[str] = frozenset()) -> BatchPlan | None:
-    """Raise PreflightError naming every problem; returns the batch plan. ``skip``: components that Python
-    reward functions replace (``train(cfg, reward_fn=...)``)."""
+def check(cfg: Config, num_processes: int, device_type: str, functions: dict | None = None) -> BatchPlan | None:
+    """Raise PreflightError naming every problem; returns the batch plan. ``functions``: the Python reward
+    functions of ``train(cfg, reward_fn=...)``, which take the place of configured components."""
     problems, plan = [], None
     try:
         plan = BatchPlan.of(cfg, num_processes)
@@ -34,8 +34,11 @@ def check(cfg: Config, num_processes: int, device_type: str, skip: set[str] = fr
     found = problem("model", cfg.pretrained.model, "the diffusers pipeline", marker="model_index.json")
     if found:
         problems.append(f"--pretrained.model {found}")
-    for i, component in enumerate(cfg.reward.sources()):
-        if component.name in skip or (skip and not cfg.reward.components):
+    from trainer.rewards import with_functions
+
+    functions = functions or {}
+    for i, component in enumerate(with_functions(cfg.reward, functions)):  # the components the run will use
+        if component.name in functions:
             continue
         where = "reward" if not cfg.reward.components else f"reward.components[{i}]"
         if component.url:

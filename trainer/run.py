@@ -68,7 +68,7 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     )
     # Every problem of the config, its models, files and reward servers at once, before any model loads.
     functions = reward_functions(reward_fn)
-    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type, skip=set(functions))
+    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type, functions)
     accelerator.print(f"batch plan: {plan.describe()}")
     # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
     # logs are trimmed to its epoch before anything is logged.

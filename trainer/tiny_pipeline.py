@@ -111,7 +111,7 @@ def build_tiny_sdxl():
     """Random-init tiny StableDiffusionXLPipeline, identical for identical SDXL_SPEC."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from reward_servers.tiny_models import clip_tokenizer
 
