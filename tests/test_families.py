@@ -68,3 +68,92 @@ def test_sdxl_trains_saves_a_lora_its_pipeline_loads_and_resumes_exactly(tmp_pat
     tuned = pipe("a cat", num_inference_steps=3, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert np.abs(base - tuned).max() > 0
+
+
+# -- SD3 (flow matching, Flow-GRPO's SDE step) ----------------------------------------------------------------
+def sd3(tiny_cache):
+    cfg = Config(preset="tiny-sd3", pretrained={"cache_dir": tiny_cache})
+    family = load_family(cfg, torch.device("cpu"))
+    assert type(family).__name__ == "SD3" and family.pipe.text_encoder_3 is None  # told by its class; T5 absent
+    return cfg, family
+
+
+def test_sd3_first_step_importance_ratio_is_exactly_one(tiny_cache):
+    cfg, family = sd3(tiny_cache)
+    make_trainable(family.denoiser, cfg)
+    negative = family.encode_prompts([""])
+    torch.manual_seed(0)
+    batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 6, 0.7, 4.5, 64)
+    assert family.to_uint8(final).shape == (2, 64, 64, 3) and batch.latents.shape == (2, 6, 16, 8, 8)
+    for chunk, _ in batch.shuffled(torch.zeros(2), batch_size=2, num_timesteps=6):
+        for j in range(6):
+            with torch.no_grad():
+                log_prob, _, _ = rescore(family, family.denoiser, chunk, j, negative, 4.5, 0.7)
+            assert torch.equal(log_prob, chunk.log_probs[:, j]), j
+
+
+def test_sd3_deterministic_sampling_is_the_pipelines_own(tiny_cache):
+    """noise level 0 is the scheduler's Euler step: our sampler and StableDiffusion3Pipeline agree, guidance included."""
+    _, family = sd3(tiny_cache)
+    negative = family.encode_prompts([""])
+    start = family.initial_latents(2, 64, torch.Generator().manual_seed(3), "cpu")
+    ours, final = sample(family, family.denoiser, ["a cat", "a red owl"], [{}, {}], negative, 8, 0.0, 4.5, 64,
+                         generator=torch.Generator().manual_seed(3))
+    theirs = family.pipe(["a cat", "a red owl"], num_inference_steps=8, guidance_scale=4.5, height=64, width=64,
+                         latents=start.clone(), output_type="latent").images
+    assert torch.allclose(final, theirs, atol=1e-5, rtol=1e-5), (final - theirs).abs().max()
+    assert torch.equal(ours.latents[:, 0], start)
+
+
+def test_sd3_window_stores_only_its_stochastic_steps_and_the_rest_is_the_ode(tiny_cache):
+    _, family = sd3(tiny_cache)
+    negative = family.encode_prompts([""])
+    args = (family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 8)
+    ode, _ = sample(*args, 0.0, 4.5, 64, generator=torch.Generator().manual_seed(5))
+    windowed, _ = sample(*args, 0.7, 4.5, 64, generator=torch.Generator().manual_seed(5), window=range(2, 5))
+    assert windowed.steps.tolist() == [[2, 3, 4]] * 2 and windowed.latents.shape[1] == 3
+    assert torch.equal(windowed.timesteps[0], family.timesteps(8, "cpu")[2:5])
+    assert torch.equal(windowed.latents[:, 0], ode.latents[:, 2])  # deterministic until the window opens
+    assert not torch.equal(windowed.next_latents[:, 0], ode.next_latents[:, 2])  # then stochastic
+    for j in range(3):
+        with torch.no_grad():
+            log_prob, _, _ = rescore(family, family.denoiser, windowed, j, negative, 4.5, 0.7)
+        assert torch.equal(log_prob, windowed.log_probs[:, j])
+
+
+def family_run(preset, tmp_path, tiny_cache, epochs: int, **run) -> Config:
+    return Config(preset=preset, run={"output_dir": tmp_path, "num_epochs": epochs, "log_with": "none",
+                                      "log_images_every": 0, **run},
+                  pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 2},
+                  train={"batch_size": 2})
+
+
+def test_sd3_trains_with_kl_saves_a_lora_its_pipeline_loads_and_resumes_exactly(tmp_path, tiny_cache):
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    straight = family_run("tiny-sd3", tmp_path / "straight", tiny_cache, 3)
+    history = train(straight)
+    assert [m["epoch"] for m in history] == [0, 1, 2] and all(np.isfinite(m["loss"]) for m in history)
+    assert all(m["kl_to_reference"] > 0 for m in history)  # the KL path ran (and moved away from the reference)
+    first = family_run("tiny-sd3", tmp_path / "resumed", tiny_cache, 2, save_freq=1)
+    train(first)
+    again = family_run("tiny-sd3", tmp_path / "resumed", tiny_cache, 3, resume_from=tmp_path / "resumed")
+    assert [m["epoch"] for m in train(again)] == [2]
+    one = load_file(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors")
+    two = load_file(tmp_path / "resumed" / "lora" / "pytorch_lora_weights.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+    from trainer.tiny_pipeline import tiny_sd3_path
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path(tiny_cache), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, height=64, width=64, output_type="np")
+    base = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(tmp_path / "straight" / "lora", adapter_name="grpo")
+    from peft.utils import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="grpo")
+    assert len(loaded) == len(one) and all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in one.items())
+    tuned = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(base - tuned).max() > 0

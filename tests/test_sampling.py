@@ -51,6 +51,7 @@ def test_shuffled_keeps_each_sample_consistent(pipe):
         next_latents=torch.arange(n * t).float().reshape(n, t, 1, 1, 1) + 0.5,
         log_probs=torch.arange(n * t).float().reshape(n, t),
         timesteps=torch.arange(t).repeat(n, 1) * 100,
+        steps=torch.arange(t).repeat(n, 1),
     )
     seen = []
     for chunk, adv in traj.shuffled(torch.arange(n).float() * 10, batch_size=2, num_timesteps=3):
@@ -59,7 +60,7 @@ def test_shuffled_keeps_each_sample_consistent(pipe):
             sample_id = int(chunk.prompt_embeds[i, 0, 0])
             assert adv[i] == sample_id * 10
             steps = (chunk.timesteps[i] // 100).tolist()
-            assert len(set(steps)) == 3
+            assert len(set(steps)) == 3 and chunk.steps[i].tolist() == steps
             assert chunk.latents[i].flatten().tolist() == [sample_id * t + s for s in steps]
             assert chunk.next_latents[i].flatten().tolist() == [sample_id * t + s + 0.5 for s in steps]
             assert chunk.log_probs[i].tolist() == [sample_id * t + s for s in steps]

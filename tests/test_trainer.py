@@ -243,15 +243,17 @@ def test_knobs_that_cannot_work_fail_in_the_config():
 
 def test_grouped_sampling(tmp_path, tiny_cache):
     cfg = small_config(tmp_path, tiny_cache)
-    cfg = Config.model_validate({**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), "images_per_prompt": 2}})
+    # groups of 8 span the epoch's two batches of 4 (Flow-GRPO's groups of 24 span batches of 9)
+    cfg = Config.model_validate({**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), "images_per_prompt": 8}})
     cfg.run.num_epochs = 1
     train(cfg)
-    prompts = [json.loads(line)["prompt"] for line in (cfg.run.output_dir / "samples.jsonl").read_text().splitlines()]
-    assert prompts[0::2] == prompts[1::2] and len(prompts) == 8  # each prompt twice in a row
+    records = [json.loads(line) for line in (cfg.run.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and len({r["prompt"] for r in records}) == 1
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="images_per_prompt: 3 must divide sample.batch_size"):
-        Config(sample={"batch_size": 4, "images_per_prompt": 3})
+    with pytest.raises(ValidationError, match=r"images_per_prompt: 3 must divide a process's samples per epoch, "
+                                              r"sample.batch_size x sample.num_batches_per_epoch = 8"):
+        Config(sample={"batch_size": 4, "num_batches_per_epoch": 2, "images_per_prompt": 3})
 
 
 def test_image_samples_hook_grid_and_histograms(tmp_path, tiny_cache):

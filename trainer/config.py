@@ -35,29 +35,38 @@ class RunConfig(_Group):
     push_to_hub: str | None = Field(None, description="hub repo id to upload the final weights to (off by default; "
                                     "uses HF_TOKEN or your huggingface-cli login)")
     resume_from: Path | None = Field(None, description="a run folder (its newest checkpoint) or one checkpoint folder")
+    eval_every: int = Field(0, ge=0, description="evaluate every N epochs, from before the first and after the last "
+                            "(deterministic sampling on fixed prompts and seeds, see trainer/evaluate.py); 0: never")
 
 
 class PretrainedConfig(_Group):
-    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" (embedded, built offline) or a diffusers model id / '
-                       'path (a StableDiffusionPipeline or StableDiffusionXLPipeline)')
+    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" (embedded, built offline) or a diffusers '
+                       'model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline)')
     revision: str | None = None
+    load_t5: bool = Field(True, description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
+                          "fp16) its tokens are zeros, as in StableDiffusion3Pipeline")
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")
 
 
 class SampleConfig(_Group):
-    num_steps: int = Field(20, gt=0, description="DDIM steps per image")
-    eta: float = Field(1.0, ge=0, description="DDIM stochasticity; the policy's noise (0 gives a degenerate policy)")
+    num_steps: int = Field(20, gt=0, description="sampler steps per image")
+    eta: float = Field(1.0, ge=0, description="the policy's noise: DDIM's eta, or Flow-GRPO's SDE noise level for "
+                       "flow-matching models (0.7 in its SD3.5 runs); 0 gives a degenerate policy")
+    eval_num_steps: int | None = Field(None, gt=0, description="steps of the deterministic evaluation sampler "
+                                       "(run.eval_every); default sample.num_steps")
     guidance_scale: float = Field(5.0, ge=1.0)
     batch_size: int = Field(8, gt=0, description="images per sampling batch, per process")
     num_batches_per_epoch: int = Field(4, gt=0)
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
-    images_per_prompt: int = Field(1, ge=1, description="K > 1: each prompt sampled K times in a batch, advantages "
-                                   "normalised within its group (Flow-GRPO)")
+    images_per_prompt: int = Field(1, ge=1, description="K > 1: each prompt sampled K times in a row (a group may "
+                                   "span batches), advantages normalised within its group (Flow-GRPO)")
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "SampleConfig":
-        if self.batch_size % self.images_per_prompt:
-            raise ValueError(f"images_per_prompt: {self.images_per_prompt} must divide sample.batch_size ({self.batch_size})")
+        per_epoch = self.batch_size * self.num_batches_per_epoch
+        if per_epoch % self.images_per_prompt:
+            raise ValueError(f"images_per_prompt: {self.images_per_prompt} must divide a process's samples per epoch, "
+                             f"sample.batch_size x sample.num_batches_per_epoch = {per_epoch}")
         return self
 
 
@@ -76,7 +85,12 @@ class TrainConfig(_Group):
     cfg: bool = Field(True, description="train on the guided prediction, as sampled")
     adv_clip_max: float = Field(5.0, gt=0)
     clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5)")
-    timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's steps")
+    timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's "
+                                     "stochastic steps")
+    timestep_window: int = Field(0, ge=0, description="K > 0: only K consecutive steps of each trajectory are "
+                                 "stochastic and trained, the others deterministic (Flow-GRPO-Fast, MixGRPO); 0: all")
+    timestep_window_latest_start: int = Field(0, ge=0, description="the window starts at a step drawn uniformly "
+                                              "from 0 to this, per sampling batch (0: the first K steps)")
     lora: bool = Field(True, description="train LoRA adapters; false trains the whole UNet")
     lora_rank: int = Field(16, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
@@ -118,6 +132,16 @@ class PromptConfig(_Group):
     fn: str = Field("simple_animals", description="simple_animals, imagenet_all, imagenet_animals, imagenet_dogs, "
                     "nouns_activities, counting, from_file, or your own module:function (see trainer/prompts.py)")
     path: Path | None = Field(None, description="for from_file: one prompt per line", validate_default=True)
+    eval_path: Path | None = Field(None, description="held-out prompts for run.eval_every, one per line; default: "
+                                   "prompt.eval_count draws of prompt.fn from a fixed seed")
+    eval_count: int = Field(16, gt=0)
+
+    @field_validator("eval_path")
+    @classmethod
+    def _eval_path(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file {path}")
+        return path
 
     @field_validator("fn")
     @classmethod
@@ -300,6 +324,11 @@ class Config(BaseSettings):
                 f"({self.sample.images_per_prompt}) > 1 within each group of one epoch: choose one (set "
                 "--no-train.per_prompt_stat_tracking, or sample.images_per_prompt 1)"
             )
+        window, last = self.train.timestep_window, self.train.timestep_window + self.train.timestep_window_latest_start
+        if window and last > self.sample.num_steps:
+            raise ValueError(f"train.timestep_window ({window}) + train.timestep_window_latest_start "
+                             f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
+                             f"({self.sample.num_steps})")
         if not self.train.cfg and self.sample.guidance_scale != 1.0:
             # The PPO ratio compares the training policy with the sampling one: they must be the same policy.
             raise ValueError(
@@ -361,7 +390,8 @@ class BatchPlan:
 
     @staticmethod
     def train_timesteps_of(cfg: Config) -> int:
-        return max(1, int(cfg.sample.num_steps * cfg.train.timestep_fraction))
+        stochastic = cfg.train.timestep_window or cfg.sample.num_steps
+        return max(1, int(stochastic * cfg.train.timestep_fraction))
 
     def describe(self) -> str:
         return (

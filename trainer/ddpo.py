@@ -20,6 +20,7 @@ from trainer import run as run_setup
 from trainer import tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import BatchPlan, Config
+from trainer.evaluate import evaluate_run
 from trainer.loss import gaussian_kl, ppo_clip_loss
 from trainer.rewards import Pending, RewardFn
 from trainer.sampling import Trajectories, rescore, sample
@@ -75,19 +76,28 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     policy = accelerator.unwrap_model(unet)
     guidance = (negative_embeds if cfg.train.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
 
+    def window() -> range | None:
+        """The stochastic, trained steps of the next sampling batch (train.timestep_window)."""
+        if not cfg.train.timestep_window:
+            return None
+        latest = cfg.train.timestep_window_latest_start
+        start = int(prompt_rng.integers(latest + 1)) if latest else 0  # the rng a checkpoint keeps
+        return range(start, start + cfg.train.timestep_window)
+
     def collect(epoch: int) -> Collected:
         """Sample one epoch's batches; each goes to the reward functions as reward.overlap says."""
         start = time.perf_counter()
         unet.eval()
         pending, batches, images = Pending(reward_fns), [], []
-        for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
-            k = cfg.sample.images_per_prompt
-            drawn = [prompt_fn(prompt_rng) for _ in range(cfg.sample.batch_size // k)]
-            prompts, metadata = zip(*(pair for pair in drawn for _ in range(k)))  # each prompt k times in a row
+        size, k = cfg.sample.batch_size, cfg.sample.images_per_prompt
+        drawn = [prompt_fn(prompt_rng) for _ in range(size * cfg.sample.num_batches_per_epoch // k)]
+        epoch_prompts = [pair for pair in drawn for _ in range(k)]  # each prompt k times in a row: its group
+        for b in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
+            prompts, metadata = zip(*epoch_prompts[b * size : (b + 1) * size])
             with accelerator.autocast():
                 batch, final = sample(
                     family, policy, list(prompts), list(metadata), negative_embeds,
-                    cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution,
+                    cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution, window=window(),
                 )
             images.append(family.to_uint8(final))
             batches.append(batch)
@@ -101,6 +111,8 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
 
     upcoming = None
     for epoch in range(run.first_epoch, cfg.run.num_epochs):
+        if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
+            evaluate_run(run, policy, epoch)
         # 1. Sample, unless the previous epoch already did (reward.overlap = next_epoch).
         t0 = time.perf_counter()
         collected = upcoming or collect(epoch)
@@ -214,6 +226,8 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
             f"loss {metrics.get('loss', 0):+.2e} kl {metrics.get('approx_kl', 0):.2e} clipfrac {metrics.get('clipfrac', 0):.3f}"
         )
         run_setup.end_epoch(run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None})
+    if cfg.run.eval_every:
+        evaluate_run(run, policy, cfg.run.num_epochs)
     return run_setup.finish(run)
 
 

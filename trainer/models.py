@@ -9,11 +9,12 @@ import torch
 
 from trainer.config import Config
 from trainer.sd1 import SD1
+from trainer.sd3 import SD3
 from trainer.sdxl import SDXL
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL)}  # a diffusers pipeline class -> its family
-TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path"}  # built offline (trainer/tiny_pipeline.py)
+FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL, SD3)}  # a diffusers pipeline class -> its family
+TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path", "tiny-sd3": "tiny_sd3_path"}  # built offline (trainer/tiny_pipeline.py)
 
 
 def load_family(cfg: Config, device: torch.device):
@@ -30,7 +31,8 @@ def load_family(cfg: Config, device: torch.device):
     if kind not in FAMILIES:
         raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")
     dtype = DTYPES[cfg.run.mixed_precision]
-    family = FAMILIES[kind].load(path, cfg.pretrained.revision, dtype, cfg.sample.num_steps)
+    options = {"load_t5": cfg.pretrained.load_t5} if kind == SD3.pipeline_class else {}
+    family = FAMILIES[kind].load(path, cfg.pretrained.revision, dtype, cfg.sample.num_steps, **options)
     for module in family.frozen_modules():
         module.requires_grad_(False).to(device)
     if not cfg.train.lora and dtype != torch.float32:
@@ -50,14 +52,14 @@ def load_pipeline(cfg: Config, device: torch.device):
     return load_family(cfg, device).pipe
 
 
-def make_trainable(unet, cfg: Config) -> dict[str, torch.nn.Parameter]:
-    """Adapters (or the whole UNet) set to train; returns them by name (the names checkpoints use)."""
+def make_trainable(denoiser, cfg: Config) -> dict[str, torch.nn.Parameter]:
+    """Adapters (or the whole denoiser) set to train; returns them by name (the names checkpoints use)."""
     if not cfg.train.lora:
-        unet.requires_grad_(True)
-        return dict(unet.named_parameters())
+        denoiser.requires_grad_(True)
+        return dict(denoiser.named_parameters())
     from peft import LoraConfig
 
-    unet.add_adapter(
+    denoiser.add_adapter(
         LoraConfig(
             r=cfg.train.lora_rank,
             lora_alpha=cfg.train.lora_alpha,
@@ -65,7 +67,7 @@ def make_trainable(unet, cfg: Config) -> dict[str, torch.nn.Parameter]:
             target_modules=cfg.train.lora_targets,
         )
     )
-    params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    params = {name: p for name, p in denoiser.named_parameters() if p.requires_grad}
     for p in params.values():  # adapters train in fp32 whatever the base dtype
         p.data = p.data.float()
     return params
@@ -75,8 +77,8 @@ def save_weights(family, cfg: Config, output_dir: Path) -> Path:
     """LoRA in diffusers format (the family pipeline's ``load_lora_weights``) or a full denoiser folder."""
     denoiser = family.denoiser
     if not cfg.train.lora:
-        denoiser.save_pretrained(output_dir / "unet")
-        return output_dir / "unet"
+        denoiser.save_pretrained(output_dir / family.denoiser_name)
+        return output_dir / family.denoiser_name
     from peft.utils import get_peft_model_state_dict
 
     # peft-format keys on purpose: convert_state_dict_to_diffusers renames attention keys to the old

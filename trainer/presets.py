@@ -1,9 +1,10 @@
 """Named starting points: ``--preset NAME``; anything given on the command line or in ``--config`` wins.
 
-``tiny`` is the built-in default (CPU, minutes). The ``sd15-*`` presets are ddpo-pytorch's published
-8-GPU runs (github.com/kvablack/ddpo-pytorch, config/dgx.py); each ``-1gpu`` variant keeps the samples per
-epoch and the effective train batch on one GPU: sampling batches x8, train batch 1, gradient accumulation
-x(4 x 8) / 1.
+``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl`` and ``tiny-sd3`` the same on those families'
+shapes. The ``sd15-*`` presets are ddpo-pytorch's published 8-GPU runs (github.com/kvablack/ddpo-pytorch,
+config/dgx.py), ``sdxl-*`` the same recipe at 1024 px, ``sd3-*`` Flow-GRPO's. Each ``-1gpu`` variant keeps the
+samples per epoch and the effective train batch on one GPU: sampling batches x GPUs, train batch 1,
+gradient accumulation x (train batch x GPUs).
 """
 
 from __future__ import annotations
@@ -33,9 +34,41 @@ def _with(base: dict, **groups: dict) -> dict:
     return out
 
 
+# SDXL at 1024 px with the same recipe: the same samples per epoch (256 on 8 GPUs) and effective train batch
+# (64), in per-GPU batches sized for an 80 GB GPU (bench/gpu_estimate.py).
+_SDXL = _with(
+    _SD15, pretrained={"model": "stabilityai/stable-diffusion-xl-base-1.0"},
+    sample={"batch_size": 4, "num_batches_per_epoch": 8, "resolution": 1024},
+    train={"batch_size": 2, "gradient_accumulation_steps": 4},
+)
+
+# Flow-GRPO on SD3.5-Medium (Liu et al. 2025; github.com/yifan123/flow_grpo, config/grpo.py): 48 groups of 24
+# images per epoch, 10 SDE steps (noise level 0.7), guidance 4.5, two optimizer steps per epoch, KL to the
+# adapter-disabled model, LoRA r32 on the joint attention. Its 32 GPUs become 8 here: 144 samples per GPU.
+_SD3_LORA = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+_FLOW_GRPO = {
+    "run": {"num_epochs": 1000, "save_freq": 60, "mixed_precision": "bf16"},
+    "pretrained": {"model": "stabilityai/stable-diffusion-3.5-medium"},
+    "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "resolution": 512,
+               "batch_size": 9, "num_batches_per_epoch": 16, "images_per_prompt": 24},
+    "train": {
+        "batch_size": 9, "gradient_accumulation_steps": 8, "learning_rate": 3e-4, "clip_range": 1e-4,
+        "adv_clip_max": 5.0, "timestep_fraction": 0.99, "max_grad_norm": 1.0, "cfg": True, "group_std": "global",
+        "lora_rank": 32, "lora_alpha": 64.0, "lora_targets": _SD3_LORA,
+        "ema_decay": 0.987,  # Flow-GRPO's EMA decays by 0.9 every 8 steps; 0.9 ** (1 / 8) per step
+    },
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "tiny-sdxl": {"run": {"output_dir": "outputs/tiny-sdxl"}, "pretrained": {"model": "tiny-sdxl"}},  # SDXL's shape, CPU
+    # Flow-GRPO's shape on CPU: groups of 4, 10 SDE steps, KL to the reference.
+    "tiny-sd3": {
+        "run": {"output_dir": "outputs/tiny-sd3"}, "pretrained": {"model": "tiny-sd3"},
+        "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "images_per_prompt": 4},
+        "train": {"timestep_fraction": 0.99, "kl_coef": 0.04, "lora_targets": _SD3_LORA},
+    },
     "sd15-compressibility": _with(_SD15, reward={"scorer": "compression"}),
     "sd15-incompressibility": _with(_SD15, reward={"scorer": "incompressibility"}),
     "sd15-aesthetic": _with(
@@ -48,9 +81,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         sample={"batch_size": 12, "num_batches_per_epoch": 4},
         train={"gradient_accumulation_steps": 6, "stat_buffer_size": 32},
     ),
+    "sdxl-compressibility": _with(_SDXL, reward={"scorer": "compression"}),
+    "sdxl-aesthetic": _with(
+        _SDXL, run={"num_epochs": 200}, prompt={"fn": "simple_animals"}, reward={"scorer": "aesthetic"},
+        train={"stat_buffer_size": 32},
+    ),
+    # GenEval-style: counting prompts checked by strict VQA (GenEval itself uses an object detector).
+    "sd3-geneval-style": _with(_FLOW_GRPO, train={"kl_coef": 0.04}, prompt={"fn": "counting"},
+                               reward={"scorer": "llava", "options": {"mode": "strict"}}),
+    "sd3-pickscore": _with(_FLOW_GRPO, train={"kl_coef": 0.01}, prompt={"fn": "nouns_activities"},
+                           reward={"scorer": "pickscore"}),
+    # Flow-GRPO-Fast without CFG: 3 SDE steps starting in the first half, the rest ODE; no KL.
+    "sd3-pickscore-fast": _with(
+        _FLOW_GRPO, prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"},
+        sample={"guidance_scale": 1.0, "eta": 0.8},
+        train={"cfg": False, "clip_range": 1e-5, "kl_coef": 0.0, "timestep_fraction": 1.0, "timestep_window": 3,
+               "timestep_window_latest_start": 2},
+    ),
 }
 
-_GPUS = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6}
+_GPUS = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6,
+         "sdxl-compressibility": 8, "sdxl-aesthetic": 8,
+         "sd3-geneval-style": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8}
 for _name, _gpus in _GPUS.items():
     _p = PRESETS[_name]
     PRESETS[f"{_name}-1gpu"] = _with(

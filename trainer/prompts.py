@@ -27,10 +27,10 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 
 
 @cache
-def lines(path: Path) -> tuple[str, ...]:
+def lines(path: Path, what: str = "prompt.path") -> tuple[str, ...]:
     found = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
     if not found:
-        raise ValueError(f"prompt.path: {path} has no prompts")
+        raise ValueError(f"{what}: {path} has no prompts")
     return found
 
 

@@ -24,10 +24,10 @@ class SampleSettings(BaseSettings):
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.sample", cli_implicit_flags=True)
 
-    model: str = Field("tiny", description='"tiny" or a diffusers model id / path')
+    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" or a diffusers model id / path')
     cache_dir: Path | None = None
     lora: Path | None = Field(None, description="a folder with pytorch_lora_weights.safetensors (a run's lora/)")
-    unet: Path | None = Field(None, description="or a fully finetuned UNet folder (a run's unet/)")
+    unet: Path | None = Field(None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)")
     prompts: list[str] = ["a cat", "a dog", "an owl"]
     per_prompt: int = Field(2, gt=0)
     seed: int = 0
@@ -51,30 +51,27 @@ def render(s: SampleSettings) -> dict:
     from reward_servers.scorer import create_scorer
     from trainer.config import Config
     from trainer.grid import grid
-    from trainer.models import load_pipeline
-    from trainer.models import family_of
+    from trainer.models import load_family
     from trainer.sampling import sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir})
-    pipe = load_pipeline(cfg, device)
-    negative = family_of(pipe).encode_prompts([""])
+    family = load_family(cfg, device)
+    negative = family.encode_prompts([""])
     prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def images() -> "np.ndarray":  # noqa: F821
         generator = torch.Generator(device).manual_seed(s.seed)
-        _, final = sample(family_of(pipe), pipe.unet, prompts, [{}] * len(prompts), negative, s.steps, s.eta,
-                          s.guidance_scale, resolution, generator=generator)
-        return family_of(pipe).to_uint8(final)
+        _, final = sample(family, family.denoiser, prompts, [{}] * len(prompts), negative, s.steps, s.eta,
+                          s.guidance_scale, family.native_resolution(), generator=generator)
+        return family.to_uint8(final)
 
     before = images()
     if s.lora is not None:
-        pipe.load_lora_weights(s.lora)
+        family.pipe.load_lora_weights(s.lora)
     else:
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(s.unet).to(device, pipe.unet.dtype)
+        tuned = type(family.denoiser).from_pretrained(s.unet).to(device, family.denoiser.dtype)
+        setattr(family.pipe, family.denoiser_name, tuned)
     after = images()
 
     scorer = None

@@ -20,10 +20,11 @@ class Trajectories:
     """A batch of sampled images with everything the update needs; tensors are (N, ...) on one device."""
 
     prompt_embeds: torch.Tensor | dict[str, torch.Tensor]  # the family's conditioning, each tensor (N, ...)
-    latents: torch.Tensor  # (N, T, C, h, w): x_t fed to step j
-    next_latents: torch.Tensor  # (N, T, C, h, w): x_{t-1} drawn at step j
+    latents: torch.Tensor  # (N, T, C, h, w): x_t fed to stored step j
+    next_latents: torch.Tensor  # (N, T, C, h, w): x_{t-1} drawn at stored step j
     log_probs: torch.Tensor  # (N, T)
-    timesteps: torch.Tensor  # (N, T)
+    timesteps: torch.Tensor  # (N, T): the denoiser's timestep input at stored step j
+    steps: torch.Tensor  # (N, T): the index of stored step j in the sampler's schedule (what family.step needs)
     prompts: list[str] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
@@ -38,7 +39,7 @@ class Trajectories:
         n, total = advantages.shape[0], self.timesteps.shape[1]
         order = torch.randperm(n, device=advantages.device)
         steps = torch.stack([torch.randperm(total, device=advantages.device)[:num_timesteps] for _ in range(n)])
-        per_step = {"latents", "next_latents", "log_probs", "timesteps"}
+        per_step = {"latents", "next_latents", "log_probs", "timesteps", "steps"}
         tensors = {k: v[order[:, None], steps] if k in per_step else _each(v, lambda t: t[order])
                    for k, v in self.tensors().items()}
         advantages = advantages[order]
@@ -68,36 +69,48 @@ def sample(
     model,
     prompts: list[str],
     metadata: list[dict[str, Any]],
-    negative_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | dict[str, torch.Tensor] | None,
     num_steps: int,
     eta: float,
     guidance_scale: float,
     resolution: int,
     generator: torch.Generator | None = None,
+    window: range | None = None,
 ) -> tuple[Trajectories, torch.Tensor]:
     """Run the family's sampler from noise; return the trajectories and the final latents
-    (``family.to_uint8`` decodes them)."""
+    (``family.to_uint8`` decodes them). ``negative_embeds`` None samples without guidance.
+
+    ``window``: the step indices that are stochastic (``eta``) and stored; the others are deterministic
+    (eta 0: DDIM / the ODE) and not stored, as Flow-GRPO-Fast and MixGRPO train on a window of SDE steps.
+    None: every step.
+    """
     device = model.device  # the bare (unwrapped) denoiser samples
     cond = family.encode_prompts(prompts)
     timesteps = family.timesteps(num_steps, device)
+    window = range(num_steps) if window is None else window
     x = family.initial_latents(len(prompts), resolution, generator, device)
 
     latents, next_latents, log_probs = [], [], []
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         output = family.predict(model, x, t, cond, negative_embeds, guidance_scale)
-        mean, std = family.step(output, t, x, eta)
+        mean, std = family.step(output, i, x, eta if i in window else 0.0)
+        if i not in window:
+            x = mean
+            continue
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         latents.append(x)
         next_latents.append(x_next)
         log_probs.append(gaussian_log_prob(x_next, mean, std))
         x = x_next
 
+    n = len(prompts)
     trajectories = Trajectories(
         prompt_embeds=cond,
         latents=torch.stack(latents, dim=1),
         next_latents=torch.stack(next_latents, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
-        timesteps=timesteps.repeat(len(prompts), 1),
+        timesteps=timesteps[list(window)].repeat(n, 1),
+        steps=torch.tensor(list(window), device=device).repeat(n, 1),
         prompts=list(prompts),
         metadata=list(metadata),
     )
@@ -115,7 +128,7 @@ def rescore(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob under ``model`` of the stored step ``j`` of each trajectory in ``chunk``, with the step's
     Gaussian mean and std (for a KL to a reference policy)."""
-    timesteps, latents = chunk.timesteps[:, j], chunk.latents[:, j]
-    output = family.predict(model, latents, timesteps, chunk.prompt_embeds, negative_embeds, guidance_scale)
-    mean, std = family.step(output, timesteps, latents, eta)
+    latents = chunk.latents[:, j]
+    output = family.predict(model, latents, chunk.timesteps[:, j], chunk.prompt_embeds, negative_embeds, guidance_scale)
+    mean, std = family.step(output, chunk.steps[:, j], latents, eta)
     return gaussian_log_prob(chunk.next_latents[:, j], mean, std), mean, std

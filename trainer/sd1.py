@@ -18,6 +18,7 @@ from trainer.ddim import check_scheduler, ddim_mean_std
 
 class SD1:
     pipeline_class = "StableDiffusionPipeline"
+    denoiser_name = "unet"  # the pipeline component that is trained (and its folder when saved whole)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -33,7 +34,7 @@ class SD1:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
+        return getattr(self.pipe, self.denoiser_name)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.pipe.vae, self.pipe.text_encoder, self.pipe.unet]
@@ -53,16 +54,7 @@ class SD1:
     def predict(model, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
                 negative: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
         """The model's prediction, with classifier-free guidance when ``negative`` is given."""
-        timesteps = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
-        if negative is None:
-            return model(latents, timesteps, cond).sample
-        both = model(
-            torch.cat([latents, latents]),
-            torch.cat([timesteps, timesteps]),
-            torch.cat([negative.expand_as(cond), cond]),
-        ).sample
-        uncond, guided = both.chunk(2)
-        return uncond + guidance_scale * (guided - uncond)
+        return guided(lambda x, t, c: model(x, t, c).sample, latents, timesteps, cond, negative, guidance_scale)
 
     # -- the stochastic step ---------------------------------------------------------------------------------
     def timesteps(self, num_steps: int, device) -> torch.Tensor:
@@ -74,9 +66,10 @@ class SD1:
         shape = (n, self.pipe.unet.config.in_channels, size, size)
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * self.pipe.scheduler.init_noise_sigma
 
-    def step(self, output: torch.Tensor, timesteps: torch.Tensor, latents: torch.Tensor, eta: float):
-        """Mean and std of p(x_{t-1} | x_t) (DDIM, float32)."""
-        return ddim_mean_std(self.pipe.scheduler, output, timesteps, latents, eta)
+    def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
+        """Mean and std of p(x_{t-1} | x_t) at step ``index`` of the schedule (DDIM, float32)."""
+        scheduler = self.pipe.scheduler
+        return ddim_mean_std(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents, eta)
 
     # -- pixels ----------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -102,6 +95,21 @@ class SD1:
         from diffusers import StableDiffusionPipeline
 
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def guided(call, latents: torch.Tensor, timesteps: torch.Tensor, cond, negative, guidance_scale: float) -> torch.Tensor:
+    """``call(latents, timesteps, cond)``, with classifier-free guidance when ``negative`` is given: the
+    unconditional and conditional halves in one batch. ``cond`` is a tensor or a dict of tensors (every family
+    guides this way)."""
+    timesteps = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
+    if negative is None or guidance_scale == 1:  # scale 1 is the conditional prediction itself
+        return call(latents, timesteps, cond)
+    if isinstance(cond, dict):
+        both = {k: torch.cat([negative[k].expand_as(v), v]) for k, v in cond.items()}
+    else:
+        both = torch.cat([negative.expand_as(cond), cond])
+    uncond, conditional = call(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).chunk(2)
+    return uncond + guidance_scale * (conditional - uncond)
 
 
 def load_with_ddim(pipeline_class, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, **kwargs):

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.sd1 import SD1, load_with_ddim
+from trainer.sd1 import SD1, guided, load_with_ddim
 
 
 class SDXL:
     pipeline_class = "StableDiffusionXLPipeline"
+    denoiser_name = "unet"  # the pipeline component that is trained (and its folder when saved whole)
 
     def __init__(self, pipe):
         self.pipe, self.sd1 = pipe, SD1(pipe)
@@ -34,7 +35,7 @@ class SDXL:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
+        return getattr(self.pipe, self.denoiser_name)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.unet]
@@ -64,17 +65,11 @@ class SDXL:
     @staticmethod
     def predict(model, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 negative: dict[str, torch.Tensor] | None, guidance_scale: float) -> torch.Tensor:
-        timesteps = timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps
-
         def call(x, t, c):
             extra = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
             return model(x, t, encoder_hidden_states=c["prompt_embeds"], added_cond_kwargs=extra).sample
 
-        if negative is None:
-            return call(latents, timesteps, cond)
-        both = {k: torch.cat([negative[k].expand_as(v), v]) for k, v in cond.items()}
-        uncond, guided = call(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).chunk(2)
-        return uncond + guidance_scale * (guided - uncond)
+        return guided(call, latents, timesteps, cond, negative, guidance_scale)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
         from diffusers import StableDiffusionXLPipeline

@@ -137,3 +137,60 @@ def build_tiny_sdxl():
         vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=text_2, tokenizer=base.tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
     )
+
+
+# SD3's shape in miniature: an MMDiT transformer on 16-channel latents, the two CLIP text encoders with
+# projections (their pooled outputs concatenated), no T5 (optional in StableDiffusion3Pipeline: its tokens
+# are zeros), a VAE with SD3's scaling and shift, and the flow-matching Euler scheduler with SD3's shift 3.
+SD3_SPEC = {
+    **SPEC,
+    "text_2": {**SPEC["text"], "projection_dim": 16},
+    "transformer": {"patch_size": 2, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4,
+                    "caption_projection_dim": 32, "pos_embed_max_size": 16},
+    "vae": {**SPEC["vae"], "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+    "shift": 3.0,
+}
+
+
+def tiny_sd3_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the tiny SD3 pipeline, building it first if it is not there yet."""
+    from reward_servers.tiny_models import cached_build
+
+    return cached_build("tiny-sd3", SD3_SPEC, lambda folder: build_tiny_sd3().save_pretrained(folder), cache_dir)
+
+
+def build_tiny_sd3():
+    """Random-init tiny StableDiffusion3Pipeline (without T5), identical for identical SD3_SPEC."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from reward_servers.tiny_models import clip_tokenizer
+
+    tokenizer = clip_tokenizer(SD3_SPEC["vocabulary"])
+    torch.manual_seed(SD3_SPEC["seed"])
+    encoders = [
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            **SD3_SPEC["text_2"], vocab_size=len(tokenizer), max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+        for _ in range(2)
+    ]
+    hidden, projection = SD3_SPEC["text_2"]["hidden_size"], SD3_SPEC["text_2"]["projection_dim"]
+    transformer = SD3Transformer2DModel(
+        sample_size=SD3_SPEC["resolution"] // 8, in_channels=16, out_channels=16,
+        joint_attention_dim=2 * hidden,  # the CLIP pair's hidden states side by side (T5's width when present)
+        pooled_projection_dim=2 * projection, **SD3_SPEC["transformer"],
+    )
+    vae_spec = SD3_SPEC["vae"]
+    blocks = vae_spec["block_out_channels"]
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks), sample_size=SD3_SPEC["resolution"],
+        use_quant_conv=False, use_post_quant_conv=False, **vae_spec,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SD3_SPEC["shift"]), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON record per line, each with its "epoch"
+LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # one JSON record per line, each with its "epoch"
 
 
 def tensorboard(accelerator):
