@@ -157,3 +157,18 @@ def test_sd3_trains_with_kl_saves_a_lora_its_pipeline_loads_and_resumes_exactly(
     assert len(loaded) == len(one) and all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in one.items())
     tuned = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.abs(base - tuned).max() > 0
+
+
+def test_sdxl_deterministic_sampling_off_its_native_size_is_the_pipelines_own(tiny_cache):
+    """DDIM eta 0 at 96 px (the tiny SDXL's native size is 64): the micro-conditioning follows the size, as the
+    pipeline's (original size = target size = the image's, no crop, also for the negative prompt)."""
+    cfg = Config(preset="tiny-sdxl", pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 6})
+    family = load_family(cfg, torch.device("cpu"))
+    negative = family.encode_prompts([""])
+    start = family.initial_latents(2, 96, torch.Generator().manual_seed(4), "cpu")
+    ours, final = sample(family, family.denoiser, ["a cat", "a red owl"], [{}, {}], negative, 6, 0.0, 5.0, 96,
+                         generator=torch.Generator().manual_seed(4))
+    assert ours.prompt_embeds["time_ids"].tolist() == [[96, 96, 0, 0, 96, 96]] * 2
+    theirs = family.pipe(["a cat", "a red owl"], num_inference_steps=6, guidance_scale=5.0, eta=0.0, height=96,
+                         width=96, latents=start.clone(), output_type="latent").images
+    assert torch.allclose(final, theirs, atol=1e-5, rtol=1e-5), (final - theirs).abs().max()

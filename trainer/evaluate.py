@@ -41,7 +41,7 @@ def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], 
             part = slice(start, start + batch_size)
             x = torch.cat([family.initial_latents(1, resolution, torch.Generator(device).manual_seed(s), device)
                            for s in seeds[part]])
-            cond = family.encode_prompts(prompts[part])
+            cond = family.encode_prompts(prompts[part], resolution)
             with torch.no_grad(), autocast():
                 for i, t in enumerate(timesteps):
                     x = family.step(family.predict(model, x, t, cond, negative, guidance_scale), i, x, 0.0)[0]

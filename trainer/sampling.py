@@ -85,7 +85,7 @@ def sample(
     None: every step.
     """
     device = model.device  # the bare (unwrapped) denoiser samples
-    cond = family.encode_prompts(prompts)
+    cond = family.encode_prompts(prompts, resolution)
     timesteps = family.timesteps(num_steps, device)
     window = range(num_steps) if window is None else window
     x = family.initial_latents(len(prompts), resolution, generator, device)

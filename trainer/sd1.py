@@ -44,7 +44,8 @@ class SD1:
 
     # -- conditioning and prediction -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> torch.Tensor:
+        """The text encoder's last hidden states (``resolution`` matters only to SDXL's micro-conditioning)."""
         tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
         tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                            return_tensors="pt")

@@ -58,9 +58,9 @@ class SD3:
 
     # -- conditioning and prediction -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict[str, torch.Tensor]:
         """The pipeline's own encoding: CLIP hidden states padded to T5's width, then T5's 256 tokens (zeros
-        without T5); the two CLIP pooled outputs side by side."""
+        without T5); the two CLIP pooled outputs side by side (``resolution``: unused, SD3 has no size conditioning)."""
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompts, prompt_2=None, prompt_3=None, device=self.pipe.transformer.device,
             do_classifier_free_guidance=False,

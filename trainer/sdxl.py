@@ -44,9 +44,10 @@ class SDXL:
         return self.sd1.native_resolution()
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict[str, torch.Tensor]:
         """Hidden states, pooled embedding and time ids, as StableDiffusionXLPipeline.encode_prompt makes them
-        (an all-empty batch is zeros, its force_zeros_for_empty_prompt: the negative prompt of guidance)."""
+        (an all-empty batch is zeros, its force_zeros_for_empty_prompt: the negative prompt of guidance).
+        The time ids are the micro-conditioning for ``resolution`` px (default: native) images, uncropped."""
         pipe = self.pipe
         hidden, pooled = [], None
         for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
@@ -58,7 +59,7 @@ class SDXL:
         embeds = torch.cat(hidden, dim=-1)
         if all(p == "" for p in prompts) and pipe.config.get("force_zeros_for_empty_prompt", True):
             embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-        size = self.native_resolution()
+        size = resolution or self.native_resolution()
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=embeds.dtype, device=embeds.device)
         return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids}
 
@@ -69,6 +70,8 @@ class SDXL:
             extra = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
             return model(x, t, encoder_hidden_states=c["prompt_embeds"], added_cond_kwargs=extra).sample
 
+        if negative is not None:  # the pipeline's negative micro-conditioning is the prompt's own
+            negative = {**negative, "time_ids": cond["time_ids"]}
         return guided(call, latents, timesteps, cond, negative, guidance_scale)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
