@@ -172,3 +172,17 @@ def test_sdxl_deterministic_sampling_off_its_native_size_is_the_pipelines_own(ti
     theirs = family.pipe(["a cat", "a red owl"], num_inference_steps=6, guidance_scale=5.0, eta=0.0, height=96,
                          width=96, latents=start.clone(), output_type="latent").images
     assert torch.allclose(final, theirs, atol=1e-5, rtol=1e-5), (final - theirs).abs().max()
+
+
+def test_sd3_with_t5_encodes_its_tokens_and_leaves_them_out_when_asked(tiny_cache):
+    from trainer.tiny_pipeline import tiny_sd3_path
+
+    path = str(tiny_sd3_path(tiny_cache, t5=True))
+    with_t5 = load_family(Config(preset="tiny-sd3", pretrained={"model": path}), torch.device("cpu"))
+    without = load_family(Config(preset="tiny-sd3", pretrained={"model": path, "load_t5": False}), torch.device("cpu"))
+    assert with_t5.pipe.text_encoder_3 is not None and without.pipe.text_encoder_3 is None
+    a, b = with_t5.encode_prompts(["a red cat"]), without.encode_prompts(["a red cat"])
+    assert a["prompt_embeds"].shape == b["prompt_embeds"].shape == (1, 77 + 256, 64)
+    assert torch.equal(a["prompt_embeds"][:, :77], b["prompt_embeds"][:, :77])  # the CLIP pair's, padded to T5's width
+    assert float(b["prompt_embeds"][:, 77:].abs().max()) == 0 < float(a["prompt_embeds"][:, 77:].abs().max())
+    assert torch.equal(a["pooled_projections"], b["pooled_projections"])

@@ -152,15 +152,22 @@ SD3_SPEC = {
 }
 
 
-def tiny_sd3_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of the tiny SD3 pipeline, building it first if it is not there yet."""
+# The same with a tiny T5 as text_encoder_3 (a word-level tokenizer of the same vocabulary); its width is the
+# transformer's joint attention width, as in SD3.
+SD3_T5_SPEC = {**SD3_SPEC, "t5": {"d_model": 64, "d_kv": 16, "d_ff": 64, "num_layers": 2, "num_heads": 4}}
+
+
+def tiny_sd3_path(cache_dir: str | os.PathLike | None = None, t5: bool = False) -> Path:
+    """The folder of the tiny SD3 pipeline (with a tiny T5 when ``t5``), building it first if it is not there yet."""
     from reward_servers.tiny_models import cached_build
 
-    return cached_build("tiny-sd3", SD3_SPEC, lambda folder: build_tiny_sd3().save_pretrained(folder), cache_dir)
+    name, spec = ("tiny-sd3-t5", SD3_T5_SPEC) if t5 else ("tiny-sd3", SD3_SPEC)
+    return cached_build(name, spec, lambda folder: build_tiny_sd3(t5).save_pretrained(folder), cache_dir)
 
 
-def build_tiny_sd3():
-    """Random-init tiny StableDiffusion3Pipeline (without T5), identical for identical SD3_SPEC."""
+def build_tiny_sd3(t5: bool = False):
+    """Random-init tiny StableDiffusion3Pipeline, without T5 unless ``t5``; identical for identical specs (the
+    parts they share are the same weights)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -189,8 +196,28 @@ def build_tiny_sd3():
         up_block_types=("UpDecoderBlock2D",) * len(blocks), sample_size=SD3_SPEC["resolution"],
         use_quant_conv=False, use_post_quant_conv=False, **vae_spec,
     )
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        text_encoder_3, tokenizer_3 = tiny_t5(SD3_T5_SPEC)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SD3_SPEC["shift"]), vae=vae,
         text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
+
+
+def tiny_t5(spec: dict):
+    """A random-init T5 encoder and a word-level tokenizer of the vocabulary (no sentencepiece model needed)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", *dict.fromkeys(spec["vocabulary"])]
+    vocab = {word: i for i, word in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])  # as T5's
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(spec["seed"] + 3)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, **spec["t5"]))
+    return encoder, tokenizer
