@@ -3,6 +3,8 @@ diffusers pipeline loads, exact resume."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,20 @@ def test_sd3_with_t5_encodes_its_tokens_and_leaves_them_out_when_asked(tiny_cach
     assert torch.equal(a["prompt_embeds"][:, :77], b["prompt_embeds"][:, :77])  # the CLIP pair's, padded to T5's width
     assert float(b["prompt_embeds"][:, 77:].abs().max()) == 0 < float(a["prompt_embeds"][:, 77:].abs().max())
     assert torch.equal(a["pooled_projections"], b["pooled_projections"])
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3"])
+def test_the_cli_trains_each_family_preset(tmp_path, tiny_cache, preset):
+    import subprocess
+    import sys
+
+    out = tmp_path / preset
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", "--preset", preset, "--pretrained.cache_dir", str(tiny_cache),
+         "--run.output_dir", str(out), "--run.num_epochs", "2", "--run.log_with", "none", "--sample.num_steps", "3",
+         "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1", "--train.batch_size", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
