@@ -32,6 +32,7 @@ def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], 
     from trainer.rewards import Pending
 
     device = model.device
+    model.eval()  # the trainer evaluates between updates, which leave the model in training mode
     negative = family.encode_prompts([""])
     restore = getattr(family.pipe.scheduler, "num_inference_steps", None)  # training re-scores with the sampling schedule
     pending, images = Pending(rewards), []
