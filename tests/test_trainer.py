@@ -319,3 +319,26 @@ def test_reward_overlap_modes(tmp_path, tiny_cache, compression_server):
     # and "none" differs from "epoch" only in when it submits.
     assert runs["none"][0]["reward_mean"] == runs["epoch"][0]["reward_mean"] == runs["next_epoch"][0]["reward_mean"]
     assert [m["reward_mean"] for m in runs["none"]] == [m["reward_mean"] for m in runs["epoch"]]
+
+
+def test_groups_can_share_their_initial_noise(tmp_path, tiny_cache, monkeypatch):
+    import trainer.ddpo as ddpo
+
+    cfg = small_config(tmp_path, tiny_cache)
+    cfg = Config.model_validate({**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), "images_per_prompt": 2,
+                                                               "same_noise_per_group": True}})
+    cfg.run.num_epochs = 1
+    starts, real = [], ddpo.sample
+
+    def spy(*args, **kwargs):  # the real sampler; records where each trajectory began
+        batch, final = real(*args, **kwargs)
+        starts.append(batch.latents[:, 0])
+        return batch, final
+
+    monkeypatch.setattr(ddpo, "sample", spy)
+    train(cfg)
+    starts = torch.cat(starts)
+    assert starts.shape[0] == 8
+    for g in range(4):  # pairs in a row share their start; different groups do not
+        assert torch.equal(starts[2 * g], starts[2 * g + 1])
+    assert not torch.equal(starts[0], starts[2])

@@ -60,6 +60,8 @@ class SampleConfig(_Group):
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
     images_per_prompt: int = Field(1, ge=1, description="K > 1: each prompt sampled K times in a row (a group may "
                                    "span batches), advantages normalised within its group (Flow-GRPO)")
+    same_noise_per_group: bool = Field(False, description="a group's images start from the same initial noise "
+                                       "(Flow-GRPO's same_latent): they differ only by the sampler's noise")
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "SampleConfig":

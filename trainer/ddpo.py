@@ -92,12 +92,16 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         size, k = cfg.sample.batch_size, cfg.sample.images_per_prompt
         drawn = [prompt_fn(prompt_rng) for _ in range(size * cfg.sample.num_batches_per_epoch // k)]
         epoch_prompts = [pair for pair in drawn for _ in range(k)]  # each prompt k times in a row: its group
+        # Flow-GRPO's same_latent (flow_grpo issue 7): a group differs only by the sampler's noise.
+        noise = (family.initial_latents(len(drawn), resolution, None, accelerator.device).repeat_interleave(k, dim=0)
+                 if cfg.sample.same_noise_per_group else None)
         for b in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
             prompts, metadata = zip(*epoch_prompts[b * size : (b + 1) * size])
             with accelerator.autocast():
                 batch, final = sample(
                     family, policy, list(prompts), list(metadata), negative_embeds,
                     cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale, resolution, window=window(),
+                    noise=None if noise is None else noise[b * size : (b + 1) * size],
                 )
             images.append(family.to_uint8(final))
             batches.append(batch)

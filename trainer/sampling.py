@@ -76,19 +76,20 @@ def sample(
     resolution: int,
     generator: torch.Generator | None = None,
     window: range | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[Trajectories, torch.Tensor]:
     """Run the family's sampler from noise; return the trajectories and the final latents
     (``family.to_uint8`` decodes them). ``negative_embeds`` None samples without guidance.
 
     ``window``: the step indices that are stochastic (``eta``) and stored; the others are deterministic
     (eta 0: DDIM / the ODE) and not stored, as Flow-GRPO-Fast and MixGRPO train on a window of SDE steps.
-    None: every step.
+    None: every step. ``noise``: the initial latents (default: drawn from ``generator``).
     """
     device = model.device  # the bare (unwrapped) denoiser samples
     cond = family.encode_prompts(prompts, resolution)
     timesteps = family.timesteps(num_steps, device)
     window = range(num_steps) if window is None else window
-    x = family.initial_latents(len(prompts), resolution, generator, device)
+    x = family.initial_latents(len(prompts), resolution, generator, device) if noise is None else noise
 
     latents, next_latents, log_probs = [], [], []
     for i, t in enumerate(timesteps):
