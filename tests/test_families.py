@@ -205,3 +205,16 @@ def test_the_cli_trains_each_family_preset(tmp_path, tiny_cache, preset):
     assert done.returncode == 0, done.stderr[-2000:]
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(tiny_cache):
+    cfg = Config(preset="tiny-sd3", pretrained={"cache_dir": tiny_cache}, sample={"sde_type": "cps", "eta": 0.8})
+    family = load_family(cfg, torch.device("cpu"))
+    negative = family.encode_prompts([""])
+    batch, _ = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 5, 0.8, 4.5, 64,
+                      generator=torch.Generator().manual_seed(0))
+    for j in range(5):
+        with torch.no_grad():
+            assert torch.equal(rescore(family, family.denoiser, batch, j, negative, 4.5, 0.8)[0], batch.log_probs[:, j])
+    with pytest.raises(ValueError, match="sample.sde_type: cps is a flow-matching step; a StableDiffusionPipeline"):
+        load_family(Config(pretrained={"cache_dir": tiny_cache}, sample={"sde_type": "cps"}), torch.device("cpu"))

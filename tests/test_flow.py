@@ -56,3 +56,28 @@ def test_noise_level_zero_is_the_schedulers_euler_step(scheduler):
         euler = scheduler.step(v, t, x).prev_sample
         torch.testing.assert_close(mean, euler, rtol=1e-6, atol=1e-6)
         assert float(std.abs().max()) == 0.0
+
+
+def cps_reference(sigmas: list[float], i: int, v: float, x: float, noise_level: float) -> tuple[float, float]:
+    s, s_next = sigmas[i], sigmas[i + 1]
+    std = s_next * math.sin(noise_level * math.pi / 2)
+    x0, x1 = x - s * v, x + (1 - s) * v
+    return x0 * (1 - s_next) + x1 * math.sqrt(s_next**2 - std**2), std
+
+
+@pytest.mark.parametrize("noise_level", [0.8, 0.0])
+def test_cps_step_matches_its_formula_and_is_euler_without_noise(scheduler, noise_level):
+    from trainer.flow import flow_cps_mean_std
+
+    rng = np.random.default_rng(2)
+    sigmas = scheduler.sigmas.tolist()
+    x, v = rng.standard_normal((4, 2, 3, 3)), rng.standard_normal((4, 2, 3, 3))
+    index = torch.tensor([0, 3, 7, 9])
+    mean, std = flow_cps_mean_std(scheduler.sigmas, index, torch.tensor(v), torch.tensor(x), noise_level)
+    for n, i in enumerate(index.tolist()):
+        expected = np.vectorize(lambda a, b: cps_reference(sigmas, i, b, a, noise_level))(x[n], v[n])
+        np.testing.assert_allclose(mean[n].numpy(), expected[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(std[n].expand_as(mean[n]).numpy(), expected[1], rtol=1e-6, atol=1e-7)
+        if noise_level == 0:
+            euler = x[n] + v[n] * (sigmas[i + 1] - sigmas[i])
+            np.testing.assert_allclose(mean[n].numpy(), euler, rtol=1e-5, atol=1e-6)

@@ -52,6 +52,8 @@ class SampleConfig(_Group):
     num_steps: int = Field(20, gt=0, description="sampler steps per image")
     eta: float = Field(1.0, ge=0, description="the policy's noise: DDIM's eta, or Flow-GRPO's SDE noise level for "
                        "flow-matching models (0.7 in its SD3.5 runs); 0 gives a degenerate policy")
+    sde_type: Literal["sde", "cps"] = Field("sde", description="flow-matching models: Flow-GRPO's SDE step, or its "
+                                           "coefficients-preserving variant (cps, used by its Fast runs)")
     eval_num_steps: int | None = Field(None, gt=0, description="steps of the deterministic evaluation sampler "
                                        "(run.eval_every); default sample.num_steps")
     guidance_scale: float = Field(5.0, ge=1.0)

@@ -31,7 +31,11 @@ def load_family(cfg: Config, device: torch.device):
     if kind not in FAMILIES:
         raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")
     dtype = DTYPES[cfg.run.mixed_precision]
-    options = {"load_t5": cfg.pretrained.load_t5} if kind == SD3.pipeline_class else {}
+    options = {}
+    if kind == SD3.pipeline_class:
+        options = {"load_t5": cfg.pretrained.load_t5, "sde_type": cfg.sample.sde_type}
+    elif cfg.sample.sde_type != "sde":
+        raise ValueError(f"sample.sde_type: {cfg.sample.sde_type} is a flow-matching step; a {kind} samples with DDIM")
     family = FAMILIES[kind].load(path, cfg.pretrained.revision, dtype, cfg.sample.num_steps, **options)
     for module in family.frozen_modules():
         module.requires_grad_(False).to(device)

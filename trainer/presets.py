@@ -91,10 +91,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                                reward={"scorer": "llava", "options": {"mode": "strict"}}),
     "sd3-pickscore": _with(_FLOW_GRPO, train={"kl_coef": 0.01}, prompt={"fn": "nouns_activities"},
                            reward={"scorer": "pickscore"}),
-    # Flow-GRPO-Fast without CFG: 3 SDE steps starting in the first half, the rest ODE; no KL.
+    # Flow-GRPO-Fast without CFG: 3 CPS steps starting in the first half, the rest ODE; no KL.
     "sd3-pickscore-fast": _with(
         _FLOW_GRPO, prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"},
-        sample={"guidance_scale": 1.0, "eta": 0.8},
+        sample={"guidance_scale": 1.0, "eta": 0.8, "sde_type": "cps"},
         train={"cfg": False, "clip_range": 1e-5, "kl_coef": 0.0, "timestep_fraction": 1.0, "timestep_window": 3,
                "timestep_window_latest_start": 2},
     ),

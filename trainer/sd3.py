@@ -3,7 +3,8 @@ Flow-GRPO's SDE step (trainer/flow.py; Liu et al. 2025, github.com/yifan123/flow
 
 The transformer predicts a velocity; the scheduler's sigmas run from 1 (noise) to 0 (image). Sampling the
 ODE (``sample.eta`` 0) is the scheduler's own Euler step; ``sample.eta`` > 0 is Flow-GRPO's noise level
-(0.7 in its SD3.5 runs), which makes each step a Gaussian with a log-prob. T5 (``text_encoder_3``) is
+(0.7 in its SD3.5 runs), which makes each step a Gaussian with a log-prob (``sample.sde_type cps``: its
+coefficients-preserving variant). T5 (``text_encoder_3``) is
 optional, as in StableDiffusion3Pipeline: without it its tokens are zeros.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.flow import flow_sde_mean_std
+from trainer.flow import FLOW_STEPS
 from trainer.sd1 import guided
 
 
@@ -22,11 +23,12 @@ class SD3:
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_name = "transformer"  # the pipeline component that is trained (and its folder when saved whole)
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    def __init__(self, pipe, sde_type: str = "sde"):
+        self.pipe, self.sde_type = pipe, sde_type
 
     @classmethod
-    def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, load_t5: bool = True) -> "SD3":
+    def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, load_t5: bool = True,
+             sde_type: str = "sde") -> "SD3":
         import diffusers
         from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -42,7 +44,7 @@ class SD3:
             raise ValueError("pretrained.model: its scheduler shifts sigmas by resolution (use_dynamic_shifting); "
                              "set a fixed shift in scheduler/scheduler_config.json")
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe)
+        return cls(pipe, sde_type)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -88,8 +90,8 @@ class SD3:
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
     def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
-        """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE, float32)."""
-        return flow_sde_mean_std(self.pipe.scheduler.sigmas, index, output, latents, noise_level=eta)
+        """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE or CPS step, float32)."""
+        return FLOW_STEPS[self.sde_type](self.pipe.scheduler.sigmas, index, output, latents, noise_level=eta)
 
     # -- pixels ----------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
