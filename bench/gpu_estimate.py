@@ -1,0 +1,512 @@
+"""GPU memory and compute of one DDPO step per model family, estimated without a GPU.
+
+    python -m bench.gpu_estimate [--families sd15,sdxl,sd3] [--resolutions 512,1024] [--out FILE] [--quick]
+
+Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT) is built random-init from its published config
+on the meta device, given the trainer's LoRA adapters (trainer.models.make_trainable: frozen base in half,
+adapters in fp32) and made fake (torch FakeTensorMode: shapes, dtypes and storages, no data). Then ONE step
+of the DDPO hot path runs on it, as trainer/ddpo.py runs it: the family's own predict with classifier-free
+guidance (batch doubled), its step's Gaussian (DDIM for SD1/SDXL, Flow-GRPO's SDE for SD3), the log-prob of
+the stored next latent, PPO-clip, backward, gradient clipping and AdamW, with and without gradient
+checkpointing; and the sampling step alone (no grad) and the VAE decode of a sampled batch.
+
+How it counts. ``LiveBytes`` sees every op's outputs (a TorchDispatchMode) and keeps the bytes of each live
+storage, rounded up to the CUDA caching allocator's 512-byte blocks, until a weak reference says it died;
+at the peak it remembers which storages were alive and later names them weights, inputs, gradients,
+optimizer state or (everything else) activations. FLOPs are torch.utils.flop_counter's.
+
+Why fake CPU tensors and not fake CUDA ones: a CPU-only torch cannot run fake CUDA tensors (no CUDA device
+guard, so indexing and autograd fail, and autocast("cuda") switches itself off). Sizes do not depend on the
+device; what does is autocast's dtype policy, so ``CudaAutocast`` applies CUDA's (the op lists of
+aten/src/ATen/autocast_mode.h): matmuls and convs in half, norms, exp and pow in fp32 (so GroupNorm's
+outputs are fp32, as on a GPU), and attention is CPU's fused flash kernel, which keeps for backward what
+CUDA's flash kernel keeps (q, k, v, out, logsumexp).
+
+Calibration: the same code runs on the repo's tiny models (trainer/tiny_pipeline.py) fake, and for real on
+the CPU, where the allocator's own account (torch.profiler's memory events) measures the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import time
+import weakref
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from trainer.ddim import gaussian_log_prob
+from trainer.loss import ppo_clip_loss
+
+GB = 1e9
+CARDS_GB = (24, 40, 80)
+CONTEXT_GB, FRAGMENTATION = 1.5, 0.10  # left free on every card: CUDA context, cuDNN/cuBLAS workspaces, fragmentation
+BLOCK = 512  # the CUDA caching allocator rounds each allocation up to 512 bytes (c10/cuda/CUDACachingAllocator.cpp)
+CATEGORIES = ("weights", "inputs", "activations", "gradients", "optimizer_state")
+
+# -- published configs (no weights needed) -----------------------------------------------------------------
+# huggingface.co/runwayml/stable-diffusion-v1-5/blob/main/unet/config.json (diffusers' UNet2DConditionModel
+# defaults are SD1's blocks; cross-attention on CLIP ViT-L/14's 768).
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "norm_num_groups": 32,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+# huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/unet/config.json (as quoted in
+# github.com/AI-Hypercomputer/maxdiffusion's SDXL UNet test).
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048, "transformer_layers_per_block": [1, 2, 10],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}
+# huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/transformer/config.json (MMDiT-X: dual
+# attention in the first 13 blocks, RMS qk-norm).
+SD35M_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+# The VAEs (the same config files' vae/ folders): SD1.5's and SDXL's f8 4-channel VAE, SD3's 16-channel one.
+SD_VAE = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+          "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4}
+SD3_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+           "scaling_factor": 1.5305, "shift_factor": 0.0609}
+# The frozen text encoders, which trainer.models.load_family also keeps on the GPU: CLIP ViT-L/14's
+# (openai/clip-vit-large-patch14), OpenCLIP bigG's (SDXL's and SD3's text_encoder_2) and T5 v1.1-XXL's encoder.
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768}
+CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+          "projection_dim": 1280, "hidden_act": "gelu"}
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu"}
+
+# name: denoiser config, its dtype, resolutions, the preset whose sampling and LoRA settings apply, the VAE
+# (config, dtype: SDXL's VAE runs in fp32, its force_upcast) and the text encoders.
+FAMILIES = {
+    "sd15": dict(config=SD15_UNET, dtype=torch.float16, resolutions=(512,), preset="sd15-compressibility",
+                 vae=(SD_VAE, torch.float16), text=[("CLIPTextModel", CLIP_L)]),
+    "sdxl": dict(config=SDXL_UNET, dtype=torch.float16, resolutions=(1024,), preset="sdxl-compressibility",
+                 vae=(SD_VAE, torch.float32), text=[("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G)]),
+    "sd3": dict(config=SD35M_TRANSFORMER, dtype=torch.bfloat16, resolutions=(512, 1024), preset="sd3-pickscore",
+                vae=(SD3_VAE, torch.bfloat16), text=[("CLIPTextModelWithProjection", CLIP_L),
+                                                      ("CLIPTextModelWithProjection", CLIP_G), ("T5EncoderModel", T5_XXL)]),
+}
+
+
+# -- accounting ----------------------------------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """Bytes of every live storage (each counted once, however many views), and which were live at the peak."""
+
+    def __init__(self, block: int = 1):
+        super().__init__()
+        self.block, self.serials, self.flops = block, itertools.count(), 0
+        self.live: dict[int, tuple[int, int, weakref.ref]] = {}  # storage address -> (serial, bytes, weak ref)
+        self.labels: dict[int, str] = {}  # serial -> category
+        self.current = self.peak = 0
+        self.at_peak: dict = {}
+
+    def add(self, tensor: torch.Tensor, label: str | None = None) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self.live:
+            size = -(-storage.nbytes() // self.block) * self.block
+            self.live[key] = (next(self.serials), size, weakref.ref(storage, functools.partial(self._freed, key)))
+            self.current += size
+        if label:
+            self.labels[self.live[key][0]] = label
+
+    def _freed(self, key: int, _ref) -> None:
+        self.current -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_formulas().get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        if self.current > self.peak:
+            self.peak, self.at_peak = self.current, self.live.copy()
+        return out
+
+    def peak_by_category(self) -> dict[str, int]:
+        out = dict.fromkeys(CATEGORIES, 0)
+        for serial, size, _ in self.at_peak.values():
+            out[self.labels.get(serial, "activations")] += size
+        return out
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA autocast's dtype policy (aten/src/ATen/autocast_mode.h), applied at the torch-function level as
+    autocast applies it above autograd: the casts are recorded, so backward keeps what a GPU keeps."""
+
+    LOWER = {F.linear, F.conv2d, torch.matmul, torch.Tensor.matmul, torch.bmm, torch.baddbmm, torch.mm, torch.addmm,
+             F.scaled_dot_product_attention}
+    FP32 = {F.group_norm, F.layer_norm, torch.exp, torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__,
+            torch.rsqrt, torch.Tensor.rsqrt, torch.log, torch.Tensor.log}
+    FP32_OUT = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.sum, torch.Tensor.sum}  # fp32_set_opt_dtype
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = self.dtype if func in self.LOWER else torch.float32 if func in self.FP32 else None
+        if target is not None:
+            cast = lambda t: t.to(target) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, self.dtype) else t
+            args, kwargs = [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+        elif func in self.FP32_OUT and args and args[0].dtype == self.dtype and kwargs.get("dtype") is None:
+            kwargs = {**kwargs, "dtype": torch.float32}
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def flop_formulas() -> dict:
+    """torch.utils.flop_counter's formulas (FlopCounterMode's own), CPU's flash attention counted as CUDA's.
+    FlopCounterMode itself is not used: its module tracker's hooks keep checkpointed activations alive."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    return {**fc.flop_registry,
+            aten._scaled_dot_product_flash_attention_for_cpu: fc.shape_wrapper(
+                lambda q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_flop_count(q, k, v)),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: fc.shape_wrapper(
+                lambda grad, q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_backward_flop_count(grad, q, k, v))}
+
+
+def measure(step, model=None, optimizer=None, inputs=(), block: int = 1, profile: bool = False) -> dict:
+    """Run ``step()`` once: its peak bytes, by category, and its FLOPs. ``profile`` (real tensors only) also
+    measures the peak from the CPU allocator's own events (torch.profiler's profile_memory)."""
+    tracker = LiveBytes(block)
+    states = lambda: [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)] if optimizer else []
+    for t in [*model.parameters(), *model.buffers()] if model is not None else []:
+        tracker.add(t, "weights")
+    for t in tree_leaves(inputs):
+        tracker.add(t, "inputs")
+    for t in states():
+        tracker.add(t, "optimizer_state")
+    start = tracker.current
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) if profile \
+            else contextlib.nullcontext() as prof, tracker:
+        step()
+    for t in [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []:
+        tracker.add(t, "gradients")
+    for t in states():
+        tracker.add(t, "optimizer_state")
+    result = {"peak": tracker.peak, "by_category": tracker.peak_by_category(), "flops": tracker.flops}
+    if profile:  # what the allocator handed out beyond what was live at the start, in time order
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        result["allocator_peak"] = start + max(itertools.accumulate(n for _, n in events), default=0)
+    return result
+
+
+# -- the models and the step ---------------------------------------------------------------------------------
+def denoiser(config: dict, dtype: torch.dtype, lora: dict, fake=None, pretrained: str | None = None):
+    """The denoiser in ``dtype`` with LoRA adapters in fp32, as trainer.models.make_trainable makes it:
+    random-init on the meta device, then fake (``fake``: a FakeTensorMode), or ``pretrained``'s weights."""
+    import diffusers
+    from peft import LoraConfig
+
+    cls = diffusers.SD3Transformer2DModel if "joint_attention_dim" in config else diffusers.UNet2DConditionModel
+    if pretrained:
+        model = cls.from_pretrained(pretrained)
+    else:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    model.requires_grad_(False).to(dtype)
+    model.add_adapter(LoraConfig(r=lora["lora_rank"], lora_alpha=lora["lora_alpha"], init_lora_weights="gaussian",
+                                 target_modules=lora["lora_targets"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if fake is not None:
+        with fake:
+            model.to_empty(device="cpu")
+    return model.train()
+
+
+def meta_size(cls_name: str, config: dict, dtype: torch.dtype) -> int:
+    """Bytes of a frozen module's weights, built on the meta device from its config."""
+    import diffusers
+    import transformers
+
+    with torch.device("meta"):
+        if hasattr(diffusers, cls_name):
+            model = getattr(diffusers, cls_name).from_config(config)
+        else:
+            config_cls = transformers.T5Config if cls_name.startswith("T5") else transformers.CLIPTextConfig
+            model = getattr(transformers, cls_name)(config_cls(**config))
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+class Step:
+    """One family's DDPO step (trainer/ddpo.py's inner loop) on a batch of ``n`` stored transitions."""
+
+    def __init__(self, model, dtype: torch.dtype, sample: dict, train: dict):
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+        from trainer.sd1 import SD1
+        from trainer.sd3 import SD3
+        from trainer.sdxl import SDXL
+
+        self.model, self.dtype, self.sample, self.train, c = model, dtype, sample, train, model.config
+        self.flow = "joint_attention_dim" in c
+        self.family = SD3 if self.flow else SDXL if c.get("addition_embed_type") == "text_time" else SD1
+        if self.flow:  # SD3.5's scheduler (shift 3); sigmas are all the flow step needs
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        else:  # SD1.5's DDIM schedule (runwayml/stable-diffusion-v1-5/scheduler, as trainer/tiny_pipeline.py)
+            scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        scheduler.set_timesteps(sample["num_steps"])
+        if not self.flow:  # ddim_mean_std reads it with float(); a fake tensor has no value to give
+            scheduler.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
+        self.scheduler = scheduler
+
+    def inputs(self, n: int, resolution: int) -> dict:
+        """What the step reads from the stored trajectories: x_t, x_{t-1}, timesteps, conditioning, log-probs."""
+        c, size, h = self.model.config, resolution // 8, lambda *shape: torch.randn(*shape, dtype=self.dtype)
+        if self.flow:  # CLIP's 77 tokens then T5's 256 (StableDiffusion3Pipeline.encode_prompt)
+            cond = {"prompt_embeds": h(n, 77 + 256, c.joint_attention_dim), "pooled_projections": h(n, c.pooled_projection_dim)}
+        elif self.family.__name__ == "SDXL":  # pooled width: the text_time input less the six 256-d time ids
+            cond = {"prompt_embeds": h(n, 77, c.cross_attention_dim), "time_ids": h(n, 6),
+                    "text_embeds": h(n, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)}
+        else:
+            cond = h(n, 77, c.cross_attention_dim)
+        index = self.sample["num_steps"] // 2
+        latents = torch.randn(n, c.in_channels, size, size)
+        return {"latents": latents, "next_latents": torch.randn_like(latents), "cond": cond,
+                "negative": {k: v[:1].clone() for k, v in cond.items()} if isinstance(cond, dict) else cond[:1].clone(),
+                "timesteps": self.scheduler.timesteps[index].expand(n).clone(), "steps": torch.full((n,), index),
+                "old_log_probs": torch.zeros(n), "advantages": torch.ones(n)}
+
+    def log_prob(self, b: dict) -> torch.Tensor:
+        from trainer.ddim import ddim_mean_std
+        from trainer.flow import flow_sde_mean_std
+
+        guidance, eta = self.sample["guidance_scale"], self.sample["eta"]
+        with CudaAutocast(self.dtype):
+            output = self.family.predict(self.model, b["latents"], b["timesteps"], b["cond"], b["negative"], guidance)
+            if self.flow:
+                mean, std = flow_sde_mean_std(self.scheduler.sigmas, b["steps"], output, b["latents"], noise_level=eta)
+            else:
+                mean, std = ddim_mean_std(self.scheduler, output, b["timesteps"], b["latents"], eta)
+            return gaussian_log_prob(b["next_latents"], mean, std)
+
+    def train_step(self, b: dict, optimizer) -> None:
+        loss, _ = ppo_clip_loss(self.log_prob(b), b["old_log_probs"], b["advantages"], self.train["clip_range"],
+                                self.train["adv_clip_max"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.train["max_grad_norm"])
+        optimizer.step()
+
+    def sampling_step(self, b: dict) -> None:
+        with torch.no_grad():
+            self.log_prob(b)
+
+
+def checkpointing_under(dtype: torch.dtype):
+    """diffusers' default gradient checkpointing (torch.utils.checkpoint, non-reentrant) whose recomputation in
+    backward runs under CudaAutocast again, as torch.utils.checkpoint recomputes under the forward's autocast."""
+    def run(module, *args):
+        if any(isinstance(m, CudaAutocast) for m in torch.overrides._get_current_function_mode_stack()):
+            return module(*args)
+        with CudaAutocast(dtype):
+            return module(*args)
+
+    return lambda module, *args: torch.utils.checkpoint.checkpoint(run, module, *args, use_reentrant=False)
+
+
+def optimizer_for(model):
+    """AdamW on the adapters, its state made once (as after the first update) so every step finds it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def run_step(step: Step, kind: str, n: int, resolution: int, fake, block: int, checkpointing: bool = False,
+             profile: bool = False) -> dict:
+    """Measure one train or sampling step of batch ``n`` (fake tensors when ``fake`` is a FakeTensorMode)."""
+    model = step.model
+    if checkpointing:
+        model.enable_gradient_checkpointing(checkpointing_under(step.dtype))
+    else:
+        model.disable_gradient_checkpointing()
+    with fake if fake is not None else torch.device("cpu"):
+        optimizer = optimizer_for(model) if kind == "train" else None
+        batch = step.inputs(n, resolution)
+        fn = (lambda: step.train_step(batch, optimizer)) if kind == "train" else (lambda: step.sampling_step(batch))
+        result = measure(fn, model, optimizer, batch, block, profile)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def run_decode(step: Step, vae, n: int, resolution: int, fake) -> dict:
+    """Measure the family's decode of ``n`` sampled latents (trainer/ddpo.py decodes each sampling batch whole,
+    outside autocast, in the VAE's own dtype)."""
+    from trainer.sd1 import SD1
+
+    family = (step.family if step.flow else SD1)(SimpleNamespace(vae=vae))
+    with fake, torch.no_grad():
+        latents = torch.randn(n, vae.config.latent_channels, resolution // 8, resolution // 8)
+        return measure(lambda: family.decode(latents), vae, None, [latents], BLOCK)
+
+
+def cond_bytes(step: Step, resolution: int, fake) -> int:
+    with fake:
+        return sum(t.nbytes for t in tree_leaves(step.inputs(1, resolution)["cond"]))
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+def gb(nbytes: float) -> float:
+    return round(nbytes / GB, 3)
+
+
+def largest_batch(need_1: float, per_sample: float, card_gb: float) -> int:
+    """The largest n with need_1 + (n - 1) per_sample (bytes) inside the card less its margin."""
+    usable = (card_gb - CONTEXT_GB) / (1 + FRAGMENTATION) * GB
+    return 0 if need_1 > usable else int((usable - need_1) // max(per_sample, 1)) + 1
+
+
+def estimate(name: str, resolutions, fake) -> dict:
+    """Every figure of one family at each resolution."""
+    from diffusers import AutoencoderKL
+
+    from trainer.presets import PRESETS
+
+    family, preset = FAMILIES[name], PRESETS[FAMILIES[name]["preset"]]
+    model = denoiser(family["config"], family["dtype"], preset["train"], fake)
+    step = Step(model, family["dtype"], preset["sample"], preset["train"])
+    vae_config, vae_dtype = family["vae"]
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config).to(vae_dtype)
+    with fake:
+        vae.to_empty(device="cpu")
+    text = sum(meta_size(cls, config, family["dtype"]) for cls, config in family["text"])
+    frozen = text + sum(p.nbytes for p in vae.parameters())  # resident beside the denoiser (load_family)
+    out = {}
+    for res in resolutions:
+        runs = {key: [run(n) for n in (1, 2)] for key, run in {
+            "sampling": lambda n: run_step(step, "sampling", n, res, fake, BLOCK),
+            "train": lambda n: run_step(step, "train", n, res, fake, BLOCK),
+            "train_checkpointed": lambda n: run_step(step, "train", n, res, fake, BLOCK, checkpointing=True),
+            "decode": lambda n: run_decode(step, vae, n, res, fake)}.items()}
+        weights = runs["train"][0]["by_category"]["weights"]
+        figures = {key: {"batch1_gb": {**{k: gb(v) for k, v in one["by_category"].items()}, "total": gb(one["peak"])},
+                         "per_sample_gb": gb(two["peak"] - one["peak"]),
+                         "tflop_per_sample": round(one["flops"] / 1e12, 3)}
+                   for key, (one, two) in runs.items()}
+        # On the card: the other frozen modules, then either the step, or the denoiser's weights beside the decode.
+        need = {"train": (frozen + runs["train"][0]["peak"], figures["train"]["per_sample_gb"] * GB),
+                "train_checkpointed": (frozen + runs["train_checkpointed"][0]["peak"],
+                                       figures["train_checkpointed"]["per_sample_gb"] * GB)}
+        sampling = [(frozen + runs["sampling"][0]["peak"], figures["sampling"]["per_sample_gb"] * GB),
+                    (frozen + weights + runs["decode"][0]["peak"] - sum(p.nbytes for p in vae.parameters()),
+                     figures["decode"]["per_sample_gb"] * GB)]
+        c, size, steps = model.config, res // 8, preset["sample"]["num_steps"]
+        out[f"{name}@{res}"] = {
+            "denoiser": type(model).__name__, "dtype": str(family["dtype"]).removeprefix("torch."),
+            "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "lora": {k: preset["train"][k] for k in ("lora_rank", "lora_alpha", "lora_targets")},
+            "other_frozen_gb": {"text_encoders": gb(text), "vae": gb(frozen - text)},
+            **figures,
+            "need_gb_at_batch1": {"train": gb(need["train"][0]), "train_checkpointed": gb(need["train_checkpointed"][0]),
+                                  "sampling": gb(max(n1 for n1, _ in sampling))},
+            # trainer/sampling.py keeps x_t and x_{t-1} of every step (float32) and the conditioning per sample
+            "trajectory_gb_per_sample": gb(2 * steps * c.in_channels * size * size * 4 + cond_bytes(step, res, fake)),
+            "largest_batch": {f"{card}GB": {**{k: largest_batch(*v, card) for k, v in need.items()},
+                                            "sampling": min(largest_batch(*v, card) for v in sampling)}
+                              for card in CARDS_GB},
+        }
+    return out
+
+
+def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl"), n: int = 2) -> dict:
+    """The same steps on the repo's tiny models: estimated on fake tensors, then run for real on the CPU,
+    where both the tracker and the allocator (torch.profiler) measure the peak."""
+    from diffusers import UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trainer import tiny_pipeline
+    from trainer.presets import PRESETS
+
+    builds = {"tiny-sd": ("tiny_pipeline_path", "sd15-compressibility"), "tiny-sdxl": ("tiny_sdxl_path", "sdxl-compressibility")}
+    out = {}
+    for name in names:
+        build, preset = builds[name]
+        path, (sample, train) = getattr(tiny_pipeline, build)(cache_dir) / "unet", (PRESETS[preset][k] for k in ("sample", "train"))
+        config, fake = dict(UNet2DConditionModel.load_config(path)), FakeTensorMode(allow_non_fake_inputs=True)
+        estimated = Step(denoiser(config, torch.float16, train, fake), torch.float16, sample, train)
+        real = Step(denoiser(config, torch.float16, train, pretrained=str(path)), torch.float16, sample, train)
+        resolution = config["sample_size"] * 8
+        out[name] = {}
+        for key, kind, checkpointing in (("train", "train", False), ("train_checkpointed", "train", True),
+                                         ("sampling", "sampling", False)):
+            guess = run_step(estimated, kind, n, resolution, fake, 1, checkpointing)
+            got = run_step(real, kind, n, resolution, None, 1, checkpointing, profile=True)
+            out[name][key] = {"batch": n, "estimated_bytes": guess["peak"], "tracked_real_bytes": got["peak"],
+                              "allocator_bytes": got["allocator_peak"],
+                              "rel_error": round(guess["peak"] / got["allocator_peak"] - 1, 4),
+                              "flops_estimated": guess["flops"], "flops_real": got["flops"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
+    parser.add_argument("--resolutions", default=None, help="comma-separated px for every family (default: its own)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--cache-dir", default=None, help="where the tiny calibration models are built")
+    parser.add_argument("--quick", action="store_true", help="SD1.5 at 512 px and the tiny SD calibration only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # fake tensors do no arithmetic; the tiny calibration needs no more
+    start, fake = time.perf_counter(), FakeTensorMode(allow_non_fake_inputs=True)
+    names = ["sd15"] if args.quick else args.families.split(",")
+    resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else None
+    families = {}
+    for name in names:
+        families.update(estimate(name, resolutions or ([512] if args.quick else FAMILIES[name]["resolutions"]), fake))
+    report = {
+        "benchmark": "gpu_estimate", "units": "GB = 1e9 bytes; tflop = 1e12 FLOPs (a multiply-add is 2)",
+        "margin": {"context_gb": CONTEXT_GB, "fragmentation": FRAGMENTATION,
+                   "rule": "a batch fits a card of C GB when (1 + fragmentation) * need + context_gb <= C"},
+        "method": "fake tensors (FakeTensorMode) under CUDA autocast's dtype policy; live storages in 512-byte blocks",
+        "families": families,
+    }
+    if "sd15@512" in families:
+        need = families["sd15@512"]["need_gb_at_batch1"]["train"]
+        report["targets"] = {"sd15_train_batch1_gb": need, "target_gb": 7.0, "met": need <= 7.0,
+                             "ddpo_pytorch_claim": "< 10 GB"}
+    report["calibration"] = calibrate(args.cache_dir, ("tiny-sd",) if args.quick else ("tiny-sd", "tiny-sdxl"))
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
