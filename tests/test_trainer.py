@@ -342,3 +342,36 @@ def test_groups_can_share_their_initial_noise(tmp_path, tiny_cache, monkeypatch)
     for g in range(4):  # pairs in a row share their start; different groups do not
         assert torch.equal(starts[2 * g], starts[2 * g + 1])
     assert not torch.equal(starts[0], starts[2])
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_batched_timesteps_give_the_same_gradient(tmp_path, tiny_cache, kl_coef):
+    """One optimizer step over 4 samples x 5 timesteps: the gradient is the same whether the timesteps go through
+    the UNet one at a time (as ddpo-pytorch), two at a time (groups of 2, 2, 1) or all together."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    grads = {}
+
+    def run(k: int) -> dict[str, torch.Tensor]:
+        cfg = Config(run={"output_dir": tmp_path / f"k{k}-{kl_coef}", "num_epochs": 1, "log_with": "none",
+                          "log_images_every": 0},
+                     pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 10, "batch_size": 4, "num_batches_per_epoch": 1},
+                     train={"batch_size": 2, "gradient_accumulation_steps": 2, "timesteps_per_forward": k,
+                            "max_grad_norm": 1e9, "kl_coef": kl_coef})  # no clipping: the raw gradient is compared
+        seen = []
+        handle = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs: seen.append([p.grad.detach().clone() for g in opt.param_groups for p in g["params"]]))
+        try:
+            train(cfg)
+        finally:
+            handle.remove()
+        assert len(seen) == 1  # one optimizer step per epoch
+        return seen[0]
+
+    for k in (1, 2, 0):
+        grads[k] = run(k)
+    flat = {k: torch.cat([g.flatten() for g in v]) for k, v in grads.items()}
+    assert float(flat[1].norm()) > 0
+    for k in (2, 0):
+        rel = float((flat[k] - flat[1]).norm() / flat[1].norm())
+        assert rel < 1e-5, (k, rel)

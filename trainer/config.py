@@ -91,6 +91,9 @@ class TrainConfig(_Group):
     clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5)")
     timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's "
                                      "stochastic steps")
+    timesteps_per_forward: int = Field(0, ge=0, description="trained timesteps that go through the denoiser "
+                                       "together, a batch of K x train.batch_size (the same loss and gradient); 0: all "
+                                       "of them on CPU, 1 on a GPU (the GPU presets size it for their memory)")
     timestep_window: int = Field(0, ge=0, description="K > 0: only K consecutive steps of each trajectory are "
                                  "stochastic and trained, the others deterministic (Flow-GRPO-Fast, MixGRPO); 0: all")
     timestep_window_latest_start: int = Field(0, ge=0, description="the window starts at a step drawn uniformly "
@@ -368,6 +371,7 @@ class BatchPlan:
     effective_train_batch: int
     train_timesteps: int
     optimizer_steps_per_epoch: int
+    step_groups: tuple[slice, ...]  # the trained timesteps of a batch, split into denoiser forwards
 
     @classmethod
     def of(cls, cfg: Config, num_processes: int) -> "BatchPlan":
@@ -389,7 +393,8 @@ class BatchPlan:
         if problems:
             raise BatchPlanError("batch sizes do not fit:\n  " + "\n  ".join(problems))
         return cls(
-            num_processes, samples, effective, cls.train_timesteps_of(cfg), samples // effective * t.num_inner_epochs
+            num_processes, samples, effective, cls.train_timesteps_of(cfg), samples // effective * t.num_inner_epochs,
+            cls.step_groups_of(cfg),
         )
 
     @staticmethod
@@ -397,9 +402,18 @@ class BatchPlan:
         stochastic = cfg.train.timestep_window or cfg.sample.num_steps
         return max(1, int(stochastic * cfg.train.timestep_fraction))
 
+    @classmethod
+    def step_groups_of(cls, cfg: Config) -> tuple[slice, ...]:
+        import torch
+
+        total = cls.train_timesteps_of(cfg)
+        on_gpu = torch.cuda.is_available() or torch.backends.mps.is_available()  # where accelerate will train
+        k = cfg.train.timesteps_per_forward or (1 if on_gpu else total)
+        return tuple(slice(j, min(j + k, total)) for j in range(0, total, k))
+
     def describe(self) -> str:
         return (
             f"{self.samples_per_epoch} samples per epoch on {self.num_processes} process(es); effective train "
             f"batch {self.effective_train_batch}; {self.optimizer_steps_per_epoch} optimizer steps per epoch, "
-            f"each over {self.train_timesteps} timesteps"
+            f"each over {self.train_timesteps} timesteps in {len(self.step_groups)} forward(s) per batch"
         )

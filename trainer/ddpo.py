@@ -47,8 +47,8 @@ def train(
     dicts with ``images`` (uint8 NHWC), ``prompts``, ``metadata``, ``rewards`` and ``info`` (each reward
     component's per-image extras).
     """
-    # One optimizer step spans the accumulated batches and, within each, every trained timestep.
-    accumulation = cfg.train.gradient_accumulation_steps * BatchPlan.train_timesteps_of(cfg)
+    # One optimizer step spans the accumulated batches and, within each, every forward of trained timesteps.
+    accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
     with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
         return _ddpo(run, image_samples_hook)
 
@@ -165,46 +165,50 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
             # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
             # range and give no gradient; clip around the weights at the start of this update instead (one
             # extra forward per trained step), importance-weighted back to the weights that sampled.
-            proximal = [_proximal(accelerator, policy, family, chunk, plan.train_timesteps, guidance)
+            proximal = [_proximal(accelerator, policy, family, chunk, plan.step_groups, guidance)
                         if decoupled else None for chunk, _ in chunks]
             for (chunk, adv), prox in tqdm(zip(chunks, proximal), total=len(chunks), desc=f"epoch {epoch} training",
                                            disable=quiet, leave=False):
-                for j in range(plan.train_timesteps):
+                for steps in plan.step_groups:  # k timesteps per denoiser forward, a batch of k x train.batch_size
                     with accelerator.accumulate(unet):
                         with accelerator.autocast():
-                            log_prob, mean, sigma = rescore(family, unet, chunk, j, *guidance)
+                            log_prob, mean, sigma = rescore(family, unet, chunk, steps, *guidance)
+                        behaviour, adv_k = chunk.log_probs[:, steps], adv[:, None].expand_as(log_prob)
                         if prox is None:
                             loss, step_stats = ppo_clip_loss(
-                                log_prob, chunk.log_probs[:, j], adv, cfg.train.clip_range, cfg.train.adv_clip_max
+                                log_prob, behaviour, adv_k, cfg.train.clip_range, cfg.train.adv_clip_max
                             )
                         else:
-                            weight = torch.exp(prox[:, j] - chunk.log_probs[:, j])  # proximal / behaviour
-                            clipped = adv.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
+                            weight = torch.exp(prox[:, steps] - behaviour)  # proximal / behaviour
+                            clipped = adv_k.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
                             # weight > 0 scales both PPO terms alike, so it can ride on the advantages
-                            loss, step_stats = ppo_clip_loss(log_prob, prox[:, j], clipped * weight,
+                            loss, step_stats = ppo_clip_loss(log_prob, prox[:, steps], clipped * weight,
                                                              cfg.train.clip_range, float("inf"))
                             step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.train.clip_range).float().mean()
                         if cfg.train.kl_coef:
-                            kl = gaussian_kl(mean, _reference_mean(accelerator, policy, family, chunk, j, guidance), sigma)
+                            kl = gaussian_kl(mean, _reference_mean(accelerator, policy, family, chunk, steps, guidance), sigma)
                             loss = loss + cfg.train.kl_coef * kl.mean()
                             step_stats["kl_to_reference"] = kl.mean().detach()
-                        accelerator.backward(loss)
+                        # accelerate averages over the forwards it accumulates; weighting each by its share of
+                        # the timesteps makes that the mean over samples and timesteps, for any grouping.
+                        share = (steps.stop - steps.start) * len(plan.step_groups) / plan.train_timesteps
+                        accelerator.backward(loss * share)
                         if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(trainable.values(), cfg.train.max_grad_norm)
-                            stats["grad_norm"].append(float(grad_norm))
+                            stats["grad_norm"].append(accelerator.clip_grad_norm_(trainable.values(), cfg.train.max_grad_norm))
                         optimizer.step()  # a no-op while accumulating
                         if accelerator.sync_gradients:
                             lr_scheduler.step()
                             if ema is not None:
                                 ema.update(trainable)
                         optimizer.zero_grad()
-                    stats["loss"].append(loss.item())
+                    # Stats stay tensors until the epoch ends: reading one (.item()) waits for the GPU.
+                    stats["loss"].append(loss.detach())
                     for k, v in step_stats.items():
-                        stats[k].append(v.item())
+                        stats[k].append(v)
                     if global_step == epoch_start_step:
                         # Before the epoch's first update the ratios measure only how stale the samples are:
                         # 0 when they come from the current weights, large with reward.overlap next_epoch.
-                        stats["clipfrac_first_step"].append(step_stats["clipfrac"].item())
+                        stats["clipfrac_first_step"].append(step_stats["clipfrac"])
                     global_step += accelerator.sync_gradients
         t3 = time.perf_counter()
 
@@ -216,7 +220,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             **{f"reward_{name}_{stat}": float(getattr(r, stat)()) for name, r in components.items() for stat in ("mean", "std")},
-            **{k: float(np.mean(v)) for k, v in stats.items()},
+            **{k: float(torch.stack(v).float().mean()) for k, v in stats.items()},
             "learning_rate": optimizer.param_groups[0]["lr"],
             "seconds_sampling": sampling,
             "seconds_reward_wait": t2 - t1,
@@ -247,18 +251,18 @@ class Collected:
 
 
 @torch.no_grad()
-def _proximal(accelerator, unet, family, chunk: Trajectories, steps: int, guidance) -> torch.Tensor:
+def _proximal(accelerator, unet, family, chunk: Trajectories, step_groups, guidance) -> torch.Tensor:
     """(N, steps) log-probs of the chunk's stored steps under the current weights, as constants."""
     with accelerator.autocast():
-        return torch.stack([rescore(family, unet, chunk, j, *guidance)[0] for j in range(steps)], dim=1)
+        return torch.cat([rescore(family, unet, chunk, steps, *guidance)[0] for steps in step_groups], dim=1)
 
 
 @torch.no_grad()
-def _reference_mean(accelerator, base, family, chunk, j, guidance) -> torch.Tensor:
-    """The step's mean under the base model: the same (unwrapped) denoiser with its LoRA adapters switched off."""
+def _reference_mean(accelerator, base, family, chunk, steps, guidance) -> torch.Tensor:
+    """The steps' means under the base model: the same (unwrapped) denoiser with its LoRA adapters switched off."""
     base.disable_adapters()
     try:
         with accelerator.autocast():
-            return rescore(family, base, chunk, j, *guidance)[1]
+            return rescore(family, base, chunk, steps, *guidance)[1]
     finally:
         base.enable_adapters()

@@ -122,14 +122,25 @@ def rescore(
     family,
     model,
     chunk: Trajectories,
-    j: int,
+    steps: int | slice,
     negative_embeds: torch.Tensor | None,
     guidance_scale: float,
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-prob under ``model`` of the stored step ``j`` of each trajectory in ``chunk``, with the step's
-    Gaussian mean and std (for a KL to a reference policy)."""
-    latents = chunk.latents[:, j]
-    output = family.predict(model, latents, chunk.timesteps[:, j], chunk.prompt_embeds, negative_embeds, guidance_scale)
-    mean, std = family.step(output, chunk.steps[:, j], latents, eta)
-    return gaussian_log_prob(chunk.next_latents[:, j], mean, std), mean, std
+    """Log-probs under ``model`` of the stored steps ``steps`` of each trajectory in ``chunk``: (N,) for one
+    step, (N, k) for a slice of k, which go through the denoiser as one batch of N x k (the UNet and the
+    transformer take a timestep per sample). Also the steps' Gaussian means and stds, (N x k, ...) sample-major,
+    for a KL to a reference policy."""
+    one = isinstance(steps, int)
+    steps = slice(steps, steps + 1) if one else steps
+    n, k = chunk.latents.shape[0], len(range(*steps.indices(chunk.latents.shape[1])))
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t[:, steps].reshape(n * k, *t.shape[2:])
+
+    latents = flat(chunk.latents)
+    cond = chunk.prompt_embeds if k == 1 else _each(chunk.prompt_embeds, lambda t: t.repeat_interleave(k, dim=0))
+    output = family.predict(model, latents, flat(chunk.timesteps), cond, negative_embeds, guidance_scale)
+    mean, std = family.step(output, flat(chunk.steps), latents, eta)
+    log_prob = gaussian_log_prob(flat(chunk.next_latents), mean, std).reshape(n, k)
+    return (log_prob[:, 0] if one else log_prob), mean, std
