@@ -27,7 +27,8 @@ def test_sdxl_first_step_importance_ratio_is_exactly_one(tiny_cache):
     torch.manual_seed(0)
     batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 4, 1.0, 5.0, 64)
     assert family.to_uint8(final).shape == (2, 64, 64, 3)
-    for chunk, _ in batch.shuffled(torch.zeros(2), batch_size=2, num_timesteps=4):
+    for pick in batch.shuffled(batch_size=2, num_timesteps=4):
+        chunk = batch.chunk(*pick)
         for j in range(4):
             with torch.no_grad():
                 log_prob, _, _ = rescore(family, family.denoiser, chunk, j, negative, 5.0, 1.0)
@@ -87,7 +88,8 @@ def test_sd3_first_step_importance_ratio_is_exactly_one(tiny_cache):
     torch.manual_seed(0)
     batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 6, 0.7, 4.5, 64)
     assert family.to_uint8(final).shape == (2, 64, 64, 3) and batch.latents.shape == (2, 6, 16, 8, 8)
-    for chunk, _ in batch.shuffled(torch.zeros(2), batch_size=2, num_timesteps=6):
+    for pick in batch.shuffled(batch_size=2, num_timesteps=6):
+        chunk = batch.chunk(*pick)
         for j in range(6):
             with torch.no_grad():
                 log_prob, _, _ = rescore(family, family.denoiser, chunk, j, negative, 4.5, 0.7)

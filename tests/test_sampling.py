@@ -26,15 +26,18 @@ def test_first_step_importance_ratio_is_exactly_one(pipe):
     trajectories, final = sample(family_of(pipe), pipe.unet, prompts, [{}] * 4, negative, num_steps=6, eta=1.0, guidance_scale=5.0, resolution=64)
     assert trajectories.latents.shape == (4, 6, 4, 8, 8) and trajectories.log_probs.shape == (4, 6)
     assert torch.isfinite(trajectories.log_probs).all()
-    # x_{t-1} of step j is x_t of step j+1
+    # x_{t-1} of step j is x_t of step j+1, stored once: both are views of one path
     assert torch.equal(trajectories.next_latents[:, :-1], trajectories.latents[:, 1:])
+    assert trajectories.path.shape == (4, 7, 4, 8, 8)
+    stored = sum(t.untyped_storage().nbytes() for t in (trajectories.path, trajectories.log_probs))
+    assert stored == 4 * 7 * 4 * 8 * 8 * 4 + 4 * 6 * 4  # bytes: (T + 1) latents per sample, not 2 T
 
     images = family_of(pipe).to_uint8(final)
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
 
     # The training path: shuffled samples, per-sample shuffled timesteps, same batch size as sampling.
-    advantages = torch.zeros(4)
-    for chunk, _ in trajectories.shuffled(advantages, batch_size=4, num_timesteps=6):
+    for pick in trajectories.shuffled(batch_size=4, num_timesteps=6):
+        chunk = trajectories.chunk(*pick)
         for j in range(6):
             with torch.no_grad():
                 log_prob, _, _ = rescore(family_of(pipe), pipe.unet, chunk, j, negative, 5.0, 1.0)
@@ -47,22 +50,22 @@ def test_shuffled_keeps_each_sample_consistent(pipe):
     n, t = 6, 5
     traj = Trajectories(
         prompt_embeds=torch.arange(n).float()[:, None, None].expand(n, 2, 3),
-        latents=torch.arange(n * t).float().reshape(n, t, 1, 1, 1),
-        next_latents=torch.arange(n * t).float().reshape(n, t, 1, 1, 1) + 0.5,
+        path=torch.arange(n * (t + 1)).float().reshape(n, t + 1, 1, 1, 1),
         log_probs=torch.arange(n * t).float().reshape(n, t),
         timesteps=torch.arange(t).repeat(n, 1) * 100,
         steps=torch.arange(t).repeat(n, 1),
     )
     seen = []
-    for chunk, adv in traj.shuffled(torch.arange(n).float() * 10, batch_size=2, num_timesteps=3):
+    for rows, steps_of in traj.shuffled(batch_size=2, num_timesteps=3):
+        chunk = traj.chunk(rows, steps_of)
         assert chunk.latents.shape == (2, 3, 1, 1, 1)
         for i in range(2):
             sample_id = int(chunk.prompt_embeds[i, 0, 0])
-            assert adv[i] == sample_id * 10
+            assert rows[i] == sample_id
             steps = (chunk.timesteps[i] // 100).tolist()
             assert len(set(steps)) == 3 and chunk.steps[i].tolist() == steps
-            assert chunk.latents[i].flatten().tolist() == [sample_id * t + s for s in steps]
-            assert chunk.next_latents[i].flatten().tolist() == [sample_id * t + s + 0.5 for s in steps]
+            assert chunk.latents[i].flatten().tolist() == [sample_id * (t + 1) + s for s in steps]
+            assert chunk.next_latents[i].flatten().tolist() == [sample_id * (t + 1) + s + 1 for s in steps]
             assert chunk.log_probs[i].tolist() == [sample_id * t + s for s in steps]
             seen.append(sample_id)
     assert sorted(seen) == list(range(n))

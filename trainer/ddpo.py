@@ -23,7 +23,7 @@ from trainer.config import BatchPlan, Config
 from trainer.evaluate import evaluate_run
 from trainer.loss import gaussian_kl, ppo_clip_loss
 from trainer.rewards import Pending, RewardFn
-from trainer.sampling import Trajectories, rescore, sample
+from trainer.sampling import Chunk, Trajectories, rescore, sample
 
 
 def train(
@@ -160,15 +160,16 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         decoupled = cfg.train.decoupled_ppo == "on" or (cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch")
         epoch_start_step = global_step
         for _ in range(cfg.train.num_inner_epochs):
-            chunks = list(trajectories.shuffled(advantages_local, cfg.train.batch_size, plan.train_timesteps))
+            picks = trajectories.shuffled(cfg.train.batch_size, plan.train_timesteps)  # indices: no copies yet
             # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples
             # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
             # range and give no gradient; clip around the weights at the start of this update instead (one
             # extra forward per trained step), importance-weighted back to the weights that sampled.
-            proximal = [_proximal(accelerator, policy, family, chunk, plan.step_groups, guidance)
-                        if decoupled else None for chunk, _ in chunks]
-            for (chunk, adv), prox in tqdm(zip(chunks, proximal), total=len(chunks), desc=f"epoch {epoch} training",
-                                           disable=quiet, leave=False):
+            proximal = [_proximal(accelerator, policy, family, trajectories.chunk(*pick), plan.step_groups, guidance)
+                        if decoupled else None for pick in picks]
+            for (rows, steps_of), prox in tqdm(zip(picks, proximal), total=len(picks), desc=f"epoch {epoch} training",
+                                               disable=quiet, leave=False):
+                chunk, adv = trajectories.chunk(rows, steps_of), advantages_local[rows]
                 for steps in plan.step_groups:  # k timesteps per denoiser forward, a batch of k x train.batch_size
                     with accelerator.accumulate(unet):
                         with accelerator.autocast():
@@ -251,7 +252,7 @@ class Collected:
 
 
 @torch.no_grad()
-def _proximal(accelerator, unet, family, chunk: Trajectories, step_groups, guidance) -> torch.Tensor:
+def _proximal(accelerator, unet, family, chunk: Chunk, step_groups, guidance) -> torch.Tensor:
     """(N, steps) log-probs of the chunk's stored steps under the current weights, as constants."""
     with accelerator.autocast():
         return torch.cat([rescore(family, unet, chunk, steps, *guidance)[0] for steps in step_groups], dim=1)

@@ -20,32 +20,41 @@ class Trajectories:
     """A batch of sampled images with everything the update needs; tensors are (N, ...) on one device."""
 
     prompt_embeds: torch.Tensor | dict[str, torch.Tensor]  # the family's conditioning, each tensor (N, ...)
-    latents: torch.Tensor  # (N, T, C, h, w): x_t fed to stored step j
-    next_latents: torch.Tensor  # (N, T, C, h, w): x_{t-1} drawn at stored step j
+    # (N, T + 1, C, h, w): x before each stored step, then after the last; the x_t and x_{t-1} of stored step j
+    # are path[:, j] and path[:, j + 1], so each latent is stored once (the stored steps are consecutive).
+    path: torch.Tensor
     log_probs: torch.Tensor  # (N, T)
     timesteps: torch.Tensor  # (N, T): the denoiser's timestep input at stored step j
     steps: torch.Tensor  # (N, T): the index of stored step j in the sampler's schedule (what family.step needs)
     prompts: list[str] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def latents(self) -> torch.Tensor:  # (N, T, C, h, w), a view: x_t fed to stored step j
+        return self.path[:, :-1]
+
+    @property
+    def next_latents(self) -> torch.Tensor:  # (N, T, C, h, w), a view: x_{t-1} drawn at stored step j
+        return self.path[:, 1:]
+
     def tensors(self) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "metadata")}
 
-    def shuffled(self, advantages: torch.Tensor, batch_size: int, num_timesteps: int):
-        """Yield (chunk, advantages) in random sample order, each sample with its own random timesteps.
+    def shuffled(self, batch_size: int, num_timesteps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Random sample order in chunks of ``batch_size``, each sample with its own random timesteps (the
+        first ``num_timesteps`` of a permutation: timestep_fraction), as (rows, steps) index pairs for
+        ``chunk``: nothing is copied until a chunk is taken."""
+        n, total = self.log_probs.shape
+        device = self.log_probs.device
+        order = torch.randperm(n, device=device)
+        steps = torch.stack([torch.randperm(total, device=device)[:num_timesteps] for _ in range(n)])
+        return [(order[i : i + batch_size], steps[i : i + batch_size]) for i in range(0, n, batch_size)]
 
-        Only the first ``num_timesteps`` of each sample's permutation are kept (timestep_fraction).
-        """
-        n, total = advantages.shape[0], self.timesteps.shape[1]
-        order = torch.randperm(n, device=advantages.device)
-        steps = torch.stack([torch.randperm(total, device=advantages.device)[:num_timesteps] for _ in range(n)])
-        per_step = {"latents", "next_latents", "log_probs", "timesteps", "steps"}
-        tensors = {k: v[order[:, None], steps] if k in per_step else _each(v, lambda t: t[order])
-                   for k, v in self.tensors().items()}
-        advantages = advantages[order]
-        for start in range(0, n, batch_size):
-            part = {k: _each(v, lambda t: t[start : start + batch_size]) for k, v in tensors.items()}
-            yield Trajectories(**part), advantages[start : start + batch_size]
+    def chunk(self, rows: torch.Tensor, steps: torch.Tensor) -> "Chunk":
+        """The samples ``rows`` (B,), each at its stored steps ``steps`` (B, k), gathered for training."""
+        r = rows[:, None]
+        return Chunk(_each(self.prompt_embeds, lambda t: t[rows]), self.path[r, steps], self.path[r, steps + 1],
+                     self.log_probs[r, steps], self.timesteps[r, steps], self.steps[r, steps])
 
     @classmethod
     def cat(cls, parts: list["Trajectories"]) -> "Trajectories":
@@ -56,6 +65,18 @@ class Trajectories:
 
         tensors = {k: cat([p.tensors()[k] for p in parts]) for k in parts[0].tensors()}
         return cls(**tensors, prompts=sum((p.prompts for p in parts), []), metadata=sum((p.metadata for p in parts), []))
+
+
+@dataclass
+class Chunk:
+    """A training micro-batch: B samples, each at k of its stored steps (what ``rescore`` reads)."""
+
+    prompt_embeds: torch.Tensor | dict[str, torch.Tensor]
+    latents: torch.Tensor  # (B, k, C, h, w)
+    next_latents: torch.Tensor  # (B, k, C, h, w)
+    log_probs: torch.Tensor  # (B, k)
+    timesteps: torch.Tensor  # (B, k)
+    steps: torch.Tensor  # (B, k)
 
 
 def _each(value, fn):
@@ -89,9 +110,10 @@ def sample(
     cond = family.encode_prompts(prompts, resolution)
     timesteps = family.timesteps(num_steps, device)
     window = range(num_steps) if window is None else window
+    assert window.step == 1, "the stored steps must be consecutive (Trajectories.path)"
     x = family.initial_latents(len(prompts), resolution, generator, device) if noise is None else noise
 
-    latents, next_latents, log_probs = [], [], []
+    path, log_probs = [], []
     for i, t in enumerate(timesteps):
         output = family.predict(model, x, t, cond, negative_embeds, guidance_scale)
         mean, std = family.step(output, i, x, eta if i in window else 0.0)
@@ -99,16 +121,14 @@ def sample(
             x = mean
             continue
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        latents.append(x)
-        next_latents.append(x_next)
+        path += [x, x_next] if not path else [x_next]
         log_probs.append(gaussian_log_prob(x_next, mean, std))
         x = x_next
 
     n = len(prompts)
     trajectories = Trajectories(
         prompt_embeds=cond,
-        latents=torch.stack(latents, dim=1),
-        next_latents=torch.stack(next_latents, dim=1),
+        path=torch.stack(path, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
         timesteps=timesteps[list(window)].repeat(n, 1),
         steps=torch.tensor(list(window), device=device).repeat(n, 1),
@@ -121,7 +141,7 @@ def sample(
 def rescore(
     family,
     model,
-    chunk: Trajectories,
+    chunk: Trajectories | Chunk,
     steps: int | slice,
     negative_embeds: torch.Tensor | None,
     guidance_scale: float,
