@@ -3,27 +3,26 @@
     python -m bench.gpu_estimate [--families sd15,sdxl,sd3] [--resolutions 512,1024] [--out FILE] [--quick]
 
 Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT) is built random-init from its published config
-on the meta device, given the trainer's LoRA adapters (trainer.models.make_trainable: frozen base in half,
-adapters in fp32) and made fake (torch FakeTensorMode: shapes, dtypes and storages, no data). Then ONE step
-of the DDPO hot path runs on it, as trainer/ddpo.py runs it: the family's own predict with classifier-free
-guidance (batch doubled), its step's Gaussian (DDIM for SD1/SDXL, Flow-GRPO's SDE for SD3), the log-prob of
-the stored next latent, PPO-clip, backward, gradient clipping and AdamW, with and without gradient
-checkpointing; and the sampling step alone (no grad) and the VAE decode of a sampled batch.
+on the meta device with the trainer's LoRA adapters (trainer.models.make_trainable: frozen base in half,
+adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE step of the DDPO hot
+path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free guidance (batch
+doubled), its step's Gaussian (DDIM for SD1/SDXL, Flow-GRPO's SDE for SD3) and the log-prob of the stored next
+latent, PPO-clip, backward, gradient clipping, AdamW; with and without gradient checkpointing. Also the
+sampling step alone (no grad) and the VAE decode of a sampled batch.
 
-How it counts. ``LiveBytes`` sees every op's outputs (a TorchDispatchMode) and keeps the bytes of each live
-storage, rounded up to the CUDA caching allocator's 512-byte blocks, until a weak reference says it died;
-at the peak it remembers which storages were alive and later names them weights, inputs, gradients,
-optimizer state or (everything else) activations. FLOPs are torch.utils.flop_counter's.
+``LiveBytes`` (a TorchDispatchMode) keeps the bytes of every live storage, in the CUDA caching allocator's
+512-byte blocks, until a weak reference says it died; at the peak it notes which were alive and later names
+them weights, inputs, gradients, optimizer state or (the rest) activations. FLOPs are FlopCounterMode's
+formulas; FlopCounterMode itself is not used: its module tracker's hooks keep checkpointed activations alive.
 
-Why fake CPU tensors and not fake CUDA ones: a CPU-only torch cannot run fake CUDA tensors (no CUDA device
-guard, so indexing and autograd fail, and autocast("cuda") switches itself off). Sizes do not depend on the
-device; what does is autocast's dtype policy, so ``CudaAutocast`` applies CUDA's (the op lists of
-aten/src/ATen/autocast_mode.h): matmuls and convs in half, norms, exp and pow in fp32 (so GroupNorm's
-outputs are fp32, as on a GPU), and attention is CPU's fused flash kernel, which keeps for backward what
-CUDA's flash kernel keeps (q, k, v, out, logsumexp).
+Fake CPU tensors, not fake CUDA ones: a CPU-only torch cannot run fake CUDA tensors (it has no CUDA device
+guard for indexing and autograd, and autocast("cuda") turns itself off). Sizes do not depend on the device;
+autocast's dtype policy does, so ``CudaAutocast`` applies CUDA's lists (aten/src/ATen/autocast_mode.h: convs
+and matmuls in half, norms, exp and pow in fp32, so GroupNorm outputs fp32 as on a GPU), and attention runs
+CPU's fused flash kernel, which keeps for backward what CUDA's flash kernel keeps (q, k, v, out, logsumexp).
 
-Calibration: the same code runs on the repo's tiny models (trainer/tiny_pipeline.py) fake, and for real on
-the CPU, where the allocator's own account (torch.profiler's memory events) measures the peak.
+Calibration runs the same code on the repo's tiny models, fake and for real on the CPU, where the CPU
+allocator's own events (torch.profiler, profile_memory) give the measured peak.
 """
 
 from __future__ import annotations
@@ -83,24 +82,25 @@ SD_VAE = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["Up
           "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4}
 SD3_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
            "scaling_factor": 1.5305, "shift_factor": 0.0609}
-# The frozen text encoders, which trainer.models.load_family also keeps on the GPU: CLIP ViT-L/14's
-# (openai/clip-vit-large-patch14), OpenCLIP bigG's (SDXL's and SD3's text_encoder_2) and T5 v1.1-XXL's encoder.
+# The frozen text encoders, which trainer.models.load_family keeps on the GPU too: CLIP ViT-L/14's
+# (openai/clip-vit-large-patch14), OpenCLIP bigG's and T5 v1.1-XXL's encoder (google/t5-v1_1-xxl), as the
+# pipelines' text_encoder, text_encoder_2 and text_encoder_3 (pretrained.load_t5 false drops the last).
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768}
 CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
           "projection_dim": 1280, "hidden_act": "gelu"}
 T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
           "feed_forward_proj": "gated-gelu"}
 
-# name: denoiser config, its dtype, resolutions, the preset whose sampling and LoRA settings apply, the VAE
-# (config, dtype: SDXL's VAE runs in fp32, its force_upcast) and the text encoders.
+# name: denoiser config and dtype, resolutions, the preset whose sampling and LoRA settings apply, the VAE
+# (config, dtype: SDXL's runs in fp32, its force_upcast) and the text encoders.
+_L, _G, _T5 = ("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G), ("T5EncoderModel", T5_XXL)
 FAMILIES = {
     "sd15": dict(config=SD15_UNET, dtype=torch.float16, resolutions=(512,), preset="sd15-compressibility",
                  vae=(SD_VAE, torch.float16), text=[("CLIPTextModel", CLIP_L)]),
     "sdxl": dict(config=SDXL_UNET, dtype=torch.float16, resolutions=(1024,), preset="sdxl-compressibility",
-                 vae=(SD_VAE, torch.float32), text=[("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G)]),
+                 vae=(SD_VAE, torch.float32), text=[("CLIPTextModel", CLIP_L), _G]),
     "sd3": dict(config=SD35M_TRANSFORMER, dtype=torch.bfloat16, resolutions=(512, 1024), preset="sd3-pickscore",
-                vae=(SD3_VAE, torch.bfloat16), text=[("CLIPTextModelWithProjection", CLIP_L),
-                                                      ("CLIPTextModelWithProjection", CLIP_G), ("T5EncoderModel", T5_XXL)]),
+                vae=(SD3_VAE, torch.bfloat16), text=[_L, _G, _T5]),
 }
 
 
@@ -169,7 +169,8 @@ class CudaAutocast(TorchFunctionMode):
         if target is not None:
             cast = lambda t: t.to(target) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, self.dtype) else t
             args, kwargs = [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
-        elif func in self.FP32_OUT and args and args[0].dtype == self.dtype and kwargs.get("dtype") is None:
+        elif func in self.FP32_OUT and isinstance(args[0], torch.Tensor) and args[0].dtype == self.dtype \
+                and kwargs.get("dtype") is None:
             kwargs = {**kwargs, "dtype": torch.float32}
         return func(*args, **kwargs)
 
@@ -189,24 +190,21 @@ def flop_formulas() -> dict:
 
 
 def measure(step, model=None, optimizer=None, inputs=(), block: int = 1, profile: bool = False) -> dict:
-    """Run ``step()`` once: its peak bytes, by category, and its FLOPs. ``profile`` (real tensors only) also
-    measures the peak from the CPU allocator's own events (torch.profiler's profile_memory)."""
+    """Run ``step()`` once: its peak bytes, by category, and its FLOPs. ``profile`` (real tensors) also takes
+    the peak from the CPU allocator's own events (torch.profiler, profile_memory)."""
     tracker = LiveBytes(block)
+    weights = [*model.parameters(), *model.buffers()] if model is not None else []
     states = lambda: [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)] if optimizer else []
-    for t in [*model.parameters(), *model.buffers()] if model is not None else []:
-        tracker.add(t, "weights")
-    for t in tree_leaves(inputs):
-        tracker.add(t, "inputs")
-    for t in states():
-        tracker.add(t, "optimizer_state")
-    start = tracker.current
+    for label, tensors in (("weights", weights), ("inputs", tree_leaves(inputs)), ("optimizer_state", states())):
+        for t in tensors:
+            tracker.add(t, label)
+    start, tracker.peak, tracker.at_peak = tracker.current, tracker.current, tracker.live.copy()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) if profile \
             else contextlib.nullcontext() as prof, tracker:
         step()
-    for t in [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []:
-        tracker.add(t, "gradients")
-    for t in states():
-        tracker.add(t, "optimizer_state")
+    for label, tensors in (("gradients", [p.grad for p in weights if p.grad is not None]), ("optimizer_state", states())):
+        for t in tensors:
+            tracker.add(t, label)
     result = {"peak": tracker.peak, "by_category": tracker.peak_by_category(), "flops": tracker.flops}
     if profile:  # what the allocator handed out beyond what was live at the start, in time order
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
@@ -222,11 +220,8 @@ def denoiser(config: dict, dtype: torch.dtype, lora: dict, fake=None, pretrained
     from peft import LoraConfig
 
     cls = diffusers.SD3Transformer2DModel if "joint_attention_dim" in config else diffusers.UNet2DConditionModel
-    if pretrained:
-        model = cls.from_pretrained(pretrained)
-    else:
-        with torch.device("meta"):
-            model = cls.from_config(config)
+    with contextlib.nullcontext() if pretrained else torch.device("meta"):
+        model = cls.from_pretrained(pretrained) if pretrained else cls.from_config(config)
     model.requires_grad_(False).to(dtype)
     model.add_adapter(LoraConfig(r=lora["lora_rank"], lora_alpha=lora["lora_alpha"], init_lora_weights="gaussian",
                                  target_modules=lora["lora_targets"]))
@@ -239,22 +234,17 @@ def denoiser(config: dict, dtype: torch.dtype, lora: dict, fake=None, pretrained
     return model.train()
 
 
-def meta_size(cls_name: str, config: dict, dtype: torch.dtype) -> int:
-    """Bytes of a frozen module's weights, built on the meta device from its config."""
-    import diffusers
+def frozen_bytes(cls_name: str, config: dict, dtype: torch.dtype) -> int:
+    """Bytes of a frozen text encoder's weights, built on the meta device from its config."""
     import transformers
 
+    config_cls = transformers.T5Config if cls_name.startswith("T5") else transformers.CLIPTextConfig
     with torch.device("meta"):
-        if hasattr(diffusers, cls_name):
-            model = getattr(diffusers, cls_name).from_config(config)
-        else:
-            config_cls = transformers.T5Config if cls_name.startswith("T5") else transformers.CLIPTextConfig
-            model = getattr(transformers, cls_name)(config_cls(**config))
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+        return sum(p.numel() for p in getattr(transformers, cls_name)(config_cls(**config)).parameters()) * dtype.itemsize
 
 
 class Step:
-    """One family's DDPO step (trainer/ddpo.py's inner loop) on a batch of ``n`` stored transitions."""
+    """One family's DDPO step (trainer/ddpo.py's inner loop) on a batch of stored transitions."""
 
     def __init__(self, model, dtype: torch.dtype, sample: dict, train: dict):
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
@@ -266,28 +256,26 @@ class Step:
         self.model, self.dtype, self.sample, self.train, c = model, dtype, sample, train, model.config
         self.flow = "joint_attention_dim" in c
         self.family = SD3 if self.flow else SDXL if c.get("addition_embed_type") == "text_time" else SD1
-        if self.flow:  # SD3.5's scheduler (shift 3); sigmas are all the flow step needs
-            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        if self.flow:  # SD3.5's scheduler (shift 3): the flow step needs its sigmas
+            self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         else:  # SD1.5's DDIM schedule (runwayml/stable-diffusion-v1-5/scheduler, as trainer/tiny_pipeline.py)
-            scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        scheduler.set_timesteps(sample["num_steps"])
-        if not self.flow:  # ddim_mean_std reads it with float(); a fake tensor has no value to give
-            scheduler.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
-        self.scheduler = scheduler
+            self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        self.scheduler.set_timesteps(sample["num_steps"])
+        if not self.flow:  # ddim_mean_std reads it with float(), which a fake tensor cannot answer
+            self.scheduler.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
 
     def inputs(self, n: int, resolution: int) -> dict:
         """What the step reads from the stored trajectories: x_t, x_{t-1}, timesteps, conditioning, log-probs."""
         c, size, h = self.model.config, resolution // 8, lambda *shape: torch.randn(*shape, dtype=self.dtype)
         if self.flow:  # CLIP's 77 tokens then T5's 256 (StableDiffusion3Pipeline.encode_prompt)
             cond = {"prompt_embeds": h(n, 77 + 256, c.joint_attention_dim), "pooled_projections": h(n, c.pooled_projection_dim)}
-        elif self.family.__name__ == "SDXL":  # pooled width: the text_time input less the six 256-d time ids
+        elif self.family.__name__ == "SDXL":  # pooled width: the text_time input less the six time ids' embeddings
             cond = {"prompt_embeds": h(n, 77, c.cross_attention_dim), "time_ids": h(n, 6),
                     "text_embeds": h(n, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)}
         else:
             cond = h(n, 77, c.cross_attention_dim)
-        index = self.sample["num_steps"] // 2
-        latents = torch.randn(n, c.in_channels, size, size)
+        index, latents = self.sample["num_steps"] // 2, torch.randn(n, c.in_channels, size, size)
         return {"latents": latents, "next_latents": torch.randn_like(latents), "cond": cond,
                 "negative": {k: v[:1].clone() for k, v in cond.items()} if isinstance(cond, dict) else cond[:1].clone(),
                 "timesteps": self.scheduler.timesteps[index].expand(n).clone(), "steps": torch.full((n,), index),
@@ -310,7 +298,7 @@ class Step:
         loss, _ = ppo_clip_loss(self.log_prob(b), b["old_log_probs"], b["advantages"], self.train["clip_range"],
                                 self.train["adv_clip_max"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.train["max_grad_norm"])
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.train["max_grad_norm"])
         optimizer.step()
 
     def sampling_step(self, b: dict) -> None:
@@ -319,8 +307,8 @@ class Step:
 
 
 def checkpointing_under(dtype: torch.dtype):
-    """diffusers' default gradient checkpointing (torch.utils.checkpoint, non-reentrant) whose recomputation in
-    backward runs under CudaAutocast again, as torch.utils.checkpoint recomputes under the forward's autocast."""
+    """diffusers' default gradient checkpointing (torch.utils.checkpoint, non-reentrant), recomputing in
+    backward under CudaAutocast again, as torch.utils.checkpoint recomputes under the forward's autocast."""
     def run(module, *args):
         if any(isinstance(m, CudaAutocast) for m in torch.overrides._get_current_function_mode_stack()):
             return module(*args)
@@ -330,30 +318,22 @@ def checkpointing_under(dtype: torch.dtype):
     return lambda module, *args: torch.utils.checkpoint.checkpoint(run, module, *args, use_reentrant=False)
 
 
-def optimizer_for(model):
-    """AdamW on the adapters, its state made once (as after the first update) so every step finds it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return optimizer
-
-
-def run_step(step: Step, kind: str, n: int, resolution: int, fake, block: int, checkpointing: bool = False,
+def run_step(step: Step, kind: str, n: int, resolution: int, fake, block: int = BLOCK, checkpointing: bool = False,
              profile: bool = False) -> dict:
-    """Measure one train or sampling step of batch ``n`` (fake tensors when ``fake`` is a FakeTensorMode)."""
+    """Measure one train or sampling step of batch ``n`` (on fake tensors when ``fake`` is a FakeTensorMode)."""
     model = step.model
-    if checkpointing:
-        model.enable_gradient_checkpointing(checkpointing_under(step.dtype))
-    else:
-        model.disable_gradient_checkpointing()
+    model.enable_gradient_checkpointing(checkpointing_under(step.dtype)) if checkpointing else model.disable_gradient_checkpointing()
     with fake if fake is not None else torch.device("cpu"):
-        optimizer = optimizer_for(model) if kind == "train" else None
+        optimizer = None
+        if kind == "train":  # AdamW with its state made once, as every step after the first finds it
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
+            for p in optimizer.param_groups[0]["params"]:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         batch = step.inputs(n, resolution)
-        fn = (lambda: step.train_step(batch, optimizer)) if kind == "train" else (lambda: step.sampling_step(batch))
-        result = measure(fn, model, optimizer, batch, block, profile)
+        result = measure(lambda: step.train_step(batch, optimizer) if optimizer else step.sampling_step(batch),
+                         model, optimizer, batch, block, profile)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
     return result
@@ -370,95 +350,86 @@ def run_decode(step: Step, vae, n: int, resolution: int, fake) -> dict:
         return measure(lambda: family.decode(latents), vae, None, [latents], BLOCK)
 
 
-def cond_bytes(step: Step, resolution: int, fake) -> int:
-    with fake:
-        return sum(t.nbytes for t in tree_leaves(step.inputs(1, resolution)["cond"]))
-
-
 # -- the report ------------------------------------------------------------------------------------------------
 def gb(nbytes: float) -> float:
     return round(nbytes / GB, 3)
 
 
 def largest_batch(need_1: float, per_sample: float, card_gb: float) -> int:
-    """The largest n with need_1 + (n - 1) per_sample (bytes) inside the card less its margin."""
+    """The largest n whose need_1 + (n - 1) per_sample bytes fit a card of ``card_gb`` less the margin."""
     usable = (card_gb - CONTEXT_GB) / (1 + FRAGMENTATION) * GB
     return 0 if need_1 > usable else int((usable - need_1) // max(per_sample, 1)) + 1
 
 
 def estimate(name: str, resolutions, fake) -> dict:
-    """Every figure of one family at each resolution."""
+    """Every figure of one family, at each resolution."""
     from diffusers import AutoencoderKL
 
     from trainer.presets import PRESETS
 
     family, preset = FAMILIES[name], PRESETS[FAMILIES[name]["preset"]]
-    model = denoiser(family["config"], family["dtype"], preset["train"], fake)
-    step = Step(model, family["dtype"], preset["sample"], preset["train"])
-    vae_config, vae_dtype = family["vae"]
+    step = Step(denoiser(family["config"], family["dtype"], preset["train"], fake), family["dtype"], preset["sample"],
+                preset["train"])
     with torch.device("meta"):
-        vae = AutoencoderKL.from_config(vae_config).to(vae_dtype)
+        vae = AutoencoderKL.from_config(family["vae"][0]).to(family["vae"][1])
     with fake:
         vae.to_empty(device="cpu")
-    text = sum(meta_size(cls, config, family["dtype"]) for cls, config in family["text"])
-    frozen = text + sum(p.nbytes for p in vae.parameters())  # resident beside the denoiser (load_family)
+    frozen = {f"text_encoder{f'_{i + 1}' if i else ''}": frozen_bytes(cls, config, family["dtype"])
+              for i, (cls, config) in enumerate(family["text"])} | {"vae": sum(p.nbytes for p in vae.parameters())}
+    params = [p for p in step.model.parameters()]
     out = {}
     for res in resolutions:
         runs = {key: [run(n) for n in (1, 2)] for key, run in {
-            "sampling": lambda n: run_step(step, "sampling", n, res, fake, BLOCK),
-            "train": lambda n: run_step(step, "train", n, res, fake, BLOCK),
-            "train_checkpointed": lambda n: run_step(step, "train", n, res, fake, BLOCK, checkpointing=True),
+            "sampling": lambda n: run_step(step, "sampling", n, res, fake),
+            "train": lambda n: run_step(step, "train", n, res, fake),
+            "train_checkpointed": lambda n: run_step(step, "train", n, res, fake, checkpointing=True),
             "decode": lambda n: run_decode(step, vae, n, res, fake)}.items()}
-        weights = runs["train"][0]["by_category"]["weights"]
-        figures = {key: {"batch1_gb": {**{k: gb(v) for k, v in one["by_category"].items()}, "total": gb(one["peak"])},
-                         "per_sample_gb": gb(two["peak"] - one["peak"]),
-                         "tflop_per_sample": round(one["flops"] / 1e12, 3)}
-                   for key, (one, two) in runs.items()}
-        # On the card: the other frozen modules, then either the step, or the denoiser's weights beside the decode.
-        need = {"train": (frozen + runs["train"][0]["peak"], figures["train"]["per_sample_gb"] * GB),
-                "train_checkpointed": (frozen + runs["train_checkpointed"][0]["peak"],
-                                       figures["train_checkpointed"]["per_sample_gb"] * GB)}
-        sampling = [(frozen + runs["sampling"][0]["peak"], figures["sampling"]["per_sample_gb"] * GB),
-                    (frozen + weights + runs["decode"][0]["peak"] - sum(p.nbytes for p in vae.parameters()),
-                     figures["decode"]["per_sample_gb"] * GB)]
-        c, size, steps = model.config, res // 8, preset["sample"]["num_steps"]
+        slope = {key: two["peak"] - one["peak"] for key, (one, two) in runs.items()}
+        # On the card: the frozen modules beside the step; sampling decodes beside the denoiser's weights too.
+        base = sum(frozen.values())
+        need = {key: (base + runs[key][0]["peak"], slope[key]) for key in ("train", "train_checkpointed", "sampling")}
+        decode = (base - frozen["vae"] + runs["train"][0]["by_category"]["weights"] + runs["decode"][0]["peak"], slope["decode"])
+        with fake:
+            cond = sum(t.nbytes for t in tree_leaves(step.inputs(1, res)["cond"]))
         out[f"{name}@{res}"] = {
-            "denoiser": type(model).__name__, "dtype": str(family["dtype"]).removeprefix("torch."),
-            "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
-            "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "denoiser": type(step.model).__name__, "dtype": str(family["dtype"]).removeprefix("torch."),
+            "params": sum(p.numel() for p in params if not p.requires_grad),
+            "lora_params": sum(p.numel() for p in params if p.requires_grad),
             "lora": {k: preset["train"][k] for k in ("lora_rank", "lora_alpha", "lora_targets")},
-            "other_frozen_gb": {"text_encoders": gb(text), "vae": gb(frozen - text)},
-            **figures,
-            "need_gb_at_batch1": {"train": gb(need["train"][0]), "train_checkpointed": gb(need["train_checkpointed"][0]),
-                                  "sampling": gb(max(n1 for n1, _ in sampling))},
-            # trainer/sampling.py keeps x_t and x_{t-1} of every step (float32) and the conditioning per sample
-            "trajectory_gb_per_sample": gb(2 * steps * c.in_channels * size * size * 4 + cond_bytes(step, res, fake)),
+            "other_frozen_gb": {k: gb(v) for k, v in frozen.items()},
+            **{key: {"batch1_gb": {**{k: gb(v) for k, v in one["by_category"].items()}, "total": gb(one["peak"])},
+                     "per_sample_gb": gb(slope[key]), "tflop_per_sample": round(one["flops"] / 1e12, 3)}
+               for key, (one, _) in runs.items()},
+            "need_gb_at_batch1": {**{k: gb(v[0]) for k, v in need.items()}, "sampling": gb(max(need["sampling"][0], decode[0]))},
+            # trainer/sampling.py keeps every step's x_t and x_{t-1} (fp32) and each sample's conditioning
+            "trajectory_gb_per_sample": gb(2 * preset["sample"]["num_steps"] * 4 * step.model.config.in_channels
+                                           * (res // 8) ** 2 + cond),
             "largest_batch": {f"{card}GB": {**{k: largest_batch(*v, card) for k, v in need.items()},
-                                            "sampling": min(largest_batch(*v, card) for v in sampling)}
+                                            "sampling": min(largest_batch(*need["sampling"], card), largest_batch(*decode, card))}
                               for card in CARDS_GB},
         }
     return out
 
 
-def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl"), n: int = 2) -> dict:
-    """The same steps on the repo's tiny models: estimated on fake tensors, then run for real on the CPU,
-    where both the tracker and the allocator (torch.profiler) measure the peak."""
-    from diffusers import UNet2DConditionModel
+def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3"), n: int = 2) -> dict:
+    """The same steps on the repo's tiny models (trainer/tiny_pipeline.py): estimated on fake tensors, then run
+    for real on the CPU, where the tracker and the CPU allocator (torch.profiler) measure the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from trainer import tiny_pipeline
     from trainer.presets import PRESETS
 
-    builds = {"tiny-sd": ("tiny_pipeline_path", "sd15-compressibility"), "tiny-sdxl": ("tiny_sdxl_path", "sdxl-compressibility")}
+    models = {"tiny-sd": ("tiny_pipeline_path", "unet", "sd15"), "tiny-sdxl": ("tiny_sdxl_path", "unet", "sdxl"),
+              "tiny-sd3": ("tiny_sd3_path", "transformer", "sd3")}
     out = {}
     for name in names:
-        build, preset = builds[name]
-        path, (sample, train) = getattr(tiny_pipeline, build)(cache_dir) / "unet", (PRESETS[preset][k] for k in ("sample", "train"))
-        config, fake = dict(UNet2DConditionModel.load_config(path)), FakeTensorMode(allow_non_fake_inputs=True)
-        estimated = Step(denoiser(config, torch.float16, train, fake), torch.float16, sample, train)
-        real = Step(denoiser(config, torch.float16, train, pretrained=str(path)), torch.float16, sample, train)
-        resolution = config["sample_size"] * 8
-        out[name] = {}
+        build, folder, family = models[name]
+        path, dtype, (sample, train) = (getattr(tiny_pipeline, build)(cache_dir) / folder, FAMILIES[family]["dtype"],
+                                        (PRESETS[FAMILIES[family]["preset"]][k] for k in ("sample", "train")))
+        config, fake = json.loads((path / "config.json").read_text()), FakeTensorMode(allow_non_fake_inputs=True)
+        estimated = Step(denoiser(config, dtype, train, fake), dtype, sample, train)
+        real = Step(denoiser(config, dtype, train, pretrained=str(path)), dtype, sample, train)
+        resolution, out[name] = config["sample_size"] * 8, {}
         for key, kind, checkpointing in (("train", "train", False), ("train_checkpointed", "train", True),
                                          ("sampling", "sampling", False)):
             guess = run_step(estimated, kind, n, resolution, fake, 1, checkpointing)
@@ -474,19 +445,18 @@ def main(argv: list[str] | None = None) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: " + ", ".join(FAMILIES))
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, of: " + ", ".join(FAMILIES))
     parser.add_argument("--resolutions", default=None, help="comma-separated px for every family (default: its own)")
-    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
     parser.add_argument("--cache-dir", default=None, help="where the tiny calibration models are built")
     parser.add_argument("--quick", action="store_true", help="SD1.5 at 512 px and the tiny SD calibration only")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # fake tensors do no arithmetic; the tiny calibration needs no more
+    torch.set_num_threads(1)  # fake tensors do no arithmetic, and the tiny calibration needs no more
     start, fake = time.perf_counter(), FakeTensorMode(allow_non_fake_inputs=True)
-    names = ["sd15"] if args.quick else args.families.split(",")
     resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else None
     families = {}
-    for name in names:
-        families.update(estimate(name, resolutions or ([512] if args.quick else FAMILIES[name]["resolutions"]), fake))
+    for name in ["sd15"] if args.quick else args.families.split(","):
+        families |= estimate(name, resolutions or ([512] if args.quick else FAMILIES[name]["resolutions"]), fake)
     report = {
         "benchmark": "gpu_estimate", "units": "GB = 1e9 bytes; tflop = 1e12 FLOPs (a multiply-add is 2)",
         "margin": {"context_gb": CONTEXT_GB, "fragmentation": FRAGMENTATION,
@@ -498,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
         need = families["sd15@512"]["need_gb_at_batch1"]["train"]
         report["targets"] = {"sd15_train_batch1_gb": need, "target_gb": 7.0, "met": need <= 7.0,
                              "ddpo_pytorch_claim": "< 10 GB"}
-    report["calibration"] = calibrate(args.cache_dir, ("tiny-sd",) if args.quick else ("tiny-sd", "tiny-sdxl"))
+    report["calibration"] = calibrate(args.cache_dir, ("tiny-sd",) if args.quick else ("tiny-sd", "tiny-sdxl", "tiny-sd3"))
     report["seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(report, indent=1)
     print(text)
