@@ -361,6 +361,14 @@ def largest_batch(need_1: float, per_sample: float, card_gb: float) -> int:
     return 0 if need_1 > usable else int((usable - need_1) // max(per_sample, 1)) + 1
 
 
+def summary(one: dict, two: dict) -> dict:
+    """Batch 1's peak by category, what each further sample adds (batch 2 less batch 1), FLOPs per sample."""
+    return {"batch1_gb": {**{k: gb(v) for k, v in one["by_category"].items()}, "total": gb(one["peak"])},
+            "per_sample_gb": {**{k: gb(two["by_category"][k] - v) for k, v in one["by_category"].items()},
+                              "total": gb(two["peak"] - one["peak"])},
+            "tflop_per_sample": round(one["flops"] / 1e12, 3)}
+
+
 def estimate(name: str, resolutions, fake) -> dict:
     """Every figure of one family, at each resolution."""
     from diffusers import AutoencoderKL
@@ -368,15 +376,14 @@ def estimate(name: str, resolutions, fake) -> dict:
     from trainer.presets import PRESETS
 
     family, preset = FAMILIES[name], PRESETS[FAMILIES[name]["preset"]]
-    step = Step(denoiser(family["config"], family["dtype"], preset["train"], fake), family["dtype"], preset["sample"],
-                preset["train"])
+    model = denoiser(family["config"], family["dtype"], preset["train"], fake)
+    step = Step(model, family["dtype"], preset["sample"], preset["train"])
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(family["vae"][0]).to(family["vae"][1])
     with fake:
         vae.to_empty(device="cpu")
     frozen = {f"text_encoder{f'_{i + 1}' if i else ''}": frozen_bytes(cls, config, family["dtype"])
               for i, (cls, config) in enumerate(family["text"])} | {"vae": sum(p.nbytes for p in vae.parameters())}
-    params = [p for p in step.model.parameters()]
     out = {}
     for res in resolutions:
         runs = {key: [run(n) for n in (1, 2)] for key, run in {
@@ -384,28 +391,27 @@ def estimate(name: str, resolutions, fake) -> dict:
             "train": lambda n: run_step(step, "train", n, res, fake),
             "train_checkpointed": lambda n: run_step(step, "train", n, res, fake, checkpointing=True),
             "decode": lambda n: run_decode(step, vae, n, res, fake)}.items()}
-        slope = {key: two["peak"] - one["peak"] for key, (one, two) in runs.items()}
-        # On the card: the frozen modules beside the step; sampling decodes beside the denoiser's weights too.
-        base = sum(frozen.values())
-        need = {key: (base + runs[key][0]["peak"], slope[key]) for key in ("train", "train_checkpointed", "sampling")}
-        decode = (base - frozen["vae"] + runs["train"][0]["by_category"]["weights"] + runs["decode"][0]["peak"], slope["decode"])
+        # What the card holds at batch 1 and per further sample: the other frozen modules beside the step, and for
+        # sampling also the decode of the batch beside the denoiser's weights.
+        lines = {key: (sum(frozen.values()) + one["peak"], two["peak"] - one["peak"]) for key, (one, two) in runs.items()}
+        weights = runs["train"][0]["by_category"]["weights"]
+        lines["decode"] = (lines["decode"][0] - frozen["vae"] + weights, lines["decode"][1])
         with fake:
             cond = sum(t.nbytes for t in tree_leaves(step.inputs(1, res)["cond"]))
+        fits = lambda key, card: min(largest_batch(*lines[k], card) for k in ([key, "decode"] if key == "sampling" else [key]))
         out[f"{name}@{res}"] = {
-            "denoiser": type(step.model).__name__, "dtype": str(family["dtype"]).removeprefix("torch."),
-            "params": sum(p.numel() for p in params if not p.requires_grad),
-            "lora_params": sum(p.numel() for p in params if p.requires_grad),
+            "denoiser": type(model).__name__, "dtype": str(family["dtype"]).removeprefix("torch."),
+            "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "lora_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lora": {k: preset["train"][k] for k in ("lora_rank", "lora_alpha", "lora_targets")},
             "other_frozen_gb": {k: gb(v) for k, v in frozen.items()},
-            **{key: {"batch1_gb": {**{k: gb(v) for k, v in one["by_category"].items()}, "total": gb(one["peak"])},
-                     "per_sample_gb": gb(slope[key]), "tflop_per_sample": round(one["flops"] / 1e12, 3)}
-               for key, (one, _) in runs.items()},
-            "need_gb_at_batch1": {**{k: gb(v[0]) for k, v in need.items()}, "sampling": gb(max(need["sampling"][0], decode[0]))},
+            **{key: summary(*pair) for key, pair in runs.items()},
+            "need_gb_at_batch1": {"train": gb(lines["train"][0]), "train_checkpointed": gb(lines["train_checkpointed"][0]),
+                                  "sampling": gb(max(lines["sampling"][0], lines["decode"][0]))},
             # trainer/sampling.py keeps every step's x_t and x_{t-1} (fp32) and each sample's conditioning
-            "trajectory_gb_per_sample": gb(2 * preset["sample"]["num_steps"] * 4 * step.model.config.in_channels
+            "trajectory_gb_per_sample": gb(2 * preset["sample"]["num_steps"] * 4 * model.config.in_channels
                                            * (res // 8) ** 2 + cond),
-            "largest_batch": {f"{card}GB": {**{k: largest_batch(*v, card) for k, v in need.items()},
-                                            "sampling": min(largest_batch(*need["sampling"], card), largest_batch(*decode, card))}
+            "largest_batch": {f"{card}GB": {k: fits(k, card) for k in ("train", "train_checkpointed", "sampling")}
                               for card in CARDS_GB},
         }
     return out
@@ -462,6 +468,12 @@ def main(argv: list[str] | None = None) -> dict:
         "margin": {"context_gb": CONTEXT_GB, "fragmentation": FRAGMENTATION,
                    "rule": "a batch fits a card of C GB when (1 + fragmentation) * need + context_gb <= C"},
         "method": "fake tensors (FakeTensorMode) under CUDA autocast's dtype policy; live storages in 512-byte blocks",
+        "notes": ["need = the step's peak + the other frozen modules (text encoders, VAE), all on the GPU as "
+                  "trainer.models.load_family puts them; sampling also decodes its batch with the VAE",
+                  "not in need: the epoch's stored trajectories, samples per epoch x trajectory_gb_per_sample "
+                  "(twice while training: Trajectories.shuffled copies them)",
+                  "tflop_per_sample counts both halves of classifier-free guidance; train_checkpointed adds the "
+                  "recomputation"],
         "families": families,
     }
     if "sd15@512" in families:
