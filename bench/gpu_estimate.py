@@ -409,8 +409,8 @@ def estimate(name: str, resolutions, fake) -> dict:
             **{key: summary(*pair) for key, pair in runs.items()},
             "need_gb_at_batch1": {"train": gb(lines["train"][0]), "train_checkpointed": gb(lines["train_checkpointed"][0]),
                                   "sampling": gb(max(lines["sampling"][0], lines["decode"][0]))},
-            # trainer/sampling.py keeps every step's x_t and x_{t-1} (fp32) and each sample's conditioning
-            "trajectory_gb_per_sample": gb(2 * preset["sample"]["num_steps"] * 4 * model.config.in_channels
+            # trainer/sampling.py's Trajectories keep each sample's path of T + 1 latents (fp32) and conditioning
+            "trajectory_gb_per_sample": gb((preset["sample"]["num_steps"] + 1) * 4 * model.config.in_channels
                                            * (res // 8) ** 2 + cond),
             "largest_batch": {f"{card}GB": {k: fits(k, card) for k in ("train", "train_checkpointed", "sampling")}
                               for card in CARDS_GB},
@@ -471,8 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
         "method": "fake tensors (FakeTensorMode) under CUDA autocast's dtype policy; live storages in 512-byte blocks",
         "notes": ["need = the step's peak + the other frozen modules (text encoders, VAE), all on the GPU as "
                   "trainer.models.load_family puts them; sampling also decodes its batch with the VAE",
-                  "not in need: the epoch's stored trajectories, samples per epoch x trajectory_gb_per_sample "
-                  "(twice while training: Trajectories.shuffled copies them)",
+                  "not in need: the epoch's stored trajectories, samples per epoch x trajectory_gb_per_sample",
+                  "train batch = train.batch_size x train.timesteps_per_forward (K timesteps go through one forward)",
                   "tflop_per_sample counts both halves of classifier-free guidance; train_checkpointed adds the "
                   "recomputation"],
         "families": families,
