@@ -418,6 +418,37 @@ def estimate(name: str, resolutions, fake) -> dict:
     return out
 
 
+PRESET_FAMILY = {"runwayml/stable-diffusion-v1-5": "sd15", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+                 "stabilityai/stable-diffusion-3.5-medium": "sd3"}
+
+
+def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
+    """Each GPU preset's per-GPU batches on a card of ``card_gb``: a training forward (train.batch_size x
+    train.timesteps_per_forward samples) and a sampling batch, their need and the margin left."""
+    from trainer.config import BatchPlan, Config
+    from trainer.presets import PRESETS
+
+    out = {}
+    for name in PRESETS:
+        cfg = Config(preset=name)
+        family = PRESET_FAMILY.get(cfg.pretrained.model)
+        key = family and f"{family}@{cfg.sample.resolution or FAMILIES[family]['resolutions'][0]}"
+        if key not in families:
+            continue
+        e, kind = families[key], "train_checkpointed" if cfg.train.gradient_checkpointing else "train"
+        train_n = cfg.train.batch_size * max(g.stop - g.start for g in BatchPlan.step_groups_of(cfg))
+        sample_n = cfg.sample.batch_size
+        slope = max(e["sampling"]["per_sample_gb"]["total"], e["decode"]["per_sample_gb"]["total"])
+        needs = {"train": e["need_gb_at_batch1"][kind] + (train_n - 1) * e[kind]["per_sample_gb"]["total"],
+                 "sampling": e["need_gb_at_batch1"]["sampling"] + (sample_n - 1) * slope}
+        used = {k: (1 + FRAGMENTATION) * v + CONTEXT_GB for k, v in needs.items()}
+        out[name] = {"estimate": key, "train_samples_per_forward": train_n, "sampling_batch": sample_n,
+                     "need_gb": {k: round(v, 2) for k, v in needs.items()},
+                     f"margin_gb_on_{card_gb:g}gb": {k: round(card_gb - v, 2) for k, v in used.items()},
+                     "fits": all(v <= card_gb for v in used.values())}
+    return out
+
+
 def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3"), n: int = 2) -> dict:
     """The same steps on the repo's tiny models (trainer/tiny_pipeline.py): estimated on fake tensors, then run
     for real on the CPU, where the tracker and the CPU allocator (torch.profiler) measure the peak."""
@@ -481,6 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
         need = families["sd15@512"]["need_gb_at_batch1"]["train"]
         report["targets"] = {"sd15_train_batch1_gb": need, "target_gb": 7.0, "met": need <= 7.0,
                              "ddpo_pytorch_claim": "< 10 GB"}
+    report["presets"] = preset_fits(families)
     models = calibrate(args.cache_dir, ("tiny-sd",) if args.quick else ("tiny-sd", "tiny-sdxl", "tiny-sd3"))
     report["calibration"] = {
         "method": "the tiny models' steps (batch 2) estimated on fake tensors vs run for real on the CPU; measured: "

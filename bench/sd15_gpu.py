@@ -1,13 +1,14 @@
 """SD1.5-sized DDPO on a GPU: peak memory of LoRA training at 512 px and sampling images/s.
 
-    python -m bench.sd15_gpu [--sample-batch 8] [--steps 50] [--smoke]
+    python -m bench.sd15_gpu [--sample-batch 8] [--steps 50] [--timesteps-per-forward 1] [--smoke]
 
 Builds a random-init pipeline with Stable Diffusion 1.5's shapes (UNet 320/640/1280/1280 with 2 layers per
 block and cross-attention 768, VAE 128/256/512/512, CLIP text encoder 768 x 12 layers), saves it and runs
 one epoch of the real trainer on it (fp16, LoRA rank 4 on attention, train batch 1, the sd15 preset's
 other settings), then reports the epoch's sampling images/s and the peak GPU memory, which training sets
-(target <= 7 GB; ddpo-pytorch claims < 10 GB). ``--smoke`` runs the embedded tiny pipeline on the CPU to
-check the script itself.
+(target <= 7 GB at one timestep per forward; ddpo-pytorch claims < 10 GB), next to what
+``bench.gpu_estimate`` predicts for the same batches without a GPU. ``--smoke`` runs the embedded tiny
+pipeline on the CPU to check the script itself.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sample-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--timesteps-per-forward", type=int, default=1, help="train.timesteps_per_forward")
     parser.add_argument("--smoke", action="store_true", help="the tiny pipeline on CPU: checks the script")
     args = parser.parse_args()
 
@@ -65,7 +67,8 @@ def main() -> None:
         cfg = CliApp.run(Config, cli_args=[
             "--preset", "sd15-compressibility-1gpu", "--pretrained.model", model, "--run.num_epochs", "1",
             "--run.output_dir", str(Path(tmp) / "run"), "--run.log_with", "none", "--run.log_images_every", "0",
-            "--train.gradient_accumulation_steps", "1", *overrides,
+            "--train.gradient_accumulation_steps", "1", "--train.timesteps_per_forward", str(args.timesteps_per_forward),
+            *overrides,
         ])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -82,7 +85,21 @@ def main() -> None:
         result["gpu"] = torch.cuda.get_device_name()
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         result["target"] = "<= 7 GB"
+    if not args.smoke:
+        result["estimated_peak_gb"] = estimated_peak(cfg.train.batch_size * args.timesteps_per_forward, cfg.sample.batch_size)
     print(json.dumps(result))
+
+
+def estimated_peak(train_samples: int, sample_batch: int) -> float:
+    """bench.gpu_estimate's need for these batches (the larger of a training forward and a sampling batch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench.gpu_estimate import estimate
+
+    e = estimate("sd15", [512], FakeTensorMode(allow_non_fake_inputs=True))["sd15@512"]
+    slope = max(e["sampling"]["per_sample_gb"]["total"], e["decode"]["per_sample_gb"]["total"])
+    train = e["need_gb_at_batch1"]["train"] + (train_samples - 1) * e["train"]["per_sample_gb"]["total"]
+    return round(max(train, e["need_gb_at_batch1"]["sampling"] + (sample_batch - 1) * slope), 2)
 
 
 if __name__ == "__main__":

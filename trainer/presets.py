@@ -4,7 +4,8 @@
 shapes. The ``sd15-*`` presets are ddpo-pytorch's published 8-GPU runs (github.com/kvablack/ddpo-pytorch,
 config/dgx.py), ``sdxl-*`` the same recipe at 1024 px, ``sd3-*`` Flow-GRPO's. Each ``-1gpu`` variant keeps the
 samples per epoch and the effective train batch on one GPU: sampling batches x GPUs, train batch 1,
-gradient accumulation x (train batch x GPUs).
+gradient accumulation x (train batch x GPUs), and as many samples per denoiser forward (timesteps_per_forward
+x train batch). Per-GPU batches are sized for an 80 GB GPU by ``python -m bench.gpu_estimate``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _SD15 = {
         "adv_clip_max": 5.0, "timestep_fraction": 1.0, "max_grad_norm": 1.0, "num_inner_epochs": 1, "cfg": True,
         "lora_rank": 4, "lora_alpha": 4.0, "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"],
         "per_prompt_stat_tracking": True, "stat_buffer_size": 16, "stat_min_count": 16,
+        "timesteps_per_forward": 5,  # 20 samples per UNet forward: about 55 GB of 80 (bench/gpu_estimate.py)
     },
     "prompt": {"fn": "imagenet_animals"},
 }
@@ -39,7 +41,7 @@ def _with(base: dict, **groups: dict) -> dict:
 _SDXL = _with(
     _SD15, pretrained={"model": "stabilityai/stable-diffusion-xl-base-1.0"},
     sample={"batch_size": 4, "num_batches_per_epoch": 8, "resolution": 1024},
-    train={"batch_size": 2, "gradient_accumulation_steps": 4},
+    train={"batch_size": 2, "gradient_accumulation_steps": 4, "timesteps_per_forward": 1},  # about 44 GB of 80
 )
 
 # Flow-GRPO on SD3.5-Medium (Liu et al. 2025; github.com/yifan123/flow_grpo, config/grpo.py): 48 groups of 24
@@ -57,6 +59,7 @@ _FLOW_GRPO = {
         "adv_clip_max": 5.0, "timestep_fraction": 0.99, "max_grad_norm": 1.0, "cfg": True, "group_std": "global",
         "lora_rank": 32, "lora_alpha": 64.0, "lora_targets": _SD3_LORA,
         "ema_decay": 0.987,  # Flow-GRPO's EMA decays by 0.9 every 8 steps; 0.9 ** (1 / 8) per step
+        "timesteps_per_forward": 1,  # 9 samples per forward, T5 on the GPU: about 72 GB of 80
     },
 }
 
@@ -104,11 +107,13 @@ _GPUS = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic
          "sdxl-compressibility": 8, "sdxl-aesthetic": 8,
          "sd3-geneval-style": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8}
 for _name, _gpus in _GPUS.items():
-    _p = PRESETS[_name]
+    _p, _t = PRESETS[_name], PRESETS[_name]["train"]
     PRESETS[f"{_name}-1gpu"] = _with(
         _p,
         sample={"num_batches_per_epoch": _p["sample"]["num_batches_per_epoch"] * _gpus},
-        train={"batch_size": 1, "gradient_accumulation_steps": _p["train"]["batch_size"] * _gpus * _p["train"]["gradient_accumulation_steps"]},
+        # the same samples per denoiser forward as each of the GPUs had: the same memory
+        train={"batch_size": 1, "gradient_accumulation_steps": _t["batch_size"] * _gpus * _t["gradient_accumulation_steps"],
+               "timesteps_per_forward": _t["timesteps_per_forward"] * _t["batch_size"]},
     )
 
 
