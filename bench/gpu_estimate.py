@@ -425,7 +425,8 @@ PRESET_FAMILY = {"runwayml/stable-diffusion-v1-5": "sd15", "stabilityai/stable-d
 def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
     """Each GPU preset's per-GPU batches on a card of ``card_gb``: a training forward (train.batch_size x
     train.timesteps_per_forward samples) and a sampling batch, their need and the margin left."""
-    from trainer.config import BatchPlan, Config
+    from trainer.config import Config
+    from trainer.plan import BatchPlan
     from trainer.presets import PRESETS
 
     out = {}

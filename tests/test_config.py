@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from trainer.config import BatchPlan, Config
+from trainer.config import Config
+from trainer.plan import BatchPlan
 from trainer.presets import PRESETS
 
 PROCESSES = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6}

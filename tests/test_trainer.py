@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import BatchPlan, Config
+from trainer.config import Config
+from trainer.plan import BatchPlan
 from trainer.ddpo import train
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_settings import CliApp
 
 from protocol.errors import RewardServerError, cli_message
-from trainer.config import BatchPlanError, Config
+from trainer.config import Config
+from trainer.plan import BatchPlanError
 
 PROG = "python -m trainer"
 USAGE_ERROR = 2  # as argparse's

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from trainer import run as run_setup
 from trainer import tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
-from trainer.config import BatchPlan, Config
+from trainer.config import Config
+from trainer.plan import BatchPlan
 from trainer.evaluate import evaluate_run
 from trainer.loss import gaussian_kl, ppo_clip_loss
 from trainer.rewards import Pending, RewardFn

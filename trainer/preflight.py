@@ -12,7 +12,8 @@ import logging
 import time
 
 from reward_servers.hub import problem
-from trainer.config import BatchPlan, BatchPlanError, Config, RewardComponent, RewardConfig
+from trainer.config import Config, RewardComponent, RewardConfig
+from trainer.plan import BatchPlan, BatchPlanError
 
 log = logging.getLogger("trainer")
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from trainer import checkpoint, preflight, tracking
-from trainer.config import BatchPlan, Config
+from trainer.config import Config
+from trainer.plan import BatchPlan
 from trainer.ema import EMA
 from trainer.interrupt import CtrlC
 from trainer.models import load_family, make_trainable, save_weights

@@ -1,0 +1,69 @@
+"""How an epoch divides into sampling batches, denoiser forwards and optimizer steps, checked before any
+model loads (ddpo-pytorch's batch arithmetic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.config import Config
+
+
+class BatchPlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How an epoch divides into sampling batches and optimizer steps, as in ddpo-pytorch."""
+
+    num_processes: int
+    samples_per_epoch: int
+    effective_train_batch: int
+    train_timesteps: int
+    optimizer_steps_per_epoch: int
+    step_groups: tuple[slice, ...]  # the trained timesteps of a batch, split into denoiser forwards
+
+    @classmethod
+    def of(cls, cfg: Config, num_processes: int) -> "BatchPlan":
+        s, t = cfg.sample, cfg.train
+        problems = []
+        if s.batch_size < t.batch_size or s.batch_size % t.batch_size:
+            problems.append(
+                f"sample.batch_size ({s.batch_size}) must be a multiple of train.batch_size ({t.batch_size})"
+            )
+        samples = s.batch_size * num_processes * s.num_batches_per_epoch
+        effective = t.batch_size * num_processes * t.gradient_accumulation_steps
+        if samples % effective:
+            problems.append(
+                f"samples per epoch = sample.batch_size x processes x sample.num_batches_per_epoch = "
+                f"{s.batch_size} x {num_processes} x {s.num_batches_per_epoch} = {samples} must be a multiple of "
+                f"the effective train batch = train.batch_size x processes x train.gradient_accumulation_steps = "
+                f"{t.batch_size} x {num_processes} x {t.gradient_accumulation_steps} = {effective}"
+            )
+        if problems:
+            raise BatchPlanError("batch sizes do not fit:\n  " + "\n  ".join(problems))
+        return cls(
+            num_processes, samples, effective, cls.train_timesteps_of(cfg), samples // effective * t.num_inner_epochs,
+            cls.step_groups_of(cfg),
+        )
+
+    @staticmethod
+    def train_timesteps_of(cfg: Config) -> int:
+        stochastic = cfg.train.timestep_window or cfg.sample.num_steps
+        return max(1, int(stochastic * cfg.train.timestep_fraction))
+
+    @classmethod
+    def step_groups_of(cls, cfg: Config) -> tuple[slice, ...]:
+        import torch
+
+        total = cls.train_timesteps_of(cfg)
+        on_gpu = torch.cuda.is_available() or torch.backends.mps.is_available()  # where accelerate will train
+        k = cfg.train.timesteps_per_forward or (1 if on_gpu else total)
+        return tuple(slice(j, min(j + k, total)) for j in range(0, total, k))
+
+    def describe(self) -> str:
+        return (
+            f"{self.samples_per_epoch} samples per epoch on {self.num_processes} process(es); effective train "
+            f"batch {self.effective_train_batch}; {self.optimizer_steps_per_epoch} optimizer steps per epoch, "
+            f"each over {self.train_timesteps} timesteps in {len(self.step_groups)} forward(s) per batch"
+        )
