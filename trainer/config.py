@@ -27,6 +27,8 @@ class RunConfig(_Group):
     num_epochs: int = Field(20, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16: frozen weights in half")
     allow_tf32: bool = True
+    cpu_threads: int = Field(0, ge=0, description="CPU runs: torch threads; 0: the cores no other process is running "
+                             "on, looked at every epoch (unless OMP_NUM_THREADS is set)")
     log_with: Literal["none", "tensorboard", "wandb"] = "tensorboard"
     log_images_every: int = Field(5, ge=0, description="save and log a captioned sample grid every N epochs (0: never)")
     save_freq: int = Field(20, ge=0, description="checkpoint every this many epochs (and always at the end); 0: end only")

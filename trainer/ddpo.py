@@ -118,6 +118,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     for epoch in range(run.first_epoch, cfg.run.num_epochs):
         if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
             evaluate_run(run, policy, epoch)
+        threads = run.fit_threads()  # fewer when other processes hold cores
         # 1. Sample, unless the previous epoch already did (reward.overlap = next_epoch).
         t0 = time.perf_counter()
         collected = upcoming or collect(epoch)
@@ -228,6 +229,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
             "seconds_reward_wait": t2 - t1,
             "seconds_training": t3 - t2,
             "seconds_epoch": t3 - t0,
+            "cpu_threads": threads,
         }
         run_setup.log_epoch(run, metrics, components, samples)
         accelerator.print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainer.interrupt import CtrlC
 from trainer.models import load_family, make_trainable, save_weights
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Rewards, reward_functions
+from trainer.threads import fit_threads
 
 
 @dataclass
@@ -50,6 +52,12 @@ class Run:
     lr_scheduler: Any = None
     ema: EMA | None = None
     history: list[dict] = field(default_factory=list)
+
+    def fit_threads(self) -> int:
+        """On a CPU, the torch threads for the coming epoch (trainer/threads.py); the count in use."""
+        if self.accelerator.device.type == "cpu" and not self.cfg.run.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
+            return fit_threads()
+        return torch.get_num_threads()
 
 
 @contextlib.contextmanager
@@ -82,6 +90,8 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
         tracking.start_trackers(accelerator, cfg, first_epoch)
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if cfg.run.cpu_threads:
+        torch.set_num_threads(cfg.run.cpu_threads)
     set_seed(cfg.run.seed, device_specific=True)
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = user_prompt_fn(prompt_fn) if prompt_fn is not None else make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
