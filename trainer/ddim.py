@@ -27,8 +27,9 @@ def ddim_mean_std(
     t = torch.as_tensor(timestep, device=sample.device).long()
     t_prev = t - config.num_train_timesteps // scheduler.num_inference_steps
 
+    # no-ops once the schedule lives on the device (SD1.timesteps puts it there): no copy or sync per step
     alphas = scheduler.alphas_cumprod.to(sample.device, torch.float32)
-    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=sample.device)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=sample.device, dtype=torch.float32)
     a_t = _broadcast(alphas[t], sample)
     a_prev = _broadcast(torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], final), sample)
 

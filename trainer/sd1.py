@@ -59,8 +59,12 @@ class SD1:
 
     # -- the stochastic step ---------------------------------------------------------------------------------
     def timesteps(self, num_steps: int, device) -> torch.Tensor:
-        self.pipe.scheduler.set_timesteps(num_steps, device=device)
-        return self.pipe.scheduler.timesteps
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(num_steps, device=device)
+        # the step's constants on the device once, not copied from the host at every step
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).to(device)
+        return scheduler.timesteps
 
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         size = resolution // self.pipe.vae_scale_factor
