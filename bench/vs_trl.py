@@ -111,6 +111,7 @@ def main() -> None:
             runs[name].append(fn(args.epochs, args.cache_dir))
     med = {name: {k: statistics.median(v for r in rs for v in r[k][1:]) for k in ("epoch", "sampling", "training")}
            for name, rs in runs.items()}
+    agree = abs(runs["ours"][0]["reward"][0] - runs["trl"][0]["reward"][0]) < 1e-5
     print(json.dumps({
         "benchmark": "vs_trl", "settings": SETTINGS, "epochs_timed": args.epochs - 1, "rounds": args.rounds,
         "median_seconds": {n: {k: round(v, 3) for k, v in m.items()} for n, m in med.items()},
@@ -118,8 +119,10 @@ def main() -> None:
         "targets": {"epoch": "<= 0.6", "training": "<= 0.5"},
         "reward_curves": {n: [round(x, 4) for x in rs[0]["reward"]] for n, rs in runs.items()},
         # TRL averages float32 batch means, we average float64 scores: the same images, rounded apart
-        "first_epoch_rewards_agree": abs(runs["ours"][0]["reward"][0] - runs["trl"][0]["reward"][0]) < 1e-5,
+        "first_epoch_rewards_agree": agree,
     }))
+    if not agree:
+        raise SystemExit("bench.vs_trl: the first epoch's rewards differ: the two runs did not sample the same images")
 
 
 if __name__ == "__main__":
