@@ -2,10 +2,10 @@
 
     python -m trainer.evaluate --model tiny --lora outputs/tiny/lora --prompts held_out.txt --reward compression
 
-Every image starts from its own seed (``seed`` + its index), so the numbers do not depend on the batch size or
-the number of processes (beyond float rounding), and a base model and its LoRA are compared on the same noise. Sampling is
-deterministic (DDIM eta 0 / the flow ODE) at the evaluation step count: it measures the model, not the
-policy's exploration noise. The trainer runs the same function every ``run.eval_every`` epochs on
+Every image starts from its own seed (``seed`` + its index), so the numbers do not depend on the batch size
+or the number of processes (beyond float rounding), and a base model and its LoRA are compared on the same
+noise. Sampling is deterministic (DDIM eta 0 / the flow ODE) at the evaluation step count: it measures the
+model, not the policy's exploration noise. The trainer runs the same function every ``run.eval_every`` epochs on
 ``prompt.eval_path`` (as Flow-GRPO does) and logs it to eval.jsonl and its trackers.
 """
 
@@ -94,6 +94,8 @@ def evaluate_run(run, model, after_epochs: int) -> dict:
     logs ``eval/*``."""
     from accelerate.utils import gather_object
 
+    from trainer.rewards import ScoreOutput
+
     cfg, accelerator = run.cfg, run.accelerator
     prompts, metadata = eval_prompts(cfg, run.prompt_fn)
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
@@ -105,8 +107,6 @@ def evaluate_run(run, model, after_epochs: int) -> dict:
     )
     rows = gather_object([(i, images[k], {n: float(s.scores[k]) for n, s in scored.items()}) for k, i in enumerate(mine)])
     rows.sort(key=lambda row: row[0])
-    from trainer.rewards import ScoreOutput
-
     scored = {n: ScoreOutput(np.array([row[2][n] for row in rows]), {}) for n in scored}
     total = run.rewards.combine({n: s.scores for n, s in scored.items()})
     result = {"epoch": after_epochs, **summary([prompts[row[0]] for row in rows], scored, total)}
@@ -129,7 +129,7 @@ class EvalSettings(BaseSettings):
     cache_dir: Path | None = None
     lora: Path | None = Field(None, description="a folder with pytorch_lora_weights.safetensors (a run's lora/)")
     denoiser: Path | None = Field(None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)")
-    prompts: Path | None = Field(None, description="one prompt per line; default: --count draws of --prompt-fn")
+    prompts: Path | None = Field(None, description="one prompt per line; default: --count draws of --prompt_fn")
     prompt_fn: str = Field("simple_animals", description="the trainer's prompt.fn names")
     count: int = Field(16, gt=0)
     per_prompt: int = Field(1, gt=0, description="images per prompt, each from its own seed")
@@ -139,7 +139,7 @@ class EvalSettings(BaseSettings):
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
     batch_size: int = Field(8, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    reward: str = Field("compression", description="a scorer name, or module:function (with --reward-url: a label)")
+    reward: str = Field("compression", description="a scorer name, or module:function (with --reward_url: a label)")
     reward_url: list[str] = Field([], description="reward server URL(s) instead of an in-process scorer")
     reward_options: dict[str, str | int | float] = {}
     out: Path = Field(Path("eval"), description="folder for eval.json and eval.png")
