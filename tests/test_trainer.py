@@ -378,12 +378,13 @@ def test_batched_timesteps_give_the_same_gradient(tmp_path, tiny_cache, kl_coef)
         assert rel < 1e-5, (k, rel)
 
 
-def test_compiled_denoiser_trains_with_kl_and_stale_samples(tmp_path, tiny_cache):
+def test_compiled_channels_last_denoiser_trains_with_kl_and_stale_samples(tmp_path, tiny_cache):
     """run.compile goes through torch.compile on every path (sampling, training, the adapter-disabled KL
     reference, decoupled PPO's proximal pass); the eager backend keeps this quick on CPU, inductor is the
-    same tracing with code generation after it."""
+    same tracing with code generation after it. The weights are channels-last too (run.channels_last)."""
     cfg = small_config(tmp_path, tiny_cache)
     cfg.run.compile, cfg.run.log_with, cfg.train.kl_coef, cfg.reward.overlap = "eager", "none", 0.1, "next_epoch"
+    cfg.run.channels_last, cfg.train.ema_decay = True, 0.9  # and its (strided) weights are saved, EMA too
     history = train(cfg)
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[0]["clipfrac_first_step"] == 0 and history[1]["kl_to_reference"] > 0

@@ -168,7 +168,7 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
         save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         if ema is not None:
-            save_file(ema.shadow, str(staging / "ema.safetensors"))
+            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(staging / "ema.safetensors"))
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
         (staging / "state.json").write_text(json.dumps({**state, "epoch": epoch}))  # written last: marks complete

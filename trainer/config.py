@@ -30,6 +30,8 @@ class RunConfig(_Group):
     compile: str | None = Field(None, description="torch.compile the denoiser for sampling and training with this "
                                 "backend (inductor, or another of torch._dynamo.list_backends()); default off: on "
                                 "CPU the tiny run compiled for 2 minutes and then ran no faster")
+    channels_last: bool = Field(False, description="the denoiser's weights in channels-last memory format (measured "
+                                "on the tiny CPU run: sampling 7% faster, training the same)")
     cpu_threads: int = Field(0, ge=0, description="CPU runs: torch threads; 0: the cores no other process is running "
                              "on, looked at every epoch (unless OMP_NUM_THREADS is set)")
     log_with: Literal["none", "tensorboard", "wandb"] = "tensorboard"

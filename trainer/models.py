@@ -87,5 +87,7 @@ def save_weights(family, cfg: Config, output_dir: Path) -> Path:
 
     # peft-format keys on purpose: convert_state_dict_to_diffusers renames attention keys to the old
     # lora.down/up form but leaves conv keys alone, and load_lora_weights then drops the attention adapters.
-    family.save_lora(get_peft_model_state_dict(denoiser), output_dir / "lora")
+    # contiguous: safetensors refuses the strided views channels-last conv weights are (run.channels_last)
+    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+    family.save_lora(layers, output_dir / "lora")
     return output_dir / "lora"

@@ -145,6 +145,8 @@ def load_model(run: Run, optimizer_steps: int) -> dict[str, Any]:
     run.trainable = make_trainable(run.family.denoiser, cfg)  # the same tensors the optimizer, EMA and checkpoints see
     if cfg.train.gradient_checkpointing:
         run.family.denoiser.enable_gradient_checkpointing()
+    if cfg.run.channels_last:
+        run.family.denoiser.to(memory_format=torch.channels_last)
     if cfg.run.compile:
         # in place (nn.Module.compile): the same module object samples, trains and, adapters off, gives the KL
         # reference, so every path runs compiled and accelerate's unwrap_model still finds it
