@@ -120,13 +120,18 @@ def guided(call, latents: torch.Tensor, timesteps: torch.Tensor, cond, negative,
 def load_with_ddim(pipeline_class, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, **kwargs):
     """``pipeline_class.from_pretrained`` in ``dtype``, its scheduler replaced by DDIM (checked to be one the
     log-prob step models) and its progress bars off."""
-    import diffusers
     from diffusers import DDIMScheduler
 
-    # diffusers renamed torch_dtype to dtype in 0.36 and warns about the old name.
-    dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
-    pipe = pipeline_class.from_pretrained(path, revision=revision, **kwargs, **{dtype_arg: dtype})
+    pipe = pipeline_class.from_pretrained(path, revision=revision, **kwargs, **dtype_kwarg(dtype))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     check_scheduler(pipe.scheduler, num_steps)  # before the weights move to the device
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: diffusers renamed torch_dtype to dtype in 0.36 and warns about the old."""
+    import diffusers
+
+    new = tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36)
+    return {"dtype" if new else "torch_dtype": dtype}

@@ -4,8 +4,8 @@ Flow-GRPO's SDE step (trainer/flow.py; Liu et al. 2025, github.com/yifan123/flow
 The transformer predicts a velocity; the scheduler's sigmas run from 1 (noise) to 0 (image). Sampling the
 ODE (``sample.eta`` 0) is the scheduler's own Euler step; ``sample.eta`` > 0 is Flow-GRPO's noise level
 (0.7 in its SD3.5 runs), which makes each step a Gaussian with a log-prob (``sample.sde_type cps``: its
-coefficients-preserving variant). T5 (``text_encoder_3``) is
-optional, as in StableDiffusion3Pipeline: without it its tokens are zeros.
+coefficients-preserving variant). T5 (``text_encoder_3``) is optional, as in StableDiffusion3Pipeline:
+without it its tokens are zeros.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trainer.flow import FLOW_STEPS
-from trainer.sd1 import guided
+from trainer.sd1 import dtype_kwarg, guided
 
 
 class SD3:
@@ -29,14 +29,12 @@ class SD3:
     @classmethod
     def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, load_t5: bool = True,
              sde_type: str = "sde") -> "SD3":
-        import diffusers
         from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
         index = DiffusionPipeline.load_config(path, revision=revision)
         absent = {"text_encoder_3": None, "tokenizer_3": None}  # a pipeline saved without T5 records it as null
         kwargs = absent if not load_t5 or index.get("text_encoder_3", [None])[0] is None else {}
-        dtype_arg = "dtype" if tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36) else "torch_dtype"
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, revision=revision, **kwargs, **{dtype_arg: dtype})
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, revision=revision, **kwargs, **dtype_kwarg(dtype))
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
                              f"not a {type(pipe.scheduler).__name__}")
