@@ -263,8 +263,6 @@ class Step:
             self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         self.scheduler.set_timesteps(sample["num_steps"])
-        if not self.flow:  # ddim_mean_std reads it with float(), which a fake tensor cannot answer
-            self.scheduler.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
 
     def inputs(self, n: int, resolution: int) -> dict:
         """What the step reads from the stored trajectories: x_t, x_{t-1}, timesteps, conditioning, log-probs."""

@@ -22,18 +22,15 @@ from pathlib import Path
 def build_sd15_shaped(folder: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from reward_servers.tiny_models import clip_tokenizer
-    from trainer.tiny_pipeline import SPEC, assemble_pipeline
+    from trainer.tiny_pipeline import SPEC, assemble_pipeline, clip_text_encoder
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(SPEC["vocabulary"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = clip_text_encoder(CLIPTextModel, {"hidden_size": 768, "intermediate_size": 3072,
+                                                     "num_hidden_layers": 12, "num_attention_heads": 12}, tokenizer)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD1's blocks
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

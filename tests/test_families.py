@@ -17,6 +17,18 @@ from trainer.sampling import rescore, sample
 pytestmark = pytest.mark.slow
 
 
+def assert_rescored_exactly(family, batch, negative, guidance: float, eta: float, shuffle: bool = True) -> None:
+    """Training's re-scoring of every stored step equals the sampled log-prob bit for bit (first ratio 1), in
+    the shuffled chunks training takes (or the batch as sampled)."""
+    steps = batch.log_probs.shape[1]
+    chunks = [batch.chunk(*pick) for pick in batch.shuffled(len(batch.prompts), steps)] if shuffle else [batch]
+    for chunk in chunks:
+        for j in range(steps):
+            with torch.no_grad():
+                log_prob, _, _ = rescore(family, family.denoiser, chunk, j, negative, guidance, eta)
+            assert torch.equal(log_prob, chunk.log_probs[:, j]), j
+
+
 def test_sdxl_first_step_importance_ratio_is_exactly_one(tiny_cache):
     cfg = Config(preset="tiny-sdxl", pretrained={"cache_dir": tiny_cache})
     family = load_family(cfg, torch.device("cpu"))
@@ -27,12 +39,7 @@ def test_sdxl_first_step_importance_ratio_is_exactly_one(tiny_cache):
     torch.manual_seed(0)
     batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 4, 1.0, 5.0, 64)
     assert family.to_uint8(final).shape == (2, 64, 64, 3)
-    for pick in batch.shuffled(batch_size=2, num_timesteps=4):
-        chunk = batch.chunk(*pick)
-        for j in range(4):
-            with torch.no_grad():
-                log_prob, _, _ = rescore(family, family.denoiser, chunk, j, negative, 5.0, 1.0)
-            assert torch.equal(log_prob, chunk.log_probs[:, j]), j
+    assert_rescored_exactly(family, batch, negative, 5.0, 1.0)
 
 
 def sdxl_run(tmp_path, tiny_cache, epochs: int, **run) -> Config:
@@ -88,12 +95,7 @@ def test_sd3_first_step_importance_ratio_is_exactly_one(tiny_cache):
     torch.manual_seed(0)
     batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 6, 0.7, 4.5, 64)
     assert family.to_uint8(final).shape == (2, 64, 64, 3) and batch.latents.shape == (2, 6, 16, 8, 8)
-    for pick in batch.shuffled(batch_size=2, num_timesteps=6):
-        chunk = batch.chunk(*pick)
-        for j in range(6):
-            with torch.no_grad():
-                log_prob, _, _ = rescore(family, family.denoiser, chunk, j, negative, 4.5, 0.7)
-            assert torch.equal(log_prob, chunk.log_probs[:, j]), j
+    assert_rescored_exactly(family, batch, negative, 4.5, 0.7)
 
 
 def test_sd3_deterministic_sampling_is_the_pipelines_own(tiny_cache):
@@ -119,10 +121,7 @@ def test_sd3_window_stores_only_its_stochastic_steps_and_the_rest_is_the_ode(tin
     assert torch.equal(windowed.timesteps[0], family.timesteps(8, "cpu")[2:5])
     assert torch.equal(windowed.latents[:, 0], ode.latents[:, 2])  # deterministic until the window opens
     assert not torch.equal(windowed.next_latents[:, 0], ode.next_latents[:, 2])  # then stochastic
-    for j in range(3):
-        with torch.no_grad():
-            log_prob, _, _ = rescore(family, family.denoiser, windowed, j, negative, 4.5, 0.7)
-        assert torch.equal(log_prob, windowed.log_probs[:, j])
+    assert_rescored_exactly(family, windowed, negative, 4.5, 0.7, shuffle=False)
 
 
 def family_run(preset, tmp_path, tiny_cache, epochs: int, **run) -> Config:
@@ -215,8 +214,6 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
     negative = family.encode_prompts([""])
     batch, _ = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 5, 0.8, 4.5, 64,
                       generator=torch.Generator().manual_seed(0))
-    for j in range(5):
-        with torch.no_grad():
-            assert torch.equal(rescore(family, family.denoiser, batch, j, negative, 4.5, 0.8)[0], batch.log_probs[:, j])
+    assert_rescored_exactly(family, batch, negative, 4.5, 0.8, shuffle=False)
     with pytest.raises(ValueError, match="sample.sde_type: cps is a flow-matching step; a StableDiffusionPipeline"):
         load_family(Config(pretrained={"cache_dir": tiny_cache}, sample={"sde_type": "cps"}), torch.device("cpu"))

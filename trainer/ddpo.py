@@ -20,9 +20,9 @@ from trainer import run as run_setup
 from trainer import tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import Config
-from trainer.plan import BatchPlan
 from trainer.evaluate import evaluate_run
 from trainer.loss import gaussian_kl, ppo_clip_loss
+from trainer.plan import BatchPlan
 from trainer.rewards import Pending, RewardFn
 from trainer.sampling import Chunk, Trajectories, rescore, sample
 

@@ -43,6 +43,7 @@ def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], 
             x = torch.cat([family.initial_latents(1, resolution, torch.Generator(device).manual_seed(s), device)
                            for s in seeds[part]])
             cond = family.encode_prompts(prompts[part], resolution)
+            # sampling.sample without what training needs: no trajectory kept, no log-probs (eta 0 is the ODE)
             with torch.no_grad(), autocast():
                 for i, t in enumerate(timesteps):
                     x = family.step(family.predict(model, x, t, cond, negative, guidance_scale), i, x, 0.0)[0]
@@ -154,7 +155,7 @@ def run_evaluation(s: EvalSettings) -> dict:
     import torch
 
     from trainer.config import Config
-    from trainer.models import load_family
+    from trainer.models import load_family, load_tuned
     from trainer.prompts import make_prompt_fn
     from trainer.rewards import Rewards
 
@@ -169,11 +170,7 @@ def run_evaluation(s: EvalSettings) -> dict:
     rewards = Rewards(cfg.reward, device=str(device))
     try:
         family = load_family(cfg, device)
-        if s.lora is not None:
-            family.pipe.load_lora_weights(s.lora)
-        elif s.denoiser is not None:
-            tuned = type(family.denoiser).from_pretrained(s.denoiser).to(device, family.denoiser.dtype)
-            setattr(family.pipe, family.denoiser_name, tuned)
+        load_tuned(family, s.lora, s.denoiser)
         dtype = family.denoiser.dtype
         autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
         images, scored = evaluate(

@@ -31,12 +31,7 @@ def load_family(cfg: Config, device: torch.device):
     if kind not in FAMILIES:
         raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")
     dtype = DTYPES[cfg.run.mixed_precision]
-    options = {}
-    if kind == SD3.pipeline_class:
-        options = {"load_t5": cfg.pretrained.load_t5, "sde_type": cfg.sample.sde_type}
-    elif cfg.sample.sde_type != "sde":
-        raise ValueError(f"sample.sde_type: {cfg.sample.sde_type} is a flow-matching step; a {kind} samples with DDIM")
-    family = FAMILIES[kind].load(path, cfg.pretrained.revision, dtype, cfg.sample.num_steps, **options)
+    family = FAMILIES[kind].load(path, cfg, dtype)  # each family takes the settings it has
     for module in family.frozen_modules():
         module.requires_grad_(False).to(device)
     if not cfg.train.lora and dtype != torch.float32:
@@ -75,6 +70,17 @@ def make_trainable(denoiser, cfg: Config) -> dict[str, torch.nn.Parameter]:
     for p in params.values():  # adapters train in fp32 whatever the base dtype
         p.data = p.data.float()
     return params
+
+
+def load_tuned(family, lora: Path | None = None, denoiser: Path | None = None) -> None:
+    """A run's saved weights into the family's pipeline: its ``lora/`` folder (the pipeline's own
+    ``load_lora_weights``) or a fully finetuned denoiser folder (``unet/``, ``transformer/``); neither: as is."""
+    if lora is not None:
+        family.pipe.load_lora_weights(lora)
+    elif denoiser is not None:
+        base = family.denoiser
+        tuned = type(base).from_pretrained(denoiser).to(base.device, base.dtype)
+        setattr(family.pipe, family.denoiser_name, tuned)
 
 
 def save_weights(family, cfg: Config, output_dir: Path) -> Path:

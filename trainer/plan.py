@@ -54,11 +54,8 @@ class BatchPlan:
 
     @classmethod
     def step_groups_of(cls, cfg: Config) -> tuple[slice, ...]:
-        import torch
-
         total = cls.train_timesteps_of(cfg)
-        on_gpu = torch.cuda.is_available() or torch.backends.mps.is_available()  # where accelerate will train
-        k = cfg.train.timesteps_per_forward or (1 if on_gpu else total)
+        k = cfg.train.timesteps_per_forward or (1 if on_accelerator() else total)
         return tuple(slice(j, min(j + k, total)) for j in range(0, total, k))
 
     def describe(self) -> str:
@@ -67,3 +64,10 @@ class BatchPlan:
             f"batch {self.effective_train_batch}; {self.optimizer_steps_per_epoch} optimizer steps per epoch, "
             f"each over {self.train_timesteps} timesteps in {len(self.step_groups)} forward(s) per batch"
         )
+
+
+def on_accelerator() -> bool:
+    """Whether the run trains on a GPU (CUDA or MPS), as accelerate will place it; otherwise on the CPU."""
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()

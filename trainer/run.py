@@ -23,10 +23,10 @@ import torch
 
 from trainer import checkpoint, preflight, tracking
 from trainer.config import Config
-from trainer.plan import BatchPlan
 from trainer.ema import EMA
 from trainer.interrupt import CtrlC
 from trainer.models import load_family, make_trainable, save_weights
+from trainer.plan import BatchPlan, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Rewards, reward_functions
 from trainer.threads import fit_threads
@@ -69,7 +69,7 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     out = Path(cfg.run.output_dir)
     accelerator = Accelerator(
         # Without a GPU, several processes must be told to use CPU (gloo); with one, accelerate picks it.
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        cpu=not on_accelerator(),
         mixed_precision=cfg.run.mixed_precision,
         gradient_accumulation_steps=accumulation_steps,
         log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,

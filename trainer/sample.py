@@ -51,7 +51,7 @@ def render(s: SampleSettings) -> dict:
     from reward_servers.scorer import create_scorer
     from trainer.config import Config
     from trainer.grid import grid
-    from trainer.models import load_family
+    from trainer.models import load_family, load_tuned
     from trainer.sampling import sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,11 +67,7 @@ def render(s: SampleSettings) -> dict:
         return family.to_uint8(final)
 
     before = images()
-    if s.lora is not None:
-        family.pipe.load_lora_weights(s.lora)
-    else:
-        tuned = type(family.denoiser).from_pretrained(s.unet).to(device, family.denoiser.dtype)
-        setattr(family.pipe, family.denoiser_name, tuned)
+    load_tuned(family, s.lora, s.unet)
     after = images()
 
     scorer = None

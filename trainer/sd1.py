@@ -9,11 +9,15 @@ own diffusers pipeline loads it. The rollout (trainer/sampling.py) and the algor
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from trainer.ddim import check_scheduler, ddim_mean_std
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 class SD1:
@@ -25,12 +29,12 @@ class SD1:
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int) -> "SD1":
+    def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "SD1":
         """The pipeline with a DDIM scheduler, its parts in ``dtype``."""
         from diffusers import StableDiffusionPipeline
 
-        return cls(load_with_ddim(StableDiffusionPipeline, path, revision, dtype, num_steps,
-                                  safety_checker=None, requires_safety_checker=False))
+        return cls(load_with_ddim(StableDiffusionPipeline, path, cfg, dtype, safety_checker=None,
+                                  requires_safety_checker=False))
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -80,7 +84,7 @@ class SD1:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (N, 3, H, W), float32; differentiable."""
         vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + _shift(vae)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -93,7 +97,7 @@ class SD1:
         """Latents of images in [0, 1], (N, 3, H, W) (for losses on real images: DPO, ReFL's pre-training)."""
         vae = self.pipe.vae
         posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
-        return posterior.sample(generator) * vae.config.scaling_factor
+        return (posterior.sample(generator) - _shift(vae)) * vae.config.scaling_factor
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
@@ -117,14 +121,22 @@ def guided(call, latents: torch.Tensor, timesteps: torch.Tensor, cond, negative,
     return uncond + guidance_scale * (conditional - uncond)
 
 
-def load_with_ddim(pipeline_class, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, **kwargs):
+def _shift(vae) -> float:
+    """The VAE's latent shift: SD3's has one (0.0609), SD1's and SDXL's none."""
+    return vae.config.get("shift_factor") or 0.0
+
+
+def load_with_ddim(pipeline_class, path: str, cfg: Config, dtype: torch.dtype, **kwargs):
     """``pipeline_class.from_pretrained`` in ``dtype``, its scheduler replaced by DDIM (checked to be one the
     log-prob step models) and its progress bars off."""
     from diffusers import DDIMScheduler
 
-    pipe = pipeline_class.from_pretrained(path, revision=revision, **kwargs, **dtype_kwarg(dtype))
+    if cfg.sample.sde_type != "sde":  # before any weights load
+        raise ValueError(f"sample.sde_type: {cfg.sample.sde_type} is a flow-matching step; a "
+                         f"{pipeline_class.__name__} samples with DDIM")
+    pipe = pipeline_class.from_pretrained(path, revision=cfg.pretrained.revision, **kwargs, **dtype_kwarg(dtype))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    check_scheduler(pipe.scheduler, num_steps)  # before the weights move to the device
+    check_scheduler(pipe.scheduler, cfg.sample.num_steps)  # before the weights move to the device
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

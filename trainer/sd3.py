@@ -11,12 +11,15 @@ without it its tokens are zeros.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from trainer.flow import FLOW_STEPS
-from trainer.sd1 import dtype_kwarg, guided
+from trainer.sd1 import SD1, dtype_kwarg, guided
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 class SD3:
@@ -25,15 +28,18 @@ class SD3:
 
     def __init__(self, pipe, sde_type: str = "sde"):
         self.pipe, self.sde_type = pipe, sde_type
+        # SD1's VAE code, which honours the latent shift SD3's VAE has
+        sd1 = SD1(pipe)
+        self.decode, self.to_uint8, self.encode = sd1.decode, sd1.to_uint8, sd1.encode
 
     @classmethod
-    def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int, load_t5: bool = True,
-             sde_type: str = "sde") -> "SD3":
+    def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "SD3":
         from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
+        revision = cfg.pretrained.revision
         index = DiffusionPipeline.load_config(path, revision=revision)
         absent = {"text_encoder_3": None, "tokenizer_3": None}  # a pipeline saved without T5 records it as null
-        kwargs = absent if not load_t5 or index.get("text_encoder_3", [None])[0] is None else {}
+        kwargs = absent if not cfg.pretrained.load_t5 or index.get("text_encoder_3", [None])[0] is None else {}
         pipe = StableDiffusion3Pipeline.from_pretrained(path, revision=revision, **kwargs, **dtype_kwarg(dtype))
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
@@ -42,7 +48,7 @@ class SD3:
             raise ValueError("pretrained.model: its scheduler shifts sigmas by resolution (use_dynamic_shifting); "
                              "set a fixed shift in scheduler/scheduler_config.json")
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, sde_type)
+        return cls(pipe, cfg.sample.sde_type)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -90,23 +96,6 @@ class SD3:
     def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
         """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE or CPS step, float32)."""
         return FLOW_STEPS[self.sde_type](self.pipe.scheduler.sigmas, index, output, latents, noise_level=eta)
-
-    # -- pixels ----------------------------------------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], (N, 3, H, W), float32; differentiable."""
-        vae = self.pipe.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def to_uint8(self, latents: torch.Tensor) -> np.ndarray:
-        return (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        """Latents of images in [0, 1], (N, 3, H, W)."""
-        vae = self.pipe.vae
-        sample = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.sample(generator)
-        return (sample - vae.config.shift_factor) * vae.config.scaling_factor
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
         from diffusers import StableDiffusion3Pipeline

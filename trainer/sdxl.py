@@ -9,10 +9,14 @@ code, reached through ``self.sd1``; what differs is loading, the conditioning an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from trainer.sd1 import SD1, guided, load_with_ddim
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 class SDXL:
@@ -25,10 +29,10 @@ class SDXL:
         self.decode, self.to_uint8, self.encode = self.sd1.decode, self.sd1.to_uint8, self.sd1.encode
 
     @classmethod
-    def load(cls, path: str, revision: str | None, dtype: torch.dtype, num_steps: int) -> "SDXL":
+    def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "SDXL":
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = load_with_ddim(StableDiffusionXLPipeline, path, revision, dtype, num_steps)
+        pipe = load_with_ddim(StableDiffusionXLPipeline, path, cfg, dtype)
         if pipe.vae.config.get("force_upcast") and dtype == torch.float16:
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as the pipeline itself knows
         return cls(pipe)

@@ -40,7 +40,7 @@ def build_tiny_pipeline():
     """Random-init tiny StableDiffusionPipeline, identical for identical SPEC."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from reward_servers.tiny_models import clip_tokenizer
 
@@ -48,16 +48,7 @@ def build_tiny_pipeline():
 
     torch.manual_seed(SPEC["seed"])
     text = SPEC["text"]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            **text,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_text_encoder(CLIPTextModel, text, tokenizer)
     unet = UNet2DConditionModel(
         sample_size=SPEC["resolution"] // 8,
         in_channels=4,
@@ -79,6 +70,17 @@ def build_tiny_pipeline():
         **SPEC["vae"],
     )
     return assemble_pipeline(text_encoder, tokenizer, unet, vae)
+
+
+def clip_text_encoder(model_class, spec: dict, tokenizer):
+    """A random-init CLIP text encoder (``CLIPTextModel`` or ``...WithProjection``) of ``spec``'s sizes, with the
+    tokenizer's vocabulary and special tokens and CLIP's 77 positions."""
+    from transformers import CLIPTextConfig
+
+    return model_class(CLIPTextConfig(
+        **spec, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
 
 
 def assemble_pipeline(text_encoder, tokenizer, unet, vae):
@@ -111,17 +113,14 @@ def build_tiny_sdxl():
     """Random-init tiny StableDiffusionXLPipeline, identical for identical SDXL_SPEC."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     from reward_servers.tiny_models import clip_tokenizer
 
     base = build_tiny_pipeline()  # its VAE and first text encoder, seeded as the SD1 tiny model
     tokenizer = clip_tokenizer(SDXL_SPEC["vocabulary"])
     torch.manual_seed(SDXL_SPEC["seed"] + 1)
-    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        **SDXL_SPEC["text_2"], vocab_size=len(tokenizer), max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_2 = clip_text_encoder(CLIPTextModelWithProjection, SDXL_SPEC["text_2"], tokenizer)
     time_dim = SDXL_SPEC["addition_time_embed_dim"]
     unet = UNet2DConditionModel(
         sample_size=SDXL_SPEC["resolution"] // 8, in_channels=4, out_channels=4,
@@ -170,19 +169,13 @@ def build_tiny_sd3(t5: bool = False):
     parts they share are the same weights)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     from reward_servers.tiny_models import clip_tokenizer
 
     tokenizer = clip_tokenizer(SD3_SPEC["vocabulary"])
     torch.manual_seed(SD3_SPEC["seed"])
-    encoders = [
-        CLIPTextModelWithProjection(CLIPTextConfig(
-            **SD3_SPEC["text_2"], vocab_size=len(tokenizer), max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
-        for _ in range(2)
-    ]
+    encoders = [clip_text_encoder(CLIPTextModelWithProjection, SD3_SPEC["text_2"], tokenizer) for _ in range(2)]
     hidden, projection = SD3_SPEC["text_2"]["hidden_size"], SD3_SPEC["text_2"]["projection_dim"]
     transformer = SD3Transformer2DModel(
         sample_size=SD3_SPEC["resolution"] // 8, in_channels=16, out_channels=16,
