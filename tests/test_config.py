@@ -66,3 +66,26 @@ def test_bad_settings_name_the_field(kwargs, message):
 def test_every_preset_validates():
     for name in PRESETS:
         Config(preset=name)
+
+
+def test_timesteps_per_forward_fits_the_memory_budget():
+    """``fits`` from peaks at 1 and 2 timesteps: a linear model of memory (5 GiB fixed, 3 GiB per timestep)."""
+    from trainer.plan import fits
+
+    gib = 2**30
+    calls = []
+
+    def peak(k):
+        calls.append(k)
+        return 5 * gib + 3 * k * gib
+
+    assert fits(peak, 25, 40 * gib) == 11 and calls == [1, 2]  # 5 + 3 x 11 = 38 <= 40 < 41
+    assert fits(peak, 25, 38 * gib) == 11 and fits(peak, 25, 37 * gib) == 10
+    assert fits(peak, 10, 1000 * gib) == 10  # never more than the trained timesteps
+    assert fits(peak, 25, 7 * gib) == 1  # not even one fits: one at a time, and the run finds out
+    calls.clear()
+    assert fits(peak, 1, 40 * gib) == 1 and calls == [1]
+    cfg = Config(train={"timesteps_per_forward": 0}, sample={"num_steps": 20})
+    plan = BatchPlan.of(cfg, 1).with_timesteps_per_forward(cfg, 4)
+    assert [(s.start, s.stop) for s in plan.step_groups] == [(0, 4), (4, 8), (8, 10)]
+    assert len(BatchPlan.of(cfg, 1).step_groups) == 1  # 0: all ten in one forward until a GPU measures

@@ -99,7 +99,7 @@ class TrainConfig(_Group):
                                      "stochastic steps")
     timesteps_per_forward: int = Field(0, ge=0, description="trained timesteps that go through the denoiser "
                                        "together, a batch of K x train.batch_size (the same loss and gradient); 0: all "
-                                       "of them on CPU, 1 on a GPU (the GPU presets size it for their memory)")
+                                       "of them on CPU, as many as fit on a CUDA GPU (measured on the first batch)")
     timestep_window: int = Field(0, ge=0, description="K > 0: only K consecutive steps of each trajectory are "
                                  "stochastic and trained, the others deterministic (Flow-GRPO-Fast, MixGRPO); 0: all")
     timestep_window_latest_start: int = Field(0, ge=0, description="the window starts at a step drawn uniformly "

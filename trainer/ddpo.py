@@ -72,6 +72,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     if tracker is not None and state.get("tracker"):
         tracker.load_state_dict(state["tracker"])
     global_step = state.get("global_step", 0)
+    fitted = False  # train.timesteps_per_forward 0 on a GPU: measured on the first training batch
     quiet = not accelerator.is_local_main_process  # one set of progress bars per machine
     # Training runs through the (possibly DDP-wrapped) ``unet``; sampling and the KL reference use the bare one.
     policy = accelerator.unwrap_model(unet)
@@ -163,6 +164,9 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         epoch_start_step = global_step
         for _ in range(cfg.train.num_inner_epochs):
             picks = trajectories.shuffled(cfg.train.batch_size, plan.train_timesteps)  # indices: no copies yet
+            if not fitted:
+                run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)
+                plan, fitted = run.plan, True
             # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples
             # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
             # range and give no gradient; clip around the weights at the start of this update instead (one

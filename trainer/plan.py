@@ -3,7 +3,8 @@ model loads (ddpo-pytorch's batch arithmetic)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from trainer.config import Config
 
@@ -53,10 +54,15 @@ class BatchPlan:
         return max(1, int(stochastic * cfg.train.timestep_fraction))
 
     @classmethod
-    def step_groups_of(cls, cfg: Config) -> tuple[slice, ...]:
+    def step_groups_of(cls, cfg: Config, k: int | None = None) -> tuple[slice, ...]:
+        """``k`` trained timesteps per forward: ``train.timesteps_per_forward``; 0 means all of them (on a GPU
+        the run then measures how many fit, see ``fits``, and re-plans with ``k``)."""
         total = cls.train_timesteps_of(cfg)
-        k = cfg.train.timesteps_per_forward or (1 if on_accelerator() else total)
+        k = k or cfg.train.timesteps_per_forward or total
         return tuple(slice(j, min(j + k, total)) for j in range(0, total, k))
+
+    def with_timesteps_per_forward(self, cfg: Config, k: int) -> "BatchPlan":
+        return replace(self, step_groups=self.step_groups_of(cfg, k))
 
     def describe(self) -> str:
         return (
@@ -71,3 +77,16 @@ def on_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def fits(peak_bytes: Callable[[int], int], total: int, budget_bytes: int) -> int:
+    """The most trained timesteps per forward (1 to ``total``) whose peak memory stays within the budget.
+
+    ``peak_bytes(k)`` measures one training forward and backward of k timesteps. Activations grow linearly
+    with the batch, so peaks at k = 1 and 2 give the fixed part and the cost of each further timestep."""
+    one = peak_bytes(1)
+    if total == 1 or one >= budget_bytes:
+        return 1
+    per_timestep = max(peak_bytes(2) - one, 1)
+    return max(1, min(total, 1 + (budget_bytes - one) // per_timestep))
+

@@ -26,9 +26,10 @@ from trainer.config import Config
 from trainer.ema import EMA
 from trainer.interrupt import CtrlC
 from trainer.models import load_family, make_trainable, save_weights
-from trainer.plan import BatchPlan, on_accelerator
+from trainer.plan import BatchPlan, fits, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Rewards, reward_functions
+from trainer.sampling import rescore
 from trainer.threads import fit_threads
 
 
@@ -58,6 +59,35 @@ class Run:
         if self.accelerator.device.type == "cpu" and not self.cfg.run.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
             return fit_threads()
         return torch.get_num_threads()
+
+    def fit_timesteps_per_forward(self, chunk, guidance) -> None:
+        """``train.timesteps_per_forward 0`` on a CUDA GPU: as many trained timesteps per forward as its memory
+        holds, measured on a real training batch (``chunk``) at 1 and 2 timesteps; the smallest count of all
+        processes, so each runs as many forwards. Re-plans the run and accelerate's accumulation to match."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if cfg.train.timesteps_per_forward or accelerator.device.type != "cuda" or self.plan.train_timesteps == 1:
+            return
+
+        def peak_bytes(k: int) -> int:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            with accelerator.no_sync(self.model):  # a probe: no gradient all-reduce, and its gradients dropped
+                with accelerator.autocast():
+                    log_prob = rescore(self.family, self.model, chunk, slice(0, k), *guidance)[0]
+                accelerator.backward(log_prob.sum() * 0)
+            self.optimizer.zero_grad(set_to_none=True)
+            return torch.cuda.max_memory_allocated()
+
+        free, _ = torch.cuda.mem_get_info()
+        # AdamW's two moments are allocated at the first optimizer step, after this probe (fp32, as trained).
+        moments = 0 if self.optimizer.state else sum(8 * p.numel() for p in self.trainable.values())
+        budget = int(0.9 * (free + torch.cuda.memory_reserved())) - moments  # 10% for fragmentation, KL forwards
+        k = fits(peak_bytes, self.plan.train_timesteps, budget)
+        k = int(accelerator.gather(torch.tensor([k], device=accelerator.device)).min())
+        self.plan = self.plan.with_timesteps_per_forward(cfg, k)
+        accelerator.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps * len(self.plan.step_groups)
+        accelerator.print(f"train.timesteps_per_forward {k}: {k * cfg.train.batch_size} samples per forward fit "
+                          f"in {budget / 2**30:.1f} GiB (measured); batch plan: {self.plan.describe()}")
 
 
 @contextlib.contextmanager
