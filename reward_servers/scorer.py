@@ -64,6 +64,7 @@ SCORERS: dict[str, str] = {
     "clipscore": "reward_servers.clip:ClipScore",
     "pickscore": "reward_servers.clip:PickScore",
     "llava": "reward_servers.llava:LlavaScorer",
+    "shapes": "reward_servers.shapes:ShapesVerifier",
 }
 
 

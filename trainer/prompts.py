@@ -65,6 +65,15 @@ def counting(low: int = 1, high: int = 4) -> PromptFn:
     return draw
 
 
+def shapes(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+    """A training caption of the shapes world (a category uniformly, then one of its captions) with the claims
+    its verifier checks (reward_servers/world.py)."""
+    from reward_servers import world
+
+    caption, _ = world.sample_caption(rng, "train")
+    return caption, {"claims": world.claims(caption)}
+
+
 def from_file(path: Path) -> PromptFn:
     prompts = lines(Path(path))
     return lambda rng: (prompts[rng.integers(len(prompts))], {})
@@ -77,6 +86,7 @@ PROMPT_FNS: dict[str, Callable[[], PromptFn]] = {
     "simple_animals": lambda: simple_animals,
     "nouns_activities": lambda: nouns_activities,
     "counting": lambda: counting(),
+    "shapes": lambda: shapes,
 }
 
 
