@@ -1,12 +1,16 @@
-"""Does the default run learn? Train, then report the reward curve and its rise in epoch-std units.
+"""Does a run learn? Train, then report the reward curve and, for a run that evaluates (the shapes presets),
+held-out accuracy before and after with the rise in units of its standard error.
 
-    python -m bench.learning [trainer overrides; --run.num_epochs 110 fills 10 minutes on 2 cores]
+    python -m bench.learning                                  # the default run (preset shapes)
+    python -m bench.learning --preset tiny --run.num_epochs 110
+    python -m bench.learning --compare shapes,shapes-grpo     # one after the other, the same overrides
 
-Prints JSON: per-epoch reward means and the rise (mean of the last 3 epochs - mean of the first 3) in two
-units: the spread of rewards within an epoch (mean of the per-epoch std: how far the whole distribution
-moved; the issue's target of 5 is read in this unit) and the noise of an epoch's mean reward (estimated
-from successive epoch means, whose difference cancels slow trends: how clearly the curve rose above its
-own noise). Also the seconds per epoch split into sampling / reward wait / training.
+Prints JSON per run. The reward curve's rise (mean of the last 3 epochs - mean of the first 3) is given in
+two units: the spread of rewards within an epoch (mean of the per-epoch std) and the noise of an epoch's
+mean (from successive differences, which cancel slow trends). With evaluation (``run.eval_every``), the
+accuracy (share of images whose every claim holds) on the same prompts and seeds before and after: the rise
+in points, its standard error from the paired per-image differences, per category, and points per minute
+of wall time (the runs of ``--compare`` share the machine, so their minutes compare).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from pydantic_settings import CliApp
@@ -23,18 +28,42 @@ from trainer.config import Config
 from trainer.ddpo import train
 
 
-def main() -> None:
+def accuracy_change(before: dict, after: dict) -> dict:
+    """Before/after accuracy of two eval.jsonl records of the same prompts and seeds (per image, paired)."""
+    key = next(k for k in before["per_prompt"][0] if k.startswith("reward_") and k != "reward")
+    correct = [np.array([s == 1.0 for p in record["per_prompt"] for s in p[key]]) for record in (before, after)]
+    difference = correct[1].astype(float) - correct[0]
+    rise, se = 100 * difference.mean(), 100 * difference.std(ddof=1) / np.sqrt(len(difference))
+    categories = sorted({k.split("/")[1] for k in before if k.startswith("category/") and k.endswith("/accuracy")})
+    return {
+        "images": len(difference),
+        "accuracy_before": round(100 * correct[0].mean(), 1),
+        "accuracy_after": round(100 * correct[1].mean(), 1),
+        "rise_points": round(rise, 1),
+        "rise_standard_error": round(se, 2),
+        "rise_in_standard_errors": round(rise / se, 1) if se else None,
+        "per_category": {c: {"before": round(100 * before[f"category/{c}/accuracy"], 1),
+                             "after": round(100 * after[f"category/{c}/accuracy"], 1)} for c in categories},
+        "verifier_score_before": round(before["reward_mean"], 4),
+        "verifier_score_after": round(after["reward_mean"], 4),
+    }
+
+
+def bench(args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = CliApp.run(Config, cli_args=["--run.output_dir", tmp, "--run.log_with", "none", *sys.argv[1:]])
+        preset = [] if "--preset" in args else ["--preset", "shapes"]
+        cfg = CliApp.run(Config, cli_args=[*preset, "--run.output_dir", tmp, "--run.log_with", "none", *args])
         start = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - start
+        evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()] if cfg.run.eval_every else []
     means = np.array([m["reward_mean"] for m in history])
     stds = np.array([m["reward_std"] for m in history])
     k = min(3, len(means))
     rise = means[-k:].mean() - means[:k].mean()
     result = {
         "benchmark": "learning",
+        "preset": cfg.preset,
         "config": cfg.model_dump(mode="json", include={"sample", "train"}),
         "epochs": len(history),
         "wall_seconds": round(wall, 1),
@@ -46,7 +75,21 @@ def main() -> None:
             for part in ("sampling", "reward_wait", "training")
         },
     }
-    print(json.dumps(result))
+    if len(evals) >= 2:
+        result["heldout"] = accuracy_change(evals[0], evals[-1])
+        result["heldout"]["points_per_minute"] = round(result["heldout"]["rise_points"] / (wall / 60), 2)
+    return result
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if "--compare" in args:
+        i = args.index("--compare")
+        presets, args = args[i + 1].split(","), args[:i] + args[i + 2 :]
+        for preset in presets:
+            print(json.dumps(bench(["--preset", preset, *args])), flush=True)
+    else:
+        print(json.dumps(bench(args)))
 
 
 if __name__ == "__main__":

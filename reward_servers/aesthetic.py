@@ -49,15 +49,20 @@ class AestheticScorer(Scorer):
 
     def requirements(self) -> dict[str, tuple[str, str | None, str]]:
         needs = self.clip.requirements()
-        if self.clip.checkpoint != "tiny":  # the tiny CLIP comes with tiny MLP weights
+        if self.clip.checkpoint not in ("tiny", "tiny-shapes"):  # the tiny CLIPs come with their MLP weights
             needs["weights"] = ("file", self.weights, "the LAION MLP, sac+logos+ava1-l14-linearMSE.pth or .safetensors")
         return needs
 
     def load(self, device: str = "cpu") -> None:
         if self.weights is None:
-            if self.clip.checkpoint != "tiny":
+            if self.clip.checkpoint == "tiny-shapes":
+                from reward_servers.tiny_models import resolve
+
+                self.weights = str(Path(resolve("tiny-shapes", "clip")) / "aesthetic-mlp.safetensors")
+            elif self.clip.checkpoint != "tiny":
                 raise ValueError("--weights is required: the path of sac+logos+ava1-l14-linearMSE.pth (or .safetensors)")
-            self.weights = str(self._tiny_weights())
+            else:
+                self.weights = str(self._tiny_weights())
         if not Path(self.weights).is_file():
             raise FileNotFoundError(f"--weights {self.weights}: no such file")
         self.clip.load(device)

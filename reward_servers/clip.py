@@ -80,7 +80,7 @@ class PickScore(ClipScore):
         checkpoint: str = "yuvalkirstain/PickScore_v1",
         processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     ):
-        super().__init__(checkpoint, processor if checkpoint != "tiny" else None)
+        super().__init__(checkpoint, processor if checkpoint not in ("tiny", "tiny-shapes") else None)
 
     def score(self, images, prompts, metadata) -> ScoreOutput:
         cosine = self.cosine(images, prompts)

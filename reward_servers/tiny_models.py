@@ -185,6 +185,13 @@ def tiny_checkpoint(kind: str, cache_dir=None) -> Path:
     return cached_build(f"tiny-{kind}", {**spec, "words": WORDS}, build, cache_dir)
 
 
+# Trained, not random: the shapes world's CLIP (reward_servers/shapes_clip.py), shipped in the package.
+SHIPPED = {("tiny-shapes", "clip"): Path(__file__).parent / "weights" / "tiny-shapes-clip"}
+
+
 def resolve(checkpoint: str, kind: str) -> str:
-    """A checkpoint option as a from_pretrained argument: 'tiny' becomes the built folder."""
+    """A checkpoint option as a from_pretrained argument: 'tiny' becomes the built folder, 'tiny-shapes' the
+    shipped one."""
+    if (checkpoint, kind) in SHIPPED:
+        return str(SHIPPED[checkpoint, kind])
     return str(tiny_checkpoint(kind)) if checkpoint == "tiny" else checkpoint

@@ -19,7 +19,7 @@ def launch(out: Path, cache: Path, epochs: int, *extra: str) -> subprocess.Compl
     command = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "trainer", "--run.output_dir", str(out), "--run.num_epochs", str(epochs), "--run.save_freq", "1",
+        "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), "--run.num_epochs", str(epochs), "--run.save_freq", "1",
         "--run.log_with", "none", "--pretrained.cache_dir", str(cache), "--sample.num_steps", "4",
         "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "2", "--train.batch_size", "2",
         "--train.per_prompt_stat_tracking", "--train.stat_min_count", "4", *extra,

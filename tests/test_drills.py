@@ -139,7 +139,7 @@ def test_a_restarted_scorer_is_waited_for(tmp_path, tiny_cache, start_server):
 
 # -- a killed trainer ---------------------------------------------------------------------------------------
 def trainer(out, cache, *extra) -> subprocess.Popen:
-    args = [sys.executable, "-m", "trainer", "--run.output_dir", str(out), "--run.num_epochs", "4", "--run.save_freq", "1",
+    args = [sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), "--run.num_epochs", "4", "--run.save_freq", "1",
             "--run.log_with", "none", "--run.log_images_every", "0", "--pretrained.cache_dir", str(cache),
             "--sample.num_steps", "4", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "2",
             "--train.batch_size", "2", *extra]

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def run_trainer(tmp_path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    base = ["--run.output_dir", str(tmp_path / "run"), "--pretrained.cache_dir", str(tmp_path / "cache"),
+    base = ["--preset", "tiny", "--run.output_dir", str(tmp_path / "run"), "--pretrained.cache_dir", str(tmp_path / "cache"),
             "--run.log_with", "none", "--reward.probe_timeout", "1"]
     return subprocess.run([sys.executable, "-m", "trainer", *base, *args], capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -98,11 +98,11 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, t
             "--run.log_with", "none", "--run.log_images_every", "0", "--sample.num_steps", "4", "--sample.batch_size", "4",
             "--sample.num_batches_per_epoch", "2", "--train.batch_size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run([sys.executable, "-m", "trainer", "--run.output_dir", str(tmp_path / "straight"), *args],
+    straight = subprocess.run([sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(tmp_path / "straight"), *args],
                               capture_output=True, text=True, timeout=300, env=env)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--run.output_dir", str(out), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
@@ -134,7 +134,7 @@ def test_a_scorer_failing_mid_run_is_one_message_and_status_2(tmp_path, tiny_cac
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a broken prompt\n")
     result = subprocess.run(
-        [sys.executable, "-m", "trainer", "--run.output_dir", str(tmp_path / "run"), "--pretrained.cache_dir", str(tiny_cache),
+        [sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(tmp_path / "run"), "--pretrained.cache_dir", str(tiny_cache),
          "--run.log_with", "none", "--reward.url", server.url, "--reward.scorer", "synthetic", "--prompt.fn", "from_file",
          "--prompt.path", str(prompts), "--sample.num_steps", "2", "--sample.batch_size", "2", "--train.batch_size", "2"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -140,7 +140,7 @@ def test_reward_and_prompt_functions_by_name_on_the_command_line(user_package, t
     (user_package / "user_prompts.py").write_text("def animal():\n    return 'a photo of an owl'\n")
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer", "--reward.scorer", "user_rewards:brightness", "--prompt.fn", "user_prompts:animal",
+        [sys.executable, "-m", "trainer", "--preset", "tiny", "--reward.scorer", "user_rewards:brightness", "--prompt.fn", "user_prompts:animal",
          "--run.output_dir", str(out), "--run.num_epochs", "1", "--run.log_with", "none", "--pretrained.cache_dir", str(tiny_cache),
          "--sample.num_steps", "3", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1", "--train.batch_size", "2"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},

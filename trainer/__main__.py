@@ -3,6 +3,9 @@
 A mistake of the user's (an option, a value, a file, an unreachable or refusing scorer) is one short message
 naming the setting and the fix, exit status 2 and no traceback; ``--debug`` (or ``DIFFUSION_RL_DEBUG=1``)
 shows the traceback too. ``--print-config`` prints the resolved configuration and exits.
+
+Without ``--preset`` the command line runs ``shapes`` (DDPO on the shapes world: learning a user can see in
+minutes); ``Config()`` in Python starts from ``tiny``, the fast random-init run the tests use.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import os
 import sys
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import CliApp
 
 from protocol.errors import RewardServerError, cli_message
@@ -20,6 +23,11 @@ from trainer.config import Config
 from trainer.plan import BatchPlanError
 
 PROG = "python -m trainer"
+
+
+class CommandLine(Config):
+    preset: str = Field("shapes", description="starting point: shapes, shapes-grpo, tiny, sd15-compressibility, "
+                        "sd15-aesthetic, ... (-1gpu)")
 USAGE_ERROR = 2  # as argparse's
 
 
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if problems:
         fail("\n  ".join(["unknown option(s):", *problems]), None, debug)
     try:
-        cfg = CliApp.run(Config, cli_args=args)
+        cfg = CliApp.run(CommandLine, cli_args=args)
     except ValidationError as exc:
         fail(f"invalid configuration\n{cli_message(exc)}", exc, debug)
     if print_config:

@@ -46,7 +46,8 @@ class RunConfig(_Group):
 
 
 class PretrainedConfig(_Group):
-    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" (embedded, built offline) or a diffusers '
+    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" (embedded, built offline), "tiny-shapes" '
+                       '(shipped, pretrained on the shapes world) or a diffusers '
                        'model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline)')
     revision: str | None = None
     load_t5: bool = Field(True, description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
@@ -302,7 +303,8 @@ class Config(BaseSettings):
         env_prefix="DIFFUSION_RL_", env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
     )
 
-    preset: str = Field("tiny", description="starting point: tiny, sd15-compressibility, sd15-aesthetic, ... (-1gpu)")
+    preset: str = Field("tiny", description="starting point: shapes, shapes-grpo, tiny, sd15-compressibility, "
+                        "sd15-aesthetic, ... (-1gpu)")
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
@@ -319,7 +321,7 @@ class Config(BaseSettings):
 
         if not isinstance(given, dict):
             return given
-        name = given.get("preset", "tiny")
+        name = given.get("preset", cls.model_fields["preset"].default)
         if name not in PRESETS:
             raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         layered = PRESETS[name]

@@ -228,6 +228,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
             "reward_std": float(rewards.std()),
             **{f"reward_{name}_{stat}": float(getattr(r, stat)()) for name, r in components.items() for stat in ("mean", "std")},
             **{k: float(torch.stack(v).float().mean()) for k, v in stats.items()},
+            **tracking.by_category(samples, rewards),
             "learning_rate": optimizer.param_groups[0]["lr"],
             "seconds_sampling": sampling,
             "seconds_reward_wait": t2 - t1,

@@ -21,6 +21,8 @@ import numpy as np
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from trainer import tracking
+
 
 def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], rewards, *, num_steps: int,
              guidance_scale: float, resolution: int, seeds: list[int], batch_size: int, deadline: float = 600.0,
@@ -58,7 +60,8 @@ def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], 
 def summary(prompts: list[str], scored: dict, total: np.ndarray) -> dict:
     """Mean rewards, and per prompt (each of its images) in first-seen order."""
     out = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
-           **{f"reward_{name}_mean": float(s.scores.mean()) for name, s in scored.items()}}
+           **{f"reward_{name}_mean": float(s.scores.mean()) for name, s in scored.items()},
+           **tracking.by_category(tracking.sample_records(0, 0, prompts, scored), total)}
     order = list(dict.fromkeys(prompts))
     index = np.array([order.index(p) for p in prompts])
     out["per_prompt"] = [
@@ -106,12 +109,14 @@ def evaluate_run(run, model, after_epochs: int) -> dict:
         resolution=cfg.sample.resolution or run.family.native_resolution(), seeds=[cfg.run.seed + i for i in mine],
         batch_size=cfg.sample.batch_size, deadline=cfg.reward.deadline, autocast=accelerator.autocast,
     )
-    rows = gather_object([(i, images[k], {n: float(s.scores[k]) for n, s in scored.items()}) for k, i in enumerate(mine)])
+    rows = gather_object([(i, images[k], {n: (float(s.scores[k]), {key: v[k] for key, v in s.info.items()})
+                                          for n, s in scored.items()}) for k, i in enumerate(mine)])
     rows.sort(key=lambda row: row[0])
-    scored = {n: ScoreOutput(np.array([row[2][n] for row in rows]), {}) for n in scored}
+    scored = {n: ScoreOutput(np.array([row[2][n][0] for row in rows]),
+                             {key: [row[2][n][1][key] for row in rows] for key in scored[n].info}) for n in scored}
     total = run.rewards.combine({n: s.scores for n, s in scored.items()})
     result = {"epoch": after_epochs, **summary([prompts[row[0]] for row in rows], scored, total)}
-    accelerator.log({f"eval/{k}": v for k, v in result.items() if k.startswith("reward")}, step=after_epochs)
+    accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "per_prompt"}, step=after_epochs)
     if accelerator.is_main_process:
         with open(run.out / "eval.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")

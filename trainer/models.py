@@ -15,6 +15,7 @@ from trainer.sdxl import SDXL
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL, SD3)}  # a diffusers pipeline class -> its family
 TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path", "tiny-sd3": "tiny_sd3_path"}  # built offline (trainer/tiny_pipeline.py)
+SHIPPED = {"tiny-shapes": Path(__file__).parent / "weights" / "tiny-shapes"}  # pretrained by trainer/shapes_model.py
 
 
 def load_family(cfg: Config, device: torch.device):
@@ -27,6 +28,7 @@ def load_family(cfg: Config, device: torch.device):
         from trainer import tiny_pipeline
 
         path = str(getattr(tiny_pipeline, TINY[path])(cfg.pretrained.cache_dir))
+    path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
     if kind not in FAMILIES:
         raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")

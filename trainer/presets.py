@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from trainer.prompts import ASSETS
+
 # ddpo-pytorch's base config for SD1.5, as overrides of our tiny defaults.
 _SD15 = {
     "run": {"num_epochs": 100, "save_freq": 20, "checkpoint_limit": 5, "mixed_precision": "fp16"},
@@ -63,8 +65,24 @@ _FLOW_GRPO = {
     },
 }
 
+# The shapes world (reward_servers/world.py): tiny-shapes, pretrained on it, learns to follow GenEval-style
+# captions, checked by the verifier; evaluated before and after on the held-out captions (60 images per
+# category, deterministic sampling). `python -m trainer` runs "shapes".
+_SHAPES = {
+    "run": {"output_dir": "outputs/shapes", "num_epochs": 30, "eval_every": 30, "log_images_every": 10},
+    "pretrained": {"model": "tiny-shapes"},
+    "sample": {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "batch_size": 16, "num_batches_per_epoch": 2},
+    "train": {"batch_size": 8, "learning_rate": 3e-3, "lora_rank": 8, "lora_alpha": 8.0},
+    "prompt": {"fn": "shapes", "eval_path": str(ASSETS / "shapes_eval.txt")},
+    "reward": {"scorer": "shapes"},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
+    "shapes": _SHAPES,
+    # Flow-GRPO's recipe on SD1 (group-relative advantages of 4 images per prompt, KL to the base model)
+    "shapes-grpo": _with(_SHAPES, run={"output_dir": "outputs/shapes-grpo"}, sample={"images_per_prompt": 4},
+                         train={"kl_coef": 0.04}),
     "tiny-sdxl": {"run": {"output_dir": "outputs/tiny-sdxl"}, "pretrained": {"model": "tiny-sdxl"}},  # SDXL's shape, CPU
     # Flow-GRPO's shape on CPU: groups of 4, 10 SDE steps, KL to the reference.
     "tiny-sd3": {

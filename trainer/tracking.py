@@ -77,6 +77,23 @@ def sample_records(epoch: int, process: int, prompts: list[str], scored: dict) -
     return records
 
 
+def by_category(records: list[dict], rewards: np.ndarray) -> dict[str, float]:
+    """A GenEval-style breakdown, when a scorer says each image's ``category`` (and whether it is fully
+    ``correct``, as the shapes verifier does): ``accuracy`` and, per category, the mean reward and accuracy."""
+    key = next((k for k in (records[0] if records else {}) if k == "category" or k.endswith("/category")), None)
+    if key is None:
+        return {}
+    categories = np.array([str(r[key]) for r in records])
+    correct_key = key[: -len("category")] + "correct"
+    correct = np.array([bool(r[correct_key]) for r in records]) if correct_key in records[0] else None
+    out = {} if correct is None else {"accuracy": float(correct.mean())}
+    for c in sorted(set(categories)):
+        out[f"category/{c}/reward_mean"] = float(np.asarray(rewards)[categories == c].mean())
+        if correct is not None:
+            out[f"category/{c}/accuracy"] = float(correct[categories == c].mean())
+    return out
+
+
 def flat(tree: dict, prefix: str = "") -> dict:
     """Nested config as flat scalars (what tensorboard's hparams accept)."""
     out = {}

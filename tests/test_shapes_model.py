@@ -1,0 +1,80 @@
+"""tiny-shapes and its tiny CLIP: shipped, loaded by plain diffusers / transformers, pretrained for real; the
+pretraining scripts resume exactly; the shapes preset learns and reports held-out accuracy per category."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reward_servers import shapes_clip, world
+from reward_servers.shapes import verify
+from reward_servers.tiny_models import SHIPPED
+from trainer import shapes_model
+from trainer.models import SHIPPED as SHIPPED_PIPELINES
+
+PIPELINE, CLIP = SHIPPED_PIPELINES["tiny-shapes"], SHIPPED["tiny-shapes", "clip"]
+
+
+def test_shipped_weights_are_small_and_load_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    size = sum(f.stat().st_size for folder in (PIPELINE, CLIP) for f in folder.rglob("*") if f.is_file())
+    assert size <= 20e6, f"{size / 1e6:.1f} MB shipped"
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, torch_dtype=torch.float32)
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor != 0.18215
+
+
+def test_the_pretrained_model_draws_what_it_is_told_and_a_random_one_does_not(tiny_cache):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.tiny_pipeline import tiny_pipeline_path
+
+    captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 4
+
+    def score(path) -> float:
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(captions, num_inference_steps=20, guidance_scale=5.0, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+        images = (images * 255).round().astype(np.uint8)
+        return float(np.mean([verify(i, world.claims(c))[0] for i, c in zip(images, captions)]))
+
+    assert score(PIPELINE) >= 0.5
+    assert score(tiny_pipeline_path(tiny_cache)) == 0.0
+
+
+def test_the_clip_ranks_true_captions_above_changed_ones():
+    from reward_servers.clip import ClipScore
+
+    scorer = ClipScore("tiny-shapes")
+    scorer.load("cpu")
+    rng = np.random.default_rng(0)
+    captions = [world.sample_caption(rng, "heldout")[0] for _ in range(64)]
+    images = np.stack([world.render(c, rng) for c in captions])
+    changed = [shapes_clip.hard_negative(c, rng) for c in captions]
+    right = scorer.cosine(images, captions) > scorer.cosine(images, changed)
+    assert right.mean() >= 0.7
+
+
+def _pretrain(out: Path, *extra: str) -> None:
+    shapes_model.Stage.taken = 0
+    shapes_model.main(["--out", str(out), "--vae-steps", "3", "--vae-batch", "2", "--unet-steps", "3", "--unet-batch", "4",
+                       "--latents", "8", "--save-every", "100", *extra])
+
+
+def test_pretraining_stopped_and_resumed_is_bit_identical(tmp_path):
+    _pretrain(tmp_path / "straight")
+    for _ in range(3):  # stops after vae step 2, then vae 3 + unet 1, then runs to the end
+        _pretrain(tmp_path / "resumed", "--stop-after", "2")
+    assert not (tmp_path / "resumed" / "pipeline").exists()
+    _pretrain(tmp_path / "resumed", "--stop-after", "2")
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = (load_file(next((tmp_path / run / "pipeline" / part).glob("*.safetensors"))) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert json.loads((tmp_path / "resumed" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((tmp_path / "straight" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"]
