@@ -1,8 +1,9 @@
 """The shapes world's verifier, a GenEval-style reward: does the image show what its caption claims?
 
 Segments the image by palette colour (reward_servers/world.py), finds each colour's connected components,
-tells a triangle by its mass below its middle (3/4) and a square from a circle by how much of its bounding
-box it fills (1, pi/4), and checks the caption's claims: each named object present (a count: exactly that
+classifies each as the square, circle or upright triangle whose ideal mask in its bounding box overlaps it
+best (a "blob" when none overlaps well: a smear satisfies no claim, so a policy cannot game the verifier
+with irregular shapes), and checks the caption's claims: each named object present (a count: exactly that
 many), its colour, and the relation of a position prompt. The score is the fraction of claims satisfied (1.0: fully correct, as
 GenEval counts an image correct only when every claim holds). The claims come from the prompt's metadata
 when the world's prompt function made it (``metadata["claims"]``), else from parsing the caption.
@@ -37,10 +38,34 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return [np.argwhere(labels == label) for label in np.unique(labels[mask])]
 
 
+def ideal_masks(h: int, w: int) -> dict[str, np.ndarray]:
+    """The square, circle and upright triangle that fill an h x w box, as the renderer draws them."""
+    y, x = np.mgrid[0:h, 0:w] + 0.5
+    return {
+        "square": np.ones((h, w), bool),
+        "circle": ((x - w / 2) / (w / 2)) ** 2 + ((y - h / 2) / (h / 2)) ** 2 <= 1.0,
+        "triangle": np.abs(x - w / 2) <= y / h * w / 2,
+    }
+
+
+def classify(points: np.ndarray) -> tuple[str, float]:
+    """The shape whose ideal mask in the component's bounding box overlaps it best (intersection over union),
+    and that overlap; "blob" when none reaches 0.65 or the box is far from square (nothing the world draws)."""
+    (y0, x0), (y1, x1) = points.min(0), points.max(0)
+    h, w = y1 - y0 + 1, x1 - x0 + 1
+    mask = np.zeros((h, w), bool)
+    mask[points[:, 0] - y0, points[:, 1] - x0] = True
+    fits = {shape: (mask & ideal).sum() / (mask | ideal).sum() for shape, ideal in ideal_masks(h, w).items()}
+    shape = max(fits, key=fits.get)
+    if fits[shape] < 0.65 or not 0.6 <= w / h <= 1 / 0.6:
+        return "blob", float(fits[shape])
+    return shape, float(fits[shape])
+
+
 def detect(image: np.ndarray, min_area: int | None = None) -> list[dict[str, Any]]:
     """The objects in a uint8 (H, W, 3) image: shape, colour, centre (x, y) and area in pixels."""
     h = image.shape[0]
-    min_area = min_area or max(4, int(12 * (h / world.RESOLUTION) ** 2))
+    min_area = min_area or max(4, int(20 * (h / world.RESOLUTION) ** 2))  # smaller specks are noise, not objects
     pixels = image.astype(np.float32)
     background = np.median(pixels.reshape(-1, 3), axis=0)
     to_palette = np.linalg.norm(pixels[:, :, None, :] - PALETTE, axis=-1)  # (H, W, colours)
@@ -51,14 +76,9 @@ def detect(image: np.ndarray, min_area: int | None = None) -> list[dict[str, Any
         for points in components(foreground & (nearest == k)):
             if len(points) < min_area:
                 continue
-            (y0, x0), (y1, x1) = points.min(0), points.max(0)
-            fill = len(points) / ((y1 - y0 + 1) * (x1 - x0 + 1))
-            # An upright triangle has a quarter of its area above its middle (a circle or square half), which
-            # survives the blur of a small VAE better than the fill does.
-            top = (points[:, 0] < (y0 + y1) / 2).sum() / max(1, (points[:, 0] > (y0 + y1) / 2).sum())
-            shape = "triangle" if top < 0.6 or fill < 0.6 else "square" if fill > 0.87 else "circle"
+            shape, fit = classify(points)
             found.append({"shape": shape, "color": name, "x": float(points[:, 1].mean()),
-                          "y": float(points[:, 0].mean()), "area": int(len(points))})
+                          "y": float(points[:, 0].mean()), "area": int(len(points)), "fit": round(fit, 3)})
     return found
 
 

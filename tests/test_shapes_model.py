@@ -25,7 +25,7 @@ def test_shipped_weights_are_small_and_load_with_plain_diffusers():
 
     size = sum(f.stat().st_size for folder in (PIPELINE, CLIP) for f in folder.rglob("*") if f.is_file())
     assert size <= 20e6, f"{size / 1e6:.1f} MB shipped"
-    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE, dtype=torch.float32)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor != 0.18215
 
 
@@ -37,7 +37,7 @@ def test_the_pretrained_model_draws_what_it_is_told_and_a_random_one_does_not(ti
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 4
 
     def score(path) -> float:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         images = pipe(captions, num_inference_steps=20, guidance_scale=5.0, output_type="np",
                       generator=torch.Generator().manual_seed(0)).images
@@ -78,3 +78,30 @@ def test_pretraining_stopped_and_resumed_is_bit_identical(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert json.loads((tmp_path / "resumed" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] == \
         json.loads((tmp_path / "straight" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"]
+
+
+def test_the_shapes_preset_reports_accuracy_per_category(tmp_path):
+    from trainer.config import Config
+    from trainer.ddpo import train
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a triangle\nthree circles\na red triangle\na circle above a square\n" * 2)
+    out = tmp_path / "run"
+    train(Config(preset="shapes", run={"output_dir": out, "num_epochs": 1, "eval_every": 1, "log_with": "none",
+                                       "log_images_every": 0},
+                 sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 1}, train={"batch_size": 2},
+                 prompt={"eval_path": held_out}))
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1] and (out / "eval" / "before_after.png").is_file()
+    for record in evals:  # recomputed from the per-image scores: correct means every claim held
+        scores = {p["prompt"]: p["reward_shapes"] for p in record["per_prompt"]}
+        correct = [s == 1.0 for p in scores.values() for s in p]
+        assert record["accuracy"] == pytest.approx(np.mean(correct))
+        assert record["category/counting/accuracy"] == pytest.approx(np.mean([s == 1.0 for s in scores["three circles"]]))
+        assert record["category/position/reward_mean"] == pytest.approx(np.mean(scores["a circle above a square"]))
+    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert metrics["accuracy"] == pytest.approx(np.mean([s["correct"] for s in samples]))
+    for category in {s["category"] for s in samples}:
+        mine = [s for s in samples if s["category"] == category]
+        assert metrics[f"category/{category}/reward_mean"] == pytest.approx(np.mean([s["reward"] for s in mine]))

@@ -79,6 +79,20 @@ def save_grid(images: np.ndarray, prompts: list[str], total: np.ndarray, path: P
     grid(list(images), [f"{r:+.3f} {p}" for p, r in zip(prompts, total)], columns=columns).save(path)
 
 
+def save_before_after(first: tuple, last: tuple, prompts: list[str], path: Path, count: int = 24) -> None:
+    """The first image of each of the first ``count`` distinct prompts at two evaluations, side by side:
+    the same seeds, so a cell pair differs only by training. ``first``/``last``: (epochs, images, rewards)."""
+    from trainer.grid import grid
+
+    firsts = [prompts.index(p) for p in list(dict.fromkeys(prompts))[:count]]
+    cells, captions = [], []
+    for i in firsts:
+        for epochs, images, rewards in (first, last):
+            cells.append(images[i])
+            captions.append(f"epoch {epochs}: {rewards[i]:+.2f} {prompts[i]}")
+    grid(cells, captions, columns=8).save(path)
+
+
 def eval_prompts(cfg, prompt_fn) -> tuple[list[str], list[dict[str, Any]]]:
     """``prompt.eval_path`` (one prompt per line), else ``prompt.eval_count`` draws of the prompt function from
     an rng of their own (the training prompts' rng, which checkpoints keep, is not touched)."""
@@ -120,8 +134,12 @@ def evaluate_run(run, model, after_epochs: int) -> dict:
     if accelerator.is_main_process:
         with open(run.out / "eval.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
-        save_grid(np.stack([row[1] for row in rows]), prompts, total, run.out / "eval" / f"after-{after_epochs:04d}.png",
-                  columns=min(8, len(rows)))
+        shown = np.stack([row[1] for row in rows])
+        save_grid(shown, prompts, total, run.out / "eval" / f"after-{after_epochs:04d}.png", columns=min(8, len(rows)))
+        if run.first_eval is None:  # this process's first evaluation: before training, unless resumed
+            run.first_eval = (after_epochs, shown, total)
+        elif after_epochs == cfg.run.num_epochs:
+            save_before_after(run.first_eval, (after_epochs, shown, total), prompts, run.out / "eval" / "before_after.png")
     accelerator.print(f"eval after {after_epochs} epochs | reward {result['reward_mean']:+.4f} on {len(prompts)} prompts")
     return result
 

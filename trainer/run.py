@@ -53,6 +53,7 @@ class Run:
     lr_scheduler: Any = None
     ema: EMA | None = None
     history: list[dict] = field(default_factory=list)
+    first_eval: tuple | None = None  # (epochs, images, rewards) of this process's first evaluation
 
     def fit_threads(self) -> int:
         """On a CPU, the torch threads for the coming epoch (trainer/threads.py); the count in use."""
