@@ -34,7 +34,7 @@ class Settings(BaseSettings):
 
     out: Path = Field(Path("outputs/shapes-clip"), description="checkpoints and the finished model")
     seed: int = 0
-    steps: int = Field(3000, ge=0)
+    steps: int = Field(2500, ge=0)
     batch: int = Field(64, gt=1)
     lr: float = 5e-4
     mlp_steps: int = Field(1500, ge=0)
