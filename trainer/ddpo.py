@@ -241,6 +241,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
             f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
             f"sample {sampling:5.1f}s  reward-wait {t2 - t1:5.1f}s  train {t3 - t2:5.1f}s | "
             f"loss {metrics.get('loss', 0):+.2e} kl {metrics.get('approx_kl', 0):.2e} clipfrac {metrics.get('clipfrac', 0):.3f}"
+            + (f" | accuracy {metrics['accuracy']:.1%}" if "accuracy" in metrics else "")
         )
         run_setup.end_epoch(run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None})
     if cfg.run.eval_every:

@@ -140,7 +140,8 @@ def evaluate_run(run, model, after_epochs: int) -> dict:
             run.first_eval = (after_epochs, shown, total)
         elif after_epochs == cfg.run.num_epochs:
             save_before_after(run.first_eval, (after_epochs, shown, total), prompts, run.out / "eval" / "before_after.png")
-    accelerator.print(f"eval after {after_epochs} epochs | reward {result['reward_mean']:+.4f} on {len(prompts)} prompts")
+    accuracy = f" | accuracy {result['accuracy']:.1%}" if "accuracy" in result else ""
+    accelerator.print(f"eval after {after_epochs} epochs | reward {result['reward_mean']:+.4f}{accuracy} on {len(prompts)} prompts")
     return result
 
 
