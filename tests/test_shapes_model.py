@@ -44,8 +44,8 @@ def test_the_pretrained_model_draws_what_it_is_told_and_a_random_one_does_not(ti
         images = (images * 255).round().astype(np.uint8)
         return float(np.mean([verify(i, world.claims(c))[0] for i, c in zip(images, captions)]))
 
-    assert score(PIPELINE) >= 0.5
-    assert score(tiny_pipeline_path(tiny_cache)) == 0.0
+    pretrained, random_init = score(PIPELINE), score(tiny_pipeline_path(tiny_cache))
+    assert pretrained >= 0.5 and random_init <= 0.2, (pretrained, random_init)  # a stray blob can pass by chance
 
 
 def test_the_clip_ranks_true_captions_above_changed_ones():
