@@ -55,14 +55,14 @@ class AestheticScorer(Scorer):
 
     def load(self, device: str = "cpu") -> None:
         if self.weights is None:
-            if self.clip.checkpoint == "tiny-shapes":
+            if self.clip.checkpoint == "tiny":
+                self.weights = str(self._tiny_weights())
+            elif self.clip.checkpoint == "tiny-shapes":
                 from reward_servers.tiny_models import resolve
 
                 self.weights = str(Path(resolve("tiny-shapes", "clip")) / "aesthetic-mlp.safetensors")
-            elif self.clip.checkpoint != "tiny":
-                raise ValueError("--weights is required: the path of sac+logos+ava1-l14-linearMSE.pth (or .safetensors)")
             else:
-                self.weights = str(self._tiny_weights())
+                raise ValueError("--weights is required: the path of sac+logos+ava1-l14-linearMSE.pth (or .safetensors)")
         if not Path(self.weights).is_file():
             raise FileNotFoundError(f"--weights {self.weights}: no such file")
         self.clip.load(device)

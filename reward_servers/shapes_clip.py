@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> None:
             out = model(**inputs)
             logits = out.logits_per_image  # (batch, 2 x batch)
             target = torch.arange(s.batch)
-            same = torch.tensor([[a == b for b in caps] for a in caps])  # a caption twice in the batch is no negative
-            text_logits = logits[:, : s.batch].t().masked_fill(same & ~torch.eye(s.batch, dtype=torch.bool), -1e4)
-            image_logits = torch.cat([logits[:, : s.batch].masked_fill(same & ~torch.eye(s.batch, dtype=torch.bool), -1e4),
-                                      logits[:, s.batch :]], 1)
+            # a caption twice in the batch is no negative of itself (the mask is symmetric)
+            repeated = torch.tensor([[a == b and i != j for j, b in enumerate(caps)] for i, a in enumerate(caps)])
+            positives = logits[:, : s.batch].masked_fill(repeated, -1e4)
+            text_logits, image_logits = positives.t(), torch.cat([positives, logits[:, s.batch :]], 1)
             loss = (torch.nn.functional.cross_entropy(image_logits, target)
                     + torch.nn.functional.cross_entropy(text_logits, target)) / 2
             for group in optimizer.param_groups:

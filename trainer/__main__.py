@@ -23,12 +23,11 @@ from trainer.config import Config
 from trainer.plan import BatchPlanError
 
 PROG = "python -m trainer"
-
-
-class CommandLine(Config):
-    preset: str = Field("shapes", description="starting point: shapes, shapes-grpo, tiny, sd15-compressibility, "
-                        "sd15-aesthetic, ... (-1gpu)")
 USAGE_ERROR = 2  # as argparse's
+
+
+class CommandLine(Config):  # the same config, starting from the shapes preset (see the module docstring)
+    preset: str = Field("shapes", description=Config.model_fields["preset"].description)
 
 
 def flags(model: type[BaseModel] = Config, prefix: str = "") -> set[str]:
