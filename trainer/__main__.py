@@ -1,4 +1,5 @@
-"""``python -m trainer`` / ``accelerate launch -m trainer``: DDPO finetuning; ``--help`` lists every option.
+"""``python -m trainer`` / ``accelerate launch -m trainer``: DDPO finetuning (``--algorithm dpo``: Diffusion-DPO,
+also ``python -m trainer.dpo`` with that project's flags); ``--help`` lists every option.
 
 A mistake of the user's (an option, a value, a file, an unreachable or refusing scorer) is one short message
 naming the setting and the fix, exit status 2 and no traceback; ``--debug`` (or ``DIFFUSION_RL_DEBUG=1``)
@@ -83,11 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.checkpoint import CheckpointError
     from trainer.preflight import PreflightError
     from trainer.rewards import RewardError
-    from trainer.ddpo import train
+    from trainer.ddpo import train as ddpo
+    from trainer.dpo import train as dpo
+    from trainer.pairs import PairsError
 
     try:
-        train(cfg)
-    except (PreflightError, BatchPlanError, CheckpointError, RewardError, RewardServerError) as exc:  # the user's to fix
+        {"ddpo": ddpo, "dpo": dpo}[cfg.algorithm](cfg)
+    except (PreflightError, BatchPlanError, CheckpointError, RewardError, RewardServerError, PairsError) as exc:  # the user's to fix
         fail(str(exc), exc, debug)
     except KeyboardInterrupt:  # the trainer has saved what it could and printed how to resume
         raise SystemExit(130) from None

@@ -115,6 +115,8 @@ class TrainConfig(_Group):
     )
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward: less memory")
     use_8bit_adam: bool = Field(False, description="bitsandbytes' AdamW8bit (needs a CUDA GPU)")
+    use_adafactor: bool = Field(False, description="transformers' Adafactor at train.learning_rate, in place of AdamW "
+                                "(less memory: Diffusion-DPO's choice for SDXL)")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty toward the adapter-disabled UNet (LoRA only)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA")
     group_std: Literal["group", "global"] = Field("group", description="with images_per_prompt > 1: divide by each "
@@ -177,6 +179,36 @@ class PromptConfig(_Group):
         if info.data.get("fn") == "from_file" and (path is None or not path.is_file()):
             raise ValueError(f"from_file needs an existing file, got {path}")
         return path
+
+
+class DPOConfig(_Group):
+    """Diffusion-DPO (``--algorithm dpo``): preference pairs, the loss's beta, the data pipeline; counted in
+    optimizer steps. The reference is the base model: with LoRA the adapter-disabled denoiser, with full
+    finetuning a frozen copy of it."""
+
+    dataset: str | None = Field(None, description="preference pairs: a folder of Pick-a-Pic-layout parquet files "
+                                "(caption, jpg_0, jpg_1, label_0), a folder with pairs.jsonl, or a hub dataset id")
+    split: str = "train"
+    cache_dir: Path | None = Field(None, description="where the datasets library caches a hub dataset")
+    beta: float = Field(5000.0, gt=0, description="the KL weight beta (5000 for SD1.5 and SDXL)")
+    sft: bool = Field(False, description="supervised finetuning instead: the denoising MSE on the winners only")
+    max_train_steps: int = Field(100, gt=0, description="optimizer steps")
+    checkpointing_steps: int = Field(500, ge=0, description="checkpoint every this many steps (and at the end)")
+    log_every: int = Field(1, gt=0, description="log metrics every this many steps")
+    scale_lr: bool = Field(False, description="multiply train.learning_rate by the effective batch (batch x "
+                           "accumulation x processes), as Diffusion-DPO's --scale_lr")
+    random_crop: bool = Field(False, description="random instead of centre crops")
+    hflip: bool = Field(True, description="random horizontal flips")
+    proportion_empty_prompts: float = Field(0.2, ge=0, le=1, description="share of captions replaced by \"\"")
+    dataloader_num_workers: int = Field(0, ge=0, description="processes decoding and preprocessing pairs")
+    relabel: bool = Field(False, description="choose each pair's winner with the reward (reward.scorer or "
+                          "reward.url) as it trains, instead of label_0 (Diffusion-DPO's --choice_model)")
+
+    @model_validator(mode="after")
+    def _dataset(self) -> "DPOConfig":
+        if self.dataset is not None and "/" not in self.dataset and not Path(self.dataset).exists():
+            raise ValueError(f"dataset: {self.dataset} is neither a folder nor a hub dataset id (owner/name)")
+        return self
 
 
 class RewardSource(_Group):
@@ -296,7 +328,7 @@ class RewardConfig(RewardSource):
 
 
 class Config(BaseSettings):
-    """DDPO finetuning of a text-to-image diffusion model with rewards."""
+    """Finetuning of a text-to-image diffusion model with rewards (DDPO) or preferences (Diffusion-DPO)."""
 
     model_config = SettingsConfigDict(
         extra="forbid", cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
@@ -306,12 +338,15 @@ class Config(BaseSettings):
     preset: str = Field("tiny", description="starting point: shapes, shapes-grpo, tiny, sd15-compressibility, "
                         "sd15-aesthetic, ... (-1gpu)")
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
+    algorithm: Literal["ddpo", "dpo"] = Field("ddpo", description="ddpo: PPO on sampled trajectories and rewards; "
+                                              "dpo: Diffusion-DPO on preference pairs (dpo.*)")
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     sample: SampleConfig = SampleConfig()
     train: TrainConfig = TrainConfig()
     prompt: PromptConfig = PromptConfig()
     reward: RewardConfig = RewardConfig()
+    dpo: DPOConfig = DPOConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -344,6 +379,9 @@ class Config(BaseSettings):
             raise ValueError(f"train.timestep_window ({window}) + train.timestep_window_latest_start "
                              f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
                              f"({self.sample.num_steps})")
+        if self.algorithm == "dpo":
+            if self.dpo.dataset is None:
+                raise ValueError("dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id")
         if not self.train.cfg and self.sample.guidance_scale != 1.0:
             # The PPO ratio compares the training policy with the sampling one: they must be the same policy.
             raise ValueError(

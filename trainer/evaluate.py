@@ -106,8 +106,9 @@ def eval_prompts(cfg, prompt_fn) -> tuple[list[str], list[dict[str, Any]]]:
     return list(prompts), list(metadata)
 
 
-def evaluate_run(run, model, after_epochs: int) -> dict:
-    """The trainer's periodic evaluation of the weights after ``after_epochs`` epochs (its record's "epoch"):
+def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: bool | None = None) -> dict:
+    """The trainer's periodic evaluation of the weights after ``after_epochs`` epochs (or optimizer steps:
+    ``unit``; the record's "epoch"), the before/after grid at the ``final`` one (default: after run.num_epochs):
     each process takes every n-th prompt; the main process writes eval.jsonl and eval/after-NNNN.png and
     logs ``eval/*``."""
     from accelerate.utils import gather_object
@@ -138,10 +139,10 @@ def evaluate_run(run, model, after_epochs: int) -> dict:
         save_grid(shown, prompts, total, run.out / "eval" / f"after-{after_epochs:04d}.png", columns=min(8, len(rows)))
         if run.first_eval is None:  # this process's first evaluation: before training, unless resumed
             run.first_eval = (after_epochs, shown, total)
-        elif after_epochs == cfg.run.num_epochs:
+        elif (after_epochs == cfg.run.num_epochs) if final is None else final:
             save_before_after(run.first_eval, (after_epochs, shown, total), prompts, run.out / "eval" / "before_after.png")
     accuracy = f" | accuracy {result['accuracy']:.1%}" if "accuracy" in result else ""
-    accelerator.print(f"eval after {after_epochs} epochs | reward {result['reward_mean']:+.4f}{accuracy} on {len(prompts)} prompts")
+    accelerator.print(f"eval after {after_epochs} {unit} | reward {result['reward_mean']:+.4f}{accuracy} on {len(prompts)} prompts")
     return result
 
 

@@ -38,6 +38,7 @@ def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: torch.T
 
 def diffusion_dpo_loss(
     model_w: torch.Tensor, model_l: torch.Tensor, reference_w: torch.Tensor, reference_l: torch.Tensor, beta: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference Optimization").
 
@@ -46,10 +47,12 @@ def diffusion_dpo_loss(
     reference. The target is the noise for epsilon-prediction models and the velocity for flow matching (the
     same formula with the model's own target). The implicit reward margin is
     ``inside = -beta / 2 * ((model_w - model_l) - (reference_w - reference_l))``; the loss is
-    ``-logsigmoid(inside)``, averaged; implicit accuracy counts ``inside > 0`` (strictly).
+    ``-logsigmoid(inside)``, averaged (weighted by ``weights`` per pair when given: 0 leaves a pair out);
+    implicit accuracy counts ``inside > 0`` (strictly).
     """
     inside = -0.5 * beta * ((model_w - model_l) - (reference_w - reference_l))
-    loss = -torch.nn.functional.logsigmoid(inside).mean()
+    losses = -torch.nn.functional.logsigmoid(inside)
+    loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1)
     with torch.no_grad():
         stats = {
             "implicit_accuracy": (inside > 0).float().mean(),

@@ -164,9 +164,10 @@ def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
     return found, json.loads((found / "state.json").read_text())["epoch"]
 
 
-def load_model(run: Run, optimizer_steps: int) -> dict[str, Any]:
-    """Load the family, make it trainable, build the optimizer, LR schedule (over ``optimizer_steps``) and
-    EMA, and restore a checkpoint when resuming; returns the checkpoint's plain state ({} for a fresh run)."""
+def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = None) -> dict[str, Any]:
+    """Load the family, make it trainable, build the optimizer (at ``learning_rate``, default
+    train.learning_rate), LR schedule (over ``optimizer_steps``) and EMA, and restore a checkpoint when
+    resuming; returns the checkpoint's plain state ({} for a fresh run)."""
     cfg, accelerator = run.cfg, run.accelerator
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
@@ -182,13 +183,7 @@ def load_model(run: Run, optimizer_steps: int) -> dict[str, Any]:
         # in place (nn.Module.compile): the same module object samples, trains and, adapters off, gives the KL
         # reference, so every path runs compiled and accelerate's unwrap_model still finds it
         run.family.denoiser.compile(backend=cfg.run.compile)
-    optimizer = _adamw(cfg)(
-        run.trainable.values(),
-        lr=cfg.train.learning_rate,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        weight_decay=cfg.train.adam_weight_decay,
-        eps=cfg.train.adam_epsilon,
-    )
+    optimizer = _optimizer(cfg, list(run.trainable.values()), learning_rate)
     from diffusers.optimization import get_scheduler
 
     run.lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
@@ -205,17 +200,27 @@ def load_model(run: Run, optimizer_steps: int) -> dict[str, Any]:
     return state
 
 
-def _adamw(cfg: Config):
-    if cfg.train.use_8bit_adam:  # availability was checked with the config
+def _optimizer(cfg: Config, params: list[torch.nn.Parameter], learning_rate: float | None):
+    t = cfg.train
+    lr = t.learning_rate if learning_rate is None else learning_rate
+    if t.use_adafactor:  # a fixed learning rate, as Diffusion-DPO runs it (no relative step, no parameter scaling)
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=t.adam_weight_decay)
+    if t.use_8bit_adam:  # availability was checked with the config
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit
-    return torch.optim.AdamW
+        adamw = bnb.optim.AdamW8bit
+    else:
+        adamw = torch.optim.AdamW
+    return adamw(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
 
 
 def log_epoch(run: Run, metrics: dict, components: dict[str, np.ndarray], samples: list[dict]) -> None:
-    """The epoch's metrics to the history, the trackers and metrics.jsonl; its samples to samples.jsonl."""
-    accelerator, epoch = run.accelerator, metrics["epoch"]
+    """The epoch's metrics to the history, the trackers and metrics.jsonl; its samples to samples.jsonl.
+    (DPO logs per optimizer step: its records have "step" in place of "epoch".)"""
+    accelerator, epoch = run.accelerator, metrics.get("epoch", metrics.get("step"))
     run.history.append(metrics)
     accelerator.log(metrics, step=epoch)
     board = tracking.tensorboard(accelerator)
@@ -236,16 +241,19 @@ def weights_spread(run: Run) -> float:
     return float(sums.max() - sums.min())
 
 
-def end_epoch(run: Run, done: int, state: dict[str, Any]) -> None:
-    """Checkpoint after ``done`` epochs when it is due; otherwise keep what Ctrl-C would save. ``state``:
-    the plain counters to resume (``global_step`` and the algorithm's own)."""
+def end_epoch(run: Run, done: int, state: dict[str, Any], total: int | None = None, every: int | None = None) -> None:
+    """Checkpoint after ``done`` epochs when it is due (every ``every``, default run.save_freq, and at
+    ``total``, default run.num_epochs: DPO counts optimizer steps); otherwise keep what Ctrl-C would save.
+    ``state``: the plain counters to resume (``global_step`` and the algorithm's own)."""
     cfg = run.cfg
+    total = cfg.run.num_epochs if total is None else total
+    every = cfg.run.save_freq if every is None else every
     save = functools.partial(  # bound now: what the epoch ended with, should Ctrl-C ask for it later
         checkpoint.save, run.accelerator, run.out, done, cfg.run.checkpoint_limit, params=run.trainable,
         optimizer=run.optimizer, state={**state, "lr_scheduler": run.lr_scheduler.state_dict()},
         prompt_rng=run.prompt_rng, ema=run.ema, rng=checkpoint.rng_state(run.prompt_rng),
     )
-    due = done == cfg.run.num_epochs or (cfg.run.save_freq and done % cfg.run.save_freq == 0)
+    due = done == total or (every and done % every == 0)
     if due:
         save()
     run.ctrl_c.epoch_done(None if due else save)

@@ -80,6 +80,18 @@ class SD1:
         scheduler = self.pipe.scheduler
         return ddim_mean_std(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents, eta)
 
+    # -- the training objective ------------------------------------------------------------------------------
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
+        """The forward process at training timesteps drawn as ``u`` in [0, 1) (one per sample, uniform over
+        the scheduler's training timesteps): the noisy latents, the timesteps and the model's regression
+        target (the noise, or the velocity for a v-prediction model)."""
+        scheduler = self.pipe.scheduler
+        t = (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
+        noisy = scheduler.add_noise(latents, noise, t)
+        if scheduler.config.prediction_type == "v_prediction":
+            return noisy, t, scheduler.get_velocity(latents, noise, t)
+        return noisy, t, noise
+
     # -- pixels ----------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (N, 3, H, W), float32; differentiable."""

@@ -97,6 +97,16 @@ class SD3:
         """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE or CPS step, float32)."""
         return FLOW_STEPS[self.sde_type](self.pipe.scheduler.sigmas, index, output, latents, noise_level=eta)
 
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
+        """The rectified-flow interpolation x_s = (1 - s) x0 + s noise at s = the scheduler's shift applied to
+        ``u`` in [0, 1) (one per sample), as its own schedule warps sigmas; the timesteps the transformer takes
+        (s x num_train_timesteps) and its regression target, the velocity noise - x0."""
+        config = self.pipe.scheduler.config
+        shift = config.get("shift", 1.0)
+        s = shift * u / (1 + (shift - 1) * u)
+        sigma = s.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
+        return (1 - sigma) * latents + sigma * noise, s * config.num_train_timesteps, noise - latents
+
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
         from diffusers import StableDiffusion3Pipeline
 

@@ -120,7 +120,7 @@ def trim_logs(out: Path, epoch: int) -> None:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if record.get("epoch", -1) < epoch:  # a record without an epoch is not ours to drop
+                if record.get("epoch", record.get("step", -1)) < epoch:  # DPO's count steps; others are not ours
                     dst.write(line if line.endswith("\n") else line + "\n")
         os.replace(kept, path)  # atomic: a kill now leaves the old or the trimmed log, never half of one
 

@@ -1,0 +1,182 @@
+"""Diffusion-DPO: preference finetuning on pairs of images of one caption, the winner first.
+
+Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference Optimization"
+(github.com/SalesforceAIResearch/DiffusionDPO). Both images of a pair are noised with the same noise at the
+same timestep; the loss (trainer/loss.py) rewards the model for denoising the winner better, and the loser
+worse, than the reference does. For flow-matching models (SD3) it is the same formula on the velocity
+target (the family's ``noised``). ``dpo.sft`` trains the plain denoising loss on the winners instead.
+
+Reads top to bottom: the shared run set-up (trainer/run.py), the pairs (trainer/pairs.py), then per optimizer
+step over its accumulated batches (1) a batch of pairs into latents, relabelled by the reward when asked,
+(2) winner and loser noised alike, (3) the policy's and the reference's errors into the loss, (4) log,
+evaluate, checkpoint. Steps count optimizer steps; checkpoints are ``checkpoint-<steps done>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer import run as run_setup
+from trainer.config import Config
+from trainer.evaluate import evaluate_run
+from trainer.loss import diffusion_dpo_loss
+from trainer.pairs import PairBatches, Pairs, load_pairs, loader
+from trainer.rewards import Pending, RewardFn
+from trainer.sampling import _each
+
+
+def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None) -> list[dict]:
+    """Run Diffusion-DPO (or SFT); returns the logged per-step metrics. ``reward_fn``: as DDPO's, used to
+    evaluate (run.eval_every) and, with dpo.relabel, to choose each pair's winner."""
+    with run_setup.started(cfg, cfg.train.gradient_accumulation_steps, reward_fn) as run:
+        return _dpo(run)
+
+
+def _dpo(run: run_setup.Run) -> list[dict]:
+    cfg, accelerator, d = run.cfg, run.accelerator, run.cfg.dpo
+    accumulation = cfg.train.gradient_accumulation_steps
+    effective_batch = cfg.train.batch_size * accumulation * accelerator.num_processes
+    learning_rate = cfg.train.learning_rate * (effective_batch if d.scale_lr else 1)
+    pairs = load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: a bad dataset fails first
+    run_setup.load_model(run, d.max_train_steps, learning_rate)
+    family, model, optimizer, lr_scheduler = run.family, run.model, run.optimizer, run.lr_scheduler
+    policy = accelerator.unwrap_model(model)
+    accelerator.print(f"Diffusion-DPO{' (SFT)' if d.sft else ''}: {len(pairs)} pairs, effective batch {effective_batch}, "
+                      f"learning rate {learning_rate:g}")
+    resolution = cfg.sample.resolution or family.native_resolution()
+    root = Path(d.dataset) if Path(d.dataset).is_dir() else None
+    dataset = Pairs(pairs, resolution, seed=cfg.run.seed, random_crop=d.random_crop, hflip=d.hflip,
+                    proportion_empty_prompts=d.proportion_empty_prompts, root=root)
+    step = run.first_epoch  # optimizer steps done (a resumed run's checkpoint)
+    batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
+                          cfg.run.seed, skip=step * accumulation)
+    data = iter(loader(dataset, batches, d.dataloader_num_workers))
+    reference = None if d.sft else _reference(policy, cfg.train.lora)
+
+    progress = tqdm(total=d.max_train_steps, initial=step, desc="dpo", disable=not accelerator.is_local_main_process)
+    while step < d.max_train_steps:
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0:
+            evaluate_run(run, policy, step, unit="steps")
+        run.ctrl_c.updating()
+        model.train()
+        stats, waited, start = defaultdict(list), 0.0, time.perf_counter()
+        for _ in range(accumulation):
+            t = time.perf_counter()
+            batch = next(data)
+            waited += time.perf_counter() - t
+            weights = _relabel(run, batch) if d.relabel else None
+            with accelerator.accumulate(model):
+                loss, step_stats = _pair_loss(run, model, reference, batch, resolution, weights)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    stats["grad_norm"].append(accelerator.clip_grad_norm_(run.trainable.values(), cfg.train.max_grad_norm))
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            stats["loss"].append(loss.detach())
+            for k, v in step_stats.items():
+                stats[k].append(v)
+        step += 1
+        progress.update(1)
+        seconds = time.perf_counter() - start
+        if step % d.log_every == 0 or step == d.max_train_steps:
+            metrics = {
+                "step": step - 1,
+                **{k: float(accelerator.gather(torch.stack(v).float().mean().reshape(1)).mean()) for k, v in stats.items()},
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "seconds_step": seconds,
+                "seconds_data_wait": waited,
+                "data_wait_share": waited / seconds,
+            }
+            run_setup.log_epoch(run, metrics, {}, [])
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('implicit_accuracy', 0):.2f}")
+        run_setup.end_epoch(run, step, {"global_step": step}, total=d.max_train_steps, every=d.checkpointing_steps)
+    progress.close()
+    if cfg.run.eval_every:
+        evaluate_run(run, policy, step, unit="steps", final=True)
+    return run_setup.finish(run)
+
+
+def _reference(policy, lora: bool):
+    """The base model's prediction, without gradient: with LoRA the same denoiser with its adapters switched
+    off (no second copy in memory), else a frozen copy made before the first update."""
+    frozen = None if lora else copy.deepcopy(policy).requires_grad_(False)
+
+    @torch.no_grad()
+    def predict(family, latents, timesteps, cond):
+        if frozen is not None:
+            return family.predict(frozen, latents, timesteps, cond, None, 1.0)
+        policy.disable_adapters()
+        try:
+            return family.predict(policy, latents, timesteps, cond, None, 1.0)
+        finally:
+            policy.enable_adapters()
+
+    return predict
+
+
+def _pair_loss(run, model, reference, batch: dict[str, Any], resolution: int, weights: torch.Tensor | None):
+    """The batch's loss and detached stats. Pairs are (winner, loser) rows of ``batch["pixels"]``."""
+    cfg, family, device = run.cfg, run.family, run.accelerator.device
+    pixels = batch["pixels"].to(device, non_blocking=True)  # (B, 2, 3, R, R) in [0, 1]
+    n = pixels.shape[0]
+    with torch.no_grad():
+        latents = family.encode(pixels.flatten(0, 1)).float()  # (2B, ...): winner, loser, winner, ...
+        cond = family.encode_prompts(batch["captions"], resolution)
+        if isinstance(cond, dict) and "time_ids" in cond:  # SDXL: the pairs' own original sizes and crops
+            cond["time_ids"] = batch["time_ids"].to(cond["time_ids"])
+        if cfg.dpo.sft:
+            latents = latents[0::2]
+        else:
+            cond = _each(cond, lambda t: t.repeat_interleave(2, dim=0))
+    k = latents.shape[0] // n  # 2 images per pair for DPO, the winner alone for SFT
+    noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)  # the same noise and timestep per pair
+    u = torch.rand(n, device=device).repeat_interleave(k)
+    noisy, timesteps, target = family.noised(latents, noise, u)
+    with run.accelerator.autocast():
+        prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
+    error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
+    if cfg.dpo.sft:
+        return error.mean(), {"model_mse_winner": error.mean().detach()}
+    with run.accelerator.autocast():
+        reference_error = ((reference(family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(
+            dim=tuple(range(1, target.ndim)))
+    return diffusion_dpo_loss(error[0::2], error[1::2], reference_error[0::2], reference_error[1::2], cfg.dpo.beta,
+                              weights=weights)
+
+
+def _relabel(run, batch: dict[str, Any]) -> torch.Tensor:
+    """Score both images of every pair with the run's reward and put the higher first (in place); returns
+    each pair's weight: 0 for a tie, which teaches nothing (Diffusion-DPO's --choice_model, AI feedback)."""
+    pixels = batch["pixels"]
+    images = (pixels.flatten(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    prompts = [p for p in batch["prompts"] for _ in range(2)]
+    pending = Pending(run.rewards)
+    pending.add(run.rewards.submit(images, prompts, [{} for _ in prompts]))
+    scored = pending.wait(run.cfg.reward.deadline)
+    scores = run.rewards.combine({name: out.scores for name, out in scored.items()}).reshape(-1, 2)
+    swap = torch.as_tensor(scores[:, 1] > scores[:, 0])
+    batch["pixels"] = torch.where(swap[:, None, None, None, None], pixels.flip(1), pixels)
+    return torch.as_tensor(scores[:, 0] != scores[:, 1], dtype=torch.float32, device=run.accelerator.device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m trainer.dpo``: the trainer with ``--algorithm dpo``, taking Diffusion-DPO's own flags."""
+    import sys
+
+    from trainer.__main__ import main as trainer_main
+    from trainer.seed_flags import translate
+
+    trainer_main(["--algorithm", "dpo", *translate(list(sys.argv[1:] if argv is None else argv))])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""AI-feedback preference pairs from any scorer: ``python -m trainer.label``.
+
+Two modes, both writing Pick-a-Pic v2's parquet layout (caption, jpg_0, jpg_1, label_0) with each image's
+score kept as ``score_0`` / ``score_1``, which ``--dpo.dataset`` then reads:
+
+    # (a) relabel existing pairs with a choice model (here a reward server: LLaVA, PickScore, ...)
+    python -m trainer.label --source /data/pickapic_v2 --url http://127.0.0.1:8000 --out /data/pickapic-llava
+    # (b) sample two images per prompt from a model and label them (here the embedded world's verifier)
+    python -m trainer.label --model tiny-shapes --prompt_fn shapes --pairs 2000 --scorer shapes --out data/shapes-pairs
+
+The choice model is a scorer in process (``--scorer``, ``--options``) or one or more reward servers
+(``--url``), exactly as the trainer's ``reward.*``; batches go out while the next are prepared, so a server
+batches them across requests. A pair whose scores differ by no more than ``--margin`` is a tie and dropped.
+Output goes in shards of ``--shard_size`` pairs, each written whole (to a temporary name, then renamed): an
+interrupted run started again with the same arguments skips the shards already written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+
+class LabelSettings(BaseSettings):
+    """Label preference pairs with a scorer (a reward server or in process), in Pick-a-Pic's layout."""
+
+    model_config = SettingsConfigDict(cli_prog_name="python -m trainer.label", cli_implicit_flags=True)
+
+    out: Path = Field(description="output folder of parquet shards")
+    source: str | None = Field(None, description="(a) pairs to relabel: a folder or hub id, as --dpo.dataset")
+    model: str | None = Field(None, description="(b) sample pairs from this model (as --pretrained.model)")
+    prompt_fn: str = Field("shapes", description="(b) the trainer's prompt.fn names")
+    prompts: Path | None = Field(None, description="(b) one prompt per line, in place of --prompt_fn")
+    pairs: int = Field(256, gt=0, description="(b) pairs to sample")
+    steps: int = Field(20, gt=0, description="(b) sampler steps")
+    guidance_scale: float = Field(5.0, ge=1.0)
+    seed: int = 0
+    batch_size: int = Field(32, gt=0, description="images per sampling batch and scoring request")
+    resolution: int = Field(512, gt=0, description="(a) images are resized and centre-cropped to this for scoring")
+    scorer: str = Field("shapes", description="the choice model: a scorer name (in process), or a label with --url")
+    url: list[str] = Field([], description="reward server URL(s) of the choice model")
+    options: dict[str, str | int | float] = Field({}, description="in-process scorer options")
+    margin: float = Field(0.0, ge=0, description="scores closer than this are a tie, dropped")
+    shard_size: int = Field(256, gt=0)
+    cache_dir: Path | None = None
+
+
+def label(s: LabelSettings) -> dict:
+    """Write the shards; returns counts (pairs seen, kept, ties dropped)."""
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from trainer.config import RewardConfig
+    from trainer.rewards import Rewards
+
+    if (s.source is None) == (s.model is None):
+        raise ValueError("give exactly one of --source (relabel pairs) and --model (sample pairs)")
+    rewards = Rewards(RewardConfig(scorer=s.scorer, url=s.url, options=s.options))
+    s.out.mkdir(parents=True, exist_ok=True)
+    counts = {"pairs": 0, "kept": 0, "ties": 0}
+    try:
+        total, shard = _relabelled(s) if s.source else _sampled(s)
+        with tqdm(total=total, desc="label", unit="pair") as progress:
+            for index in range((total + s.shard_size - 1) // s.shard_size):
+                path = s.out / f"part-{index:05d}.parquet"
+                size = min(total, (index + 1) * s.shard_size) - index * s.shard_size
+                if path.is_file():  # written whole by an earlier run
+                    kept = pq.ParquetFile(path).metadata.num_rows
+                else:
+                    rows = _scored(shard(index), rewards, s)
+                    _write(rows, path)
+                    kept = len(rows)
+                counts["pairs"] += size
+                counts["kept"] += kept
+                counts["ties"] += size - kept
+                progress.update(size)
+    finally:
+        rewards.close()
+    (s.out / "label.json").write_text(json.dumps({**s.model_dump(mode="json"), **counts}, indent=2))
+    return counts
+
+
+def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
+    """Each row's two images scored (every batch submitted before the first is awaited), labelled, ties dropped."""
+    from trainer.pairs import jpeg
+    from trainer.rewards import Pending
+
+    per_request = max(1, s.batch_size // 2)
+    requests = []
+    for start in range(0, len(rows), per_request):
+        part = rows[start : start + per_request]
+        images = np.stack([im for r in part for im in (r.pop("image_0"), r.pop("image_1"))])
+        metadata = [r.pop("metadata", {}) for r in part]
+        pending = Pending(rewards)
+        pending.add(rewards.submit(images, [r["caption"] for r in part for _ in range(2)], [m for m in metadata for _ in range(2)]))
+        requests.append((part, images, pending))
+    kept = []
+    for part, images, pending in requests:
+        scored = pending.wait(600.0)
+        scores = rewards.combine({n: out.scores for n, out in scored.items()}).reshape(-1, 2)
+        for row, (a, b), pair in zip(part, scores, images.reshape(-1, 2, *images.shape[1:])):
+            if abs(a - b) > s.margin:
+                kept.append({**row, "jpg_0": row.get("jpg_0") or jpeg(pair[0]), "jpg_1": row.get("jpg_1") or jpeg(pair[1]),
+                             "label_0": 1.0 if a > b else 0.0, "score_0": float(a), "score_1": float(b)})
+    return kept
+
+
+def _relabelled(s: LabelSettings):
+    """(number of pairs, shard index -> rows): the source's pairs, their images decoded for scoring."""
+    import datasets
+
+    from trainer.pairs import image_bytes, preprocess
+
+    folder = Path(s.source)
+    root = folder if folder.is_dir() else None
+    if root is not None:
+        files = sorted(str(p) for p in folder.rglob("*.parquet"))
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=s.cache_dir)
+    else:
+        ds = datasets.load_dataset(s.source, split="train", cache_dir=s.cache_dir)
+    rng = np.random.default_rng(0)  # centre crops and no flips: never drawn from
+
+    def shard(index: int) -> list[dict]:
+        rows = []
+        for row in ds.select(range(index * s.shard_size, min(len(ds), (index + 1) * s.shard_size))):
+            row = {k: v for k, v in row.items() if k not in ("label_0", "score_0", "score_1")}
+            for k in (0, 1):
+                row[f"jpg_{k}"] = image_bytes(row[f"jpg_{k}"], root)
+                pixels, _ = preprocess(row[f"jpg_{k}"], s.resolution, rng, random_crop=False, hflip=False)
+                row[f"image_{k}"] = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            rows.append(row)
+        return rows
+
+    return len(ds), shard
+
+
+def _sampled(s: LabelSettings):
+    """(number of pairs, shard index -> rows): two images per prompt from the model (deterministic DDIM from
+    seeds of their own), the model loaded when the first shard is needed."""
+    import contextlib
+
+    import torch
+
+    from trainer.config import Config
+    from trainer.evaluate import evaluate
+    from trainer.models import load_family
+    from trainer.prompts import lines, make_prompt_fn
+
+    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir}, prompt={"fn": s.prompt_fn})
+    if s.prompts is not None:
+        listed = lines(s.prompts, "--prompts")
+        drawn = [(listed[i % len(listed)], {}) for i in range(s.pairs)]
+    else:
+        prompt_fn, rng = make_prompt_fn(cfg.prompt.fn), np.random.default_rng(s.seed)
+        drawn = [prompt_fn(rng) for _ in range(s.pairs)]
+    loaded = []
+
+    class Unscored:  # evaluate() submits what it samples; here a shard's rows are scored together after
+        sources: dict = {}
+
+        def submit(self, *args):
+            return {}
+
+    def shard(index: int) -> list[dict]:
+        if not loaded:
+            loaded.append(load_family(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+        family = loaded[0]
+        part = range(index * s.shard_size, min(s.pairs, (index + 1) * s.shard_size))
+        prompts = [drawn[i][0] for i in part for _ in range(2)]
+        seeds = [s.seed * 1_000_003 + 2 * i + k for i in part for k in range(2)]
+        images, _ = evaluate(family, family.denoiser, prompts, [{}] * len(prompts), Unscored(), num_steps=s.steps,
+                             guidance_scale=s.guidance_scale, resolution=family.native_resolution(), seeds=seeds,
+                             batch_size=s.batch_size, autocast=contextlib.nullcontext)
+        return [{"caption": drawn[i][0], "metadata": drawn[i][1], "image_0": images[2 * k], "image_1": images[2 * k + 1]}
+                for k, i in enumerate(part)]
+
+    return s.pairs, shard
+
+
+def _write(rows: list[dict], path: Path) -> None:
+    from trainer.pairs import write_parquet
+
+    staging = path.with_name(f".{path.name}.partial")
+    write_parquet([{k: v for k, v in r.items() if k != "metadata"} for r in rows], staging)
+    staging.rename(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from protocol.errors import cli_message
+
+    try:
+        settings = CliApp.run(LabelSettings, cli_args=sys.argv[1:] if argv is None else argv)
+        print(json.dumps(label(settings)))
+    except ValidationError as exc:
+        raise SystemExit(f"python -m trainer.label: {cli_message(exc)}") from None
+    except ValueError as exc:
+        raise SystemExit(f"python -m trainer.label: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Preference pairs for Diffusion-DPO, read with the ``datasets`` library and preprocessed as its seed does.
+
+Sources (``dpo.dataset``):
+
+- a folder of parquet files in Pick-a-Pic v2's layout: ``caption``, ``jpg_0``, ``jpg_1`` (JPEG bytes) and
+  ``label_0`` (1: the first image preferred, 0: the second, 0.5: a tie); other columns are kept;
+- a folder holding ``pairs.jsonl``, one ``{"caption", "image_0", "image_1", "label_0"}`` per line, the
+  images as paths relative to the folder (users' own data);
+- a dataset id on the hub (e.g. ``yuvalkirstain/pickapic_v2``, since removed there), cached in ``dpo.cache_dir``.
+
+Ties are dropped and each pair is returned winner first. Preprocessing is Diffusion-DPO's (Wallace et al.
+2023, github.com/SalesforceAIResearch/DiffusionDPO): the shorter side resized to the resolution (bilinear),
+a centre crop (a random one with ``dpo.random_crop``), a random horizontal flip unless ``--no-dpo.hflip``,
+and a share ``dpo.proportion_empty_prompts`` of captions replaced by "" (so the model keeps its
+unconditional prediction for guidance). Each pair also carries SDXL's micro-conditioning (original size,
+crop corner, target size). Decoding runs in DataLoader workers; the randomness of pair i in data epoch e
+comes from the seed (run.seed, e, i) alone, so an interrupted run resumes on exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+class PairsError(ValueError):
+    """A preference dataset that cannot be used, with what to fix."""
+
+
+def load_pairs(source: str, split: str = "train", cache_dir: Path | None = None):
+    """The dataset of ``source`` (see the module docstring) with its ties dropped."""
+    import datasets
+
+    folder = Path(source)
+    if folder.is_dir():
+        parquet = sorted(str(p) for p in folder.rglob("*.parquet"))
+        if parquet:
+            ds = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache_dir)
+        elif (folder / "pairs.jsonl").is_file():
+            ds = datasets.load_dataset("json", data_files=str(folder / "pairs.jsonl"), split="train", cache_dir=cache_dir)
+            missing = {"image_0", "image_1"} - set(ds.column_names)
+            if missing:
+                raise PairsError(f"dpo.dataset: {folder / 'pairs.jsonl'} lacks {', '.join(sorted(missing))}")
+            ds = ds.rename_columns({"image_0": "jpg_0", "image_1": "jpg_1"})
+        else:
+            raise PairsError(f"dpo.dataset: {folder} holds neither *.parquet files nor pairs.jsonl")
+    else:
+        ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise PairsError(f"dpo.dataset: {source} has no column(s) {', '.join(missing)} (it has "
+                         f"{', '.join(ds.column_names)}); expected Pick-a-Pic's caption, jpg_0, jpg_1, label_0")
+    ds = ds.filter(lambda label: label != 0.5, input_columns="label_0")  # ties: no preference to learn
+    if len(ds) == 0:
+        raise PairsError(f"dpo.dataset: {source} has no pair with a preference (every label_0 is 0.5)")
+    return ds
+
+
+def image_bytes(value: Any, root: Path | None) -> bytes:
+    """JPEG/PNG bytes of a parquet cell (bytes, or datasets' {"bytes", "path"} image struct) or a file path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    path = Path(value)
+    return (path if path.is_absolute() or root is None else root / path).read_bytes()
+
+
+def preprocess(data: bytes, resolution: int, rng: np.random.Generator, random_crop: bool, hflip: bool):
+    """Image bytes -> (3, R, R) float in [0, 1], and the micro-conditioning (orig h, orig w, crop top, crop left)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.BILINEAR)
+    if random_crop:
+        top, left = int(rng.integers(size[1] - resolution + 1)), int(rng.integers(size[0] - resolution + 1))
+    else:
+        top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if hflip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return pixels, (height, width, top, left)
+
+
+class Pairs(torch.utils.data.Dataset):
+    """Item ``(epoch, i)``: pair i preprocessed with the randomness of that data epoch."""
+
+    def __init__(self, ds, resolution: int, *, seed: int, random_crop: bool = False, hflip: bool = True,
+                 proportion_empty_prompts: float = 0.0, root: Path | None = None):
+        self.ds, self.resolution, self.seed, self.root = ds, resolution, seed, root
+        self.random_crop, self.hflip, self.empty = random_crop, hflip, proportion_empty_prompts
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key
+        row = self.ds[int(i)]
+        rng = np.random.default_rng([self.seed, epoch, int(i)])
+        order = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")  # winner first
+        images, conditioning = [], None
+        for column in order:
+            pixels, where = preprocess(image_bytes(row[column], self.root), self.resolution, rng, self.random_crop, self.hflip)
+            images.append(pixels)
+            conditioning = conditioning or where  # SDXL's micro-conditioning is the winner's
+        caption = "" if rng.random() < self.empty else (row["caption"] or "")
+        return {"pixels": torch.stack(images), "caption": caption, "prompt": row["caption"] or "", "index": int(i),
+                "time_ids": torch.tensor([*conditioning, self.resolution, self.resolution], dtype=torch.float32)}
+
+
+class PairBatches:
+    """Batch sampler: every data epoch a fresh permutation (seeded by run.seed and the epoch), cut into global
+    batches of ``batch_size x num_processes`` (a last partial batch is dropped); this process takes its own
+    slice. Starts after ``skip`` batches, which is how a resumed run continues where it stopped."""
+
+    def __init__(self, n: int, batch_size: int, num_processes: int, rank: int, seed: int, skip: int = 0):
+        self.n, self.batch, self.processes, self.rank, self.seed, self.skip = n, batch_size, num_processes, rank, seed, skip
+        self.per_epoch = n // (batch_size * num_processes)
+        if self.per_epoch == 0:
+            raise PairsError(f"dpo.dataset: {n} pairs do not fill one batch of train.batch_size {batch_size} x "
+                             f"{num_processes} process(es)")
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, b = divmod(self.skip, self.per_epoch)
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            for start in range(b * self.batch * self.processes, self.per_epoch * self.batch * self.processes,
+                               self.batch * self.processes):
+                mine = order[start + self.rank * self.batch : start + (self.rank + 1) * self.batch]
+                yield [(epoch, int(i)) for i in mine]
+            epoch, b = epoch + 1, 0
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items],
+            "prompts": [it["prompt"] for it in items],
+            "time_ids": torch.stack([it["time_ids"] for it in items]), "indices": [it["index"] for it in items]}
+
+
+def loader(pairs: Pairs, batches: PairBatches, num_workers: int) -> torch.utils.data.DataLoader:
+    # A generator of its own: the iterator's worker seed would otherwise be drawn from torch's global stream,
+    # which a resumed run restores before the iterator exists (one draw later than the run it resumes).
+    return torch.utils.data.DataLoader(pairs, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(pairs.seed),
+                                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
+                                       persistent_workers=False)
+
+
+def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    """Pairs in Pick-a-Pic's layout (``caption``, ``jpg_0``, ``jpg_1`` as bytes, ``label_0``, extra columns
+    kept), as one parquet file."""
+    import datasets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+
+
+def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """uint8 HWC -> JPEG bytes (Pick-a-Pic stores its images so)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
