@@ -305,3 +305,68 @@ def test_label_relabels_pairs_through_a_live_reward_server(tmp_path, pairs_folde
     for row in pairs:
         assert row["jpg_0" if row["label_0"] == 1 else "jpg_1"] == truth[row["best_image_uid"]]
     assert "best_image_uid" in pairs.column_names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3"])
+def test_dpo_on_the_other_families(tmp_path, tiny_cache, pairs_folder, model):
+    from trainer.dpo import train
+
+    cfg = dpo_config(tmp_path, tiny_cache, pairs_folder, max_train_steps=2)
+    cfg.pretrained.model = model
+    if model == "tiny-sd3":
+        from trainer.presets import PRESETS
+
+        cfg.train.lora_targets = PRESETS["tiny-sd3"]["train"]["lora_targets"]
+    history = train(cfg)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and history[0]["implicit_accuracy"] == 0.0
+    assert history[1]["loss"] != history[0]["loss"]
+
+
+def test_noised_follows_the_forward_processes():
+    """SD1: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with target eps (v = sqrt(abar) eps - sqrt(1 - abar) x0
+    for v-prediction); SD3: x_s = (1 - s) x0 + s eps at s = shift u / (1 + (shift - 1) u), target eps - x0."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from trainer.sd1 import SD1
+    from trainer.sd3 import SD3
+
+    x0, eps = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    u = torch.tensor([0.0, 0.5, 0.999], dtype=torch.float64)
+    for prediction in ("epsilon", "v_prediction"):
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction)
+        noisy, t, target = SD1(SimpleNamespace(scheduler=scheduler)).noised(x0, eps, u)
+        assert t.tolist() == [0, 500, 999]
+        abar = scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+        expected = eps if prediction == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        torch.testing.assert_close(target, expected)
+    family = SD3.__new__(SD3)
+    family.pipe = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    noisy, t, target = family.noised(x0, eps, u)
+    s = 3 * u / (1 + 2 * u)
+    torch.testing.assert_close(t, s * 1000)
+    torch.testing.assert_close(noisy, (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps)
+    torch.testing.assert_close(target, eps - x0)
+
+
+@pytest.mark.slow
+def test_online_rounds_sample_label_and_train(tmp_path):
+    from trainer.config import Config
+    from trainer.dpo import train
+
+    cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none"},
+                 pretrained={"model": "tiny-shapes"}, prompt={"fn": "shapes"}, reward={"scorer": "shapes"},
+                 sample={"num_steps": 4, "batch_size": 8},
+                 train={"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
+                 dpo={"online": True, "online_pairs": 8, "max_train_steps": 4, "checkpointing_steps": 0})
+    history = train(cfg)
+    assert [m["step"] for m in history] == [0, 1, 2, 3]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # two steps per round of 8 pairs: rounds are sampled before steps 0 and 2, each logged with its first step
+    assert [("online_reward_mean" in m) for m in history] == [True, False, True, False]
+    assert all(0 <= m["online_reward_mean"] <= 1 for m in history[::2])
+    with pytest.raises(ValueError, match="dpo.online_pairs"):
+        Config(algorithm="dpo", train={"batch_size": 8}, dpo={"online": True, "online_pairs": 4})

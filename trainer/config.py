@@ -203,6 +203,9 @@ class DPOConfig(_Group):
     dataloader_num_workers: int = Field(0, ge=0, description="processes decoding and preprocessing pairs")
     relabel: bool = Field(False, description="choose each pair's winner with the reward (reward.scorer or "
                           "reward.url) as it trains, instead of label_0 (Diffusion-DPO's --choice_model)")
+    online: bool = Field(False, description="rounds of pairs sampled from the current policy (two images per prompt "
+                         "of prompt.fn) and labelled by the reward, in place of dpo.dataset")
+    online_pairs: int = Field(64, gt=0, description="pairs sampled per round, per process")
 
     @model_validator(mode="after")
     def _dataset(self) -> "DPOConfig":
@@ -380,8 +383,12 @@ class Config(BaseSettings):
                              f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
                              f"({self.sample.num_steps})")
         if self.algorithm == "dpo":
-            if self.dpo.dataset is None:
-                raise ValueError("dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id")
+            if self.dpo.dataset is None and not self.dpo.online:
+                raise ValueError("dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id "
+                                 "(or sample them: --dpo.online)")
+            if self.dpo.online and self.dpo.online_pairs < self.train.batch_size:
+                raise ValueError(f"dpo.online_pairs ({self.dpo.online_pairs}) must fill at least one batch of "
+                                 f"train.batch_size ({self.train.batch_size})")
         if not self.train.cfg and self.sample.guidance_scale != 1.0:
             # The PPO ratio compares the training policy with the sampling one: they must be the same policy.
             raise ValueError(

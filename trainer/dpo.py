@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer.config import Config
-from trainer.evaluate import evaluate_run
+from trainer.evaluate import evaluate, evaluate_run
 from trainer.loss import diffusion_dpo_loss
 from trainer.pairs import PairBatches, Pairs, load_pairs, loader
 from trainer.rewards import Pending, RewardFn
@@ -44,20 +44,26 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     accumulation = cfg.train.gradient_accumulation_steps
     effective_batch = cfg.train.batch_size * accumulation * accelerator.num_processes
     learning_rate = cfg.train.learning_rate * (effective_batch if d.scale_lr else 1)
-    pairs = load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: a bad dataset fails first
+    pairs = None if d.online else load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: fails first
     run_setup.load_model(run, d.max_train_steps, learning_rate)
     family, model, optimizer, lr_scheduler = run.family, run.model, run.optimizer, run.lr_scheduler
     policy = accelerator.unwrap_model(model)
-    accelerator.print(f"Diffusion-DPO{' (SFT)' if d.sft else ''}: {len(pairs)} pairs, effective batch {effective_batch}, "
-                      f"learning rate {learning_rate:g}")
     resolution = cfg.sample.resolution or family.native_resolution()
-    root = Path(d.dataset) if Path(d.dataset).is_dir() else None
-    dataset = Pairs(pairs, resolution, seed=cfg.run.seed, random_crop=d.random_crop, hflip=d.hflip,
-                    proportion_empty_prompts=d.proportion_empty_prompts, root=root)
     step = run.first_epoch  # optimizer steps done (a resumed run's checkpoint)
-    batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
-                          cfg.run.seed, skip=step * accumulation)
-    data = iter(loader(dataset, batches, d.dataloader_num_workers))
+    rounds: list[dict] = []  # online: each round's sampled rewards, logged with the next step
+    if d.online:
+        data = _online_pairs(run, policy, resolution, rounds)
+        accelerator.print(f"online Diffusion-DPO: rounds of {d.online_pairs} pairs, effective batch {effective_batch}, "
+                          f"learning rate {learning_rate:g}")
+    else:
+        accelerator.print(f"Diffusion-DPO{' (SFT)' if d.sft else ''}: {len(pairs)} pairs, effective batch "
+                          f"{effective_batch}, learning rate {learning_rate:g}")
+        root = Path(d.dataset) if Path(d.dataset).is_dir() else None
+        dataset = Pairs(pairs, resolution, seed=cfg.run.seed, random_crop=d.random_crop, hflip=d.hflip,
+                        proportion_empty_prompts=d.proportion_empty_prompts, root=root)
+        batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
+                              accelerator.process_index, cfg.run.seed, skip=step * accumulation)
+        data = iter(loader(dataset, batches, d.dataloader_num_workers))
     reference = None if d.sft else _reference(policy, cfg.train.lora)
 
     progress = tqdm(total=d.max_train_steps, initial=step, desc="dpo", disable=not accelerator.is_local_main_process)
@@ -71,7 +77,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
             t = time.perf_counter()
             batch = next(data)
             waited += time.perf_counter() - t
-            weights = _relabel(run, batch) if d.relabel else None
+            weights = _relabel(run, batch) if d.relabel else batch.get("weights")
             with accelerator.accumulate(model):
                 loss, step_stats = _pair_loss(run, model, reference, batch, resolution, weights)
                 accelerator.backward(loss)
@@ -95,6 +101,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
                 "seconds_step": seconds,
                 "seconds_data_wait": waited,
                 "data_wait_share": waited / seconds,
+                **(rounds.pop() if rounds else {}),
             }
             run_setup.log_epoch(run, metrics, {}, [])
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('implicit_accuracy', 0):.2f}")
@@ -103,6 +110,36 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     if cfg.run.eval_every:
         evaluate_run(run, policy, step, unit="steps", final=True)
     return run_setup.finish(run)
+
+
+def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
+    """Batches of pairs from rounds sampled by the current policy: per round, ``dpo.online_pairs`` prompts of
+    prompt.fn, two images each (deterministic DDIM from seeds of the prompt stream), scored by the reward as
+    each sampling batch finishes (the overlap DDPO has); the higher-scored image first, ties weighted 0.
+    The reference stays the base model. A resumed run starts a fresh round from its checkpointed streams."""
+    cfg = run.cfg
+    n, size = cfg.dpo.online_pairs, cfg.train.batch_size
+    while True:
+        drawn = [run.prompt_fn(run.prompt_rng) for _ in range(n)]
+        seeds = run.prompt_rng.integers(2**31, size=2 * n).tolist()
+        prompts = [p for p, _ in drawn for _ in range(2)]
+        with torch.no_grad():
+            images, scored = evaluate(run.family, policy, prompts, [m for _, m in drawn for _ in range(2)], run.rewards,
+                                      num_steps=cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
+                                      resolution=resolution, seeds=seeds, batch_size=cfg.sample.batch_size,
+                                      deadline=cfg.reward.deadline, autocast=run.accelerator.autocast)
+        policy.train()
+        scores = run.rewards.combine({name: out.scores for name, out in scored.items()}).reshape(n, 2)
+        rounds[:] = [{"online_reward_mean": float(scores.mean()), "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}]
+        swap = scores[:, 1] > scores[:, 0]
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).reshape(n, 2, 3, resolution, resolution)
+        pixels[swap] = pixels[swap].flip(1)
+        weights = torch.as_tensor(scores[:, 0] != scores[:, 1], dtype=torch.float32, device=run.accelerator.device)
+        for start in range(0, n - size + 1, size):
+            part = slice(start, start + size)
+            captions = [p for p, _ in drawn[part]]
+            yield {"pixels": pixels[part], "captions": captions, "prompts": captions, "weights": weights[part],
+                   "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size)}
 
 
 def _reference(policy, lora: bool):
