@@ -1,7 +1,8 @@
 """``RewardClient``: score image batches on one or more reward servers over msgpack/HTTP.
 
 Two ways in: ``await client.score(...)`` from async code, and ``client.submit(...)`` which returns a
-``concurrent.futures.Future`` for synchronous loops (the trainer). ``submit`` runs on one background event
+``concurrent.futures.Future`` for synchronous loops (the trainer); ``score_grad`` / ``submit_grad`` the same
+for ``/v1/score_grad`` (scores and their gradients to the pixels). ``submit`` runs on one background event
 loop thread; it only touches numpy and bytes, never torch, so it cannot slow the caller's torch threads.
 
 Retries: connection errors, timeouts, 429 and 503 are retried with capped exponential backoff (honouring
@@ -24,9 +25,9 @@ import httpx
 import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
-from protocol.codec import parse_reply, request_parts, unpack
+from protocol.codec import parse_reply, reply_gradients, request_parts, unpack
 from protocol.errors import ProtocolError, RewardServerError
-from protocol.schema import MEDIA_TYPE, Encoding, ScoreReply
+from protocol.schema import MEDIA_TYPE, Encoding, GradientDtype, ScoreGradReply, ScoreReply
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -71,7 +72,26 @@ class RewardClient:
         parts = request_parts(images, prompts, metadata, request_id or uuid.uuid4().hex, encoding)
         return await self.score_body(parts, expected=len(prompts))
 
-    async def score_body(self, body: bytes | list[bytes | memoryview], expected: int | None = None) -> ScoreReply:
+    async def score_grad(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        encoding: Encoding = "f32",
+        gradient_dtype: GradientDtype = "float32",
+        request_id: str | None = None,
+    ) -> tuple[ScoreGradReply, np.ndarray]:
+        """Scores of a float NHWC batch in [0, 1] and each score's gradient with respect to its image's pixels
+        (``/v1/score_grad``): the reply and the gradients as one float32 NHWC array."""
+        parts = request_parts(images, prompts, metadata, request_id or uuid.uuid4().hex, encoding, gradient_dtype)
+        reply = await self.score_body(parts, expected=len(prompts), path="/v1/score_grad", model=ScoreGradReply)
+        try:
+            return reply, reply_gradients(reply, images.shape[1:3])
+        except ProtocolError as exc:
+            raise RewardServerError(self.urls[0], 502, "bad_reply", exc.message, exc.field) from None
+
+    async def score_body(self, body: bytes | list[bytes | memoryview], expected: int | None = None,
+                         path: str = "/v1/score", model=ScoreReply) -> ScoreReply:
         """POST a ready body (bytes, or buffers to send in order) with the retry policy."""
         http = self._client()
         parts = [body] if isinstance(body, bytes) else body
@@ -94,12 +114,12 @@ class RewardClient:
                 url = self.urls[(first + attempt.retry_state.attempt_number - 1) % len(self.urls)]
                 left = max(0.1, self.deadline - (time.monotonic() - start))
                 response = await http.post(
-                    f"{url}/v1/score", content=stream(), headers=headers, timeout=min(self.timeout, left)
+                    f"{url}{path}", content=stream(), headers=headers, timeout=min(self.timeout, left)
                 )
                 if response.status_code != 200:
                     raise _server_error(url, response)
                 try:
-                    return parse_reply(response.content, expected)
+                    return parse_reply(response.content, expected, model)
                 except ProtocolError as exc:
                     raise RewardServerError(url, 502, "bad_reply", exc.message, exc.field) from None
         raise AssertionError("unreachable: tenacity re-raises the last error")
@@ -125,6 +145,12 @@ class RewardClient:
         """Start scoring in the background; returns a ``concurrent.futures.Future[ScoreReply]``."""
         images = np.ascontiguousarray(images) if isinstance(images, np.ndarray) else list(images)
         coroutine = self.score(images, prompts, metadata, encoding, request_id)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())
+
+    def submit_grad(self, images: np.ndarray, prompts, metadata=None, encoding: Encoding = "f32",
+                    gradient_dtype: GradientDtype = "float32"):
+        """``score_grad`` in the background; a ``concurrent.futures.Future[(ScoreGradReply, gradients)]``."""
+        coroutine = self.score_grad(np.ascontiguousarray(images), prompts, metadata, encoding, gradient_dtype)
         return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())
 
     def _background_loop(self) -> asyncio.AbstractEventLoop:

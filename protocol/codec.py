@@ -10,7 +10,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocol.errors import ProtocolError
-from protocol.schema import VERSION, Encoding, Image, Limits, ScoreReply, ScoreRequest
+from protocol.schema import (FLOAT_ENCODINGS, VERSION, Encoding, GradientDtype, Image, Limits, ScoreGradReply,
+                             ScoreReply, ScoreRequest)
 from protocol.zero_copy import TooManyValues, unpack_views
 
 
@@ -26,10 +27,17 @@ def unpack(body: bytes) -> Any:
 
 
 def encode_image(array: np.ndarray, encoding: Encoding = "raw", quality: int = 95) -> dict[str, Any]:
-    """One HWC uint8 RGB array as a wire image map."""
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"images must be uint8 HxWx3, got {array.dtype} {array.shape}")
+    """One HWC RGB array as a wire image map: uint8 for raw / png / jpeg, float in [0, 1] for f16 / f32."""
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"images must be HxWx3, got {array.shape}")
     height, width, _ = array.shape
+    if encoding in FLOAT_ENCODINGS:
+        if array.dtype.kind != "f":
+            raise ValueError(f"{encoding} images must be float HxWx3 in [0, 1], got {array.dtype}")
+        data = np.ascontiguousarray(array, dtype=FLOAT_ENCODINGS[encoding]).reshape(-1).view(np.uint8).data  # len(): bytes
+        return {"height": height, "width": width, "channels": 3, "encoding": encoding, "data": data}
+    if array.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 HxWx3, got {array.dtype} {array.shape}")
     if encoding == "raw":
         data = np.ascontiguousarray(array).reshape(-1).data  # a flat view: no copy, len() counts bytes
     else:
@@ -53,6 +61,11 @@ def decode_image(image: Image, field: str) -> np.ndarray:
     shape = (image.height, image.width, image.channels)
     if image.encoding == "raw":
         return np.frombuffer(image.data, dtype=np.uint8).reshape(shape)
+    if image.encoding in FLOAT_ENCODINGS:
+        array = np.frombuffer(image.data, dtype=FLOAT_ENCODINGS[image.encoding]).reshape(shape)
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ProtocolError(422, "invalid_image", f"{image.encoding} values must be finite and in [0, 1]", field)
+        return array
     from PIL import Image as PILImage
 
     fmt = image.encoding.upper()
@@ -84,17 +97,20 @@ def request_parts(
     metadata: Sequence[dict[str, Any]] | None = None,
     request_id: str = "",
     encoding: Encoding = "raw",
+    gradient_dtype: GradientDtype | None = None,
 ) -> list[bytes | memoryview]:
     """A request body as a list of buffers whose concatenation is the msgpack map; image data not copied.
 
     Sending the parts one after another saves building a second copy of a large batch (a 25 MB body costs
-    more in fresh-page faults than in copying).
+    more in fresh-page faults than in copying). ``gradient_dtype``: a /v1/score_grad request.
     """
     metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
     packer = msgpack.Packer(use_bin_type=True)
     parts: list[bytes | memoryview] = []
     head = bytearray()  # small msgpack pieces, coalesced so each write carries real data
-    head += packer.pack_map_header(5) + packer.pack("version") + packer.pack(VERSION)
+    head += packer.pack_map_header(5 if gradient_dtype is None else 6) + packer.pack("version") + packer.pack(VERSION)
+    if gradient_dtype is not None:
+        head += packer.pack("gradient_dtype") + packer.pack(gradient_dtype)
     head += packer.pack("request_id") + packer.pack(request_id) + packer.pack("images")
     head += packer.pack_array_header(len(images))
     for array in images:
@@ -122,8 +138,9 @@ def build_request(*args: Any, **kwargs: Any) -> bytes:
     return b"".join(request_parts(*args, **kwargs))
 
 
-def parse_request(body: bytes | bytearray | memoryview, limits: Limits = Limits()) -> ScoreRequest:
-    """A validated request; its raw image data are views of ``body`` (see ``protocol.zero_copy``)."""
+def parse_request(body: bytes | bytearray | memoryview, limits: Limits = Limits(), model=ScoreRequest) -> ScoreRequest:
+    """A validated request (``model``: ScoreGradRequest for /v1/score_grad); its raw image data are views of
+    ``body`` (see ``protocol.zero_copy``)."""
     try:
         obj = unpack_views(body, limits.max_elements)
     except TooManyValues as exc:
@@ -133,7 +150,7 @@ def parse_request(body: bytes | bytearray | memoryview, limits: Limits = Limits(
     if not isinstance(obj, dict):
         raise ProtocolError(400, "malformed_body", f"body must be a msgpack map, got {type(obj).__name__}")
     try:
-        return ScoreRequest.model_validate(obj, context={"limits": limits})
+        return model.model_validate(obj, context={"limits": limits})
     except ValidationError as exc:
         raise ProtocolError.from_validation(exc) from None
 
@@ -158,12 +175,27 @@ def decode_images(request: ScoreRequest) -> np.ndarray:
     return np.stack(decode_image_list(request))
 
 
-def parse_reply(body: bytes, expected: int | None = None) -> ScoreReply:
+def parse_reply(body: bytes, expected: int | None = None, model=ScoreReply) -> ScoreReply:
     obj = unpack(body)
     try:
-        reply = ScoreReply.model_validate(obj)
+        reply = model.model_validate(obj)
     except ValidationError as exc:
         raise ProtocolError.from_validation(exc) from None
     if expected is not None and len(reply.scores) != expected:
         raise ProtocolError(502, "bad_reply", f"{len(reply.scores)} scores for {expected} images", "scores")
     return reply
+
+
+def reply_gradients(reply: ScoreGradReply, shape: tuple[int, int]) -> np.ndarray:
+    """The gradients of a /v1/score_grad reply as one float32 NHWC array (images of ``shape`` (H, W))."""
+    dtype = {"float16": "<f2", "float32": "<f4"}[reply.gradient_dtype]
+    out = []
+    for i, data in enumerate(reply.gradients):
+        if len(data) != shape[0] * shape[1] * 3 * np.dtype(dtype).itemsize:
+            raise ProtocolError(502, "bad_reply", f"gradient {i} has {len(data)} bytes for a {shape[0]}x{shape[1]}x3 "
+                                f"{reply.gradient_dtype} image", f"gradients.{i}")
+        out.append(np.frombuffer(data, dtype=dtype).reshape(*shape, 3))
+    grads = np.stack(out).astype(np.float32)
+    if not np.isfinite(grads).all():
+        raise ProtocolError(502, "bad_reply", "a gradient is not finite", "gradients")
+    return grads

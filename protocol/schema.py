@@ -1,4 +1,5 @@
-"""The msgpack wire contract of ``POST /v1/score`` as pydantic models (see protocol/README.md).
+"""The msgpack wire contract of ``POST /v1/score`` and ``POST /v1/score_grad`` as pydantic models (see
+protocol/README.md).
 
 Limits are not constants: a server passes its own through the validation context
 (``ScoreRequest.model_validate(obj, context={"limits": limits})``), and the defaults apply otherwise.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
@@ -16,7 +17,10 @@ from protocol.zero_copy import MAX_ELEMENTS
 
 VERSION = 1
 MEDIA_TYPE = "application/x-msgpack"
-Encoding = Literal["raw", "png", "jpeg"]
+Encoding = Literal["raw", "png", "jpeg", "f16", "f32"]
+# raw: uint8 HWC (/v1/score); f16 / f32: little-endian float HWC in [0, 1] (/v1/score_grad)
+FLOAT_ENCODINGS = {"f16": "<f2", "f32": "<f4"}
+GradientDtype = Literal["float16", "float32"]
 
 
 @dataclass(frozen=True)
@@ -59,15 +63,18 @@ class Image(_Wire):
         limit = _limits(info).max_pixels
         if self.height * self.width > limit:
             raise ValueError(f"height: {self.height}x{self.width} pixels exceed the limit of {limit} per image")
-        expected = self.height * self.width * self.channels
-        if self.encoding == "raw" and len(self.data) != expected:
+        itemsize = {"raw": 1, "f16": 2, "f32": 4}.get(self.encoding)
+        expected = self.height * self.width * self.channels * (itemsize or 1)
+        if itemsize is not None and len(self.data) != expected:
             raise ValueError(
-                f"data: raw data has {len(self.data)} bytes, height x width x channels = {expected}"
+                f"data: {self.encoding} data has {len(self.data)} bytes, height x width x channels x {itemsize} = {expected}"
             )
         return self
 
 
 class ScoreRequest(_Wire):
+    encodings: ClassVar[tuple[str, ...]] = ("raw", "png", "jpeg")  # /v1/score scores uint8 images
+
     version: Literal[1] = VERSION
     request_id: str = Field(max_length=200)
     images: list[Image] = Field(min_length=1)
@@ -82,12 +89,29 @@ class ScoreRequest(_Wire):
             raise ValueError(f"{len(images)} images exceed the limit of {limit} per request")
         return images
 
+    @field_validator("images")
+    @classmethod
+    def _encodings(cls, images: list[Image]) -> list[Image]:
+        for i, image in enumerate(images):
+            if image.encoding not in cls.encodings:
+                raise ValueError(f"{i}.encoding: this endpoint takes {', '.join(cls.encodings)} images, "
+                                 f"got {image.encoding}")
+        return images
+
     @model_validator(mode="after")
     def _lengths(self) -> "ScoreRequest":
         for name in ("prompts", "metadata"):
             if len(getattr(self, name)) != len(self.images):
                 raise ValueError(f"{name}: has {len(getattr(self, name))} entries for {len(self.images)} images")
         return self
+
+
+class ScoreGradRequest(ScoreRequest):
+    """``/v1/score_grad``: float images (f16 / f32), and the dtype the gradients come back in."""
+
+    encodings: ClassVar[tuple[str, ...]] = tuple(FLOAT_ENCODINGS)
+
+    gradient_dtype: GradientDtype = "float32"
 
 
 def check_scores(scores: Any, info: Any, expected: int) -> tuple[list[float], dict[str, list[Any]]]:
@@ -128,6 +152,20 @@ class ScoreReply(_Wire):
     @model_validator(mode="after")
     def _checked(self) -> "ScoreReply":
         check_scores(self.scores, self.info, len(self.scores))
+        return self
+
+
+class ScoreGradReply(ScoreReply):
+    """Each image's score and the gradient of that score with respect to its pixels: per image, height x
+    width x 3 little-endian values of ``gradient_dtype`` (HWC, as the request's images)."""
+
+    gradients: list[Payload]
+    gradient_dtype: GradientDtype
+
+    @model_validator(mode="after")
+    def _one_gradient_per_score(self) -> "ScoreGradReply":
+        if len(self.gradients) != len(self.scores):
+            raise ValueError(f"gradients: {len(self.gradients)} gradients for {len(self.scores)} scores")
         return self
 
 

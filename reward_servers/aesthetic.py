@@ -74,8 +74,14 @@ class AestheticScorer(Scorer):
     def score(self, images, prompts, metadata) -> ScoreOutput:
         embeddings = self.clip.images(images)
         with self.clip.torch.inference_mode():
-            scores = self.mlp(embeddings.to(next(self.mlp.parameters()).dtype)).squeeze(-1)
-        return ScoreOutput(scores.cpu().double().numpy())
+            return ScoreOutput(self._head(embeddings).cpu().double().numpy())
+
+    def score_tensor(self, images, prompts: list[str] | None = None, metadata=None):
+        """Differentiable scores (N,) of float images (N, 3, H, W) in [0, 1] (the prompts are not used)."""
+        return self._head(self.clip.embed(self.clip.pixels(images)))
+
+    def _head(self, embeddings):
+        return self.mlp(embeddings.to(next(self.mlp.parameters()).dtype)).squeeze(-1).float()
 
     def _tiny_weights(self) -> Path:
         from reward_servers.tiny_models import build_aesthetic_mlp, cached_build, CLIP_SPEC

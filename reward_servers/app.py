@@ -1,4 +1,5 @@
-"""HTTP routes of a reward server: ``POST /v1/score`` (msgpack); health, readiness, info and metrics."""
+"""HTTP routes of a reward server: ``POST /v1/score`` and ``POST /v1/score_grad`` (msgpack); health,
+readiness, info and metrics."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from protocol import MEDIA_TYPE, VERSION, ProtocolError, pack, parse_request
+from protocol import MEDIA_TYPE, VERSION, ProtocolError, ScoreGradRequest, ScoreRequest, pack, parse_request
 from reward_servers.scorer import Scorer
 from reward_servers.service import ScoringService, ServingOptions
 
@@ -53,13 +54,7 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
         log.exception("internal error on %s", request.url.path)
         return _msgpack(ProtocolError(500, "internal", f"{type(exc).__name__}: {exc}").to_wire(), 500)
 
-    @app.post(
-        "/v1/score",
-        summary="Score a batch of images (msgpack body and reply; see protocol/README.md)",
-        openapi_extra={"requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
-        responses=_SCORE_RESPONSES,
-    )
-    async def score(request: Request) -> Response:
+    async def handle(request: Request, model) -> Response:
         start, status, images = time.perf_counter(), "500", 0
         try:
             if token is not None and not _bearer_matches(request.headers.get("authorization", ""), token):
@@ -70,7 +65,7 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
             body = await _read_body(request, limits.max_body_bytes, options.body_timeout_s)
             # Off the event loop: even within the element budget a body can take tens of milliseconds to walk,
             # and /healthz and every other client must not wait for it.
-            parsed = await run_in_threadpool(parse_request, body, limits)
+            parsed = await run_in_threadpool(parse_request, body, limits, model)
             images = len(parsed.images)
             reply = await service.score(parsed)
             status = "200"
@@ -84,6 +79,24 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
             return Response(status_code=499)
         finally:
             service.metrics.request(status, images, time.perf_counter() - start)
+
+    @app.post(
+        "/v1/score",
+        summary="Score a batch of images (msgpack body and reply; see protocol/README.md)",
+        openapi_extra={"requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+        responses=_SCORE_RESPONSES,
+    )
+    async def score(request: Request) -> Response:
+        return await handle(request, ScoreRequest)
+
+    @app.post(
+        "/v1/score_grad",
+        summary="Score float images and return each score's gradient with respect to the pixels (see protocol/README.md)",
+        openapi_extra={"requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+        responses={**_SCORE_RESPONSES, 501: {"description": "the scorer has no differentiable path", "content": _MSGPACK}},
+    )
+    async def score_grad(request: Request) -> Response:
+        return await handle(request, ScoreGradRequest)
 
     @app.get("/healthz", summary="Alive")
     async def healthz() -> dict:
@@ -102,6 +115,7 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
             "scorer": service.name,
             "description": service.description,
             "max_batch": service.max_batch,
+            "differentiable": service.differentiable,  # whether /v1/score_grad serves
             "replicas": options.devices,
             "limits": {
                 "max_images": limits.max_images, "max_pixels": limits.max_pixels, "max_body_bytes": limits.max_body_bytes,

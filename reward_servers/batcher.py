@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from protocol import ProtocolError, check_scores
-from reward_servers.scorer import ScoreOutput, Scorer, concat
+from reward_servers.scorer import ScoreOutput, Scorer, concat, score_grad
 
 log = logging.getLogger("reward_servers")
 
@@ -38,6 +38,7 @@ class _Item:
     prompts: list[str]
     metadata: list[dict[str, Any]]
     future: asyncio.Future
+    gradient: bool = False  # /v1/score_grad: scored with gradients, never batched with plain scoring
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -50,7 +51,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def split(output: ScoreOutput, sizes: list[int]) -> list[ScoreOutput]:
     parts, start = [], 0
     for n in sizes:
-        parts.append(ScoreOutput(output.scores[start : start + n], {k: v[start : start + n] for k, v in output.info.items()}))
+        gradients = output.gradients[start : start + n] if output.gradients is not None else None
+        parts.append(ScoreOutput(output.scores[start : start + n], {k: v[start : start + n] for k, v in output.info.items()},
+                                 gradients))
         start += n
     return parts
 
@@ -118,11 +121,13 @@ class DynamicBatcher:
         self.queued_images -= n
         self._arrived.set()
 
-    def submit(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]]) -> Awaitable[ScoreOutput]:
-        """Queue a reserved request now; returns what to await for its scores, in order."""
+    def submit(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]],
+               gradient: bool = False) -> Awaitable[ScoreOutput]:
+        """Queue a reserved request now; returns what to await for its scores (and gradients), in order."""
         loop = asyncio.get_running_loop()
         items = [
-            _Item(images[s : s + self.max_batch], prompts[s : s + self.max_batch], metadata[s : s + self.max_batch], loop.create_future())
+            _Item(images[s : s + self.max_batch], prompts[s : s + self.max_batch], metadata[s : s + self.max_batch],
+                  loop.create_future(), gradient)
             for s in range(0, len(prompts), self.max_batch)
         ]
         self.pending.extend(items)
@@ -139,9 +144,11 @@ class DynamicBatcher:
             await self._arrived.wait()
         loop = asyncio.get_running_loop()
         batch, size, deadline = [], 0, loop.time() + self.max_wait
-        shape = self.pending[0].images[0].shape  # one model batch holds one image size
+        # one model batch holds one image size, and scoring or scoring with gradients
+        kind = (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient)
         while True:
-            while self.pending and size + len(self.pending[0]) <= self.max_batch and self.pending[0].images[0].shape == shape:
+            while (self.pending and size + len(self.pending[0]) <= self.max_batch
+                   and (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient) == kind):
                 item = self.pending.popleft()
                 batch.append(item)
                 size += len(item)
@@ -186,7 +193,7 @@ class DynamicBatcher:
             # allocated on a replica thread comes from a fresh glibc arena and page-faults every time.
             images = np.stack([image for item in batch for image in item.images])
             output = await asyncio.get_running_loop().run_in_executor(
-                self._threads[replica], self._run, replica, images, prompts, metadata
+                self._threads[replica], self._run, replica, images, prompts, metadata, batch[0].gradient
             )
             return split(output, [len(item) for item in batch])
         except Exception as exc:
@@ -197,10 +204,12 @@ class DynamicBatcher:
             log.exception("scorer failed on a request of %d images", len(prompts))
             return [ProtocolError(500, "scorer_error", f"scorer {self.replicas[replica].name} failed: {type(exc).__name__}: {exc}")]
 
-    def _run(self, replica: int, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
+    def _run(self, replica: int, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]],
+             gradient: bool = False) -> ScoreOutput:
         """Score on the replica's thread; on out-of-memory, halve the batch and try again."""
+        scorer = self.replicas[replica]
         try:
-            output = self.replicas[replica].score(images, prompts, metadata)
+            output = score_grad(scorer, images, prompts, metadata) if gradient else scorer.score(images, prompts, metadata)
         except Exception as exc:
             if not is_out_of_memory(exc) or len(prompts) == 1:
                 raise
@@ -210,8 +219,11 @@ class DynamicBatcher:
             half = len(prompts) // 2
             log.warning("out of memory on %d images; retrying as %d + %d", len(prompts), half, len(prompts) - half)
             return concat([
-                self._run(replica, images[:half], prompts[:half], metadata[:half]),
-                self._run(replica, images[half:], prompts[half:], metadata[half:]),
+                self._run(replica, images[:half], prompts[:half], metadata[:half], gradient),
+                self._run(replica, images[half:], prompts[half:], metadata[half:], gradient),
             ])
         scores, info = check_scores(output.scores, output.info, len(prompts))
-        return ScoreOutput(np.asarray(scores, dtype=np.float64), info)
+        if gradient and (output.gradients is None or output.gradients.shape != images.shape
+                         or not np.isfinite(output.gradients).all()):
+            raise ValueError(f"gradients: expected finite float gradients of shape {images.shape}")
+        return ScoreOutput(np.asarray(scores, dtype=np.float64), info, output.gradients)

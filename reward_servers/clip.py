@@ -1,7 +1,9 @@
 """CLIP-based scores: CLIP score (100 x cosine, floored at 0) and PickScore (logit scale x cosine).
 
 ``ClipEmbedder`` loads a transformers CLIPModel and its processor once and embeds images and prompts; the
-aesthetic scorer uses it too.
+aesthetic scorer uses it too. Each scorer has two entries into one implementation: ``score`` on uint8
+images (the processor's PIL resize), and ``score_tensor`` on float images in [0, 1] with the same resize,
+crop and normalisation in torch, differentiable, for rewards whose gradient trains the model (ReFL).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from reward_servers.tiny_models import resolve
 def features(output):
     """transformers 5 returns an output object from get_*_features; older versions return the tensor."""
     return output if hasattr(output, "norm") else output.pooler_output
+
+
+def _get(size, key: str) -> int:
+    """A processor size entry: transformers 5's SizeDict or older versions' plain dict."""
+    return size[key] if isinstance(size, dict) else getattr(size, key)
 
 
 class ClipEmbedder:
@@ -39,12 +46,33 @@ class ClipEmbedder:
     def images(self, images: np.ndarray):
         """L2-normalised image embeddings, float32 (N, D)."""
         with self.torch.inference_mode():
-            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-            emb = features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
+            return self.embed(self.processor(images=list(images), return_tensors="pt")["pixel_values"])
+
+    def pixels(self, images):
+        """The processor's preprocessing of (N, 3, H, W) float images in [0, 1], in torch and differentiable:
+        the shorter side resized to its size (bicubic, antialiased), the centre crop, its mean and std."""
+        import torch.nn.functional as F
+
+        images = images.to(self.device)
+        proc = getattr(self.processor, "image_processor", self.processor)
+        short, (ch, cw) = _get(proc.size, "shortest_edge"), (_get(proc.crop_size, k) for k in ("height", "width"))
+        h, w = images.shape[-2:]
+        scale = short / min(h, w)
+        x = F.interpolate(images, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode="bicubic",
+                          antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - ch) // 2, (x.shape[-1] - cw) // 2
+        x = x[..., top : top + ch, left : left + cw]
+        mean, std = (self.torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (proc.image_mean, proc.image_std))
+        return (x - mean) / std
+
+    def embed(self, pixel_values):
+        """L2-normalised embeddings of preprocessed pixels, float32 (with the gradient, outside inference mode)."""
+        emb = features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))).float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
     def texts(self, prompts: list[str]):
-        with self.torch.inference_mode():
+        # no_grad, not inference mode: the embeddings meet differentiable image embeddings in score_tensor
+        with self.torch.no_grad():
             tokens = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
             emb = features(self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})).float()
         return emb / emb.norm(dim=-1, keepdim=True)
@@ -66,9 +94,17 @@ class ClipScore(Scorer):
     def cosine(self, images, prompts) -> np.ndarray:
         return (self.clip.images(images) * self.clip.texts(prompts)).sum(-1).cpu().double().numpy()
 
+    def head(self, cosine):
+        """The score of a cosine (numpy or torch)."""
+        return 100 * cosine.clip(min=0)
+
     def score(self, images, prompts, metadata) -> ScoreOutput:
         cosine = self.cosine(images, prompts)
-        return ScoreOutput(np.maximum(100 * cosine, 0), {"cosine": cosine.tolist()})
+        return ScoreOutput(self.head(cosine), {"cosine": cosine.tolist()})
+
+    def score_tensor(self, images, prompts: list[str], metadata=None):
+        """Differentiable scores (N,) of float images (N, 3, H, W) in [0, 1]."""
+        return self.head((self.clip.embed(self.clip.pixels(images)) * self.clip.texts(prompts)).sum(-1))
 
 
 class PickScore(ClipScore):
@@ -82,7 +118,5 @@ class PickScore(ClipScore):
     ):
         super().__init__(checkpoint, processor if checkpoint not in ("tiny", "tiny-shapes") else None)
 
-    def score(self, images, prompts, metadata) -> ScoreOutput:
-        cosine = self.cosine(images, prompts)
-        scale = float(self.clip.model.logit_scale.detach().float().exp())
-        return ScoreOutput(scale * cosine, {"cosine": cosine.tolist()})
+    def head(self, cosine):
+        return float(self.clip.model.logit_scale.detach().float().exp()) * cosine

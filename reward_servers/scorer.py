@@ -25,12 +25,31 @@ import numpy as np
 class ScoreOutput:
     scores: np.ndarray  # float64, one per image
     info: dict[str, list[Any]] = field(default_factory=dict)  # each list one entry per image
+    gradients: np.ndarray | None = None  # score_grad: float32 NHWC, d score_i / d image_i
 
 
 def concat(outputs: list[ScoreOutput]) -> ScoreOutput:
     """Outputs of consecutive batches as one (info keys are the first output's)."""
     scores = np.concatenate([np.asarray(o.scores, dtype=np.float64) for o in outputs])
-    return ScoreOutput(scores, {key: sum((list(o.info[key]) for o in outputs), []) for key in outputs[0].info})
+    gradients = np.concatenate([o.gradients for o in outputs]) if outputs[0].gradients is not None else None
+    return ScoreOutput(scores, {key: sum((list(o.info[key]) for o in outputs), []) for key in outputs[0].info}, gradients)
+
+
+def differentiable(scorer) -> bool:
+    """Whether the scorer has a tensor path: ``score_tensor(images (N, 3, H, W) in [0, 1], prompts, metadata)``
+    returning differentiable scores (aesthetic, clipscore, pickscore)."""
+    return callable(getattr(scorer, "score_tensor", None))
+
+
+def score_grad(scorer, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> ScoreOutput:
+    """Scores of float NHWC images in [0, 1] and the gradient of each score with respect to its own image
+    (the scores are independent per image, so one backward of their sum gives every gradient at once)."""
+    import torch
+
+    pixels = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2).requires_grad_()
+    scores = scorer.score_tensor(pixels, prompts, metadata)
+    (gradient,) = torch.autograd.grad(scores.sum(), pixels)
+    return ScoreOutput(scores.detach().double().cpu().numpy(), {}, gradient.permute(0, 2, 3, 1).float().cpu().numpy())
 
 
 class Scorer(ABC):

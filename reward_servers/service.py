@@ -13,10 +13,12 @@ from typing import Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from protocol import Limits, ProtocolError, ScoreReply, ScoreRequest, decode_image_list
+import numpy as np
+
+from protocol import Limits, ProtocolError, ScoreGradReply, ScoreGradRequest, ScoreReply, ScoreRequest, decode_image_list
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
-from reward_servers.scorer import Scorer
+from reward_servers.scorer import Scorer, differentiable
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ScoringService:
         self.make_scorer, self.options = make_scorer, options
         self.probe = make_scorer()  # constructing is cheap (weights load in load()); also replica 0
         self.name, self.description = self.probe.name, self.probe.description
+        self.differentiable = differentiable(self.probe)  # serves /v1/score_grad
         # A scorer knows the largest batch its model takes (LLaVA: 16); the server never batches past it.
         self.max_batch = min(options.max_batch, self.probe.max_batch)
         self.metrics = ServerMetrics(self.name)
@@ -62,6 +65,11 @@ class ScoringService:
             await self.batcher.stop()
 
     async def score(self, request: ScoreRequest) -> ScoreReply:
+        """A /v1/score request's reply; a ScoreGradRequest (/v1/score_grad) also gets each score's gradient."""
+        gradient = isinstance(request, ScoreGradRequest)
+        if gradient and not self.differentiable:  # final: no retry or other replica can change it
+            raise ProtocolError(501, "not_differentiable", f"scorer {self.name} has no differentiable path; "
+                                "/v1/score_grad serves aesthetic, clipscore and pickscore")
         if not self.ready:
             raise ProtocolError(503, "not_ready", "the scorer is not loaded (starting or shutting down)")
         start = time.perf_counter()
@@ -72,28 +80,29 @@ class ScoringService:
             field, _, message = message.partition(": ") if ": " in message else (None, "", message)
             raise ProtocolError(422, "invalid_request", message, field) from None
         n = len(request.images)
-        with self._decoded_budget(sum(i.height * i.width * i.channels for i in request.images)):
+        itemsize = {"f16": 2, "f32": 4}
+        with self._decoded_budget(sum(i.height * i.width * i.channels * itemsize.get(i.encoding, 1) for i in request.images)):
             with self.batcher.receiving():  # from here until queued, a forming batch may wait for it
                 self.batcher.reserve(n)  # before decoding: a compressed request expands only if it fits
                 try:
-                    if all(image.encoding == "raw" for image in request.images):
+                    if all(image.encoding in ("raw", "f16", "f32") for image in request.images):
                         images = decode_image_list(request)  # views of the body; the batcher copies them once
                     else:
                         images = await run_in_threadpool(decode_image_list, request)  # real work: off the loop
                 except BaseException:
                     self.batcher.release(n)
                     raise
-                scored = self.batcher.submit(images, request.prompts, request.metadata)
+                scored = self.batcher.submit(images, request.prompts, request.metadata, gradient)
             self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
             output = await scored
         self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
-        return ScoreReply(  # the batcher checked the output (protocol.check_scores)
-            request_id=request.request_id,
-            scores=output.scores.tolist(),
-            info=output.info,
-            scorer=self.name,
-            elapsed_ms=(time.perf_counter() - start) * 1000,
-        )
+        reply = dict(request_id=request.request_id, scores=output.scores.tolist(), info=output.info, scorer=self.name,
+                     elapsed_ms=(time.perf_counter() - start) * 1000)  # the batcher checked the output
+        if not gradient:
+            return ScoreReply(**reply)
+        dtype = {"float16": "<f2", "float32": "<f4"}[request.gradient_dtype]
+        return ScoreGradReply(**reply, gradient_dtype=request.gradient_dtype,
+                              gradients=[np.ascontiguousarray(g, dtype=dtype).tobytes() for g in output.gradients])
 
     @contextlib.contextmanager
     def _decoded_budget(self, nbytes: int):

@@ -1,5 +1,5 @@
 """``python -m trainer`` / ``accelerate launch -m trainer``: DDPO finetuning (``--algorithm dpo``: Diffusion-DPO,
-also ``python -m trainer.dpo`` with that project's flags); ``--help`` lists every option.
+also ``python -m trainer.dpo`` with that project's flags; ``--algorithm refl``: ReFL, DRaFT, AlignProp); ``--help`` lists every option.
 
 A mistake of the user's (an option, a value, a file, an unreachable or refusing scorer) is one short message
 naming the setting and the fix, exit status 2 and no traceback; ``--debug`` (or ``DIFFUSION_RL_DEBUG=1``)
@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.ddpo import train as ddpo
     from trainer.dpo import train as dpo
     from trainer.pairs import PairsError
+    from trainer.refl import train as refl
 
     try:
-        {"ddpo": ddpo, "dpo": dpo}[cfg.algorithm](cfg)
+        {"ddpo": ddpo, "dpo": dpo, "refl": refl}[cfg.algorithm](cfg)
     except (PreflightError, BatchPlanError, CheckpointError, RewardError, RewardServerError, PairsError) as exc:  # the user's to fix
         fail(str(exc), exc, debug)
     except KeyboardInterrupt:  # the trainer has saved what it could and printed how to resume

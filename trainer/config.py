@@ -214,6 +214,38 @@ class DPOConfig(_Group):
         return self
 
 
+class ReFLConfig(_Group):
+    """Differentiable rewards (``--algorithm refl``): the reward's gradient through the VAE decoder and the
+    last denoising step(s); counted in optimizer steps. The reward is ``reward.scorer`` in process (one with
+    a tensor path: aesthetic, clipscore, pickscore) or ``reward.url``, a server's /v1/score_grad."""
+
+    mode: Literal["refl", "draft", "alignprop"] = Field("refl", description="refl: one step with grad at a step "
+                                                        "drawn from [mid_low, mid_high], its predicted x0 scored "
+                                                        "(ImageReward's ReFL); draft: the whole sampler, grad through "
+                                                        "the last draft_k steps (DRaFT-K); alignprop: grad through "
+                                                        "the last k steps, k drawn from 1..num_steps, each step "
+                                                        "checkpointed (AlignProp)")
+    num_steps: int = Field(40, gt=0, description="sampler steps (DDIM eta 0 / the flow ODE)")
+    mid_low: int = Field(30, ge=0, description="refl: the step with grad is drawn uniformly from mid_low..mid_high")
+    mid_high: int = Field(39, ge=0)
+    draft_k: int = Field(1, gt=0, description="draft: steps with grad at the end of the sampler")
+    guidance_scale: float = Field(1.0, ge=1.0, description="1: no CFG (ReFL encodes the prompt alone)")
+    margin: float = Field(2.0, description="refl: loss relu(margin - reward); draft/alignprop: loss -reward")
+    grad_scale: float = Field(1e-3, ge=0, description="the loss is multiplied by this")
+    max_train_steps: int = Field(100, gt=0, description="optimizer steps")
+    checkpointing_steps: int = Field(0, ge=0, description="checkpoint every this many steps (and at the end)")
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "ReFLConfig":
+        if not self.mid_low <= self.mid_high < self.num_steps:
+            raise ValueError(f"mid_low ({self.mid_low}) <= mid_high ({self.mid_high}) < num_steps ({self.num_steps}) "
+                             "must hold")
+        if self.draft_k > self.num_steps:
+            raise ValueError(f"draft_k ({self.draft_k}) must not exceed num_steps ({self.num_steps})")
+        return self
+
+
 class RewardSource(_Group):
     """One scorer: in-process by name, or a reward server (one URL per replica)."""
 
@@ -341,8 +373,9 @@ class Config(BaseSettings):
     preset: str = Field("tiny", description="starting point: shapes, shapes-grpo, tiny, sd15-compressibility, "
                         "sd15-aesthetic, ... (-1gpu)")
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
-    algorithm: Literal["ddpo", "dpo"] = Field("ddpo", description="ddpo: PPO on sampled trajectories and rewards; "
-                                              "dpo: Diffusion-DPO on preference pairs (dpo.*)")
+    algorithm: Literal["ddpo", "dpo", "refl"] = Field("ddpo", description="ddpo: PPO on sampled trajectories and "
+                                                      "rewards; dpo: Diffusion-DPO on preference pairs (dpo.*); refl: "
+                                                      "ReFL / DRaFT / AlignProp on a differentiable reward (refl.*)")
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     sample: SampleConfig = SampleConfig()
@@ -350,6 +383,7 @@ class Config(BaseSettings):
     prompt: PromptConfig = PromptConfig()
     reward: RewardConfig = RewardConfig()
     dpo: DPOConfig = DPOConfig()
+    refl: ReFLConfig = ReFLConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -389,6 +423,17 @@ class Config(BaseSettings):
             if self.dpo.online and self.dpo.online_pairs < self.train.batch_size:
                 raise ValueError(f"dpo.online_pairs ({self.dpo.online_pairs}) must fill at least one batch of "
                                  f"train.batch_size ({self.train.batch_size})")
+        if self.algorithm == "refl":
+            sources = self.reward.sources()
+            if len(sources) != 1:
+                raise ValueError(f"reward.components: refl backpropagates one reward, got {len(sources)}")
+            if not sources[0].url:
+                from reward_servers.scorer import differentiable, scorer_target
+
+                if not differentiable(scorer_target(sources[0].scorer)):
+                    raise ValueError(f"reward.scorer: {sources[0].scorer} has no differentiable path (score_tensor); "
+                                     "refl takes aesthetic, clipscore, pickscore, or a reward server's /v1/score_grad "
+                                     "(--reward.url)")
         if not self.train.cfg and self.sample.guidance_scale != 1.0:
             # The PPO ratio compares the training policy with the sampling one: they must be the same policy.
             raise ValueError(

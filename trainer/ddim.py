@@ -32,20 +32,27 @@ def ddim_mean_std(
     final = torch.as_tensor(scheduler.final_alpha_cumprod, device=sample.device, dtype=torch.float32)
     a_t = _broadcast(alphas[t], sample)
     a_prev = _broadcast(torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], final), sample)
-
-    if config.prediction_type == "epsilon":
-        eps = model_output
-        x0 = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    elif config.prediction_type == "v_prediction":
-        x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
-        eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * sample
-    else:
-        raise ValueError(f"prediction_type {config.prediction_type!r} is not supported")
+    x0, eps = _x0_eps(config.prediction_type, a_t, model_output, sample)
 
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     sigma = eta * variance.clamp(min=0).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
     return mean, sigma
+
+
+def ddim_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor) -> torch.Tensor:
+    """The predicted clean latents of x_t, float32 (differentiable: ReFL's reward is taken on them)."""
+    t = torch.as_tensor(timestep, device=sample.device).long()
+    a_t = _broadcast(scheduler.alphas_cumprod.to(sample.device, torch.float32)[t], sample)
+    return _x0_eps(scheduler.config.prediction_type, a_t, model_output.float(), sample.float())[0]
+
+
+def _x0_eps(prediction_type: str, a_t: torch.Tensor, model_output: torch.Tensor, sample: torch.Tensor):
+    if prediction_type == "epsilon":
+        return (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output
+    if prediction_type == "v_prediction":
+        return a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output, a_t.sqrt() * model_output + (1 - a_t).sqrt() * sample
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported")
 
 
 def check_scheduler(scheduler, num_steps: int) -> None:

@@ -59,8 +59,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
 
     cfg, accelerator, plan, out = run.cfg, run.accelerator, run.plan, run.out
     state = run_setup.load_model(run, plan.optimizer_steps_per_epoch * cfg.run.num_epochs)
-    family, unet, trainable, optimizer, lr_scheduler, ema = (
-        run.family, run.model, run.trainable, run.optimizer, run.lr_scheduler, run.ema)
+    family, unet, optimizer = run.family, run.model, run.optimizer
     prompt_fn, prompt_rng, reward_fns, ctrl_c = run.prompt_fn, run.prompt_rng, run.rewards, run.ctrl_c
     negative_embeds = family.encode_prompts([""])
     resolution = cfg.sample.resolution or family.native_resolution()
@@ -199,15 +198,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
                         # accelerate averages over the forwards it accumulates; weighting each by its share of
                         # the timesteps makes that the mean over samples and timesteps, for any grouping.
                         share = (steps.stop - steps.start) * len(plan.step_groups) / plan.train_timesteps
-                        accelerator.backward(loss * share)
-                        if accelerator.sync_gradients:
-                            stats["grad_norm"].append(accelerator.clip_grad_norm_(trainable.values(), cfg.train.max_grad_norm))
-                        optimizer.step()  # a no-op while accumulating
-                        if accelerator.sync_gradients:
-                            lr_scheduler.step()
-                            if ema is not None:
-                                ema.update(trainable)
-                        optimizer.zero_grad()
+                        run_setup.backward_and_step(run, loss * share, stats)
                     # Stats stay tensors until the epoch ends: reading one (.item()) waits for the GPU.
                     stats["loss"].append(loss.detach())
                     for k, v in step_stats.items():

@@ -46,7 +46,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     learning_rate = cfg.train.learning_rate * (effective_batch if d.scale_lr else 1)
     pairs = None if d.online else load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: fails first
     run_setup.load_model(run, d.max_train_steps, learning_rate)
-    family, model, optimizer, lr_scheduler = run.family, run.model, run.optimizer, run.lr_scheduler
+    family, model, optimizer = run.family, run.model, run.optimizer
     policy = accelerator.unwrap_model(model)
     resolution = cfg.sample.resolution or family.native_resolution()
     step = run.first_epoch  # optimizer steps done (a resumed run's checkpoint)
@@ -80,13 +80,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
             weights = _relabel(run, batch) if d.relabel else batch.get("weights")
             with accelerator.accumulate(model):
                 loss, step_stats = _pair_loss(run, model, reference, batch, resolution, weights)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    stats["grad_norm"].append(accelerator.clip_grad_norm_(run.trainable.values(), cfg.train.max_grad_norm))
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    lr_scheduler.step()
-                optimizer.zero_grad()
+                run_setup.backward_and_step(run, loss, stats)
             stats["loss"].append(loss.detach())
             for k, v in step_stats.items():
                 stats[k].append(v)

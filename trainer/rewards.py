@@ -80,6 +80,28 @@ class RemoteReward:
         self.client.close()
 
 
+def remote_scores(client, images, prompts: list[str], encoding: str = "f32", gradient_dtype: str = "float32"):
+    """Differentiable scores (N,) of float images (N, 3, H, W) in [0, 1] from a reward server's
+    /v1/score_grad: the forward sends the pixels, the backward injects the gradients the server computed,
+    so ``loss.backward()`` runs as if the reward model were here (it never is)."""
+    import torch
+
+    class RemoteScore(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, pixels):
+            array = pixels.detach().permute(0, 2, 3, 1).float().cpu().numpy()
+            reply, gradients = client.submit_grad(array, prompts, None, encoding, gradient_dtype).result()
+            ctx.save_for_backward(torch.from_numpy(gradients).permute(0, 3, 1, 2).to(pixels.device, pixels.dtype))
+            return torch.tensor(reply.scores, device=pixels.device, dtype=torch.float32)
+
+        @staticmethod
+        def backward(ctx, grad_scores):
+            (gradients,) = ctx.saved_tensors
+            return grad_scores.to(gradients.dtype)[:, None, None, None] * gradients
+
+    return RemoteScore.apply(images)
+
+
 def reward_functions(reward_fn: RewardFn | dict[str, RewardFn] | None) -> dict[str, RewardFn]:
     """``train``'s ``reward_fn`` as name -> function: one function (named after itself) or a dict of them."""
     if reward_fn is None:

@@ -234,6 +234,22 @@ def log_epoch(run: Run, metrics: dict, components: dict[str, np.ndarray], sample
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
 
 
+def backward_and_step(run: Run, loss: torch.Tensor, stats: dict[str, list]) -> None:
+    """Inside ``accelerator.accumulate``: backward, and where the accumulation ends clip the gradients (their
+    norm into ``stats``), step the optimizer, the LR schedule and the EMA (accelerate's optimizer skips the
+    steps in between)."""
+    accelerator = run.accelerator
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        stats["grad_norm"].append(accelerator.clip_grad_norm_(run.trainable.values(), run.cfg.train.max_grad_norm))
+    run.optimizer.step()
+    if accelerator.sync_gradients:
+        run.lr_scheduler.step()
+        if run.ema is not None:
+            run.ema.update(run.trainable)
+    run.optimizer.zero_grad()
+
+
 def weights_spread(run: Run) -> float:
     """0 when every process holds the same weights; above 0 means gradients were not synchronised."""
     checksum = torch.stack([p.detach().double().sum() for p in run.trainable.values()]).sum().reshape(1)

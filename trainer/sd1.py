@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainer.ddim import check_scheduler, ddim_mean_std
+from trainer.ddim import check_scheduler, ddim_mean_std, ddim_x0
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -79,6 +79,11 @@ class SD1:
         """Mean and std of p(x_{t-1} | x_t) at step ``index`` of the schedule (DDIM, float32)."""
         scheduler = self.pipe.scheduler
         return ddim_mean_std(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents, eta)
+
+    def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
+        """The clean latents the prediction at step ``index`` implies (float32, differentiable)."""
+        scheduler = self.pipe.scheduler
+        return ddim_x0(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents)
 
     # -- the training objective ------------------------------------------------------------------------------
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):

@@ -97,6 +97,11 @@ class SD3:
         """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE or CPS step, float32)."""
         return FLOW_STEPS[self.sde_type](self.pipe.scheduler.sigmas, index, output, latents, noise_level=eta)
 
+    def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
+        """x - s v: the clean latents the velocity at step ``index`` implies (float32, differentiable)."""
+        s = self.pipe.scheduler.sigmas.to(latents.device, torch.float32)[index]
+        return latents.float() - s.reshape(-1, *[1] * (latents.ndim - 1)) * output.float()
+
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
         """The rectified-flow interpolation x_s = (1 - s) x0 + s noise at s = the scheduler's shift applied to
         ``u`` in [0, 1) (one per sample), as its own schedule warps sigmas; the timesteps the transformer takes

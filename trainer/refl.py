@@ -1,0 +1,126 @@
+"""ReFL, DRaFT and AlignProp: the gradient of a differentiable reward, through the VAE decoder and the last
+denoising step(s), trains the denoiser directly.
+
+- ReFL (Xu et al. 2023, "ImageReward: Learning and Evaluating Human Preferences for Text-to-Image
+  Generation"): the prompt encoded without guidance, ``refl.num_steps`` (40) deterministic steps; a step
+  ``mid`` drawn from [30, 39]; the steps before it without gradient, one denoiser call with gradient at
+  ``mid``, its predicted x0 decoded and scored; loss ``relu(margin - r).mean() * grad_scale`` (2, 1e-3).
+- DRaFT-K (Clark et al. 2024, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards"): the whole
+  sampler, the gradient through its last K steps; loss ``-r.mean() * grad_scale``.
+- AlignProp (Prabhudesai et al. 2023, "Aligning Text-to-Image Diffusion Models with Reward
+  Backpropagation"): the gradient through the last k steps, k drawn from 1..num_steps per batch
+  (randomised truncation), each step checkpointed so memory does not grow with k.
+
+The reward is ``reward.scorer`` in process (a scorer with ``score_tensor``: the same model code as its
+scoring path) or a reward server's ``/v1/score_grad`` (``reward.url``), whose gradient with respect to the
+pixels an autograd function injects (trainer/rewards.py: ``remote_scores``), so the trainer's GPU never
+holds the reward model. Reads top to bottom: the shared run set-up, then per optimizer step over its
+accumulated batches (1) prompts, (2) the truncated rollout, (3) decode, reward and loss, (4) log,
+evaluate, checkpoint. Steps count optimizer steps, as DPO's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+from tqdm.auto import tqdm
+
+from trainer import run as run_setup
+from trainer.config import Config
+from trainer.evaluate import evaluate_run
+from trainer.rewards import RemoteReward, remote_scores
+
+
+def train(cfg: Config) -> list[dict]:
+    """Run ReFL / DRaFT / AlignProp (``refl.mode``); returns the logged per-step metrics."""
+    with run_setup.started(cfg, cfg.train.gradient_accumulation_steps) as run:
+        return _refl(run)
+
+
+def _refl(run: run_setup.Run) -> list[dict]:
+    cfg, accelerator, r = run.cfg, run.accelerator, run.cfg.refl
+    run_setup.load_model(run, r.max_train_steps)
+    family, model, optimizer = run.family, run.model, run.optimizer
+    policy = accelerator.unwrap_model(model)
+    reward = differentiable_reward(run)
+    resolution = cfg.sample.resolution or family.native_resolution()
+    negative = family.encode_prompts([""]) if r.guidance_scale > 1 else None
+    step = run.first_epoch
+    progress = tqdm(total=r.max_train_steps, initial=step, desc=r.mode, disable=not accelerator.is_local_main_process)
+    while step < r.max_train_steps:
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0:
+            evaluate_run(run, policy, step, unit="steps")
+        run.ctrl_c.updating()
+        stats, start = defaultdict(list), time.perf_counter()
+        for _ in range(cfg.train.gradient_accumulation_steps):
+            prompts = [run.prompt_fn(run.prompt_rng)[0] for _ in range(cfg.train.batch_size)]
+            with accelerator.accumulate(model):
+                x0, calls = rollout(run, model, policy, prompts, resolution, negative)
+                rewards = reward(family.decode(x0), prompts)
+                objective = torch.relu(r.margin - rewards) if r.mode == "refl" else -rewards
+                loss = objective.mean() * r.grad_scale
+                run_setup.backward_and_step(run, loss, stats)
+            stats["loss"].append(loss.detach())
+            stats["reward_mean"].append(rewards.detach().float().mean())
+            stats["denoiser_calls_with_grad"].append(torch.tensor(float(calls)))
+        step += 1
+        progress.update(1)
+        if step % r.log_every == 0 or step == r.max_train_steps:
+            metrics = {"step": step - 1,
+                       **{k: float(accelerator.gather(torch.stack(v).float().mean().reshape(1).to(accelerator.device)).mean())
+                          for k, v in stats.items()},
+                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds_step": time.perf_counter() - start}
+            run_setup.log_epoch(run, metrics, {}, [])
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
+        run_setup.end_epoch(run, step, {"global_step": step}, total=r.max_train_steps, every=r.checkpointing_steps)
+    progress.close()
+    if cfg.run.eval_every:
+        evaluate_run(run, policy, step, unit="steps", final=True)
+    return run_setup.finish(run)
+
+
+def differentiable_reward(run) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """``reward(images (N, 3, H, W) in [0, 1], prompts) -> (N,)`` with a gradient to the images."""
+    (source,) = run.rewards.sources.values()  # the config allows one reward for refl
+    if isinstance(source, RemoteReward):
+        return lambda images, prompts: remote_scores(source.client, images, prompts)
+    return lambda images, prompts: source.scorer.score_tensor(images, prompts).to(images.device)
+
+
+def rollout(run, model, policy, prompts: list[str], resolution: int, negative) -> tuple[torch.Tensor, int]:
+    """Deterministic sampling from noise, with gradient only where the mode says: the predicted x0 at the
+    last step taken (ReFL: ``mid``; DRaFT, AlignProp: the final one) and the number of denoiser calls with
+    gradient. The steps without gradient run the bare denoiser (no DDP bookkeeping)."""
+    family, r = run.family, run.cfg.refl
+    device = run.accelerator.device
+    timesteps = family.timesteps(r.num_steps, device)
+    cond = family.encode_prompts(prompts, resolution)
+    x = family.initial_latents(len(prompts), resolution, None, device)
+    if r.mode == "refl":
+        last = int(run.prompt_rng.integers(r.mid_low, r.mid_high + 1))
+        first_with_grad = last
+    else:
+        last = r.num_steps - 1
+        k = r.draft_k if r.mode == "draft" else int(run.prompt_rng.integers(1, r.num_steps + 1))
+        first_with_grad = r.num_steps - k
+
+    def denoise(x: torch.Tensor, i: int, net) -> torch.Tensor:
+        with run.accelerator.autocast():
+            return family.predict(net, x, timesteps[i], cond, negative, r.guidance_scale)
+
+    for i in range(first_with_grad):
+        with torch.no_grad():
+            x = family.step(denoise(x, i, policy), i, x, 0.0)[0]
+    for i in range(first_with_grad, last + 1):
+        if r.mode == "alignprop":  # recomputed in backward: memory of one step, whatever k
+            output = torch.utils.checkpoint.checkpoint(denoise, x, i, model, use_reentrant=False)
+        else:
+            output = denoise(x, i, model)
+        if i == last:
+            return family.predicted_x0(output, i, x), last + 1 - first_with_grad
+        x = family.step(output, i, x, 0.0)[0]
+    raise AssertionError("unreachable")
