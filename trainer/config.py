@@ -43,6 +43,17 @@ class RunConfig(_Group):
     resume_from: Path | None = Field(None, description="a run folder (its newest checkpoint) or one checkpoint folder")
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs, from before the first and after the last "
                             "(deterministic sampling on fixed prompts and seeds, see trainer/evaluate.py); 0: never")
+    eval_scorer: str | None = Field(None, description="evaluate with this in-process scorer instead of the reward "
+                                    "(e.g. train ReFL on a CLIP score, evaluate with the shapes verifier)")
+
+    @field_validator("eval_scorer")
+    @classmethod
+    def _eval_scorer(cls, name: str | None) -> str | None:
+        if name is not None:
+            from reward_servers.scorer import scorer_target
+
+            scorer_target(name)
+        return name
 
 
 class PretrainedConfig(_Group):

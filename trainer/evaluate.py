@@ -118,8 +118,16 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
     cfg, accelerator = run.cfg, run.accelerator
     prompts, metadata = eval_prompts(cfg, run.prompt_fn)
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    rewards = run.rewards
+    if cfg.run.eval_scorer:  # loaded at the first evaluation, kept for the others
+        from trainer.config import RewardConfig
+        from trainer.rewards import Rewards
+
+        if run.eval_rewards is None:
+            run.eval_rewards = Rewards(RewardConfig(scorer=cfg.run.eval_scorer), device=str(accelerator.device))
+        rewards = run.eval_rewards
     images, scored = evaluate(
-        run.family, model, [prompts[i] for i in mine], [metadata[i] for i in mine], run.rewards,
+        run.family, model, [prompts[i] for i in mine], [metadata[i] for i in mine], rewards,
         num_steps=cfg.sample.eval_num_steps or cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
         resolution=cfg.sample.resolution or run.family.native_resolution(), seeds=[cfg.run.seed + i for i in mine],
         batch_size=cfg.sample.batch_size, deadline=cfg.reward.deadline, autocast=accelerator.autocast,
@@ -129,7 +137,7 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
     rows.sort(key=lambda row: row[0])
     scored = {n: ScoreOutput(np.array([row[2][n][0] for row in rows]),
                              {key: [row[2][n][1][key] for row in rows] for key in scored[n].info}) for n in scored}
-    total = run.rewards.combine({n: s.scores for n, s in scored.items()})
+    total = rewards.combine({n: s.scores for n, s in scored.items()})
     result = {"epoch": after_epochs, **summary([prompts[row[0]] for row in rows], scored, total)}
     accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "per_prompt"}, step=after_epochs)
     if accelerator.is_main_process:

@@ -149,6 +149,32 @@ for _name in ("sd15-dpo-pickapic", "sdxl-dpo-pickapic"):
     PRESETS[f"{_name}-1gpu"] = _with(PRESETS[_name], run={"output_dir": f"outputs/{_name}-1gpu"},
                                      train={"gradient_accumulation_steps": 128 * 16})
 
+# ReFL as ImageReward's (Xu et al. 2023, github.com/THUDM/ImageReward): 40 DDIM steps, the grad
+# step drawn from [30, 39], no CFG, lr 1e-5, effective batch 64 (8 GPUs x 2 x 4), 100 steps, grad clip 1,
+# gradient checkpointing, fp16, LoRA on attention as the DDPO presets. The reward in process or served.
+_REFL = _with(
+    {**_SD15, "algorithm": "refl"}, run={"num_epochs": 1},
+    train={"batch_size": 2, "gradient_accumulation_steps": 4, "learning_rate": 1e-5, "gradient_checkpointing": True,
+           "per_prompt_stat_tracking": False, "ema_decay": 0.0},
+    refl={"num_steps": 40, "mid_low": 30, "mid_high": 39, "margin": 2.0, "grad_scale": 1e-3, "max_train_steps": 100,
+          "checkpointing_steps": 50},
+)
+PRESETS["sd15-refl-aesthetic"] = _with(_REFL, run={"output_dir": "outputs/sd15-refl-aesthetic"},
+                                       prompt={"fn": "simple_animals"}, reward={"scorer": "aesthetic"})
+PRESETS["sd15-refl-pickscore"] = _with(_REFL, run={"output_dir": "outputs/sd15-refl-pickscore"},
+                                       prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
+PRESETS["sdxl-refl-aesthetic"] = _with(_REFL, run={"output_dir": "outputs/sdxl-refl-aesthetic"},
+                                       pretrained={"model": "stabilityai/stable-diffusion-xl-base-1.0"},
+                                       train={"batch_size": 1, "gradient_accumulation_steps": 8},
+                                       prompt={"fn": "simple_animals"}, reward={"scorer": "aesthetic"})
+# The shapes world: ReFL on tiny-shapes with its tiny CLIP's score as the reward, evaluated by the verifier.
+PRESETS["shapes-refl"] = _with(
+    {**_SHAPES, "algorithm": "refl"}, run={"output_dir": "outputs/shapes-refl", "eval_every": 100, "eval_scorer": "shapes"},
+    train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
+    reward={"scorer": "clipscore", "options": {"checkpoint": "tiny-shapes"}},
+    refl={"num_steps": 20, "mid_low": 14, "mid_high": 19, "margin": 100.0, "grad_scale": 1e-3, "max_train_steps": 100},
+)
+
 _GPUS = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6,
          "sdxl-compressibility": 8, "sdxl-aesthetic": 8,
          "sd3-geneval-style": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8}

@@ -54,6 +54,7 @@ class Run:
     ema: EMA | None = None
     history: list[dict] = field(default_factory=list)
     first_eval: tuple | None = None  # (epochs, images, rewards) of this process's first evaluation
+    eval_rewards: Rewards | None = None  # run.eval_scorer's, loaded at the first evaluation
 
     def fit_threads(self) -> int:
         """On a CPU, the torch threads for the coming epoch (trainer/threads.py); the count in use."""
@@ -126,14 +127,15 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     set_seed(cfg.run.seed, device_specific=True)
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = user_prompt_fn(prompt_fn) if prompt_fn is not None else make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
-    rewards = None
+    rewards = run = None
     ctrl_c = CtrlC(out, accelerator.num_processes)
     # Whatever ends the run (an error, Ctrl-C), the reward clients' threads and event loops stop and the
     # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
     try:
         # Local scorers load here, on the training device: their errors come before the big models.
         rewards = Rewards(cfg.reward, device=str(accelerator.device), functions=functions)
-        yield Run(cfg, accelerator, plan, out, rewards, prompt_fn, prompt_rng, ctrl_c, resume, first_epoch)
+        run = Run(cfg, accelerator, plan, out, rewards, prompt_fn, prompt_rng, ctrl_c, resume, first_epoch)
+        yield run
     except KeyboardInterrupt:
         ctrl_c.interrupted(accelerator.is_main_process)
         raise
@@ -142,6 +144,8 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
         try:
             if rewards is not None:
                 rewards.close()
+            if run is not None and run.eval_rewards is not None:
+                run.eval_rewards.close()
         finally:
             accelerator.end_training()
 
