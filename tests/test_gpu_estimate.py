@@ -23,12 +23,13 @@ def report(tiny_cache, tmp_path_factory):
 
 def test_calibration_on_the_tiny_model(report):
     """Fake tensors count exactly what the same step allocates for real; the CPU allocator (torch.profiler)
-    sees a few hundred kB more (scalars and kernel scratch), under 6% of the tiny model's peaks."""
-    assert report["calibration"]["max_abs_rel_error"] < 0.08
+    sees a few hundred kB more (scalars and kernel scratch, whose size depends on the CPU's kernels: 6% of
+    the tiny model's 2-5 MB peaks on one machine, 15% on another), a fixed amount, not a share of the peak."""
+    assert report["calibration"]["max_abs_rel_error"] < 0.2
     for kind, c in report["calibration"]["models"]["tiny-sd"].items():
         assert c["estimated_bytes"] == c["tracked_real_bytes"], kind
         assert c["flops_estimated"] == c["flops_real"] > 0, kind
-        assert -0.08 < c["rel_error"] < 0.01, (kind, c)
+        assert 0 <= c["allocator_bytes"] - c["estimated_bytes"] < 512 * 1024, (kind, c)
 
 
 def test_sd15_figures_are_sane(report):
