@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocol.errors import ProtocolError
-from protocol.schema import (FLOAT_ENCODINGS, VERSION, Encoding, GradientDtype, Image, Limits, ScoreGradReply,
+from protocol.schema import (FLOAT_ENCODINGS, GRADIENT_DTYPES, VERSION, Encoding, GradientDtype, Image, Limits, ScoreGradReply,
                              ScoreReply, ScoreRequest)
 from protocol.zero_copy import TooManyValues, unpack_views
 
@@ -188,7 +188,7 @@ def parse_reply(body: bytes, expected: int | None = None, model=ScoreReply) -> S
 
 def reply_gradients(reply: ScoreGradReply, shape: tuple[int, int]) -> np.ndarray:
     """The gradients of a /v1/score_grad reply as one float32 NHWC array (images of ``shape`` (H, W))."""
-    dtype = {"float16": "<f2", "float32": "<f4"}[reply.gradient_dtype]
+    dtype = GRADIENT_DTYPES[reply.gradient_dtype]
     out = []
     for i, data in enumerate(reply.gradients):
         if len(data) != shape[0] * shape[1] * 3 * np.dtype(dtype).itemsize:

@@ -20,7 +20,9 @@ MEDIA_TYPE = "application/x-msgpack"
 Encoding = Literal["raw", "png", "jpeg", "f16", "f32"]
 # raw: uint8 HWC (/v1/score); f16 / f32: little-endian float HWC in [0, 1] (/v1/score_grad)
 FLOAT_ENCODINGS = {"f16": "<f2", "f32": "<f4"}
+ITEMSIZE = {"raw": 1, "f16": 2, "f32": 4}  # bytes per value of the encodings whose data is the pixels themselves
 GradientDtype = Literal["float16", "float32"]
+GRADIENT_DTYPES = {"float16": "<f2", "float32": "<f4"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Image(_Wire):
         limit = _limits(info).max_pixels
         if self.height * self.width > limit:
             raise ValueError(f"height: {self.height}x{self.width} pixels exceed the limit of {limit} per image")
-        itemsize = {"raw": 1, "f16": 2, "f32": 4}.get(self.encoding)
+        itemsize = ITEMSIZE.get(self.encoding)
         expected = self.height * self.width * self.channels * (itemsize or 1)
         if itemsize is not None and len(self.data) != expected:
             raise ValueError(

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-import numpy as np
-
 from protocol import Limits, ProtocolError, ScoreGradReply, ScoreGradRequest, ScoreReply, ScoreRequest, decode_image_list
+from protocol.schema import GRADIENT_DTYPES, ITEMSIZE
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
 from reward_servers.scorer import Scorer, differentiable
@@ -80,12 +80,11 @@ class ScoringService:
             field, _, message = message.partition(": ") if ": " in message else (None, "", message)
             raise ProtocolError(422, "invalid_request", message, field) from None
         n = len(request.images)
-        itemsize = {"f16": 2, "f32": 4}
-        with self._decoded_budget(sum(i.height * i.width * i.channels * itemsize.get(i.encoding, 1) for i in request.images)):
+        with self._decoded_budget(sum(i.height * i.width * i.channels * ITEMSIZE.get(i.encoding, 1) for i in request.images)):
             with self.batcher.receiving():  # from here until queued, a forming batch may wait for it
                 self.batcher.reserve(n)  # before decoding: a compressed request expands only if it fits
                 try:
-                    if all(image.encoding in ("raw", "f16", "f32") for image in request.images):
+                    if all(image.encoding in ITEMSIZE for image in request.images):
                         images = decode_image_list(request)  # views of the body; the batcher copies them once
                     else:
                         images = await run_in_threadpool(decode_image_list, request)  # real work: off the loop
@@ -100,7 +99,7 @@ class ScoringService:
                      elapsed_ms=(time.perf_counter() - start) * 1000)  # the batcher checked the output
         if not gradient:
             return ScoreReply(**reply)
-        dtype = {"float16": "<f2", "float32": "<f4"}[request.gradient_dtype]
+        dtype = GRADIENT_DTYPES[request.gradient_dtype]
         return ScoreGradReply(**reply, gradient_dtype=request.gradient_dtype,
                               gradients=[np.ascontiguousarray(g, dtype=dtype).tobytes() for g in output.gradients])
 

@@ -1,0 +1,76 @@
+"""The settings groups of the algorithms beside DDPO: ``dpo`` (Diffusion-DPO) and ``refl`` (ReFL, DRaFT,
+AlignProp). Part of ``trainer.config.Config``; in a file of their own to keep config.py readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from trainer.config_group import _Group
+
+
+class DPOConfig(_Group):
+    """Diffusion-DPO (``--algorithm dpo``): preference pairs, the loss's beta, the data pipeline; counted in
+    optimizer steps. The reference is the base model: with LoRA the adapter-disabled denoiser, with full
+    finetuning a frozen copy of it."""
+
+    dataset: str | None = Field(None, description="preference pairs: a folder of Pick-a-Pic-layout parquet files "
+                                "(caption, jpg_0, jpg_1, label_0), a folder with pairs.jsonl, or a hub dataset id")
+    split: str = "train"
+    cache_dir: Path | None = Field(None, description="where the datasets library caches a hub dataset")
+    beta: float = Field(5000.0, gt=0, description="the KL weight beta (5000 for SD1.5 and SDXL)")
+    sft: bool = Field(False, description="supervised finetuning instead: the denoising MSE on the winners only")
+    max_train_steps: int = Field(100, gt=0, description="optimizer steps")
+    checkpointing_steps: int = Field(500, ge=0, description="checkpoint every this many steps (and at the end)")
+    log_every: int = Field(1, gt=0, description="log metrics every this many steps")
+    scale_lr: bool = Field(False, description="multiply train.learning_rate by the effective batch (batch x "
+                           "accumulation x processes), as Diffusion-DPO's --scale_lr")
+    random_crop: bool = Field(False, description="random instead of centre crops")
+    hflip: bool = Field(True, description="random horizontal flips")
+    proportion_empty_prompts: float = Field(0.2, ge=0, le=1, description="share of captions replaced by \"\"")
+    dataloader_num_workers: int = Field(0, ge=0, description="processes decoding and preprocessing pairs")
+    relabel: bool = Field(False, description="choose each pair's winner with the reward (reward.scorer or "
+                          "reward.url) as it trains, instead of label_0 (Diffusion-DPO's --choice_model)")
+    online: bool = Field(False, description="rounds of pairs sampled from the current policy (two images per prompt "
+                         "of prompt.fn) and labelled by the reward, in place of dpo.dataset")
+    online_pairs: int = Field(64, gt=0, description="pairs sampled per round, per process")
+
+    @model_validator(mode="after")
+    def _dataset(self) -> "DPOConfig":
+        if self.dataset is not None and "/" not in self.dataset and not Path(self.dataset).exists():
+            raise ValueError(f"dataset: {self.dataset} is neither a folder nor a hub dataset id (owner/name)")
+        return self
+
+
+class ReFLConfig(_Group):
+    """Differentiable rewards (``--algorithm refl``): the reward's gradient through the VAE decoder and the
+    last denoising step(s); counted in optimizer steps. The reward is ``reward.scorer`` in process (one with
+    a tensor path: aesthetic, clipscore, pickscore) or ``reward.url``, a server's /v1/score_grad."""
+
+    mode: Literal["refl", "draft", "alignprop"] = Field("refl", description="refl: one step with grad at a step "
+                                                        "drawn from [mid_low, mid_high], its predicted x0 scored "
+                                                        "(ImageReward's ReFL); draft: the whole sampler, grad through "
+                                                        "the last draft_k steps (DRaFT-K); alignprop: grad through "
+                                                        "the last k steps, k drawn from 1..num_steps, each step "
+                                                        "checkpointed (AlignProp)")
+    num_steps: int = Field(40, gt=0, description="sampler steps (DDIM eta 0 / the flow ODE)")
+    mid_low: int = Field(30, ge=0, description="refl: the step with grad is drawn uniformly from mid_low..mid_high")
+    mid_high: int = Field(39, ge=0)
+    draft_k: int = Field(1, gt=0, description="draft: steps with grad at the end of the sampler")
+    guidance_scale: float = Field(1.0, ge=1.0, description="1: no CFG (ReFL encodes the prompt alone)")
+    margin: float = Field(2.0, description="refl: loss relu(margin - reward); draft/alignprop: loss -reward")
+    grad_scale: float = Field(1e-3, ge=0, description="the loss is multiplied by this")
+    max_train_steps: int = Field(100, gt=0, description="optimizer steps")
+    checkpointing_steps: int = Field(0, ge=0, description="checkpoint every this many steps (and at the end)")
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "ReFLConfig":
+        if not self.mid_low <= self.mid_high < self.num_steps:
+            raise ValueError(f"mid_low ({self.mid_low}) <= mid_high ({self.mid_high}) < num_steps ({self.num_steps}) "
+                             "must hold")
+        if self.draft_k > self.num_steps:
+            raise ValueError(f"draft_k ({self.draft_k}) must not exceed num_steps ({self.num_steps})")
+        return self
