@@ -52,7 +52,8 @@ class ServerSettings(BaseSettings):
     # scorer options
     checkpoint: str | None = Field(None, description="model id or path of the scorer's network ('tiny': built offline)")
     processor: str | None = Field(None, description="clipscore/pickscore: processor id or path, if not the checkpoint's")
-    weights: str | None = Field(None, description="aesthetic: the LAION MLP weights (.pth or .safetensors)")
+    weights: str | None = Field(None, description="aesthetic: the LAION MLP weights (.pth or .safetensors); "
+                                 "hpsv2: HPS_v2.1_compressed.pt; imagereward: ImageReward.pt")
     mode: str | None = Field(None, description="llava: bertscore (default) or strict")
     bertscore_model: str | None = Field(None, description="llava bertscore: encoder id or path")
     bertscore_layer: int | None = Field(None, description="llava bertscore: hidden layer to match (default: last)")

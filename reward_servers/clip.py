@@ -25,6 +25,22 @@ def _get(size, key: str) -> int:
     return size[key] if isinstance(size, dict) else getattr(size, key)
 
 
+def resize_crop_normalise(images, short: int, crop: tuple[int, int], mean, std):
+    """CLIP's preprocessing of (N, 3, H, W) float images in [0, 1], differentiable: the shorter side resized
+    to ``short`` (bicubic, antialiased, as PIL), the centre ``crop`` (height, width), then mean and std."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = images.shape[-2:]
+    scale = short / min(h, w)
+    x = F.interpolate(images, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode="bicubic",
+                      antialias=True, align_corners=False)
+    top, left = (x.shape[-2] - crop[0]) // 2, (x.shape[-1] - crop[1]) // 2
+    x = x[..., top : top + crop[0], left : left + crop[1]]
+    mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
+    return (x - mean) / std
+
+
 class ClipEmbedder:
     def __init__(self, checkpoint: str, processor: str | None = None):
         self.checkpoint, self.processor_id = checkpoint, processor or checkpoint
@@ -35,12 +51,22 @@ class ClipEmbedder:
             needs["processor"] = ("model", self.processor_id, "the CLIP processor")
         return needs
 
-    def load(self, device: str) -> None:
+    def load(self, device: str, weights: dict | None = None) -> None:
+        """``weights``: a CLIPModel state dict that replaces the checkpoint's (HPSv2), which then gives only
+        the architecture and the processor."""
         import torch
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
         self.torch, self.device, self.dtype = torch, device, half_on_gpu(device)
-        self.model = CLIPModel.from_pretrained(resolve(self.checkpoint, "clip"), **dtype_kwarg(self.dtype)).to(device).eval()
+        if weights is None:
+            model = CLIPModel.from_pretrained(resolve(self.checkpoint, "clip"), **dtype_kwarg(self.dtype))
+        else:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):  # no memory for weights about to be replaced
+                model = CLIPModel(CLIPConfig.from_pretrained(resolve(self.checkpoint, "clip")))
+            model.load_state_dict(weights, strict=True, assign=True)
+        self.model = model.to(device, self.dtype).eval()
         self.processor = AutoProcessor.from_pretrained(resolve(self.processor_id, "clip"))
 
     def images(self, images: np.ndarray):
@@ -49,21 +75,10 @@ class ClipEmbedder:
             return self.embed(self.processor(images=list(images), return_tensors="pt")["pixel_values"])
 
     def pixels(self, images):
-        """The processor's preprocessing of (N, 3, H, W) float images in [0, 1], in torch and differentiable:
-        the shorter side resized to its size (bicubic, antialiased), the centre crop, its mean and std."""
-        import torch.nn.functional as F
-
-        images = images.to(self.device)
+        """The processor's preprocessing of (N, 3, H, W) float images in [0, 1], in torch and differentiable."""
         proc = getattr(self.processor, "image_processor", self.processor)
-        short, (ch, cw) = _get(proc.size, "shortest_edge"), (_get(proc.crop_size, k) for k in ("height", "width"))
-        h, w = images.shape[-2:]
-        scale = short / min(h, w)
-        x = F.interpolate(images, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode="bicubic",
-                          antialias=True, align_corners=False)
-        top, left = (x.shape[-2] - ch) // 2, (x.shape[-1] - cw) // 2
-        x = x[..., top : top + ch, left : left + cw]
-        mean, std = (self.torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (proc.image_mean, proc.image_std))
-        return (x - mean) / std
+        crop = tuple(_get(proc.crop_size, k) for k in ("height", "width"))
+        return resize_crop_normalise(images.to(self.device), _get(proc.size, "shortest_edge"), crop, proc.image_mean, proc.image_std)
 
     def embed(self, pixel_values):
         """L2-normalised embeddings of preprocessed pixels, float32 (with the gradient, outside inference mode)."""

@@ -82,6 +82,8 @@ SCORERS: dict[str, str] = {
     "aesthetic": "reward_servers.aesthetic:AestheticScorer",
     "clipscore": "reward_servers.clip:ClipScore",
     "pickscore": "reward_servers.clip:PickScore",
+    "hpsv2": "reward_servers.hps:HPSv2",
+    "imagereward": "reward_servers.imagereward:ImageRewardScorer",
     "llava": "reward_servers.llava:LlavaScorer",
     "shapes": "reward_servers.shapes:ShapesVerifier",
 }
