@@ -174,3 +174,50 @@ def test_a_refl_step_with_the_reward_served_has_the_local_gradient(tmp_path, sta
             grads[where] = torch.cat([p.grad.flatten() for p in run.trainable.values()])
     assert grads["local"].abs().max() > 0
     torch.testing.assert_close(grads["remote"], grads["local"], rtol=1e-4, atol=1e-6 * grads["local"].abs().max().item())
+
+
+def image_folder(folder, renders):
+    """diffusers' text-to-image layout: images and a metadata.jsonl of file_name and text."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    lines = []
+    for i, (image, caption) in enumerate(zip(renders, CAPTIONS)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_the_pretraining_step_alone_moves_the_weights(tmp_path, renders):
+    """grad_scale 0 leaves the reward step without effect; the pre-training steps (one after every second
+    reward step) train the denoising loss on the real images and move the adapters."""
+    from safetensors.torch import load_file
+
+    from trainer.refl import train
+
+    data = image_folder(tmp_path / "real", renders)
+    history = train(refl_config(tmp_path, grad_scale=0.0, max_train_steps=4, pretrain_data=str(data), pretrain_every=2))
+    assert ["pretrain_loss" in m for m in history] == [False, True, False, True]
+    assert all(0 < m["pretrain_loss"] < 10 and m["pretrain_grad_norm"] > 0 for m in history[1::2])
+    moved = load_file(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().max() > 0 for k, v in moved.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_pretraining_data_is_checked_before_the_model_loads(tmp_path, renders):
+    from trainer.pairs import PairsError, load_images
+
+    data = image_folder(tmp_path / "real", renders)
+    ds = load_images(str(data))
+    assert len(ds) == len(CAPTIONS) and ds[0]["caption"] == CAPTIONS[0] and ds[0]["label_0"] == 1.0
+    (data / "metadata.jsonl").write_text('{"file_name": "0.png", "prompt": "a red circle"}\n')
+    with pytest.raises(PairsError, match=r"refl.pretrain_data: .* needs an image column .* caption column"):
+        load_images(str(data))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PairsError, match="refl.pretrain_data: .* neither"):
+        load_images(str(tmp_path / "empty"))
+    with pytest.raises(PairsError, match="refl.pretrain_data: .*missing: no such folder"):
+        load_images(str(tmp_path / "missing"))

@@ -379,7 +379,8 @@ class Config(BaseSettings):
 
                 if not differentiable(scorer_target(sources[0].scorer)):
                     raise ValueError(f"reward.scorer: {sources[0].scorer} has no differentiable path (score_tensor); "
-                                     "refl takes aesthetic, clipscore, pickscore, or a reward server's /v1/score_grad "
+                                     "refl takes aesthetic, clipscore, pickscore, hpsv2, imagereward, or a reward server's "
+                                     "/v1/score_grad "
                                      "(--reward.url)")
         if not self.train.cfg and self.sample.guidance_scale != 1.0:
             # The PPO ratio compares the training policy with the sampling one: they must be the same policy.

@@ -47,7 +47,7 @@ class DPOConfig(_Group):
 class ReFLConfig(_Group):
     """Differentiable rewards (``--algorithm refl``): the reward's gradient through the VAE decoder and the
     last denoising step(s); counted in optimizer steps. The reward is ``reward.scorer`` in process (one with
-    a tensor path: aesthetic, clipscore, pickscore) or ``reward.url``, a server's /v1/score_grad."""
+    a tensor path: aesthetic, clipscore, pickscore, hpsv2, imagereward) or ``reward.url``, a server's /v1/score_grad."""
 
     mode: Literal["refl", "draft", "alignprop"] = Field("refl", description="refl: one step with grad at a step "
                                                         "drawn from [mid_low, mid_high], its predicted x0 scored "
@@ -65,6 +65,13 @@ class ReFLConfig(_Group):
     max_train_steps: int = Field(100, gt=0, description="optimizer steps")
     checkpointing_steps: int = Field(0, ge=0, description="checkpoint every this many steps (and at the end)")
     log_every: int = Field(1, gt=0)
+    pretrain_data: str | None = Field(None, description="real images with captions for ReFL's alternating "
+                                      "pre-training step (the plain denoising loss, which keeps the model near "
+                                      "the data): a folder with metadata.jsonl (file_name, text), a folder of "
+                                      "parquet files with image and caption columns, or a preference dataset "
+                                      "(its winners)")
+    pretrain_every: int = Field(1, gt=0, description="a pre-training optimizer step after every this many reward steps")
+    pretrain_weight: float = Field(1.0, ge=0, description="the pre-training loss is multiplied by this")
 
     @model_validator(mode="after")
     def _steps(self) -> "ReFLConfig":

@@ -60,7 +60,8 @@ def _dpo(run: run_setup.Run) -> list[dict]:
                           f"{effective_batch}, learning rate {learning_rate:g}")
         root = Path(d.dataset) if Path(d.dataset).is_dir() else None
         dataset = Pairs(pairs, resolution, seed=cfg.run.seed, random_crop=d.random_crop, hflip=d.hflip,
-                        proportion_empty_prompts=d.proportion_empty_prompts, root=root)
+                        proportion_empty_prompts=d.proportion_empty_prompts, root=root,
+                        winners_only=d.sft and not d.relabel)
         batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
                               accelerator.process_index, cfg.run.seed, skip=step * accumulation)
         data = iter(loader(dataset, batches, d.dataloader_num_workers))
@@ -156,32 +157,39 @@ def _reference(policy, lora: bool):
 
 def _pair_loss(run, model, reference, batch: dict[str, Any], resolution: int, weights: torch.Tensor | None):
     """The batch's loss and detached stats. Pairs are (winner, loser) rows of ``batch["pixels"]``."""
-    cfg, family, device = run.cfg, run.family, run.accelerator.device
-    pixels = batch["pixels"].to(device, non_blocking=True)  # (B, 2, 3, R, R) in [0, 1]
-    n = pixels.shape[0]
+    cfg = run.cfg
+    if cfg.dpo.sft:
+        error, _ = denoising_errors(run, model, {**batch, "pixels": batch["pixels"][:, :1]}, resolution)
+        return error.mean(), {"model_mse_winner": error.mean().detach()}
+    error, (noisy, timesteps, cond, target) = denoising_errors(run, model, batch, resolution)
+    with run.accelerator.autocast():
+        reference_error = ((reference(run.family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(
+            dim=tuple(range(1, target.ndim)))
+    return diffusion_dpo_loss(error[0::2], error[1::2], reference_error[0::2], reference_error[1::2], cfg.dpo.beta,
+                              weights=weights)
+
+
+def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
+    """Each image's denoising MSE (the family's eps / v / velocity target) of ``batch["pixels"]`` (B, k, 3, R, R)
+    in [0, 1], the k images of a row noised with the same noise at the same timestep; and the noised inputs
+    (noisy, timesteps, cond, target) for the reference. SFT's loss and ReFL's pre-training step use k = 1."""
+    family, device = run.family, run.accelerator.device
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    n, k = pixels.shape[:2]
     with torch.no_grad():
-        latents = family.encode(pixels.flatten(0, 1)).float()  # (2B, ...): winner, loser, winner, ...
+        latents = family.encode(pixels.flatten(0, 1)).float()  # (k B, ...): row by row
         cond = family.encode_prompts(batch["captions"], resolution)
-        if isinstance(cond, dict) and "time_ids" in cond:  # SDXL: the pairs' own original sizes and crops
+        if isinstance(cond, dict) and "time_ids" in cond:  # SDXL: the images' own original sizes and crops
             cond["time_ids"] = batch["time_ids"].to(cond["time_ids"])
-        if cfg.dpo.sft:
-            latents = latents[0::2]
-        else:
-            cond = _each(cond, lambda t: t.repeat_interleave(2, dim=0))
-    k = latents.shape[0] // n  # 2 images per pair for DPO, the winner alone for SFT
-    noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)  # the same noise and timestep per pair
+        if k > 1:
+            cond = _each(cond, lambda t: t.repeat_interleave(k, dim=0))
+    noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)
     u = torch.rand(n, device=device).repeat_interleave(k)
     noisy, timesteps, target = family.noised(latents, noise, u)
     with run.accelerator.autocast():
         prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
     error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
-    if cfg.dpo.sft:
-        return error.mean(), {"model_mse_winner": error.mean().detach()}
-    with run.accelerator.autocast():
-        reference_error = ((reference(family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(
-            dim=tuple(range(1, target.ndim)))
-    return diffusion_dpo_loss(error[0::2], error[1::2], reference_error[0::2], reference_error[1::2], cfg.dpo.beta,
-                              weights=weights)
+    return error, (noisy, timesteps, cond, target)
 
 
 def _relabel(run, batch: dict[str, Any]) -> torch.Tensor:

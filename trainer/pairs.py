@@ -33,8 +33,8 @@ class PairsError(ValueError):
     """A preference dataset that cannot be used, with what to fix."""
 
 
-def load_pairs(source: str, split: str = "train", cache_dir: Path | None = None):
-    """The dataset of ``source`` (see the module docstring) with its ties dropped."""
+def load_pairs(source: str, split: str = "train", cache_dir: Path | None = None, field: str = "dpo.dataset"):
+    """The dataset of ``source`` (see the module docstring) with its ties dropped; errors name ``field``."""
     import datasets
 
     folder = Path(source)
@@ -46,20 +46,50 @@ def load_pairs(source: str, split: str = "train", cache_dir: Path | None = None)
             ds = datasets.load_dataset("json", data_files=str(folder / "pairs.jsonl"), split="train", cache_dir=cache_dir)
             missing = {"image_0", "image_1"} - set(ds.column_names)
             if missing:
-                raise PairsError(f"dpo.dataset: {folder / 'pairs.jsonl'} lacks {', '.join(sorted(missing))}")
+                raise PairsError(f"{field}: {folder / 'pairs.jsonl'} lacks {', '.join(sorted(missing))}")
             ds = ds.rename_columns({"image_0": "jpg_0", "image_1": "jpg_1"})
         else:
-            raise PairsError(f"dpo.dataset: {folder} holds neither *.parquet files nor pairs.jsonl")
+            raise PairsError(f"{field}: {folder} holds neither *.parquet files nor pairs.jsonl")
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not a hub id
+        raise PairsError(f"{field}: {source}: no such folder")
     else:
         ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
     if missing:
-        raise PairsError(f"dpo.dataset: {source} has no column(s) {', '.join(missing)} (it has "
+        raise PairsError(f"{field}: {source} has no column(s) {', '.join(missing)} (it has "
                          f"{', '.join(ds.column_names)}); expected Pick-a-Pic's caption, jpg_0, jpg_1, label_0")
     ds = ds.filter(lambda label: label != 0.5, input_columns="label_0")  # ties: no preference to learn
     if len(ds) == 0:
-        raise PairsError(f"dpo.dataset: {source} has no pair with a preference (every label_0 is 0.5)")
+        raise PairsError(f"{field}: {source} has no pair with a preference (every label_0 is 0.5)")
     return ds
+
+
+def load_images(source: str, cache_dir: Path | None = None, field: str = "refl.pretrain_data"):
+    """Real images with captions (ReFL's pre-training step) as a dataset of one image per row, in the pairs'
+    column names (``jpg_0``, ``caption``, ``label_0`` = 1): a folder with ``metadata.jsonl`` (``file_name``
+    and ``text``, the layout of diffusers' text-to-image examples), a folder of parquet files with an image
+    column (``image``) and ``caption`` or ``text``, or any preference dataset, whose winners are taken."""
+    import datasets
+
+    folder = Path(source)
+    if (folder / "metadata.jsonl").is_file():
+        ds = datasets.load_dataset("json", data_files=str(folder / "metadata.jsonl"), split="train", cache_dir=cache_dir)
+    else:
+        parquet = sorted(str(p) for p in folder.rglob("*.parquet")) if folder.is_dir() else []
+        if not parquet:  # a pairs.jsonl folder or a hub id
+            return load_pairs(source, cache_dir=cache_dir, field=field)
+        ds = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache_dir)
+        if set(PAIR_COLUMNS) <= set(ds.column_names):
+            return load_pairs(source, cache_dir=cache_dir, field=field)
+    image = next((c for c in ("image", "file_name", "jpg_0") if c in ds.column_names), None)
+    text = next((c for c in ("caption", "text") if c in ds.column_names), None)
+    if image is None or text is None:
+        raise PairsError(f"{field}: {source} needs an image column (image or file_name) and a caption column "
+                         f"(caption or text); it has {', '.join(ds.column_names)}")
+    if isinstance(ds.features[image], datasets.Image):  # bytes, not decoded: the workers decode
+        ds = ds.cast_column(image, datasets.Image(decode=False))
+    ds = ds.select_columns([image, text]).rename_columns({image: "jpg_0", text: "caption"})
+    return ds.add_column("label_0", [1.0] * len(ds))
 
 
 def image_bytes(value: Any, root: Path | None) -> bytes:
@@ -93,11 +123,12 @@ def preprocess(data: bytes, resolution: int, rng: np.random.Generator, random_cr
 
 
 class Pairs(torch.utils.data.Dataset):
-    """Item ``(epoch, i)``: pair i preprocessed with the randomness of that data epoch."""
+    """Item ``(epoch, i)``: pair i preprocessed with the randomness of that data epoch; ``winners_only``:
+    its winner alone (pixels (1, 3, R, R))."""
 
     def __init__(self, ds, resolution: int, *, seed: int, random_crop: bool = False, hflip: bool = True,
-                 proportion_empty_prompts: float = 0.0, root: Path | None = None):
-        self.ds, self.resolution, self.seed, self.root = ds, resolution, seed, root
+                 proportion_empty_prompts: float = 0.0, root: Path | None = None, winners_only: bool = False):
+        self.ds, self.resolution, self.seed, self.root, self.winners_only = ds, resolution, seed, root, winners_only
         self.random_crop, self.hflip, self.empty = random_crop, hflip, proportion_empty_prompts
 
     def __len__(self) -> int:
@@ -109,7 +140,7 @@ class Pairs(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, int(i)])
         order = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")  # winner first
         images, conditioning = [], None
-        for column in order:
+        for column in order[:1] if self.winners_only else order:
             pixels, where = preprocess(image_bytes(row[column], self.root), self.resolution, rng, self.random_crop, self.hflip)
             images.append(pixels)
             conditioning = conditioning or where  # SDXL's micro-conditioning is the winner's
@@ -127,7 +158,7 @@ class PairBatches:
         self.n, self.batch, self.processes, self.rank, self.seed, self.skip = n, batch_size, num_processes, rank, seed, skip
         self.per_epoch = n // (batch_size * num_processes)
         if self.per_epoch == 0:
-            raise PairsError(f"dpo.dataset: {n} pairs do not fill one batch of train.batch_size {batch_size} x "
+            raise PairsError(f"the dataset's {n} items do not fill one batch of train.batch_size {batch_size} x "
                              f"{num_processes} process(es)")
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

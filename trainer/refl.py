@@ -11,18 +11,23 @@ denoising step(s), trains the denoiser directly.
   Backpropagation"): the gradient through the last k steps, k drawn from 1..num_steps per batch
   (randomised truncation), each step checkpointed so memory does not grow with k.
 
+With ``refl.pretrain_data``, every ``refl.pretrain_every`` reward steps are followed by an optimizer step of
+the plain denoising loss on real images with their captions (ReFL's regularisation by pre-training data,
+which keeps the model from drifting into the reward's blind spots).
+
 The reward is ``reward.scorer`` in process (a scorer with ``score_tensor``: the same model code as its
 scoring path) or a reward server's ``/v1/score_grad`` (``reward.url``), whose gradient with respect to the
 pixels an autograd function injects (trainer/rewards.py: ``remote_scores``), so the trainer's GPU never
 holds the reward model. Reads top to bottom: the shared run set-up, then per optimizer step over its
-accumulated batches (1) prompts, (2) the truncated rollout, (3) decode, reward and loss, (4) log,
-evaluate, checkpoint. Steps count optimizer steps, as DPO's.
+accumulated batches (1) prompts, (2) the truncated rollout, (3) decode, reward and loss, (4) the pre-training
+step, (5) log, evaluate, checkpoint. Steps count optimizer steps, as DPO's.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,7 +36,9 @@ from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer.config import Config
+from trainer.dpo import denoising_errors
 from trainer.evaluate import evaluate_run
+from trainer.pairs import PairBatches, Pairs, load_images, loader
 from trainer.rewards import RemoteReward, remote_scores
 
 
@@ -43,20 +50,29 @@ def train(cfg: Config) -> list[dict]:
 
 def _refl(run: run_setup.Run) -> list[dict]:
     cfg, accelerator, r = run.cfg, run.accelerator, run.cfg.refl
-    run_setup.load_model(run, r.max_train_steps)
+    accumulation = cfg.train.gradient_accumulation_steps
+    real = load_images(r.pretrain_data) if r.pretrain_data else None  # before the model: a bad source fails first
+    pretrain_steps = r.max_train_steps // r.pretrain_every if real is not None else 0
+    run_setup.load_model(run, r.max_train_steps + pretrain_steps)
     family, model, optimizer = run.family, run.model, run.optimizer
     policy = accelerator.unwrap_model(model)
     reward = differentiable_reward(run)
     resolution = cfg.sample.resolution or family.native_resolution()
     negative = family.encode_prompts([""]) if r.guidance_scale > 1 else None
     step = run.first_epoch
+    if real is not None:
+        root = Path(r.pretrain_data) if Path(r.pretrain_data).is_dir() else None
+        images = Pairs(real, resolution, seed=cfg.run.seed, root=root, winners_only=True)
+        batches = PairBatches(len(images), cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
+                              cfg.run.seed, skip=(step // r.pretrain_every) * accumulation)  # where a resumed run was
+        real = iter(loader(images, batches, 0))
     progress = tqdm(total=r.max_train_steps, initial=step, desc=r.mode, disable=not accelerator.is_local_main_process)
     while step < r.max_train_steps:
         if cfg.run.eval_every and step % cfg.run.eval_every == 0:
             evaluate_run(run, policy, step, unit="steps")
         run.ctrl_c.updating()
         stats, start = defaultdict(list), time.perf_counter()
-        for _ in range(cfg.train.gradient_accumulation_steps):
+        for _ in range(accumulation):
             prompts = [run.prompt_fn(run.prompt_rng)[0] for _ in range(cfg.train.batch_size)]
             with accelerator.accumulate(model):
                 x0, calls = rollout(run, model, policy, prompts, resolution, negative)
@@ -67,6 +83,14 @@ def _refl(run: run_setup.Run) -> list[dict]:
             stats["loss"].append(loss.detach())
             stats["reward_mean"].append(rewards.detach().float().mean())
             stats["denoiser_calls_with_grad"].append(torch.tensor(float(calls)))
+        if real is not None and (step + 1) % r.pretrain_every == 0:
+            pretrain_stats = defaultdict(list)
+            for _ in range(accumulation):
+                with accelerator.accumulate(model):
+                    error, _ = denoising_errors(run, model, next(real), resolution)
+                    run_setup.backward_and_step(run, error.mean() * r.pretrain_weight, pretrain_stats)
+                stats["pretrain_loss"].append(error.mean().detach())
+            stats["pretrain_grad_norm"] += pretrain_stats["grad_norm"]
         step += 1
         progress.update(1)
         if step % r.log_every == 0 or step == r.max_train_steps:
