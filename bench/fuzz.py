@@ -1,12 +1,13 @@
 """The fuzzing drill at length: hypothesis-generated bodies and crafted attacks against a live reward server.
 
-    python -m bench.fuzz [--cases 10000] [--attacks 20]
+    python -m bench.fuzz [--cases 10000] [--attacks 20] [--endpoint score_grad]
 
 Hypothesis bodies use the strategies of tests/test_drills.py (garbage bytes, any msgpack value, valid requests
 with one field replaced). Interleaved with them, each attack body is sent ``--attacks`` times: element-heavy
 (3 MB of three million empty arrays), deep (100,000 nested arrays), wide (a map of 1.5 million entries),
 a compressed bomb (64 solid 1024 px PNGs: 1 MB that would decode to 192 MiB) and a valid request with
-metadata just under the element budget. (A large valid request of raw images costs its body plus one batch
+metadata just under the element budget. ``--endpoint score_grad`` fuzzes /v1/score_grad of the tiny-shapes
+aesthetic scorer instead (float images of any values among the bodies; tests/test_drills.py's ``grad_bodies``). (A large valid request of raw images costs its body plus one batch
 copy, 2x by design; bench/protocol.py measures those.) A thread polls /healthz all the while.
 
 Prints JSON: responses by status (and per attack), 5xx count (must be 0), /healthz latency p50/p99/max during
@@ -73,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--attacks", type=int, default=20, help="times each attack body is sent")
+    parser.add_argument("--endpoint", choices=["score", "score_grad"], default="score")
     parser.add_argument("--max-decoded-mb", type=float, default=64.0, help="the server's decoded-pixel budget")
     args = parser.parse_args()
 
@@ -82,7 +84,7 @@ def main() -> None:
 
     from protocol import MEDIA_TYPE
     from tests.conftest import ServerProcess
-    from tests.test_drills import bodies
+    from tests.test_drills import bodies, grad_bodies
 
     attacks = attack_bodies()
     # Every attack body is within the server's body limit, so the server reads each: the largest it takes on
@@ -93,7 +95,8 @@ def main() -> None:
     per_attack: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     latencies, stop = [], threading.Event()
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess("--model", "compression", "--log-level", "error", "--max-decoded-mb", str(args.max_decoded_mb),
+        scorer = ["compression"] if args.endpoint == "score" else ["aesthetic", "--checkpoint", "tiny-shapes"]
+        server = ServerProcess("--model", *scorer, "--log-level", "error", "--max-decoded-mb", str(args.max_decoded_mb),
                                log=Path(tmp) / "server.log").wait_ready()
 
         def poll_health():
@@ -111,12 +114,12 @@ def main() -> None:
         sent, rounds = [0], [0]
         try:
             def post(body: bytes, content_type: str = MEDIA_TYPE) -> int:
-                status = client.post(f"{server.url}/v1/score", content=body, headers={"content-type": content_type}).status_code
+                status = client.post(f"{server.url}/v1/{args.endpoint}", content=body, headers={"content-type": content_type}).status_code
                 statuses[status] += 1
                 return status
 
             @settings(max_examples=args.cases, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            @given(body=bodies, content_type=st.sampled_from([MEDIA_TYPE, MEDIA_TYPE, "application/json", ""]))
+            @given(body=bodies if args.endpoint == "score" else grad_bodies, content_type=st.sampled_from([MEDIA_TYPE, MEDIA_TYPE, "application/json", ""]))
             def send(body, content_type):
                 post(body, content_type)
                 sent[0] += 1
@@ -135,7 +138,7 @@ def main() -> None:
             server.stop()
     ms = np.array(latencies) * 1000
     print(json.dumps({
-        "benchmark": "fuzz", "cases": sum(statuses.values()), "by_status": dict(sorted(statuses.items())),
+        "benchmark": "fuzz", "endpoint": f"/v1/{args.endpoint}", "cases": sum(statuses.values()), "by_status": dict(sorted(statuses.items())),
         "attacks": {name: dict(sorted(c.items())) for name, c in per_attack.items()},
         "attack_bytes": {name: len(body) for name, body in attacks.items()},
         "server_errors_5xx": sum(n for s, n in statuses.items() if s >= 500 and s != 503), "healthy_after": healthy,

@@ -30,10 +30,14 @@ values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionari
 VALID = msgpack.unpackb(build_request(np.zeros((2, 4, 4, 3), np.uint8), ["a", "b"]))
 
 
-def mutated(draw_key, draw_value):
+VALID_GRAD = msgpack.unpackb(build_request(np.full((2, 8, 8, 3), 0.5, np.float32), ["a", "b"], encoding="f32",
+                                          gradient_dtype="float32"))
+
+
+def mutated(draw_key, draw_value, valid=VALID):
     """A valid request with one field (top level or inside the first image) replaced by anything."""
-    body = json.loads(json.dumps({k: v for k, v in VALID.items() if k != "images"}))
-    body["images"] = [dict(image) for image in VALID["images"]]
+    body = json.loads(json.dumps({k: v for k, v in valid.items() if k != "images"}))
+    body["images"] = [dict(image) for image in valid["images"]]
     target = body["images"][0] if draw_key.startswith("image.") else body
     target[draw_key.removeprefix("image.")] = draw_value
     return msgpack.packb(body, use_bin_type=True)
@@ -69,6 +73,50 @@ def test_fuzzed_bodies_never_get_a_5xx(fuzz_target, body, content_type):
 
 def test_still_healthy_after_fuzzing(fuzz_target):
     server, _ = fuzz_target
+    assert server.healthy() and server.metric("reward_requests_total", status="500") == 0
+
+
+FIELDS = ["version", "request_id", "images", "prompts", "metadata", "extra", "gradient_dtype", "image.height",
+          "image.width", "image.channels", "image.encoding", "image.data"]
+grad_bodies = (
+    st.binary(max_size=300)
+    | values.map(lambda v: msgpack.packb(v, use_bin_type=True))
+    | st.builds(lambda key, value: mutated(key, value, VALID_GRAD), st.sampled_from(FIELDS), values)
+    # well-formed float images of any values: NaN, infinities and out-of-range pixels are the client's error
+    | st.builds(lambda pixels: build_request(np.array(pixels, np.float32).reshape(1, 4, 4, 3), ["a"], encoding="f32",
+                                             gradient_dtype="float16"),
+                st.lists(st.floats(width=32), min_size=48, max_size=48) | st.lists(st.floats(0, 1, width=32), min_size=48, max_size=48))
+)
+
+
+@pytest.fixture(scope="module")
+def grad_target(tmp_path_factory):
+    from tests.conftest import ServerProcess
+
+    server = ServerProcess("--model", "aesthetic", "--checkpoint", "tiny-shapes", "--log-level", "error",
+                           log=tmp_path_factory.mktemp("fuzz-grad") / "server.log").wait_ready()
+    yield server, httpx.Client(timeout=30)
+    server.stop()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=grad_bodies)
+def test_fuzzed_score_grad_bodies_never_get_a_5xx(grad_target, body):
+    """/v1/score_grad on a differentiable scorer: a 200 carries one score and one finite gradient per image,
+    anything else is a 4xx naming what was wrong."""
+    server, client = grad_target
+    response = client.post(f"{server.url}/v1/score_grad", content=body, headers={"content-type": MEDIA_TYPE})
+    assert response.status_code < 500, (response.status_code, response.content[:300])
+    reply = msgpack.unpackb(response.content)
+    if response.status_code == 200:
+        n = len(msgpack.unpackb(body)["images"])
+        assert len(reply["scores"]) == n and len(reply["gradients"]) == n
+    else:
+        assert reply["error"]["code"] and reply["error"]["message"]
+
+
+def test_still_healthy_after_fuzzing_score_grad(grad_target):
+    server, _ = grad_target
     assert server.healthy() and server.metric("reward_requests_total", status="500") == 0
 
 
