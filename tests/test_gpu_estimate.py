@@ -118,3 +118,20 @@ def test_largest_batch():
     n = ge.largest_batch(5e9, 2e9, card)
     assert 5e9 + (n - 1) * 2e9 <= usable < 5e9 + n * 2e9
     assert ge.largest_batch(usable + 1, 1e9, card) == 0
+
+
+def test_refl_memory_served_reward_saves_its_weights_and_activations():
+    """bench.refl_memory: serving the reward takes its weights (CLIP ViT-L/14 in fp16 and the MLP) and its
+    activations off the trainer's GPU and nothing else; the estimate is within a few percent of the real
+    step on the tiny models."""
+    from bench import refl_memory
+
+    report = refl_memory.main(["--batches", "1"])
+    assert report["sd15"]["reward_weights_gb"] == pytest.approx((427_616_513 * 2 + 927_969 * 4) / 1e9, abs=0.002)
+    for key in ("batch1", "batch1_checkpointed"):
+        row = report["sd15"][key]
+        assert row["local_gb"]["weights"] - row["served_gb"]["weights"] == pytest.approx(report["sd15"]["reward_weights_gb"], abs=0.002)
+        assert row["local_gb"]["activations"] > row["served_gb"]["activations"]  # the reward's own activations
+        assert row["local_gb"]["optimizer_state"] == row["served_gb"]["optimizer_state"]
+    for c in report["calibration_tiny"].values():
+        assert abs(c["rel_error"]) < 0.1, c

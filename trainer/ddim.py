@@ -42,7 +42,8 @@ def ddim_mean_std(
 
 def ddim_x0(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor) -> torch.Tensor:
     """The predicted clean latents of x_t, float32 (differentiable: ReFL's reward is taken on them)."""
-    t = torch.as_tensor(timestep, device=sample.device).long()
+    # a 1-element index, not a 0-d one: indexing with a 0-d tensor reads it on the host (a sync on a GPU)
+    t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1)
     a_t = _broadcast(scheduler.alphas_cumprod.to(sample.device, torch.float32)[t], sample)
     return _x0_eps(scheduler.config.prediction_type, a_t, model_output.float(), sample.float())[0]
 
