@@ -221,3 +221,26 @@ def test_pretraining_data_is_checked_before_the_model_loads(tmp_path, renders):
         load_images(str(tmp_path / "empty"))
     with pytest.raises(PairsError, match="refl.pretrain_data: .*missing: no such folder"):
         load_images(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,lora", [("tiny-sdxl", True), ("tiny-sd3", True), ("tiny-shapes", False)])
+def test_refl_on_every_family_and_full_finetuning(tmp_path, model, lora):
+    """A DRaFT-2 step through each family's sampler, predicted x0 and decoder moves its weights (LoRA), and
+    full finetuning moves the denoiser itself."""
+    from trainer import run as run_setup
+    from trainer.refl import differentiable_reward, rollout
+
+    cfg = refl_config(tmp_path, mode="draft", draft_k=2, max_train_steps=1)
+    cfg.pretrained.model, cfg.train.lora = model, lora
+    with run_setup.started(cfg, 1) as run:
+        run_setup.load_model(run, 1)
+        before = {k: p.detach().clone() for k, p in run.trainable.items()}
+        stats: dict = {"grad_norm": []}
+        resolution = run.family.native_resolution()
+        x0, calls = rollout(run, run.model, run.family.denoiser, ["a red circle"] * 2, resolution, None)
+        rewards = differentiable_reward(run)(run.family.decode(x0), ["a red circle"] * 2)
+        run_setup.backward_and_step(run, torch.relu(100.0 - rewards).mean(), stats)
+    assert calls == 2 and torch.isfinite(rewards).all() and float(stats["grad_norm"][0]) > 0
+    moved = sum(float((p.detach() - before[k]).abs().max()) > 0 for k, p in run.trainable.items())
+    assert moved > 0 and (lora or len(run.trainable) > 100)  # full finetuning trains every denoiser weight
