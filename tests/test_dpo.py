@@ -230,6 +230,29 @@ def test_sft_and_full_finetuning_with_a_frozen_reference(tmp_path, tiny_cache, p
     assert (cfg.run.output_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_an_ema_reference_follows_the_policy(tmp_path, tiny_cache, pairs_folder):
+    """dpo.reference ema: the reference is the policy's moving average, so it starts as the policy (log 2)
+    and, with a fast average, stays near it where the base reference falls behind; it needs full finetuning
+    with train.ema_decay, said before anything loads."""
+    from pydantic import ValidationError
+
+    from trainer.dpo import train
+
+    with pytest.raises(ValidationError, match="dpo.reference ema .* train.lora false"):
+        dpo_config(tmp_path, tiny_cache, pairs_folder, reference="ema")
+    losses = {}
+    for reference in ("base", "ema"):
+        cfg = dpo_config(tmp_path / reference, tiny_cache, pairs_folder, max_train_steps=3)
+        cfg.train.lora, cfg.train.learning_rate, cfg.train.ema_decay = False, 1e-4, 0.01
+        cfg.dpo.reference = reference
+        losses[reference] = [m["loss"] for m in train(cfg)]
+    assert losses["ema"][0] == pytest.approx(math.log(2), abs=1e-3) and losses["base"][0] == pytest.approx(losses["ema"][0])
+    far = [abs(a - math.log(2)) for a in losses["base"][1:]]
+    near = [abs(b - math.log(2)) for b in losses["ema"][1:]]
+    assert all(n < f / 2 for n, f in zip(near, far)), (losses, near, far)
+
+
 def test_seed_flags_translate():
     from trainer.seed_flags import translate
 

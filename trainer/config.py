@@ -367,6 +367,10 @@ class Config(BaseSettings):
             if self.dpo.dataset is None and not self.dpo.online:
                 raise ValueError("dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id "
                                  "(or sample them: --dpo.online)")
+            if self.dpo.reference == "ema" and (self.train.lora or not self.train.ema_decay):
+                raise ValueError("dpo.reference ema is the moving average of a fully finetuned policy: it needs "
+                                 f"train.lora false (got {self.train.lora}) and train.ema_decay above 0 (got "
+                                 f"{self.train.ema_decay}, e.g. 0.999)")
             if self.dpo.online and self.dpo.online_pairs < self.train.batch_size:
                 raise ValueError(f"dpo.online_pairs ({self.dpo.online_pairs}) must fill at least one batch of "
                                  f"train.batch_size ({self.train.batch_size})")

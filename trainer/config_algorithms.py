@@ -22,6 +22,10 @@ class DPOConfig(_Group):
     cache_dir: Path | None = Field(None, description="where the datasets library caches a hub dataset")
     beta: float = Field(5000.0, gt=0, description="the KL weight beta (5000 for SD1.5 and SDXL)")
     sft: bool = Field(False, description="supervised finetuning instead: the denoising MSE on the winners only")
+    reference: Literal["base", "ema"] = Field("base", description="base: the model before training (LoRA: the "
+                                              "adapters switched off; full finetuning: a frozen copy); ema: full "
+                                              "finetuning's moving average of the policy (train.ema_decay, whose "
+                                              "average is also the saved model), a reference that follows the policy")
     max_train_steps: int = Field(100, gt=0, description="optimizer steps")
     checkpointing_steps: int = Field(500, ge=0, description="checkpoint every this many steps (and at the end)")
     log_every: int = Field(1, gt=0, description="log metrics every this many steps")

@@ -65,7 +65,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
         batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
                               accelerator.process_index, cfg.run.seed, skip=step * accumulation)
         data = iter(loader(dataset, batches, d.dataloader_num_workers))
-    reference = None if d.sft else _reference(policy, cfg.train.lora)
+    reference = None if d.sft else _reference(policy, cfg.train.lora, run.ema if d.reference == "ema" else None)
 
     progress = tqdm(total=d.max_train_steps, initial=step, desc="dpo", disable=not accelerator.is_local_main_process)
     while step < d.max_train_steps:
@@ -137,10 +137,15 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
                    "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size)}
 
 
-def _reference(policy, lora: bool):
-    """The base model's prediction, without gradient: with LoRA the same denoiser with its adapters switched
-    off (no second copy in memory), else a frozen copy made before the first update."""
+def _reference(policy, lora: bool, ema=None):
+    """The reference's prediction, without gradient: with LoRA the same denoiser with its adapters switched
+    off (no second copy in memory), else a frozen copy made before the first update; with ``ema`` (the run's
+    moving average of the weights, restored already when resuming) that copy's weights are the average's own
+    tensors, which the optimizer steps update in place: no second copy, and a resumed run has them back."""
     frozen = None if lora else copy.deepcopy(policy).requires_grad_(False)
+    if ema is not None:
+        for name, param in frozen.named_parameters():
+            param.data = ema.shadow[name]
 
     @torch.no_grad()
     def predict(family, latents, timesteps, cond):
