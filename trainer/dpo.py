@@ -28,7 +28,7 @@ from trainer.config import Config
 from trainer.evaluate import evaluate, evaluate_run
 from trainer.loss import diffusion_dpo_loss
 from trainer.pairs import PairBatches, Pairs, load_pairs, loader
-from trainer.rewards import Pending, RewardFn
+from trainer.rewards import Pending, RewardFn, pair_scores
 from trainer.sampling import _each
 
 
@@ -124,12 +124,10 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
                                       resolution=resolution, seeds=seeds, batch_size=cfg.sample.batch_size,
                                       deadline=cfg.reward.deadline, autocast=run.accelerator.autocast)
         policy.train()
-        scores = run.rewards.combine({name: out.scores for name, out in scored.items()}).reshape(n, 2)
+        scores = pair_scores(run.rewards, scored)
         rounds[:] = [{"online_reward_mean": float(scores.mean()), "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}]
-        swap = scores[:, 1] > scores[:, 0]
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).reshape(n, 2, 3, resolution, resolution)
-        pixels[swap] = pixels[swap].flip(1)
-        weights = torch.as_tensor(scores[:, 0] != scores[:, 1], dtype=torch.float32, device=run.accelerator.device)
+        pixels, weights = _winner_first(pixels, scores, run.accelerator.device)
         for start in range(0, n - size + 1, size):
             part = slice(start, start + size)
             captions = [p for p, _ in drawn[part]]
@@ -205,11 +203,17 @@ def _relabel(run, batch: dict[str, Any]) -> torch.Tensor:
     prompts = [p for p in batch["prompts"] for _ in range(2)]
     pending = Pending(run.rewards)
     pending.add(run.rewards.submit(images, prompts, [{} for _ in prompts]))
-    scored = pending.wait(run.cfg.reward.deadline)
-    scores = run.rewards.combine({name: out.scores for name, out in scored.items()}).reshape(-1, 2)
+    batch["pixels"], weights = _winner_first(pixels, pair_scores(run.rewards, pending.wait(run.cfg.reward.deadline)),
+                                             run.accelerator.device)
+    return weights
+
+
+def _winner_first(pixels: torch.Tensor, scores, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (n, 2, ...) with the higher-scored image first, and each pair's weight: 0 for a tie, which
+    teaches nothing."""
     swap = torch.as_tensor(scores[:, 1] > scores[:, 0])
-    batch["pixels"] = torch.where(swap[:, None, None, None, None], pixels.flip(1), pixels)
-    return torch.as_tensor(scores[:, 0] != scores[:, 1], dtype=torch.float32, device=run.accelerator.device)
+    pixels = torch.where(swap.view(-1, *[1] * (pixels.ndim - 1)), pixels.flip(1), pixels)
+    return pixels, torch.as_tensor(scores[:, 0] != scores[:, 1], dtype=torch.float32, device=device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,7 +88,7 @@ def label(s: LabelSettings) -> dict:
 def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
     """Each row's two images scored (every batch submitted before the first is awaited), labelled, ties dropped."""
     from trainer.pairs import jpeg
-    from trainer.rewards import Pending
+    from trainer.rewards import Pending, pair_scores
 
     per_request = max(1, s.batch_size // 2)
     requests = []
@@ -102,7 +102,7 @@ def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
     kept = []
     for part, images, pending in requests:
         scored = pending.wait(600.0)
-        scores = rewards.combine({n: out.scores for n, out in scored.items()}).reshape(-1, 2)
+        scores = pair_scores(rewards, scored)
         for row, (a, b), pair in zip(part, scores, images.reshape(-1, 2, *images.shape[1:])):
             if abs(a - b) > s.margin:
                 kept.append({**row, "jpg_0": row.get("jpg_0") or jpeg(pair[0]), "jpg_1": row.get("jpg_1") or jpeg(pair[1]),

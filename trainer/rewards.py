@@ -168,6 +168,11 @@ class Rewards:
             source.close()
 
 
+def pair_scores(rewards: "Rewards", scored: dict[str, ScoreOutput]) -> np.ndarray:
+    """The combined reward of images scored two by two (pair i is images 2i and 2i + 1), shaped (pairs, 2)."""
+    return rewards.combine({name: out.scores for name, out in scored.items()}).reshape(-1, 2)
+
+
 class Pending:
     """The reward futures of one epoch, in sampling order, for every component."""
 
