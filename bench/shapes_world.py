@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     family = load_family(cfg, torch.device("cpu"))
     prompts = list(lines(ASSETS / "shapes_eval.txt"))
     rewards = Rewards(cfg.reward, device="cpu")
+    seeds = [cfg.run.eval_seed + i for i in range(len(prompts))]  # the trainer's evaluation images
     images, scored = evaluate(family, family.denoiser, prompts, [{}] * len(prompts), rewards, num_steps=args.steps,
-                              guidance_scale=args.guidance, resolution=64, seeds=list(range(len(prompts))), batch_size=32)
+                              guidance_scale=args.guidance, resolution=64, seeds=seeds, batch_size=32)
     rewards.close()
     verifier = scored["shapes"].scores
     result = {"benchmark": "shapes_world", "steps": args.steps, "guidance_scale": args.guidance, "images": len(prompts),

@@ -60,7 +60,7 @@ def test_the_trainers_evaluation_is_the_clis_on_the_same_weights(tmp_path, tiny_
     assert (out / "eval" / "after-0002.png").is_file()
     assert records[0]["reward_mean"] != records[2]["reward_mean"]
 
-    common = dict(cache_dir=tiny_cache, prompts=held_out, steps=6, guidance_scale=5.0, seed=cfg.run.seed, batch_size=2)
+    common = dict(cache_dir=tiny_cache, prompts=held_out, steps=6, guidance_scale=5.0, seed=cfg.run.eval_seed, batch_size=2)
     base = run_evaluation(EvalSettings(out=tmp_path / "base", **common))
     tuned = run_evaluation(EvalSettings(out=tmp_path / "tuned", lora=out / "lora", **common))
     for cli, trainer in ((base, records[0]), (tuned, records[2])):
@@ -72,6 +72,24 @@ def test_the_trainers_evaluation_is_the_clis_on_the_same_weights(tmp_path, tiny_
     again = cfg.model_copy(update={"run": cfg.run.model_copy(update={"num_epochs": 3, "resume_from": out})})
     train(again)
     assert [json.loads(line)["epoch"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_the_evaluation_images_do_not_depend_on_the_training_seed(tmp_path, tiny_cache):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(PROMPTS) + "\n")
+
+    def first_evaluation(**run) -> list[float]:
+        cfg = Config(run={"output_dir": tmp_path / str(run), "num_epochs": 1, "eval_every": 1, "log_with": "none",
+                          "log_images_every": 0, **run},
+                     pretrained={"cache_dir": tiny_cache}, prompt={"eval_path": held_out},
+                     sample={"num_steps": 3, "batch_size": 3, "num_batches_per_epoch": 1}, train={"batch_size": 3})
+        train(cfg)
+        record = json.loads((cfg.run.output_dir / "eval.jsonl").read_text().splitlines()[0])
+        return [p["reward"] for p in record["per_prompt"]]
+
+    base = first_evaluation(seed=1)
+    assert first_evaluation(seed=2) == base  # another training seed, the same evaluation images
+    assert first_evaluation(seed=1, eval_seed=7) != base
 
 
 def test_cli_writes_json_and_a_grid(tmp_path, tiny_cache):

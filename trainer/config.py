@@ -44,6 +44,9 @@ class RunConfig(_Group):
     resume_from: Path | None = Field(None, description="a run folder (its newest checkpoint) or one checkpoint folder")
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs, from before the first and after the last "
                             "(deterministic sampling on fixed prompts and seeds, see trainer/evaluate.py); 0: never")
+    eval_seed: int = Field(42, description="image i of an evaluation starts from the noise of seed eval_seed + i "
+                           "(and drawn evaluation prompts from this seed): not run.seed, so runs of different "
+                           "training seeds are evaluated on the same images")
     eval_scorer: str | None = Field(None, description="evaluate with this in-process scorer instead of the reward "
                                     "(e.g. train ReFL on a CLIP score, evaluate with the shapes verifier)")
 

@@ -101,7 +101,7 @@ def eval_prompts(cfg, prompt_fn) -> tuple[list[str], list[dict[str, Any]]]:
 
         prompts = list(lines(cfg.prompt.eval_path, "prompt.eval_path"))
         return prompts, [{} for _ in prompts]
-    rng = np.random.default_rng([cfg.run.seed, 1 << 20])
+    rng = np.random.default_rng([cfg.run.eval_seed, 1 << 20])
     prompts, metadata = zip(*(prompt_fn(rng) for _ in range(cfg.prompt.eval_count)))
     return list(prompts), list(metadata)
 
@@ -129,7 +129,7 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
     images, scored = evaluate(
         run.family, model, [prompts[i] for i in mine], [metadata[i] for i in mine], rewards,
         num_steps=cfg.sample.eval_num_steps or cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
-        resolution=cfg.sample.resolution or run.family.native_resolution(), seeds=[cfg.run.seed + i for i in mine],
+        resolution=cfg.sample.resolution or run.family.native_resolution(), seeds=[cfg.run.eval_seed + i for i in mine],
         batch_size=cfg.sample.batch_size, deadline=cfg.reward.deadline, autocast=accelerator.autocast,
     )
     rows = gather_object([(i, images[k], {n: (float(s.scores[k]), {key: v[k] for key, v in s.info.items()})
@@ -167,7 +167,7 @@ class EvalSettings(BaseSettings):
     prompt_fn: str = Field("simple_animals", description="the trainer's prompt.fn names")
     count: int = Field(16, gt=0)
     per_prompt: int = Field(1, gt=0, description="images per prompt, each from its own seed")
-    seed: int = 0
+    seed: int = Field(42, description="image i from the noise of seed + i: the trainer's run.eval_seed")
     steps: int = Field(40, gt=0, description="deterministic sampler steps")
     guidance_scale: float = Field(5.0, ge=1.0)
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
@@ -193,7 +193,7 @@ def run_evaluation(s: EvalSettings) -> dict:
     from trainer.rewards import Rewards
 
     # The trainer's own config checks the model, prompt and reward settings before anything loads.
-    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir}, run={"mixed_precision": s.mixed_precision},
+    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir}, run={"mixed_precision": s.mixed_precision, "eval_seed": s.seed},
                  prompt={"fn": s.prompt_fn, "eval_path": s.prompts, "eval_count": s.count},
                  reward={"scorer": s.reward, "url": s.reward_url, "options": s.reward_options})
     prompts, metadata = eval_prompts(cfg, make_prompt_fn(cfg.prompt.fn))
