@@ -3,7 +3,7 @@ held-out accuracy before and after with the rise in units of its standard error.
 
     python -m bench.learning                                  # the default run (preset shapes)
     python -m bench.learning --preset tiny --run.num_epochs 110
-    python -m bench.learning --compare shapes,shapes-grpo     # one after the other, the same overrides
+    python -m bench.learning --compare shapes,shapes-nokl     # one after the other, the same overrides
 
 Prints JSON per run. The reward curve's rise (mean of the last 3 epochs - mean of the first 3) is given in
 two units: the spread of rewards within an epoch (mean of the per-epoch std) and the noise of an epoch's
