@@ -88,6 +88,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, tiny_cache, when):
     """SIGINT to a real trainer: it saves the last finished epoch (or finishes the epoch it is training),
     prints the command, and that command continues to the very weights of an uninterrupted run."""
+    import codecs
     import re
     import signal
     import time
@@ -104,8 +105,12 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, t
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Whatever the pipe holds, at once: reading one character at a time (and joining them all every few ms)
+    # fell so far behind a fast run that it had finished before the signal was sent.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader = threading.Thread(target=lambda: err.extend(
+        decoder.decode(chunk) for chunk in iter(lambda: os.read(proc.stderr.fileno(), 1 << 16), b"")), daemon=True)
     reader.start()
     deadline = time.monotonic() + 240
     while f"epoch 2 {when}" not in "".join(err):  # tqdm names the phase the run is in
