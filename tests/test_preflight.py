@@ -96,15 +96,18 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, t
     from safetensors.torch import load_file
 
     args = ["--pretrained.cache_dir", str(tiny_cache), "--run.num_epochs", "4", "--run.save_freq", "0",
-            "--run.log_with", "none", "--run.log_images_every", "0", "--sample.num_steps", "4", "--sample.batch_size", "4",
+            "--run.log_with", "none", "--run.log_images_every", "0", "--sample.num_steps", "12", "--sample.batch_size", "4",
             "--sample.num_batches_per_epoch", "2", "--train.batch_size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run([sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(tmp_path / "straight"), *args],
                               capture_output=True, text=True, timeout=300, env=env)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "stopped"
+    # SIGINT's default disposition in the child whatever the test process inherited (an ignored SIGINT is
+    # inherited by children, and Python then installs no KeyboardInterrupt handler).
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Whatever the pipe holds, at once: reading one character at a time (and joining them all every few ms)
     # fell so far behind a fast run that it had finished before the signal was sent.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -193,7 +193,8 @@ def run_evaluation(s: EvalSettings) -> dict:
     from trainer.rewards import Rewards
 
     # The trainer's own config checks the model, prompt and reward settings before anything loads.
-    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir}, run={"mixed_precision": s.mixed_precision, "eval_seed": s.seed},
+    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir},
+                 run={"mixed_precision": s.mixed_precision, "eval_seed": s.seed},
                  prompt={"fn": s.prompt_fn, "eval_path": s.prompts, "eval_count": s.count},
                  reward={"scorer": s.reward, "url": s.reward_url, "options": s.reward_options})
     prompts, metadata = eval_prompts(cfg, make_prompt_fn(cfg.prompt.fn))

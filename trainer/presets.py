@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # Flow-GRPO's recipe on SD1: group advantages over the epoch's std, KL 0.04 to the base model. The KL is
     # what keeps the adapters' random walk (bench/gradient_snr.py: each step's gradient is mostly noise) from
-    # drifting the colours: over 4 training seeds -0.0 to +3.6 points, against -16.1 to +5.6 without it.
+    # drifting the colours: over 4 training seeds +0.0 to +3.6 points, against -16.1 to +5.6 without it.
     "shapes": _with(_SHAPES, train={"kl_coef": 0.04, "group_std": "global"}),
     "shapes-nokl": _with(_SHAPES, run={"output_dir": "outputs/shapes-nokl"}),
     # ddpo-pytorch's plain recipe on the same budget: one image per prompt, per-prompt statistics.
