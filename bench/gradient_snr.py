@@ -31,10 +31,9 @@ import time
 
 import numpy as np
 import torch
-from pydantic_settings import CliApp
 
+from bench.learning import bench_config
 from trainer import run as run_setup
-from trainer.config import Config
 from trainer.ddpo import train
 
 
@@ -75,13 +74,10 @@ def measure(args: list[str], steps: int) -> dict:
             run.optimizer.zero_grad()
 
     with tempfile.TemporaryDirectory() as tmp:
-        preset = [] if "--preset" in args else ["--preset", "shapes"]
-        cli = [*preset, "--run.output_dir", tmp, "--run.log_with", "none", "--run.eval_every", "0",
-               "--run.log_images_every", "0", *args]
-        cfg = CliApp.run(Config, cli_args=cli)
+        cfg = bench_config(["--run.eval_every", "0", "--run.log_images_every", "0", *args], tmp)
         per_epoch = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
-        steps_per_epoch = per_epoch // (cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
-        cfg.run.num_epochs = -(-steps // max(steps_per_epoch, 1))
+        effective = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+        cfg.run.num_epochs = -(-steps // max(per_epoch // effective, 1))
         original, run_setup.backward_and_step = run_setup.backward_and_step, backward_only
         start = time.perf_counter()
         try:
@@ -93,7 +89,6 @@ def measure(args: list[str], steps: int) -> dict:
     result = snr(stacked)
     result["per_layer_kind"] = {kind: {key: round(v, 4) for key, v in snr(stacked[:, kinds_array == kind]).items()
                                        if key != "estimates"} for kind in sorted(set(kinds))}
-    effective = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     seconds_per_sample = sum(m["seconds_sampling"] + m["seconds_training"] for m in history) / (per_epoch * len(history))
     ratio = result["signal_to_noise_per_step"]
     needed = effective / ratio if ratio > 0 else None  # None: no signal above the estimates' own noise

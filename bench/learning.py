@@ -49,10 +49,15 @@ def accuracy_change(before: dict, after: dict) -> dict:
     }
 
 
+def bench_config(args: list[str], output_dir: str) -> Config:
+    """The trainer's config from command-line overrides, preset shapes unless one is given, nothing logged."""
+    preset = [] if "--preset" in args else ["--preset", "shapes"]
+    return CliApp.run(Config, cli_args=[*preset, "--run.output_dir", output_dir, "--run.log_with", "none", *args])
+
+
 def bench(args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        preset = [] if "--preset" in args else ["--preset", "shapes"]
-        cfg = CliApp.run(Config, cli_args=[*preset, "--run.output_dir", tmp, "--run.log_with", "none", *args])
+        cfg = bench_config(args, tmp)
         start = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - start
