@@ -1,10 +1,10 @@
 """Diffusion-DPO on the shapes world: offline DPO on verifier-labelled pairs, SFT on their winners, and online
 DPO, with held-out verifier accuracy before and after each (the same evaluation as bench/learning.py).
 
-    python -m bench.dpo [--pairs 512] [--steps 60] [--modes offline,sft,online] [--dpo.beta 5000 ...]
+    python -m bench.dpo [--pairs 512] [--images_per_prompt 2] [--steps 60] [--modes offline,sft,online] [--dpo.beta 5000 ...]
 
-First labels ``--pairs`` pairs (two samples of tiny-shapes per training caption, deterministic DDIM, the
-verifier choosing; ties dropped) with ``python -m trainer.label``, timed on its own; then trains each mode
+First labels ``--pairs`` pairs (samples of tiny-shapes per training caption, deterministic DDIM, the
+verifier choosing the best and the worst of ``--images_per_prompt``; ties dropped) with ``python -m trainer.label``, timed on its own; then trains each mode
 for ``--steps`` optimizer steps from the same base model and prints one JSON line per mode: wall seconds of
 training, the held-out accuracy change (points, standard error, per category) and points per minute. Other
 arguments are trainer settings for every mode (``--train.learning_rate 1e-4``). DDPO's figure on the same
@@ -30,12 +30,12 @@ DPO_SHAPES = ["--preset", "shapes", "--algorithm", "dpo", "--train.batch_size", 
               "--sample.num_steps", "20", "--sample.batch_size", "32"]
 
 
-def label_pairs(out: Path, pairs: int) -> dict:
+def label_pairs(out: Path, pairs: int, images_per_prompt: int = 2) -> dict:
     from trainer.label import LabelSettings, label
 
     start = time.perf_counter()
     counts = label(LabelSettings(out=out, model="tiny-shapes", prompt_fn="shapes", pairs=pairs, scorer="shapes",
-                                 batch_size=32, seed=1))
+                                 batch_size=32, seed=1, images_per_prompt=images_per_prompt))
     return {**counts, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -65,6 +65,7 @@ def run_mode(mode: str, data: Path, steps: int, extra: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--images_per_prompt", type=int, default=2, help="best vs worst of this many per prompt")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--modes", default="offline,sft,online")
     parser.add_argument("--data", type=Path, default=None, help="reuse pairs labelled before (a folder)")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp) / "pairs"
         if args.data is None or not any(data.glob("*.parquet")):
-            print(json.dumps({"benchmark": "dpo", "labelled": label_pairs(data, args.pairs)}), flush=True)
+            print(json.dumps({"benchmark": "dpo", "labelled": label_pairs(data, args.pairs, args.images_per_prompt)}), flush=True)
         for mode in args.modes.split(","):
             print(json.dumps(run_mode(mode, data, args.steps, extra)), flush=True)
 

@@ -280,14 +280,24 @@ def test_seed_flags_translate():
 
 # -- AI feedback: python -m trainer.label ------------------------------------------------------------------
 
+def test_best_and_worst_pairs_each_groups_extremes_in_sampling_order():
+    from trainer.rewards import best_and_worst
+
+    scores = np.array([[0.2, 0.9, 0.1, 0.5], [1.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.3, 0.3, 1.0]])
+    assert best_and_worst(scores).tolist() == [[1, 2], [0, 3], [0, 3], [0, 3]]
+    # two images: the pair itself, whichever won
+    assert best_and_worst(np.array([[0.3, 0.1], [0.1, 0.3], [0.2, 0.2]])).tolist() == [[0, 1]] * 3
+
+
 @pytest.mark.slow
-def test_label_samples_pairs_and_the_verifier_chooses(tmp_path):
+@pytest.mark.parametrize("images_per_prompt", [2, 4])
+def test_label_samples_pairs_and_the_verifier_chooses(tmp_path, images_per_prompt):
     from trainer.label import LabelSettings, label
     from trainer.pairs import load_pairs
     from reward_servers.shapes import ShapesVerifier
 
     settings = LabelSettings(out=tmp_path / "pairs", model="tiny-shapes", pairs=12, steps=4, shard_size=5,
-                             batch_size=8, scorer="shapes")
+                             batch_size=8, scorer="shapes", images_per_prompt=images_per_prompt)
     counts = label(settings)
     assert counts["pairs"] == 12 and counts["kept"] + counts["ties"] == 12 and counts["kept"] > 0
     assert sorted(p.name for p in (tmp_path / "pairs").glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
@@ -300,6 +310,8 @@ def test_label_samples_pairs_and_the_verifier_chooses(tmp_path):
     for row in pairs:
         images = np.stack([np.asarray(Image.open(io.BytesIO(row[f"jpg_{k}"])).convert("RGB")) for k in (0, 1)])
         assert row["score_0"] != row["score_1"] and row["label_0"] == float(row["score_0"] > row["score_1"])
+        group = row["group_scores"]  # the prompt's best and worst of all its images
+        assert len(group) == images_per_prompt and {row["score_0"], row["score_1"]} == {max(group), min(group)}
         # the scores are of the images as sampled; the JPEG copies score the same but for compression artefacts
         again = verifier.score(images, [row["caption"]] * 2, [{}, {}]).scores
         assert (again[0] > again[1]) == (row["score_0"] > row["score_1"]) or abs(again[0] - again[1]) < 0.34
@@ -393,3 +405,49 @@ def test_online_rounds_sample_label_and_train(tmp_path):
     assert all(0 <= m["online_reward_mean"] <= 1 for m in history[::2])
     with pytest.raises(ValueError, match="dpo.online_pairs"):
         Config(algorithm="dpo", train={"batch_size": 8}, dpo={"online": True, "online_pairs": 4})
+
+
+@pytest.mark.slow
+def test_online_rounds_pair_each_prompts_best_and_worst_image(tmp_path, monkeypatch):
+    """With four images per prompt, each pair trained is its prompt's best- and worst-scored image, winner first."""
+    from reward_servers.shapes import ShapesVerifier
+    from trainer import dpo
+    from trainer.config import Config
+
+    sampled, batches = [], []
+    real_evaluate, real_pairs = dpo.evaluate, dpo._online_pairs
+
+    def recording_evaluate(family, model, prompts, *args, **kwargs):
+        images, scored = real_evaluate(family, model, prompts, *args, **kwargs)
+        sampled.append((prompts, images))
+        return images, scored
+
+    def recording_pairs(*args):
+        for batch in real_pairs(*args):
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(dpo, "evaluate", recording_evaluate)
+    monkeypatch.setattr(dpo, "_online_pairs", recording_pairs)
+    cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none", "eval_every": 0},
+                 pretrained={"model": "tiny-shapes"}, prompt={"fn": "shapes"}, reward={"scorer": "shapes"},
+                 sample={"num_steps": 4, "batch_size": 16},
+                 train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
+                 dpo={"online": True, "online_pairs": 8, "online_images_per_prompt": 4, "max_train_steps": 1,
+                      "checkpointing_steps": 0})
+    history = dpo.train(cfg)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    prompts, images = sampled[0]
+    assert len(prompts) == 32 and prompts[::4] == batches[0]["captions"]
+    scores = ShapesVerifier().score(images, prompts, [{}] * len(prompts)).scores.reshape(8, 4)
+    pairs = (batches[0]["pixels"] * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    groups = images.reshape(8, 4, *images.shape[1:])
+    for group, group_scores, pair, weight in zip(groups, scores, pairs, batches[0]["weights"].tolist()):
+        if group_scores.max() == group_scores.min():
+            assert weight == 0.0  # a tie teaches nothing
+            continue
+        assert weight == 1.0
+        best = [i for i in range(4) if (group[i] == pair[0]).all()]
+        worst = [i for i in range(4) if (group[i] == pair[1]).all()]
+        assert group_scores[best] == [group_scores.max()] and group_scores[worst] == [group_scores.min()]
+    assert history[0]["online_ties"] == float((scores.max(1) == scores.min(1)).mean())

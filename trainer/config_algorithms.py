@@ -37,9 +37,11 @@ class DPOConfig(_Group):
     dataloader_num_workers: int = Field(0, ge=0, description="processes decoding and preprocessing pairs")
     relabel: bool = Field(False, description="choose each pair's winner with the reward (reward.scorer or "
                           "reward.url) as it trains, instead of label_0 (Diffusion-DPO's --choice_model)")
-    online: bool = Field(False, description="rounds of pairs sampled from the current policy (two images per prompt "
-                         "of prompt.fn) and labelled by the reward, in place of dpo.dataset")
+    online: bool = Field(False, description="rounds of pairs sampled from the current policy (images per prompt "
+                         "of prompt.fn, the best and the worst paired) and labelled by the reward, in place of dpo.dataset")
     online_pairs: int = Field(64, gt=0, description="pairs sampled per round, per process")
+    online_images_per_prompt: int = Field(2, ge=2, description="images sampled per prompt of a round; its best- "
+                                          "and worst-scored make the pair (fewer ties than two)")
 
     @model_validator(mode="after")
     def _dataset(self) -> "DPOConfig":

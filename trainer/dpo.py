@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,7 +29,7 @@ from trainer.config import Config
 from trainer.evaluate import evaluate, evaluate_run
 from trainer.loss import diffusion_dpo_loss
 from trainer.pairs import PairBatches, Pairs, load_pairs, loader
-from trainer.rewards import Pending, RewardFn, pair_scores
+from trainer.rewards import Pending, RewardFn, best_and_worst, pair_scores
 from trainer.sampling import _each
 
 
@@ -109,24 +110,28 @@ def _dpo(run: run_setup.Run) -> list[dict]:
 
 def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
     """Batches of pairs from rounds sampled by the current policy: per round, ``dpo.online_pairs`` prompts of
-    prompt.fn, two images each (deterministic DDIM from seeds of the prompt stream), scored by the reward as
-    each sampling batch finishes (the overlap DDPO has); the higher-scored image first, ties weighted 0.
-    The reference stays the base model. A resumed run starts a fresh round from its checkpointed streams."""
+    prompt.fn, ``dpo.online_images_per_prompt`` images each (deterministic DDIM from seeds of the prompt
+    stream), scored by the reward as each sampling batch finishes (the overlap DDPO has); each prompt's best-
+    and worst-scored image make its pair, the higher-scored first, ties weighted 0. The reference stays the
+    base model. A resumed run starts a fresh round from its checkpointed streams."""
     cfg = run.cfg
-    n, size = cfg.dpo.online_pairs, cfg.train.batch_size
+    n, k, size = cfg.dpo.online_pairs, cfg.dpo.online_images_per_prompt, cfg.train.batch_size
     while True:
         drawn = [run.prompt_fn(run.prompt_rng) for _ in range(n)]
-        seeds = run.prompt_rng.integers(2**31, size=2 * n).tolist()
-        prompts = [p for p, _ in drawn for _ in range(2)]
+        seeds = run.prompt_rng.integers(2**31, size=k * n).tolist()
+        prompts = [p for p, _ in drawn for _ in range(k)]
         with torch.no_grad():
-            images, scored = evaluate(run.family, policy, prompts, [m for _, m in drawn for _ in range(2)], run.rewards,
+            images, scored = evaluate(run.family, policy, prompts, [m for _, m in drawn for _ in range(k)], run.rewards,
                                       num_steps=cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
                                       resolution=resolution, seeds=seeds, batch_size=cfg.sample.batch_size,
                                       deadline=cfg.reward.deadline, autocast=run.accelerator.autocast)
         policy.train()
-        scores = pair_scores(run.rewards, scored)
-        rounds[:] = [{"online_reward_mean": float(scores.mean()), "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}]
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).reshape(n, 2, 3, resolution, resolution)
+        groups = pair_scores(run.rewards, scored, k)
+        chosen = best_and_worst(groups)
+        scores = np.take_along_axis(groups, chosen, axis=1)
+        rounds[:] = [{"online_reward_mean": float(groups.mean()), "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}]
+        pixels = torch.from_numpy(images.reshape(n, k, *images.shape[1:])[np.arange(n)[:, None], chosen])
+        pixels = pixels.permute(0, 1, 4, 2, 3).float().div(255)
         pixels, weights = _winner_first(pixels, scores, run.accelerator.device)
         for start in range(0, n - size + 1, size):
             part = slice(start, start + size)

@@ -1,12 +1,16 @@
 """AI-feedback preference pairs from any scorer: ``python -m trainer.label``.
 
 Two modes, both writing Pick-a-Pic v2's parquet layout (caption, jpg_0, jpg_1, label_0) with each image's
-score kept as ``score_0`` / ``score_1``, which ``--dpo.dataset`` then reads:
+score kept as ``score_0`` / ``score_1`` (and all its prompt's as ``group_scores``), which ``--dpo.dataset``
+then reads:
 
     # (a) relabel existing pairs with a choice model (here a reward server: LLaVA, PickScore, ...)
     python -m trainer.label --source /data/pickapic_v2 --url http://127.0.0.1:8000 --out /data/pickapic-llava
-    # (b) sample two images per prompt from a model and label them (here the embedded world's verifier)
+    # (b) sample images per prompt from a model and label them (here the embedded world's verifier)
     python -m trainer.label --model tiny-shapes --prompt_fn shapes --pairs 2000 --scorer shapes --out data/shapes-pairs
+
+In (b), ``--images_per_prompt K`` above 2 samples K images of each prompt and keeps its best- and
+worst-scored as the pair: fewer ties, and a wider gap between winner and loser, for K - 2 more samples.
 
 The choice model is a scorer in process (``--scorer``, ``--options``) or one or more reward servers
 (``--url``), exactly as the trainer's ``reward.*``; batches go out while the next are prepared, so a server
@@ -36,7 +40,9 @@ class LabelSettings(BaseSettings):
     model: str | None = Field(None, description="(b) sample pairs from this model (as --pretrained.model)")
     prompt_fn: str = Field("shapes", description="(b) the trainer's prompt.fn names")
     prompts: Path | None = Field(None, description="(b) one prompt per line, in place of --prompt_fn")
-    pairs: int = Field(256, gt=0, description="(b) pairs to sample")
+    pairs: int = Field(256, gt=0, description="(b) pairs to sample: prompts, each drawn with images_per_prompt images")
+    images_per_prompt: int = Field(2, ge=2, description="(b) images sampled per prompt; its best- and worst-scored "
+                                   "make the pair")
     steps: int = Field(20, gt=0, description="(b) sampler steps")
     guidance_scale: float = Field(5.0, ge=1.0)
     seed: int = 0
@@ -60,6 +66,8 @@ def label(s: LabelSettings) -> dict:
 
     if (s.source is None) == (s.model is None):
         raise ValueError("give exactly one of --source (relabel pairs) and --model (sample pairs)")
+    if s.source and s.images_per_prompt != 2:
+        raise ValueError("--images_per_prompt samples images with --model; --source pairs have two")
     rewards = Rewards(RewardConfig(scorer=s.scorer, url=s.url, options=s.options))
     s.out.mkdir(parents=True, exist_ok=True)
     counts = {"pairs": 0, "kept": 0, "ties": 0}
@@ -86,27 +94,31 @@ def label(s: LabelSettings) -> dict:
 
 
 def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
-    """Each row's two images scored (every batch submitted before the first is awaited), labelled, ties dropped."""
+    """Each row's images (``images``: two, or images_per_prompt sampled) scored, every batch submitted before
+    the first is awaited; the best and the worst kept as the pair (in their order), labelled; ties dropped."""
     from trainer.pairs import jpeg
-    from trainer.rewards import Pending, pair_scores
+    from trainer.rewards import Pending, best_and_worst, pair_scores
 
-    per_request = max(1, s.batch_size // 2)
+    k = len(rows[0]["images"])
+    per_request = max(1, s.batch_size // k)
     requests = []
     for start in range(0, len(rows), per_request):
         part = rows[start : start + per_request]
-        images = np.stack([im for r in part for im in (r.pop("image_0"), r.pop("image_1"))])
+        images = np.stack([im for r in part for im in r.pop("images")])
         metadata = [r.pop("metadata", {}) for r in part]
         pending = Pending(rewards)
-        pending.add(rewards.submit(images, [r["caption"] for r in part for _ in range(2)], [m for m in metadata for _ in range(2)]))
-        requests.append((part, images, pending))
+        pending.add(rewards.submit(images, [r["caption"] for r in part for _ in range(k)], [m for m in metadata for _ in range(k)]))
+        requests.append((part, images.reshape(-1, k, *images.shape[1:]), pending))
     kept = []
     for part, images, pending in requests:
-        scored = pending.wait(600.0)
-        scores = pair_scores(rewards, scored)
-        for row, (a, b), pair in zip(part, scores, images.reshape(-1, 2, *images.shape[1:])):
-            if abs(a - b) > s.margin:
-                kept.append({**row, "jpg_0": row.get("jpg_0") or jpeg(pair[0]), "jpg_1": row.get("jpg_1") or jpeg(pair[1]),
-                             "label_0": 1.0 if a > b else 0.0, "score_0": float(a), "score_1": float(b)})
+        scores = pair_scores(rewards, pending.wait(600.0), k)
+        for row, group, group_images, (i, j) in zip(part, scores, images, best_and_worst(scores)):
+            a, b = group[i], group[j]
+            if abs(a - b) > s.margin:  # the source's own bytes when relabelling, else the sampled images
+                kept.append({**row, "jpg_0": row.get("jpg_0") or jpeg(group_images[i]),
+                             "jpg_1": row.get("jpg_1") or jpeg(group_images[j]),
+                             "label_0": 1.0 if a > b else 0.0, "score_0": float(a), "score_1": float(b),
+                             "group_scores": [float(x) for x in group]})
     return kept
 
 
@@ -128,11 +140,12 @@ def _relabelled(s: LabelSettings):
     def shard(index: int) -> list[dict]:
         rows = []
         for row in ds.select(range(index * s.shard_size, min(len(ds), (index + 1) * s.shard_size))):
-            row = {k: v for k, v in row.items() if k not in ("label_0", "score_0", "score_1")}
+            row = {k: v for k, v in row.items() if k not in ("label_0", "score_0", "score_1", "group_scores")}
+            row["images"] = []
             for k in (0, 1):
                 row[f"jpg_{k}"] = image_bytes(row[f"jpg_{k}"], root)
                 pixels, _ = preprocess(row[f"jpg_{k}"], s.resolution, rng, random_crop=False, hflip=False)
-                row[f"image_{k}"] = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                row["images"].append((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
             rows.append(row)
         return rows
 
@@ -140,8 +153,8 @@ def _relabelled(s: LabelSettings):
 
 
 def _sampled(s: LabelSettings):
-    """(number of pairs, shard index -> rows): two images per prompt from the model (deterministic DDIM from
-    seeds of their own), the model loaded when the first shard is needed."""
+    """(number of pairs, shard index -> rows): images_per_prompt images per prompt from the model
+    (deterministic DDIM from seeds of their own), the model loaded when the first shard is needed."""
     import contextlib
 
     import torch
@@ -170,14 +183,14 @@ def _sampled(s: LabelSettings):
         if not loaded:
             loaded.append(load_family(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
         family = loaded[0]
-        part = range(index * s.shard_size, min(s.pairs, (index + 1) * s.shard_size))
-        prompts = [drawn[i][0] for i in part for _ in range(2)]
-        seeds = [s.seed * 1_000_003 + 2 * i + k for i in part for k in range(2)]
+        part, k = range(index * s.shard_size, min(s.pairs, (index + 1) * s.shard_size)), s.images_per_prompt
+        prompts = [drawn[i][0] for i in part for _ in range(k)]
+        seeds = [s.seed * 1_000_003 + k * i + j for i in part for j in range(k)]
         images, _ = evaluate(family, family.denoiser, prompts, [{}] * len(prompts), Unscored(), num_steps=s.steps,
                              guidance_scale=s.guidance_scale, resolution=family.native_resolution(), seeds=seeds,
                              batch_size=s.batch_size, autocast=contextlib.nullcontext)
-        return [{"caption": drawn[i][0], "metadata": drawn[i][1], "image_0": images[2 * k], "image_1": images[2 * k + 1]}
-                for k, i in enumerate(part)]
+        return [{"caption": drawn[i][0], "metadata": drawn[i][1], "images": list(images[k * n : k * (n + 1)])}
+                for n, i in enumerate(part)]
 
     return s.pairs, shard
 

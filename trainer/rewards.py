@@ -168,9 +168,18 @@ class Rewards:
             source.close()
 
 
-def pair_scores(rewards: "Rewards", scored: dict[str, ScoreOutput]) -> np.ndarray:
-    """The combined reward of images scored two by two (pair i is images 2i and 2i + 1), shaped (pairs, 2)."""
-    return rewards.combine({name: out.scores for name, out in scored.items()}).reshape(-1, 2)
+def pair_scores(rewards: "Rewards", scored: dict[str, ScoreOutput], k: int = 2) -> np.ndarray:
+    """The combined reward of images scored k by k (group i is images k i .. k i + k - 1), shaped (groups, k)."""
+    return rewards.combine({name: out.scores for name, out in scored.items()}).reshape(-1, k)
+
+
+def best_and_worst(scores: np.ndarray) -> np.ndarray:
+    """(groups, k) scores -> (groups, 2) indices, in sampling order, of each group's best- and worst-scored
+    image: the pair that carries the most preference signal of the group (with k = 2, the group itself). A
+    group whose scores are all equal gives its first and last image, a tie."""
+    best = scores.argmax(axis=1)
+    worst = scores.shape[1] - 1 - scores[:, ::-1].argmin(axis=1)  # the last minimum: never the first maximum
+    return np.sort(np.stack([best, worst], axis=1), axis=1)
 
 
 class Pending:
