@@ -409,7 +409,8 @@ def test_online_rounds_sample_label_and_train(tmp_path):
 
 @pytest.mark.slow
 def test_online_rounds_pair_each_prompts_best_and_worst_image(tmp_path, monkeypatch):
-    """With four images per prompt, each pair trained is its prompt's best- and worst-scored image, winner first."""
+    """With four images per prompt, each pair trained is its prompt's best- and worst-scored image, winner first;
+    with two passes per round, the second trains on the same pairs reshuffled, and no second round is sampled."""
     from reward_servers.shapes import ShapesVerifier
     from trainer import dpo
     from trainer.config import Config
@@ -432,17 +433,23 @@ def test_online_rounds_pair_each_prompts_best_and_worst_image(tmp_path, monkeypa
     cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none", "eval_every": 0},
                  pretrained={"model": "tiny-shapes"}, prompt={"fn": "shapes"}, reward={"scorer": "shapes"},
                  sample={"num_steps": 4, "batch_size": 16},
-                 train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
-                 dpo={"online": True, "online_pairs": 8, "online_images_per_prompt": 4, "max_train_steps": 1,
-                      "checkpointing_steps": 0})
+                 train={"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
+                 dpo={"online": True, "online_pairs": 8, "online_images_per_prompt": 4, "online_epochs": 2,
+                      "max_train_steps": 4, "checkpointing_steps": 0})
     history = dpo.train(cfg)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert len(sampled) == 1 and len(batches) == 4 and [("online_reward_mean" in m) for m in history] == [True] + [False] * 3
     prompts, images = sampled[0]
-    assert len(prompts) == 32 and prompts[::4] == batches[0]["captions"]
+    first_pass = {"pixels": torch.cat([b["pixels"] for b in batches[:2]]), "weights": torch.cat([b["weights"] for b in batches[:2]]),
+                  "captions": batches[0]["captions"] + batches[1]["captions"]}
+    assert len(prompts) == 32 and prompts[::4] == first_pass["captions"]
+    second = torch.cat([batches[2]["pixels"], batches[3]["pixels"]])
+    again = [next(i for i in range(8) if torch.equal(p, first_pass["pixels"][i])) for p in second]
+    assert sorted(again) == list(range(8)) and again != list(range(8))  # the same pairs, reshuffled
     scores = ShapesVerifier().score(images, prompts, [{}] * len(prompts)).scores.reshape(8, 4)
-    pairs = (batches[0]["pixels"] * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+    pairs = (first_pass["pixels"] * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
     groups = images.reshape(8, 4, *images.shape[1:])
-    for group, group_scores, pair, weight in zip(groups, scores, pairs, batches[0]["weights"].tolist()):
+    for group, group_scores, pair, weight in zip(groups, scores, pairs, first_pass["weights"].tolist()):
         if group_scores.max() == group_scores.min():
             assert weight == 0.0  # a tie teaches nothing
             continue

@@ -42,6 +42,8 @@ class DPOConfig(_Group):
     online_pairs: int = Field(64, gt=0, description="pairs sampled per round, per process")
     online_images_per_prompt: int = Field(2, ge=2, description="images sampled per prompt of a round; its best- "
                                           "and worst-scored make the pair (fewer ties than two)")
+    online_epochs: int = Field(1, gt=0, description="passes over each round's pairs (reshuffled after the first) "
+                               "before the next round is sampled")
 
     @model_validator(mode="after")
     def _dataset(self) -> "DPOConfig":

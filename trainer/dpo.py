@@ -54,8 +54,9 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     rounds: list[dict] = []  # online: each round's sampled rewards, logged with the next step
     if d.online:
         data = _online_pairs(run, policy, resolution, rounds)
-        accelerator.print(f"online Diffusion-DPO: rounds of {d.online_pairs} pairs, effective batch {effective_batch}, "
-                          f"learning rate {learning_rate:g}")
+        accelerator.print(f"online Diffusion-DPO: rounds of {d.online_pairs} pairs (the best and the worst of "
+                          f"{d.online_images_per_prompt} images per prompt), {d.online_epochs} pass(es) each, "
+                          f"effective batch {effective_batch}, learning rate {learning_rate:g}")
     else:
         accelerator.print(f"Diffusion-DPO{' (SFT)' if d.sft else ''}: {len(pairs)} pairs, effective batch "
                           f"{effective_batch}, learning rate {learning_rate:g}")
@@ -112,8 +113,10 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
     """Batches of pairs from rounds sampled by the current policy: per round, ``dpo.online_pairs`` prompts of
     prompt.fn, ``dpo.online_images_per_prompt`` images each (deterministic DDIM from seeds of the prompt
     stream), scored by the reward as each sampling batch finishes (the overlap DDPO has); each prompt's best-
-    and worst-scored image make its pair, the higher-scored first, ties weighted 0. The reference stays the
-    base model. A resumed run starts a fresh round from its checkpointed streams."""
+    and worst-scored image make its pair, the higher-scored first, ties weighted 0; ``dpo.online_epochs``
+    passes over a round's pairs (reshuffled after the first) before the next is sampled, since sampling costs
+    far more than a step. The reference stays the base model. A resumed run starts a fresh round from its
+    checkpointed streams."""
     cfg = run.cfg
     n, k, size = cfg.dpo.online_pairs, cfg.dpo.online_images_per_prompt, cfg.train.batch_size
     while True:
@@ -133,11 +136,13 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
         pixels = torch.from_numpy(images.reshape(n, k, *images.shape[1:])[np.arange(n)[:, None], chosen])
         pixels = pixels.permute(0, 1, 4, 2, 3).float().div(255)
         pixels, weights = _winner_first(pixels, scores, run.accelerator.device)
-        for start in range(0, n - size + 1, size):
-            part = slice(start, start + size)
-            captions = [p for p, _ in drawn[part]]
-            yield {"pixels": pixels[part], "captions": captions, "prompts": captions, "weights": weights[part],
-                   "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size)}
+        for epoch in range(cfg.dpo.online_epochs):
+            order = np.arange(n) if epoch == 0 else run.prompt_rng.permutation(n)
+            for start in range(0, n - size + 1, size):
+                part = order[start : start + size]
+                captions = [drawn[i][0] for i in part]
+                yield {"pixels": pixels[part], "captions": captions, "prompts": captions, "weights": weights[part],
+                       "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size)}
 
 
 def _reference(policy, lora: bool, ema=None):
