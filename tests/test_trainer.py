@@ -238,6 +238,9 @@ def test_knobs_that_cannot_work_fail_in_the_config():
 
     with pytest.raises(ValidationError, match="kl_coef: the KL reference is the UNet with its LoRA adapters disabled"):
         Config(train={"kl_coef": 0.1, "lora": False})
+    # DDPO's KL only: DPO's full finetuning on a preset with a KL (`--preset shapes --algorithm dpo
+    # --no-train.lora`) needs no adapters, and its reference is a frozen copy
+    assert not Config(algorithm="dpo", train={"kl_coef": 0.04, "lora": False}, dpo={"online": True}).train.lora
     with pytest.raises(ValidationError, match="use_8bit_adam: needs `pip install bitsandbytes` and a CUDA GPU"):
         Config(train={"use_8bit_adam": True})
 

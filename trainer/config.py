@@ -147,8 +147,6 @@ class TrainConfig(_Group):
 
     @model_validator(mode="after")
     def _requirements(self) -> "TrainConfig":
-        if self.kl_coef and not self.lora:
-            raise ValueError("kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora")
         if self.use_8bit_adam:
             import importlib.util
 
@@ -361,6 +359,8 @@ class Config(BaseSettings):
                 f"({self.sample.images_per_prompt}) > 1 within each group of one epoch: choose one (set "
                 "--no-train.per_prompt_stat_tracking, or sample.images_per_prompt 1)"
             )
+        if self.algorithm == "ddpo" and self.train.kl_coef and not self.train.lora:  # the only loop with a KL term
+            raise ValueError("train.kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora")
         window, last = self.train.timestep_window, self.train.timestep_window + self.train.timestep_window_latest_start
         if window and last > self.sample.num_steps:
             raise ValueError(f"train.timestep_window ({window}) + train.timestep_window_latest_start "
