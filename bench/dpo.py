@@ -4,11 +4,12 @@ DPO, with held-out verifier accuracy before and after each (the same evaluation 
     python -m bench.dpo [--pairs 512] [--images_per_prompt 2] [--steps 60] [--modes offline,sft,online] [--dpo.beta 5000 ...]
 
 First labels ``--pairs`` pairs (samples of tiny-shapes per training caption, deterministic DDIM, the
-verifier choosing the best and the worst of ``--images_per_prompt``; ties dropped) with ``python -m trainer.label``, timed on its own; then trains each mode
-for ``--steps`` optimizer steps from the same base model and prints one JSON line per mode: wall seconds of
-training, the held-out accuracy change (points, standard error, per category) and points per minute. Other
-arguments are trainer settings for every mode (``--train.learning_rate 1e-4``). DDPO's figure on the same
-world comes from ``python -m bench.learning``.
+verifier choosing the best and the worst of ``--images_per_prompt``; ties dropped) with ``python -m
+trainer.label``, timed on its own; then trains each mode for ``--steps`` optimizer steps from the same base
+model and prints one JSON line per mode: wall seconds of training, the held-out accuracy change (points,
+standard error, per category), points per minute, and with ``--eval_every`` the change at every evaluation
+(``curve``). Other arguments are trainer settings for every mode (``--train.learning_rate 1e-4``). DDPO's
+figure on the same world comes from ``python -m bench.learning``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ def label_pairs(out: Path, pairs: int, images_per_prompt: int = 2) -> dict:
     return {**counts, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_mode(mode: str, data: Path, steps: int, extra: list[str]) -> dict:
+def run_mode(mode: str, data: Path, steps: int, extra: list[str], eval_every: int | None = None) -> dict:
     from trainer.dpo import train
 
     with tempfile.TemporaryDirectory() as tmp:
         flags = {"offline": [], "sft": ["--dpo.sft"], "online": ["--dpo.online"]}[mode]
         cfg = CliApp.run(Config, cli_args=[
-            *DPO_SHAPES, "--dpo.dataset", str(data), "--dpo.max_train_steps", str(steps), "--run.eval_every", str(steps),
+            *DPO_SHAPES, "--dpo.dataset", str(data), "--dpo.max_train_steps", str(steps), "--run.eval_every", str(eval_every or steps),
             "--dpo.checkpointing_steps", "0", "--run.output_dir", tmp, "--run.log_with", "none", *flags, *extra])
         start = time.perf_counter()
         history = train(cfg)
@@ -57,6 +58,8 @@ def run_mode(mode: str, data: Path, steps: int, extra: list[str]) -> dict:
         "benchmark": "dpo", "mode": mode, "steps": steps, "wall_seconds": round(wall, 1),
         "config": cfg.model_dump(mode="json", include={"train", "dpo"}),
         "heldout": {**change, "points_per_minute": round(change["rise_points"] / (wall / 60), 2)},
+        "curve": [{"step": e["epoch"], **{k: v for k, v in accuracy_change(evals[0], e).items()
+                                         if k in ("rise_points", "rise_standard_error")}} for e in evals[1:]],
         "last_steps": {k: round(sum(m[k] for m in last) / len(last), 4)
                        for k in ("loss", "implicit_accuracy", "model_mse_winner", "data_wait_share") if k in last[0]},
     }
@@ -69,13 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--modes", default="offline,sft,online")
     parser.add_argument("--data", type=Path, default=None, help="reuse pairs labelled before (a folder)")
+    parser.add_argument("--eval_every", type=int, default=None, help="evaluate every this many steps (the curve)")
     args, extra = parser.parse_known_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp) / "pairs"
         if args.data is None or not any(data.glob("*.parquet")):
             print(json.dumps({"benchmark": "dpo", "labelled": label_pairs(data, args.pairs, args.images_per_prompt)}), flush=True)
         for mode in args.modes.split(","):
-            print(json.dumps(run_mode(mode, data, args.steps, extra)), flush=True)
+            print(json.dumps(run_mode(mode, data, args.steps, extra, args.eval_every)), flush=True)
 
 
 if __name__ == "__main__":
