@@ -1,7 +1,8 @@
 """Diffusion-DPO on the shapes world: offline DPO on verifier-labelled pairs, SFT on their winners, and online
 DPO, with held-out verifier accuracy before and after each (the same evaluation as bench/learning.py).
 
-    python -m bench.dpo [--pairs 512] [--images_per_prompt 2] [--steps 60] [--modes offline,sft,online] [--dpo.beta 5000 ...]
+    python -m bench.dpo [--pairs 512] [--images_per_prompt 2] [--steps 60] [--eval_every N]
+                        [--modes offline,sft,online] [--dpo.beta 5000 ...]
 
 First labels ``--pairs`` pairs (samples of tiny-shapes per training caption, deterministic DDIM, the
 verifier choosing the best and the worst of ``--images_per_prompt``; ties dropped) with ``python -m
@@ -46,7 +47,8 @@ def run_mode(mode: str, data: Path, steps: int, extra: list[str], eval_every: in
     with tempfile.TemporaryDirectory() as tmp:
         flags = {"offline": [], "sft": ["--dpo.sft"], "online": ["--dpo.online"]}[mode]
         cfg = CliApp.run(Config, cli_args=[
-            *DPO_SHAPES, "--dpo.dataset", str(data), "--dpo.max_train_steps", str(steps), "--run.eval_every", str(eval_every or steps),
+            *DPO_SHAPES, "--dpo.dataset", str(data), "--dpo.max_train_steps", str(steps),
+            "--run.eval_every", str(eval_every or steps),
             "--dpo.checkpointing_steps", "0", "--run.output_dir", tmp, "--run.log_with", "none", *flags, *extra])
         start = time.perf_counter()
         history = train(cfg)
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp) / "pairs"
         if args.data is None or not any(data.glob("*.parquet")):
-            print(json.dumps({"benchmark": "dpo", "labelled": label_pairs(data, args.pairs, args.images_per_prompt)}), flush=True)
+            labelled = label_pairs(data, args.pairs, args.images_per_prompt)
+            print(json.dumps({"benchmark": "dpo", "labelled": labelled}), flush=True)
         for mode in args.modes.split(","):
             print(json.dumps(run_mode(mode, data, args.steps, extra, args.eval_every)), flush=True)
 

@@ -132,7 +132,8 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
         groups = pair_scores(run.rewards, scored, k)
         chosen = best_and_worst(groups)
         scores = np.take_along_axis(groups, chosen, axis=1)
-        rounds[:] = [{"online_reward_mean": float(groups.mean()), "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}]
+        rounds[:] = [{"online_reward_mean": float(groups.mean()),
+                      "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}]
         pixels = torch.from_numpy(images.reshape(n, k, *images.shape[1:])[np.arange(n)[:, None], chosen])
         pixels = pixels.permute(0, 1, 4, 2, 3).float().div(255)
         pixels, weights = _winner_first(pixels, scores, run.accelerator.device)

@@ -107,7 +107,8 @@ def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
         images = np.stack([im for r in part for im in r.pop("images")])
         metadata = [r.pop("metadata", {}) for r in part]
         pending = Pending(rewards)
-        pending.add(rewards.submit(images, [r["caption"] for r in part for _ in range(k)], [m for m in metadata for _ in range(k)]))
+        pending.add(rewards.submit(images, [r["caption"] for r in part for _ in range(k)],
+                                   [m for m in metadata for _ in range(k)]))
         requests.append((part, images.reshape(-1, k, *images.shape[1:]), pending))
     kept = []
     for part, images, pending in requests:
