@@ -8,9 +8,10 @@ First labels ``--pairs`` pairs (samples of tiny-shapes per training caption, det
 verifier choosing the best and the worst of ``--images_per_prompt``; ties dropped) with ``python -m
 trainer.label``, timed on its own; then trains each mode for ``--steps`` optimizer steps from the same base
 model and prints one JSON line per mode: wall seconds of training, the held-out accuracy change (points,
-standard error, per category), points per minute, and with ``--eval_every`` the change at every evaluation
-(``curve``). Other arguments are trainer settings for every mode (``--train.learning_rate 1e-4``). DDPO's
-figure on the same world comes from ``python -m bench.learning``.
+standard error, per category), points per minute, the same change on training captions (``seen``), and
+with ``--eval_every`` the change at every evaluation (``curve``). Other arguments are trainer settings for
+every mode (``--train.learning_rate 1e-4``). DDPO's figure on the same world comes from ``python -m
+bench.learning``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from pydantic_settings import CliApp
 
-from bench.learning import accuracy_change
+from bench.learning import accuracy_change, seen_change
 from trainer.config import Config
 
 # DPO on tiny-shapes: LoRA as the DDPO default run, batches of 8 pairs, evaluated on the held-out captions.
@@ -54,12 +55,14 @@ def run_mode(mode: str, data: Path, steps: int, extra: list[str], eval_every: in
         history = train(cfg)
         wall = time.perf_counter() - start
         evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()]
+        seen = seen_change(cfg, Path(tmp))
     change = accuracy_change(evals[0], evals[-1])
     last = history[-min(5, len(history)):]
     return {
         "benchmark": "dpo", "mode": mode, "steps": steps, "wall_seconds": round(wall, 1),
         "config": cfg.model_dump(mode="json", include={"train", "dpo"}),
         "heldout": {**change, "points_per_minute": round(change["rise_points"] / (wall / 60), 2)},
+        "seen": seen,
         "curve": [{"step": e["epoch"], **{k: v for k, v in accuracy_change(evals[0], e).items()
                                          if k in ("rise_points", "rise_standard_error")}} for e in evals[1:]],
         "last_steps": {k: round(sum(m[k] for m in last) / len(last), 4)

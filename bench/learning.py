@@ -10,7 +10,9 @@ two units: the spread of rewards within an epoch (mean of the per-epoch std) and
 mean (from successive differences, which cancel slow trends). With evaluation (``run.eval_every``), the
 accuracy (share of images whose every claim holds) on the same prompts and seeds before and after: the rise
 in points, its standard error from the paired per-image differences, per category, and points per minute
-of wall time (the runs of ``--compare`` share the machine, so their minutes compare).
+of wall time (the runs of ``--compare`` share the machine, so their minutes compare). On the shapes world
+the same change is also measured on training captions (``seen``: shapes_eval_seen.txt, 60 images per
+category), what the run optimised, beside the held-out compositions it never saw.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pydantic_settings import CliApp
 
 from trainer.config import Config
 from trainer.ddpo import train
+from trainer.prompts import ASSETS
 
 
 def accuracy_change(before: dict, after: dict) -> dict:
@@ -49,6 +52,28 @@ def accuracy_change(before: dict, after: dict) -> dict:
     }
 
 
+def seen_change(cfg: Config, out: Path) -> dict | None:
+    """``accuracy_change`` of a shapes-world run on training captions: the base model and the run's saved
+    weights in ``out``, each evaluated as the trainer evaluates (its steps, guidance and eval seeds);
+    None for a run not evaluated on the held-out captions."""
+    if cfg.prompt.eval_path != ASSETS / "shapes_eval.txt":
+        return None
+    tuned = {"lora": out / "lora"} if cfg.train.lora else {"denoiser": next(out / d for d in ("unet", "transformer")
+                                                                            if (out / d).is_dir())}
+    before, after = (_evaluate_seen(cfg, out / f"seen-{name}", **weights)
+                     for name, weights in (("before", {}), ("after", tuned)))
+    return accuracy_change(before, after)
+
+
+def _evaluate_seen(cfg: Config, out: Path, **weights) -> dict:
+    from trainer.evaluate import EvalSettings, run_evaluation
+
+    return run_evaluation(EvalSettings(
+        model=cfg.pretrained.model, prompts=ASSETS / "shapes_eval_seen.txt", prompt_fn="shapes", seed=cfg.run.eval_seed,
+        steps=cfg.sample.eval_num_steps or cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
+        batch_size=cfg.sample.batch_size, reward=cfg.run.eval_scorer or cfg.reward.scorer, out=out, **weights))
+
+
 def bench_config(args: list[str], output_dir: str) -> Config:
     """The trainer's config from command-line overrides, preset shapes unless one is given, nothing logged."""
     preset = [] if "--preset" in args else ["--preset", "shapes"]
@@ -62,6 +87,7 @@ def bench(args: list[str]) -> dict:
         history = train(cfg)
         wall = time.perf_counter() - start
         evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()] if cfg.run.eval_every else []
+        seen = seen_change(cfg, Path(tmp)) if len(evals) >= 2 else None
     means = np.array([m["reward_mean"] for m in history])
     stds = np.array([m["reward_std"] for m in history])
     k = min(3, len(means))
@@ -83,6 +109,8 @@ def bench(args: list[str]) -> dict:
     if len(evals) >= 2:
         result["heldout"] = accuracy_change(evals[0], evals[-1])
         result["heldout"]["points_per_minute"] = round(result["heldout"]["rise_points"] / (wall / 60), 2)
+    if seen is not None:
+        result["seen"] = seen
     return result
 
 

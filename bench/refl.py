@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydantic_settings import CliApp
 
-from bench.learning import accuracy_change
+from bench.learning import accuracy_change, seen_change
 from trainer.config import Config
 
 
@@ -43,11 +43,13 @@ def learn(mode: str, steps: int, extra: list[str]) -> dict:
         history = train(cfg)
         wall = time.perf_counter() - start
         evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()]
+        seen = seen_change(cfg, Path(tmp))
     change = accuracy_change(evals[0], evals[-1])
     k = min(5, len(history))
     return {"benchmark": "refl", "mode": mode, "steps": steps, "wall_seconds": round(wall, 1),
             "config": cfg.model_dump(mode="json", include={"train", "refl"}),
             "heldout": {**change, "points_per_minute": round(change["rise_points"] / (wall / 60), 2)},
+            "seen": seen,
             "clip_reward_first_steps": round(float(np.mean([m["reward_mean"] for m in history[:k]])), 3),
             "clip_reward_last_steps": round(float(np.mean([m["reward_mean"] for m in history[-k:]])), 3),
             "seconds_per_step": round(float(np.median([m["seconds_step"] for m in history])), 3)}

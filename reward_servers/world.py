@@ -155,6 +155,19 @@ def _holds(rel: str, a: np.ndarray, b: np.ndarray, margin: float) -> bool:
     return {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[rel] > margin
 
 
+def evaluation_captions(part: str = "heldout", per_category: int = 60) -> list[str]:
+    """The evaluation prompts of ``part`` ("heldout": trainer/assets/shapes_eval.txt, "train":
+    shapes_eval_seen.txt): ``per_category`` per category, cycling through its captions; a category with more
+    captions than that takes an even spread of them."""
+    out = []
+    for category in CATEGORIES:
+        captions = split()[part][category]
+        if len(captions) > per_category:
+            captions = [captions[round(i * len(captions) / per_category)] for i in range(per_category)]
+        out += [captions[i % len(captions)] for i in range(per_category)]
+    return out
+
+
 def sample_caption(rng: np.random.Generator, part: str = "train") -> tuple[str, str]:
     """(caption, category): a category uniformly, then one of its captions in ``part`` ("train"/"heldout")."""
     captions = split()[part]

@@ -76,9 +76,13 @@ def test_renders_are_seeded_and_the_split_is_what_ships():
         assert shipped == [c for category in world.CATEGORIES for c in split[part][category]]
     for category in world.CATEGORIES:
         assert split["heldout"][category] and not set(split["heldout"][category]) & set(split["train"][category])
-    evaluation = (ASSETS / "shapes_eval.txt").read_text().split("\n")[:-1]
-    counts = {c: sum(world.claims(p)["category"] == c for p in evaluation) for c in world.CATEGORIES}
-    assert counts == {c: 60 for c in world.CATEGORIES} and set(evaluation) == set(sum(split["heldout"].values(), []))
+    for name, part in (("shapes_eval.txt", "heldout"), ("shapes_eval_seen.txt", "train")):
+        evaluation = (ASSETS / name).read_text().split("\n")[:-1]
+        assert evaluation == world.evaluation_captions(part)
+        counts = {c: sum(world.claims(p)["category"] == c for p in evaluation) for c in world.CATEGORIES}
+        assert counts == {c: 60 for c in world.CATEGORIES} and set(evaluation) <= set(sum(split[part].values(), []))
+    # every held-out caption is evaluated; the seen set takes 60 of the 90 training colour attributions
+    assert len(set(world.evaluation_captions("heldout"))) == 43 and len(set(world.evaluation_captions("train"))) == 104
 
 
 def test_prompt_fn_gives_training_captions_with_their_claims():
