@@ -52,26 +52,27 @@ def accuracy_change(before: dict, after: dict) -> dict:
     }
 
 
+_SEEN_BEFORE: dict[str, dict] = {}  # the base model's seen evaluation, shared by the runs of one process
+
+
 def seen_change(cfg: Config, out: Path) -> dict | None:
     """``accuracy_change`` of a shapes-world run on training captions: the base model and the run's saved
     weights in ``out``, each evaluated as the trainer evaluates (its steps, guidance and eval seeds);
     None for a run not evaluated on the held-out captions."""
+    from trainer.evaluate import EvalSettings, run_evaluation
+
     if cfg.prompt.eval_path != ASSETS / "shapes_eval.txt":
         return None
     tuned = {"lora": out / "lora"} if cfg.train.lora else {"denoiser": next(out / d for d in ("unet", "transformer")
                                                                             if (out / d).is_dir())}
-    before, after = (_evaluate_seen(cfg, out / f"seen-{name}", **weights)
-                     for name, weights in (("before", {}), ("after", tuned)))
-    return accuracy_change(before, after)
-
-
-def _evaluate_seen(cfg: Config, out: Path, **weights) -> dict:
-    from trainer.evaluate import EvalSettings, run_evaluation
-
-    return run_evaluation(EvalSettings(
+    settings = dict(
         model=cfg.pretrained.model, prompts=ASSETS / "shapes_eval_seen.txt", prompt_fn="shapes", seed=cfg.run.eval_seed,
         steps=cfg.sample.eval_num_steps or cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
-        batch_size=cfg.sample.batch_size, reward=cfg.run.eval_scorer or cfg.reward.scorer, out=out, **weights))
+        batch_size=cfg.sample.batch_size, reward=cfg.run.eval_scorer or cfg.reward.scorer)
+    key = json.dumps(settings, default=str, sort_keys=True)
+    if key not in _SEEN_BEFORE:  # the same for every run of a --compare or of bench.dpo's modes
+        _SEEN_BEFORE[key] = run_evaluation(EvalSettings(**settings, out=out / "seen-before"))
+    return accuracy_change(_SEEN_BEFORE[key], run_evaluation(EvalSettings(**settings, **tuned, out=out / "seen-after")))
 
 
 def bench_config(args: list[str], output_dir: str) -> Config:
