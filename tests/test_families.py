@@ -215,5 +215,11 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
     batch, _ = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 5, 0.8, 4.5, 64,
                       generator=torch.Generator().manual_seed(0))
     assert_rescored_exactly(family, batch, negative, 4.5, 0.8, shuffle=False)
+    with torch.no_grad():  # Flow-GRPO's CPS log-prob: -mean((x_next - mean)^2), no constants
+        log_prob, mean, _ = rescore(family, family.denoiser, batch, 2, negative, 4.5, 0.8)
+    expected = -((batch.next_latents[:, 2] - mean) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, expected, rtol=0, atol=0)
+    ddim_cps = Config(pretrained={"cache_dir": tiny_cache}, sample={"sde_type": "cps"},
+                      train={"timestep_selection": "first", "timestep_fraction": 0.9})
     with pytest.raises(ValueError, match="sample.sde_type: cps is a flow-matching step; a StableDiffusionPipeline"):
-        load_family(Config(pretrained={"cache_dir": tiny_cache}, sample={"sde_type": "cps"}), torch.device("cpu"))
+        load_family(ddim_cps, torch.device("cpu"))

@@ -81,3 +81,54 @@ def test_cps_step_matches_its_formula_and_is_euler_without_noise(scheduler, nois
         if noise_level == 0:
             euler = x[n] + v[n] * (sigmas[i + 1] - sigmas[i])
             np.testing.assert_allclose(mean[n].numpy(), euler, rtol=1e-5, atol=1e-6)
+
+
+def flow_grpo_kl_reference(sigmas: list[float], i: int, mean: np.ndarray, mean_ref: np.ndarray, noise_level: float,
+                           sde_type: str) -> float:
+    """The KL line of Flow-GRPO's scripts/train_sd3.py, mean((mean - mean_ref)^2) / (2 std_dev_t^2), with the
+    std_dev_t its sde_step_with_logprob returns: noise_level sqrt(s / (1 - s')) for the SDE (no sqrt(-dt)),
+    s_next sin(noise_level pi / 2) for CPS."""
+    s, s_next = sigmas[i], sigmas[i + 1]
+    if sde_type == "sde":
+        std_dev_t = noise_level * math.sqrt(s / (1 - (sigmas[1] if s == 1.0 else s)))
+    else:
+        std_dev_t = s_next * math.sin(noise_level * math.pi / 2)
+    return float(np.mean((mean - mean_ref) ** 2) / (2 * std_dev_t**2))
+
+
+@pytest.mark.parametrize("sde_type, steps", [("sde", [0, 5, 9]), ("cps", [0, 5, 8])])  # first, middle, last trained
+def test_kl_is_flow_grpos_at_the_first_a_middle_and_the_last_step(scheduler, sde_type, steps):
+    from trainer.flow import FLOW_STEPS, flow_grpo_kl
+
+    rng = np.random.default_rng(3)
+    sigmas, noise_level = scheduler.sigmas.tolist(), 0.7
+    x, v, v_ref = (torch.tensor(rng.standard_normal((3, 2, 4, 4))) for _ in range(3))
+    index = torch.tensor(steps)
+    mean, std = FLOW_STEPS[sde_type](scheduler.sigmas, index, v, x, noise_level)
+    mean_ref, _ = FLOW_STEPS[sde_type](scheduler.sigmas, index, v_ref, x, noise_level)
+    ours = flow_grpo_kl(scheduler.sigmas, index, mean, mean_ref, std, sde_type)
+    expected = [flow_grpo_kl_reference(sigmas, i, mean[n].numpy(), mean_ref[n].numpy(), noise_level, sde_type)
+                for n, i in enumerate(steps)]
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5)
+    # The exact KL of the two transitions (equal std) is |dt| times smaller for the SDE, the same for CPS.
+    exact = ((mean - mean_ref) ** 2 / (2 * std**2)).mean(dim=(1, 2, 3)).numpy()
+    dt = np.array([sigmas[i] - sigmas[i + 1] for i in steps])
+    np.testing.assert_allclose(exact, np.array(expected) / (dt if sde_type == "sde" else 1), rtol=1e-5)
+
+
+def test_cps_log_prob_drops_every_constant_and_the_ratio_keeps_its_scale(scheduler):
+    """Flow-GRPO's CPS log-prob is -mean((x_next - mean)^2): the log-ratio of two means is its difference,
+    not the Gaussian's, which is 1 / (2 std^2) times larger."""
+    from trainer.flow import cps_log_prob, flow_cps_mean_std
+
+    rng = np.random.default_rng(4)
+    x, v = torch.tensor(rng.standard_normal((3, 2, 4, 4))), torch.tensor(rng.standard_normal((3, 2, 4, 4)))
+    index = torch.tensor([0, 5, 8])
+    mean, std = flow_cps_mean_std(scheduler.sigmas, index, v, x, 0.8)
+    x_next = mean + std * torch.tensor(rng.standard_normal(mean.shape))
+    expected = [-np.mean((x_next[n].numpy() - mean[n].numpy()) ** 2) for n in range(3)]
+    np.testing.assert_allclose(cps_log_prob(x_next, mean, std).numpy(), expected, rtol=1e-6)
+    shifted = mean + 0.01
+    theirs = cps_log_prob(x_next, shifted) - cps_log_prob(x_next, mean)
+    gaussian = gaussian_log_prob(x_next, shifted, std) - gaussian_log_prob(x_next, mean, std)
+    np.testing.assert_allclose(gaussian.numpy(), (theirs / (2 * std.reshape(-1) ** 2)).numpy(), rtol=1e-4)

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from trainer.config_algorithms import DPOConfig, ReFLConfig
 from trainer.config_group import _Group
 from trainer.config_run import PretrainedConfig, RunConfig
+from trainer.trained_steps import check_trained_steps_have_noise
 
 
 MASK = "*" * 10  # how pydantic prints a SecretStr (older config.json files hold it)
@@ -64,6 +65,9 @@ class TrainConfig(_Group):
     clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5)")
     timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's "
                                      "stochastic steps")
+    timestep_selection: Literal["random", "first"] = Field(
+        "random", description="which of the stochastic steps train.timestep_fraction picks: random, a permutation "
+        "per sample (ddpo-pytorch); first, the first ones in sampling order (Flow-GRPO: 0.99 of 10 steps trains 0-8)")
     timesteps_per_forward: int = Field(0, ge=0, description="trained timesteps that go through the denoiser "
                                        "together, a batch of K x train.batch_size (the same loss and gradient); 0: all "
                                        "of them on CPU, as many as fit on a CUDA GPU (measured on the first batch)")
@@ -317,6 +321,8 @@ class Config(BaseSettings):
             raise ValueError(f"train.timestep_window ({window}) + train.timestep_window_latest_start "
                              f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
                              f"({self.sample.num_steps})")
+        if self.algorithm == "ddpo":
+            check_trained_steps_have_noise(self)
         if self.algorithm == "dpo":
             if self.dpo.dataset is None and not self.dpo.online:
                 raise ValueError("dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id "

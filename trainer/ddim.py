@@ -80,6 +80,14 @@ def check_scheduler(scheduler, num_steps: int) -> None:
         )
 
 
+def zero_std_steps(scheduler, num_steps: int, eta: float, steps) -> list[int]:
+    """Which of ``steps`` (indices into a ``num_steps`` schedule) have std 0 at ``eta``: the last one when
+    the schedule ends on alpha 1 (``set_alpha_to_one``), every one at eta 0."""
+    scheduler.set_timesteps(num_steps)
+    zero = torch.zeros(1, 1)
+    return [i for i in steps if float(ddim_mean_std(scheduler, zero, scheduler.timesteps[i], zero, eta)[1]) == 0]
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,

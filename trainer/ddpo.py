@@ -21,7 +21,7 @@ from trainer import tracking
 from trainer.advantages import PerPromptStatTracker, compute_advantages
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
-from trainer.loss import gaussian_kl, ppo_clip_loss
+from trainer.loss import ppo_clip_loss
 from trainer.plan import BatchPlan
 from trainer.rewards import Pending, RewardFn
 from trainer.sampling import Chunk, Trajectories, rescore, sample
@@ -162,7 +162,8 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         decoupled = cfg.train.decoupled_ppo == "on" or (cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch")
         epoch_start_step = global_step
         for _ in range(cfg.train.num_inner_epochs):
-            picks = trajectories.shuffled(cfg.train.batch_size, plan.train_timesteps)  # indices: no copies yet
+            first = cfg.train.timestep_selection == "first"
+            picks = trajectories.shuffled(cfg.train.batch_size, plan.train_timesteps, first)  # indices: no copies yet
             if not fitted:
                 run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)
                 plan, fitted = run.plan, True
@@ -192,7 +193,8 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
                                                              cfg.train.clip_range, float("inf"))
                             step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.train.clip_range).float().mean()
                         if cfg.train.kl_coef:
-                            kl = gaussian_kl(mean, _reference_mean(accelerator, policy, family, chunk, steps, guidance), sigma)
+                            reference = _reference_mean(accelerator, policy, family, chunk, steps, guidance)
+                            kl = family.kl(mean, reference, sigma, chunk.steps[:, steps].reshape(-1))
                             loss = loss + cfg.train.kl_coef * kl.mean()
                             step_stats["kl_to_reference"] = kl.mean().detach()
                         # accelerate averages over the forwards it accumulates; weighting each by its share of

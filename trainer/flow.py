@@ -12,6 +12,13 @@ dt = s_next - s < 0; v is the model's velocity:
 With noise_level 0 the mean is the plain Euler step x + v dt. The log-prob is ddim.gaussian_log_prob of
 x_next under (mean, std_t sqrt(-dt)), in float32 (bf16 overflows there).
 
+Flow-GRPO's KL to the reference model (scripts/train_sd3.py) divides by std_t, not by the transition's std:
+
+    KL = mean((mean - mean_ref)^2) / (2 std_t^2)
+
+which is the exact KL of the two transitions times |dt|. ``flow_grpo_kl`` is that quantity, so that
+``train.kl_coef`` is Flow-GRPO's beta (0.04 GenEval and OCR, 0.01 PickScore) and pulls as hard as it does there.
+
 ``flow_cps_mean_std`` is the "coefficients-preserving" variant Flow-GRPO added for its Fast / no-CFG runs
 (Wang and Yu 2025, "Coefficients-Preserving Sampling for Reinforcement Learning with Flow Matching"): from the
 predicted clean image x0 = x - s v and noise x1 = x + (1 - s) v,
@@ -19,7 +26,11 @@ predicted clean image x0 = x - s v and noise x1 = x + (1 - s) v,
     std  = s_next sin(noise_level pi / 2)
     mean = x0 (1 - s_next) + x1 sqrt(s_next^2 - std^2)
 
-so x_next keeps the noise share s_next of the marginal at the next sigma; noise level 0 is again Euler.
+so x_next keeps the noise share s_next of the marginal at the next sigma; noise level 0 is again Euler. Its
+log-prob in Flow-GRPO drops every constant, -mean((x_next - mean)^2) (``cps_log_prob``), so the PPO log-ratio
+is 2 std^2 times the Gaussian one and its clip ranges (1e-5 in the Fast runs) assume that scale; its KL divides
+by std, the transition's own. At the last step s_next = 0: the std is 0 and the step cannot be trained (the
+configuration refuses it, trainer/config.py).
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from trainer.ddim import SIGMA_MIN, gaussian_log_prob
 
 NOISE_LEVEL = 0.7  # Flow-GRPO's default
 
@@ -61,4 +74,23 @@ def flow_cps_mean_std(sigmas: torch.Tensor, index: torch.Tensor | int, velocity:
     return x0 * (1 - s_next) + x1 * torch.sqrt((s_next**2 - std**2).clamp(min=0)), std.expand_as(s_next)
 
 
+def cps_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow-GRPO's CPS log-prob: -(x - mean)^2 averaged over all but the batch dimension, every constant
+    dropped (``std`` is unused: the step's std is the same under old and new weights)."""
+    return -((x.float() - mean) ** 2).mean(dim=tuple(range(1, x.ndim)))
+
+
+def flow_grpo_kl(sigmas: torch.Tensor, index: torch.Tensor | int, mean: torch.Tensor, reference_mean: torch.Tensor,
+                 std: torch.Tensor, sde_type: str) -> torch.Tensor:
+    """Flow-GRPO's KL penalty per sample: mean((mean - mean_ref)^2) / (2 std_t^2), with std_t the SDE's
+    noise_level sqrt(s / (1 - s')), i.e. the transition ``std`` without its sqrt(-dt), and for CPS the
+    transition std itself (floored at ddim.SIGMA_MIN like the log-prob)."""
+    if sde_type == "sde":
+        s, s_next = _sigmas_at(sigmas, index, mean)
+        std = std / torch.sqrt(s - s_next)
+    squared = ((mean - reference_mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
+    return squared / (2 * std.clamp(min=SIGMA_MIN).reshape(-1) ** 2)
+
+
 FLOW_STEPS = {"sde": flow_sde_mean_std, "cps": flow_cps_mean_std}
+FLOW_LOG_PROBS = {"sde": gaussian_log_prob, "cps": cps_log_prob}

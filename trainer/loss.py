@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.ddim import SIGMA_MIN
+
 
 def ppo_clip_loss(
     log_prob: torch.Tensor,
@@ -30,8 +32,6 @@ def ppo_clip_loss(
 
 def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL between two Gaussians of equal sigma, averaged like the log-probs (per sample)."""
-    from trainer.ddim import SIGMA_MIN
-
     kl = (mean - reference_mean) ** 2 / (2 * sigma.clamp(min=SIGMA_MIN) ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
 

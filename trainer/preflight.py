@@ -35,6 +35,8 @@ def check(cfg: Config, num_processes: int, device_type: str, functions: dict | N
     found = problem("model", cfg.pretrained.model, "the diffusers pipeline", marker="model_index.json")
     if found:
         problems.append(f"--pretrained.model {found}")
+    elif cfg.algorithm == "ddpo":
+        problems += _schedule_problems(cfg)
     from trainer.rewards import with_functions
 
     functions = functions or {}
@@ -49,6 +51,44 @@ def check(cfg: Config, num_processes: int, device_type: str, functions: dict | N
     if problems:
         raise PreflightError("this run cannot start:\n  " + "\n  ".join(problems))
     return plan
+
+
+def _schedule_problems(cfg: Config) -> list[str]:
+    """DDPO trains only steps with noise: a DDIM schedule that ends on alpha 1 makes its last step's std 0,
+    read from the model's scheduler config before any weights load (what holds for every model, eta 0 and
+    CPS's last step, the configuration itself refuses)."""
+    import json
+
+    from trainer.trained_steps import last_step_fix, trainable_steps
+
+    index, config = _local_file(cfg, "model_index.json"), _local_file(cfg, "scheduler/scheduler_config.json")
+    if index is None or config is None or json.loads(index.read_text()).get("_class_name") == "StableDiffusion3Pipeline":
+        return []  # the tiny models' schedules are ours; a flow schedule's steps all have noise at eta > 0
+    from diffusers import DDIMScheduler
+
+    from trainer.ddim import zero_std_steps
+
+    scheduler = DDIMScheduler.from_config(json.loads(config.read_text()))
+    steps = zero_std_steps(scheduler, cfg.sample.num_steps, cfg.sample.eta, trainable_steps(cfg))
+    return [f"--pretrained.model {cfg.pretrained.model}: its DDIM schedule gives step {step} of "
+            f"{cfg.sample.num_steps} a std of 0 at any sample.eta (\"set_alpha_to_one\": true in {config}), and "
+            f"training can pick it: set \"set_alpha_to_one\": false there, or {last_step_fix(cfg)}" for step in steps]
+
+
+def _local_file(cfg: Config, name: str):
+    """``name`` inside the pretrained model's local folder or Hugging Face cache snapshot; None when neither
+    holds it (the embedded tiny models, or a model not downloaded yet)."""
+    from pathlib import Path
+
+    ref = cfg.pretrained.model
+    if Path(ref).is_dir():
+        return Path(ref, name) if Path(ref, name).is_file() else None
+    if ref.startswith("tiny"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(ref, name, revision=cfg.pretrained.revision)
+    return Path(found) if isinstance(found, str) else None
 
 
 def _scorer_problems(component: RewardComponent, where: str) -> list[str]:

@@ -58,7 +58,8 @@ _FLOW_GRPO = {
                "batch_size": 9, "num_batches_per_epoch": 16, "images_per_prompt": 24},
     "train": {
         "batch_size": 9, "gradient_accumulation_steps": 8, "learning_rate": 3e-4, "clip_range": 1e-4,
-        "adv_clip_max": 5.0, "timestep_fraction": 0.99, "max_grad_norm": 1.0, "cfg": True, "group_std": "global",
+        "adv_clip_max": 5.0, "timestep_fraction": 0.99, "timestep_selection": "first", "max_grad_norm": 1.0,
+        "cfg": True, "group_std": "global",
         "lora_rank": 32, "lora_alpha": 64.0, "lora_targets": _SD3_LORA,
         "ema_decay": 0.987,  # Flow-GRPO's EMA decays by 0.9 every 8 steps; 0.9 ** (1 / 8) per step
         "timesteps_per_forward": 1,  # 9 samples per forward, T5 on the GPU: about 72 GB of 80
@@ -97,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-sd3": {
         "run": {"output_dir": "outputs/tiny-sd3"}, "pretrained": {"model": "tiny-sd3"},
         "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "images_per_prompt": 4},
-        "train": {"timestep_fraction": 0.99, "kl_coef": 0.04, "lora_targets": _SD3_LORA},
+        "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _SD3_LORA},
     },
     "sd15-compressibility": _with(_SD15, reward={"scorer": "compression"}),
     "sd15-incompressibility": _with(_SD15, reward={"scorer": "incompressibility"}),
@@ -116,12 +117,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         _SDXL, run={"num_epochs": 200}, prompt={"fn": "simple_animals"}, reward={"scorer": "aesthetic"},
         train={"stat_buffer_size": 32},
     ),
-    # GenEval-style: counting prompts checked by strict VQA (GenEval itself uses an object detector).
+    # GenEval-style: counting prompts checked by strict VQA (GenEval itself uses an object detector). kl_coef is
+    # Flow-GRPO's beta, its KL convention included (trainer/flow.py, flow_grpo_kl).
     "sd3-geneval-style": _with(_FLOW_GRPO, train={"kl_coef": 0.04}, prompt={"fn": "counting"},
                                reward={"scorer": "llava", "options": {"mode": "strict"}}),
     "sd3-pickscore": _with(_FLOW_GRPO, train={"kl_coef": 0.01}, prompt={"fn": "nouns_activities"},
                            reward={"scorer": "pickscore"}),
-    # Flow-GRPO-Fast without CFG: 3 CPS steps starting in the first half, the rest ODE; no KL.
+    # Flow-GRPO-Fast without CFG: 3 CPS steps starting in the first half, the rest ODE; no KL. Clip range 1e-5
+    # on CPS's constant-free log-prob, as there (trainer/flow.py).
     "sd3-pickscore-fast": _with(
         _FLOW_GRPO, prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"},
         sample={"guidance_scale": 1.0, "eta": 0.8, "sde_type": "cps"},

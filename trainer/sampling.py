@@ -1,8 +1,9 @@
 """The rollout, the same for every model family: sampling with log-probabilities, and re-scoring stored steps.
 
-A family (trainer/sd1.py, ...) supplies the prediction and one stochastic step's mean and std; this file
-draws from that Gaussian and scores it. Sampling and training call the same ``family.predict`` and
-``family.step``, so both see the same numbers and the importance ratio is exactly 1 before the first update.
+A family (trainer/sd1.py, ...) supplies the prediction, one stochastic step's mean and std, and its anchor's
+log-prob of a step; this file draws from that Gaussian and scores it. Sampling and training call the same
+``family.predict``, ``family.step`` and ``family.log_prob``, so both see the same numbers and the importance
+ratio is exactly 1 before the first update.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-
-from trainer.ddim import gaussian_log_prob
 
 
 @dataclass
@@ -40,14 +39,18 @@ class Trajectories:
     def tensors(self) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "metadata")}
 
-    def shuffled(self, batch_size: int, num_timesteps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def shuffled(self, batch_size: int, num_timesteps: int, first: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Random sample order in chunks of ``batch_size``, each sample with its own random timesteps (the
-        first ``num_timesteps`` of a permutation: timestep_fraction), as (rows, steps) index pairs for
-        ``chunk``: nothing is copied until a chunk is taken."""
+        first ``num_timesteps`` of a permutation: timestep_fraction; ``first``: its first ``num_timesteps``
+        stored steps, as Flow-GRPO), as (rows, steps) index pairs for ``chunk``: nothing is copied until a
+        chunk is taken."""
         n, total = self.log_probs.shape
         device = self.log_probs.device
         order = torch.randperm(n, device=device)
-        steps = torch.stack([torch.randperm(total, device=device)[:num_timesteps] for _ in range(n)])
+        if first:
+            steps = torch.arange(num_timesteps, device=device).repeat(n, 1)
+        else:
+            steps = torch.stack([torch.randperm(total, device=device)[:num_timesteps] for _ in range(n)])
         return [(order[i : i + batch_size], steps[i : i + batch_size]) for i in range(0, n, batch_size)]
 
     def chunk(self, rows: torch.Tensor, steps: torch.Tensor) -> "Chunk":
@@ -122,7 +125,7 @@ def sample(
             continue
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         path += [x, x_next] if not path else [x_next]
-        log_probs.append(gaussian_log_prob(x_next, mean, std))
+        log_probs.append(family.log_prob(x_next, mean, std))
         x = x_next
 
     n = len(prompts)
@@ -162,5 +165,5 @@ def rescore(
     cond = chunk.prompt_embeds if k == 1 else _each(chunk.prompt_embeds, lambda t: t.repeat_interleave(k, dim=0))
     output = family.predict(model, latents, flat(chunk.timesteps), cond, negative_embeds, guidance_scale)
     mean, std = family.step(output, flat(chunk.steps), latents, eta)
-    log_prob = gaussian_log_prob(flat(chunk.next_latents), mean, std).reshape(n, k)
+    log_prob = family.log_prob(flat(chunk.next_latents), mean, std).reshape(n, k)
     return (log_prob[:, 0] if one else log_prob), mean, std

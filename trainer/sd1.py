@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainer.ddim import check_scheduler, ddim_mean_std, ddim_x0
+from trainer.ddim import check_scheduler, ddim_mean_std, ddim_x0, gaussian_log_prob
+from trainer.loss import gaussian_kl
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -79,6 +80,18 @@ class SD1:
         """Mean and std of p(x_{t-1} | x_t) at step ``index`` of the schedule (DDIM, float32)."""
         scheduler = self.pipe.scheduler
         return ddim_mean_std(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents, eta)
+
+    @staticmethod
+    def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """log N(x_next; mean, std^2) averaged over C, H, W, as ddpo-pytorch."""
+        return gaussian_log_prob(x_next, mean, std)
+
+    @staticmethod
+    def kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The exact KL between the DDIM step's Gaussians under the policy and the reference (same std),
+        averaged like the log-prob. ddpo-pytorch has no KL term; this is Flow-GRPO's penalty with the DDIM
+        step's own std (a DDIM step has no dt to leave out)."""
+        return gaussian_kl(mean, reference_mean, std)
 
     def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
         """The clean latents the prediction at step ``index`` implies (float32, differentiable)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.flow import FLOW_STEPS
+from trainer.flow import FLOW_LOG_PROBS, FLOW_STEPS, flow_grpo_kl
 from trainer.sd1 import SD1, dtype_kwarg, guided
 
 if TYPE_CHECKING:
@@ -96,6 +96,15 @@ class SD3:
     def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
         """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE or CPS step, float32)."""
         return FLOW_STEPS[self.sde_type](self.pipe.scheduler.sigmas, index, output, latents, noise_level=eta)
+
+    def log_prob(self, x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """log p(x_next | x) per sample as Flow-GRPO computes it: the Gaussian's for the SDE step, every
+        constant dropped for CPS (so its clip ranges transfer)."""
+        return FLOW_LOG_PROBS[self.sde_type](x_next, mean, std)
+
+    def kl(self, mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Flow-GRPO's KL penalty per sample at steps ``index`` (so ``train.kl_coef`` is its beta)."""
+        return flow_grpo_kl(self.pipe.scheduler.sigmas, index, mean, reference_mean, std, self.sde_type)
 
     def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
         """x - s v: the clean latents the velocity at step ``index`` implies (float32, differentiable)."""
