@@ -62,7 +62,8 @@ class TrainConfig(_Group):
     num_inner_epochs: int = Field(1, gt=0)
     cfg: bool = Field(True, description="train on the guided prediction, as sampled")
     adv_clip_max: float = Field(5.0, gt=0)
-    clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5)")
+    clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5); with "
+                              "sample.sde_type cps the log-prob drops its constants, as Flow-GRPO (1e-5 there)")
     timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's "
                                      "stochastic steps")
     timestep_selection: Literal["random", "first"] = Field(
@@ -87,7 +88,9 @@ class TrainConfig(_Group):
     use_8bit_adam: bool = Field(False, description="bitsandbytes' AdamW8bit (needs a CUDA GPU)")
     use_adafactor: bool = Field(False, description="transformers' Adafactor at train.learning_rate, in place of AdamW "
                                 "(less memory: Diffusion-DPO's choice for SDXL)")
-    kl_coef: float = Field(0.0, ge=0, description="KL penalty toward the adapter-disabled UNet (LoRA only)")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty toward the adapter-disabled denoiser (LoRA only): "
+                           "flow models, Flow-GRPO's beta in its convention (mean-squared mean difference over "
+                           "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA")
     group_std: Literal["group", "global"] = Field("group", description="with images_per_prompt > 1: divide by each "
                                                   "group's std or by the whole epoch's")
