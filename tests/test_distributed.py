@@ -58,3 +58,13 @@ def test_two_processes_train_in_step_and_resume(tmp_path, tiny_cache):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1, 2] and metrics[-1]["weights_spread_across_processes"] == 0.0
     assert metrics[-1]["global_step"] == 3 * 4
+
+
+def test_two_processes_train_diffusion_nft_in_step(tmp_path, tiny_cache):
+    out = tmp_path / "nft"
+    done = launch(out, tiny_cache, 2, "--algorithm", "nft", "--sample.eta", "0", "--train.timestep_fraction", "0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1] and all(m["weights_spread_across_processes"] == 0.0 for m in metrics)
+    assert metrics[-1]["old_deviation"] > 0 and metrics[-1]["global_step"] == 2 * 4
+    assert (out / "checkpoints" / "checkpoint-2" / "old_policy.safetensors").exists()

@@ -326,20 +326,20 @@ def test_reward_overlap_modes(tmp_path, tiny_cache, compression_server):
 
 
 def test_groups_can_share_their_initial_noise(tmp_path, tiny_cache, monkeypatch):
-    import trainer.ddpo as ddpo
+    import trainer.epoch as epoch_phases
 
     cfg = small_config(tmp_path, tiny_cache)
     cfg = Config.model_validate({**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), "images_per_prompt": 2,
                                                                "same_noise_per_group": True}})
     cfg.run.num_epochs = 1
-    starts, real = [], ddpo.sample
+    starts, real = [], epoch_phases.sample
 
     def spy(*args, **kwargs):  # the real sampler; records where each trajectory began
         batch, final = real(*args, **kwargs)
         starts.append(batch.latents[:, 0])
         return batch, final
 
-    monkeypatch.setattr(ddpo, "sample", spy)
+    monkeypatch.setattr(epoch_phases, "sample", spy)
     train(cfg)
     starts = torch.cat(starts)
     assert starts.shape[0] == 8

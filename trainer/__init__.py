@@ -1,7 +1,8 @@
-"""DDPO finetuning of Stable Diffusion with rewards scored in-process or by reward servers.
+"""Finetuning of text-to-image diffusion models with rewards scored in-process or by reward servers.
 
 ``from trainer import Config, train, torch_images`` (imported lazily: ``python -m trainer --help`` and config
-checks stay fast).
+checks stay fast). ``train(cfg, reward_fn, prompt_fn)`` runs the online algorithm ``cfg.algorithm`` names:
+DDPO / Flow-GRPO (ddpo) or DiffusionNFT (nft).
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ def __getattr__(name: str) -> Any:
 
         return Config
     if name == "train":
-        from trainer.ddpo import train
-
-        return train
+        return _train
     if name == "torch_images":
         from reward_servers.scorer import torch_images
 
         return torch_images
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+
+
+def _train(cfg, reward_fn=None, prompt_fn=None, image_samples_hook=None) -> list[dict]:
+    """The online algorithm of ``cfg.algorithm`` (trainer.ddpo.train or trainer.nft.train, which take the same
+    arguments)."""
+    if cfg.algorithm == "nft":
+        from trainer.nft import train
+    elif cfg.algorithm == "ddpo":
+        from trainer.ddpo import train
+    else:
+        raise ValueError(f"algorithm: trainer.train runs ddpo or nft; for {cfg.algorithm} call trainer.{cfg.algorithm}.train")
+    return train(cfg, reward_fn, prompt_fn, image_samples_hook)

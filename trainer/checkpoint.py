@@ -150,7 +150,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any], promp
 
 
 def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, torch.Tensor], optimizer,
-         state: dict[str, Any], prompt_rng: np.random.Generator, ema=None, rng: tuple | None = None) -> Path:
+         state: dict[str, Any], prompt_rng: np.random.Generator, ema=None, rng: tuple | None = None,
+         old_policy=None) -> Path:
     """Collective: every process calls it. ``epoch`` counts the epochs completed. ``rng``: the streams as
     ``rng_state`` took them when the epoch ended, if they have moved on since (a save after Ctrl-C)."""
     root = out / "checkpoints"
@@ -167,8 +168,9 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
     if accelerator.is_main_process:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(staging / "ema.safetensors"))
+        for name, average in (("ema", ema), ("old_policy", old_policy)):  # old_policy: DiffusionNFT's
+            if average is not None:
+                save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(staging / f"{name}.safetensors"))
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
         (staging / "state.json").write_text(json.dumps({**state, "epoch": epoch}))  # written last: marks complete
@@ -185,7 +187,7 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
 
 
 def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
-         prompt_rng: np.random.Generator, ema=None) -> dict[str, Any]:
+         prompt_rng: np.random.Generator, ema=None, old_policy=None) -> dict[str, Any]:
     """Restore everything ``save`` wrote; returns the plain state (epoch, global_step, tracker, ...)."""
     weights = _read(load_file, path / "trainable.safetensors")
     missing = set(params) - set(weights)
@@ -200,6 +202,10 @@ def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
         if not (path / "ema.safetensors").exists():
             raise ValueError(f"run.resume_from: {path} has no EMA weights; it was written with train.ema_decay 0")
         ema.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, path / "ema.safetensors").items()}
+    if old_policy is not None:
+        if not (path / "old_policy.safetensors").exists():
+            raise ValueError(f"run.resume_from: {path} has no old policy; it was not written by --algorithm nft")
+        old_policy.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, path / "old_policy.safetensors").items()}
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(_read(torch.load, path / "scaler.pt", weights_only=True))
     rank = accelerator.process_index

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainer.config_algorithms import DPOConfig, ReFLConfig
+from trainer.config_algorithms import DPOConfig, NFTConfig, ReFLConfig
 from trainer.config_group import _Group
 from trainer.config_run import PretrainedConfig, RunConfig
 from trainer.trained_steps import check_trained_steps_have_noise
@@ -279,9 +279,10 @@ class Config(BaseSettings):
     preset: str = Field("tiny", description="starting point: shapes, shapes-nokl, shapes-ddpo, tiny, sd15-compressibility, "
                         "sd15-aesthetic, ... (-1gpu)")
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
-    algorithm: Literal["ddpo", "dpo", "refl"] = Field("ddpo", description="ddpo: PPO on sampled trajectories and "
-                                                      "rewards; dpo: Diffusion-DPO on preference pairs (dpo.*); refl: "
-                                                      "ReFL / DRaFT / AlignProp on a differentiable reward (refl.*)")
+    algorithm: Literal["ddpo", "dpo", "refl", "nft"] = Field(
+        "ddpo", description="ddpo: PPO on sampled trajectories and rewards; dpo: Diffusion-DPO on preference pairs "
+        "(dpo.*); refl: ReFL / DRaFT / AlignProp on a differentiable reward (refl.*); nft: DiffusionNFT, the "
+        "denoising loss on rewarded samples (nft.*)")
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     sample: SampleConfig = SampleConfig()
@@ -290,6 +291,7 @@ class Config(BaseSettings):
     reward: RewardConfig = RewardConfig()
     dpo: DPOConfig = DPOConfig()
     refl: ReFLConfig = ReFLConfig()
+    nft: NFTConfig = NFTConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -317,7 +319,7 @@ class Config(BaseSettings):
                 f"({self.sample.images_per_prompt}) > 1 within each group of one epoch: choose one (set "
                 "--no-train.per_prompt_stat_tracking, or sample.images_per_prompt 1)"
             )
-        if self.algorithm == "ddpo" and self.train.kl_coef and not self.train.lora:  # the only loop with a KL term
+        if self.algorithm in ("ddpo", "nft") and self.train.kl_coef and not self.train.lora:  # the loops with a KL term
             raise ValueError("train.kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora")
         window, last = self.train.timestep_window, self.train.timestep_window + self.train.timestep_window_latest_start
         if window and last > self.sample.num_steps:

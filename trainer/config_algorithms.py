@@ -89,3 +89,25 @@ class ReFLConfig(_Group):
         if self.draft_k > self.num_steps:
             raise ValueError(f"draft_k ({self.draft_k}) must not exceed num_steps ({self.num_steps})")
         return self
+
+
+class NFTConfig(_Group):
+    """DiffusionNFT (``--algorithm nft``; Zheng et al. 2025, github.com/NVlabs/DiffusionNFT): rollouts at
+    sample.eta (0: the family's deterministic sampler) keep only clean latents and rewards; training is the
+    denoising loss on them, re-noised at train.timestep_fraction of the sampler's own steps, pulled toward the
+    better samples and away from the worse through an old policy. The KL to the base model is train.kl_coef
+    (DiffusionNFT's config.train.beta, 1e-4: mean squared difference of the predictions)."""
+
+    beta: float = Field(1.0, gt=0, description="the mixing strength b of the implicit positive and negative "
+                        "policies (DiffusionNFT's config.beta: 1.0; 0.1 for OCR and several rewards); not a KL")
+    old_decay_rate: float = Field(0.001, ge=0, description="the old policy moves toward the current weights once "
+                                  "per epoch, old <- d old + (1 - d) current, d = min(rate x optimizer steps, "
+                                  "old_decay_max) (DiffusionNFT: 0.001)")
+    old_decay_max: float = Field(0.5, ge=0, lt=1, description="the old policy's largest decay d (DiffusionNFT: 0.5)")
+    old_decay_flat_steps: int = Field(0, ge=0, description="optimizer steps before the decay starts to grow, d = 0 "
+                                      "until then (DiffusionNFT's OCR schedule: 75, rate 0.0075, max 0.999)")
+
+    def old_decay(self, step: int) -> float:
+        """DiffusionNFT's return_decay: 0 for the flat steps, then rising by old_decay_rate per step."""
+        return 0.0 if step < self.old_decay_flat_steps else min((step - self.old_decay_flat_steps) * self.old_decay_rate,
+                                                                 self.old_decay_max)

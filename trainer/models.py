@@ -3,6 +3,7 @@ placement; saving what was trained."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -99,3 +100,27 @@ def save_weights(family, cfg: Config, output_dir: Path) -> Path:
     layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
     family.save_lora(layers, output_dir / "lora")
     return output_dir / "lora"
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The LoRA denoiser as the base model inside (the KL references: no second copy)."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+@contextlib.contextmanager
+def weights_swapped(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]):
+    """The trainable parameters hold ``tensors`` inside (their storage swapped in, no copy); restored after.
+    DiffusionNFT's old policy runs this way, without a second adapter or model."""
+    saved = {name: p.data for name, p in params.items()}
+    try:
+        for name, p in params.items():
+            p.data = tensors[name].to(p.dtype)
+        yield
+    finally:
+        for name, p in params.items():
+            p.data = saved[name]

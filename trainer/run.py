@@ -52,9 +52,11 @@ class Run:
     optimizer: Any = None
     lr_scheduler: Any = None
     ema: EMA | None = None
+    old_policy: EMA | None = None  # DiffusionNFT's old policy: a lagging average of the trainable weights
     history: list[dict] = field(default_factory=list)
     first_eval: tuple | None = None  # (epochs, images, rewards) of this process's first evaluation
     eval_rewards: Rewards | None = None  # run.eval_scorer's, loaded at the first evaluation
+    timesteps_fitted: bool = False  # train.timesteps_per_forward 0 on a GPU: measured once (fit_timesteps_per_forward)
 
     def fit_threads(self) -> int:
         """On a CPU, the torch threads for the coming epoch (trainer/threads.py); the count in use."""
@@ -67,8 +69,10 @@ class Run:
         holds, measured on a real training batch (``chunk``) at 1 and 2 timesteps; the smallest count of all
         processes, so each runs as many forwards. Re-plans the run and accelerate's accumulation to match."""
         cfg, accelerator = self.cfg, self.accelerator
-        if cfg.train.timesteps_per_forward or accelerator.device.type != "cuda" or self.plan.train_timesteps == 1:
+        if (self.timesteps_fitted or cfg.train.timesteps_per_forward or accelerator.device.type != "cuda"
+                or self.plan.train_timesteps == 1):
             return
+        self.timesteps_fitted = True  # once per run, on its first training batch
 
         def peak_bytes(k: int) -> int:
             torch.cuda.synchronize()
@@ -195,10 +199,11 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     )
     run.model, run.optimizer = accelerator.prepare(run.family.denoiser, optimizer)
     run.ema = EMA(run.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    run.old_policy = EMA(run.trainable, 0.0) if cfg.algorithm == "nft" else None  # its decay set per epoch
     if run.resume is None:
         return {}
     state = checkpoint.load(accelerator, run.resume, params=run.trainable, optimizer=run.optimizer,
-                            prompt_rng=run.prompt_rng, ema=run.ema)
+                            prompt_rng=run.prompt_rng, ema=run.ema, old_policy=run.old_policy)
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     accelerator.print(f"resumed from {run.resume} (epoch {run.first_epoch}, step {state['global_step']})")
     return state
@@ -271,7 +276,7 @@ def end_epoch(run: Run, done: int, state: dict[str, Any], total: int | None = No
     save = functools.partial(  # bound now: what the epoch ended with, should Ctrl-C ask for it later
         checkpoint.save, run.accelerator, run.out, done, cfg.run.checkpoint_limit, params=run.trainable,
         optimizer=run.optimizer, state={**state, "lr_scheduler": run.lr_scheduler.state_dict()},
-        prompt_rng=run.prompt_rng, ema=run.ema, rng=checkpoint.rng_state(run.prompt_rng),
+        prompt_rng=run.prompt_rng, ema=run.ema, rng=checkpoint.rng_state(run.prompt_rng), old_policy=run.old_policy,
     )
     due = done == total or (every and done % every == 0)
     if due:

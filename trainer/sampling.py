@@ -101,13 +101,15 @@ def sample(
     generator: torch.Generator | None = None,
     window: range | None = None,
     noise: torch.Tensor | None = None,
+    store: bool = True,
 ) -> tuple[Trajectories, torch.Tensor]:
     """Run the family's sampler from noise; return the trajectories and the final latents
     (``family.to_uint8`` decodes them). ``negative_embeds`` None samples without guidance.
 
     ``window``: the step indices that are stochastic (``eta``) and stored; the others are deterministic
     (eta 0: DDIM / the ODE) and not stored, as Flow-GRPO-Fast and MixGRPO train on a window of SDE steps.
-    None: every step. ``noise``: the initial latents (default: drawn from ``generator``).
+    None: every step. ``noise``: the initial latents (default: drawn from ``generator``). ``store`` False keeps
+    no step: the trajectory holds the clean latents alone, (N, 1, ...) (DiffusionNFT and AWM need no more).
     """
     device = model.device  # the bare (unwrapped) denoiser samples
     cond = family.encode_prompts(prompts, resolution)
@@ -124,17 +126,19 @@ def sample(
             x = mean
             continue
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        path += [x, x_next] if not path else [x_next]
-        log_probs.append(family.log_prob(x_next, mean, std))
+        if store:
+            path += [x, x_next] if not path else [x_next]
+            log_probs.append(family.log_prob(x_next, mean, std))
         x = x_next
+    window = window if store else range(0)
 
     n = len(prompts)
     trajectories = Trajectories(
         prompt_embeds=cond,
-        path=torch.stack(path, dim=1),
-        log_probs=torch.stack(log_probs, dim=1),
+        path=torch.stack(path or [x], dim=1),
+        log_probs=torch.stack(log_probs, dim=1) if log_probs else x.new_zeros(n, 0),
         timesteps=timesteps[list(window)].repeat(n, 1),
-        steps=torch.tensor(list(window), device=device).repeat(n, 1),
+        steps=torch.tensor(list(window), device=device, dtype=torch.long).repeat(n, 1),
         prompts=list(prompts),
         metadata=list(metadata),
     )

@@ -110,6 +110,13 @@ class SD1:
             return noisy, t, scheduler.get_velocity(latents, noise, t)
         return noisy, t, noise
 
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
+        """The forward process at step ``index`` of the sampler's schedule (one per sample): x_t and the
+        denoiser's timesteps (DiffusionNFT and AWM train at the sampler's own steps)."""
+        scheduler = self.pipe.scheduler
+        t = scheduler.timesteps.to(latents.device)[index]
+        return scheduler.add_noise(latents, noise, t), t
+
     # -- pixels ----------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (N, 3, H, W), float32; differentiable."""

@@ -121,6 +121,13 @@ class SD3:
         sigma = s.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
         return (1 - sigma) * latents + sigma * noise, s * config.num_train_timesteps, noise - latents
 
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
+        """x_s = (1 - s) x0 + s noise at s = sigmas[index] of the sampler's schedule (one per sample), and the
+        transformer's timesteps (DiffusionNFT trains at the sampler's own steps)."""
+        scheduler = self.pipe.scheduler
+        s = scheduler.sigmas.to(latents.device, torch.float32)[index].view(-1, *[1] * (latents.ndim - 1))
+        return (1 - s) * latents + s * noise, scheduler.timesteps.to(latents.device)[index]
+
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
         from diffusers import StableDiffusion3Pipeline
 

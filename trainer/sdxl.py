@@ -26,7 +26,7 @@ class SDXL:
     def __init__(self, pipe):
         self.pipe, self.sd1 = pipe, SD1(pipe)
         self.step, self.timesteps, self.initial_latents = self.sd1.step, self.sd1.timesteps, self.sd1.initial_latents
-        self.log_prob, self.kl = self.sd1.log_prob, self.sd1.kl
+        self.log_prob, self.kl, self.noised_at = self.sd1.log_prob, self.sd1.kl, self.sd1.noised_at
         self.predicted_x0 = self.sd1.predicted_x0
         self.decode, self.to_uint8, self.encode, self.noised = self.sd1.decode, self.sd1.to_uint8, self.sd1.encode, self.sd1.noised
 

@@ -1,0 +1,132 @@
+"""DiffusionNFT: its loss against an independent implementation of the published formula for flow, eps and v
+predictions, the properties the paper's derivation implies, and short runs on every family."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import Config
+from trainer.ddim import ddim_x0
+from trainer.loss import nft_loss, nft_optimality
+
+
+def reference_loss(prediction, old, x0, to_x0, r, beta, c=5.0) -> float:
+    """DiffusionNFT's train_nft_sd3.py loss, in float64 numpy, per sample: positive and negative predictions,
+    their clean latents, squared errors over the detached mean absolute error (clipped at 1e-5)."""
+    total = []
+    for n in range(len(x0)):
+        positive = beta * prediction[n] + (1 - beta) * old[n]
+        negative = (1 + beta) * old[n] - beta * prediction[n]
+        terms = []
+        for mixed in (positive, negative):
+            error = to_x0(mixed, n) - x0[n]
+            terms.append(np.mean(error**2 / max(np.mean(np.abs(error)), 1e-5)))
+        total.append(r[n] * terms[0] / beta + (1 - r[n]) * terms[1] / beta)
+    return float(np.mean(np.array(total) * c))
+
+
+def ddim_scheduler(prediction_type: str):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, prediction_type=prediction_type)
+
+
+@pytest.mark.parametrize("parametrisation", ["flow", "epsilon", "v_prediction"])
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_nft_loss_is_the_published_formula(parametrisation, beta):
+    rng = np.random.default_rng(0)
+    x0, x_t, prediction, old = (rng.standard_normal((3, 2, 4, 4)) for _ in range(4))
+    r = np.array([0.0, 0.3, 1.0])
+    if parametrisation == "flow":
+        t = np.array([0.9, 0.5, 0.1])
+        ours_x0 = lambda p: torch.tensor(x_t) - torch.tensor(t).view(-1, 1, 1, 1) * p  # noqa: E731
+        theirs_x0 = lambda p, n: x_t[n] - t[n] * p  # noqa: E731
+    else:
+        scheduler = ddim_scheduler(parametrisation)
+        t = torch.tensor([901, 481, 41])
+        a = scheduler.alphas_cumprod[t].double().numpy()
+        ours_x0 = lambda p: ddim_x0(scheduler, p, t, torch.tensor(x_t)).double()  # noqa: E731
+        if parametrisation == "epsilon":
+            theirs_x0 = lambda p, n: (x_t[n] - np.sqrt(1 - a[n]) * p) / np.sqrt(a[n])  # noqa: E731
+        else:
+            theirs_x0 = lambda p, n: np.sqrt(a[n]) * x_t[n] - np.sqrt(1 - a[n]) * p  # noqa: E731
+    loss, _ = nft_loss(torch.tensor(prediction), torch.tensor(old), torch.tensor(x0), ours_x0, torch.tensor(r), beta, 5.0)
+    assert loss.item() == pytest.approx(reference_loss(prediction, old, x0, theirs_x0, r, beta), rel=1e-5)
+
+
+def gradient(beta: float, r: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    x0, x_t, start = (torch.randn(4, 2, 4, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    prediction = start.clone().requires_grad_(True)
+    t = torch.tensor([0.8, 0.6, 0.4, 0.2], dtype=torch.float64).view(-1, 1, 1, 1)
+    loss, _ = nft_loss(prediction, start if old is None else old, x0, lambda p: x_t - t * p, r, beta, 5.0)
+    loss.backward()
+    return prediction.grad
+
+
+def test_no_signal_and_no_lag_give_no_gradient():
+    """r = 0.5 for every sample and the old policy equal to the current one: the positive and negative
+    losses pull equally in opposite directions."""
+    grad = gradient(1.0, torch.full((4,), 0.5, dtype=torch.float64))
+    assert float(grad.abs().max()) < 1e-15
+
+
+def test_at_the_old_policy_the_gradient_does_not_depend_on_beta():
+    """d/dpred of (1/b)[r l(b pred + ...) + (1 - r) l((1 + b) old - b pred)] at pred = old is (2r - 1) l'."""
+    r = torch.tensor([0.0, 0.25, 0.9, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(gradient(1.0, r), gradient(0.1, r), rtol=1e-10, atol=1e-14)
+    assert float(gradient(1.0, r).abs().max()) > 1e-3  # and it is not zero
+
+
+def test_optimality_and_the_old_policy_schedule():
+    a = torch.tensor([-9.0, -5.0, -1.0, 0.0, 2.5, 7.0])
+    torch.testing.assert_close(nft_optimality(a, 5.0), torch.tensor([0.0, 0.0, 0.4, 0.5, 0.75, 1.0]))
+    nft = Config(algorithm="nft").nft
+    assert [nft.old_decay(s) for s in (0, 1, 100, 499, 500, 10_000)] == [0.0, 0.001, 0.1, 0.499, 0.5, 0.5]
+    ocr = Config(algorithm="nft", nft={"old_decay_flat_steps": 75, "old_decay_rate": 0.0075, "old_decay_max": 0.999}).nft
+    assert [ocr.old_decay(s) for s in (0, 74, 75, 175, 500)] == [0.0, 0.0, 0.0, pytest.approx(0.75), 0.999]
+
+
+def nft_config(tmp_path, tiny_cache, preset: str, **run) -> Config:
+    return Config(preset=preset, algorithm="nft",
+                  run={"output_dir": tmp_path, "num_epochs": 2, "log_with": "none", "log_images_every": 0, **run},
+                  pretrained={"cache_dir": tiny_cache},
+                  sample={"num_steps": 4, "eta": 0.0, "batch_size": 4, "num_batches_per_epoch": 1, "images_per_prompt": 2,
+                          "guidance_scale": 1.0},
+                  train={"batch_size": 2, "timestep_fraction": 0.5, "kl_coef": 1e-4, "cfg": False})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3"])
+def test_a_short_nft_run_trains_and_saves_on_every_family(tmp_path, tiny_cache, preset):
+    from trainer import train
+
+    cfg = nft_config(tmp_path, tiny_cache, preset)
+    history = train(cfg)
+    assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
+    assert history[0]["old_policy_decay"] == pytest.approx(0.002)  # 2 optimizer steps into the run
+    assert history[-1]["old_deviation"] > 0 and history[-1]["kl_to_reference"] > 0  # the weights moved
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_nft_resumes_exactly_with_its_old_policy(tmp_path, tiny_cache):
+    from safetensors.torch import load_file
+
+    from trainer.nft import train
+
+    straight = train(nft_config(tmp_path / "straight", tiny_cache, "tiny", num_epochs=3))
+    train(nft_config(tmp_path / "resumed", tiny_cache, "tiny", num_epochs=2, save_freq=1))
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "old_policy.safetensors").exists()
+    resumed = train(nft_config(tmp_path / "resumed", tiny_cache, "tiny", num_epochs=3,
+                               resume_from=str(tmp_path / "resumed" / "checkpoints" / "checkpoint-2")))
+    assert resumed[-1]["loss"] == straight[-1]["loss"] and resumed[-1]["reward_mean"] == straight[-1]["reward_mean"]
+    weights = [load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    lines = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [0, 1, 2]

@@ -1,0 +1,169 @@
+"""The phases of an online epoch that every reward-driven algorithm shares (DDPO and Flow-GRPO on per-step
+log-probs, DiffusionNFT and AWM on the forward process): sample the epoch's prompts in groups while each batch
+is scored, turn the epoch's rewards into advantages, log. Each algorithm's file is its training phase and the
+loop that calls these in order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trainer import run as run_setup
+from trainer import tracking
+from trainer.advantages import PerPromptStatTracker, compute_advantages
+from trainer.rewards import Pending
+from trainer.sampling import Trajectories, sample
+
+
+@dataclass
+class Collected:
+    """One epoch's samples: trajectories (for the forward-process methods, only the clean latents: no step
+    stored), per-batch views and images, their reward futures."""
+
+    trajectories: Trajectories
+    batches: list[Trajectories]
+    images: list[np.ndarray]
+    pending: Pending
+    seconds: float
+
+
+@dataclass
+class Scored:
+    """One epoch's rewards, gathered across processes, and this process's advantages."""
+
+    rewards: np.ndarray  # every process's, combined over the reward components
+    components: dict[str, np.ndarray]
+    advantages: torch.Tensor  # this process's samples, float32 on its device
+    samples: list[dict]  # the gathered per-sample records (prompt, scores, info, reward)
+    wait_seconds: float
+
+
+@dataclass
+class Online:
+    """What an online loop holds across epochs: the per-prompt tracker, the optimizer step count, the bare
+    denoiser (sampling and the no-gradient references use it; training goes through the possibly DDP-wrapped
+    ``run.model``), the empty prompt's conditioning and the sampling resolution."""
+
+    tracker: PerPromptStatTracker | None
+    global_step: int
+    policy: torch.nn.Module
+    negative: object
+    resolution: int
+
+
+def start(run: run_setup.Run) -> Online:
+    """Load the model (a checkpoint's state when resuming) for an online algorithm's epochs."""
+    cfg = run.cfg
+    state = run_setup.load_model(run, run.plan.optimizer_steps_per_epoch * cfg.run.num_epochs)
+    tracker = None
+    if cfg.train.per_prompt_stat_tracking:
+        tracker = PerPromptStatTracker(cfg.train.stat_buffer_size, cfg.train.stat_min_count)
+        if state.get("tracker"):
+            tracker.load_state_dict(state["tracker"])
+    return Online(tracker, state.get("global_step", 0), run.accelerator.unwrap_model(run.model),
+                  run.family.encode_prompts([""]), cfg.sample.resolution or run.family.native_resolution())
+
+
+def collect(run: run_setup.Run, epoch: int, policy, negative, resolution: int, eta: float,
+            window: Callable[[], range | None], store: bool = True) -> Collected:
+    """Sample one epoch's batches with ``policy`` (the bare denoiser) at noise ``eta``; each batch goes to the
+    reward functions as reward.overlap says. ``window()`` gives each batch's stochastic steps; ``store`` False
+    keeps only the clean latents (sampling.sample)."""
+    cfg, accelerator, family = run.cfg, run.accelerator, run.family
+    start = time.perf_counter()
+    pending, batches, images = Pending(run.rewards), [], []
+    size, k = cfg.sample.batch_size, cfg.sample.images_per_prompt
+    drawn = [run.prompt_fn(run.prompt_rng) for _ in range(size * cfg.sample.num_batches_per_epoch // k)]
+    epoch_prompts = [pair for pair in drawn for _ in range(k)]  # each prompt k times in a row: its group
+    # Flow-GRPO's same_latent (flow_grpo issue 7): a group differs only by the sampler's noise.
+    noise = (family.initial_latents(len(drawn), resolution, None, accelerator.device).repeat_interleave(k, dim=0)
+             if cfg.sample.same_noise_per_group else None)
+    quiet = not accelerator.is_local_main_process
+    for b in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
+        prompts, metadata = zip(*epoch_prompts[b * size : (b + 1) * size])
+        with accelerator.autocast():
+            batch, final = sample(
+                family, policy, list(prompts), list(metadata), negative, cfg.sample.num_steps, eta,
+                cfg.sample.guidance_scale, resolution, window=window(),
+                noise=None if noise is None else noise[b * size : (b + 1) * size], store=store,
+            )
+        images.append(family.to_uint8(final))
+        batches.append(batch)
+        if cfg.reward.overlap != "none":
+            pending.add(run.rewards.submit(images[-1], batch.prompts, batch.metadata))
+            pending.raise_if_failed()
+    if cfg.reward.overlap == "none":  # TRL's order: score only once everything is sampled
+        for array, batch in zip(images, batches):
+            pending.add(run.rewards.submit(array, batch.prompts, batch.metadata))
+    return Collected(Trajectories.cat(batches), batches, images, pending, time.perf_counter() - start)
+
+
+def score(run: run_setup.Run, epoch: int, collected: Collected, tracker: PerPromptStatTracker | None,
+          image_samples_hook=None) -> Scored:
+    """Wait for the epoch's rewards, gather them across processes and turn them into advantages (within each
+    group of sample.images_per_prompt, or per prompt with the tracker); show the samples when due."""
+    from accelerate.utils import gather_object
+
+    cfg, accelerator = run.cfg, run.accelerator
+    t0 = time.perf_counter()
+    scored = collected.pending.wait(cfg.reward.deadline)
+    wait = time.perf_counter() - t0
+    components = {name: accelerator.gather(torch.as_tensor(out.scores, device=accelerator.device)).cpu().numpy()
+                  for name, out in scored.items()}
+    rewards = run.rewards.combine(components)
+    prompts = collected.trajectories.prompts
+    prompts_all = gather_object(prompts)
+    samples = gather_object(tracking.sample_records(epoch, accelerator.process_index, prompts, scored))
+    for record, reward in zip(samples, rewards):  # gathered in the same (process-major) order
+        record["reward"] = float(reward)
+    # Groups: runs of images_per_prompt consecutive samples (same prompt, same process and batch).
+    k = cfg.sample.images_per_prompt
+    groups = np.arange(len(rewards)) // k if k > 1 else None
+    advantages = compute_advantages(rewards, prompts_all, tracker, groups, cfg.train.group_std == "global")
+    mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
+
+    last = epoch == cfg.run.num_epochs - 1  # the final epoch's grid is always kept
+    sheet = bool(cfg.run.log_images_every) and (epoch % cfg.run.log_images_every == 0 or last)
+    if image_samples_hook is not None or sheet:
+        tracking.show_samples(accelerator, run.out, epoch, collected.images, collected.batches, scored, rewards,
+                              image_samples_hook, sheet)
+    return Scored(rewards, components, torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32),
+                  samples, wait)
+
+
+def log(run: run_setup.Run, epoch: int, scored: Scored, stats: dict[str, list], seconds: dict[str, float],
+        global_step: int, threads: int) -> dict:
+    """The epoch's metrics (rewards, the training stats' means, timings) to every log; one line printed."""
+    rewards = scored.rewards
+    metrics = {
+        "epoch": epoch,
+        "weights_spread_across_processes": run_setup.weights_spread(run),
+        "global_step": global_step,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        **{f"reward_{name}_{stat}": float(getattr(r, stat)()) for name, r in scored.components.items()
+           for stat in ("mean", "std")},
+        # Stats stay tensors until the epoch ends: reading one (.item()) waits for the GPU.
+        **{k: float(torch.stack(v).float().mean()) for k, v in stats.items()},
+        **tracking.by_category(scored.samples, rewards),
+        "learning_rate": run.optimizer.param_groups[0]["lr"],
+        **{f"seconds_{name}": value for name, value in seconds.items()},
+        "cpu_threads": threads,
+    }
+    run_setup.log_epoch(run, metrics, scored.components, scored.samples)
+    run.accelerator.print(
+        f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
+        f"sample {seconds['sampling']:5.1f}s  reward-wait {seconds['reward_wait']:5.1f}s  "
+        f"train {seconds['training']:5.1f}s | loss {metrics.get('loss', 0):+.2e} "
+        + " ".join(f"{name} {metrics[key]:.2e}" for name, key in (("kl", "approx_kl"), ("kl-ref", "kl_to_reference"))
+                   if key in metrics)
+        + (f" clipfrac {metrics['clipfrac']:.3f}" if "clipfrac" in metrics else "")
+        + (f" | accuracy {metrics['accuracy']:.1%}" if "accuracy" in metrics else "")
+    )
+    return metrics
