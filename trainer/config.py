@@ -10,15 +10,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.errors import MASK, redact_url
 
 from trainer.config_algorithms import DPOConfig, ReFLConfig
 from trainer.config_group import _Group
 from trainer.config_run import PretrainedConfig, RunConfig
-
-
-MASK = "*" * 10  # how pydantic prints a SecretStr (older config.json files hold it)
 
 
 class SampleConfig(_Group):
@@ -160,6 +159,12 @@ class RewardSource(_Group):
     def _urls(cls, urls: list[str]) -> list[str]:
         return [_server_url(url) for url in urls]
 
+    @field_serializer("url")
+    def _masked(self, urls: list[str]) -> list[str]:
+        # Every dump (config.json, tracker hparams, --print-config) shows a password masked, as the token is
+        # kept out of them; requests use the attribute, which keeps the real URL.
+        return [redact_url(url) for url in urls]
+
     @field_validator("scorer")
     @classmethod
     def _known(cls, scorer: str, info: ValidationInfo) -> str:
@@ -190,11 +195,12 @@ def _server_url(url: str) -> str:
     from urllib.parse import urlsplit
 
     expected = "expected http(s)://host[:port] with no path, query or fragment"
+    shown = redact_url(url)  # these messages are printed: never the password
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number in range
     except ValueError as exc:
-        raise ValueError(f"{url!r} is not a reward server URL ({exc}); {expected}") from None
+        raise ValueError(f"{shown!r} is not a reward server URL ({exc}); {expected}") from None
     problem = (
         "the scheme must be http or https" if parts.scheme not in ("http", "https")
         else "no host" if not parts.hostname
@@ -205,7 +211,10 @@ def _server_url(url: str) -> str:
         else None
     )
     if problem:
-        raise ValueError(f"{url!r} is not a reward server URL ({problem}); {expected}")
+        raise ValueError(f"{shown!r} is not a reward server URL ({problem}); {expected}")
+    if parts.password == MASK:  # a config.json given back: the mask would be sent as the password
+        raise ValueError(f"the password of {shown!r} is masked, as config.json and --print-config write it; give "
+                         "the URL with its password again (e.g. --reward.url on the command line)")
     return url.rstrip("/")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from protocol.errors import redact_url
 from reward_servers.hub import problem
 from trainer.config import Config, RewardComponent, RewardConfig
 from trainer.plan import BatchPlan, BatchPlanError
@@ -69,27 +70,28 @@ def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) 
     token = cfg.token.get_secret_value() if cfg.token else None
     ready, problems = probe(component.url, cfg.probe_timeout)
     if len(problems) == len(component.url):
-        return [f"--{where}.url {url}: {p}" for url, p in problems.items()] + [
+        return [f"--{where}.url {redact_url(url)}: {p}" for url, p in problems.items()] + [
             f"  (start the server, e.g. reward-server --model {component.scorer}; fix --{where}.url; "
             f"or wait longer with --reward.probe_timeout, now {cfg.probe_timeout:g} s)"]
     for url, p in problems.items():
-        log.warning("reward server %s: %s; using the other replicas", url, p)
+        log.warning("reward server %s: %s; using the other replicas", redact_url(url), p)
     found = []
     headers = {"authorization": f"Bearer {token}"} if token else {}
     for url in ready:
+        shown = redact_url(url)  # for the messages; the request goes to the real one
         try:
             info = httpx.get(f"{url}/v1/info", headers=headers, timeout=10).json()
         except (httpx.HTTPError, ValueError) as exc:
-            found.append(f"--{where}.url {url}: /v1/info failed ({type(exc).__name__}: {exc})")
+            found.append(f"--{where}.url {shown}: /v1/info failed ({type(exc).__name__}: {exc})")
             continue
         if info.get("scorer") != component.scorer:
-            found.append(f"--{where}.url {url} serves {info.get('scorer')!r}, not {component.scorer!r}: set "
+            found.append(f"--{where}.url {shown} serves {info.get('scorer')!r}, not {component.scorer!r}: set "
                          f"--{where}.scorer {info.get('scorer')} (a remote scorer's name labels it) or point the URL at a "
                          f"{component.scorer} server")
         if info.get("auth") and token is None:
-            found.append(f"--{where}.url {url} requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN (reward.token)")
+            found.append(f"--{where}.url {shown} requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN (reward.token)")
         elif info.get("authorized") is False:
-            found.append(f"--{where}.url {url} refuses the token given (DIFFUSION_RL_REWARD__TOKEN / reward.token)")
+            found.append(f"--{where}.url {shown} refuses the token given (DIFFUSION_RL_REWARD__TOKEN / reward.token)")
     return found
 
 
