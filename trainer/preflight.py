@@ -2,8 +2,9 @@
 setting that fixes it in the trainer's own syntax.
 
 Checked: the batch arithmetic, mixed precision against the device, the pretrained model (a local folder,
-the Hugging Face cache or the hub), each in-process scorer's models and files (e.g. the LAION weights), and
-each reward server: that it answers /readyz, serves the scorer the config names, and accepts the token.
+the Hugging Face cache or the hub), each in-process scorer's models and files (e.g. the LAION weights),
+each reward server: that it answers /readyz, serves the scorer the config names, and accepts the token;
+and the training data (dpo.dataset, refl.pretrain_data) row by row (trainer/datacheck.py).
 """
 
 from __future__ import annotations
@@ -47,9 +48,26 @@ def check(cfg: Config, num_processes: int, device_type: str, functions: dict | N
             problems += _server_problems(component, cfg.reward, where)
         else:
             problems += _scorer_problems(component, where)
+    problems += _data_problems(cfg)
     if problems:
         raise PreflightError("this run cannot start:\n  " + "\n  ".join(problems))
     return plan
+
+
+def _data_problems(cfg: Config) -> list[str]:
+    """Every problem of the files the run will train on, each "setting: file row N: column: problem"."""
+    from trainer import datacheck
+
+    d, r = cfg.dpo, cfg.refl
+    if cfg.algorithm == "dpo" and not d.online:
+        found = datacheck.pairs_problems(d.dataset, split=d.split, cache_dir=d.cache_dir,
+                                         allow_outside=d.allow_outside_paths, limit=d.check_rows)
+        return [f"dpo.dataset: {p}" for p in found]
+    if cfg.algorithm == "refl" and r.pretrain_data:
+        found = datacheck.images_problems(r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths,
+                                          limit=r.pretrain_check_rows)
+        return [f"refl.pretrain_data: {p}" for p in found]
+    return []
 
 
 def _scorer_problems(component: RewardComponent, where: str) -> list[str]:
