@@ -118,9 +118,7 @@ class PromptConfig(_Group):
     @field_validator("eval_path")
     @classmethod
     def _eval_path(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"no such file {path}")
-        return path
+        return _prompt_file(path)
 
     @field_validator("fn")
     @classmethod
@@ -141,7 +139,17 @@ class PromptConfig(_Group):
     def _path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if info.data.get("fn") == "from_file" and (path is None or not path.is_file()):
             raise ValueError(f"from_file needs an existing file, got {path}")
-        return path
+        return _prompt_file(path)
+
+
+def _prompt_file(path: Path | None) -> Path | None:
+    """A prompt file read now, so that an empty or binary one fails before any model loads."""
+    from trainer.prompts import file_problem
+
+    problem = None if path is None else file_problem(path)
+    if problem:
+        raise ValueError(problem)
+    return path
 
 
 class RewardSource(_Group):
@@ -360,12 +368,28 @@ class Config(BaseSettings):
 
 
 def _read_settings_file(path: Path) -> dict[str, Any]:
+    """The settings of ``--config``; ValueError "config: <file> ..." saying why it cannot be read."""
     if not path.is_file():
         raise ValueError(f"config: no such file {path}")
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"config: {path} must be .json or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"config: {path} cannot be read ({exc.strerror or exc})") from None
     if path.suffix == ".toml":
         import tomllib
 
-        return tomllib.loads(path.read_text())
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    raise ValueError(f"config: {path} must be .json or .toml")
+        try:
+            return tomllib.loads(text)  # a TOML document is always a table
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config: {path} is not valid TOML ({exc})") from None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config: {path} must hold a map of settings, not a {type(settings).__name__}")
+    return settings
