@@ -241,11 +241,21 @@ def test_a_lora_or_denoiser_folder_is_checked_before_the_model_loads(tmp_path, c
     empty.mkdir()
     damaged.mkdir()
     (damaged / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    import torch
+    from safetensors.torch import save_file
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    save_file({"lora_A": torch.zeros(4, 4)}, cut / "pytorch_lora_weights.safetensors")
+    whole = (cut / "pytorch_lora_weights.safetensors").read_bytes()
+    (cut / "pytorch_lora_weights.safetensors").write_bytes(whole[:-10])  # a copy cut short
     cases = [
         (["--lora", str(tmp_path / "nowhere")], f"--lora: {tmp_path / 'nowhere'}: no such folder"),
         (["--lora", str(empty)], f"--lora: {empty} holds no pytorch_lora_weights.safetensors (a run's lora/ folder)"),
         (["--lora", str(damaged)], f"--lora: {damaged / 'pytorch_lora_weights.safetensors'} is not a readable "
                                    "safetensors file"),
+        (["--lora", str(cut)], f"--lora: {cut / 'pytorch_lora_weights.safetensors'} is not a readable safetensors "
+                               f"file (cut short: its tensors need {len(whole)} bytes, the file has {len(whole) - 10})"),
         (["--denoiser", str(empty)], f"--denoiser: {empty} holds no config.json (a run's unet/ or transformer/ folder)"),
     ]
     for args, message in cases:
