@@ -262,3 +262,36 @@ def test_a_lora_or_denoiser_folder_is_checked_before_the_model_loads(tmp_path, c
         code, err = trainer_main(capsys, *args, "--out", str(tmp_path / "eval"), module="trainer.evaluate")
         assert code == 2 and "Traceback" not in err and message in err, err
     assert not (tmp_path / "eval").exists()
+
+
+# -- item 4: trainer.label resumes only under the settings that shaped its shards -----------------------------
+def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tmp_path, start_server):
+    from trainer.label import LabelSettings, label, main
+    from trainer.pairs import load_pairs, write_parquet
+
+    from tests.test_dpo import pick_a_pic_rows
+
+    source = tmp_path / "source"
+    write_parquet(pick_a_pic_rows(18), source / "train.parquet")
+    server = start_server("--model", "shapes")
+    url = server.url.replace("http://", "http://user:s3cretPW@")
+    out = tmp_path / "labelled"
+    first = label(LabelSettings(out=out, source=str(source), url=[url], resolution=64, shard_size=8))
+    assert first["pairs"] == 18
+    for later in ("part-00001.parquet", "part-00002.parquet"):  # as if stopped after the first shard
+        (out / later).unlink()
+    with pytest.raises(SystemExit) as raised:  # 8 pairs in part-00000, not 12: 4 would never be labelled
+        main(["--out", str(out), "--source", str(source), "--url", url, "--resolution", "64", "--shard_size", "12"])
+    message = str(raised.value.code)
+    assert "shard_size: 8 when its shards were written, 12 now" in message and "--relabel" in message, message
+    assert "s3cretPW" not in message
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet"]  # nothing touched
+    again = label(LabelSettings(out=out, source=str(source), url=[url], resolution=64, shard_size=12, relabel=True))
+    assert again["pairs"] == 18 and again["kept"] + again["ties"] == 18
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    kept = load_pairs(str(out))
+    assert len(kept) == again["kept"] and len(set(kept["best_image_uid"])) == again["kept"]  # no pair twice
+    resumed = label(LabelSettings(out=out, source=str(source), url=[url], resolution=64, shard_size=12, batch_size=4))
+    assert resumed == again  # the same settings (the batch size shapes nothing) resume, skipping every shard
+    written = "".join(p.read_text() for p in out.glob("*.json"))
+    assert "s3cretPW" not in written and "user:**********@127.0.0.1" in written

@@ -16,7 +16,10 @@ The choice model is a scorer in process (``--scorer``, ``--options``) or one or 
 (``--url``), exactly as the trainer's ``reward.*``; batches go out while the next are prepared, so a server
 batches them across requests. A pair whose scores differ by no more than ``--margin`` is a tie and dropped.
 Output goes in shards of ``--shard_size`` pairs, each written whole (to a temporary name, then renamed): an
-interrupted run started again with the same arguments skips the shards already written.
+interrupted run started again with the same arguments skips the shards already written. The settings that
+shape the shards are recorded first (``label-settings.json``); started again under others, it refuses, naming
+them (a shard of another size would be skipped as if it held this run's pairs), unless ``--relabel``
+discards the shards and labels again.
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+from protocol.errors import redact_url
+
+SETTINGS_FILE = "label-settings.json"
+# What the shards' contents depend on; the output folder, the server's address, batching and caches do not.
+SHAPING = ("source", "model", "prompt_fn", "prompts", "pairs", "images_per_prompt", "steps", "guidance_scale", "seed",
+           "resolution", "scorer", "options", "margin", "shard_size")
 
 
 class LabelSettings(BaseSettings):
@@ -54,6 +64,12 @@ class LabelSettings(BaseSettings):
     margin: float = Field(0.0, ge=0, description="scores closer than this are a tie, dropped")
     shard_size: int = Field(256, gt=0)
     cache_dir: Path | None = None
+    relabel: bool = Field(False, description="discard the shards already in --out (written under other settings) "
+                          "and label every pair again")
+
+    @field_serializer("url")
+    def _masked(self, urls: list[str]) -> list[str]:
+        return [redact_url(url) for url in urls]  # label.json is written: never a password
 
 
 def label(s: LabelSettings) -> dict:
@@ -68,8 +84,8 @@ def label(s: LabelSettings) -> dict:
         raise ValueError("give exactly one of --source (relabel pairs) and --model (sample pairs)")
     if s.source and s.images_per_prompt != 2:
         raise ValueError("--images_per_prompt samples images with --model; --source pairs have two")
+    _resumable(s)  # before the scorer loads
     rewards = Rewards(RewardConfig(scorer=s.scorer, url=s.url, options=s.options))
-    s.out.mkdir(parents=True, exist_ok=True)
     counts = {"pairs": 0, "kept": 0, "ties": 0}
     try:
         total, shard = _relabelled(s) if s.source else _sampled(s)
@@ -91,6 +107,30 @@ def label(s: LabelSettings) -> dict:
         rewards.close()
     (s.out / "label.json").write_text(json.dumps({**s.model_dump(mode="json"), **counts}, indent=2))
     return counts
+
+
+def _resumable(s: LabelSettings) -> None:
+    """Record the settings that shape the shards, or refuse to add to shards written under others (naming
+    them); ``--relabel`` first deletes the shards there."""
+    shaping = {k: v for k, v in s.model_dump(mode="json").items() if k in SHAPING}
+    record = s.out / SETTINGS_FILE
+    shards = sorted(s.out.glob("part-*.parquet")) if s.out.is_dir() else []
+    if s.relabel:
+        for path in [*shards, *s.out.glob(".part-*.partial")]:
+            path.unlink()
+    elif shards:
+        before = json.loads(record.read_text()) if record.is_file() else None
+        if before is None:
+            raise ValueError(f"{s.out} holds {len(shards)} shard(s) but no {SETTINGS_FILE}: the settings they were "
+                             "written under are unknown; give --relabel to label every pair again, or another --out")
+        changed = [f"{k}: {before.get(k)!r} when its shards were written, {v!r} now" for k, v in shaping.items()
+                   if before.get(k) != v]
+        if changed:
+            raise ValueError(f"{s.out} holds {len(shards)} shard(s) written under other settings; resuming would "
+                             "mix them (or skip pairs):\n  " + "\n  ".join(changed) + "\ngive the same settings to "
+                             "resume, --relabel to discard the shards and label again, or another --out")
+    s.out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(shaping, indent=2))
 
 
 def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
