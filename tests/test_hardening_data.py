@@ -265,8 +265,8 @@ def test_a_lora_or_denoiser_folder_is_checked_before_the_model_loads(tmp_path, c
 
 
 # -- item 4: trainer.label resumes only under the settings that shaped its shards -----------------------------
-def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tmp_path, start_server):
-    from trainer.label import LabelSettings, label, main
+def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tmp_path, capsys, start_server):
+    from trainer.label import LabelSettings, label
     from trainer.pairs import load_pairs, write_parquet
 
     from tests.test_dpo import pick_a_pic_rows
@@ -280,9 +280,9 @@ def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tm
     assert first["pairs"] == 18
     for later in ("part-00001.parquet", "part-00002.parquet"):  # as if stopped after the first shard
         (out / later).unlink()
-    with pytest.raises(SystemExit) as raised:  # 8 pairs in part-00000, not 12: 4 would never be labelled
-        main(["--out", str(out), "--source", str(source), "--url", url, "--resolution", "64", "--shard_size", "12"])
-    message = str(raised.value.code)
+    code, message = trainer_main(capsys, "--out", str(out), "--source", str(source), "--url", url, "--resolution", "64",
+                                 "--shard_size", "12", module="trainer.label")  # 8 pairs in part-00000, not 12
+    assert code == 2
     assert "shard_size: 8 when its shards were written, 12 now" in message and "--relabel" in message, message
     assert "s3cretPW" not in message
     assert sorted(p.name for p in out.glob("*.parquet")) == ["part-00000.parquet"]  # nothing touched
@@ -295,3 +295,18 @@ def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tm
     assert resumed == again  # the same settings (the batch size shapes nothing) resume, skipping every shard
     written = "".join(p.read_text() for p in out.glob("*.json"))
     assert "s3cretPW" not in written and "user:**********@127.0.0.1" in written
+
+
+def test_label_checks_its_source_before_the_scorer_loads(tmp_path, capsys):
+    from trainer.pairs import write_parquet
+
+    good = jpeg_of("a red circle", 0)
+    write_parquet([{"caption": "a red circle", "jpg_0": good, "jpg_1": good, "label_0": 0.5},
+                   {"caption": "a red circle", "jpg_0": good, "jpg_1": b"garbage", "label_0": 0.5}],
+                  tmp_path / "source" / "a.parquet")
+    code, err = trainer_main(capsys, "--out", str(tmp_path / "out"), "--source", str(tmp_path / "source"), "--scorer",
+                             "shapes", module="trainer.label")
+    assert code == 2 and "Traceback" not in err
+    assert (f"--source: {tmp_path / 'source' / 'a.parquet'} row 1: jpg_1: the image bytes do not decode (cannot "
+            "identify image file)") in err
+    assert not (tmp_path / "out").exists()

@@ -234,21 +234,22 @@ def _parquet(folder: Path, files: list[Path], check: RowCheck) -> Source:
 
 
 def pairs_source(source: str, *, split: str = "train", cache_dir: Path | None = None, allow_outside: bool = False,
-                 flag: str = "--dpo.allow_outside_paths", field: str = "dpo.dataset") -> Source:
-    """The rows of a preference dataset (parquet folder, pairs.jsonl folder or hub id); RowError if it has none."""
+                 flag: str = "--dpo.allow_outside_paths", field: str = "dpo.dataset", labels: bool = True) -> Source:
+    """The rows of a preference dataset (parquet folder, pairs.jsonl folder or hub id); RowError if it has none.
+    ``labels``: False for pairs about to be relabelled (trainer.label), whose label_0 is not read."""
     folder = Path(source)
     if folder.is_dir():
         parquet = sorted(folder.rglob("*.parquet"))
         if parquet:
-            return _parquet(folder, parquet, RowCheck(("jpg_0", "jpg_1"), "caption", True, folder, allow_outside, flag, field))
+            return _parquet(folder, parquet, RowCheck(("jpg_0", "jpg_1"), "caption", labels, folder, allow_outside, flag, field))
         if (folder / "pairs.jsonl").is_file():
             names = {ours: user for user, ours in JSONL_IMAGES.items()}
-            return _jsonl(folder / "pairs.jsonl", RowCheck(("jpg_0", "jpg_1"), "caption", True, folder, allow_outside,
+            return _jsonl(folder / "pairs.jsonl", RowCheck(("jpg_0", "jpg_1"), "caption", labels, folder, allow_outside,
                                                            flag, field, names))
         raise RowError(f"{folder} holds neither *.parquet files nor pairs.jsonl")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not a hub id
         raise RowError(f"{source}: no such folder")
-    check = RowCheck(("jpg_0", "jpg_1"), "caption", True, None, allow_outside, flag, field, files=[(source, 1 << 62)])
+    check = RowCheck(("jpg_0", "jpg_1"), "caption", labels, None, allow_outside, flag, field, files=[(source, 1 << 62)])
 
     def rows():
         import datasets
@@ -258,7 +259,7 @@ def pairs_source(source: str, *, split: str = "train", cache_dir: Path | None = 
         except Exception as exc:  # the hub, the network, the cache: the datasets library's many errors
             yield source, None, f"cannot be loaded ({type(exc).__name__}: {exc})"
             return
-        missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
+        missing = [c for c in PAIR_COLUMNS[: 4 if labels else 3] if c not in ds.column_names]
         if missing:
             yield source, None, f"has no column(s) {', '.join(missing)} (it has {', '.join(ds.column_names)})"
             return
@@ -317,7 +318,7 @@ def problems(source: Source, limit: int) -> list[str]:
         found += [f"{where}: {p}" for p in row_problems]
         preferred += not row_problems and source.check.labelled and row["label_0"] != 0.5
     if not found and rows == 0:
-        found.append(f"{source.name} has no {'pairs' if source.check.labelled else 'images'}")
+        found.append(f"{source.name} has no {'pairs' if len(source.check.images) == 2 else 'images'}")
     elif not found and complete and source.check.labelled and not preferred:
         found.append(f"{source.name} has no pair with a preference (every label_0 is 0.5)")
     if len(found) > SHOWN:

@@ -64,6 +64,9 @@ class LabelSettings(BaseSettings):
     margin: float = Field(0.0, ge=0, description="scores closer than this are a tie, dropped")
     shard_size: int = Field(256, gt=0)
     cache_dir: Path | None = None
+    check_rows: int = Field(10_000, ge=0, description="(a) source pairs whose images are opened and decoded before "
+                            "the scorer loads; later ones as they are read (as the trainer's dpo.check_rows)")
+    allow_outside_paths: bool = Field(False, description="(a) let the source's image paths point outside its folder")
     relabel: bool = Field(False, description="discard the shards already in --out (written under other settings) "
                           "and label every pair again")
 
@@ -84,6 +87,8 @@ def label(s: LabelSettings) -> dict:
         raise ValueError("give exactly one of --source (relabel pairs) and --model (sample pairs)")
     if s.source and s.images_per_prompt != 2:
         raise ValueError("--images_per_prompt samples images with --model; --source pairs have two")
+    if s.source:
+        _check_source(s)
     _resumable(s)  # before the scorer loads
     rewards = Rewards(RewardConfig(scorer=s.scorer, url=s.url, options=s.options))
     counts = {"pairs": 0, "kept": 0, "ties": 0}
@@ -107,6 +112,16 @@ def label(s: LabelSettings) -> dict:
         rewards.close()
     (s.out / "label.json").write_text(json.dumps({**s.model_dump(mode="json"), **counts}, indent=2))
     return counts
+
+
+def _check_source(s: LabelSettings) -> None:
+    """The source's pairs checked as the trainer checks its data (trainer/datacheck.py), labels aside."""
+    from trainer.datacheck import pairs_problems
+
+    found = pairs_problems(s.source, labels=False, allow_outside=s.allow_outside_paths, limit=s.check_rows,
+                           cache_dir=s.cache_dir, flag="--allow_outside_paths", field="--source")
+    if found:
+        raise ValueError("--source: " + "\n  ".join(found))
 
 
 def _resumable(s: LabelSettings) -> None:
@@ -167,8 +182,11 @@ def _relabelled(s: LabelSettings):
     """(number of pairs, shard index -> rows): the source's pairs, their images decoded for scoring."""
     import datasets
 
-    from trainer.pairs import image_bytes, preprocess
+    from trainer.datacheck import RowError, image_data, pairs_source
+    from trainer.pairs import preprocess_image
 
+    check = pairs_source(s.source, labels=False, allow_outside=s.allow_outside_paths, cache_dir=s.cache_dir,
+                         flag="--allow_outside_paths", field="--source").check
     folder = Path(s.source)
     root = folder if folder.is_dir() else None
     if root is not None:
@@ -180,12 +198,17 @@ def _relabelled(s: LabelSettings):
 
     def shard(index: int) -> list[dict]:
         rows = []
-        for row in ds.select(range(index * s.shard_size, min(len(ds), (index + 1) * s.shard_size))):
+        first = index * s.shard_size
+        for number, row in enumerate(ds.select(range(first, min(len(ds), first + s.shard_size))), first):
             row = {k: v for k, v in row.items() if k not in ("label_0", "score_0", "score_1", "group_scores")}
             row["images"] = []
-            for k in (0, 1):
-                row[f"jpg_{k}"] = image_bytes(row[f"jpg_{k}"], root)
-                pixels, _ = preprocess(row[f"jpg_{k}"], s.resolution, rng, random_crop=False, hflip=False)
+            for k in (0, 1):  # past --check_rows a bad row stops the labelling here, named as up front
+                try:
+                    row[f"jpg_{k}"] = image_data(row[f"jpg_{k}"], root, s.allow_outside_paths, check.flag)
+                    pixels, _ = preprocess_image(check.image(row, f"jpg_{k}"), s.resolution, rng, random_crop=False,
+                                                 hflip=False)
+                except RowError as exc:
+                    raise ValueError(f"--source: {check.where(number)}: {exc}") from None
                 row["images"].append((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
             rows.append(row)
         return rows
@@ -250,10 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = CliApp.run(LabelSettings, cli_args=sys.argv[1:] if argv is None else argv)
         print(json.dumps(label(settings)))
+        return
     except ValidationError as exc:
-        raise SystemExit(f"python -m trainer.label: {cli_message(exc)}") from None
-    except ValueError as exc:
-        raise SystemExit(f"python -m trainer.label: {exc}") from None
+        message = cli_message(exc)
+    except ValueError as exc:  # the user's settings or data, as the trainer says them: exit 2, no traceback
+        message = str(exc)
+    print(f"python -m trainer.label: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":
