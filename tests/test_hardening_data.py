@@ -221,6 +221,16 @@ def test_a_prompt_file_without_prompts_fails_in_the_config_naming_the_flag(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("module", ["trainer.evaluate", "trainer.label"])
+def test_the_other_commands_check_their_prompt_files_too(tmp_path, capsys, module):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xfe\x00a")
+    args = ["--prompts", str(prompts)] + (["--out", str(tmp_path / "out"), "--model", "tiny"] if module == "trainer.label" else [])
+    code, err = trainer_main(capsys, *args, module=module)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"--prompts: {prompts} is not UTF-8 text (invalid start byte at byte 0)" in err
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("c.json", b"{bad", "is not valid JSON (line 1 column 2: Expecting property name enclosed in double quotes)"),
     ("c.json", b"[1, 2]", "must hold a map of settings, not a list"),

@@ -143,13 +143,9 @@ class PromptConfig(_Group):
 
 
 def _prompt_file(path: Path | None) -> Path | None:
-    """A prompt file read now, so that an empty or binary one fails before any model loads."""
-    from trainer.prompts import file_problem
+    from trainer.prompts import checked_file
 
-    problem = None if path is None else file_problem(path)
-    if problem:
-        raise ValueError(problem)
-    return path
+    return checked_file(path)
 
 
 class RewardSource(_Group):

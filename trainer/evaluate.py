@@ -15,13 +15,14 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from trainer import tracking
+from trainer.prompts import checked_file
 
 
 def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], rewards, *, num_steps: int,
@@ -163,7 +164,7 @@ class EvalSettings(BaseSettings):
     cache_dir: Path | None = None
     lora: Path | None = Field(None, description="a folder with pytorch_lora_weights.safetensors (a run's lora/)")
     denoiser: Path | None = Field(None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)")
-    prompts: Path | None = Field(None, description="one prompt per line; default: --count draws of --prompt_fn")
+    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(None, description="one prompt per line; default: --count draws of --prompt_fn")
     prompt_fn: str = Field("simple_animals", description="the trainer's prompt.fn names")
     count: int = Field(16, gt=0)
     per_prompt: int = Field(1, gt=0, description="images per prompt, each from its own seed")

@@ -27,12 +27,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from pydantic import Field, ValidationError, field_serializer
+from pydantic import AfterValidator, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from protocol.errors import redact_url
+from trainer.prompts import checked_file  # numpy only: light to import
 
 SETTINGS_FILE = "label-settings.json"
 # What the shards' contents depend on; the output folder, the server's address, batching and caches do not.
@@ -49,7 +51,7 @@ class LabelSettings(BaseSettings):
     source: str | None = Field(None, description="(a) pairs to relabel: a folder or hub id, as --dpo.dataset")
     model: str | None = Field(None, description="(b) sample pairs from this model (as --pretrained.model)")
     prompt_fn: str = Field("shapes", description="(b) the trainer's prompt.fn names")
-    prompts: Path | None = Field(None, description="(b) one prompt per line, in place of --prompt_fn")
+    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(None, description="(b) one prompt per line, in place of --prompt_fn")
     pairs: int = Field(256, gt=0, description="(b) pairs to sample: prompts, each drawn with images_per_prompt images")
     images_per_prompt: int = Field(2, ge=2, description="(b) images sampled per prompt; its best- and worst-scored "
                                    "make the pair")

@@ -47,6 +47,14 @@ def file_problem(path: Path) -> str | None:
     return None if any(line.strip() for line in text.splitlines()) else f"{path} has no prompts"
 
 
+def checked_file(path: Path | None) -> Path | None:
+    """A settings validator: a prompt file read now, so that an empty or binary one fails before any model loads."""
+    problem = None if path is None else file_problem(path)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
 def imagenet(first: int = 0, last: int = 999) -> PromptFn:
     names = [line.split(",")[0].strip() for line in lines(ASSETS / "imagenet_classes.txt")[first : last + 1]]
     return lambda rng: (names[rng.integers(len(names))], {})
