@@ -168,6 +168,26 @@ def test_rows_past_the_up_front_check_stop_the_run_before_they_are_trained_on(tm
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists() and not (out / "lora").exists()
 
 
+def test_a_bad_row_read_mid_run_is_named_by_its_own_file_and_row(tmp_path):
+    """Ties are dropped before training, so a row's place in the dataset is not its place in its file."""
+    from trainer.datacheck import pairs_source
+    from trainer.pairs import Pairs, PairsError, collate, load_pairs, next_batch, write_parquet
+
+    good = jpeg_of("a red circle", 0)
+    row = {"caption": "a red circle", "jpg_0": good, "jpg_1": good}
+    write_parquet([{**row, "label_0": 1.0}, {**row, "label_0": 0.5}], tmp_path / "a" / "x.parquet")
+    write_parquet([{**row, "label_0": 0.0}, {**row, "jpg_1": b"garbage", "label_0": 1.0}], tmp_path / "a-b" / "x.parquet")
+    ds = load_pairs(str(tmp_path))
+    data = Pairs(ds, 32, seed=0, root=tmp_path, check=pairs_source(str(tmp_path)).check)
+    items = [data[(0, i)] for i in range(len(ds))]
+    expected = (f"dpo.dataset: {tmp_path / 'a-b' / 'x.parquet'} row 1: jpg_1: the image bytes do not decode (cannot "
+                "identify image file)")
+    assert [it.get("problem") for it in items] == [None, expected, None]  # files in string order: "a-b/" before "a/"
+    with pytest.raises(PairsError, match="^" + expected.replace("(", r"\(").replace(")", r"\)") + "$"):
+        next_batch(iter([collate(items)]))
+    assert next_batch(iter([collate(items[::2])]))["pixels"].shape == (2, 2, 3, 32, 32)
+
+
 def test_a_large_dataset_is_checked_up_to_check_rows_before_the_run(tmp_path):
     from trainer.datacheck import pairs_problems
 

@@ -239,7 +239,7 @@ def pairs_source(source: str, *, split: str = "train", cache_dir: Path | None = 
     ``labels``: False for pairs about to be relabelled (trainer.label), whose label_0 is not read."""
     folder = Path(source)
     if folder.is_dir():
-        parquet = sorted(folder.rglob("*.parquet"))
+        parquet = sorted(folder.rglob("*.parquet"), key=str)  # the order load_pairs reads them in
         if parquet:
             return _parquet(folder, parquet, RowCheck(("jpg_0", "jpg_1"), "caption", labels, folder, allow_outside, flag, field))
         if (folder / "pairs.jsonl").is_file():
@@ -277,7 +277,7 @@ def images_source(source: str, *, cache_dir: Path | None = None, allow_outside: 
         first = next((row for _, row, _ in jsonl_rows(meta) if row is not None), {})
         return _jsonl(meta, RowCheck(("jpg_0",), "caption", False, folder, allow_outside, flag, field,
                                      image_columns(source, list(first))))
-    parquet = sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
+    parquet = sorted(folder.rglob("*.parquet"), key=str) if folder.is_dir() else []
     if not parquet:  # a pairs.jsonl folder or a hub id: its winners
         return pairs_source(source, cache_dir=cache_dir, allow_outside=allow_outside, flag=flag, field=field)
     import pyarrow.parquet as pq
