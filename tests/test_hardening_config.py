@@ -105,6 +105,12 @@ def test_a_bad_url_with_a_password_is_refused_without_printing_it(url):
     from protocol.errors import cli_message
 
     assert "reward server URL" in cli_message(raised.value) and "s3cretPW" not in cli_message(raised.value)
+    assert "s3cretPW" not in str(raised.value)  # what --debug's traceback and a Python caller see
+    from trainer.config import RewardConfig
+
+    with pytest.raises(ValidationError) as raised:  # as trainer.label and trainer.evaluate build it
+        RewardConfig(url=[url])
+    assert "s3cretPW" not in str(raised.value)
 
 
 def test_print_config_and_preflight_messages_mask_the_password(tmp_path):

@@ -278,7 +278,8 @@ class Config(BaseSettings):
     """Finetuning of a text-to-image diffusion model with rewards (DDPO) or preferences (Diffusion-DPO)."""
 
     model_config = SettingsConfigDict(
-        extra="forbid", cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
+        extra="forbid", hide_input_in_errors=True,  # as every group's (trainer/config_group.py)
+        cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
         env_prefix="DIFFUSION_RL_", env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
     )
 
