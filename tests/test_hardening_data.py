@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from reward_servers import world
@@ -21,7 +21,7 @@ def jpeg_of(caption: str, seed: int) -> bytes:
     return jpeg(world.render(caption, seed, 64))
 
 
-def jsonl_folder(folder, lines: list) -> "Path":
+def jsonl_folder(folder: Path, lines: list) -> Path:
     """A pairs.jsonl folder: each entry a dict (written as JSON) or a str (written as is); good.jpg and
     other.jpg are real images beside it."""
     folder.mkdir(parents=True, exist_ok=True)

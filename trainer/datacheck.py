@@ -38,7 +38,9 @@ def _label(value: Any) -> Any:
 def _image_ref(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, str)) or (isinstance(value, dict) and (value.get("bytes") or value.get("path"))):
         return value
-    raise ValueError(f"an {type(value).__name__} ({value!r:.40}), expected image bytes, a path or a {{bytes, path}} struct")
+    kind = type(value).__name__
+    raise ValueError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({value!r:.40}), expected image bytes, a path or a "
+                     "{bytes, path} struct")
 
 
 Label = Annotated[Any, BeforeValidator(_label)]

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from trainer.datacheck import JSONL_IMAGES, PAIR_COLUMNS, SOURCE_ROW, RowCheck, RowError, image_columns, image_data, jsonl_rows
+from trainer.datacheck import JSONL_IMAGES, PAIR_COLUMNS, SOURCE_ROW, RowCheck, RowError, image_columns, jsonl_rows
 
 
 class PairsError(ValueError):
@@ -125,12 +125,6 @@ def load_images(source: str, cache_dir: Path | None = None, field: str = "refl.p
         ds = ds.cast_column(image, datasets.Image(decode=False))
     ds = ds.select_columns([image, text, SOURCE_ROW]).rename_columns({image: "jpg_0", text: "caption"})
     return ds.add_column("label_0", [1.0] * len(ds))
-
-
-def image_bytes(value: Any, root: Path | None) -> bytes:
-    """JPEG/PNG bytes of a parquet cell (bytes, or datasets' {"bytes", "path"} image struct) or a file path
-    (``trainer.label``'s sources: paths anywhere, as before)."""
-    return image_data(value, root, allow_outside=True, flag="")
 
 
 def preprocess(data: bytes, resolution: int, rng: np.random.Generator, random_crop: bool, hflip: bool):
