@@ -8,6 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
+MASK = "*" * 10  # written in place of a secret (a URL's password; older config.json files: the token)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo masked (``http://user:**********@host``): what any message,
+    log or written config shows; requests still go to the real URL. Works on URLs that do not parse too,
+    since the messages that reject those quote them."""
+    scheme, sep, rest = url.partition("://")
+    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
+    userinfo, at, host = rest[:end].rpartition("@")  # the host follows the last @ of the authority
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:{MASK}@{host}{rest[end:]}"
+
 
 class ProtocolError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None):
@@ -40,7 +54,7 @@ class RewardServerError(RuntimeError):
         self, url: str, status: int, code: str, message: str, field: str | None = None, retry_after: float | None = None
     ):
         where = f" (field {field})" if field else ""
-        super().__init__(f"reward server {url} answered {status} {code}: {message}{where}")
+        super().__init__(f"reward server {redact_url(url)} answered {status} {code}: {message}{where}")
         self.url, self.status, self.code, self.message, self.field = url, status, code, message, field
         self.retry_after = retry_after  # seconds the server asked us to wait (429/503)
 

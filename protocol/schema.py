@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 from protocol.zero_copy import MAX_ELEMENTS
 
@@ -45,6 +45,15 @@ def _binary(value: Any) -> bytes | memoryview:
 Payload = Annotated[Any, PlainValidator(_binary), WithJsonSchema({"type": "string", "format": "binary"})]
 
 
+def _integer(value: Any) -> Any:
+    if type(value) is not int:  # bool is an int subclass, and lax validation takes 3.0 and "3"
+        raise ValueError(f"must be an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
+Version = Annotated[Literal[1], BeforeValidator(_integer)]
+
+
 def _limits(info: ValidationInfo) -> Limits:
     return (info.context or {}).get("limits", Limits())
 
@@ -54,9 +63,10 @@ class _Wire(BaseModel):
 
 
 class Image(_Wire):
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
-    channels: Literal[3] = 3
+    # strict: an int on the wire, not "8", 8.0 or True (which lax validation made height 1)
+    height: int = Field(gt=0, strict=True)
+    width: int = Field(gt=0, strict=True)
+    channels: Annotated[Literal[3], BeforeValidator(_integer)] = 3
     encoding: Encoding
     data: Payload
 
@@ -77,7 +87,7 @@ class Image(_Wire):
 class ScoreRequest(_Wire):
     encodings: ClassVar[tuple[str, ...]] = ("raw", "png", "jpeg")  # /v1/score scores uint8 images
 
-    version: Literal[1] = VERSION
+    version: Version = VERSION
     request_id: str = Field(max_length=200)
     images: list[Image] = Field(min_length=1)
     prompts: list[str]

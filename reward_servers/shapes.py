@@ -115,19 +115,27 @@ class ShapesVerifier(Scorer):
 
     def check(self, prompts, metadata) -> None:
         for i, (prompt, meta) in enumerate(zip(prompts, metadata)):
-            if not (meta or {}).get("claims"):
-                try:
-                    world.claims(prompt)
-                except ValueError as e:
-                    raise ValueError(f"prompts.{i}: {e}") from None
+            _claims(i, prompt, meta)
 
     def score(self, images, prompts, metadata) -> ScoreOutput:
         scores, info = [], {"correct": [], "category": [], "failed": [], "found": []}
-        for image, prompt, meta in zip(images, prompts, metadata):
-            claims = (meta or {}).get("claims") or world.claims(prompt)
+        for i, (image, prompt, meta) in enumerate(zip(images, prompts, metadata)):
+            claims = _claims(i, prompt, meta)  # in process nothing called check() first
             score, details = verify(image, claims)
             scores.append(score)
             info["category"].append(claims.get("category"))
             for key in ("correct", "failed", "found"):
                 info[key].append(details[key])
         return ScoreOutput(np.array(scores, dtype=np.float64), info)
+
+
+def _claims(i: int, prompt: str, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Image i's claims: its metadata's, checked field by field (a malformed one is the client's 422, not a
+    scorer crash), else its caption's; ValueError naming ``metadata.i.claims...`` or ``prompts.i``."""
+    given = (meta or {}).get("claims")
+    if given is not None:
+        return world.checked_claims(given, f"metadata.{i}.claims")
+    try:
+        return world.claims(prompt)
+    except ValueError as e:
+        raise ValueError(f"prompts.{i}: {e}") from None

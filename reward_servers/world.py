@@ -25,9 +25,10 @@ from __future__ import annotations
 import itertools
 import re
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 45, 45),
@@ -110,6 +111,56 @@ def claims(caption: str) -> dict[str, Any]:
         return {"category": category, "objects": objects, "relation": relation}
     raise ValueError(f"caption {caption!r} is not in the shapes world's grammar (e.g. 'a red circle', 'three "
                      f"squares', 'a circle left of a square', 'a red circle and a blue square')")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObjectClaim(_Strict):
+    shape: Literal[SHAPES]
+    color: Literal[tuple(COLORS)] | None = None
+    count: StrictInt | None = Field(None, ge=1, description="exactly this many; None: at least one")
+
+
+class RelationClaim(_Strict):
+    a: StrictInt = Field(ge=0, description="index of an object")
+    b: StrictInt = Field(ge=0)
+    rel: Literal[RELATIONS]
+
+
+class Claims(_Strict):
+    """The verifier's input, as ``claims(caption)`` builds it; what a client sends as ``metadata.claims``."""
+
+    category: str | None = None
+    objects: list[ObjectClaim] = Field(min_length=1)
+    relation: RelationClaim | None = None
+
+    @model_validator(mode="after")
+    def _related_objects_exist(self) -> "Claims":
+        if self.relation is not None:
+            for side in ("a", "b"):
+                index = getattr(self.relation, side)
+                if index >= len(self.objects):  # the field in front: ProtocolError and the CLI read it from there
+                    raise ValueError(f"relation.{side}: {index} is not one of the {len(self.objects)} objects "
+                                     f"(indices from 0)")
+            if self.relation.a == self.relation.b:
+                raise ValueError("relation.b: an object cannot be related to itself")
+        return self
+
+
+def checked_claims(value: Any, field: str = "claims") -> dict[str, Any]:
+    """``value`` as claims (plain dicts), or a ValueError "<field>.<where>: <problem>" naming the first problem."""
+    try:
+        return Claims.model_validate(value).model_dump()
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = ".".join([field, *(str(p) for p in error["loc"])])
+        message = error["msg"].removeprefix("Value error, ")
+        inner, sep, rest = message.partition(": ")
+        if sep and " " not in inner:  # a model-level check names its own field first
+            where, message = f"{where}.{inner}", rest
+        raise ValueError(f"{where}: {message}") from None
 
 
 def render(caption: str, seed: int | np.random.Generator, resolution: int = RESOLUTION) -> np.ndarray:

@@ -70,3 +70,77 @@ def test_the_token_is_never_dumped(monkeypatch):
     assert cfg.reward.token.get_secret_value() == "real-token"
     for dumped in (cfg.model_dump_json(), json.dumps(cfg.model_dump(mode="json"))):
         assert "token" not in dumped and MASK not in dumped and "real-token" not in dumped
+
+
+# -- issue 26, item 5: a password in a reward URL is never written -----------------------------------------
+SECRET_URL = "http://user:s3cretPW@127.0.0.1:8101"
+
+
+def test_a_password_in_a_reward_url_is_masked_in_every_dump_and_kept_for_requests():
+    cfg = Config(reward={"url": [SECRET_URL], "components": [{"scorer": "llava", "url": [SECRET_URL, "http://b:2"]}]})
+    assert cfg.reward.url == [SECRET_URL] and cfg.reward.components[0].url == [SECRET_URL, "http://b:2"]  # requests
+    assert cfg.reward.sources()[0].url == [SECRET_URL, "http://b:2"]
+    for dumped in (cfg.model_dump_json(), json.dumps(cfg.model_dump(mode="json")), str(cfg.model_dump())):
+        assert "s3cretPW" not in dumped
+    masked = cfg.model_dump(mode="json")["reward"]
+    assert masked["url"] == [f"http://user:{MASK}@127.0.0.1:8101"]
+    assert masked["components"][0]["url"] == [f"http://user:{MASK}@127.0.0.1:8101", "http://b:2"]
+
+
+def test_a_masked_url_given_back_is_refused_naming_the_field(tmp_path):
+    written = tmp_path / "config.json"
+    written.write_text(Config(reward={"url": [SECRET_URL]}).model_dump_json())
+    with pytest.raises(ValidationError, match="password .* masked") as raised:
+        CliApp.run(Config, cli_args=["--config", str(written)])
+    assert raised.value.errors()[0]["loc"] == ("reward", "url")
+    again = CliApp.run(Config, cli_args=["--config", str(written), "--reward.url", SECRET_URL])
+    assert again.reward.url == [SECRET_URL]
+
+
+@pytest.mark.parametrize("url", ["http://user:s3cretPW@127.0.0.1:99999", "http://user:s3cretPW@host/v1/score",
+                                 "ftp://user:s3cretPW@host"])
+def test_a_bad_url_with_a_password_is_refused_without_printing_it(url):
+    with pytest.raises(ValidationError) as raised:
+        Config(reward={"url": [url]})
+    from protocol.errors import cli_message
+
+    assert "reward server URL" in cli_message(raised.value) and "s3cretPW" not in cli_message(raised.value)
+    assert "s3cretPW" not in str(raised.value)  # what --debug's traceback and a Python caller see
+    from trainer.config import RewardConfig
+
+    with pytest.raises(ValidationError) as raised:  # as trainer.label and trainer.evaluate build it
+        RewardConfig(url=[url])
+    assert "s3cretPW" not in str(raised.value)
+
+
+def test_print_config_and_preflight_messages_mask_the_password(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    url = f"http://user:s3cretPW@127.0.0.1:{free_port()}"  # nothing listens there
+    shown = subprocess.run([sys.executable, "-m", "trainer", "--reward.url", url, "--print-config"],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and f"user:{MASK}@127.0.0.1" in shown.stdout and "s3cretPW" not in shown.stdout
+    run = subprocess.run([sys.executable, "-m", "trainer", "--preset", "tiny", "--reward.url", url, "--reward.probe_timeout",
+                          "1", "--run.output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--reward.url http://user:{MASK}@127.0.0.1" in run.stderr, run.stderr
+    assert "s3cretPW" not in run.stderr + run.stdout
+
+
+def test_reward_server_errors_and_the_reward_name_mask_the_password():
+    from protocol.errors import RewardServerError, redact_url
+    from trainer.rewards import RemoteReward
+
+    error = RewardServerError(SECRET_URL, 500, "internal", "boom")
+    assert str(error) == f"reward server http://user:{MASK}@127.0.0.1:8101 answered 500 internal: boom"
+    assert error.url == SECRET_URL  # the client retries against the real one
+    assert redact_url("https://u:p@w@h:1/x?y=a:b@c") == f"https://u:{MASK}@h:1/x?y=a:b@c"  # the last @ ends the userinfo
+    assert redact_url("http://u@h:1") == "http://u@h:1" and redact_url("not a url") == "not a url"
+    cfg = Config(reward={"url": [SECRET_URL], "probe_timeout": 1})
+    reward = RemoteReward(cfg.reward.sources()[0], cfg.reward)
+    try:
+        assert "s3cretPW" not in reward.name and f"user:{MASK}@" in reward.name
+    finally:
+        reward.close()

@@ -173,6 +173,19 @@ def test_config_json_given_back_takes_the_token_from_the_environment(tmp_path, t
     assert again.model_dump(exclude={"config"}) == cfg.model_dump(exclude={"config"})
 
 
+# -- issue 26, item 5 ---------------------------------------------------------------------------------------
+def test_a_password_in_the_reward_url_reaches_the_server_and_no_file_of_the_run(tmp_path, tiny_cache, start_server):
+    server = start_server("--model", "compression")
+    url = server.url.replace("http://", "http://user:s3cretPW@")
+    cfg = tiny_run(tmp_path, tiny_cache, 1, url=[url], scorer="compression")
+    history = train(cfg)
+    assert history[0]["reward_mean"] < 0 and server.metric("reward_requests_total", status="200") > 0  # it was used
+    written = {p: p.read_bytes() for p in cfg.run.output_dir.rglob("*") if p.is_file()}
+    assert any(p.name.startswith("events.out.tfevents") for p in written)  # the tensorboard hparams are among them
+    assert [str(p) for p, data in written.items() if b"s3cretPW" in data] == []
+    assert b"user:**********@127.0.0.1" in (cfg.run.output_dir / "config.json").read_bytes()
+
+
 # -- item 16 ------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(20)
 def test_captions_fit_images_of_any_width():

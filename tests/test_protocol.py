@@ -72,6 +72,12 @@ def _image(**overrides):
         (_request(images=[_image(encoding="gif")]), 422, "images.0.encoding"),
         (_request(images=[_image(channels=4, data=bytes(16))]), 422, "images.0.channels"),
         (_request(images=[_image(height=0)]), 422, "images.0.height"),
+        # issue 26: the protocol's integers are integers (True was height 1; "8" and 8.0 were taken as 8)
+        (_request(images=[_image(height=True, width=4, data=bytes(12))]), 422, "images.0.height"),
+        (_request(images=[_image(height="2")]), 422, "images.0.height"),
+        (_request(images=[_image(width=2.0)]), 422, "images.0.width"),
+        (_request(images=[_image(channels=3.0)]), 422, "images.0.channels"),
+        (_request(version=True), 422, "version"),
         (_request(images=[_image(height=2000, width=2000, data=b"")]), 422, "images.0.height"),
         (_request(images=[_image()] * 3, prompts=["a"] * 3, metadata=[{}] * 3), 422, "images"),
         (_request(extra=1), 422, "extra"),

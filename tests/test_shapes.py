@@ -118,3 +118,40 @@ def test_reward_server_serves_the_verifier(start_server):
     with RewardClient(server.url) as client:  # and it goes on serving
         assert list(client.submit(images[:1], captions[:1]).result(timeout=60).scores) == [1.0]
 
+
+
+BAD_CLAIMS = [  # issue 26: each was a 500 scorer_error with a traceback, or (a: -1) accepted
+    ("lol", "metadata.0.claims", "dictionary"),
+    ({"category": "x"}, "metadata.0.claims.objects", "required"),
+    ({"objects": []}, "metadata.0.claims.objects", "at least 1"),
+    ({"objects": [{"shape": "circle"}, {"shape": "square"}], "relation": {"a": 0, "b": 99, "rel": "left of"}},
+     "metadata.0.claims.relation.b", "99 is not one of the 2 objects"),
+    ({"objects": [{"shape": "circle"}, {"shape": "square"}], "relation": {"a": -1, "b": 1, "rel": "left of"}},
+     "metadata.0.claims.relation.a", "greater than or equal to 0"),
+    ({"objects": [{"shape": "hexagon"}]}, "metadata.0.claims.objects.0.shape", "'circle', 'square' or 'triangle'"),
+    ({"objects": [{"shape": "circle", "count": "two"}]}, "metadata.0.claims.objects.0.count", "integer"),
+    ({"objects": [{"shape": "circle", "count": 0}]}, "metadata.0.claims.objects.0.count", "greater than or equal to 1"),
+    ({"objects": [{"shape": "circle", "colour": "red"}]}, "metadata.0.claims.objects.0.colour", "not permitted"),
+]
+
+
+def test_malformed_claims_are_a_422_naming_the_field_and_the_server_keeps_serving(start_server):
+    server = start_server("--model", "shapes")
+    image = world.render("a red circle", 0)[None]
+    for claims, field, message in BAD_CLAIMS:
+        bad = httpx.post(f"{server.url}/v1/score", content=build_request(image, ["a red circle"], [{"claims": claims}]),
+                         headers={"content-type": MEDIA_TYPE}, timeout=30)
+        error = unpack(bad.content)["error"]
+        assert (bad.status_code, error["code"], error["field"]) == (422, "invalid_request", field), (claims, error)
+        assert message in error["message"] and "Traceback" not in error["message"], (claims, error)
+    assert "Traceback" not in server.log.read_text()  # refused, not crashed
+    with RewardClient(server.url) as client:  # well-formed claims still score, and the server goes on serving
+        out = client.submit(image, ["anything"], [{"claims": world.claims("a red circle")}]).result(timeout=60)
+    assert list(out.scores) == [1.0]
+
+
+def test_in_process_scoring_checks_the_claims_the_same_way():
+    image = world.render("a red circle", 0)[None]
+    for claims, field, message in BAD_CLAIMS:
+        with pytest.raises(ValueError, match=f"^{field}: .*{message}"):
+            ShapesVerifier().score(image, ["a red circle"], [{"claims": claims}])

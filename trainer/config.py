@@ -10,16 +10,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.errors import MASK, redact_url
 
 from trainer.config_algorithms import DPOConfig, NFTConfig, ReFLConfig
 from trainer.config_group import _Group
 from trainer.config_run import PretrainedConfig, RunConfig
 from trainer.trained_steps import check_trained_steps_have_noise
-
-
-MASK = "*" * 10  # how pydantic prints a SecretStr (older config.json files hold it)
 
 
 class SampleConfig(_Group):
@@ -126,9 +125,7 @@ class PromptConfig(_Group):
     @field_validator("eval_path")
     @classmethod
     def _eval_path(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"no such file {path}")
-        return path
+        return _prompt_file(path)
 
     @field_validator("fn")
     @classmethod
@@ -149,7 +146,13 @@ class PromptConfig(_Group):
     def _path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if info.data.get("fn") == "from_file" and (path is None or not path.is_file()):
             raise ValueError(f"from_file needs an existing file, got {path}")
-        return path
+        return _prompt_file(path)
+
+
+def _prompt_file(path: Path | None) -> Path | None:
+    from trainer.prompts import checked_file
+
+    return checked_file(path)
 
 
 class RewardSource(_Group):
@@ -166,6 +169,12 @@ class RewardSource(_Group):
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
         return [_server_url(url) for url in urls]
+
+    @field_serializer("url")
+    def _masked(self, urls: list[str]) -> list[str]:
+        # Every dump (config.json, tracker hparams, --print-config) shows a password masked, as the token is
+        # kept out of them; requests use the attribute, which keeps the real URL.
+        return [redact_url(url) for url in urls]
 
     @field_validator("scorer")
     @classmethod
@@ -197,11 +206,12 @@ def _server_url(url: str) -> str:
     from urllib.parse import urlsplit
 
     expected = "expected http(s)://host[:port] with no path, query or fragment"
+    shown = redact_url(url)  # these messages are printed: never the password
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number in range
     except ValueError as exc:
-        raise ValueError(f"{url!r} is not a reward server URL ({exc}); {expected}") from None
+        raise ValueError(f"{shown!r} is not a reward server URL ({exc}); {expected}") from None
     problem = (
         "the scheme must be http or https" if parts.scheme not in ("http", "https")
         else "no host" if not parts.hostname
@@ -212,7 +222,10 @@ def _server_url(url: str) -> str:
         else None
     )
     if problem:
-        raise ValueError(f"{url!r} is not a reward server URL ({problem}); {expected}")
+        raise ValueError(f"{shown!r} is not a reward server URL ({problem}); {expected}")
+    if parts.password == MASK:  # a config.json given back: the mask would be sent as the password
+        raise ValueError(f"the password of {shown!r} is masked, as config.json and --print-config write it; give "
+                         "the URL with its password again (e.g. --reward.url on the command line)")
     return url.rstrip("/")
 
 
@@ -272,7 +285,8 @@ class Config(BaseSettings):
     """Finetuning of a text-to-image diffusion model with rewards (DDPO) or preferences (Diffusion-DPO)."""
 
     model_config = SettingsConfigDict(
-        extra="forbid", cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
+        extra="forbid", hide_input_in_errors=True,  # as every group's (trainer/config_group.py)
+        cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
         env_prefix="DIFFUSION_RL_", env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
     )
 
@@ -362,12 +376,28 @@ class Config(BaseSettings):
 
 
 def _read_settings_file(path: Path) -> dict[str, Any]:
+    """The settings of ``--config``; ValueError "config: <file> ..." saying why it cannot be read."""
     if not path.is_file():
         raise ValueError(f"config: no such file {path}")
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"config: {path} must be .json or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"config: {path} cannot be read ({exc.strerror or exc})") from None
     if path.suffix == ".toml":
         import tomllib
 
-        return tomllib.loads(path.read_text())
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    raise ValueError(f"config: {path} must be .json or .toml")
+        try:
+            return tomllib.loads(text)  # a TOML document is always a table
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config: {path} is not valid TOML ({exc})") from None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config: {path} must hold a map of settings, not a {type(settings).__name__}")
+    return settings

@@ -20,6 +20,11 @@ class DPOConfig(_Group):
                                 "(caption, jpg_0, jpg_1, label_0), a folder with pairs.jsonl, or a hub dataset id")
     split: str = "train"
     cache_dir: Path | None = Field(None, description="where the datasets library caches a hub dataset")
+    check_rows: int = Field(10_000, ge=0, description="pairs checked in full before any model loads (their images "
+                            "opened and decoded; a pairs.jsonl's lines are all parsed); later ones as they are read, "
+                            "the first bad one stopping the run before it is trained on")
+    allow_outside_paths: bool = Field(False, description="let image paths point outside the dataset folder "
+                                      "(absolute, or ../); refused by default")
     beta: float = Field(5000.0, gt=0, description="the KL weight beta (5000 for SD1.5 and SDXL)")
     sft: bool = Field(False, description="supervised finetuning instead: the denoising MSE on the winners only")
     reference: Literal["base", "ema"] = Field("base", description="base: the model before training (LoRA: the "
@@ -78,6 +83,8 @@ class ReFLConfig(_Group):
                                       "the data): a folder with metadata.jsonl (file_name, text), a folder of "
                                       "parquet files with image and caption columns, or a preference dataset "
                                       "(its winners)")
+    pretrain_check_rows: int = Field(10_000, ge=0, description="as dpo.check_rows, for refl.pretrain_data")
+    pretrain_allow_outside_paths: bool = Field(False, description="as dpo.allow_outside_paths, for refl.pretrain_data")
     pretrain_every: int = Field(1, gt=0, description="a pre-training optimizer step after every this many reward steps")
     pretrain_weight: float = Field(1.0, ge=0, description="the pre-training loss is multiplied by this")
 

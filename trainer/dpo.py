@@ -28,7 +28,8 @@ from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate, evaluate_run
 from trainer.loss import diffusion_dpo_loss
-from trainer.pairs import PairBatches, Pairs, load_pairs, loader
+from trainer.datacheck import RowError, pairs_source
+from trainer.pairs import PairBatches, Pairs, PairsError, load_pairs, loader, next_batch
 from trainer.rewards import Pending, RewardFn, best_and_worst, pair_scores
 from trainer.sampling import _each
 
@@ -63,7 +64,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
         root = Path(d.dataset) if Path(d.dataset).is_dir() else None
         dataset = Pairs(pairs, resolution, seed=cfg.run.seed, random_crop=d.random_crop, hflip=d.hflip,
                         proportion_empty_prompts=d.proportion_empty_prompts, root=root,
-                        winners_only=d.sft and not d.relabel)
+                        winners_only=d.sft and not d.relabel, check=_row_check(cfg))
         batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
                               accelerator.process_index, cfg.run.seed, skip=step * accumulation)
         data = iter(loader(dataset, batches, d.dataloader_num_workers))
@@ -78,7 +79,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
         stats, waited, start = defaultdict(list), 0.0, time.perf_counter()
         for _ in range(accumulation):
             t = time.perf_counter()
-            batch = next(data)
+            batch = next_batch(data)  # a bad row past dpo.check_rows stops the run here, before it is trained on
             waited += time.perf_counter() - t
             weights = _relabel(run, batch) if d.relabel else batch.get("weights")
             with accelerator.accumulate(model):
@@ -144,6 +145,15 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
                 captions = [drawn[i][0] for i in part]
                 yield {"pixels": pixels[part], "captions": captions, "prompts": captions, "weights": weights[part],
                        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size)}
+
+
+def _row_check(cfg: Config):
+    """How each pair is checked as it is read (the rows past dpo.check_rows were not checked up front)."""
+    d = cfg.dpo
+    try:
+        return pairs_source(d.dataset, split=d.split, cache_dir=d.cache_dir, allow_outside=d.allow_outside_paths).check
+    except RowError as exc:
+        raise PairsError(f"dpo.dataset: {exc}") from None
 
 
 def _reference(policy, lora: bool, ema=None):

@@ -15,13 +15,14 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from trainer import tracking
+from trainer.prompts import checked_file
 
 
 def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], rewards, *, num_steps: int,
@@ -163,7 +164,7 @@ class EvalSettings(BaseSettings):
     cache_dir: Path | None = None
     lora: Path | None = Field(None, description="a folder with pytorch_lora_weights.safetensors (a run's lora/)")
     denoiser: Path | None = Field(None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)")
-    prompts: Path | None = Field(None, description="one prompt per line; default: --count draws of --prompt_fn")
+    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(None, description="one prompt per line; default: --count draws of --prompt_fn")
     prompt_fn: str = Field("simple_animals", description="the trainer's prompt.fn names")
     count: int = Field(16, gt=0)
     per_prompt: int = Field(1, gt=0, description="images per prompt, each from its own seed")
@@ -178,10 +179,63 @@ class EvalSettings(BaseSettings):
     reward_options: dict[str, str | int | float] = {}
     out: Path = Field(Path("eval"), description="folder for eval.json and eval.png")
 
-    def cli_cmd(self) -> None:
+    @field_validator("lora")
+    @classmethod
+    def _lora(cls, folder: Path | None) -> Path | None:
+        return _weights_folder(folder, "pytorch_lora_weights.safetensors", "a run's lora/ folder")
+
+    @field_validator("denoiser")
+    @classmethod
+    def _denoiser(cls, folder: Path | None) -> Path | None:
+        return _weights_folder(folder, "config.json", "a run's unet/ or transformer/ folder")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "EvalSettings":
         if self.lora is not None and self.denoiser is not None:
-            raise SystemExit("python -m trainer.evaluate: give at most one of --lora or --denoiser")
+            raise ValueError("give at most one of --lora or --denoiser")
+        return self
+
+    def cli_cmd(self) -> None:
         print(json.dumps(run_evaluation(self), indent=2))
+
+
+def _weights_folder(folder: Path | None, marker: str, what: str) -> Path | None:
+    """A weights folder checked before any model loads: it exists, holds ``marker``, and each safetensors
+    file in it has a readable header whose tensors fit the file (a copy cut short fails here)."""
+    if folder is None:
+        return None
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    if not (folder / marker).is_file():
+        raise ValueError(f"{folder} holds no {marker} ({what})")
+    if marker == "config.json" and not any(folder.glob("diffusion_pytorch_model*")):
+        raise ValueError(f"{folder} holds no diffusion_pytorch_model weights ({what})")
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise ValueError(f"{weights} is not a readable safetensors file ({problem})")
+    return folder
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (an 8-byte header length, a JSON header, the tensors'
+    data within the file), or None; reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            return f"its header claims {length} bytes of a {size}-byte file"
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            return f"the header is not JSON: {exc}"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and len(t.get("data_offsets", ())) == 2] if isinstance(header, dict) else None
+    if ends is None:
+        return "the header is not a map of tensors"
+    if max(ends, default=0) > size - 8 - length:
+        return f"cut short: its tensors need {max(ends) + 8 + length} bytes, the file has {size}"
+    return None
 
 
 def run_evaluation(s: EvalSettings) -> dict:
@@ -228,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         CliApp.run(EvalSettings, cli_args=sys.argv[1:] if argv is None else argv)
-    except ValidationError as exc:
-        raise SystemExit(f"python -m trainer.evaluate: {cli_message(exc)}") from None
+    except ValidationError as exc:  # a setting or file of the user's: said before any model loads, as the trainer does
+        print(f"python -m trainer.evaluate: {cli_message(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

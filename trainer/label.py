@@ -16,7 +16,10 @@ The choice model is a scorer in process (``--scorer``, ``--options``) or one or 
 (``--url``), exactly as the trainer's ``reward.*``; batches go out while the next are prepared, so a server
 batches them across requests. A pair whose scores differ by no more than ``--margin`` is a tie and dropped.
 Output goes in shards of ``--shard_size`` pairs, each written whole (to a temporary name, then renamed): an
-interrupted run started again with the same arguments skips the shards already written.
+interrupted run started again with the same arguments skips the shards already written. The settings that
+shape the shards are recorded first (``label-settings.json``); started again under others, it refuses, naming
+them (a shard of another size would be skipped as if it held this run's pairs), unless ``--relabel``
+discards the shards and labels again.
 """
 
 from __future__ import annotations
@@ -24,10 +27,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+from protocol.errors import redact_url
+from trainer.prompts import checked_file  # numpy only: light to import
+
+SETTINGS_FILE = "label-settings.json"
+# What the shards' contents depend on; the output folder, the server's address, batching and caches do not.
+SHAPING = ("source", "model", "prompt_fn", "prompts", "pairs", "images_per_prompt", "steps", "guidance_scale", "seed",
+           "resolution", "scorer", "options", "margin", "shard_size")
 
 
 class LabelSettings(BaseSettings):
@@ -39,7 +51,7 @@ class LabelSettings(BaseSettings):
     source: str | None = Field(None, description="(a) pairs to relabel: a folder or hub id, as --dpo.dataset")
     model: str | None = Field(None, description="(b) sample pairs from this model (as --pretrained.model)")
     prompt_fn: str = Field("shapes", description="(b) the trainer's prompt.fn names")
-    prompts: Path | None = Field(None, description="(b) one prompt per line, in place of --prompt_fn")
+    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(None, description="(b) one prompt per line, in place of --prompt_fn")
     pairs: int = Field(256, gt=0, description="(b) pairs to sample: prompts, each drawn with images_per_prompt images")
     images_per_prompt: int = Field(2, ge=2, description="(b) images sampled per prompt; its best- and worst-scored "
                                    "make the pair")
@@ -54,6 +66,15 @@ class LabelSettings(BaseSettings):
     margin: float = Field(0.0, ge=0, description="scores closer than this are a tie, dropped")
     shard_size: int = Field(256, gt=0)
     cache_dir: Path | None = None
+    check_rows: int = Field(10_000, ge=0, description="(a) source pairs whose images are opened and decoded before "
+                            "the scorer loads; later ones as they are read (as the trainer's dpo.check_rows)")
+    allow_outside_paths: bool = Field(False, description="(a) let the source's image paths point outside its folder")
+    relabel: bool = Field(False, description="discard the shards already in --out (written under other settings) "
+                          "and label every pair again")
+
+    @field_serializer("url")
+    def _masked(self, urls: list[str]) -> list[str]:
+        return [redact_url(url) for url in urls]  # label.json is written: never a password
 
 
 def label(s: LabelSettings) -> dict:
@@ -68,8 +89,10 @@ def label(s: LabelSettings) -> dict:
         raise ValueError("give exactly one of --source (relabel pairs) and --model (sample pairs)")
     if s.source and s.images_per_prompt != 2:
         raise ValueError("--images_per_prompt samples images with --model; --source pairs have two")
+    if s.source:
+        _check_source(s)
+    _resumable(s)  # before the scorer loads
     rewards = Rewards(RewardConfig(scorer=s.scorer, url=s.url, options=s.options))
-    s.out.mkdir(parents=True, exist_ok=True)
     counts = {"pairs": 0, "kept": 0, "ties": 0}
     try:
         total, shard = _relabelled(s) if s.source else _sampled(s)
@@ -91,6 +114,40 @@ def label(s: LabelSettings) -> dict:
         rewards.close()
     (s.out / "label.json").write_text(json.dumps({**s.model_dump(mode="json"), **counts}, indent=2))
     return counts
+
+
+def _check_source(s: LabelSettings) -> None:
+    """The source's pairs checked as the trainer checks its data (trainer/datacheck.py), labels aside."""
+    from trainer.datacheck import pairs_problems
+
+    found = pairs_problems(s.source, labels=False, allow_outside=s.allow_outside_paths, limit=s.check_rows,
+                           cache_dir=s.cache_dir, flag="--allow_outside_paths", field="--source")
+    if found:
+        raise ValueError("--source: " + "\n  ".join(found))
+
+
+def _resumable(s: LabelSettings) -> None:
+    """Record the settings that shape the shards, or refuse to add to shards written under others (naming
+    them); ``--relabel`` first deletes the shards there."""
+    shaping = {k: v for k, v in s.model_dump(mode="json").items() if k in SHAPING}
+    record = s.out / SETTINGS_FILE
+    shards = sorted(s.out.glob("part-*.parquet")) if s.out.is_dir() else []
+    if s.relabel:
+        for path in [*shards, *s.out.glob(".part-*.partial")]:
+            path.unlink()
+    elif shards:
+        before = json.loads(record.read_text()) if record.is_file() else None
+        if before is None:
+            raise ValueError(f"{s.out} holds {len(shards)} shard(s) but no {SETTINGS_FILE}: the settings they were "
+                             "written under are unknown; give --relabel to label every pair again, or another --out")
+        changed = [f"{k}: {before.get(k)!r} when its shards were written, {v!r} now" for k, v in shaping.items()
+                   if before.get(k) != v]
+        if changed:
+            raise ValueError(f"{s.out} holds {len(shards)} shard(s) written under other settings; resuming would "
+                             "mix them (or skip pairs):\n  " + "\n  ".join(changed) + "\ngive the same settings to "
+                             "resume, --relabel to discard the shards and label again, or another --out")
+    s.out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(shaping, indent=2))
 
 
 def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
@@ -127,8 +184,11 @@ def _relabelled(s: LabelSettings):
     """(number of pairs, shard index -> rows): the source's pairs, their images decoded for scoring."""
     import datasets
 
-    from trainer.pairs import image_bytes, preprocess
+    from trainer.datacheck import RowError, image_data, pairs_source
+    from trainer.pairs import preprocess_image
 
+    check = pairs_source(s.source, labels=False, allow_outside=s.allow_outside_paths, cache_dir=s.cache_dir,
+                         flag="--allow_outside_paths", field="--source").check
     folder = Path(s.source)
     root = folder if folder.is_dir() else None
     if root is not None:
@@ -140,12 +200,17 @@ def _relabelled(s: LabelSettings):
 
     def shard(index: int) -> list[dict]:
         rows = []
-        for row in ds.select(range(index * s.shard_size, min(len(ds), (index + 1) * s.shard_size))):
+        first = index * s.shard_size
+        for number, row in enumerate(ds.select(range(first, min(len(ds), first + s.shard_size))), first):
             row = {k: v for k, v in row.items() if k not in ("label_0", "score_0", "score_1", "group_scores")}
             row["images"] = []
-            for k in (0, 1):
-                row[f"jpg_{k}"] = image_bytes(row[f"jpg_{k}"], root)
-                pixels, _ = preprocess(row[f"jpg_{k}"], s.resolution, rng, random_crop=False, hflip=False)
+            for k in (0, 1):  # past --check_rows a bad row stops the labelling here, named as up front
+                try:
+                    row[f"jpg_{k}"] = image_data(row[f"jpg_{k}"], root, s.allow_outside_paths, check.flag)
+                    pixels, _ = preprocess_image(check.image(row, f"jpg_{k}"), s.resolution, rng, random_crop=False,
+                                                 hflip=False)
+                except RowError as exc:
+                    raise ValueError(f"--source: {check.where(number)}: {exc}") from None
                 row["images"].append((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
             rows.append(row)
         return rows
@@ -210,10 +275,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = CliApp.run(LabelSettings, cli_args=sys.argv[1:] if argv is None else argv)
         print(json.dumps(label(settings)))
+        return
     except ValidationError as exc:
-        raise SystemExit(f"python -m trainer.label: {cli_message(exc)}") from None
-    except ValueError as exc:
-        raise SystemExit(f"python -m trainer.label: {exc}") from None
+        message = cli_message(exc)
+    except ValueError as exc:  # the user's settings or data, as the trainer says them: exit 2, no traceback
+        message = str(exc)
+    print(f"python -m trainer.label: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

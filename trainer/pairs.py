@@ -8,7 +8,9 @@ Sources (``dpo.dataset``):
   images as paths relative to the folder (users' own data);
 - a dataset id on the hub (e.g. ``yuvalkirstain/pickapic_v2``, since removed there), cached in ``dpo.cache_dir``.
 
-Ties are dropped and each pair is returned winner first. Preprocessing is Diffusion-DPO's (Wallace et al.
+The run's pre-flight check reads every row first (trainer/datacheck.py: files inside the folder, decoding,
+labels 0, 0.5 or 1), up to ``dpo.check_rows``; ``Pairs`` checks each later row as it reads it, and a bad one
+stops the run (``next_batch``) before it is trained on. Ties are dropped and each pair is returned winner first. Preprocessing is Diffusion-DPO's (Wallace et al.
 2023, github.com/SalesforceAIResearch/DiffusionDPO): the shorter side resized to the resolution (bilinear),
 a centre crop (a random one with ``dpo.random_crop``), a random horizontal flip unless ``--no-dpo.hflip``,
 and a share ``dpo.proportion_empty_prompts`` of captions replaced by "" (so the model keeps its
@@ -26,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+from trainer.datacheck import JSONL_IMAGES, PAIR_COLUMNS, SOURCE_ROW, RowCheck, RowError, image_columns, jsonl_rows
 
 
 class PairsError(ValueError):
@@ -34,79 +36,109 @@ class PairsError(ValueError):
 
 
 def load_pairs(source: str, split: str = "train", cache_dir: Path | None = None, field: str = "dpo.dataset"):
-    """The dataset of ``source`` (see the module docstring) with its ties dropped; errors name ``field``."""
-    import datasets
-
+    """The dataset of ``source`` (see the module docstring) with its ties dropped, each row's place in its
+    source kept (``source_row``: trainer/datacheck.py names a bad row by it); errors name ``field``.
+    Preflight (``datacheck``) checks the rows; here only what loading needs."""
     folder = Path(source)
     if folder.is_dir():
         parquet = sorted(str(p) for p in folder.rglob("*.parquet"))
         if parquet:
-            ds = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache_dir)
+            ds = _loaded(field, source, "parquet", data_files=parquet, split="train", cache_dir=cache_dir)
         elif (folder / "pairs.jsonl").is_file():
-            ds = datasets.load_dataset("json", data_files=str(folder / "pairs.jsonl"), split="train", cache_dir=cache_dir)
-            missing = {"image_0", "image_1"} - set(ds.column_names)
-            if missing:
-                raise PairsError(f"{field}: {folder / 'pairs.jsonl'} lacks {', '.join(sorted(missing))}")
-            ds = ds.rename_columns({"image_0": "jpg_0", "image_1": "jpg_1"})
+            check = RowCheck(("image_0", "image_1"), "caption", True, folder, field=field)
+            ds = _jsonl_dataset(folder / "pairs.jsonl", check, "pairs").rename_columns(JSONL_IMAGES)
         else:
             raise PairsError(f"{field}: {folder} holds neither *.parquet files nor pairs.jsonl")
     elif source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not a hub id
         raise PairsError(f"{field}: {source}: no such folder")
     else:
-        ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+        ds = _loaded(field, source, source, split=split, cache_dir=cache_dir)
     missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
     if missing:
         raise PairsError(f"{field}: {source} has no column(s) {', '.join(missing)} (it has "
                          f"{', '.join(ds.column_names)}); expected Pick-a-Pic's caption, jpg_0, jpg_1, label_0")
+    if SOURCE_ROW not in ds.column_names:
+        ds = ds.add_column(SOURCE_ROW, range(len(ds)))
     ds = ds.filter(lambda label: label != 0.5, input_columns="label_0")  # ties: no preference to learn
     if len(ds) == 0:
         raise PairsError(f"{field}: {source} has no pair with a preference (every label_0 is 0.5)")
     return ds
 
 
+def _loaded(field: str, source: str, *args, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # a damaged file, files whose columns differ, the hub: the library's many errors
+        raise PairsError(f"{field}: {source} cannot be loaded ({type(exc).__name__}: {exc})") from None
+
+
+def _jsonl_dataset(path: Path, check: RowCheck, what: str):
+    """A JSON-lines file as a dataset of the check's columns, each row with its line number (``source_row``);
+    PairsError listing every line that is not a row of them (all are checked: that is cheap)."""
+    import datasets
+
+    columns = [*check.images, check.text, *(["label_0"] if check.labelled else [])]
+    rows, problems = [], []
+    for number, row, problem in jsonl_rows(path):
+        found = [problem] if problem else check.problems(row, images=False)
+        problems += [f"{path} line {number}: {p}" for p in found]
+        if not found:
+            rows.append({**{c: row.get(c) for c in columns}, SOURCE_ROW: number})
+    if problems or not rows:
+        raise PairsError(f"{check.field}: " + ("\n  ".join(problems) if problems else f"{path} has no {what}"))
+    return datasets.Dataset.from_list(rows)
+
+
 def load_images(source: str, cache_dir: Path | None = None, field: str = "refl.pretrain_data"):
     """Real images with captions (ReFL's pre-training step) as a dataset of one image per row, in the pairs'
-    column names (``jpg_0``, ``caption``, ``label_0`` = 1): a folder with ``metadata.jsonl`` (``file_name``
-    and ``text``, the layout of diffusers' text-to-image examples), a folder of parquet files with an image
-    column (``image``) and ``caption`` or ``text``, or any preference dataset, whose winners are taken."""
+    column names (``jpg_0``, ``caption``, ``label_0`` = 1, and ``source_row``): a folder with
+    ``metadata.jsonl`` (``file_name`` and ``text``, the layout of diffusers' text-to-image examples), a folder
+    of parquet files with an image column (``image``) and ``caption`` or ``text``, or any preference
+    dataset, whose winners are taken."""
     import datasets
 
     folder = Path(source)
     if (folder / "metadata.jsonl").is_file():
-        ds = datasets.load_dataset("json", data_files=str(folder / "metadata.jsonl"), split="train", cache_dir=cache_dir)
+        first = next((row for _, row, _ in jsonl_rows(folder / "metadata.jsonl") if row is not None), {})
+        try:
+            columns = image_columns(source, list(first))
+        except RowError as exc:
+            raise PairsError(f"{field}: {exc}") from None
+        check = RowCheck((columns["jpg_0"],), columns["caption"], False, folder, field=field)
+        ds = _jsonl_dataset(folder / "metadata.jsonl", check, "images")
     else:
         parquet = sorted(str(p) for p in folder.rglob("*.parquet")) if folder.is_dir() else []
         if not parquet:  # a pairs.jsonl folder or a hub id
             return load_pairs(source, cache_dir=cache_dir, field=field)
-        ds = datasets.load_dataset("parquet", data_files=parquet, split="train", cache_dir=cache_dir)
+        ds = _loaded(field, source, "parquet", data_files=parquet, split="train", cache_dir=cache_dir)
         if set(PAIR_COLUMNS) <= set(ds.column_names):
             return load_pairs(source, cache_dir=cache_dir, field=field)
+        ds = ds.add_column(SOURCE_ROW, range(len(ds)))
     image = next((c for c in ("image", "file_name", "jpg_0") if c in ds.column_names), None)
     text = next((c for c in ("caption", "text") if c in ds.column_names), None)
     if image is None or text is None:
         raise PairsError(f"{field}: {source} needs an image column (image or file_name) and a caption column "
-                         f"(caption or text); it has {', '.join(ds.column_names)}")
+                         f"(caption or text); it has {', '.join(c for c in ds.column_names if c != SOURCE_ROW)}")
     if isinstance(ds.features[image], datasets.Image):  # bytes, not decoded: the workers decode
         ds = ds.cast_column(image, datasets.Image(decode=False))
-    ds = ds.select_columns([image, text]).rename_columns({image: "jpg_0", text: "caption"})
+    ds = ds.select_columns([image, text, SOURCE_ROW]).rename_columns({image: "jpg_0", text: "caption"})
     return ds.add_column("label_0", [1.0] * len(ds))
-
-
-def image_bytes(value: Any, root: Path | None) -> bytes:
-    """JPEG/PNG bytes of a parquet cell (bytes, or datasets' {"bytes", "path"} image struct) or a file path."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    path = Path(value)
-    return (path if path.is_absolute() or root is None else root / path).read_bytes()
 
 
 def preprocess(data: bytes, resolution: int, rng: np.random.Generator, random_crop: bool, hflip: bool):
     """Image bytes -> (3, R, R) float in [0, 1], and the micro-conditioning (orig h, orig w, crop top, crop left)."""
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return preprocess_image(Image.open(io.BytesIO(data)), resolution, rng, random_crop, hflip)
+
+
+def preprocess_image(image, resolution: int, rng: np.random.Generator, random_crop: bool, hflip: bool):
+    """``preprocess`` of a PIL image."""
+    from PIL import Image
+
+    image = image.convert("RGB")
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -124,12 +156,15 @@ def preprocess(data: bytes, resolution: int, rng: np.random.Generator, random_cr
 
 class Pairs(torch.utils.data.Dataset):
     """Item ``(epoch, i)``: pair i preprocessed with the randomness of that data epoch; ``winners_only``:
-    its winner alone (pixels (1, 3, R, R))."""
+    its winner alone (pixels (1, 3, R, R)). A row that fails ``check`` (trainer/datacheck.py: past the rows
+    checked up front) is the item ``{"problem": message}``, which ``next_batch`` raises before training."""
 
     def __init__(self, ds, resolution: int, *, seed: int, random_crop: bool = False, hflip: bool = True,
-                 proportion_empty_prompts: float = 0.0, root: Path | None = None, winners_only: bool = False):
+                 proportion_empty_prompts: float = 0.0, root: Path | None = None, winners_only: bool = False,
+                 check: RowCheck | None = None):
         self.ds, self.resolution, self.seed, self.root, self.winners_only = ds, resolution, seed, root, winners_only
         self.random_crop, self.hflip, self.empty = random_crop, hflip, proportion_empty_prompts
+        self.check = check or RowCheck(("jpg_0", "jpg_1"), "caption", True, root)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -137,11 +172,20 @@ class Pairs(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
         row = self.ds[int(i)]
-        rng = np.random.default_rng([self.seed, epoch, int(i)])
+        try:
+            return self._item(row, epoch, int(i))
+        except RowError as exc:  # raised in the loop, not here: a DataLoader worker would wrap it in its traceback
+            where = self.check.where(row[SOURCE_ROW]) if SOURCE_ROW in row else f"row {i}"
+            return {"problem": f"{self.check.field}: {where}: {exc}"}
+
+    def _item(self, row: dict[str, Any], epoch: int, i: int) -> dict[str, Any]:
+        self.check.validated(row)
+        rng = np.random.default_rng([self.seed, epoch, i])
         order = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")  # winner first
         images, conditioning = [], None
         for column in order[:1] if self.winners_only else order:
-            pixels, where = preprocess(image_bytes(row[column], self.root), self.resolution, rng, self.random_crop, self.hflip)
+            pixels, where = preprocess_image(self.check.image(row, column), self.resolution, rng, self.random_crop,
+                                             self.hflip)
             images.append(pixels)
             conditioning = conditioning or where  # SDXL's micro-conditioning is the winner's
         caption = "" if rng.random() < self.empty else (row["caption"] or "")
@@ -173,9 +217,21 @@ class PairBatches:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    problems = [it["problem"] for it in items if "problem" in it]
+    if problems:
+        return {"problems": problems}
     return {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items],
             "prompts": [it["prompt"] for it in items],
             "time_ids": torch.stack([it["time_ids"] for it in items]), "indices": [it["index"] for it in items]}
+
+
+def next_batch(data: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The next batch; PairsError with the first bad row's message (its file and row) instead of a batch
+    holding it: nothing is trained on a row that fails the check."""
+    batch = next(data)
+    if "problems" in batch:
+        raise PairsError(batch["problems"][0])
+    return batch
 
 
 def loader(pairs: Pairs, batches: PairBatches, num_workers: int) -> torch.utils.data.DataLoader:

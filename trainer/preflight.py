@@ -2,8 +2,9 @@
 setting that fixes it in the trainer's own syntax.
 
 Checked: the batch arithmetic, mixed precision against the device, the pretrained model (a local folder,
-the Hugging Face cache or the hub), each in-process scorer's models and files (e.g. the LAION weights), and
-each reward server: that it answers /readyz, serves the scorer the config names, and accepts the token.
+the Hugging Face cache or the hub), each in-process scorer's models and files (e.g. the LAION weights),
+each reward server: that it answers /readyz, serves the scorer the config names, and accepts the token;
+and the training data (dpo.dataset, refl.pretrain_data) row by row (trainer/datacheck.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+from protocol.errors import redact_url
 from reward_servers.hub import problem
 from trainer.config import Config, RewardComponent, RewardConfig
 from trainer.plan import BatchPlan, BatchPlanError
@@ -48,6 +50,7 @@ def check(cfg: Config, num_processes: int, device_type: str, functions: dict | N
             problems += _server_problems(component, cfg.reward, where)
         else:
             problems += _scorer_problems(component, where)
+    problems += _data_problems(cfg)
     if problems:
         raise PreflightError("this run cannot start:\n  " + "\n  ".join(problems))
     return plan
@@ -91,6 +94,22 @@ def _local_file(cfg: Config, name: str):
     return Path(found) if isinstance(found, str) else None
 
 
+def _data_problems(cfg: Config) -> list[str]:
+    """Every problem of the files the run will train on, each "setting: file row N: column: problem"."""
+    from trainer import datacheck
+
+    d, r = cfg.dpo, cfg.refl
+    if cfg.algorithm == "dpo" and not d.online:
+        found = datacheck.pairs_problems(d.dataset, split=d.split, cache_dir=d.cache_dir,
+                                         allow_outside=d.allow_outside_paths, limit=d.check_rows)
+        return [f"dpo.dataset: {p}" for p in found]
+    if cfg.algorithm == "refl" and r.pretrain_data:
+        found = datacheck.images_problems(r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths,
+                                          limit=r.pretrain_check_rows)
+        return [f"refl.pretrain_data: {p}" for p in found]
+    return []
+
+
 def _scorer_problems(component: RewardComponent, where: str) -> list[str]:
     from reward_servers.scorer import create_scorer
 
@@ -109,27 +128,28 @@ def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) 
     token = cfg.token.get_secret_value() if cfg.token else None
     ready, problems = probe(component.url, cfg.probe_timeout)
     if len(problems) == len(component.url):
-        return [f"--{where}.url {url}: {p}" for url, p in problems.items()] + [
+        return [f"--{where}.url {redact_url(url)}: {p}" for url, p in problems.items()] + [
             f"  (start the server, e.g. reward-server --model {component.scorer}; fix --{where}.url; "
             f"or wait longer with --reward.probe_timeout, now {cfg.probe_timeout:g} s)"]
     for url, p in problems.items():
-        log.warning("reward server %s: %s; using the other replicas", url, p)
+        log.warning("reward server %s: %s; using the other replicas", redact_url(url), p)
     found = []
     headers = {"authorization": f"Bearer {token}"} if token else {}
     for url in ready:
+        shown = redact_url(url)  # for the messages; the request goes to the real one
         try:
             info = httpx.get(f"{url}/v1/info", headers=headers, timeout=10).json()
         except (httpx.HTTPError, ValueError) as exc:
-            found.append(f"--{where}.url {url}: /v1/info failed ({type(exc).__name__}: {exc})")
+            found.append(f"--{where}.url {shown}: /v1/info failed ({type(exc).__name__}: {exc})")
             continue
         if info.get("scorer") != component.scorer:
-            found.append(f"--{where}.url {url} serves {info.get('scorer')!r}, not {component.scorer!r}: set "
+            found.append(f"--{where}.url {shown} serves {info.get('scorer')!r}, not {component.scorer!r}: set "
                          f"--{where}.scorer {info.get('scorer')} (a remote scorer's name labels it) or point the URL at a "
                          f"{component.scorer} server")
         if info.get("auth") and token is None:
-            found.append(f"--{where}.url {url} requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN (reward.token)")
+            found.append(f"--{where}.url {shown} requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN (reward.token)")
         elif info.get("authorized") is False:
-            found.append(f"--{where}.url {url} refuses the token given (DIFFUSION_RL_REWARD__TOKEN / reward.token)")
+            found.append(f"--{where}.url {shown} refuses the token given (DIFFUSION_RL_REWARD__TOKEN / reward.token)")
     return found
 
 

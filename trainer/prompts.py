@@ -28,10 +28,31 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 
 @cache
 def lines(path: Path, what: str = "prompt.path") -> tuple[str, ...]:
-    found = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    found = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
     if not found:
         raise ValueError(f"{what}: {path} has no prompts")
     return found
+
+
+def file_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a prompt file (one prompt per line, UTF-8), said before any model loads."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return f"no such file {path}"
+    except UnicodeDecodeError as exc:
+        return f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    return None if any(line.strip() for line in text.splitlines()) else f"{path} has no prompts"
+
+
+def checked_file(path: Path | None) -> Path | None:
+    """A settings validator: a prompt file read now, so that an empty or binary one fails before any model loads."""
+    problem = None if path is None else file_problem(path)
+    if problem:
+        raise ValueError(problem)
+    return path
 
 
 def imagenet(first: int = 0, last: int = 999) -> PromptFn:

@@ -38,7 +38,8 @@ from trainer import run as run_setup
 from trainer.config import Config
 from trainer.dpo import denoising_errors
 from trainer.evaluate import evaluate_run
-from trainer.pairs import PairBatches, Pairs, load_images, loader
+from trainer.datacheck import images_source
+from trainer.pairs import PairBatches, Pairs, load_images, loader, next_batch
 from trainer.rewards import RemoteReward, remote_scores
 
 
@@ -62,7 +63,8 @@ def _refl(run: run_setup.Run) -> list[dict]:
     step = run.first_epoch
     if real is not None:
         root = Path(r.pretrain_data) if Path(r.pretrain_data).is_dir() else None
-        images = Pairs(real, resolution, seed=cfg.run.seed, root=root, winners_only=True)
+        check = images_source(r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths).check  # preflight read it
+        images = Pairs(real, resolution, seed=cfg.run.seed, root=root, winners_only=True, check=check)
         batches = PairBatches(len(images), cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
                               cfg.run.seed, skip=(step // r.pretrain_every) * accumulation)  # where a resumed run was
         real = iter(loader(images, batches, 0))
@@ -87,7 +89,7 @@ def _refl(run: run_setup.Run) -> list[dict]:
             pretrain_stats = defaultdict(list)
             for _ in range(accumulation):
                 with accelerator.accumulate(model):
-                    error, _ = denoising_errors(run, model, next(real), resolution)
+                    error, _ = denoising_errors(run, model, next_batch(real), resolution)
                     run_setup.backward_and_step(run, error.mean() * r.pretrain_weight, pretrain_stats)
                 stats["pretrain_loss"].append(error.mean().detach())
             stats["pretrain_grad_norm"] += pretrain_stats["grad_norm"]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from protocol import check_scores
+from protocol.errors import redact_url
 from reward_servers.scorer import FunctionScorer, ScoreOutput, Scorer, concat, create_scorer
 from trainer.config import RewardComponent, RewardConfig
 
@@ -54,7 +55,7 @@ class RemoteReward:
     def __init__(self, component: RewardComponent, cfg: RewardConfig):
         from protocol import RewardClient
 
-        self.name = f"{component.name} (reward server {', '.join(component.url)})"
+        self.name = f"{component.name} (reward server {', '.join(redact_url(u) for u in component.url)})"
         self.encoding = cfg.encoding
         self.client = RewardClient(
             component.url, timeout=cfg.timeout, retries=cfg.retries, deadline=cfg.deadline,
