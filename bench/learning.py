@@ -27,7 +27,7 @@ import numpy as np
 from pydantic_settings import CliApp
 
 from trainer.config import Config
-from trainer.ddpo import train
+from trainer import train
 from trainer.prompts import ASSETS
 
 
@@ -96,7 +96,7 @@ def bench(args: list[str]) -> dict:
     result = {
         "benchmark": "learning",
         "preset": cfg.preset,
-        "config": cfg.model_dump(mode="json", include={"sample", "train"}),
+        "config": cfg.model_dump(mode="json", include={"algorithm", "sample", "train", "nft"}),
         "epochs": len(history),
         "wall_seconds": round(wall, 1),
         "reward_mean_per_epoch": [round(float(x), 4) for x in means],

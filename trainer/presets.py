@@ -31,10 +31,13 @@ _SD15 = {
 }
 
 
-def _with(base: dict, **groups: dict) -> dict:
+def _with(base: dict, **groups: dict | str) -> dict:
     out = copy.deepcopy(base)
     for group, values in groups.items():
-        out.setdefault(group, {}).update(values)
+        if isinstance(values, dict):
+            out.setdefault(group, {}).update(values)
+        else:  # a top-level setting (algorithm)
+            out[group] = values
     return out
 
 
@@ -93,6 +96,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ddpo-pytorch's plain recipe on the same budget: one image per prompt, per-prompt statistics.
     "shapes-ddpo": _with(_SHAPES, run={"output_dir": "outputs/shapes-ddpo"}, sample={"images_per_prompt": 1},
                          train={"per_prompt_stat_tracking": True, "stat_buffer_size": 16, "stat_min_count": 16}),
+    # DiffusionNFT on the same world: 8 prompts x 4 images from the deterministic sampler (DDIM eta 0, guidance
+    # 5), each image trained at 4 of the 20 steps with fresh noise, 2 passes per epoch, the old policy the
+    # weights at the start of each epoch (no lag), no KL; advantages over the epoch's std as DiffusionNFT.
+    "shapes-nft": _with(
+        _SHAPES, algorithm="nft", run={"output_dir": "outputs/shapes-nft", "num_epochs": 50, "eval_every": 50},
+        sample={"eta": 0.0}, nft={"beta": 1.0, "old_decay_rate": 0.0},
+        train={"learning_rate": 3e-4, "timestep_fraction": 0.2, "num_inner_epochs": 2, "gradient_accumulation_steps": 1,
+               "group_std": "global", "kl_coef": 0.0}),
     "tiny-sdxl": {"run": {"output_dir": "outputs/tiny-sdxl"}, "pretrained": {"model": "tiny-sdxl"}},  # SDXL's shape, CPU
     # Flow-GRPO's shape on CPU: groups of 4, 10 SDE steps, KL to the reference.
     "tiny-sd3": {
