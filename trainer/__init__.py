@@ -2,7 +2,7 @@
 
 ``from trainer import Config, train, torch_images`` (imported lazily: ``python -m trainer --help`` and config
 checks stay fast). ``train(cfg, reward_fn, prompt_fn)`` runs the online algorithm ``cfg.algorithm`` names:
-DDPO / Flow-GRPO (ddpo) or DiffusionNFT (nft).
+DDPO / Flow-GRPO (ddpo), DiffusionNFT (nft) or AWM (awm).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ def __getattr__(name: str) -> Any:
 
 
 def _train(cfg, reward_fn=None, prompt_fn=None, image_samples_hook=None) -> list[dict]:
-    """The online algorithm of ``cfg.algorithm`` (trainer.ddpo.train or trainer.nft.train, which take the same
-    arguments)."""
-    if cfg.algorithm == "nft":
-        from trainer.nft import train
+    """The online algorithm of ``cfg.algorithm`` (trainer.ddpo.train, or trainer.forward.train for nft and awm,
+    which take the same arguments)."""
+    if cfg.algorithm in ("nft", "awm"):
+        from trainer.forward import train
     elif cfg.algorithm == "ddpo":
         from trainer.ddpo import train
     else:
-        raise ValueError(f"algorithm: trainer.train runs ddpo or nft; for {cfg.algorithm} call trainer.{cfg.algorithm}.train")
+        raise ValueError(f"algorithm: trainer.train runs ddpo, nft or awm; for {cfg.algorithm} call trainer.{cfg.algorithm}.train")
     return train(cfg, reward_fn, prompt_fn, image_samples_hook)

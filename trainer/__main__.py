@@ -1,6 +1,6 @@
 """``python -m trainer`` / ``accelerate launch -m trainer``: DDPO finetuning (``--algorithm dpo``: Diffusion-DPO,
 also ``python -m trainer.dpo`` with that project's flags; ``--algorithm refl``: ReFL, DRaFT, AlignProp;
-``--algorithm nft``: DiffusionNFT); ``--help`` lists every option.
+``--algorithm nft`` / ``awm``: DiffusionNFT, AWM); ``--help`` lists every option.
 
 A mistake of the user's (an option, a value, a file, an unreachable or refusing scorer) is one short message
 naming the setting and the fix, exit status 2 and no traceback; ``--debug`` (or ``DIFFUSION_RL_DEBUG=1``)
@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.rewards import RewardError
     from trainer.ddpo import train as ddpo
     from trainer.dpo import train as dpo
-    from trainer.nft import train as nft
+    from trainer.forward import train as forward
     from trainer.pairs import PairsError
     from trainer.refl import train as refl
 
     try:
-        {"ddpo": ddpo, "dpo": dpo, "refl": refl, "nft": nft}[cfg.algorithm](cfg)
+        {"ddpo": ddpo, "dpo": dpo, "refl": refl, "nft": forward, "awm": forward}[cfg.algorithm](cfg)
     except (PreflightError, BatchPlanError, CheckpointError, RewardError, RewardServerError, PairsError) as exc:  # the user's to fix
         fail(str(exc), exc, debug)
     except KeyboardInterrupt:  # the trainer has saved what it could and printed how to resume

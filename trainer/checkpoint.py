@@ -204,7 +204,7 @@ def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
         ema.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, path / "ema.safetensors").items()}
     if old_policy is not None:
         if not (path / "old_policy.safetensors").exists():
-            raise ValueError(f"run.resume_from: {path} has no old policy; it was not written by --algorithm nft")
+            raise ValueError(f"run.resume_from: {path} has no old policy; it was not written by --algorithm nft or awm")
         old_policy.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, path / "old_policy.safetensors").items()}
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(_read(torch.load, path / "scaler.pt", weights_only=True))

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.errors import MASK, redact_url
 
-from trainer.config_algorithms import DPOConfig, NFTConfig, ReFLConfig
+from trainer.config_algorithms import AWMConfig, DPOConfig, NFTConfig, ReFLConfig
 from trainer.config_group import _Group
 from trainer.config_run import PretrainedConfig, RunConfig
 from trainer.trained_steps import check_trained_steps_have_noise
@@ -293,10 +293,10 @@ class Config(BaseSettings):
     preset: str = Field("tiny", description="starting point: shapes, shapes-nokl, shapes-ddpo, tiny, sd15-compressibility, "
                         "sd15-aesthetic, ... (-1gpu)")
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
-    algorithm: Literal["ddpo", "dpo", "refl", "nft"] = Field(
+    algorithm: Literal["ddpo", "dpo", "refl", "nft", "awm"] = Field(
         "ddpo", description="ddpo: PPO on sampled trajectories and rewards; dpo: Diffusion-DPO on preference pairs "
-        "(dpo.*); refl: ReFL / DRaFT / AlignProp on a differentiable reward (refl.*); nft: DiffusionNFT, the "
-        "denoising loss on rewarded samples (nft.*)")
+        "(dpo.*); refl: ReFL / DRaFT / AlignProp on a differentiable reward (refl.*); nft: DiffusionNFT and awm: "
+        "Advantage Weighted Matching, the denoising loss on rewarded samples (nft.*, awm.*)")
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     sample: SampleConfig = SampleConfig()
@@ -306,6 +306,7 @@ class Config(BaseSettings):
     dpo: DPOConfig = DPOConfig()
     refl: ReFLConfig = ReFLConfig()
     nft: NFTConfig = NFTConfig()
+    awm: AWMConfig = AWMConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -333,7 +334,7 @@ class Config(BaseSettings):
                 f"({self.sample.images_per_prompt}) > 1 within each group of one epoch: choose one (set "
                 "--no-train.per_prompt_stat_tracking, or sample.images_per_prompt 1)"
             )
-        if self.algorithm in ("ddpo", "nft") and self.train.kl_coef and not self.train.lora:  # the loops with a KL term
+        if self.algorithm in ("ddpo", "nft", "awm") and self.train.kl_coef and not self.train.lora:  # the loops with a KL term
             raise ValueError("train.kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora")
         window, last = self.train.timestep_window, self.train.timestep_window + self.train.timestep_window_latest_start
         if window and last > self.sample.num_steps:

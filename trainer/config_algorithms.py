@@ -118,3 +118,21 @@ class NFTConfig(_Group):
         """DiffusionNFT's return_decay: 0 for the flat steps, then rising by old_decay_rate per step."""
         return 0.0 if step < self.old_decay_flat_steps else min((step - self.old_decay_flat_steps) * self.old_decay_rate,
                                                                  self.old_decay_max)
+
+
+class AWMConfig(_Group):
+    """Advantage Weighted Matching (``--algorithm awm``; Xue et al. 2025, github.com/scxue/advantage_weighted_matching):
+    rollouts and training steps as DiffusionNFT's; the loss is the pretraining loss on the clean latents
+    weighted by the clipped advantage, with two KL terms: train.kl_coef to the base model (AWM's beta: 0.001
+    GenEval, 0.003 OCR, 1e-4 PickScore) and awm.ema_kl_coef to a lagging average of the policy."""
+
+    power: float = Field(0.25, gt=0, description="p of the log-likelihood proxy -t ((l + 1e-10)^p - 1e-10^p) / p")
+    ema_kl_coef: float = Field(1.0, ge=0, description="weight of mean((pred - pred_ema)^2), the KL to the lagging "
+                               "average (AWM: 1.0; Flow-Factory: AWM collapses without it)")
+    ema_decay_rate: float = Field(0.001, ge=0, description="the average follows the weights once per epoch with "
+                                  "decay min(rate x optimizer steps, ema_decay_max) (AWM: 0.001)")
+    ema_decay_max: float = Field(0.3, ge=0, lt=1, description="the average's largest decay (AWM: 0.3)")
+
+    def old_decay(self, step: int) -> float:
+        """The lagging average's decay after ``step`` optimizer steps."""
+        return min(step * self.ema_decay_rate, self.ema_decay_max)

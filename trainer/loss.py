@@ -101,3 +101,21 @@ def nft_loss(prediction: torch.Tensor, old_prediction: torch.Tensor, x0: torch.T
         stats = {"positive_loss": positive.mean(), "negative_loss": negative.mean(),
                  "old_deviation": ((prediction - old_prediction) ** 2).mean()}
     return loss, stats
+
+
+def awm_loss(prediction: torch.Tensor, target: torch.Tensor, time: torch.Tensor, advantages: torch.Tensor,
+             adv_clip_max: float, power: float = 0.25) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantage Weighted Matching (Xue et al. 2025, "Advantage Weighted Matching: Aligning RL with
+    Pretraining in Diffusion Models"): the pretraining loss l = mean((pred - target)^2) per sample, as the
+    log-likelihood proxy log p = -t ((l + 1e-10)^p - 1e-10^p) / p, in a policy-gradient ratio that is 1
+    on-policy, weighted by clamp(A, -c, c) / c: the gradient is A' t grad(l^p) / p, fitting the better
+    samples and pushing away from the worse. The KL terms are the caller's."""
+    dims = tuple(range(1, prediction.ndim))
+    error = ((prediction - target) ** 2).mean(dim=dims)
+    eps = 1e-10
+    log_p = -time * ((error + eps) ** power - eps**power) / power
+    weight = advantages.clamp(-adv_clip_max, adv_clip_max) / adv_clip_max
+    loss = -(weight * torch.exp(log_p - log_p.detach())).mean()
+    with torch.no_grad():
+        stats = {"matching_loss": error.mean(), "log_p": log_p.mean()}
+    return loss, stats

@@ -52,7 +52,7 @@ class Run:
     optimizer: Any = None
     lr_scheduler: Any = None
     ema: EMA | None = None
-    old_policy: EMA | None = None  # DiffusionNFT's old policy: a lagging average of the trainable weights
+    old_policy: EMA | None = None  # a lagging average of the trainable weights: DiffusionNFT's old policy, AWM's
     history: list[dict] = field(default_factory=list)
     first_eval: tuple | None = None  # (epochs, images, rewards) of this process's first evaluation
     eval_rewards: Rewards | None = None  # run.eval_scorer's, loaded at the first evaluation
@@ -199,7 +199,8 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     )
     run.model, run.optimizer = accelerator.prepare(run.family.denoiser, optimizer)
     run.ema = EMA(run.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    run.old_policy = EMA(run.trainable, 0.0) if cfg.algorithm == "nft" else None  # its decay set per epoch
+    # DiffusionNFT's old policy, AWM's lagging average: the decay is set per epoch
+    run.old_policy = EMA(run.trainable, 0.0) if cfg.algorithm in ("nft", "awm") else None
     if run.resume is None:
         return {}
     state = checkpoint.load(accelerator, run.resume, params=run.trainable, optimizer=run.optimizer,

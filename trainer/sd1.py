@@ -111,11 +111,13 @@ class SD1:
         return noisy, t, noise
 
     def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
-        """The forward process at step ``index`` of the sampler's schedule (one per sample): x_t and the
-        denoiser's timesteps (DiffusionNFT and AWM train at the sampler's own steps)."""
+        """The forward process at step ``index`` of the sampler's schedule (one per sample; DiffusionNFT and
+        AWM train at the sampler's own steps): x_t, the denoiser's timesteps, the regression target (the noise,
+        or the velocity for a v-prediction model) and the time in [0, 1] (t / num_train_timesteps)."""
         scheduler = self.pipe.scheduler
         t = scheduler.timesteps.to(latents.device)[index]
-        return scheduler.add_noise(latents, noise, t), t
+        target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        return scheduler.add_noise(latents, noise, t), t, target, t.float() / scheduler.config.num_train_timesteps
 
     # -- pixels ----------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -122,11 +122,13 @@ class SD3:
         return (1 - sigma) * latents + sigma * noise, s * config.num_train_timesteps, noise - latents
 
     def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
-        """x_s = (1 - s) x0 + s noise at s = sigmas[index] of the sampler's schedule (one per sample), and the
-        transformer's timesteps (DiffusionNFT trains at the sampler's own steps)."""
+        """x_s = (1 - s) x0 + s noise at s = sigmas[index] of the sampler's schedule (one per sample; DiffusionNFT
+        and AWM train at the sampler's own steps), the transformer's timesteps, the velocity target noise - x0
+        and the time s."""
         scheduler = self.pipe.scheduler
-        s = scheduler.sigmas.to(latents.device, torch.float32)[index].view(-1, *[1] * (latents.ndim - 1))
-        return (1 - s) * latents + s * noise, scheduler.timesteps.to(latents.device)[index]
+        s = scheduler.sigmas.to(latents.device, torch.float32)[index]
+        sigma = s.view(-1, *[1] * (latents.ndim - 1))
+        return (1 - sigma) * latents + sigma * noise, scheduler.timesteps.to(latents.device)[index], noise - latents, s
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
         from diffusers import StableDiffusion3Pipeline

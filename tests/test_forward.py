@@ -1,5 +1,5 @@
-"""DiffusionNFT: its loss against an independent implementation of the published formula for flow, eps and v
-predictions, the properties the paper's derivation implies, and short runs on every family."""
+"""DiffusionNFT and AWM: their losses against independent implementations of the published formulas for flow,
+eps and v predictions, the properties the derivations imply, and short runs on every family."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from trainer.config import Config
 from trainer.ddim import ddim_x0
-from trainer.loss import nft_loss, nft_optimality
+from trainer.loss import awm_loss, nft_loss, nft_optimality
 
 
 def reference_loss(prediction, old, x0, to_x0, r, beta, c=5.0) -> float:
@@ -92,8 +92,8 @@ def test_optimality_and_the_old_policy_schedule():
     assert [ocr.old_decay(s) for s in (0, 74, 75, 175, 500)] == [0.0, 0.0, 0.0, pytest.approx(0.75), 0.999]
 
 
-def nft_config(tmp_path, tiny_cache, preset: str, **run) -> Config:
-    return Config(preset=preset, algorithm="nft",
+def nft_config(tmp_path, tiny_cache, preset: str, algorithm: str = "nft", **run) -> Config:
+    return Config(preset=preset, algorithm=algorithm,
                   run={"output_dir": tmp_path, "num_epochs": 2, "log_with": "none", "log_images_every": 0, **run},
                   pretrained={"cache_dir": tiny_cache},
                   sample={"num_steps": 4, "eta": 0.0, "batch_size": 4, "num_batches_per_epoch": 1, "images_per_prompt": 2,
@@ -102,23 +102,66 @@ def nft_config(tmp_path, tiny_cache, preset: str, **run) -> Config:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["nft", "awm"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3"])
-def test_a_short_nft_run_trains_and_saves_on_every_family(tmp_path, tiny_cache, preset):
+def test_a_short_run_trains_and_saves_on_every_family(tmp_path, tiny_cache, preset, algorithm):
     from trainer import train
 
-    cfg = nft_config(tmp_path, tiny_cache, preset)
+    cfg = nft_config(tmp_path, tiny_cache, preset, algorithm)
     history = train(cfg)
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[0]["old_policy_decay"] == pytest.approx(0.002)  # 2 optimizer steps into the run
-    assert history[-1]["old_deviation"] > 0 and history[-1]["kl_to_reference"] > 0  # the weights moved
+    assert history[-1]["kl_to_reference"] > 0  # the weights moved
+    assert history[-1]["old_deviation" if algorithm == "nft" else "kl_to_average"] > 0
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+def test_awm_loss_is_the_published_formula_and_its_gradient_the_advantage_weighted_one():
+    rng = np.random.default_rng(5)
+    prediction, target = rng.standard_normal((4, 2, 3, 3)), rng.standard_normal((4, 2, 3, 3))
+    time, advantages, p = np.array([0.9, 0.6, 0.3, 0.1]), np.array([-7.0, -1.0, 2.0, 5.0]), 0.25
+    x = torch.tensor(prediction, requires_grad=True)
+    loss, stats = awm_loss(x, torch.tensor(target), torch.tensor(time), torch.tensor(advantages), 5.0, p)
+    loss.backward()
+    weight = np.clip(advantages, -5, 5) / 5
+    error = ((prediction - target) ** 2).mean(axis=(1, 2, 3))
+    log_p = -time * ((error + 1e-10) ** p - 1e-10**p) / p
+    assert loss.item() == pytest.approx(-weight.mean()) and stats["log_p"].item() == pytest.approx(log_p.mean())
+    # d/dx of -mean(w exp(log_p - sg(log_p))) = mean of w t (l + 1e-10)^(p - 1) dl/dx, dl/dx = 2 (x - y) / D
+    expected = (weight * time * (error + 1e-10) ** (p - 1))[:, None, None, None] * 2 * (prediction - target) / 18 / 4
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset, kind", [("tiny", "epsilon"), ("tiny", "v_prediction"), ("tiny-sd3", "flow")])
+def test_the_forward_process_at_the_samplers_steps(tiny_cache, preset, kind):
+    """x_t, target and time of family.noised_at against the formulas: DDIM's alphas, or the flow's sigmas."""
+    from trainer.models import load_family
+
+    family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
+    if kind == "v_prediction":
+        family.pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    family.timesteps(10, torch.device("cpu"))
+    x0, noise, index = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 4, 9])
+    x_t, t, target, time = family.noised_at(x0, noise, index)
+    scheduler = family.pipe.scheduler
+    if kind == "flow":
+        s = scheduler.sigmas[index].view(-1, 1, 1, 1)
+        expected = ((1 - s) * x0 + s * noise, noise - x0, scheduler.sigmas[index])
+    else:
+        a = scheduler.alphas_cumprod[scheduler.timesteps[index]].view(-1, 1, 1, 1)
+        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        expected = (a.sqrt() * x0 + (1 - a).sqrt() * noise, v if kind == "v_prediction" else noise,
+                    scheduler.timesteps[index] / 1000)
+    for ours, theirs in zip((x_t, target, time), expected):
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(t, scheduler.timesteps[index])
 
 
 @pytest.mark.slow
 def test_nft_resumes_exactly_with_its_old_policy(tmp_path, tiny_cache):
     from safetensors.torch import load_file
 
-    from trainer.nft import train
+    from trainer.forward import train
 
     straight = train(nft_config(tmp_path / "straight", tiny_cache, "tiny", num_epochs=3))
     train(nft_config(tmp_path / "resumed", tiny_cache, "tiny", num_epochs=2, save_freq=1))

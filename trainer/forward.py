@@ -1,11 +1,13 @@
-"""DiffusionNFT: online RL on the forward process (Zheng et al. 2025, "DiffusionNFT: Online Diffusion
-Reinforcement with Forward Process"; github.com/NVlabs/DiffusionNFT).
+"""Online RL on the forward process: DiffusionNFT (Zheng et al. 2025, "DiffusionNFT: Online Diffusion
+Reinforcement with Forward Process"; github.com/NVlabs/DiffusionNFT) and Advantage Weighted Matching (Xue et
+al. 2025; github.com/scxue/advantage_weighted_matching).
 
 Reads top to bottom like DDPO (trainer/ddpo.py), on the same epoch phases (trainer/epoch.py): per epoch (1)
 sample with any sampler, keeping only each image's clean latents, while rewards are scored, (2) turn the
-rewards into advantages and those into optimality probabilities r, (3) train the denoising loss on the clean
-latents re-noised at the sampler's own steps, mixed with the old policy (trainer/loss.py, nft_loss), (4) move
-the old policy toward the current weights, log and checkpoint. No log-prob, no stored trajectory.
+rewards into advantages, (3) train the denoising loss on the clean latents re-noised at the sampler's own
+steps: NFT mixes the prediction with a lagging old policy's (trainer/loss.py, nft_loss), AWM weights it by the
+advantage with KL terms to the base and to the lagging average (awm_loss), (4) move the lagging weights
+toward the current ones, log and checkpoint. No log-prob, no stored trajectory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
-from trainer.loss import nft_loss, nft_optimality
+from trainer.loss import awm_loss, nft_loss, nft_optimality
 from trainer.models import adapters_disabled, weights_swapped
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
@@ -31,13 +33,13 @@ from trainer.sampling import Trajectories
 def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None,
           prompt_fn: Callable[..., Any] | None = None,
           image_samples_hook: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
-    """Run DiffusionNFT; the arguments are DDPO's (trainer.ddpo.train)."""
+    """Run DiffusionNFT or AWM (``cfg.algorithm``); the arguments are DDPO's (trainer.ddpo.train)."""
     accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
     with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
-        return _nft(run, image_samples_hook)
+        return _forward(run, image_samples_hook)
 
 
-def _nft(run: run_setup.Run, image_samples_hook) -> list[dict]:
+def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
     cfg = run.cfg
     online = epoch_phases.start(run)
     tracker, global_step, policy = online.tracker, online.global_step, online.policy
@@ -54,9 +56,9 @@ def _nft(run: run_setup.Run, image_samples_hook) -> list[dict]:
         scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
         # 3. The forward-process updates.
         t2 = time.perf_counter()
-        stats, global_step = _nft_updates(run, policy, collected.trajectories, scored.advantages, epoch, global_step)
-        # 4. The old policy follows the current weights once per epoch (DiffusionNFT's soft update), log, checkpoint.
-        run.old_policy.decay = cfg.nft.old_decay(global_step)
+        stats, global_step = _updates(run, policy, collected.trajectories, scored.advantages, epoch, global_step)
+        # 4. The lagging weights follow the current ones once per epoch (DiffusionNFT's soft update), log, checkpoint.
+        run.old_policy.decay = getattr(cfg, cfg.algorithm).old_decay(global_step)
         run.old_policy.update(run.trainable)
         t3 = time.perf_counter()
         seconds = {"sampling": collected.seconds, "reward_wait": scored.wait_seconds, "training": t3 - t2,
@@ -69,8 +71,8 @@ def _nft(run: run_setup.Run, image_samples_hook) -> list[dict]:
     return run_setup.finish(run)
 
 
-def _nft_updates(run: run_setup.Run, policy, batch: Trajectories, advantages: torch.Tensor, epoch: int,
-                 global_step: int) -> tuple[dict[str, list], int]:
+def _updates(run: run_setup.Run, policy, batch: Trajectories, advantages: torch.Tensor, epoch: int,
+             global_step: int) -> tuple[dict[str, list], int]:
     """train.num_inner_epochs passes over the epoch's clean latents, each sample at its own random
     train.timestep_fraction of the sampler's steps (fresh noise each), in micro-batches of train.batch_size."""
     cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
@@ -78,8 +80,7 @@ def _nft_updates(run: run_setup.Run, policy, batch: Trajectories, advantages: to
     run.model.train()
     device = advantages.device
     run.family.timesteps(cfg.sample.num_steps, device)  # the schedule the steps index (evaluation may use another)
-    clean, r = batch.path[:, -1], nft_optimality(advantages, cfg.train.adv_clip_max)
-    n, stats = len(clean), defaultdict(list)
+    clean, n, stats = batch.path[:, -1], len(advantages), defaultdict(list)
     for _ in range(cfg.train.num_inner_epochs):
         order = torch.randperm(n, device=device)
         steps = torch.stack([torch.randperm(cfg.sample.num_steps, device=device)[: plan.train_timesteps] for _ in range(n)])
@@ -90,7 +91,7 @@ def _nft_updates(run: run_setup.Run, policy, batch: Trajectories, advantages: to
                 else batch.prompt_embeds[rows]
             for group in plan.step_groups:  # k steps per denoiser forward, a batch of k x train.batch_size
                 with accelerator.accumulate(run.model):
-                    loss, step_stats = _nft_loss(run, policy, clean[rows], cond, steps[rows, group], r[rows])
+                    loss, step_stats = _loss(run, policy, clean[rows], cond, steps[rows, group], advantages[rows])
                     share = (group.stop - group.start) * len(plan.step_groups) / plan.train_timesteps
                     run_setup.backward_and_step(run, loss * share, stats)
                 stats["loss"].append(loss.detach())
@@ -100,25 +101,33 @@ def _nft_updates(run: run_setup.Run, policy, batch: Trajectories, advantages: to
     return stats, global_step
 
 
-def _nft_loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tensor, r: torch.Tensor):
+def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tensor, advantages: torch.Tensor):
     """The loss of B samples at their (B, k) schedule steps: one forward of the trained denoiser on B x k noisy
-    latents, and without gradient the old policy's (its weights swapped in) and, with train.kl_coef, the base's."""
+    latents and, without gradient, the lagging weights' (swapped in) and, with train.kl_coef, the base's."""
     cfg, family, accelerator = run.cfg, run.family, run.accelerator
     k = index.shape[1]
-    x0, index, r = x0.repeat_interleave(k, dim=0), index.reshape(-1), r.repeat_interleave(k)
+    x0, index, advantages = x0.repeat_interleave(k, dim=0), index.reshape(-1), advantages.repeat_interleave(k)
     cond = {n: v.repeat_interleave(k, dim=0) for n, v in cond.items()} if isinstance(cond, dict) \
         else cond.repeat_interleave(k, dim=0)
-    x_t, t = family.noised_at(x0, torch.randn_like(x0), index)
+    x_t, t, target, time = family.noised_at(x0, torch.randn_like(x0), index)
 
-    def predict(model) -> torch.Tensor:  # the conditional prediction: DiffusionNFT trains without guidance
+    def predict(model) -> torch.Tensor:  # the conditional prediction: both methods train without guidance
         with accelerator.autocast():
             return family.predict(model, x_t, t, cond, None, 1.0).float()
 
     prediction = predict(run.model)
-    with torch.no_grad(), weights_swapped(run.trainable, run.old_policy.shadow):
-        old = predict(policy)
-    loss, stats = nft_loss(prediction, old, x0, lambda p: family.predicted_x0(p, index, x_t), r, cfg.nft.beta,
-                           cfg.train.adv_clip_max)
+    lagging = None
+    if cfg.algorithm == "nft" or cfg.awm.ema_kl_coef:
+        with torch.no_grad(), weights_swapped(run.trainable, run.old_policy.shadow):
+            lagging = predict(policy)
+    if cfg.algorithm == "nft":
+        loss, stats = nft_loss(prediction, lagging, x0, lambda p: family.predicted_x0(p, index, x_t),
+                               nft_optimality(advantages, cfg.train.adv_clip_max), cfg.nft.beta, cfg.train.adv_clip_max)
+    else:
+        loss, stats = awm_loss(prediction, target.float(), time, advantages, cfg.train.adv_clip_max, cfg.awm.power)
+        if lagging is not None:
+            ema_kl = ((prediction - lagging) ** 2).mean()
+            loss, stats["kl_to_average"] = loss + cfg.awm.ema_kl_coef * ema_kl, ema_kl.detach()
     if cfg.train.kl_coef:
         with torch.no_grad(), adapters_disabled(policy):
             reference = predict(policy)
