@@ -104,6 +104,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         sample={"eta": 0.0}, nft={"beta": 1.0, "old_decay_rate": 0.0},
         train={"learning_rate": 3e-4, "timestep_fraction": 0.2, "num_inner_epochs": 2, "gradient_accumulation_steps": 1,
                "group_std": "global", "kl_coef": 0.0}),
+    # AWM on the same rollouts and steps: the advantage-weighted denoising loss, KL 1e-3 to the base and 1.0 to
+    # the lagging average (AWM's GenEval settings).
+    "shapes-awm": _with(
+        _SHAPES, algorithm="awm", run={"output_dir": "outputs/shapes-awm", "num_epochs": 50, "eval_every": 50},
+        sample={"eta": 0.0}, train={"learning_rate": 3e-4, "timestep_fraction": 0.2, "num_inner_epochs": 2,
+                                    "gradient_accumulation_steps": 1, "group_std": "global", "kl_coef": 1e-3}),
     "tiny-sdxl": {"run": {"output_dir": "outputs/tiny-sdxl"}, "pretrained": {"model": "tiny-sdxl"}},  # SDXL's shape, CPU
     # Flow-GRPO's shape on CPU: groups of 4, 10 SDE steps, KL to the reference.
     "tiny-sd3": {
