@@ -199,9 +199,30 @@ PRESETS["shapes-refl"] = _with(
     refl={"num_steps": 20, "mid_low": 14, "mid_high": 19, "margin": 100.0, "grad_scale": 1e-3, "max_train_steps": 100},
 )
 
+# DiffusionNFT's SD3.5-M run (github.com/NVlabs/DiffusionNFT, config/nft.py): 48 groups of 24 per epoch from the
+# deterministic sampler at guidance 1, 10 steps, 0.99 of them trained per image, one optimizer step per epoch
+# (1152 samples: 9 x 8 GPUs x 16), LoRA r32/64, lr 3e-4, KL 1e-4 to the base, EMA 0.9 for the saved weights.
+# AWM's (github.com/scxue/advantage_weighted_matching): the same epoch, 14 steps with 6 trained, KL 1e-4 to the
+# base (PickScore) and 1.0 to its lagging average. Per-GPU batches as Flow-GRPO's presets (not re-estimated).
+_FORWARD = _with(_FLOW_GRPO, sample={"eta": 0.0, "guidance_scale": 1.0},
+                 train={"cfg": False, "timestep_selection": "random", "gradient_accumulation_steps": 16, "ema_decay": 0.9})
+PRESETS["sd3-pickscore-nft"] = _with(_FORWARD, algorithm="nft", train={"kl_coef": 1e-4}, prompt={"fn": "nouns_activities"},
+                                     reward={"scorer": "pickscore"})
+PRESETS["sd3-pickscore-awm"] = _with(_FORWARD, algorithm="awm", sample={"num_steps": 14},
+                                     train={"kl_coef": 1e-4, "timestep_fraction": 6 / 14}, prompt={"fn": "nouns_activities"},
+                                     reward={"scorer": "pickscore"})
+# SD1.5 and SDXL (not in the papers): DiffusionNFT on ddpo-pytorch's runs, deterministic DDIM rollouts at their
+# guidance 5 (CFG-free SD1.5 images are poor), 20% of the 50 steps trained per image; unmeasured.
+_NFT_DDIM = {"sample": {"eta": 0.0}, "train": {"timestep_fraction": 0.2, "kl_coef": 1e-4, "ema_decay": 0.9}}
+PRESETS["sd15-aesthetic-nft"] = _with(PRESETS["sd15-aesthetic"], algorithm="nft", **_NFT_DDIM,
+                                      run={"output_dir": "outputs/sd15-aesthetic-nft"})
+PRESETS["sdxl-pickscore-nft"] = _with(PRESETS["sdxl-aesthetic"], algorithm="nft", **_NFT_DDIM,
+                                      run={"output_dir": "outputs/sdxl-pickscore-nft"},
+                                      prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
 _GPUS = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6,
          "sdxl-compressibility": 8, "sdxl-aesthetic": 8,
-         "sd3-geneval-style": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8}
+         "sd3-geneval-style": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8, "sd3-pickscore-nft": 8,
+         "sd3-pickscore-awm": 8, "sd15-aesthetic-nft": 8, "sdxl-pickscore-nft": 8}
 for _name, _gpus in _GPUS.items():
     _p, _t = PRESETS[_name], PRESETS[_name]["train"]
     PRESETS[f"{_name}-1gpu"] = _with(
