@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from trainer.ddim import ddim_step_with_logprob
+from trainer.ddim import ddim_mean_std, ddim_step_with_logprob
 
 
 def make_scheduler(prediction_type="epsilon", steps=10):
@@ -74,3 +74,22 @@ def test_eta_zero_gives_finite_log_probs():
     assert torch.isfinite(prev).all() and torch.isfinite(log_prob).all()
     # a deterministic step: the sample sits on the mean, density = -log(sigma_min) - log sqrt(2 pi)
     assert log_prob == pytest.approx(torch.full((2,), -math.log(1e-6) - 0.5 * math.log(2 * math.pi)), rel=1e-6)
+
+
+def test_a_sampling_step_never_reads_a_tensor_on_the_host():
+    """Sampling gives the step one timestep for the whole batch: indexing the schedule with it as a 0-d tensor
+    would read it on the host, a GPU sync per step. Fake tensors raise on any such read."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trainer.flow import FLOW_STEPS
+
+    ddim, flow = DDIMScheduler(set_alpha_to_one=False), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ddim.set_timesteps(10)
+    flow.set_timesteps(10)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 4, 8, 8)
+        mean, sigma = ddim_mean_std(ddim, x, ddim.timesteps[3], x, 1.0)
+        assert mean.shape == x.shape and sigma.numel() == 1
+        for step in FLOW_STEPS.values():
+            assert step(flow.sigmas, 3, x, x, 0.7)[0].shape == x.shape

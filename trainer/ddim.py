@@ -24,7 +24,9 @@ def ddim_mean_std(
     """Mean and standard deviation of p(x_{t-1} | x_t), in float32 (sigma unclamped: 0 when eta is 0)."""
     config = scheduler.config
     model_output, sample = model_output.float(), sample.float()
-    t = torch.as_tensor(timestep, device=sample.device).long()
+    # a 1-element index, not a 0-d one: indexing with a 0-d tensor reads it on the host, a sync per sampling
+    # step on a GPU (sampling passes one timestep for the batch)
+    t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1)
     t_prev = t - config.num_train_timesteps // scheduler.num_inference_steps
 
     # no-ops once the schedule lives on the device (SD1.timesteps puts it there): no copy or sync per step
