@@ -115,11 +115,11 @@ def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tenso
         with accelerator.autocast():
             return family.predict(model, x_t, t, cond, None, 1.0).float()
 
-    prediction = predict(run.model)
-    lagging = None
+    lagging = None  # first: the trained forward's saved tensors must not see the swapped weights
     if cfg.algorithm == "nft" or cfg.awm.ema_kl_coef:
         with torch.no_grad(), weights_swapped(run.trainable, run.old_policy.shadow):
             lagging = predict(policy)
+    prediction = predict(run.model)
     if cfg.algorithm == "nft":
         loss, stats = nft_loss(prediction, lagging, x0, lambda p: family.predicted_x0(p, index, x_t),
                                nft_optimality(advantages, cfg.train.adv_clip_max), cfg.nft.beta, cfg.train.adv_clip_max)
