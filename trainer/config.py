@@ -6,7 +6,6 @@ The defaults are the ``tiny`` run: an embedded random-init pipeline on CPU that 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from protocol.errors import MASK, redact_url
 
 from trainer.config_algorithms import AWMConfig, DPOConfig, NFTConfig, ReFLConfig
-from trainer.config_group import _Group
+from trainer.config_group import _Group, read_settings_file
 from trainer.config_run import PretrainedConfig, RunConfig
 from trainer.trained_steps import check_trained_steps_have_noise
 
@@ -321,7 +320,7 @@ class Config(BaseSettings):
             raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         layered = PRESETS[name]
         if given.get("config") is not None:
-            layered = merge(layered, _read_settings_file(Path(given["config"])))
+            layered = merge(layered, read_settings_file(Path(given["config"])))
         return merge(layered, given)
 
     @model_validator(mode="after")
@@ -374,31 +373,3 @@ class Config(BaseSettings):
                 "sample.guidance_scale 1 or train.cfg true"
             )
         return self
-
-
-def _read_settings_file(path: Path) -> dict[str, Any]:
-    """The settings of ``--config``; ValueError "config: <file> ..." saying why it cannot be read."""
-    if not path.is_file():
-        raise ValueError(f"config: no such file {path}")
-    if path.suffix not in (".json", ".toml"):
-        raise ValueError(f"config: {path} must be .json or .toml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"config: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ValueError(f"config: {path} cannot be read ({exc.strerror or exc})") from None
-    if path.suffix == ".toml":
-        import tomllib
-
-        try:
-            return tomllib.loads(text)  # a TOML document is always a table
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config: {path} is not valid TOML ({exc})") from None
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"config: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"config: {path} must hold a map of settings, not a {type(settings).__name__}")
-    return settings

@@ -1,16 +1,12 @@
 """Which sampler steps DDPO may train, and the refusal of those whose std is 0 (checked with the configuration,
-before any model loads)."""
+before any model loads). ``cfg`` is a trainer.config.Config, which calls in here while it validates."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from trainer.config import Config
 
 
-def trainable_steps(cfg: Config) -> range:
+def trainable_steps(cfg) -> range:
     """The sampler steps (indices into the schedule) that training may pick for some sample: the union over
     window starts of the steps train.timestep_fraction and train.timestep_selection choose (the count per sample
     is BatchPlan.train_timesteps_of's)."""
@@ -21,7 +17,7 @@ def trainable_steps(cfg: Config) -> range:
     return range(train.timestep_window_latest_start + reach if train.timestep_window else reach)
 
 
-def last_step_fix(cfg: Config) -> str:
+def last_step_fix(cfg) -> str:
     """What to change so that training never picks the sampler's last step (when its std is 0)."""
     n = cfg.sample.num_steps
     if n == 1:
@@ -31,7 +27,7 @@ def last_step_fix(cfg: Config) -> str:
             f"K + train.timestep_window_latest_start < {n}")
 
 
-def check_trained_steps_have_noise(cfg: Config) -> None:
+def check_trained_steps_have_noise(cfg) -> None:
     """A step whose std is 0 gives a zero policy gradient and, floored at ddim.SIGMA_MIN, log-ratios of
     millions for the least change of its mean: refuse to train one. Here: the facts that hold for every model
     (a DDIM schedule's own zero-noise steps are checked from the model's scheduler config, trainer/preflight.py)."""
