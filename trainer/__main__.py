@@ -6,8 +6,8 @@ A mistake of the user's (an option, a value, a file, an unreachable or refusing 
 naming the setting and the fix, exit status 2 and no traceback; ``--debug`` (or ``DIFFUSION_RL_DEBUG=1``)
 shows the traceback too. ``--print-config`` prints the resolved configuration and exits.
 
-Without ``--preset`` the command line runs ``shapes`` (DDPO on the shapes world: learning a user can see in
-minutes); ``Config()`` in Python starts from ``tiny``, the fast random-init run the tests use.
+Without ``--preset`` the command line runs ``shapes-nft`` (DiffusionNFT on the shapes world: learning a user can
+see in minutes); ``Config()`` in Python starts from ``tiny``, the fast random-init run the tests use.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ PROG = "python -m trainer"
 USAGE_ERROR = 2  # as argparse's
 
 
-class CommandLine(Config):  # the same config, starting from the shapes preset (see the module docstring)
-    preset: str = Field("shapes", description=Config.model_fields["preset"].description)
+class CommandLine(Config):  # the same config, starting from the shapes-nft preset (see the module docstring)
+    preset: str = Field("shapes-nft", description=Config.model_fields["preset"].description)
 
 
 def flags(model: type[BaseModel] = Config, prefix: str = "") -> set[str]:

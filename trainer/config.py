@@ -289,8 +289,8 @@ class Config(BaseSettings):
         env_prefix="DIFFUSION_RL_", env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
     )
 
-    preset: str = Field("tiny", description="starting point: shapes, shapes-nokl, shapes-ddpo, tiny, sd15-compressibility, "
-                        "sd15-aesthetic, ... (-1gpu)")
+    preset: str = Field("tiny", description="starting point: shapes-nft, shapes-awm, shapes, shapes-nokl, shapes-ddpo, "
+                        "tiny, sd15-compressibility, sd15-aesthetic, sd3-pickscore-nft, ... (-1gpu)")
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
     algorithm: Literal["ddpo", "dpo", "refl", "nft", "awm"] = Field(
         "ddpo", description="ddpo: PPO on sampled trajectories and rewards; dpo: Diffusion-DPO on preference pairs "

@@ -71,8 +71,8 @@ _FLOW_GRPO = {
 
 # The shapes world (reward_servers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
 # captions as the verifier checks them; evaluated before and after on the held-out captions (60 images per
-# category, deterministic sampling). `python -m trainer` runs "shapes". No recipe here raises held-out
-# accuracy reliably yet (README, "Quick start").
+# category, deterministic sampling). `python -m trainer` runs "shapes-nft" (DiffusionNFT); the DDPO recipes
+# here move held-out accuracy by a point or two (docs/learning.md).
 _SHAPES = {
     "run": {"output_dir": "outputs/shapes", "num_epochs": 30, "eval_every": 30, "log_images_every": 10},
     "pretrained": {"model": "tiny-shapes"},
