@@ -67,7 +67,10 @@ def run_trl(epochs: int) -> dict:
 def trl_child(epochs: int) -> None:
     """TRL's DDPOTrainer on the same settings, as its own script would run it; prints the per-epoch seconds."""
     import torch
+    from accelerate import PartialState
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    PartialState()  # TRL's pipeline logs through accelerate before its trainer makes an Accelerator
 
     from reward_servers.scorer import create_scorer
     from trainer.tiny_pipeline import tiny_pipeline_path
