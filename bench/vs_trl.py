@@ -37,7 +37,7 @@ PARTS = ("epoch", "sampling", "training")
 def ours_command(epochs: int, out: Path, prompts: Path, *extra: str) -> list[str]:
     s = SETTINGS
     return [
-        sys.executable, "-m", "trainer", "--run.output_dir", str(out), "--run.num_epochs", str(epochs),
+        sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), "--run.num_epochs", str(epochs),
         "--run.seed", str(s["seed"]), "--run.log_with", "none", "--run.log_images_every", "0", "--run.save_freq", "0",
         "--sample.num_steps", str(s["steps"]), "--sample.eta", str(s["eta"]), "--sample.guidance_scale", str(s["guidance"]),
         "--sample.batch_size", str(s["sample_batch"]), "--sample.num_batches_per_epoch", str(s["batches"]),
