@@ -198,14 +198,14 @@ def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
         for name, param in params.items():
             param.copy_(weights[name])
     optimizer.load_state_dict(_read(torch.load, path / "optimizer.pt", map_location="cpu", weights_only=True))
-    if ema is not None:
-        if not (path / "ema.safetensors").exists():
-            raise ValueError(f"run.resume_from: {path} has no EMA weights; it was written with train.ema_decay 0")
-        ema.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, path / "ema.safetensors").items()}
-    if old_policy is not None:
-        if not (path / "old_policy.safetensors").exists():
-            raise ValueError(f"run.resume_from: {path} has no old policy; it was not written by --algorithm nft or awm")
-        old_policy.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, path / "old_policy.safetensors").items()}
+    averages = (("ema", ema, "EMA weights; it was written with train.ema_decay 0"),
+                ("old_policy", old_policy, "old policy; it was not written by --algorithm nft or awm"))
+    for name, average, missing in averages:
+        if average is not None:
+            file = path / f"{name}.safetensors"
+            if not file.exists():
+                raise ValueError(f"run.resume_from: {path} has no {missing}")
+            average.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, file).items()}
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(_read(torch.load, path / "scaler.pt", weights_only=True))
     rank = accelerator.process_index

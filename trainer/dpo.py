@@ -31,7 +31,7 @@ from trainer.loss import diffusion_dpo_loss
 from trainer.datacheck import RowError, pairs_source
 from trainer.pairs import PairBatches, Pairs, PairsError, load_pairs, loader, next_batch
 from trainer.rewards import Pending, RewardFn, best_and_worst, pair_scores
-from trainer.sampling import _each
+from trainer.sampling import each_tensor
 
 
 def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None) -> list[dict]:
@@ -206,7 +206,7 @@ def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
         if isinstance(cond, dict) and "time_ids" in cond:  # SDXL: the images' own original sizes and crops
             cond["time_ids"] = batch["time_ids"].to(cond["time_ids"])
         if k > 1:
-            cond = _each(cond, lambda t: t.repeat_interleave(k, dim=0))
+            cond = each_tensor(cond, lambda t: t.repeat_interleave(k, dim=0))
     noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)
     u = torch.rand(n, device=device).repeat_interleave(k)
     noisy, timesteps, target = family.noised(latents, noise, u)

@@ -27,7 +27,7 @@ from trainer.loss import awm_loss, nft_loss, nft_optimality
 from trainer.models import adapters_disabled, weights_swapped
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
-from trainer.sampling import Trajectories
+from trainer.sampling import Trajectories, each_tensor
 
 
 def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None,
@@ -65,7 +65,8 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
                    "epoch": t3 - t0}
         stats["old_policy_decay"] = [torch.tensor(run.old_policy.decay)]
         epoch_phases.log(run, epoch, scored, stats, seconds, global_step, threads)
-        run_setup.end_epoch(run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None})
+        run_setup.end_epoch(run, epoch + 1,
+                            {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None})
     if cfg.run.eval_every:
         evaluate_run(run, policy, cfg.run.num_epochs)
     return run_setup.finish(run)
@@ -83,12 +84,12 @@ def _updates(run: run_setup.Run, policy, batch: Trajectories, advantages: torch.
     clean, n, stats = batch.path[:, -1], len(advantages), defaultdict(list)
     for _ in range(cfg.train.num_inner_epochs):
         order = torch.randperm(n, device=device)
-        steps = torch.stack([torch.randperm(cfg.sample.num_steps, device=device)[: plan.train_timesteps] for _ in range(n)])
+        steps = torch.stack([torch.randperm(cfg.sample.num_steps, device=device)[: plan.train_timesteps]
+                             for _ in range(n)])
         for i in tqdm(range(0, n, cfg.train.batch_size), desc=f"epoch {epoch} training",
                       disable=not accelerator.is_local_main_process, leave=False):
             rows = order[i : i + cfg.train.batch_size]
-            cond = {k: v[rows] for k, v in batch.prompt_embeds.items()} if isinstance(batch.prompt_embeds, dict) \
-                else batch.prompt_embeds[rows]
+            cond = each_tensor(batch.prompt_embeds, lambda t: t[rows])
             for group in plan.step_groups:  # k steps per denoiser forward, a batch of k x train.batch_size
                 with accelerator.accumulate(run.model):
                     loss, step_stats = _loss(run, policy, clean[rows], cond, steps[rows, group], advantages[rows])
@@ -107,8 +108,7 @@ def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tenso
     cfg, family, accelerator = run.cfg, run.family, run.accelerator
     k = index.shape[1]
     x0, index, advantages = x0.repeat_interleave(k, dim=0), index.reshape(-1), advantages.repeat_interleave(k)
-    cond = {n: v.repeat_interleave(k, dim=0) for n, v in cond.items()} if isinstance(cond, dict) \
-        else cond.repeat_interleave(k, dim=0)
+    cond = each_tensor(cond, lambda t: t.repeat_interleave(k, dim=0))
     x_t, t, target, time = family.noised_at(x0, torch.randn_like(x0), index)
 
     def predict(model) -> torch.Tensor:  # the conditional prediction: both methods train without guidance

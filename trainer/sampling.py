@@ -39,7 +39,8 @@ class Trajectories:
     def tensors(self) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "metadata")}
 
-    def shuffled(self, batch_size: int, num_timesteps: int, first: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def shuffled(self, batch_size: int, num_timesteps: int,
+                 first: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Random sample order in chunks of ``batch_size``, each sample with its own random timesteps (the
         first ``num_timesteps`` of a permutation: timestep_fraction; ``first``: its first ``num_timesteps``
         stored steps, as Flow-GRPO), as (rows, steps) index pairs for ``chunk``: nothing is copied until a
@@ -56,7 +57,7 @@ class Trajectories:
     def chunk(self, rows: torch.Tensor, steps: torch.Tensor) -> "Chunk":
         """The samples ``rows`` (B,), each at its stored steps ``steps`` (B, k), gathered for training."""
         r = rows[:, None]
-        return Chunk(_each(self.prompt_embeds, lambda t: t[rows]), self.path[r, steps], self.path[r, steps + 1],
+        return Chunk(each_tensor(self.prompt_embeds, lambda t: t[rows]), self.path[r, steps], self.path[r, steps + 1],
                      self.log_probs[r, steps], self.timesteps[r, steps], self.steps[r, steps])
 
     @classmethod
@@ -82,7 +83,7 @@ class Chunk:
     steps: torch.Tensor  # (B, k)
 
 
-def _each(value, fn):
+def each_tensor(value, fn):
     """``fn`` of a tensor, or of each tensor of a conditioning dict."""
     return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
 
@@ -166,7 +167,7 @@ def rescore(
         return t[:, steps].reshape(n * k, *t.shape[2:])
 
     latents = flat(chunk.latents)
-    cond = chunk.prompt_embeds if k == 1 else _each(chunk.prompt_embeds, lambda t: t.repeat_interleave(k, dim=0))
+    cond = chunk.prompt_embeds if k == 1 else each_tensor(chunk.prompt_embeds, lambda t: t.repeat_interleave(k, dim=0))
     output = family.predict(model, latents, flat(chunk.timesteps), cond, negative_embeds, guidance_scale)
     mean, std = family.step(output, flat(chunk.steps), latents, eta)
     log_prob = family.log_prob(flat(chunk.next_latents), mean, std).reshape(n, k)
