@@ -1,4 +1,5 @@
-"""GPU memory and compute of one DDPO step per model family, estimated without a GPU.
+"""GPU memory and compute of one training step per model family, estimated without a GPU: DDPO's and the
+forward-process methods' (DiffusionNFT, AWM).
 
     python -m bench.gpu_estimate [--families sd15,sdxl,sd3] [--resolutions 512,1024] [--out FILE] [--quick]
 
@@ -7,8 +8,11 @@ on the meta device with the trainer's LoRA adapters (trainer.models.make_trainab
 adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE step of the DDPO hot
 path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free guidance (batch
 doubled), its step's Gaussian (DDIM for SD1/SDXL, Flow-GRPO's SDE for SD3) and the log-prob of the stored next
-latent, PPO-clip, backward, gradient clipping, AdamW; with and without gradient checkpointing. Also the
-sampling step alone (no grad) and the VAE decode of a sampled batch.
+latent, PPO-clip, backward, gradient clipping, AdamW; with and without gradient checkpointing. DiffusionNFT's
+and AWM's step as trainer/forward.py runs it: clean latents re-noised at a sampler step, the conditional
+prediction with gradient (no guidance), the lagging weights' and the base's without, NFT's loss, backward,
+clipping, AdamW (AWM's step has the same forwards and an elementwise loss: the same memory and FLOPs). Also
+the sampling step alone (no grad) and the VAE decode of a sampled batch.
 
 ``LiveBytes`` (a TorchDispatchMode) keeps the bytes of every live storage, in the CUDA caching allocator's
 512-byte blocks, until a weak reference says it died; at the peak it notes which were alive and later names
@@ -44,7 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 from trainer.ddim import ddim_mean_std, gaussian_log_prob
 from trainer.flow import flow_sde_mean_std
-from trainer.loss import ppo_clip_loss
+from trainer.loss import nft_loss, nft_optimality, ppo_clip_loss
 
 GB = 1e9
 CARDS_GB = (24, 40, 80)
@@ -95,6 +99,7 @@ T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_laye
 # name: denoiser config and dtype, resolutions, the preset whose sampling and LoRA settings apply, the VAE
 # (config, dtype: SDXL's runs in fp32, its force_upcast) and the text encoders.
 _L, _G, _T5 = ("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", CLIP_G), ("T5EncoderModel", T5_XXL)
+TRAIN_KINDS = ("train", "train_checkpointed", "forward_train", "forward_train_checkpointed")  # DDPO's, NFT's / AWM's
 FAMILIES = {
     "sd15": dict(config=SD15_UNET, dtype=torch.float16, resolutions=(512,), preset="sd15-compressibility",
                  vae=(SD_VAE, torch.float16), text=[("CLIPTextModel", CLIP_L)]),
@@ -263,6 +268,7 @@ class Step:
             self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         self.scheduler.set_timesteps(sample["num_steps"])
+        self.schedule = self.family(SimpleNamespace(scheduler=self.scheduler))  # the family's x_t and x0 formulas
 
     def inputs(self, n: int, resolution: int) -> dict:
         """What the step reads from the stored trajectories: x_t, x_{t-1}, timesteps, conditioning, log-probs."""
@@ -293,6 +299,24 @@ class Step:
     def train_step(self, b: dict, optimizer) -> None:
         loss, _ = ppo_clip_loss(self.log_prob(b), b["old_log_probs"], b["advantages"], self.train["clip_range"],
                                 self.train["adv_clip_max"])
+        self.optimize(loss, optimizer)
+
+    def forward_step(self, b: dict, optimizer) -> None:
+        """DiffusionNFT's step (trainer/forward.py): the rollout's clean latents (here ``latents``) at a sampler
+        step, the lagging and the base prediction without gradient (each the same denoiser's forward: swapped
+        LoRA tensors, adapters off), the trained one with; NFT's loss and its KL to the base."""
+        x_t, t, _, _ = self.schedule.noised_at(b["latents"], b["next_latents"], b["steps"])
+        with CudaAutocast(self.dtype):
+            with torch.no_grad():
+                lagging = self.family.predict(self.model, x_t, t, b["cond"], None, 1.0).float()
+                reference = self.family.predict(self.model, x_t, t, b["cond"], None, 1.0).float()
+            prediction = self.family.predict(self.model, x_t, t, b["cond"], None, 1.0).float()
+        r = nft_optimality(b["advantages"], self.train["adv_clip_max"])
+        loss, _ = nft_loss(prediction, lagging, b["latents"], lambda p: self.schedule.predicted_x0(p, b["steps"], x_t),
+                           r, 1.0, self.train["adv_clip_max"])
+        self.optimize(loss + 1e-4 * ((prediction - reference) ** 2).mean(), optimizer)
+
+    def optimize(self, loss: torch.Tensor, optimizer) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.train["max_grad_norm"])
         optimizer.step()
@@ -324,15 +348,16 @@ def run_step(step: Step, kind: str, n: int, resolution: int, fake, block: int = 
         model.disable_gradient_checkpointing()
     with fake if fake is not None else torch.device("cpu"):
         optimizer = None
-        if kind == "train":  # AdamW with its state made once, as every step after the first finds it
+        if kind != "sampling":  # AdamW with its state made once, as every step after the first finds it
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
             for p in optimizer.param_groups[0]["params"]:
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         batch = step.inputs(n, resolution)
-        result = measure(lambda: step.train_step(batch, optimizer) if kind == "train" else step.sampling_step(batch),
-                         model, optimizer, batch, block, profile)
+        run = {"train": step.train_step, "forward_train": step.forward_step}.get(kind)
+        result = measure(lambda: run(batch, optimizer) if run else step.sampling_step(batch), model, optimizer, batch,
+                         block, profile)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
     return result
@@ -389,6 +414,8 @@ def estimate(name: str, resolutions, fake) -> dict:
             "sampling": lambda n: run_step(step, "sampling", n, res, fake),
             "train": lambda n: run_step(step, "train", n, res, fake),
             "train_checkpointed": lambda n: run_step(step, "train", n, res, fake, checkpointing=True),
+            "forward_train": lambda n: run_step(step, "forward_train", n, res, fake),
+            "forward_train_checkpointed": lambda n: run_step(step, "forward_train", n, res, fake, checkpointing=True),
             "decode": lambda n: run_decode(step, vae, n, res, fake)}.items()}
         # What the card holds at batch 1 and per further sample: the other frozen modules beside the step, and for
         # sampling also the decode of the batch beside the denoiser's weights.
@@ -397,6 +424,7 @@ def estimate(name: str, resolutions, fake) -> dict:
         lines["decode"] = (lines["decode"][0] - frozen["vae"] + weights, lines["decode"][1])
         with fake:
             cond = sum(t.nbytes for t in tree_leaves(step.inputs(1, res)["cond"]))
+        latent = 4 * model.config.in_channels * (res // 8) ** 2
         fits = lambda key, card: min(largest_batch(*lines[k], card) for k in ([key, "decode"] if key == "sampling" else [key]))
         out[f"{name}@{res}"] = {
             "denoiser": type(model).__name__, "dtype": str(family["dtype"]).removeprefix("torch."),
@@ -405,13 +433,13 @@ def estimate(name: str, resolutions, fake) -> dict:
             "lora": {k: preset["train"][k] for k in ("lora_rank", "lora_alpha", "lora_targets")},
             "other_frozen_gb": {k: gb(v) for k, v in frozen.items()},
             **{key: summary(*pair) for key, pair in runs.items()},
-            "need_gb_at_batch1": {"train": gb(lines["train"][0]), "train_checkpointed": gb(lines["train_checkpointed"][0]),
+            "need_gb_at_batch1": {**{k: gb(lines[k][0]) for k in TRAIN_KINDS},
                                   "sampling": gb(max(lines["sampling"][0], lines["decode"][0]))},
-            # trainer/sampling.py's Trajectories keep each sample's path of T + 1 latents (fp32) and conditioning
-            "trajectory_gb_per_sample": gb((preset["sample"]["num_steps"] + 1) * 4 * model.config.in_channels
-                                           * (res // 8) ** 2 + cond),
-            "largest_batch": {f"{card}GB": {k: fits(k, card) for k in ("train", "train_checkpointed", "sampling")}
-                              for card in CARDS_GB},
+            # trainer/sampling.py's Trajectories keep each sample's path of T + 1 latents (fp32) and conditioning;
+            # DiffusionNFT and AWM keep only the clean latents
+            "trajectory_mb_per_sample": round(((preset["sample"]["num_steps"] + 1) * latent + cond) / 1e6, 3),
+            "clean_latents_mb_per_sample": round((latent + cond) / 1e6, 3),
+            "largest_batch": {f"{card}GB": {k: fits(k, card) for k in (*TRAIN_KINDS, "sampling")} for card in CARDS_GB},
         }
     return out
 
@@ -434,14 +462,18 @@ def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
         key = family and f"{family}@{cfg.sample.resolution or FAMILIES[family]['resolutions'][0]}"
         if key not in families:
             continue
-        e, kind = families[key], "train_checkpointed" if cfg.train.gradient_checkpointing else "train"
+        kind = ("forward_train" if cfg.algorithm in ("nft", "awm") else "train") + (
+            "_checkpointed" if cfg.train.gradient_checkpointing else "")
+        e = families[key]
         train_n = cfg.train.batch_size * max(g.stop - g.start for g in BatchPlan.step_groups_of(cfg))
         sample_n = cfg.sample.batch_size
         slope = max(e["sampling"]["per_sample_gb"]["total"], e["decode"]["per_sample_gb"]["total"])
         needs = {"train": e["need_gb_at_batch1"][kind] + (train_n - 1) * e[kind]["per_sample_gb"]["total"],
                  "sampling": e["need_gb_at_batch1"]["sampling"] + (sample_n - 1) * slope}
         used = {k: (1 + FRAGMENTATION) * v + CONTEXT_GB for k, v in needs.items()}
-        out[name] = {"estimate": key, "train_samples_per_forward": train_n, "sampling_batch": sample_n,
+        per_sample = e["clean_latents_mb_per_sample" if kind.startswith("forward") else "trajectory_mb_per_sample"] / 1e3
+        out[name] = {"estimate": key, "train_step": kind, "train_samples_per_forward": train_n, "sampling_batch": sample_n,
+                     "epoch_store_gb": round(per_sample * sample_n * cfg.sample.num_batches_per_epoch, 4),
                      "need_gb": {k: round(v, 2) for k, v in needs.items()},
                      f"margin_gb_on_{card_gb:g}gb": {k: round(card_gb - v, 2) for k, v in used.items()},
                      "fits": all(v <= card_gb for v in used.values())}
@@ -468,6 +500,7 @@ def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3"), n: int
         real = Step(denoiser(config, dtype, train, pretrained=str(path)), dtype, sample, train)
         resolution, out[name] = config["sample_size"] * 8, {}
         for key, kind, checkpointing in (("train", "train", False), ("train_checkpointed", "train", True),
+                                         ("forward_train", "forward_train", False),
                                          ("sampling", "sampling", False)):
             guess = run_step(estimated, kind, n, resolution, fake, 1, checkpointing)
             got = run_step(real, kind, n, resolution, None, 1, checkpointing, profile=True)
@@ -501,7 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
         "method": "fake tensors (FakeTensorMode) under CUDA autocast's dtype policy; live storages in 512-byte blocks",
         "notes": ["need = the step's peak + the other frozen modules (text encoders, VAE), all on the GPU as "
                   "trainer.models.load_family puts them; sampling also decodes its batch with the VAE",
-                  "not in need: the epoch's stored trajectories, samples per epoch x trajectory_gb_per_sample",
+                  "not in need: the epoch's stored trajectories, samples per epoch x trajectory_mb_per_sample "
+                  "(DiffusionNFT and AWM: x clean_latents_mb_per_sample), each preset's epoch_store_gb",
                   "train batch = train.batch_size x train.timesteps_per_forward (K timesteps go through one forward)",
                   "tflop_per_sample counts both halves of classifier-free guidance; train_checkpointed adds the "
                   "recomputation"],

@@ -1,4 +1,5 @@
-"""bench.gpu_estimate: GPU memory and FLOPs of a DDPO step from fake tensors, checked against real runs."""
+"""bench.gpu_estimate: GPU memory and FLOPs of a DDPO and a DiffusionNFT step from fake tensors, checked against
+real runs."""
 
 from __future__ import annotations
 
@@ -52,6 +53,26 @@ def test_sd15_figures_are_sane(report):
     fits = sd15["largest_batch"]
     assert 0 < fits["24GB"]["train"] < fits["40GB"]["train"] < fits["80GB"]["train"]
     assert fits["24GB"]["train"] < fits["24GB"]["train_checkpointed"]
+
+
+def test_forward_process_step_figures(report):
+    """DiffusionNFT's step trains the conditional prediction alone (no guidance: half DDPO's batch through the
+    graph) and adds two no-grad forwards (the lagging weights, the base); its epoch keeps clean latents only."""
+    sd15 = report["families"]["sd15@512"]
+    one_forward = sd15["sampling"]["tflop_per_sample"] / 2  # sampling evaluates both halves of CFG
+    nft, ddpo = sd15["forward_train"], sd15["train"]
+    # 3 forwards and one backward through the frozen base (input gradients: about one more forward) against
+    # DDPO's 2 forwards (both halves of CFG) and their backward
+    assert 3.9 * one_forward < nft["tflop_per_sample"] < ddpo["tflop_per_sample"] < 4.6 * one_forward
+    assert nft["per_sample_gb"]["activations"] < 0.6 * ddpo["per_sample_gb"]["activations"]
+    assert nft["batch1_gb"]["weights"] == ddpo["batch1_gb"]["weights"]
+    ckpt = sd15["forward_train_checkpointed"]
+    assert ckpt["per_sample_gb"]["activations"] < nft["per_sample_gb"]["activations"] / 2
+    assert sd15["clean_latents_mb_per_sample"] * 10 < sd15["trajectory_mb_per_sample"]
+    assert sd15["largest_batch"]["24GB"]["forward_train"] > sd15["largest_batch"]["24GB"]["train"]
+    nft_preset = report["presets"]["sd15-aesthetic-nft"]
+    assert nft_preset["train_step"].startswith("forward_train") and nft_preset["fits"]
+    assert report["presets"]["sd15-aesthetic"]["train_step"].startswith("train")
 
 
 def test_fake_weights_are_counted_exactly():
