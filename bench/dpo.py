@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic_settings import CliApp
 
-from bench.learning import accuracy_change, seen_change
+from bench.learning import accuracy_change, shapes_change
 from trainer.config import Config
 
 # DPO on tiny-shapes: LoRA as the DDPO default run, batches of 8 pairs, evaluated on the held-out captions.
@@ -55,7 +55,7 @@ def run_mode(mode: str, data: Path, steps: int, extra: list[str], eval_every: in
         history = train(cfg)
         wall = time.perf_counter() - start
         evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()]
-        seen = seen_change(cfg, Path(tmp))
+        seen = shapes_change(cfg, Path(tmp))
     change = accuracy_change(evals[0], evals[-1])
     last = history[-min(5, len(history)):]
     return {

@@ -4,6 +4,7 @@ held-out accuracy before and after with the rise in units of its standard error.
     python -m bench.learning                                  # the default run (preset shapes)
     python -m bench.learning --preset tiny --run.num_epochs 110
     python -m bench.learning --compare shapes,shapes-nokl     # one after the other, the same overrides
+    python -m bench.learning --preset shapes-nft --also-guidance 1  # held-out and seen also at guidance 1
 
 Prints JSON per run. The reward curve's rise (mean of the last 3 epochs - mean of the first 3) is given in
 two units: the spread of rewards within an epoch (mean of the per-epoch std) and the noise of an epoch's
@@ -52,13 +53,14 @@ def accuracy_change(before: dict, after: dict) -> dict:
     }
 
 
-_SEEN_BEFORE: dict[str, dict] = {}  # the base model's seen evaluation, shared by the runs of one process
+_BEFORE: dict[str, dict] = {}  # the base model's evaluations, shared by the runs of one process
 
 
-def seen_change(cfg: Config, out: Path) -> dict | None:
-    """``accuracy_change`` of a shapes-world run on training captions: the base model and the run's saved
-    weights in ``out``, each evaluated as the trainer evaluates (its steps, guidance and eval seeds);
-    None for a run not evaluated on the held-out captions."""
+def shapes_change(cfg: Config, out: Path, prompts: Path = ASSETS / "shapes_eval_seen.txt",
+                guidance_scale: float | None = None) -> dict | None:
+    """``accuracy_change`` of a shapes-world run on ``prompts`` (by default its training captions): the base
+    model and the run's saved weights in ``out``, each evaluated as the trainer evaluates (its steps, guidance
+    unless ``guidance_scale`` is given, and eval seeds); None for a run not evaluated on the held-out captions."""
     from trainer.evaluate import EvalSettings, run_evaluation
 
     if cfg.prompt.eval_path != ASSETS / "shapes_eval.txt":
@@ -66,13 +68,14 @@ def seen_change(cfg: Config, out: Path) -> dict | None:
     tuned = {"lora": out / "lora"} if cfg.train.lora else {"denoiser": next(out / d for d in ("unet", "transformer")
                                                                             if (out / d).is_dir())}
     settings = dict(
-        model=cfg.pretrained.model, prompts=ASSETS / "shapes_eval_seen.txt", prompt_fn="shapes", seed=cfg.run.eval_seed,
-        steps=cfg.sample.eval_num_steps or cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
+        model=cfg.pretrained.model, prompts=prompts, prompt_fn="shapes", seed=cfg.run.eval_seed,
+        steps=cfg.sample.eval_num_steps or cfg.sample.num_steps,
+        guidance_scale=cfg.sample.guidance_scale if guidance_scale is None else guidance_scale,
         batch_size=cfg.sample.batch_size, reward=cfg.run.eval_scorer or cfg.reward.scorer)
-    key = json.dumps(settings, default=str, sort_keys=True)
-    if key not in _SEEN_BEFORE:  # the same for every run of a --compare or of bench.dpo's modes
-        _SEEN_BEFORE[key] = run_evaluation(EvalSettings(**settings, out=out / "seen-before"))
-    return accuracy_change(_SEEN_BEFORE[key], run_evaluation(EvalSettings(**settings, **tuned, out=out / "seen-after")))
+    key, name = json.dumps(settings, default=str, sort_keys=True), f"{prompts.stem}-guidance-{settings['guidance_scale']:g}"
+    if key not in _BEFORE:  # the same for every run of a --compare or of bench.dpo's modes
+        _BEFORE[key] = run_evaluation(EvalSettings(**settings, out=out / f"{name}-before"))
+    return accuracy_change(_BEFORE[key], run_evaluation(EvalSettings(**settings, **tuned, out=out / f"{name}-after")))
 
 
 def bench_config(args: list[str], output_dir: str) -> Config:
@@ -81,14 +84,17 @@ def bench_config(args: list[str], output_dir: str) -> Config:
     return CliApp.run(Config, cli_args=[*preset, "--run.output_dir", output_dir, "--run.log_with", "none", *args])
 
 
-def bench(args: list[str]) -> dict:
+def bench(args: list[str], also_guidance: float | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bench_config(args, tmp)
         start = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - start
         evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()] if cfg.run.eval_every else []
-        seen = seen_change(cfg, Path(tmp)) if len(evals) >= 2 else None
+        seen = shapes_change(cfg, Path(tmp)) if len(evals) >= 2 else None
+        other_guidance = {f"{name}_guidance_{also_guidance:g}": shapes_change(cfg, Path(tmp), prompts, also_guidance)
+                          for name, prompts in (("heldout", cfg.prompt.eval_path), ("seen", ASSETS / "shapes_eval_seen.txt"))
+                          } if seen and also_guidance is not None else {}
     means = np.array([m["reward_mean"] for m in history])
     stds = np.array([m["reward_std"] for m in history])
     k = min(3, len(means))
@@ -112,18 +118,23 @@ def bench(args: list[str]) -> dict:
         result["heldout"]["points_per_minute"] = round(result["heldout"]["rise_points"] / (wall / 60), 2)
     if seen is not None:
         result["seen"] = seen
+    result |= other_guidance  # e.g. at guidance 1, DiffusionNFT's claim: the tuned model needs no guidance
     return result
 
 
 def main() -> None:
     args = sys.argv[1:]
+    also_guidance = None
+    if "--also-guidance" in args:
+        i = args.index("--also-guidance")
+        also_guidance, args = float(args[i + 1]), args[:i] + args[i + 2 :]
     if "--compare" in args:
         i = args.index("--compare")
         presets, args = args[i + 1].split(","), args[:i] + args[i + 2 :]
         for preset in presets:
-            print(json.dumps(bench(["--preset", preset, *args])), flush=True)
+            print(json.dumps(bench(["--preset", preset, *args], also_guidance)), flush=True)
     else:
-        print(json.dumps(bench(args)))
+        print(json.dumps(bench(args, also_guidance)))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydantic_settings import CliApp
 
-from bench.learning import accuracy_change, seen_change
+from bench.learning import accuracy_change, shapes_change
 from trainer.config import Config
 
 
@@ -43,7 +43,7 @@ def learn(mode: str, steps: int, extra: list[str]) -> dict:
         history = train(cfg)
         wall = time.perf_counter() - start
         evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()]
-        seen = seen_change(cfg, Path(tmp))
+        seen = shapes_change(cfg, Path(tmp))
     change = accuracy_change(evals[0], evals[-1])
     k = min(5, len(history))
     return {"benchmark": "refl", "mode": mode, "steps": steps, "wall_seconds": round(wall, 1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench.learning import accuracy_change, bench_config, seen_change
+from bench.learning import accuracy_change, bench_config, shapes_change
 
 
 def _record(scores: dict[str, list[float]], categories: dict[str, float]) -> dict:
@@ -23,4 +23,4 @@ def test_accuracy_change_is_the_paired_per_image_difference():
 
 
 def test_seen_change_only_for_runs_evaluated_on_the_held_out_captions(tmp_path):
-    assert seen_change(bench_config(["--preset", "tiny"], str(tmp_path)), tmp_path) is None
+    assert shapes_change(bench_config(["--preset", "tiny"], str(tmp_path)), tmp_path) is None
