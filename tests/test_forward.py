@@ -92,13 +92,13 @@ def test_optimality_and_the_old_policy_schedule():
     assert [ocr.old_decay(s) for s in (0, 74, 75, 175, 500)] == [0.0, 0.0, 0.0, pytest.approx(0.75), 0.999]
 
 
-def nft_config(tmp_path, tiny_cache, preset: str, algorithm: str = "nft", **run) -> Config:
+def nft_config(tmp_path, tiny_cache, preset: str, algorithm: str = "nft", train: dict | None = None, **run) -> Config:
     return Config(preset=preset, algorithm=algorithm,
                   run={"output_dir": tmp_path, "num_epochs": 2, "log_with": "none", "log_images_every": 0, **run},
                   pretrained={"cache_dir": tiny_cache},
                   sample={"num_steps": 4, "eta": 0.0, "batch_size": 4, "num_batches_per_epoch": 1, "images_per_prompt": 2,
                           "guidance_scale": 1.0},
-                  train={"batch_size": 2, "timestep_fraction": 0.5, "kl_coef": 1e-4, "cfg": False})
+                  train={"batch_size": 2, "timestep_fraction": 0.5, "kl_coef": 1e-4, "cfg": False, **(train or {})})
 
 
 @pytest.mark.slow
@@ -107,7 +107,8 @@ def nft_config(tmp_path, tiny_cache, preset: str, algorithm: str = "nft", **run)
 def test_a_short_run_trains_and_saves_on_every_family(tmp_path, tiny_cache, preset, algorithm):
     from trainer import train
 
-    cfg = nft_config(tmp_path, tiny_cache, preset, algorithm)
+    # AWM's timesteps stratified over the schedule, as its code does
+    cfg = nft_config(tmp_path, tiny_cache, preset, algorithm, {"timestep_selection": "stratified"} if algorithm == "awm" else None)
     history = train(cfg)
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[0]["old_policy_decay"] == pytest.approx(0.002)  # 2 optimizer steps into the run

@@ -82,7 +82,7 @@ def test_first_selection_trains_each_samples_first_stored_steps():
 
     batch = Trajectories(prompt_embeds=torch.zeros(6, 1), path=torch.zeros(6, 11, 1), log_probs=torch.zeros(6, 10),
                          timesteps=torch.zeros(6, 10), steps=torch.arange(10).repeat(6, 1))
-    picks = batch.shuffled(4, 9, first=True)
+    picks = batch.shuffled(4, 9, "first")
     assert sorted(torch.cat([rows for rows, _ in picks]).tolist()) == list(range(6))
     assert all(steps.tolist() == [list(range(9))] * len(rows) for rows, steps in picks)
     random = torch.cat([steps for _, steps in batch.shuffled(6, 9)])
@@ -112,3 +112,21 @@ def test_a_ddim_schedule_ending_on_alpha_one_is_refused_before_weights_load(tmp_
     assert check(fixed, 1, "cpu") is not None
     default = Config(pretrained={"model": _tiny_copy(tmp_path / "default", tiny_cache)}, train={"timestep_fraction": 1.0})
     assert check(default, 1, "cpu") is not None  # SD1's own schedule (set_alpha_to_one false): every step has noise
+
+
+@pytest.mark.parametrize("total,k,edges", [(20, 4, [0, 5, 10, 15, 20]), (10, 3, [0, 3, 6, 10]), (14, 6, [0, 2, 4, 7, 9, 11, 14])])
+def test_stratified_selection_draws_one_step_per_stratum(total, k, edges):
+    """AWM's stratified timesteps: sample i's j-th step is uniform over stratum j, [edges[j], edges[j + 1])."""
+    from trainer.sampling import pick_steps
+
+    torch.manual_seed(0)
+    steps = pick_steps(4000, total, k, "stratified")
+    assert steps.shape == (4000, k)
+    for j in range(k):
+        counts = torch.bincount(steps[:, j], minlength=total)
+        inside = counts[edges[j] : edges[j + 1]]
+        assert counts.sum() == inside.sum() and (inside > 0).all()  # every step of the stratum, none outside
+        assert inside.float().std() / inside.float().mean() < 0.15  # uniform within it (4000 draws)
+    assert (pick_steps(3, total, k, "first") == torch.arange(k)).all()
+    random = pick_steps(200, total, k)
+    assert all(len(set(row.tolist())) == k for row in random) and random.max() == total - 1

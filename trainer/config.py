@@ -64,9 +64,10 @@ class TrainConfig(_Group):
                               "sample.sde_type cps the log-prob drops its constants, as Flow-GRPO (1e-5 there)")
     timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's "
                                      "stochastic steps")
-    timestep_selection: Literal["random", "first"] = Field(
+    timestep_selection: Literal["random", "first", "stratified"] = Field(
         "random", description="which of the stochastic steps train.timestep_fraction picks: random, a permutation "
-        "per sample (ddpo-pytorch); first, the first ones in sampling order (Flow-GRPO: 0.99 of 10 steps trains 0-8)")
+        "per sample (ddpo-pytorch, DiffusionNFT); first, the first ones in sampling order (Flow-GRPO: 0.99 of 10 "
+        "steps trains 0-8); stratified, one from each of equal strata of the schedule (AWM)")
     timesteps_per_forward: int = Field(0, ge=0, description="trained timesteps that go through the denoiser "
                                        "together, a batch of K x train.batch_size (the same loss and gradient); 0: all "
                                        "of them on CPU, as many as fit on a CUDA GPU (measured on the first batch)")

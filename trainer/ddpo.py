@@ -111,8 +111,8 @@ def _ppo_updates(run: run_setup.Run, policy, trajectories: Trajectories, advanta
     decoupled = cfg.train.decoupled_ppo == "on" or (cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch")
     epoch_start_step = global_step
     for _ in range(cfg.train.num_inner_epochs):
-        first = cfg.train.timestep_selection == "first"
-        picks = trajectories.shuffled(cfg.train.batch_size, run.plan.train_timesteps, first)  # indices: no copies yet
+        picks = trajectories.shuffled(cfg.train.batch_size, run.plan.train_timesteps,  # indices: no copies yet
+                                      cfg.train.timestep_selection)
         run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)  # train.timesteps_per_forward 0, GPU
         plan = run.plan
         # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples

@@ -27,7 +27,7 @@ from trainer.loss import awm_loss, nft_loss, nft_optimality
 from trainer.models import adapters_disabled, weights_swapped
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
-from trainer.sampling import Trajectories, each_tensor
+from trainer.sampling import Trajectories, each_tensor, pick_steps
 
 
 def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None,
@@ -74,8 +74,9 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
 
 def _updates(run: run_setup.Run, policy, batch: Trajectories, advantages: torch.Tensor, epoch: int,
              global_step: int) -> tuple[dict[str, list], int]:
-    """train.num_inner_epochs passes over the epoch's clean latents, each sample at its own random
-    train.timestep_fraction of the sampler's steps (fresh noise each), in micro-batches of train.batch_size."""
+    """train.num_inner_epochs passes over the epoch's clean latents, each sample at its own
+    train.timestep_fraction of the sampler's steps (train.timestep_selection; fresh noise each), in
+    micro-batches of train.batch_size."""
     cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
     run.ctrl_c.updating()
     run.model.train()
@@ -84,8 +85,7 @@ def _updates(run: run_setup.Run, policy, batch: Trajectories, advantages: torch.
     clean, n, stats = batch.path[:, -1], len(advantages), defaultdict(list)
     for _ in range(cfg.train.num_inner_epochs):
         order = torch.randperm(n, device=device)
-        steps = torch.stack([torch.randperm(cfg.sample.num_steps, device=device)[: plan.train_timesteps]
-                             for _ in range(n)])
+        steps = pick_steps(n, cfg.sample.num_steps, plan.train_timesteps, cfg.train.timestep_selection, device)
         for i in tqdm(range(0, n, cfg.train.batch_size), desc=f"epoch {epoch} training",
                       disable=not accelerator.is_local_main_process, leave=False):
             rows = order[i : i + cfg.train.batch_size]

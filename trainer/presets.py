@@ -208,9 +208,10 @@ _FORWARD = _with(_FLOW_GRPO, sample={"eta": 0.0, "guidance_scale": 1.0},
                  train={"cfg": False, "timestep_selection": "random", "gradient_accumulation_steps": 16, "ema_decay": 0.9})
 PRESETS["sd3-pickscore-nft"] = _with(_FORWARD, algorithm="nft", train={"kl_coef": 1e-4}, prompt={"fn": "nouns_activities"},
                                      reward={"scorer": "pickscore"})
+# AWM: 6 timesteps per sample, one per stratum of the 14 steps (AWM's code stratifies steps 1-12).
 PRESETS["sd3-pickscore-awm"] = _with(_FORWARD, algorithm="awm", sample={"num_steps": 14},
-                                     train={"kl_coef": 1e-4, "timestep_fraction": 6 / 14}, prompt={"fn": "nouns_activities"},
-                                     reward={"scorer": "pickscore"})
+                                     train={"kl_coef": 1e-4, "timestep_fraction": 6 / 14, "timestep_selection": "stratified"},
+                                     prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
 # SD1.5 and SDXL (not in the papers): DiffusionNFT on ddpo-pytorch's runs, deterministic DDIM rollouts at their
 # guidance 5 (CFG-free SD1.5 images are poor), 20% of the 50 steps trained per image; unmeasured.
 _NFT_DDIM = {"sample": {"eta": 0.0}, "train": {"timestep_fraction": 0.2, "kl_coef": 1e-4, "ema_decay": 0.9}}

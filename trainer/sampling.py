@@ -14,6 +14,19 @@ from typing import Any
 import torch
 
 
+def pick_steps(n: int, total: int, k: int, selection: str = "random", device=None) -> torch.Tensor:
+    """Each of ``n`` samples' ``k`` trained steps of ``total`` (n, k), as train.timestep_selection says: random,
+    the first k of a permutation per sample (ddpo-pytorch, DiffusionNFT); first, steps 0..k-1 (Flow-GRPO);
+    stratified, one step drawn uniformly from each of k equal strata of the schedule (AWM: 6 timesteps per
+    sample, stratified), so every sample covers early, middle and late steps."""
+    if selection == "first":
+        return torch.arange(k, device=device).repeat(n, 1)
+    if selection == "stratified":
+        edges = torch.arange(k + 1, device=device) * total // k  # strata of total // k or one more steps
+        return edges[:-1] + (torch.rand(n, k, device=device) * (edges[1:] - edges[:-1])).long()
+    return torch.stack([torch.randperm(total, device=device)[:k] for _ in range(n)])
+
+
 @dataclass
 class Trajectories:
     """A batch of sampled images with everything the update needs; tensors are (N, ...) on one device."""
@@ -40,18 +53,13 @@ class Trajectories:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "metadata")}
 
     def shuffled(self, batch_size: int, num_timesteps: int,
-                 first: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Random sample order in chunks of ``batch_size``, each sample with its own random timesteps (the
-        first ``num_timesteps`` of a permutation: timestep_fraction; ``first``: its first ``num_timesteps``
-        stored steps, as Flow-GRPO), as (rows, steps) index pairs for ``chunk``: nothing is copied until a
-        chunk is taken."""
+                 selection: str = "random") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Random sample order in chunks of ``batch_size``, each sample with its own ``num_timesteps`` stored
+        steps as train.timestep_selection picks them (trained_steps.pick_steps), as (rows, steps) index pairs
+        for ``chunk``: nothing is copied until a chunk is taken."""
         n, total = self.log_probs.shape
-        device = self.log_probs.device
-        order = torch.randperm(n, device=device)
-        if first:
-            steps = torch.arange(num_timesteps, device=device).repeat(n, 1)
-        else:
-            steps = torch.stack([torch.randperm(total, device=device)[:num_timesteps] for _ in range(n)])
+        order = torch.randperm(n, device=self.log_probs.device)
+        steps = pick_steps(n, total, num_timesteps, selection, self.log_probs.device)
         return [(order[i : i + batch_size], steps[i : i + batch_size]) for i in range(0, n, batch_size)]
 
     def chunk(self, rows: torch.Tensor, steps: torch.Tensor) -> "Chunk":
