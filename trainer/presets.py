@@ -54,6 +54,9 @@ _SDXL = _with(
 # adapter-disabled model, LoRA r32 on the joint attention. Its 32 GPUs become 8 here: 144 samples per GPU.
 _SD3_LORA = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+# Flow-GRPO's FLUX LoRA (scripts/train_flux.py): SD3's attention targets (which also match the single-stream
+# blocks' attn.to_q/k/v) and the double-stream blocks' feed-forwards.
+_FLUX_LORA = [*_SD3_LORA, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 _FLOW_GRPO = {
     "run": {"num_epochs": 1000, "save_freq": 60, "mixed_precision": "bf16"},
     "pretrained": {"model": "stabilityai/stable-diffusion-3.5-medium"},
@@ -116,6 +119,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "run": {"output_dir": "outputs/tiny-sd3"}, "pretrained": {"model": "tiny-sd3"},
         "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "images_per_prompt": 4},
         "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _SD3_LORA},
+    },
+    # FLUX.1-dev's shape on CPU (trainer/flux.py): Flow-GRPO's FLUX run in miniature, 6 SDE steps at noise 0.9,
+    # the distilled guidance 3.5 as a transformer input (no second pass), groups of 4, its LoRA targets.
+    "tiny-flux": {
+        "run": {"output_dir": "outputs/tiny-flux"}, "pretrained": {"model": "tiny-flux"},
+        "sample": {"num_steps": 6, "eval_num_steps": 28, "eta": 0.9, "guidance_scale": 3.5, "images_per_prompt": 4},
+        "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _FLUX_LORA},
     },
     "sd15-compressibility": _with(_SD15, reward={"scorer": "compression"}),
     "sd15-incompressibility": _with(_SD15, reward={"scorer": "incompressibility"}),
