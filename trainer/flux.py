@@ -16,8 +16,8 @@ What differs from SD3, and where it lives here:
   A caller asking for guidance (a negative prompt and a scale w: sampling, evaluation, DDPO's re-scoring) gets
   the input w; the plain conditional prediction (no negative: what DiffusionNFT, AWM, Diffusion-DPO and
   ReFL without CFG train) gets the run's ``sample.guidance_scale``, since a distilled model has no guidance-free
-  prediction. FLUX.1-schnell-like models (no ``guidance_embeds``) take no guidance: their runs must set
-  ``sample.guidance_scale`` 1. FluxPipeline's ``true_cfg_scale`` (a real negative-prompt pass) is not supported.
+  prediction. FLUX.1-schnell-like models (no ``guidance_embeds``) take no guidance: the scale is ignored, as
+  FluxPipeline ignores it. FluxPipeline's ``true_cfg_scale`` (a real negative-prompt pass) is not supported.
 - T5 encodes ``pretrained.max_sequence_length`` tokens (default: FluxPipeline's 512, or fewer where the
   tokenizer's model_max_length is smaller; Flow-GRPO's FLUX script encodes 128).
 """
@@ -58,14 +58,9 @@ class Flux:
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "Flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        revision = cfg.pretrained.revision
-        guided = FluxTransformer2DModel.load_config(path, subfolder="transformer", revision=revision).get("guidance_embeds")
-        if not guided and cfg.sample.guidance_scale != 1.0:  # before any weights load
-            raise ValueError(f"sample.guidance_scale: {path} has no guidance input (a FLUX.1-schnell-like model, "
-                             f"guidance_embeds false) and samples without CFG; set 1, not {cfg.sample.guidance_scale}")
-        pipe = FluxPipeline.from_pretrained(path, revision=revision, **dtype_kwarg(dtype))
+        pipe = FluxPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
                              f"not a {type(pipe.scheduler).__name__}")
