@@ -241,3 +241,13 @@ def test_evaluate_and_label_run_on_it(tmp_path, tiny_cache):
                                  pairs=4, steps=3, guidance_scale=3.5, batch_size=8, scorer="compression"))
     assert counts["pairs"] == 4 and counts["kept"] + counts["ties"] == 4
     assert len(load_pairs(str(tmp_path / "pairs"))) == counts["kept"]
+
+
+def test_gpu_estimate_counts_the_flux_step_as_it_runs(tiny_cache):
+    """bench.gpu_estimate's FLUX step (the family's own predict on packed tokens, Flow-GRPO's SDE log-prob) on
+    fake tensors allocates what the same step on tiny-flux allocates for real."""
+    from bench.gpu_estimate import calibrate
+
+    for kind, c in calibrate(tiny_cache, ("tiny-flux",))["tiny-flux"].items():
+        assert c["estimated_bytes"] == c["tracked_real_bytes"] and c["flops_estimated"] == c["flops_real"] > 0, kind
+        assert 0 <= c["allocator_bytes"] - c["estimated_bytes"] < 512 * 1024, (kind, c)
