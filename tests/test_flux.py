@@ -80,6 +80,16 @@ def test_the_schedule_is_shifted_by_image_size_as_flux_computes_it(tiny_cache):
         family.initial_latents(1, 64, None, "cpu")
 
 
+def test_settings_flux_cannot_honour_are_refused_before_loading(tiny_cache, monkeypatch):
+    from diffusers import FluxPipeline
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(ValueError, match="pretrained.load_t5: false leaves SD3's T5 out; FLUX's prompt tokens"):
+        load_family(Config(preset="tiny-flux", pretrained={"cache_dir": tiny_cache, "load_t5": False}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        Config(preset="tiny-flux", pretrained={"max_sequence_length": 513})
+
+
 def test_the_guidance_input_is_the_callers_scale_or_the_runs(tiny_cache):
     """With a negative (a caller asking for guidance) the scale is the transformer's guidance input; the plain
     conditional prediction (no negative) is the model at the run's sample.guidance_scale; the negative is

@@ -57,7 +57,8 @@ class PretrainedConfig(_Group):
     revision: str | None = None
     load_t5: bool = Field(True, description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
                           "fp16) its tokens are zeros, as in StableDiffusion3Pipeline")
-    max_sequence_length: int | None = Field(None, gt=0, description="FLUX: T5 tokens per prompt; default FluxPipeline's "
+    max_sequence_length: int | None = Field(None, gt=0, le=512, description="FLUX: T5 tokens per prompt (at most 512, "
+                                            "as FluxPipeline allows); default FluxPipeline's "
                                             "512 (fewer if its tokenizer's model_max_length is smaller); Flow-GRPO's "
                                             "FLUX runs encode 128")
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")

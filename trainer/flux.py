@@ -60,6 +60,9 @@ class Flux:
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "Flux":
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+        if not cfg.pretrained.load_t5:  # before any weights load
+            raise ValueError("pretrained.load_t5: false leaves SD3's T5 out; FLUX's prompt tokens are T5's, which "
+                             "FluxPipeline cannot do without")
         pipe = FluxPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
