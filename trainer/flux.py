@@ -7,7 +7,8 @@ What differs from SD3, and where it lives here:
 - Latents are (N, 16, h, w) everywhere in the trainer, as SD3's; ``predict`` packs them into 2x2 patches of 64
   channels (h w / 4 tokens, with their row/column rotary ids) for the transformer and unpacks its output. The
   packing is a permutation, so the SDE step, its log-prob (a mean over all elements) and the KL are SD3's own
-  on the unpacked latents, bit for bit what they would be on the packed ones.
+  on the unpacked latents: the step's mean and std element for element those of the packed ones (as Flow-GRPO's
+  FLUX script computes them), the log-prob up to the order of its sum.
 - The sigmas are shifted by image size (FluxPipeline's ``calculate_shift``: mu linear in the number of image
   tokens, then the scheduler's exponential time shift), so the schedule is set for the run's resolution
   (``sample.resolution``, default the VAE's native 1024 px), fixed when the family loads.
