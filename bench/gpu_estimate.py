@@ -2,14 +2,14 @@
 
     python -m bench.gpu_estimate [--families sd15,sdxl,sd3,flux] [--resolutions 512,1024] [--out FILE] [--quick]
 
-Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT, FLUX.1-dev's transformer) is built random-init from its published config
-on the meta device with the trainer's LoRA adapters (trainer.models.make_trainable: frozen base in half,
-adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE step of the DDPO hot
-path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free guidance (batch
-doubled; FLUX.1-dev's guidance is an input, one pass), its step's Gaussian (DDIM for SD1/SDXL, Flow-GRPO's SDE
-for SD3 and FLUX) and the log-prob of the stored next
-latent, PPO-clip, backward, gradient clipping, AdamW; with and without gradient checkpointing. Also the
-sampling step alone (no grad) and the VAE decode of a sampled batch.
+Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT, FLUX.1-dev's transformer) is built random-init
+from its published config on the meta device with the trainer's LoRA adapters (trainer.models.make_trainable:
+frozen base in half, adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE
+step of the DDPO hot path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free
+guidance (batch doubled; FLUX.1-dev's guidance is an input, one pass), its step's Gaussian (DDIM for SD1/SDXL,
+Flow-GRPO's SDE for SD3 and FLUX) and the log-prob of the stored next latent, PPO-clip, backward, gradient
+clipping, AdamW; with and without gradient checkpointing. Also the sampling step alone (no grad) and the VAE
+decode of a sampled batch.
 
 ``LiveBytes`` (a TorchDispatchMode) keeps the bytes of every live storage, in the CUDA caching allocator's
 512-byte blocks, until a weak reference says it died; at the peak it notes which were alive and later names
@@ -270,10 +270,10 @@ class Step:
         from trainer.sdxl import SDXL
 
         self.model, self.dtype, self.sample, self.train, c = model, dtype, sample, train, model.config
-        self.flow, flux = "joint_attention_dim" in c, "num_single_layers" in c
+        self.flow, self.flux = "joint_attention_dim" in c, "num_single_layers" in c
         self.family = SD3 if self.flow else SDXL if c.get("addition_embed_type") == "text_time" else SD1
-        self.latent_channels = c.in_channels // 4 if flux else c.in_channels  # FLUX packs 2x2 patches of 16
-        if flux:  # FLUX.1-dev's scheduler (shift by image size) through the family itself: its predict is a method
+        self.latent_channels = c.in_channels // 4 if self.flux else c.in_channels  # FLUX packs 2x2 patches of 16
+        if self.flux:  # FLUX.1-dev's scheduler (shift by image size) through the family itself: its predict is a method
             self.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                              base_image_seq_len=256, max_image_seq_len=4096)
             pipe = SimpleNamespace(transformer=model, scheduler=self.scheduler, vae_scale_factor=8,
@@ -290,7 +290,7 @@ class Step:
     def inputs(self, n: int, resolution: int) -> dict:
         """What the step reads from the stored trajectories: x_t, x_{t-1}, timesteps, conditioning, log-probs."""
         c, size, h = self.model.config, resolution // 8, lambda *shape: torch.randn(*shape, dtype=self.dtype)
-        if hasattr(self.family, "guided"):  # FLUX: T5's tokens, CLIP's pooled output; the schedule of this size
+        if self.flux:  # FLUX: T5's tokens, CLIP's pooled output; the schedule of this size
             cond = {"prompt_embeds": h(n, self.family.max_sequence_length, c.joint_attention_dim),
                     "pooled_projections": h(n, c.pooled_projection_dim)}
             self.family.resolution = resolution
