@@ -39,8 +39,16 @@ def pipeline_latents(family, prompts, start, steps: int, guidance: float) -> tor
 @pytest.mark.parametrize("guidance", [True, False])
 def test_deterministic_sampling_is_the_pipelines_own(tiny_cache, guidance):
     """Noise level 0 is the scheduler's Euler step: our sampler and FluxPipeline agree exactly, the guidance input
-    included (FLUX.1-dev-like) or absent (schnell-like, where the scale changes nothing)."""
+    included (FLUX.1-dev-like) or absent (schnell-like, where the scale changes nothing; its fixed shift 1 gives
+    the plain linspace sigmas)."""
     _, family = flux(tiny_cache, guidance)
+    if not guidance:
+        family.timesteps(4, "cpu")
+        np.testing.assert_allclose(family.pipe.scheduler.sigmas.numpy(), [1.0, 0.75, 0.5, 0.25, 0.0], rtol=1e-6)
+        x0, eps, u = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8), torch.tensor([0.2, 0.7])
+        noisy, timesteps, _ = family.noised(x0, eps, u)  # DPO's noising: unshifted too
+        torch.testing.assert_close(noisy, (1 - u.view(-1, 1, 1, 1)) * x0 + u.view(-1, 1, 1, 1) * eps)
+        torch.testing.assert_close(timesteps, u * 1000)
     prompts, negative = ["a cat", "a red owl"], family.encode_prompts([""])
     start = family.initial_latents(2, 64, torch.Generator().manual_seed(3), "cpu")
     ours, final = sample(family, family.denoiser, prompts, [{}, {}], negative, 8, 0.0, 3.5, 64,

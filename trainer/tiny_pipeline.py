@@ -219,7 +219,7 @@ def tiny_t5(spec: dict):
 # FLUX.1's shape in miniature: a FluxTransformer2DModel (double- and single-stream blocks, rotary ids) on 2x2-packed
 # 16-channel latents, CLIP's pooled output and a tiny T5's tokens (32 of them: the tokenizer's model_max_length,
 # which trainer/flux.py encodes), a VAE with FLUX.1's scaling and shift, and FLUX.1-dev's scheduler (shift by
-# image size). ``guidance`` False is the schnell-like variant, without a guidance input.
+# image size). ``guidance`` False is the schnell-like variant: no guidance input, schnell's fixed shift 1.
 FLUX_SPEC = {
     **SPEC,
     "transformer": {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
@@ -232,12 +232,16 @@ FLUX_SPEC = {
 }
 
 
+FLUX_SCHNELL_SPEC = {**FLUX_SPEC, "guidance": False,
+                     "scheduler": {**FLUX_SPEC["scheduler"], "use_dynamic_shifting": False, "shift": 1.0}}
+
+
 def tiny_flux_path(cache_dir: str | os.PathLike | None = None, guidance: bool = True) -> Path:
     """The folder of the tiny FLUX pipeline (schnell-like, no guidance input, unless ``guidance``), building it
     first if it is not there yet."""
     from reward_servers.tiny_models import cached_build
 
-    name, spec = ("tiny-flux", FLUX_SPEC) if guidance else ("tiny-flux-schnell", {**FLUX_SPEC, "guidance": False})
+    name, spec = ("tiny-flux", FLUX_SPEC) if guidance else ("tiny-flux-schnell", FLUX_SCHNELL_SPEC)
     return cached_build(name, spec, lambda folder: build_tiny_flux(guidance).save_pretrained(folder), cache_dir)
 
 
@@ -265,7 +269,8 @@ def build_tiny_flux(guidance: bool = True):
         up_block_types=("UpDecoderBlock2D",) * len(blocks), sample_size=FLUX_SPEC["resolution"],
         use_quant_conv=False, use_post_quant_conv=False, **FLUX_SPEC["vae"],
     )
+    schedule = (FLUX_SPEC if guidance else FLUX_SCHNELL_SPEC)["scheduler"]
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SPEC["scheduler"]), vae=vae, text_encoder=text_encoder,
+        scheduler=FlowMatchEulerDiscreteScheduler(**schedule), vae=vae, text_encoder=text_encoder,
         tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
