@@ -1,18 +1,19 @@
 """GPU memory and compute of one training step per model family, estimated without a GPU: DDPO's and the
 forward-process methods' (DiffusionNFT, AWM).
 
-    python -m bench.gpu_estimate [--families sd15,sdxl,sd3] [--resolutions 512,1024] [--out FILE] [--quick]
+    python -m bench.gpu_estimate [--families sd15,sdxl,sd3,flux] [--resolutions 512,1024] [--out FILE] [--quick]
 
-Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT) is built random-init from its published config
-on the meta device with the trainer's LoRA adapters (trainer.models.make_trainable: frozen base in half,
-adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE step of the DDPO hot
-path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free guidance (batch
-doubled), its step's Gaussian (DDIM for SD1/SDXL, Flow-GRPO's SDE for SD3) and the log-prob of the stored next
-latent, PPO-clip, backward, gradient clipping, AdamW; with and without gradient checkpointing. DiffusionNFT's
-and AWM's step as trainer/forward.py runs it: clean latents re-noised at a sampler step, the conditional
-prediction with gradient (no guidance), the lagging weights' and the base's without, NFT's loss, backward,
-clipping, AdamW (AWM's step has the same forwards and an elementwise loss: the same memory and FLOPs). Also
-the sampling step alone (no grad) and the VAE decode of a sampled batch.
+Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT, FLUX.1-dev's transformer) is built random-init
+from its published config on the meta device with the trainer's LoRA adapters (trainer.models.make_trainable:
+frozen base in half, adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE
+step of the DDPO hot path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free
+guidance (batch doubled; FLUX.1-dev's guidance is an input, one pass), its step's Gaussian (DDIM for SD1/SDXL,
+Flow-GRPO's SDE for SD3 and FLUX) and the log-prob of the stored next latent, PPO-clip, backward, gradient
+clipping, AdamW; with and without gradient checkpointing. DiffusionNFT's and AWM's step as trainer/forward.py
+runs it: clean latents re-noised at a sampler step, the conditional prediction with gradient (no guidance),
+the lagging weights' and the base's without, NFT's loss, backward, clipping, AdamW (AWM's step has the same
+forwards and an elementwise loss: the same memory and FLOPs). Also the sampling step alone (no grad) and the
+VAE decode of a sampled batch.
 
 ``LiveBytes`` (a TorchDispatchMode) keeps the bytes of every live storage, in the CUDA caching allocator's
 512-byte blocks, until a weak reference says it died; at the peak it notes which were alive and later names
@@ -82,11 +83,19 @@ SD35M_TRANSFORMER = {
     "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "dual_attention_layers": list(range(13)),
     "qk_norm": "rms_norm",
 }
+# huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/transformer/config.json: 19 double- and 38 single-stream
+# blocks, 24 heads of 128, guidance as an input.
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
 # The VAEs (the same config files' vae/ folders): SD1.5's and SDXL's f8 4-channel VAE, SD3's 16-channel one.
 SD_VAE = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
           "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4}
 SD3_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
            "scaling_factor": 1.5305, "shift_factor": 0.0609}
+FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 # The frozen text encoders, which trainer.models.load_family keeps on the GPU too: CLIP ViT-L/14's
 # (openai/clip-vit-large-patch14), OpenCLIP bigG's and T5 v1.1-XXL's encoder (google/t5-v1_1-xxl), as the
 # pipelines' text_encoder, text_encoder_2 and text_encoder_3 (pretrained.load_t5 false drops the last).
@@ -107,6 +116,9 @@ FAMILIES = {
                  vae=(SD_VAE, torch.float32), text=[("CLIPTextModel", CLIP_L), _G]),
     "sd3": dict(config=SD35M_TRANSFORMER, dtype=torch.bfloat16, resolutions=(512, 1024), preset="sd3-pickscore",
                 vae=(SD3_VAE, torch.bfloat16), text=[_L, _G, _T5]),
+    # T5-XXL on the GPU beside the transformer, as trainer.models.load_family keeps every frozen module
+    "flux": dict(config=FLUX_DEV_TRANSFORMER, dtype=torch.bfloat16, resolutions=(512, 1024), preset="flux-pickscore-grpo",
+                 vae=(FLUX_VAE, torch.bfloat16), text=[("CLIPTextModel", CLIP_L), _T5]),
 }
 
 
@@ -225,7 +237,8 @@ def denoiser(config: dict, dtype: torch.dtype, lora: dict, fake=None, pretrained
     import diffusers
     from peft import LoraConfig
 
-    cls = diffusers.SD3Transformer2DModel if "joint_attention_dim" in config else diffusers.UNet2DConditionModel
+    cls = (diffusers.FluxTransformer2DModel if "num_single_layers" in config else diffusers.SD3Transformer2DModel
+           if "joint_attention_dim" in config else diffusers.UNet2DConditionModel)
     with contextlib.nullcontext() if pretrained else torch.device("meta"):
         model = cls.from_pretrained(pretrained) if pretrained else cls.from_config(config)
     model.requires_grad_(False).to(dtype)
@@ -252,16 +265,27 @@ def frozen_bytes(cls_name: str, config: dict, dtype: torch.dtype) -> int:
 class Step:
     """One family's DDPO step (trainer/ddpo.py's inner loop) on a batch of stored transitions."""
 
-    def __init__(self, model, dtype: torch.dtype, sample: dict, train: dict):
+    def __init__(self, model, dtype: torch.dtype, sample: dict, train: dict, tokens: int = 512):
+        """``tokens``: FLUX's T5 tokens per prompt (pretrained.max_sequence_length)."""
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+        from trainer.flux import Flux
         from trainer.sd1 import SD1
         from trainer.sd3 import SD3
         from trainer.sdxl import SDXL
 
         self.model, self.dtype, self.sample, self.train, c = model, dtype, sample, train, model.config
-        self.flow = "joint_attention_dim" in c
+        self.flow, self.flux = "joint_attention_dim" in c, "num_single_layers" in c
         self.family = SD3 if self.flow else SDXL if c.get("addition_embed_type") == "text_time" else SD1
+        self.latent_channels = c.in_channels // 4 if self.flux else c.in_channels  # FLUX packs 2x2 patches of 16
+        if self.flux:  # FLUX.1-dev's scheduler (shift by image size) through the family itself: its predict is a method
+            self.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                             base_image_seq_len=256, max_image_seq_len=4096)
+            pipe = SimpleNamespace(transformer=model, scheduler=self.scheduler, vae_scale_factor=8,
+                                   tokenizer_2=SimpleNamespace(model_max_length=tokens))
+            self.family = Flux(pipe, resolution=512, guidance=sample["guidance_scale"])  # inputs() sets the size
+            self.schedule = self.family
+            return
         if self.flow:  # SD3.5's scheduler (shift 3): the flow step needs its sigmas
             self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         else:  # SD1.5's DDIM schedule (runwayml/stable-diffusion-v1-5/scheduler, as trainer/tiny_pipeline.py)
@@ -273,14 +297,19 @@ class Step:
     def inputs(self, n: int, resolution: int) -> dict:
         """What the step reads from the stored trajectories: x_t, x_{t-1}, timesteps, conditioning, log-probs."""
         c, size, h = self.model.config, resolution // 8, lambda *shape: torch.randn(*shape, dtype=self.dtype)
-        if self.flow:  # CLIP's 77 tokens then T5's 256 (StableDiffusion3Pipeline.encode_prompt)
+        if self.flux:  # FLUX: T5's tokens, CLIP's pooled output; the schedule of this size
+            cond = {"prompt_embeds": h(n, self.family.max_sequence_length, c.joint_attention_dim),
+                    "pooled_projections": h(n, c.pooled_projection_dim)}
+            self.family.resolution = resolution
+            self.family.timesteps(self.sample["num_steps"], "cpu")
+        elif self.flow:  # CLIP's 77 tokens then T5's 256 (StableDiffusion3Pipeline.encode_prompt)
             cond = {"prompt_embeds": h(n, 77 + 256, c.joint_attention_dim), "pooled_projections": h(n, c.pooled_projection_dim)}
         elif self.family.__name__ == "SDXL":  # pooled width: the text_time input less the six time ids' embeddings
             cond = {"prompt_embeds": h(n, 77, c.cross_attention_dim), "time_ids": h(n, 6),
                     "text_embeds": h(n, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)}
         else:
             cond = h(n, 77, c.cross_attention_dim)
-        index, latents = self.sample["num_steps"] // 2, torch.randn(n, c.in_channels, size, size)
+        index, latents = self.sample["num_steps"] // 2, torch.randn(n, self.latent_channels, size, size)
         return {"latents": latents, "next_latents": torch.randn_like(latents), "cond": cond,
                 "negative": {k: v[:1].clone() for k, v in cond.items()} if isinstance(cond, dict) else cond[:1].clone(),
                 "timesteps": self.scheduler.timesteps[index].expand(n).clone(), "steps": torch.full((n,), index),
@@ -367,8 +396,9 @@ def run_decode(step: Step, vae, n: int, resolution: int, fake) -> dict:
     """Measure the family's decode of ``n`` sampled latents (trainer/ddpo.py decodes each sampling batch whole,
     outside autocast, in the VAE's own dtype)."""
     from trainer.sd1 import SD1
+    from trainer.sd3 import SD3
 
-    family = (step.family if step.flow else SD1)(SimpleNamespace(vae=vae))
+    family = (SD3 if step.flow else SD1)(SimpleNamespace(vae=vae))  # FLUX decodes with SD3's code
     with fake, torch.no_grad():
         latents = torch.randn(n, vae.config.latent_channels, resolution // 8, resolution // 8)
         return measure(lambda: family.decode(latents), vae, None, [latents], BLOCK)
@@ -401,7 +431,8 @@ def estimate(name: str, resolutions, fake) -> dict:
 
     family, preset = FAMILIES[name], PRESETS[FAMILIES[name]["preset"]]
     model = denoiser(family["config"], family["dtype"], preset["train"], fake)
-    step = Step(model, family["dtype"], preset["sample"], preset["train"])
+    step = Step(model, family["dtype"], preset["sample"], preset["train"],
+                preset.get("pretrained", {}).get("max_sequence_length") or 512)
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(family["vae"][0]).to(family["vae"][1])
     with fake:
@@ -424,7 +455,7 @@ def estimate(name: str, resolutions, fake) -> dict:
         lines["decode"] = (lines["decode"][0] - frozen["vae"] + weights, lines["decode"][1])
         with fake:
             cond = sum(t.nbytes for t in tree_leaves(step.inputs(1, res)["cond"]))
-        latent = 4 * model.config.in_channels * (res // 8) ** 2
+        latent = 4 * step.latent_channels * (res // 8) ** 2
         fits = lambda key, card: min(largest_batch(*lines[k], card) for k in ([key, "decode"] if key == "sampling" else [key]))
         out[f"{name}@{res}"] = {
             "denoiser": type(model).__name__, "dtype": str(family["dtype"]).removeprefix("torch."),
@@ -445,7 +476,7 @@ def estimate(name: str, resolutions, fake) -> dict:
 
 
 PRESET_FAMILY = {"runwayml/stable-diffusion-v1-5": "sd15", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
-                 "stabilityai/stable-diffusion-3.5-medium": "sd3"}
+                 "stabilityai/stable-diffusion-3.5-medium": "sd3", "black-forest-labs/FLUX.1-dev": "flux"}
 
 
 def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
@@ -480,7 +511,7 @@ def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
     return out
 
 
-def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3"), n: int = 2) -> dict:
+def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"), n: int = 2) -> dict:
     """The same steps on the repo's tiny models (trainer/tiny_pipeline.py): estimated on fake tensors, then run
     for real on the CPU, where the tracker and the CPU allocator (torch.profiler) measure the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -489,16 +520,17 @@ def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3"), n: int
     from trainer.presets import PRESETS
 
     models = {"tiny-sd": ("tiny_pipeline_path", "unet", "sd15"), "tiny-sdxl": ("tiny_sdxl_path", "unet", "sdxl"),
-              "tiny-sd3": ("tiny_sd3_path", "transformer", "sd3")}
+              "tiny-sd3": ("tiny_sd3_path", "transformer", "sd3"), "tiny-flux": ("tiny_flux_path", "transformer", "flux")}
     out = {}
     for name in names:
         build, folder, family = models[name]
         path, dtype, (sample, train) = (getattr(tiny_pipeline, build)(cache_dir) / folder, FAMILIES[family]["dtype"],
                                         (PRESETS[FAMILIES[family]["preset"]][k] for k in ("sample", "train")))
         config, fake = json.loads((path / "config.json").read_text()), FakeTensorMode(allow_non_fake_inputs=True)
-        estimated = Step(denoiser(config, dtype, train, fake), dtype, sample, train)
-        real = Step(denoiser(config, dtype, train, pretrained=str(path)), dtype, sample, train)
-        resolution, out[name] = config["sample_size"] * 8, {}
+        tokens = tiny_pipeline.FLUX_SPEC["t5_tokens"]
+        estimated = Step(denoiser(config, dtype, train, fake), dtype, sample, train, tokens)
+        real = Step(denoiser(config, dtype, train, pretrained=str(path)), dtype, sample, train, tokens)
+        resolution, out[name] = config.get("sample_size", 8) * 8, {}  # FLUX's transformer records none: 64 px
         for key, kind, checkpointing in (("train", "train", False), ("train_checkpointed", "train", True),
                                          ("forward_train", "forward_train", False),
                                          ("sampling", "sampling", False)):
@@ -537,8 +569,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "not in need: the epoch's stored trajectories, samples per epoch x trajectory_mb_per_sample "
                   "(DiffusionNFT and AWM: x clean_latents_mb_per_sample), each preset's epoch_store_gb",
                   "train batch = train.batch_size x train.timesteps_per_forward (K timesteps go through one forward)",
-                  "tflop_per_sample counts both halves of classifier-free guidance; train_checkpointed adds the "
-                  "recomputation"],
+                  "tflop_per_sample counts both halves of classifier-free guidance (FLUX.1-dev: one pass, its "
+                  "guidance an input); train_checkpointed adds the recomputation",
+                  "FLUX: T5-XXL kept on the GPU (9.5 GB of its need), as the trainer keeps it"],
         "families": families,
     }
     if "sd15@512" in families:
@@ -546,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["targets"] = {"sd15_train_batch1_gb": need, "target_gb": 7.0, "met": need <= 7.0,
                              "ddpo_pytorch_claim": "< 10 GB"}
     report["presets"] = preset_fits(families)
-    models = calibrate(args.cache_dir, ("tiny-sd",) if args.quick else ("tiny-sd", "tiny-sdxl", "tiny-sd3"))
+    models = calibrate(args.cache_dir, ("tiny-sd",) if args.quick else ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"))
     report["calibration"] = {
         "method": "the tiny models' steps (batch 2) estimated on fake tensors vs run for real on the CPU; measured: "
                   "the CPU allocator's events (torch.profiler profile_memory); rel_error = estimated / measured - 1",

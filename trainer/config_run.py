@@ -51,10 +51,14 @@ class RunConfig(_Group):
 
 
 class PretrainedConfig(_Group):
-    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" (embedded, built offline), "tiny-shapes" '
-                       '(shipped, pretrained on the shapes world) or a diffusers '
-                       'model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline)')
+    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" (embedded, built offline), '
+                       '"tiny-shapes" (shipped, pretrained on the shapes world) or a diffusers model id / path (a '
+                       'StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline)')
     revision: str | None = None
     load_t5: bool = Field(True, description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
                           "fp16) its tokens are zeros, as in StableDiffusion3Pipeline")
+    max_sequence_length: int | None = Field(None, gt=0, le=512, description="FLUX: T5 tokens per prompt (at most 512, "
+                                            "as FluxPipeline allows); default FluxPipeline's "
+                                            "512 (fewer if its tokenizer's model_max_length is smaller); Flow-GRPO's "
+                                            "FLUX runs encode 128")
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")

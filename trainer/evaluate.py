@@ -160,7 +160,7 @@ class EvalSettings(BaseSettings):
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.evaluate", cli_implicit_flags=True)
 
-    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" or a diffusers model id / path')
+    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" or a diffusers model id / path')
     cache_dir: Path | None = None
     lora: Path | None = Field(None, description="a folder with pytorch_lora_weights.safetensors (a run's lora/)")
     denoiser: Path | None = Field(None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)")

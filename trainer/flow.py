@@ -92,5 +92,12 @@ def flow_grpo_kl(sigmas: torch.Tensor, index: torch.Tensor | int, mean: torch.Te
     return squared / (2 * std.clamp(min=SIGMA_MIN).reshape(-1) ** 2)
 
 
+def rectified_flow_noised(latents: torch.Tensor, noise: torch.Tensor, s: torch.Tensor, num_train_timesteps: int):
+    """The rectified-flow interpolation x_s = (1 - s) x0 + s noise at times ``s`` (one per sample), the
+    transformer's timesteps s x num_train_timesteps and its regression target, the velocity noise - x0."""
+    sigma = s.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
+    return (1 - sigma) * latents + sigma * noise, s * num_train_timesteps, noise - latents
+
+
 FLOW_STEPS = {"sde": flow_sde_mean_std, "cps": flow_cps_mean_std}
 FLOW_LOG_PROBS = {"sde": gaussian_log_prob, "cps": cps_log_prob}

@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
+from trainer.flux import Flux
 from trainer.sd1 import SD1
 from trainer.sd3 import SD3
 from trainer.sdxl import SDXL
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL, SD3)}  # a diffusers pipeline class -> its family
-TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path", "tiny-sd3": "tiny_sd3_path"}  # built offline (trainer/tiny_pipeline.py)
+FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux)}  # a diffusers pipeline class -> its family
+TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path", "tiny-sd3": "tiny_sd3_path",
+        "tiny-flux": "tiny_flux_path"}  # built offline (trainer/tiny_pipeline.py)
 SHIPPED = {"tiny-shapes": Path(__file__).parent / "weights" / "tiny-shapes"}  # pretrained by trainer/shapes_model.py
 
 

@@ -54,6 +54,9 @@ _SDXL = _with(
 # adapter-disabled model, LoRA r32 on the joint attention. Its 32 GPUs become 8 here: 144 samples per GPU.
 _SD3_LORA = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+# Flow-GRPO's FLUX LoRA (scripts/train_flux.py): SD3's attention targets (which also match the single-stream
+# blocks' attn.to_q/k/v) and the double-stream blocks' feed-forwards.
+_FLUX_LORA = [*_SD3_LORA, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 _FLOW_GRPO = {
     "run": {"num_epochs": 1000, "save_freq": 60, "mixed_precision": "bf16"},
     "pretrained": {"model": "stabilityai/stable-diffusion-3.5-medium"},
@@ -117,6 +120,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "images_per_prompt": 4},
         "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _SD3_LORA},
     },
+    # FLUX.1-dev's shape on CPU (trainer/flux.py): Flow-GRPO's FLUX run in miniature, 6 SDE steps at noise 0.9,
+    # the distilled guidance 3.5 as a transformer input (no second pass), groups of 4, its LoRA targets.
+    "tiny-flux": {
+        "run": {"output_dir": "outputs/tiny-flux"}, "pretrained": {"model": "tiny-flux"},
+        "sample": {"num_steps": 6, "eval_num_steps": 28, "eta": 0.9, "guidance_scale": 3.5, "images_per_prompt": 4},
+        "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _FLUX_LORA},
+    },
     "sd15-compressibility": _with(_SD15, reward={"scorer": "compression"}),
     "sd15-incompressibility": _with(_SD15, reward={"scorer": "incompressibility"}),
     "sd15-aesthetic": _with(
@@ -149,6 +159,27 @@ PRESETS: dict[str, dict[str, Any]] = {
                "timestep_window_latest_start": 2},
     ),
 }
+
+# Flow-GRPO on FLUX.1-dev (config/grpo.py pickscore_flux and geneval_flux_fast, scripts/train_flux.py): 48 groups
+# of 24 per epoch at 512 px, 6 steps, guidance 3.5 as the transformer's input (trainer/flux.py: no second pass),
+# two optimizer steps per epoch, no KL, LoRA r64/a128 on the attention and feed-forwards, T5 at 128 tokens. Its 32
+# GPUs become 8 here: 144 samples per GPU. Sized by bench/gpu_estimate.py with T5 on the GPU: 3 samples per training
+# forward need about 61 GB of 80 (4 is the most), a sampling batch of 12 about 40.
+_FLUX_GRPO = _with(
+    _FLOW_GRPO, run={"save_freq": 30}, pretrained={"model": "black-forest-labs/FLUX.1-dev", "max_sequence_length": 128},
+    sample={"num_steps": 6, "eval_num_steps": 28, "eta": 0.9, "guidance_scale": 3.5, "batch_size": 12,
+            "num_batches_per_epoch": 12},
+    train={"kl_coef": 0.0, "batch_size": 3, "gradient_accumulation_steps": 24, "lora_rank": 64, "lora_alpha": 128.0,
+           "lora_targets": _FLUX_LORA},
+)
+PRESETS["flux-pickscore-grpo"] = _with(_FLUX_GRPO, prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
+# GenEval: Flow-GRPO's FLUX recipe is its Fast one (3 CPS steps at noise 0.8 in the first half, the rest ODE,
+# clip range 1e-5). The stand-in scorer of sd3-geneval-style (counting prompts, strict VQA) until a GenEval scorer exists.
+PRESETS["flux-geneval-grpo"] = _with(
+    _FLUX_GRPO, prompt={"fn": "counting"}, reward={"scorer": "llava", "options": {"mode": "strict"}},
+    sample={"eta": 0.8, "sde_type": "cps"},
+    train={"clip_range": 1e-5, "timestep_fraction": 1.0, "timestep_window": 3, "timestep_window_latest_start": 0},
+)
 
 # Diffusion-DPO's published runs (Wallace et al. 2023; github.com/SalesforceAIResearch/DiffusionDPO,
 # launchers/): the full UNet on Pick-a-Pic v2, effective batch 2048 on 16 GPUs (1 x 128 accumulation), lr 1e-8
@@ -223,7 +254,8 @@ PRESETS["sdxl-pickscore-nft"] = _with(PRESETS["sdxl-aesthetic"], algorithm="nft"
 _GPUS = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6,
          "sdxl-compressibility": 8, "sdxl-aesthetic": 8,
          "sd3-geneval-style": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8, "sd3-pickscore-nft": 8,
-         "sd3-pickscore-awm": 8, "sd15-aesthetic-nft": 8, "sdxl-pickscore-nft": 8}
+         "sd3-pickscore-awm": 8, "sd15-aesthetic-nft": 8, "sdxl-pickscore-nft": 8, "flux-pickscore-grpo": 8,
+         "flux-geneval-grpo": 8}
 for _name, _gpus in _GPUS.items():
     _p, _t = PRESETS[_name], PRESETS[_name]["train"]
     PRESETS[f"{_name}-1gpu"] = _with(

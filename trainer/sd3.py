@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.flow import FLOW_LOG_PROBS, FLOW_STEPS, flow_grpo_kl
+from trainer.flow import FLOW_LOG_PROBS, FLOW_STEPS, flow_grpo_kl, rectified_flow_noised
 from trainer.sd1 import SD1, dtype_kwarg, guided
 
 if TYPE_CHECKING:
@@ -117,9 +117,7 @@ class SD3:
         (s x num_train_timesteps) and its regression target, the velocity noise - x0."""
         config = self.pipe.scheduler.config
         shift = config.get("shift", 1.0)
-        s = shift * u / (1 + (shift - 1) * u)
-        sigma = s.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
-        return (1 - sigma) * latents + sigma * noise, s * config.num_train_timesteps, noise - latents
+        return rectified_flow_noised(latents, noise, shift * u / (1 + (shift - 1) * u), config.num_train_timesteps)
 
     def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
         """x_s = (1 - s) x0 + s noise at s = sigmas[index] of the sampler's schedule (one per sample; DiffusionNFT

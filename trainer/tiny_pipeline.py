@@ -214,3 +214,63 @@ def tiny_t5(spec: dict):
     torch.manual_seed(spec["seed"] + 3)
     encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, **spec["t5"]))
     return encoder, tokenizer
+
+
+# FLUX.1's shape in miniature: a FluxTransformer2DModel (double- and single-stream blocks, rotary ids) on 2x2-packed
+# 16-channel latents, CLIP's pooled output and a tiny T5's tokens (32 of them: the tokenizer's model_max_length,
+# which trainer/flux.py encodes), a VAE with FLUX.1's scaling and shift, and FLUX.1-dev's scheduler (shift by
+# image size). ``guidance`` False is the schnell-like variant: no guidance input, schnell's fixed shift 1.
+FLUX_SPEC = {
+    **SPEC,
+    "transformer": {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                    "axes_dims_rope": [4, 6, 6]},
+    "t5": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4},
+    "t5_tokens": 32,
+    "vae": {**SPEC["vae"], "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "scheduler": {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096, "shift": 3.0},
+}
+
+
+FLUX_SCHNELL_SPEC = {**FLUX_SPEC, "guidance": False,
+                     "scheduler": {**FLUX_SPEC["scheduler"], "use_dynamic_shifting": False, "shift": 1.0}}
+
+
+def tiny_flux_path(cache_dir: str | os.PathLike | None = None, guidance: bool = True) -> Path:
+    """The folder of the tiny FLUX pipeline (schnell-like, no guidance input, unless ``guidance``), building it
+    first if it is not there yet."""
+    from reward_servers.tiny_models import cached_build
+
+    name, spec = ("tiny-flux", FLUX_SPEC) if guidance else ("tiny-flux-schnell", FLUX_SCHNELL_SPEC)
+    return cached_build(name, spec, lambda folder: build_tiny_flux(guidance).save_pretrained(folder), cache_dir)
+
+
+def build_tiny_flux(guidance: bool = True):
+    """Random-init tiny FluxPipeline; identical for identical FLUX_SPEC and ``guidance``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from reward_servers.tiny_models import clip_tokenizer
+
+    tokenizer = clip_tokenizer(FLUX_SPEC["vocabulary"])
+    torch.manual_seed(FLUX_SPEC["seed"])
+    text_encoder = clip_text_encoder(CLIPTextModel, FLUX_SPEC["text"], tokenizer)  # FLUX takes its pooled output
+    text_encoder_2, tokenizer_2 = tiny_t5(FLUX_SPEC)
+    tokenizer_2.model_max_length = FLUX_SPEC["t5_tokens"]
+    torch.manual_seed(FLUX_SPEC["seed"] + 4)
+    transformer = FluxTransformer2DModel(
+        in_channels=4 * FLUX_SPEC["vae"]["latent_channels"], joint_attention_dim=FLUX_SPEC["t5"]["d_model"],
+        pooled_projection_dim=FLUX_SPEC["text"]["hidden_size"], guidance_embeds=guidance, **FLUX_SPEC["transformer"],
+    )
+    blocks = FLUX_SPEC["vae"]["block_out_channels"]
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks), sample_size=FLUX_SPEC["resolution"],
+        use_quant_conv=False, use_post_quant_conv=False, **FLUX_SPEC["vae"],
+    )
+    schedule = (FLUX_SPEC if guidance else FLUX_SCHNELL_SPEC)["scheduler"]
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**schedule), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )

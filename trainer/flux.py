@@ -1,0 +1,181 @@
+"""The FLUX.1 family (Black Forest Labs; diffusers' FluxPipeline): a flow-matching transformer of double- and
+single-stream blocks on CLIP-L's pooled output and T5's tokens, sampled with Flow-GRPO's SDE step as SD3 is
+(trainer/flow.py; Liu et al. 2025, github.com/yifan123/flow_grpo, scripts/train_flux.py).
+
+What differs from SD3, and where it lives here:
+
+- Latents are (N, 16, h, w) everywhere in the trainer, as SD3's; ``predict`` packs them into 2x2 patches of 64
+  channels (h w / 4 tokens, with their row/column rotary ids) for the transformer and unpacks its output. The
+  packing is a permutation, so the SDE step, its log-prob (a mean over all elements) and the KL are SD3's own
+  on the unpacked latents: the step's mean and std element for element those of the packed ones (as Flow-GRPO's
+  FLUX script computes them), the log-prob up to the order of its sum.
+- The sigmas are shifted by image size (FluxPipeline's ``calculate_shift``: mu linear in the number of image
+  tokens, then the scheduler's exponential time shift), so the schedule is set for the run's resolution
+  (``sample.resolution``, default the VAE's native 1024 px), fixed when the family loads.
+- FLUX.1-dev is guidance-distilled: guidance is a transformer input (``guidance_embeds``), never a second,
+  unconditional pass. ``sample.guidance_scale`` is that input (3.5 in FluxPipeline and Flow-GRPO's FLUX runs).
+  A caller asking for guidance (a negative prompt and a scale w: sampling, evaluation, DDPO's re-scoring) gets
+  the input w; the plain conditional prediction (no negative: what DiffusionNFT, AWM, Diffusion-DPO and
+  ReFL without CFG train) gets the run's ``sample.guidance_scale``, since a distilled model has no guidance-free
+  prediction. FLUX.1-schnell-like models (no ``guidance_embeds``) take no guidance: the scale is ignored, as
+  FluxPipeline ignores it. FluxPipeline's ``true_cfg_scale`` (a real negative-prompt pass) is not supported.
+- T5 encodes ``pretrained.max_sequence_length`` tokens (default: FluxPipeline's 512, or fewer where the
+  tokenizer's model_max_length is smaller; Flow-GRPO's FLUX script encodes 128).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from trainer.flow import rectified_flow_noised
+from trainer.sd1 import dtype_kwarg
+from trainer.sd3 import SD3
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+
+PIPELINE_TOKENS = 512  # FluxPipeline's default max_sequence_length
+PIPELINE_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
+
+
+class Flux:
+    pipeline_class = "FluxPipeline"
+    denoiser_name = "transformer"  # the pipeline component that is trained (and its folder when saved whole)
+
+    def __init__(self, pipe, sde_type: str = "sde", resolution: int | None = None, guidance: float = PIPELINE_GUIDANCE,
+                 max_sequence_length: int | None = None):
+        self.pipe, self.guidance = pipe, guidance
+        self.guided = bool(pipe.transformer.config.get("guidance_embeds"))
+        self.max_sequence_length = max_sequence_length or min(PIPELINE_TOKENS, pipe.tokenizer_2.model_max_length)
+        self.resolution = resolution or self.native_resolution()
+        # SD3's flow step, log-prob, KL, x0 and noising at the sampler's steps, and its VAE code (shift and scale)
+        sd3 = SD3(pipe, sde_type)
+        self.step, self.log_prob, self.kl, self.predicted_x0 = sd3.step, sd3.log_prob, sd3.kl, sd3.predicted_x0
+        self.noised_at, self.decode, self.to_uint8, self.encode = sd3.noised_at, sd3.decode, sd3.to_uint8, sd3.encode
+
+    @classmethod
+    def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "Flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        if not cfg.pretrained.load_t5:  # before any weights load
+            raise ValueError("pretrained.load_t5: false leaves SD3's T5 out; FLUX's prompt tokens are T5's, which "
+                             "FluxPipeline cannot do without")
+        pipe = FluxPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
+        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
+                             f"not a {type(pipe.scheduler).__name__}")
+        if pipe.vae.config.get("force_upcast") and dtype == torch.float16:
+            pipe.vae.to(torch.float32)  # as SDXL's, FLUX's VAE overflows in fp16
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, cfg.sample.sde_type, cfg.sample.resolution, cfg.sample.guidance_scale,
+                   cfg.pretrained.max_sequence_length)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        pipe = self.pipe
+        return [pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer]
+
+    def native_resolution(self) -> int:
+        """The VAE's sample size (1024 for FLUX.1; FluxPipeline's default size is the same 128 x 8): the transformer
+        records none."""
+        return self.pipe.vae.config.sample_size
+
+    # -- conditioning and prediction -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict[str, torch.Tensor]:
+        """The pipeline's own encoding: T5's tokens and CLIP's pooled output (``resolution``: unused)."""
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.pipe.transformer.device,
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    def predict(self, model, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
+                negative: dict[str, torch.Tensor] | None, guidance_scale: float) -> torch.Tensor:
+        """The velocity for (N, 16, h, w) latents, as FluxPipeline calls the transformer: 2x2-packed tokens,
+        timesteps / 1000, the guidance input (module docstring: ``negative`` itself is never run)."""
+        n, c, h, w = latents.shape
+        timesteps = timesteps.expand(n) if timesteps.ndim == 0 else timesteps
+        guidance = None
+        if self.guided:
+            scale = guidance_scale if negative is not None else self.guidance
+            guidance = torch.full((n,), scale, device=latents.device, dtype=torch.float32)
+        embeds = cond["prompt_embeds"]
+        tokens = model(
+            hidden_states=pack(latents), timestep=timesteps / 1000, guidance=guidance,
+            pooled_projections=cond["pooled_projections"], encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device), img_ids=image_ids(h // 2, w // 2, latents.device),
+            return_dict=False,
+        )[0]
+        return unpack(tokens, h, w)
+
+    # -- the schedule ----------------------------------------------------------------------------------------
+    def mu(self, image_tokens: int) -> float:
+        """FluxPipeline's shift of the schedule for ``image_tokens`` packed tokens (its calculate_shift)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.pipe.scheduler.config
+        return calculate_shift(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+    def latent_size(self, resolution: int) -> int:
+        """Latent rows (= columns) of a ``resolution`` px image, even for the 2x2 packing (as FluxPipeline rounds)."""
+        return 2 * (resolution // (self.pipe.vae_scale_factor * 2))
+
+    def timesteps(self, num_steps: int, device) -> torch.Tensor:
+        """FluxPipeline's schedule for the run's resolution: sigmas linspace(1, 1 / n, n), shifted by mu."""
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = self.mu((self.latent_size(self.resolution) // 2) ** 2)
+        self.pipe.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=mu)
+        return self.pipe.scheduler.timesteps
+
+    def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
+        """FluxPipeline's noise before it packs it: (n, 16, h, w), the same numbers from the same generator."""
+        if resolution != self.resolution:
+            raise ValueError(f"sample.resolution: the FLUX schedule is shifted for {self.resolution} px images (set "
+                             f"when the model loaded), not {resolution}")
+        size = self.latent_size(resolution)
+        shape = (n, self.pipe.transformer.config.in_channels // 4, size, size)
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
+        """The rectified-flow interpolation at s = the scheduler's shift of ``u`` in [0, 1) (one per sample) for
+        these latents' size, as its sampling schedule warps sigmas (Diffusion-DPO, ReFL's pre-training); the
+        transformer's timesteps and the velocity target noise - x0 (trainer/flow.py)."""
+        scheduler = self.pipe.scheduler
+        if scheduler.config.get("use_dynamic_shifting"):
+            s = scheduler.time_shift(self.mu(latents.shape[-2] * latents.shape[-1] // 4), 1.0, u)
+        else:
+            shift = scheduler.config.get("shift", 1.0)
+            s = shift * u / (1 + (shift - 1) * u)
+        return rectified_flow_noised(latents, noise, s, scheduler.config.num_train_timesteps)
+
+    def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
+        from diffusers import FluxPipeline
+
+        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, h w / 4, 4 C): each 2x2 patch one token, row-major (FluxPipeline's packing)."""
+    n, c, h, w = latents.shape
+    return latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``pack``."""
+    n, _, channels = tokens.shape
+    return tokens.view(n, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, channels // 4, h, w)
+
+
+def image_ids(rows: int, cols: int, device) -> torch.Tensor:
+    """The packed tokens' rotary position ids, (rows cols, 3): 0, then each token's row and column."""
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+    return ids.reshape(rows * cols, 3)
