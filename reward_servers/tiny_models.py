@@ -195,3 +195,38 @@ def resolve(checkpoint: str, kind: str) -> str:
     if (checkpoint, kind) in SHIPPED:
         return str(SHIPPED[checkpoint, kind])
     return str(tiny_checkpoint(kind)) if checkpoint == "tiny" else checkpoint
+
+
+# -- Mask2Former (GenEval's detector) ---------------------------------------------------------------------
+MASK2FORMER_SPEC = {"seed": 5, "embed": 16, "hidden": 32, "queries": 6, "favoured": {"dog": 8.0, "cat": 6.5}}
+
+
+def build_mask2former(folder: Path, spec: dict = MASK2FORMER_SPEC) -> None:
+    """A random-init Mask2Former over the 80 COCO classes. Random class logits give every class about 1/81,
+    below any threshold; the spec's favoured classes get their logit raised so that some detections pass
+    GenEval's 0.3 (dog) and others not (cat), as a trained detector's would."""
+    import torch
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+
+    from reward_servers.geneval_rules import CLASSES
+
+    e, hidden = spec["embed"], spec["hidden"]
+    backbone = SwinConfig(embed_dim=e, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(
+        backbone_config=backbone, feature_size=hidden, mask_feature_size=hidden, hidden_dim=hidden,
+        encoder_feedforward_dim=2 * hidden, dim_feedforward=2 * hidden, encoder_layers=1, decoder_layers=2,
+        num_attention_heads=4, num_queries=spec["queries"], id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)}, train_num_points=64,
+    )
+    torch.manual_seed(spec["seed"])
+    model = Mask2FormerForUniversalSegmentation(config)
+    with torch.no_grad():
+        for name, logit in spec["favoured"].items():
+            model.class_predictor.bias[CLASSES.index(name)] += logit
+    model.save_pretrained(folder)
+    Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(folder)
+
+
+TINY["mask2former"] = (MASK2FORMER_SPEC, build_mask2former)
