@@ -173,30 +173,6 @@ def build_bert(folder: Path, spec: dict = BERT_SPEC) -> None:
     tokenizer.save_pretrained(folder)
 
 
-TINY = {
-    "clip": (CLIP_SPEC, build_clip),
-    "llava": (LLAVA_SPEC, build_llava),
-    "bert": (BERT_SPEC, build_bert),
-}
-
-
-def tiny_checkpoint(kind: str, cache_dir=None) -> Path:
-    spec, build = TINY[kind]
-    return cached_build(f"tiny-{kind}", {**spec, "words": WORDS}, build, cache_dir)
-
-
-# Trained, not random: the shapes world's CLIP (reward_servers/shapes_clip.py), shipped in the package.
-SHIPPED = {("tiny-shapes", "clip"): Path(__file__).parent / "weights" / "tiny-shapes-clip"}
-
-
-def resolve(checkpoint: str, kind: str) -> str:
-    """A checkpoint option as a from_pretrained argument: 'tiny' becomes the built folder, 'tiny-shapes' the
-    shipped one."""
-    if (checkpoint, kind) in SHIPPED:
-        return str(SHIPPED[checkpoint, kind])
-    return str(tiny_checkpoint(kind)) if checkpoint == "tiny" else checkpoint
-
-
 # -- Mask2Former (GenEval's detector) ---------------------------------------------------------------------
 MASK2FORMER_SPEC = {"seed": 5, "embed": 16, "hidden": 32, "queries": 6, "favoured": {"dog": 8.0, "cat": 6.5}}
 
@@ -229,4 +205,63 @@ def build_mask2former(folder: Path, spec: dict = MASK2FORMER_SPEC) -> None:
     Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(folder)
 
 
-TINY["mask2former"] = (MASK2FORMER_SPEC, build_mask2former)
+# -- an OCR reader (TrOCR's layout: a ViT encoder, a text decoder) ---------------------------------------
+OCR_SPEC = {"seed": 6, "hidden": 32, "layers": 2, "heads": 4, "image_size": 32, "patch": 8}
+
+
+def build_ocr(folder: Path, spec: dict = OCR_SPEC) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, TrOCRConfig, TrOCRProcessor, ViTConfig,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["open", "hello", "world", "sale"]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>")
+    hidden, size = spec["hidden"], spec["image_size"]
+    encoder = ViTConfig(hidden_size=hidden, num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                        intermediate_size=2 * hidden, image_size=size, patch_size=spec["patch"])
+    decoder = TrOCRConfig(vocab_size=len(vocab), d_model=hidden, decoder_layers=spec["layers"],
+                          decoder_attention_heads=spec["heads"], decoder_ffn_dim=2 * hidden, max_position_embeddings=64,
+                          bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=0,
+                          tie_word_embeddings=False)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(spec["seed"])
+    model = VisionEncoderDecoderModel(config)
+    with torch.no_grad():  # random weights would read "<s><s><s>...": silence the special tokens, so it reads words
+        model.decoder.output_projection.weight[: len(specials)] = 0
+    model.save_pretrained(folder)
+    images = ViTImageProcessorPil(size={"height": size, "width": size})
+    TrOCRProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+
+
+TINY = {
+    "clip": (CLIP_SPEC, build_clip),
+    "llava": (LLAVA_SPEC, build_llava),
+    "bert": (BERT_SPEC, build_bert),
+    "mask2former": (MASK2FORMER_SPEC, build_mask2former),
+    "ocr": (OCR_SPEC, build_ocr),
+}
+
+
+def tiny_checkpoint(kind: str, cache_dir=None) -> Path:
+    spec, build = TINY[kind]
+    return cached_build(f"tiny-{kind}", {**spec, "words": WORDS}, build, cache_dir)
+
+
+# Trained, not random: the shapes world's CLIP (reward_servers/shapes_clip.py), shipped in the package.
+SHIPPED = {("tiny-shapes", "clip"): Path(__file__).parent / "weights" / "tiny-shapes-clip"}
+
+
+def resolve(checkpoint: str, kind: str) -> str:
+    """A checkpoint option as a from_pretrained argument: 'tiny' becomes the built folder, 'tiny-shapes' the
+    shipped one."""
+    if (checkpoint, kind) in SHIPPED:
+        return str(SHIPPED[checkpoint, kind])
+    return str(tiny_checkpoint(kind)) if checkpoint == "tiny" else checkpoint
