@@ -207,6 +207,7 @@ def build_mask2former(folder: Path, spec: dict = MASK2FORMER_SPEC) -> None:
 
 # -- an OCR reader (TrOCR's layout: a ViT encoder, a text decoder) ---------------------------------------
 OCR_SPEC = {"seed": 6, "hidden": 32, "layers": 2, "heads": 4, "image_size": 32, "patch": 8}
+GOT_OCR_SPEC = {"seed": 7, "hidden": 32, "image_size": 256}
 
 
 def build_ocr(folder: Path, spec: dict = OCR_SPEC) -> None:
@@ -241,12 +242,49 @@ def build_ocr(folder: Path, spec: dict = OCR_SPEC) -> None:
     TrOCRProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
 
 
+def build_got_ocr(folder: Path, spec: dict = GOT_OCR_SPEC) -> None:
+    """GOT-OCR2's layout (a SAM-style encoder whose 64 x 64 patches fold into the 256 image tokens its
+    processor writes, a Qwen2 decoder), with a word-level tokenizer holding its chat and image tokens."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AddedToken, GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2Processor, PreTrainedTokenizerFast
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["open", "hello", "world", "sale", "OCR:"]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(t, normalized=False, special=True) for t in specials[1:6]]})
+    hidden, size = spec["hidden"], spec["image_size"]
+    config = GotOcr2Config(
+        vision_config={"hidden_size": hidden // 2, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": hidden,
+                       "image_size": size, "patch_size": size // 64, "window_size": 8, "global_attn_indexes": [1],
+                       "output_channels": hidden // 2},
+        text_config={"model_type": "qwen2", "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": len(vocab),
+                     "eos_token_id": vocab["<|im_end|>"], "pad_token_id": 0, "bos_token_id": 1},
+        image_token_index=vocab["<imgpad>"],
+    )
+    torch.manual_seed(spec["seed"])
+    model = GotOcr2ForConditionalGeneration(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = vocab["<|im_end|>"], 0
+    with torch.no_grad():  # as build_ocr: read words, not special tokens
+        model.lm_head.weight[: len(specials)] = 0
+    model.save_pretrained(folder)
+    GotOcr2Processor(image_processor=GotOcr2ImageProcessorPil(size={"height": size, "width": size}),
+                     tokenizer=tokenizer).save_pretrained(folder)
+
+
 TINY = {
     "clip": (CLIP_SPEC, build_clip),
     "llava": (LLAVA_SPEC, build_llava),
     "bert": (BERT_SPEC, build_bert),
     "mask2former": (MASK2FORMER_SPEC, build_mask2former),
     "ocr": (OCR_SPEC, build_ocr),
+    "got-ocr": (GOT_OCR_SPEC, build_got_ocr),
 }
 
 

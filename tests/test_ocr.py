@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import numpy as np
-from transformers import AutoProcessor, VisionEncoderDecoderModel
+from transformers import AutoModelForImageTextToText, AutoProcessor, VisionEncoderDecoderModel
 
 from protocol import MEDIA_TYPE, RewardClient, build_request, unpack
 from reward_servers import tiny_models
@@ -38,13 +38,18 @@ def test_the_target_is_the_first_quoted_text():
             target(prompt)
 
 
-def test_served_ocr_reads_like_the_model_run_here(start_server, tmp_path):
+@pytest.mark.parametrize("build", [tiny_models.build_ocr, tiny_models.build_got_ocr], ids=["trocr", "got-ocr2"])
+def test_served_ocr_reads_like_the_model_run_here(start_server, tmp_path, build):
     folder = tmp_path / "ocr"
     folder.mkdir()
-    tiny_models.build_ocr(folder)
+    build(folder)
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 60, 3), dtype=np.uint8)
-    model, processor = VisionEncoderDecoderModel.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
-    out = model.generate(**processor(images=list(images), return_tensors="pt"), max_new_tokens=2, do_sample=False)
+    cls = VisionEncoderDecoderModel if build is tiny_models.build_ocr else AutoModelForImageTextToText
+    model, processor = cls.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+    inputs = processor(images=list(images), return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    if cls is AutoModelForImageTextToText:  # the answer follows the prompt
+        out = out[:, inputs["input_ids"].shape[1]:]
     read = [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
     first, second = read[0].split()
     prompts = [f'a shop sign that says "{first}"', f'a poster reading "{first} {second[:-1]}x"', 'a mug with "zz" on it']
