@@ -146,6 +146,41 @@ def parse(caption: str) -> dict[str, Any]:
                      "COCO class names, GenEval's colours); or send GenEval's metadata (tag, include, exclude)")
 
 
+def sample(rng: np.random.Generator, tag: str) -> dict[str, Any]:
+    """A prompt of ``tag`` with its metadata, drawn exactly as GenEval's create_prompts.py draws one (the same
+    calls on the Generator: its seed 43 gives its suite back), the row its evaluation_metadata.jsonl holds.
+    Counts are 2-4; no "person" is coloured (COCO's class 0: the draw skips it)."""
+    n = len(CLASSES)
+    if tag == "single_object":
+        name = CLASSES[rng.choice(n)]
+        return {"tag": tag, "include": [{"class": name, "count": 1}], "prompt": f"a photo of {with_article(name)}"}
+    if tag == "two_object":
+        a, b = (CLASSES[i] for i in rng.choice(n, size=2, replace=False))
+        return {"tag": tag, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+                "prompt": f"a photo of {with_article(a)} and {with_article(b)}"}
+    if tag == "counting":
+        name = CLASSES[rng.choice(n)]
+        count = int(rng.integers(2, 4, endpoint=True))
+        return {"tag": tag, "include": [{"class": name, "count": count}],
+                "exclude": [{"class": name, "count": count + 1}], "prompt": f"a photo of {NUMBERS[count]} {plural(name)}"}
+    if tag == "colors":
+        name = CLASSES[rng.choice(n - 1) + 1]
+        color = COLORS[rng.choice(len(COLORS))]
+        return {"tag": tag, "include": [{"class": name, "count": 1, "color": color}],
+                "prompt": f"a photo of {with_article(color)} {name}"}
+    if tag == "position":
+        a, b = (CLASSES[i] for i in rng.choice(n, size=2, replace=False))
+        rel = RELATIONS[rng.choice(len(RELATIONS))]
+        return {"tag": tag, "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+                "prompt": f"a photo of {with_article(a)} {rel} {with_article(b)}"}
+    if tag == "color_attr":
+        a, b = (CLASSES[i] for i in rng.choice(n - 1, size=2, replace=False) + 1)
+        ca, cb = (COLORS[i] for i in rng.choice(len(COLORS), size=2, replace=False))
+        return {"tag": tag, "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+                "prompt": f"a photo of {with_article(ca)} {a} and {with_article(cb)} {b}"}
+    raise ValueError(f"tag {tag!r} is not one of GenEval's: {', '.join(TAGS)}")
+
+
 # -- detections -------------------------------------------------------------------------------------------
 def box_iou(a, b) -> float:
     """GenEval's compute_iou (inclusive pixel boxes: +1 on each side)."""

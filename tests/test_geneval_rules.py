@@ -156,3 +156,35 @@ def test_malformed_metadata_names_the_field(metadata, field, message):
     with pytest.raises(ValueError) as exc:
         rules.checked(metadata, "metadata.0")
     assert str(exc.value).startswith(f"{field}: ") and message in str(exc.value)
+
+
+def test_the_sampler_regenerates_genevals_suite_from_its_seed():
+    """create_prompts.py's generate_suite: seed 43, all 80 single objects, then 100 draws of each other tag,
+    de-duplicated: exactly the 553 rows GenEval ships."""
+    import numpy as np
+
+    rng = np.random.default_rng(43)
+    suite = [{"tag": "single_object", "include": [{"class": rules.CLASSES[i], "count": 1}],
+              "prompt": f"a photo of {rules.with_article(rules.CLASSES[i])}"} for i in rng.choice(80, size=80, replace=False)]
+    suite += [rules.sample(rng, tag) for tag in rules.TAGS[1:] for _ in range(100)]
+    unique = list({json.dumps(row, sort_keys=True): row for row in suite}.values())
+    rows = [json.loads(line) for line in (ASSETS / "evaluation_metadata.jsonl").read_text().splitlines()]
+    assert unique == rows
+    assert (ASSETS / "evaluation_prompts.txt").read_text().splitlines() == [row["prompt"] for row in rows]
+
+
+def test_the_training_prompts_come_from_the_templates_and_never_from_the_evaluation():
+    import numpy as np
+
+    from trainer.prompts import GENEVAL_TRAIN_TAGS, make_prompt_fn
+
+    draw, rng = make_prompt_fn("geneval"), np.random.default_rng(0)
+    evaluation = {json.loads(line)["prompt"] for line in (ASSETS / "evaluation_metadata.jsonl").read_text().splitlines()}
+    drawn = [draw(rng) for _ in range(3000)]
+    assert not {prompt for prompt, _ in drawn} & evaluation
+    assert {meta["tag"] for _, meta in drawn} == set(GENEVAL_TRAIN_TAGS)
+    assert len({prompt for prompt, _ in drawn}) > 2000  # far more than the evaluation's 473 of these tags
+    for prompt, meta in drawn[:500]:
+        assert rules.parse(prompt) == meta == rules.checked(meta)
+    again = make_prompt_fn("geneval")
+    assert [again(r) for r in [np.random.default_rng(0)] for _ in range(50)] == drawn[:50]  # seeded

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import inspect
+import json
 
 import numpy as np
 
@@ -95,6 +96,31 @@ def shapes(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
     return caption, {"claims": world.claims(caption)}
 
 
+# Every single_object prompt GenEval can write (one per COCO class) is one of its 553 evaluation prompts, so
+# training draws the other five tags, as Flow-GRPO's training split (its evaluation prompts filtered out).
+GENEVAL_TRAIN_TAGS = ("two_object", "counting", "colors", "position", "color_attr")
+
+
+@cache
+def geneval_evaluation() -> tuple[tuple[str, dict[str, Any]], ...]:
+    """GenEval's 553 evaluation prompts with their metadata (trainer/assets/geneval, MIT, Ghosh et al. 2023)."""
+    rows = [json.loads(line) for line in lines(ASSETS / "geneval" / "evaluation_metadata.jsonl")]
+    return tuple((row["prompt"], {k: v for k, v in row.items() if k != "prompt"}) for row in rows)
+
+
+def geneval(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+    """A GenEval training prompt and its metadata (what the geneval scorer checks): a tag uniformly, then a
+    prompt drawn from GenEval's templates as its create_prompts.py draws them, never an evaluation prompt."""
+    from reward_servers.geneval_rules import sample
+
+    held_out = {prompt for prompt, _ in geneval_evaluation()}
+    tag = GENEVAL_TRAIN_TAGS[rng.integers(len(GENEVAL_TRAIN_TAGS))]
+    while True:
+        row = sample(rng, tag)
+        if row["prompt"] not in held_out:
+            return row.pop("prompt"), row
+
+
 def from_file(path: Path) -> PromptFn:
     prompts = lines(Path(path))
     return lambda rng: (prompts[rng.integers(len(prompts))], {})
@@ -108,6 +134,7 @@ PROMPT_FNS: dict[str, Callable[[], PromptFn]] = {
     "nouns_activities": lambda: nouns_activities,
     "counting": lambda: counting(),
     "shapes": lambda: shapes,
+    "geneval": lambda: geneval,
 }
 
 
