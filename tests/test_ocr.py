@@ -65,3 +65,14 @@ def test_served_ocr_reads_like_the_model_run_here(start_server, tmp_path, build)
     assert (bad.status_code, error["field"]) == (422, "prompts.0") and "no text in double quotes" in error["message"]
     with RewardClient(server.url) as client:  # and it goes on serving
         assert client.submit(images[:1], prompts[:1]).result(timeout=120).scores == [1.0]
+
+
+def test_the_ocr_prompts_quote_training_texts_never_the_evaluations():
+    from trainer.prompts import ASSETS, make_prompt_fn
+
+    draw, rng = make_prompt_fn("ocr"), np.random.default_rng(0)
+    drawn = [draw(rng)[0] for _ in range(500)]
+    texts = set((ASSETS / "ocr" / "train_texts.txt").read_text().splitlines())
+    evaluation = (ASSETS / "ocr" / "flow_grpo_test.txt").read_text().splitlines()
+    assert len(evaluation) == 1017 and {target(p).lower() for p in evaluation}.isdisjoint(t.lower() for t in texts)
+    assert {target(p) for p in drawn} == texts and len(set(drawn)) > 400

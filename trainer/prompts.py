@@ -121,6 +121,14 @@ def geneval(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
             return row.pop("prompt"), row
 
 
+def ocr(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+    """A text-rendering prompt in the style of Flow-GRPO's OCR set: a scene whose quoted text the image must
+    show (24 scenes x 48 texts in trainer/assets/ocr; no text is one of its evaluation prompts' texts,
+    ocr/flow_grpo_test.txt, for --prompt.eval_path)."""
+    scenes, texts = lines(ASSETS / "ocr" / "train_scenes.txt"), lines(ASSETS / "ocr" / "train_texts.txt")
+    return scenes[rng.integers(len(scenes))].format(text=texts[rng.integers(len(texts))]), {}
+
+
 def from_file(path: Path) -> PromptFn:
     prompts = lines(Path(path))
     return lambda rng: (prompts[rng.integers(len(prompts))], {})
@@ -135,6 +143,7 @@ PROMPT_FNS: dict[str, Callable[[], PromptFn]] = {
     "counting": lambda: counting(),
     "shapes": lambda: shapes,
     "geneval": lambda: geneval,
+    "ocr": lambda: ocr,
 }
 
 
