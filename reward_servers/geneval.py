@@ -11,8 +11,8 @@ GenEval's colour names with its three templates, on each object's crop with ever
 filled #999 (GenEval uses open_clip's ViT-L-14 "openai" weights: ``openai/clip-vit-large-patch14`` here).
 
 The score is Flow-GRPO's fraction of satisfied requirements (training), or with ``strict=true`` GenEval's
-correctness, 1 or 0 (evaluation: the benchmark is the mean over its six tags). ``info`` has both, the tag,
-what was detected and why the image is not correct.
+correctness, 1 or 0 (evaluation: the benchmark is the mean over its six tags). ``info`` has both
+(``fraction``, ``correct``), the tag (``category``), what was detected and why the image is not correct.
 """
 
 from __future__ import annotations
@@ -146,14 +146,15 @@ class GenEvalScorer(Scorer):
 
     def score(self, images, prompts, metadata) -> ScoreOutput:
         wanted = [_metadata(i, p, m) for i, (p, m) in enumerate(zip(prompts, metadata))]
-        info: dict[str, list] = {"correct": [], "fraction": [], "tag": [], "failed": [], "detected": []}
+        # "category": GenEval's tag, under the name the trainer breaks accuracy down by (as the shapes verifier's)
+        info: dict[str, list] = {"correct": [], "fraction": [], "category": [], "failed": [], "detected": []}
         for image, meta, detections in zip(images, wanted, self.detect(images)):
             objects = self.kept(detections, meta["tag"])
             colors_of = lambda name, objs, image=image: self.colors(image, name, objs)  # noqa: E731
             correct, failed = rules.evaluate(objects, meta, colors_of, self.options["position_threshold"])
             info["correct"].append(correct)
             info["fraction"].append(rules.fraction(objects, meta, colors_of, self.options["position_threshold"]))
-            info["tag"].append(meta["tag"])
+            info["category"].append(meta["tag"])
             info["failed"].append(failed)
             info["detected"].append([f"{o['class']} {o['score']:.2f} at {tuple(int(v) for v in o['box'])}"
                                      + (f" {o['color']}" if "color" in o else "") for objs in objects.values() for o in objs])

@@ -93,7 +93,7 @@ def test_served_geneval_matches_detections_and_colours_computed_here(start_serve
     reply = score(server, images, PROMPTS, METADATA)
     detections = reference_detections(checkpoints / "m2f", images)
     assert all(len(d["dog"]) >= 2 for d in detections) and not any("cat" in d for d in detections)
-    assert reply.info["tag"] == ["single_object", "counting", "colors", "two_object", "position", "color_attr"]
+    assert reply.info["category"] == ["single_object", "counting", "colors", "two_object", "position", "color_attr"]
     for i, (prompt, meta) in enumerate(zip(PROMPTS, METADATA)):
         wanted = meta or rules.parse(prompt)
         threshold = 0.9 if wanted["tag"] == "counting" else 0.3
