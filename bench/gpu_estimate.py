@@ -8,7 +8,7 @@ adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no da
 path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free guidance (batch
 doubled), its step's Gaussian (DDIM for SD1/SDXL, Flow-GRPO's SDE for SD3) and the log-prob of the stored next
 latent, PPO-clip, backward, gradient clipping, AdamW; with and without gradient checkpointing. Also the
-sampling step alone (no grad) and the VAE decode of a sampled batch.
+sampling step alone (no grad) and the VAE decode of a sampled batch; and the GenEval and OCR scorers' memory.
 
 ``LiveBytes`` (a TorchDispatchMode) keeps the bytes of every live storage, in the CUDA caching allocator's
 512-byte blocks, until a weak reference says it died; at the peak it notes which were alive and later names

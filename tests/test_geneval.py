@@ -136,3 +136,8 @@ def test_options_are_checked():
         GenEvalScorer(strict="maybe")
     scorer = GenEvalScorer("tiny", threshold="0.5", strict="1")
     assert scorer.strict and scorer.options["threshold"] == 0.5 and scorer.clip_checkpoint == "tiny"
+    from trainer.config import Config  # in process: --reward.scorer geneval --reward.options ...
+
+    assert Config(reward={"scorer": "geneval", "options": {"strict": "true", "checkpoint": "tiny"}}).reward.options["strict"] == "true"
+    with pytest.raises(ValueError, match="stricct"):
+        Config(reward={"scorer": "geneval", "options": {"stricct": "true"}})
