@@ -141,3 +141,13 @@ def test_options_are_checked():
     assert Config(reward={"scorer": "geneval", "options": {"strict": "true", "checkpoint": "tiny"}}).reward.options["strict"] == "true"
     with pytest.raises(ValueError, match="stricct"):
         Config(reward={"scorer": "geneval", "options": {"stricct": "true"}})
+
+
+def test_the_trainer_reports_genevals_overall_score_as_the_mean_over_tags():
+    from trainer.tracking import by_category
+
+    records = [{"category": c, "correct": ok} for c, ok in [("counting", True), ("counting", False), ("counting", False),
+                                                            ("colors", True)]]
+    out = by_category(records, np.array([1.0, 0.0, 0.5, 1.0]))
+    assert out["accuracy"] == 0.5 and out["accuracy_category_mean"] == pytest.approx((1 / 3 + 1) / 2)
+    assert out["category/counting/accuracy"] == pytest.approx(1 / 3) and out["category/counting/reward_mean"] == 0.5
