@@ -13,7 +13,7 @@ clipping, AdamW; with and without gradient checkpointing. DiffusionNFT's and AWM
 runs it: clean latents re-noised at a sampler step, the conditional prediction with gradient (no guidance),
 the lagging weights' and the base's without, NFT's loss, backward, clipping, AdamW (AWM's step has the same
 forwards and an elementwise loss: the same memory and FLOPs). Also the sampling step alone (no grad) and the
-VAE decode of a sampled batch.
+VAE decode of a sampled batch; and the GenEval and OCR scorers' memory.
 
 ``LiveBytes`` (a TorchDispatchMode) keeps the bytes of every live storage, in the CUDA caching allocator's
 512-byte blocks, until a weak reference says it died; at the peak it notes which were alive and later names
@@ -475,6 +475,53 @@ def estimate(name: str, resolutions, fake) -> dict:
     return out
 
 
+# -- the scorers ----------------------------------------------------------------------------------------------
+def _fake_model(cls, config, dtype: torch.dtype, fake):
+    with torch.device("meta"):
+        model = cls(config)
+    model.requires_grad_(False).to(dtype).eval()
+    with fake:
+        model.to_empty(device="cpu")
+    return model
+
+
+def scorers(fake, batch: int = 16) -> dict:
+    """The GenEval and OCR scorers' GPU memory in fp16/bf16 beside the trainer's (or on a GPU of their own):
+    weights, and the peak of one batch (``batch`` images, their max_batch) through the detector at mmdet's
+    800 px test scale / GOT-OCR2's 1024 px input, on fake tensors as the denoiser's."""
+    from transformers import (CLIPConfig, CLIPModel, GotOcr2Config, GotOcr2ForConditionalGeneration, Mask2FormerConfig,
+                              Mask2FormerForUniversalSegmentation)
+
+    clip = CLIPConfig(text_config=CLIP_L, vision_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                                         "num_attention_heads": 16, "patch_size": 14}, projection_dim=768)
+    detector = _fake_model(Mask2FormerForUniversalSegmentation, Mask2FormerConfig(num_labels=80), torch.float16, fake)
+    reader = _fake_model(GotOcr2ForConditionalGeneration, GotOcr2Config(), torch.bfloat16, fake)
+    with torch.device("meta"):
+        clip_bytes = sum(p.numel() for p in CLIPModel(clip).parameters()) * 2
+
+    def read(pixels, ids):  # the prompt's forward with the image tokens in place (generate's first step)
+        image = reader.model.get_image_features(pixel_values=pixels)
+        image = getattr(image, "pooler_output", image).reshape(len(ids), -1, reader.config.text_config.hidden_size)
+        text = reader.model.get_input_embeddings()(ids)
+        hidden = reader.model.language_model(inputs_embeds=torch.cat([text[:, :1], image, text[:, 1:]], 1)).last_hidden_state
+        return reader.lm_head(hidden[:, -1:])
+
+    out = {}
+    with fake, torch.no_grad():
+        for n in (1, batch):
+            pixels, ids = torch.randn(n, 3, 800, 800, dtype=torch.float16), torch.zeros(n, 30, dtype=torch.long)
+            geneval = measure(lambda: detector(pixel_values=pixels), detector, None, [pixels], BLOCK)
+            pixels = torch.randn(n, 3, 1024, 1024, dtype=torch.bfloat16)
+            ocr = measure(lambda: read(pixels, ids), reader, None, [pixels, ids], BLOCK)
+            out[n] = {"geneval": geneval["peak"] + clip_bytes, "ocr": ocr["peak"]}
+    rows = {"geneval": {"models": "Mask2Former Swin-S (COCO instances) + CLIP ViT-L/14, fp16",
+                        "weights_gb": gb(sum(p.nbytes for p in detector.parameters()) + clip_bytes)},
+            "ocr": {"models": "GOT-OCR2, bf16", "weights_gb": gb(sum(p.nbytes for p in reader.parameters()))}}
+    for name, row in rows.items():
+        row.update({"need_gb_at_batch1": gb(out[1][name]), f"need_gb_at_batch{batch}": gb(out[batch][name])})
+    return rows
+
+
 PRESET_FAMILY = {"runwayml/stable-diffusion-v1-5": "sd15", "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
                  "stabilityai/stable-diffusion-3.5-medium": "sd3", "black-forest-labs/FLUX.1-dev": "flux"}
 
@@ -579,6 +626,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["targets"] = {"sd15_train_batch1_gb": need, "target_gb": 7.0, "met": need <= 7.0,
                              "ddpo_pytorch_claim": "< 10 GB"}
     report["presets"] = preset_fits(families)
+    if not args.quick:
+        report["scorers"] = scorers(fake)
     models = calibrate(args.cache_dir, ("tiny-sd",) if args.quick else ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"))
     report["calibration"] = {
         "method": "the tiny models' steps (batch 2) estimated on fake tensors vs run for real on the CPU; measured: "

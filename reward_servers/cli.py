@@ -57,7 +57,7 @@ class ServerSettings(BaseSettings):
     mode: str | None = Field(None, description="llava: bertscore (default) or strict")
     bertscore_model: str | None = Field(None, description="llava bertscore: encoder id or path")
     bertscore_layer: int | None = Field(None, description="llava bertscore: hidden layer to match (default: last)")
-    max_new_tokens: int | None = Field(None, gt=0, description="llava: answer length limit")
+    max_new_tokens: int | None = Field(None, gt=0, description="llava: answer length limit; ocr: the reading's")
     latency_ms: float | None = Field(None, ge=0, description="synthetic: seconds of fake model time per batch, in ms")
     oom_above: int | None = Field(None, ge=0, description="synthetic: simulate out-of-memory above this batch size")
     options: dict[str, str | int | float] = Field(

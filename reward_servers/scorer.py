@@ -86,6 +86,8 @@ SCORERS: dict[str, str] = {
     "imagereward": "reward_servers.imagereward:ImageRewardScorer",
     "llava": "reward_servers.llava:LlavaScorer",
     "shapes": "reward_servers.shapes:ShapesVerifier",
+    "geneval": "reward_servers.geneval:GenEvalScorer",
+    "ocr": "reward_servers.ocr:OcrScorer",
 }
 
 

@@ -63,7 +63,8 @@ def classify(points: np.ndarray) -> tuple[str, float]:
 
 
 def detect(image: np.ndarray, min_area: int | None = None) -> list[dict[str, Any]]:
-    """The objects in a uint8 (H, W, 3) image: shape, colour, centre (x, y) and area in pixels."""
+    """The objects in a uint8 (H, W, 3) image: shape, colour, centre (x, y), area in pixels and bounding box
+    (x0, y0, x1, y1), exclusive at the far end."""
     h = image.shape[0]
     min_area = min_area or max(4, int(20 * (h / world.RESOLUTION) ** 2))  # smaller specks are noise, not objects
     pixels = image.astype(np.float32)
@@ -77,8 +78,10 @@ def detect(image: np.ndarray, min_area: int | None = None) -> list[dict[str, Any
             if len(points) < min_area:
                 continue
             shape, fit = classify(points)
+            (y0, x0), (y1, x1) = points.min(0), points.max(0)
             found.append({"shape": shape, "color": name, "x": float(points[:, 1].mean()),
-                          "y": float(points[:, 0].mean()), "area": int(len(points)), "fit": round(fit, 3)})
+                          "y": float(points[:, 0].mean()), "area": int(len(points)), "fit": round(fit, 3),
+                          "box": (int(x0), int(y0), int(x1) + 1, int(y1) + 1)})
     return found
 
 

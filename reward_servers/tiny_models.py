@@ -173,10 +173,118 @@ def build_bert(folder: Path, spec: dict = BERT_SPEC) -> None:
     tokenizer.save_pretrained(folder)
 
 
+# -- Mask2Former (GenEval's detector) ---------------------------------------------------------------------
+MASK2FORMER_SPEC = {"seed": 5, "embed": 16, "hidden": 32, "queries": 6, "favoured": {"dog": 8.0, "cat": 6.5}}
+
+
+def build_mask2former(folder: Path, spec: dict = MASK2FORMER_SPEC) -> None:
+    """A random-init Mask2Former over the 80 COCO classes. Random class logits give every class about 1/81,
+    below any threshold; the spec's favoured classes get their logit raised so that some detections pass
+    GenEval's 0.3 (dog) and others not (cat), as a trained detector's would."""
+    import torch
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+
+    from reward_servers.geneval_rules import CLASSES
+
+    e, hidden = spec["embed"], spec["hidden"]
+    backbone = SwinConfig(embed_dim=e, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(
+        backbone_config=backbone, feature_size=hidden, mask_feature_size=hidden, hidden_dim=hidden,
+        encoder_feedforward_dim=2 * hidden, dim_feedforward=2 * hidden, encoder_layers=1, decoder_layers=2,
+        num_attention_heads=4, num_queries=spec["queries"], id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)}, train_num_points=64,
+    )
+    torch.manual_seed(spec["seed"])
+    model = Mask2FormerForUniversalSegmentation(config)
+    with torch.no_grad():
+        for name, logit in spec["favoured"].items():
+            model.class_predictor.bias[CLASSES.index(name)] += logit
+    model.save_pretrained(folder)
+    Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(folder)
+
+
+# -- an OCR reader (TrOCR's layout: a ViT encoder, a text decoder) ---------------------------------------
+OCR_SPEC = {"seed": 6, "hidden": 32, "layers": 2, "heads": 4, "image_size": 32, "patch": 8}
+GOT_OCR_SPEC = {"seed": 7, "hidden": 32, "image_size": 256}
+
+
+def build_ocr(folder: Path, spec: dict = OCR_SPEC) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (PreTrainedTokenizerFast, TrOCRConfig, TrOCRProcessor, ViTConfig,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["open", "hello", "world", "sale"]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>",
+                                        eos_token="</s>", unk_token="<unk>")
+    hidden, size = spec["hidden"], spec["image_size"]
+    encoder = ViTConfig(hidden_size=hidden, num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                        intermediate_size=2 * hidden, image_size=size, patch_size=spec["patch"])
+    decoder = TrOCRConfig(vocab_size=len(vocab), d_model=hidden, decoder_layers=spec["layers"],
+                          decoder_attention_heads=spec["heads"], decoder_ffn_dim=2 * hidden, max_position_embeddings=64,
+                          bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=0,
+                          tie_word_embeddings=False)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(spec["seed"])
+    model = VisionEncoderDecoderModel(config)
+    with torch.no_grad():  # random weights would read "<s><s><s>...": silence the special tokens, so it reads words
+        model.decoder.output_projection.weight[: len(specials)] = 0
+    model.save_pretrained(folder)
+    images = ViTImageProcessorPil(size={"height": size, "width": size})
+    TrOCRProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def build_got_ocr(folder: Path, spec: dict = GOT_OCR_SPEC) -> None:
+    """GOT-OCR2's layout (a SAM-style encoder whose 64 x 64 patches fold into the 256 image tokens its
+    processor writes, a Qwen2 decoder), with a word-level tokenizer holding its chat and image tokens."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AddedToken, GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2Processor, PreTrainedTokenizerFast
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["open", "hello", "world", "sale", "OCR:"]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(t, normalized=False, special=True) for t in specials[1:6]]})
+    hidden, size = spec["hidden"], spec["image_size"]
+    config = GotOcr2Config(
+        vision_config={"hidden_size": hidden // 2, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": hidden,
+                       "image_size": size, "patch_size": size // 64, "window_size": 8, "global_attn_indexes": [1],
+                       "output_channels": hidden // 2},
+        text_config={"model_type": "qwen2", "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": len(vocab),
+                     "eos_token_id": vocab["<|im_end|>"], "pad_token_id": 0, "bos_token_id": 1},
+        image_token_index=vocab["<imgpad>"],
+    )
+    torch.manual_seed(spec["seed"])
+    model = GotOcr2ForConditionalGeneration(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = vocab["<|im_end|>"], 0
+    with torch.no_grad():  # as build_ocr: read words, not special tokens
+        model.lm_head.weight[: len(specials)] = 0
+    model.save_pretrained(folder)
+    GotOcr2Processor(image_processor=GotOcr2ImageProcessorPil(size={"height": size, "width": size}),
+                     tokenizer=tokenizer).save_pretrained(folder)
+
+
 TINY = {
     "clip": (CLIP_SPEC, build_clip),
     "llava": (LLAVA_SPEC, build_llava),
     "bert": (BERT_SPEC, build_bert),
+    "mask2former": (MASK2FORMER_SPEC, build_mask2former),
+    "ocr": (OCR_SPEC, build_ocr),
+    "got-ocr": (GOT_OCR_SPEC, build_got_ocr),
 }
 
 

@@ -156,3 +156,15 @@ def test_refl_memory_served_reward_saves_its_weights_and_activations():
         assert row["local_gb"]["optimizer_state"] == row["served_gb"]["optimizer_state"]
     for c in report["calibration_tiny"].values():
         assert abs(c["rel_error"]) < 0.1, c
+
+
+def test_scorer_rows_count_the_published_sizes():
+    """Mask2Former Swin-S (68.7M parameters) + CLIP ViT-L/14 (427.6M) in fp16, GOT-OCR2 (716M) in bf16; a batch
+    of 16 needs more than one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rows = ge.scorers(FakeTensorMode(allow_non_fake_inputs=True), batch=2)
+    assert rows["geneval"]["weights_gb"] == pytest.approx(2 * (68.74e6 + 427.62e6) / 1e9, abs=2e-3)
+    assert rows["ocr"]["weights_gb"] == pytest.approx(2 * 716.03e6 / 1e9, abs=2e-3)
+    for row in rows.values():
+        assert row["weights_gb"] < row["need_gb_at_batch1"] < row["need_gb_at_batch2"]

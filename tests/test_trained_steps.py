@@ -56,7 +56,7 @@ def test_cps_accepts_windows_and_fractions_that_leave_the_last_step_out(train):
     assert Config(**cps(**train)).sample.sde_type == "cps"
 
 
-@pytest.mark.parametrize("name, steps", [("tiny-sd3", range(9)), ("sd3-geneval-style", range(9)),
+@pytest.mark.parametrize("name, steps", [("tiny-sd3", range(9)), ("sd3-geneval", range(9)), ("sd3-ocr", range(9)),
                                          ("sd3-pickscore", range(9)), ("sd3-pickscore-fast", range(5))])
 def test_flow_grpo_presets_train_the_steps_flow_grpo_trains(name, steps):
     assert trainable_steps(Config(preset=name)) == steps

@@ -144,10 +144,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         _SDXL, run={"num_epochs": 200}, prompt={"fn": "simple_animals"}, reward={"scorer": "aesthetic"},
         train={"stat_buffer_size": 32},
     ),
-    # GenEval-style: counting prompts checked by strict VQA (GenEval itself uses an object detector). kl_coef is
-    # Flow-GRPO's beta, its KL convention included (trainer/flow.py, flow_grpo_kl).
-    "sd3-geneval-style": _with(_FLOW_GRPO, train={"kl_coef": 0.04}, prompt={"fn": "counting"},
-                               reward={"scorer": "llava", "options": {"mode": "strict"}}),
+    # Flow-GRPO's GenEval and OCR runs (config/grpo.py geneval_sd3, general_ocr_sd3): its recipe with KL 0.04
+    # (its beta, its KL convention included: trainer/flow.py, flow_grpo_kl); GenEval trained on the fraction
+    # of requirements met and evaluated on its 553 prompts (--reward.options strict=true scores as GenEval);
+    # OCR on text-rendering prompts, evaluated on Flow-GRPO's 1,018 OCR prompts.
+    "sd3-geneval": _with(_FLOW_GRPO, train={"kl_coef": 0.04}, reward={"scorer": "geneval"},
+                         prompt={"fn": "geneval", "eval_path": str(ASSETS / "geneval" / "evaluation_prompts.txt")}),
+    "sd3-ocr": _with(_FLOW_GRPO, train={"kl_coef": 0.04}, reward={"scorer": "ocr"},
+                     prompt={"fn": "ocr", "eval_path": str(ASSETS / "ocr" / "flow_grpo_test.txt")}),
     "sd3-pickscore": _with(_FLOW_GRPO, train={"kl_coef": 0.01}, prompt={"fn": "nouns_activities"},
                            reward={"scorer": "pickscore"}),
     # Flow-GRPO-Fast without CFG: 3 CPS steps starting in the first half, the rest ODE; no KL. Clip range 1e-5
@@ -174,9 +178,9 @@ _FLUX_GRPO = _with(
 )
 PRESETS["flux-pickscore-grpo"] = _with(_FLUX_GRPO, prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
 # GenEval: Flow-GRPO's FLUX recipe is its Fast one (3 CPS steps at noise 0.8 in the first half, the rest ODE,
-# clip range 1e-5). The stand-in scorer of sd3-geneval-style (counting prompts, strict VQA) until a GenEval scorer exists.
+# clip range 1e-5), on sd3-geneval's prompts and scorer.
 PRESETS["flux-geneval-grpo"] = _with(
-    _FLUX_GRPO, prompt={"fn": "counting"}, reward={"scorer": "llava", "options": {"mode": "strict"}},
+    _FLUX_GRPO, prompt=PRESETS["sd3-geneval"]["prompt"], reward=PRESETS["sd3-geneval"]["reward"],
     sample={"eta": 0.8, "sde_type": "cps"},
     train={"clip_range": 1e-5, "timestep_fraction": 1.0, "timestep_window": 3, "timestep_window_latest_start": 0},
 )
@@ -243,6 +247,13 @@ PRESETS["sd3-pickscore-nft"] = _with(_FORWARD, algorithm="nft", train={"kl_coef"
 PRESETS["sd3-pickscore-awm"] = _with(_FORWARD, algorithm="awm", sample={"num_steps": 14},
                                      train={"kl_coef": 1e-4, "timestep_fraction": 6 / 14, "timestep_selection": "stratified"},
                                      prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
+# Their GenEval and OCR runs: the same epochs on those prompts and rewards. DiffusionNFT's KL 1e-4 and AWM's
+# 14 steps are their PickScore run's (not re-read for these tasks); AWM's GenEval KL to the base is 1e-3.
+for _task in ("geneval", "ocr"):
+    _on = {"prompt": PRESETS[f"sd3-{_task}"]["prompt"], "reward": PRESETS[f"sd3-{_task}"]["reward"]}
+    PRESETS[f"sd3-{_task}-nft"] = _with(PRESETS["sd3-pickscore-nft"], **_on)
+    PRESETS[f"sd3-{_task}-awm"] = _with(PRESETS["sd3-pickscore-awm"], **_on,
+                                        train={"kl_coef": 1e-3} if _task == "geneval" else {})
 # SD1.5 and SDXL (not in the papers): DiffusionNFT on ddpo-pytorch's runs, deterministic DDIM rollouts at their
 # guidance 5 (CFG-free SD1.5 images are poor), 20% of the 50 steps trained per image; unmeasured.
 _NFT_DDIM = {"sample": {"eta": 0.0}, "train": {"timestep_fraction": 0.2, "kl_coef": 1e-4, "ema_decay": 0.9}}
@@ -253,9 +264,9 @@ PRESETS["sdxl-pickscore-nft"] = _with(PRESETS["sdxl-aesthetic"], algorithm="nft"
                                       prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
 _GPUS = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6,
          "sdxl-compressibility": 8, "sdxl-aesthetic": 8,
-         "sd3-geneval-style": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8, "sd3-pickscore-nft": 8,
-         "sd3-pickscore-awm": 8, "sd15-aesthetic-nft": 8, "sdxl-pickscore-nft": 8, "flux-pickscore-grpo": 8,
-         "flux-geneval-grpo": 8}
+         "sd3-geneval": 8, "sd3-ocr": 8, "sd3-pickscore": 8, "sd3-pickscore-fast": 8, "sd3-pickscore-nft": 8,
+         "sd3-pickscore-awm": 8, "sd3-geneval-nft": 8, "sd3-geneval-awm": 8, "sd3-ocr-nft": 8, "sd3-ocr-awm": 8,
+         "sd15-aesthetic-nft": 8, "sdxl-pickscore-nft": 8, "flux-pickscore-grpo": 8, "flux-geneval-grpo": 8}
 for _name, _gpus in _GPUS.items():
     _p, _t = PRESETS[_name], PRESETS[_name]["train"]
     PRESETS[f"{_name}-1gpu"] = _with(

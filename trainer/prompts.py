@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import inspect
+import json
 
 import numpy as np
 
@@ -95,6 +96,39 @@ def shapes(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
     return caption, {"claims": world.claims(caption)}
 
 
+# Every single_object prompt GenEval can write (one per COCO class) is one of its 553 evaluation prompts, so
+# training draws the other five tags, as Flow-GRPO's training split (its evaluation prompts filtered out).
+GENEVAL_TRAIN_TAGS = ("two_object", "counting", "colors", "position", "color_attr")
+
+
+@cache
+def geneval_evaluation() -> tuple[tuple[str, dict[str, Any]], ...]:
+    """GenEval's 553 evaluation prompts with their metadata (trainer/assets/geneval, MIT, Ghosh et al. 2023)."""
+    rows = [json.loads(line) for line in lines(ASSETS / "geneval" / "evaluation_metadata.jsonl")]
+    return tuple((row["prompt"], {k: v for k, v in row.items() if k != "prompt"}) for row in rows)
+
+
+def geneval(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+    """A GenEval training prompt and its metadata (what the geneval scorer checks): a tag uniformly, then a
+    prompt drawn from GenEval's templates as its create_prompts.py draws them, never an evaluation prompt."""
+    from reward_servers.geneval_rules import sample
+
+    held_out = {prompt for prompt, _ in geneval_evaluation()}
+    tag = GENEVAL_TRAIN_TAGS[rng.integers(len(GENEVAL_TRAIN_TAGS))]
+    while True:
+        row = sample(rng, tag)
+        if row["prompt"] not in held_out:
+            return row.pop("prompt"), row
+
+
+def ocr(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+    """A text-rendering prompt in the style of Flow-GRPO's OCR set: a scene whose quoted text the image must
+    show (24 scenes x 48 texts in trainer/assets/ocr; no text is one of its evaluation prompts' texts,
+    ocr/flow_grpo_test.txt, for --prompt.eval_path)."""
+    scenes, texts = lines(ASSETS / "ocr" / "train_scenes.txt"), lines(ASSETS / "ocr" / "train_texts.txt")
+    return scenes[rng.integers(len(scenes))].format(text=texts[rng.integers(len(texts))]), {}
+
+
 def from_file(path: Path) -> PromptFn:
     prompts = lines(Path(path))
     return lambda rng: (prompts[rng.integers(len(prompts))], {})
@@ -108,6 +142,8 @@ PROMPT_FNS: dict[str, Callable[[], PromptFn]] = {
     "nouns_activities": lambda: nouns_activities,
     "counting": lambda: counting(),
     "shapes": lambda: shapes,
+    "geneval": lambda: geneval,
+    "ocr": lambda: ocr,
 }
 
 

@@ -91,6 +91,8 @@ def by_category(records: list[dict], rewards: np.ndarray) -> dict[str, float]:
         out[f"category/{c}/reward_mean"] = float(np.asarray(rewards)[categories == c].mean())
         if correct is not None:
             out[f"category/{c}/accuracy"] = float(correct[categories == c].mean())
+    if correct is not None:  # GenEval's overall score (Ghosh et al. 2023): the mean of its tags' accuracies
+        out["accuracy_category_mean"] = float(np.mean([correct[categories == c].mean() for c in set(categories)]))
     return out
 
 
