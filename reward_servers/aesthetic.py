@@ -1,42 +1,14 @@
-"""The LAION improved aesthetic predictor: an MLP on the L2-normalised CLIP ViT-L/14 image embedding."""
+"""The LAION improved aesthetic predictor: an MLP (reward_servers/aesthetic_mlp.py) on the L2-normalised CLIP
+ViT-L/14 image embedding."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
+from reward_servers.aesthetic_mlp import AestheticMLP
 from reward_servers.clip import ClipEmbedder
 from reward_servers.scorer import ScoreOutput, Scorer
-
-
-class AestheticMLP(nn.Module):
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1, linear layers with dropout and no activations; the published
-    weights (sac+logos+ava1-l14-linearMSE.pth) have keys layers.0/2/4/6/7.weight and .bias."""
-
-    def __init__(self, in_features: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_features, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-def load_state_dict(path: str):
-    """A .safetensors file, or a torch checkpoint read with weights_only (no pickle code runs)."""
-    import torch
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    # Checkpoints saved from a wrapper module carry a prefix; the layout is what matters.
-    return {key.removeprefix("module.").removeprefix("model."): value for key, value in state.items()}
+from reward_servers.state_dict import load_state_dict
 
 
 class AestheticScorer(Scorer):

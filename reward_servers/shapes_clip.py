@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     processor.save_pretrained(folder)
     model.float()
 
-    from reward_servers.aesthetic import AestheticMLP
+    from reward_servers.aesthetic_mlp import AestheticMLP
 
     torch.manual_seed(s.seed)
     mlp = AestheticMLP(SPEC["projection"])

@@ -112,7 +112,7 @@ def build_aesthetic_mlp(file: Path, in_features: int, seed: int = 2) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from reward_servers.aesthetic import AestheticMLP
+    from reward_servers.aesthetic_mlp import AestheticMLP
 
     torch.manual_seed(seed)
     save_file(AestheticMLP(in_features).state_dict(), str(file))

@@ -1,11 +1,15 @@
-"""The PPO-clip objective on per-step log-probabilities (DDPO: Black et al. 2023, "Training Diffusion Models
-with Reinforcement Learning"; github.com/kvablack/ddpo-pytorch)."""
+"""The training objectives: the PPO-clip objective on per-step log-probabilities (DDPO: Black et al. 2023,
+"Training Diffusion Models with Reinforcement Learning"; github.com/kvablack/ddpo-pytorch), Diffusion-DPO's,
+DiffusionNFT's and AWM's, and the plain denoising error that DPO, its SFT and ReFL's pre-training step share."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from trainer.ddim import SIGMA_MIN
+from trainer.sampling import each_tensor
 
 
 def ppo_clip_loss(
@@ -119,3 +123,26 @@ def awm_loss(prediction: torch.Tensor, target: torch.Tensor, time: torch.Tensor,
     with torch.no_grad():
         stats = {"matching_loss": error.mean(), "log_p": log_p.mean()}
     return loss, stats
+
+
+def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
+    """Each image's denoising MSE (the family's eps / v / velocity target) of ``batch["pixels"]`` (B, k, 3, R, R)
+    in [0, 1], the k images of a row noised with the same noise at the same timestep; and the noised inputs
+    (noisy, timesteps, cond, target) for the reference. SFT's loss and ReFL's pre-training step use k = 1."""
+    family, device = run.family, run.accelerator.device
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    n, k = pixels.shape[:2]
+    with torch.no_grad():
+        latents = family.encode(pixels.flatten(0, 1)).float()  # (k B, ...): row by row
+        cond = family.encode_prompts(batch["captions"], resolution)
+        if isinstance(cond, dict) and "time_ids" in cond:  # SDXL: the images' own original sizes and crops
+            cond["time_ids"] = batch["time_ids"].to(cond["time_ids"])
+        if k > 1:
+            cond = each_tensor(cond, lambda t: t.repeat_interleave(k, dim=0))
+    noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)
+    u = torch.rand(n, device=device).repeat_interleave(k)
+    noisy, timesteps, target = family.noised(latents, noise, u)
+    with run.accelerator.autocast():
+        prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
+    error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
+    return error, (noisy, timesteps, cond, target)

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer.config import Config
-from trainer.dpo import denoising_errors
 from trainer.evaluate import evaluate_run
+from trainer.loss import denoising_errors
 from trainer.datacheck import images_source
 from trainer.pairs import PairBatches, Pairs, load_images, loader, next_batch
 from trainer.rewards import RemoteReward, remote_scores

@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate, evaluate_run
-from trainer.loss import diffusion_dpo_loss
+from trainer.loss import denoising_errors, diffusion_dpo_loss
 from trainer.datacheck import RowError, pairs_source
 from trainer.pairs import PairBatches, Pairs, PairsError, load_pairs, loader, next_batch
 from trainer.rewards import Pending, RewardFn, best_and_worst, pair_scores
-from trainer.sampling import each_tensor
 
 
 def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None) -> list[dict]:
@@ -193,29 +192,6 @@ def _pair_loss(run, model, reference, batch: dict[str, Any], resolution: int, we
                               weights=weights)
 
 
-def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
-    """Each image's denoising MSE (the family's eps / v / velocity target) of ``batch["pixels"]`` (B, k, 3, R, R)
-    in [0, 1], the k images of a row noised with the same noise at the same timestep; and the noised inputs
-    (noisy, timesteps, cond, target) for the reference. SFT's loss and ReFL's pre-training step use k = 1."""
-    family, device = run.family, run.accelerator.device
-    pixels = batch["pixels"].to(device, non_blocking=True)
-    n, k = pixels.shape[:2]
-    with torch.no_grad():
-        latents = family.encode(pixels.flatten(0, 1)).float()  # (k B, ...): row by row
-        cond = family.encode_prompts(batch["captions"], resolution)
-        if isinstance(cond, dict) and "time_ids" in cond:  # SDXL: the images' own original sizes and crops
-            cond["time_ids"] = batch["time_ids"].to(cond["time_ids"])
-        if k > 1:
-            cond = each_tensor(cond, lambda t: t.repeat_interleave(k, dim=0))
-    noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)
-    u = torch.rand(n, device=device).repeat_interleave(k)
-    noisy, timesteps, target = family.noised(latents, noise, u)
-    with run.accelerator.autocast():
-        prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
-    error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
-    return error, (noisy, timesteps, cond, target)
-
-
 def _relabel(run, batch: dict[str, Any]) -> torch.Tensor:
     """Score both images of every pair with the run's reward and put the higher first (in place); returns
     each pair's weight: 0 for a tie, which teaches nothing (Diffusion-DPO's --choice_model, AI feedback)."""
@@ -235,17 +211,3 @@ def _winner_first(pixels: torch.Tensor, scores, device) -> tuple[torch.Tensor, t
     swap = torch.as_tensor(scores[:, 1] > scores[:, 0])
     pixels = torch.where(swap.view(-1, *[1] * (pixels.ndim - 1)), pixels.flip(1), pixels)
     return pixels, torch.as_tensor(scores[:, 0] != scores[:, 1], dtype=torch.float32, device=device)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m trainer.dpo``: the trainer with ``--algorithm dpo``, taking Diffusion-DPO's own flags."""
-    import sys
-
-    from trainer.__main__ import main as trainer_main
-    from trainer.seed_flags import translate
-
-    trainer_main(["--algorithm", "dpo", *translate(list(sys.argv[1:] if argv is None else argv))])
-
-
-if __name__ == "__main__":
-    main()
