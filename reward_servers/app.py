@@ -27,7 +27,6 @@ RETRY_AFTER_S = 1
 
 def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = ServingOptions()) -> FastAPI:
     service = ScoringService(make_scorer, options)
-    limits = options.limits
     token = options.token.encode() if options.token else None
 
     @asynccontextmanager
@@ -53,6 +52,16 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
         return _msgpack(ProtocolError(500, "internal", f"{type(exc).__name__}: {exc}").to_wire(), 500)
+
+    _add_score_routes(app, service, options, token)
+    _add_status_routes(app, service, options, token)
+    return app
+
+
+def _add_score_routes(app: FastAPI, service: ScoringService, options: ServingOptions, token: bytes | None) -> None:
+    """``POST /v1/score`` and ``POST /v1/score_grad``: authenticate, check the media type, read the body within
+    its limits, parse it off the event loop, score, and count every outcome."""
+    limits = options.limits
 
     async def handle(request: Request, model) -> Response:
         start, status, images = time.perf_counter(), "500", 0
@@ -98,6 +107,12 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
     async def score_grad(request: Request) -> Response:
         return await handle(request, ScoreGradRequest)
 
+
+
+def _add_status_routes(app: FastAPI, service: ScoringService, options: ServingOptions, token: bytes | None) -> None:
+    """Liveness, readiness, what the server scores and its limits, Prometheus metrics."""
+    limits = options.limits
+
     @app.get("/healthz", summary="Alive")
     async def healthz() -> dict:
         return {"status": "ok"}
@@ -131,8 +146,6 @@ def create_app(make_scorer: Callable[[], Scorer], options: ServingOptions = Serv
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    return app
 
 
 _MSGPACK = {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}
