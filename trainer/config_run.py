@@ -52,7 +52,7 @@ class RunConfig(_Group):
 
 class PretrainedConfig(_Group):
     model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" (embedded, built offline), "tiny-shapes" '
-                       '(shipped, pretrained on the shapes world) or a diffusers '
+                       '/ "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a diffusers '
                        'model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline)')
     revision: str | None = None
     load_t5: bool = Field(True, description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
