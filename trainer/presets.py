@@ -225,7 +225,7 @@ PRESETS["shapes-sd3-nft"] = _with(
     train={"learning_rate": 3e-4, "timestep_fraction": 0.4, "num_inner_epochs": 2, "gradient_accumulation_steps": 1,
            "group_std": "global", "kl_coef": 0.0})
 PRESETS["shapes-sd3-awm"] = _with(
-    PRESETS["shapes-sd3-nft"], algorithm="awm", run={"output_dir": "outputs/shapes-sd3-awm"}, nft={},
+    PRESETS["shapes-sd3-nft"], algorithm="awm", run={"output_dir": "outputs/shapes-sd3-awm"},
     train={"kl_coef": 1e-3})
 # Online Diffusion-DPO (as bench/dpo.py's online mode): rounds of 64 pairs, each prompt's best and worst of 2
 # ODE samples, batches of 8, 10% empty captions; beta 5000 is Diffusion-DPO's SD1.5 value, unmeasured on flow.
