@@ -52,8 +52,9 @@ class RunConfig(_Group):
 
 class PretrainedConfig(_Group):
     model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" (embedded, built offline), '
-                       '"tiny-shapes" (shipped, pretrained on the shapes world) or a diffusers model id / path (a '
-                       'StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline)')
+                       '"tiny-shapes" / "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a diffusers '
+                       'model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline '
+                       'or FluxPipeline)')
     revision: str | None = None
     load_t5: bool = Field(True, description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
                           "fp16) its tokens are zeros, as in StableDiffusion3Pipeline")

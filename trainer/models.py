@@ -18,7 +18,8 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux)}  # a diffusers pipeline class -> its family
 TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path", "tiny-sd3": "tiny_sd3_path",
         "tiny-flux": "tiny_flux_path"}  # built offline (trainer/tiny_pipeline.py)
-SHIPPED = {"tiny-shapes": Path(__file__).parent / "weights" / "tiny-shapes"}  # pretrained by trainer/shapes_model.py
+# pretrained by trainer/shapes_model.py (tiny-shapes-sd3: its --family sd3)
+SHIPPED = {name: Path(__file__).parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 
 
 def load_family(cfg: Config, device: torch.device):

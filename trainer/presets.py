@@ -234,6 +234,46 @@ PRESETS["shapes-refl"] = _with(
     refl={"num_steps": 20, "mid_low": 14, "mid_high": 19, "margin": 100.0, "grad_scale": 1e-3, "max_train_steps": 100},
 )
 
+# The shapes world on its flow-matching model, tiny-shapes-sd3 (trainer/shapes_model.py --family sd3): the
+# shapes presets' prompts, groups of 4, LoRA r8 and held-out evaluation, with 10 sampler steps and guidance 4.5
+# as Flow-GRPO samples SD3.5 (it evaluates at 40 steps; these at 10, the same sampler they train with).
+_SHAPES_SD3 = _with(_SHAPES, pretrained={"model": "tiny-shapes-sd3"}, sample={"num_steps": 10, "guidance_scale": 4.5},
+                    train={"lora_targets": _SD3_LORA})
+# Flow-GRPO's recipe: SDE noise level 0.7, the first 0.99 of the steps trained, advantages over the epoch's std,
+# PPO clip 1e-4, KL 0.04 in its convention (trainer/flow.py). LoRA r8 and lr 1e-3 as the shapes presets (its
+# r32, lr 3e-4 and weight EMA are SD3.5's).
+PRESETS["shapes-sd3-grpo"] = _with(
+    _SHAPES_SD3, run={"output_dir": "outputs/shapes-sd3-grpo"}, sample={"eta": 0.7},
+    train={"timestep_fraction": 0.99, "timestep_selection": "first", "clip_range": 1e-4, "group_std": "global",
+           "kl_coef": 0.04})
+# Flow-GRPO-Fast as sd3-pickscore-fast: CPS steps at noise level 0.8 in a window of 2 steps starting at one of the
+# first 3, ODE elsewhere, clip 1e-5 on CPS's constant-free log-prob, no KL; with guidance, unlike there (the tiny
+# model's unguided images are poorer).
+PRESETS["shapes-sd3-grpo-fast"] = _with(
+    PRESETS["shapes-sd3-grpo"], run={"output_dir": "outputs/shapes-sd3-grpo-fast"}, sample={"eta": 0.8, "sde_type": "cps"},
+    train={"clip_range": 1e-5, "kl_coef": 0.0, "timestep_fraction": 1.0, "timestep_window": 2,
+           "timestep_window_latest_start": 2})
+# DiffusionNFT and AWM as shapes-nft and shapes-awm: ODE rollouts, each image trained at 4 of its 10 steps.
+PRESETS["shapes-sd3-nft"] = _with(
+    _SHAPES_SD3, algorithm="nft", run={"output_dir": "outputs/shapes-sd3-nft", "num_epochs": 50, "eval_every": 50},
+    sample={"eta": 0.0}, nft={"beta": 1.0, "old_decay_rate": 0.0},
+    train={"learning_rate": 3e-4, "timestep_fraction": 0.4, "num_inner_epochs": 2, "gradient_accumulation_steps": 1,
+           "group_std": "global", "kl_coef": 0.0})
+PRESETS["shapes-sd3-awm"] = _with(
+    PRESETS["shapes-sd3-nft"], algorithm="awm", run={"output_dir": "outputs/shapes-sd3-awm"},
+    train={"kl_coef": 1e-3})
+# Online Diffusion-DPO (as bench/dpo.py's online mode): rounds of 64 pairs, each prompt's best and worst of 2
+# ODE samples, batches of 8, 10% empty captions; beta 5000 is Diffusion-DPO's SD1.5 value, unmeasured on flow.
+PRESETS["shapes-sd3-dpo"] = _with(
+    _SHAPES_SD3, algorithm="dpo", run={"output_dir": "outputs/shapes-sd3-dpo", "eval_every": 100}, sample={"eta": 0.0, "batch_size": 32},
+    train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
+    dpo={"online": True, "proportion_empty_prompts": 0.1, "hflip": False, "max_train_steps": 100, "checkpointing_steps": 0})
+# ReFL as shapes-refl: the tiny CLIP's score, its gradient through one step drawn from the last 3 of 10.
+PRESETS["shapes-sd3-refl"] = _with(
+    PRESETS["shapes-refl"], run={"output_dir": "outputs/shapes-sd3-refl"}, pretrained={"model": "tiny-shapes-sd3"},
+    sample={"num_steps": 10, "guidance_scale": 4.5}, train={"lora_targets": _SD3_LORA},
+    refl={"num_steps": 10, "mid_low": 7, "mid_high": 9})
+
 # DiffusionNFT's SD3.5-M run (github.com/NVlabs/DiffusionNFT, config/nft.py): 48 groups of 24 per epoch from the
 # deterministic sampler at guidance 1, 10 steps, 0.99 of them trained per image, one optimizer step per epoch
 # (1152 samples: 9 x 8 GPUs x 16), LoRA r32/64, lr 3e-4, KL 1e-4 to the base, EMA 0.9 for the saved weights.

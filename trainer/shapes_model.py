@@ -1,6 +1,11 @@
-"""Pretrain ``tiny-shapes``: a small Stable Diffusion pipeline that draws the shapes world from its captions.
+"""Pretrain ``tiny-shapes`` (a small Stable Diffusion pipeline that draws the shapes world from its captions) or,
+with ``--family sd3``, ``tiny-shapes-sd3`` (its flow-matching counterpart, an SD3 MMDiT pipeline).
 
     python -m trainer.shapes_model --out outputs/shapes-pretrain    # about an hour on 2 CPU cores
+    python -m trainer.shapes_model --family sd3 --out outputs/shapes-sd3-pretrain --unet-steps 1600 \
+        --unet-batch 16 --unet-lr 7e-4 --latents 16384 --threads 1 --stop-after 1200
+    # then the same with --unet-steps 2800 and no --stop-after (the shipped model: its cosine schedule was
+    # lengthened at step 1200); about 70 minutes on one busy CPU core
 
 Two stages, each resumable from its newest checkpoint (run the same command again), seeded and therefore
 reproducible (each step's data and noise come from generators seeded by the step number):
@@ -13,6 +18,14 @@ reproducible (each step's data and noise come from generators seeded by the step
 
 The result is a StableDiffusionPipeline folder (``out/pipeline``, fp16 safetensors) that the package
 ships as ``trainer/weights/tiny-shapes`` and ``pretrained.model tiny-shapes`` loads.
+
+``--family sd3`` keeps tiny-shapes' VAE (frozen; no VAE stage) and tokenizer, and trains an
+SD3Transformer2DModel with the CLIP pair SD3 has (no T5: StableDiffusion3Pipeline then feeds zeros in its
+place), both encoders starting from tiny-shapes' text encoder, by the rectified-flow loss with logit-normal
+timesteps (Esser et al. 2024, "Scaling Rectified Flow Transformers", sections 2 and 3.1): x_t = (1 - t) x_0 +
+t eps, target eps - x_0, t = sigmoid(n), n ~ N(0, 1). The latents are shifted and scaled to zero mean and unit
+variance as SD3's VAE config records (shift_factor, scaling_factor). It ships as
+``trainer/weights/tiny-shapes-sd3``.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,18 +50,26 @@ SPEC = {
              "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]},
     "vae": {"block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8},
+    # --family sd3: one latent pixel per token (patch 1: 64 image tokens; the 77 CLIP and 256 zero T5 tokens
+    # the pipeline appends make the text stream the larger one), SD3's shift 3 for sampling
+    "transformer": {"patch_size": 1, "num_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4},
+    "projection_dim": 32,
+    "shift": 3.0,
 }
+SHAPES_SD1 = Path(__file__).parent / "weights" / "tiny-shapes"  # the sd3 family's VAE, tokenizer and text start
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(cli_parse_args=False, cli_kebab_case=True, cli_implicit_flags=True)
 
     out: Path = Field(Path("outputs/shapes-pretrain"), description="checkpoints and the finished pipeline")
+    family: Literal["sd1", "sd3"] = Field("sd1", description="sd1: tiny-shapes (VAE, then UNet by epsilon "
+                                          "prediction); sd3: tiny-shapes-sd3 (MMDiT by flow matching, tiny-shapes' VAE)")
     seed: int = 0
     vae_steps: int = Field(1000, ge=0)
     vae_batch: int = Field(32, gt=0)
     vae_lr: float = 1e-3
-    unet_steps: int = Field(9000, ge=0)
+    unet_steps: int = Field(9000, ge=0, description="the denoiser's steps (the UNet, or the transformer for sd3)")
     unet_batch: int = Field(32, gt=0)
     unet_lr: float = 5e-4
     drop_caption: float = Field(0.1, ge=0, le=1, description="share of captions replaced by '' (for guidance)")
@@ -89,6 +111,32 @@ def build(seed: int):
                         up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=4,
                         sample_size=world.RESOLUTION, **SPEC["vae"])
     return assemble_pipeline(text_encoder, tokenizer, unet, vae)
+
+
+def build_sd3(seed: int):
+    """A StableDiffusion3Pipeline as trainer/tiny_pipeline.py's tiny-sd3 (the CLIP pair with projections, no T5),
+    on tiny-shapes' VAE and tokenizer, both text encoders initialised from tiny-shapes' (fresh projections)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(SHAPES_SD1 / "tokenizer")
+    encoders = [CLIPTextModelWithProjection.from_pretrained(SHAPES_SD1 / "text_encoder", dtype=torch.float32,
+                                                            projection_dim=SPEC["projection_dim"]) for _ in range(2)]
+    vae = AutoencoderKL.from_pretrained(SHAPES_SD1 / "vae", dtype=torch.float32).requires_grad_(False)
+    hidden = SPEC["text"]["hidden_size"]
+    heads, width = SPEC["transformer"]["num_attention_heads"], SPEC["transformer"]["attention_head_dim"]
+    size = world.RESOLUTION // 8
+    transformer = SD3Transformer2DModel(
+        sample_size=size, in_channels=4, out_channels=4, pos_embed_max_size=size // SPEC["transformer"]["patch_size"],
+        joint_attention_dim=2 * hidden, caption_projection_dim=heads * width, pooled_projection_dim=2 * SPEC["projection_dim"],
+        **SPEC["transformer"],
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SPEC["shift"]), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
 
 
 class Stage:
@@ -197,32 +245,69 @@ def encoded(s: Settings, vae) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     return json.loads((s.out / "captions.json").read_text()), tensors["mean"], tensors["std"]
 
 
-def train_unet(s: Settings, pipe) -> None:
+def epsilon_loss(pipe, z: torch.Tensor, batch: list[str], gen: torch.Generator) -> torch.Tensor:
+    """Stable Diffusion's: predict the noise added at a uniform DDPM timestep (the text encoder's last layer)."""
+    tokenizer, alphas = pipe.tokenizer, pipe.scheduler.alphas_cumprod
+    ids = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    t = torch.randint(0, len(alphas), (len(batch),), generator=gen)
+    noise = torch.randn(z.shape, generator=gen)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+    return torch.nn.functional.mse_loss(pipe.unet(noisy, t, pipe.text_encoder(ids)[0]).sample, noise)
+
+
+def flow_loss(pipe, z: torch.Tensor, batch: list[str], gen: torch.Generator) -> torch.Tensor:
+    """SD3's rectified flow (Esser et al. 2024, eq. 1 and 3.1): the velocity eps - x_0 at x_t = (1 - t) x_0 + t eps,
+    t logit-normal (m 0, s 1); the text through the pipeline's own encode_prompt, as it samples."""
+    embeds, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=z.device, do_classifier_free_guidance=False)
+    t = torch.sigmoid(torch.randn(len(batch), generator=gen))
+    noise = torch.randn(z.shape, generator=gen)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * noise
+    v = pipe.transformer(hidden_states=x_t, timestep=t * pipe.scheduler.config.num_train_timesteps,
+                         encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(v, noise - z)
+
+
+def latent_layout(s: Settings, means: torch.Tensor, vae) -> tuple[float, float]:
+    """The VAE config's shift and scale that make the latents the denoiser sees zero-mean (sd3, as SD3's
+    shift_factor) and unit-variance (as SD's 0.18215), recorded in the config the pipeline decodes with."""
+    if s.family == "sd1":
+        scale = float(1 / means.std())
+        vae.register_to_config(scaling_factor=scale)
+        return 0.0, scale
+    shift = float(means.mean())
+    scale = float(1 / (means - shift).std())
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    return shift, scale
+
+
+def train_denoiser(s: Settings, pipe) -> None:
+    """The UNet (sd1) or transformer (sd3) and the text encoder(s), trained together on the cached latents."""
     from tqdm import tqdm
 
     caps, means, stds = encoded(s, pipe.vae)
-    scale = float(1 / means.std())  # as SD's 0.18215: unit-variance latents for the noise schedule
-    pipe.vae.register_to_config(scaling_factor=scale)
-    unet, text, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
-    stage = Stage("unet", s.out, {"unet": unet, "text_encoder": text}, s.unet_lr, s.unet_steps)
-    unet.train(), text.train()
-    alphas = scheduler.alphas_cumprod
-    with tqdm(total=s.unet_steps, initial=stage.step, desc="unet + text encoder") as bar:
+    shift, scale = latent_layout(s, means, pipe.vae)
+    if s.family == "sd1":
+        name, loss_fn, modules = "unet", epsilon_loss, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    else:
+        name, loss_fn = "transformer", flow_loss
+        modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    stage = Stage(name, s.out, modules, s.unet_lr, s.unet_steps)
+    for module in modules.values():
+        module.train()
+    with tqdm(total=s.unet_steps, initial=stage.step, desc=" + ".join(modules)) as bar:
         while stage.step < s.unet_steps:
             rng = np.random.default_rng([s.seed, 3, stage.step])
             gen = torch.Generator().manual_seed(stage.step)
             rows = torch.from_numpy(rng.integers(len(caps), size=s.unet_batch))
-            z = (means[rows] + stds[rows] * torch.randn(means[rows].shape, generator=gen)) * scale
+            z = (means[rows] + stds[rows] * torch.randn(means[rows].shape, generator=gen) - shift) * scale
             batch = [caps[i] if rng.random() >= s.drop_caption else "" for i in rows.tolist()]
-            ids = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-            t = torch.randint(0, len(alphas), (s.unet_batch,), generator=gen)
-            noise = torch.randn(z.shape, generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-            loss = torch.nn.functional.mse_loss(unet(noisy, t, text(ids)[0]).sample, noise)
+            loss = loss_fn(pipe, z, batch, gen)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             stage.update(loss, s)
+    for module in modules.values():
+        module.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,15 +316,19 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(s.threads)
     s.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    pipe = build(s.seed)
+    pipe = build(s.seed) if s.family == "sd1" else build_sd3(s.seed)
     try:
-        train_vae(s, pipe.vae)
-        train_unet(s, pipe)
+        if s.family == "sd1":
+            train_vae(s, pipe.vae)
+        train_denoiser(s, pipe)
     except Stopped:
         print(f"stopped after {s.stop_after} steps; run the same command again to go on")
         return
-    pipe.unet.eval(), pipe.text_encoder.eval()
     pipe.to(torch.float16).save_pretrained(s.out / "pipeline")  # fp16 on disk: half the size; loads as any dtype
+    if s.family == "sd3":  # recorded absent, as diffusers' docs load SD3 without T5: text_encoder_3=None, tokenizer_3=None
+        index = s.out / "pipeline" / "model_index.json"
+        index.write_text(json.dumps({**json.loads(index.read_text()), "text_encoder_3": [None, None],
+                                     "tokenizer_3": [None, None]}, indent=2, sort_keys=True) + "\n")
     print(f"pipeline saved to {s.out / 'pipeline'} after {time.perf_counter() - start:.0f} s")
 
 
