@@ -105,3 +105,21 @@ def compression_server(tmp_path_factory):
     ).wait_ready()
     yield server
     server.stop()
+
+
+def train_one_shapes_epoch(tmp_path: Path, preset: str) -> tuple[Path, list[dict]]:
+    """One small epoch of a shapes-world preset evaluated before and after on four captions (two each), its
+    output folder and its eval.jsonl records."""
+    import json
+
+    from trainer.config import Config
+    from trainer.ddpo import train
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a triangle\nthree circles\na red triangle\na circle above a square\n" * 2)
+    out = tmp_path / "run"
+    train(Config(preset=preset, run={"output_dir": out, "num_epochs": 1, "eval_every": 1, "log_with": "none",
+                                     "log_images_every": 0},
+                 sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 1}, train={"batch_size": 2},
+                 prompt={"eval_path": held_out}))
+    return out, [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]

@@ -191,7 +191,7 @@ def test_sd3_with_t5_encodes_its_tokens_and_leaves_them_out_when_asked(tiny_cach
     assert torch.equal(a["pooled_projections"], b["pooled_projections"])
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_the_cli_trains_each_family_preset(tmp_path, tiny_cache, preset):
     import subprocess
     import sys

@@ -81,17 +81,9 @@ def test_pretraining_stopped_and_resumed_is_bit_identical(tmp_path):
 
 
 def test_the_shapes_preset_reports_accuracy_per_category(tmp_path):
-    from trainer.config import Config
-    from trainer.ddpo import train
+    from tests.conftest import train_one_shapes_epoch
 
-    held_out = tmp_path / "held_out.txt"
-    held_out.write_text("a triangle\nthree circles\na red triangle\na circle above a square\n" * 2)
-    out = tmp_path / "run"
-    train(Config(preset="shapes", run={"output_dir": out, "num_epochs": 1, "eval_every": 1, "log_with": "none",
-                                       "log_images_every": 0},
-                 sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 1}, train={"batch_size": 2},
-                 prompt={"eval_path": held_out}))
-    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    out, evals = train_one_shapes_epoch(tmp_path, "shapes")
     assert [e["epoch"] for e in evals] == [0, 1] and (out / "eval" / "before_after.png").is_file()
     for record in evals:  # recomputed from the per-image scores: correct means every claim held
         scores = {p["prompt"]: p["reward_shapes"] for p in record["per_prompt"]}
