@@ -14,6 +14,7 @@ from reward_servers import world
 from reward_servers.tiny_models import SHIPPED as SHIPPED_CLIP
 from trainer import shapes_model
 from trainer.models import SHIPPED
+from trainer.zero_t5 import use_one_zero_token
 
 PIPELINE = SHIPPED["tiny-shapes-sd3"]
 
@@ -51,6 +52,7 @@ def test_the_pretrained_model_has_learned_the_world():
     from diffusers import StableDiffusion3Pipeline
 
     pretrained = StableDiffusion3Pipeline.from_pretrained(PIPELINE, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    use_one_zero_token(pretrained)  # as flow_loss encodes (build_sd3 installs it too)
     untrained = shapes_model.build_sd3(0)
     rng = np.random.default_rng(0)
     captions = [world.sample_caption(rng, "heldout")[0] for _ in range(32)]
@@ -74,7 +76,7 @@ def test_the_flow_loss_is_sd3s_rectified_flow_objective():
     t = 1 / (1 + torch.exp(-torch.randn(3, generator=gen)))
     eps = torch.randn(z.shape, generator=gen)
     embeds, _, pooled, _ = pipe.encode_prompt(batch, None, None, do_classifier_free_guidance=False)
-    assert embeds.shape == (3, 77 + 256, 128)  # the CLIP pair side by side, then T5's 256 zero tokens
+    assert embeds.shape == (3, 77 + 256, 128)  # the CLIP pair side by side, then T5's 256 zeros (flow_loss: as one)
     x_t = torch.stack([(1 - t[i]) * z[i] + t[i] * eps[i] for i in range(3)])
     with torch.no_grad():
         v = pipe.transformer(hidden_states=x_t, timestep=1000 * t, encoder_hidden_states=embeds,

@@ -17,6 +17,7 @@ import torch
 
 from trainer.flow import FLOW_LOG_PROBS, FLOW_STEPS, flow_grpo_kl, rectified_flow_noised
 from trainer.sd1 import SD1, dtype_kwarg, guided
+from trainer.zero_t5 import T5_TOKENS, use_one_zero_token
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -48,6 +49,8 @@ class SD3:
             raise ValueError("pretrained.model: its scheduler shifts sigmas by resolution (use_dynamic_shifting); "
                              "set a fixed shift in scheduler/scheduler_config.json")
         pipe.set_progress_bar_config(disable=True)
+        if pipe.text_encoder_3 is None:
+            use_one_zero_token(pipe)
         return cls(pipe, cfg.sample.sde_type)
 
     @property
@@ -65,11 +68,12 @@ class SD3:
     # -- conditioning and prediction -------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict[str, torch.Tensor]:
-        """The pipeline's own encoding: CLIP hidden states padded to T5's width, then T5's 256 tokens (zeros
-        without T5); the two CLIP pooled outputs side by side (``resolution``: unused, SD3 has no size conditioning)."""
+        """The pipeline's own encoding: CLIP hidden states padded to T5's width, then T5's 256 tokens (without
+        T5, its 256 zeros as one token that ZeroT5Attention counts 256 times: the same prediction, a fraction of
+        the compute); the two CLIP pooled outputs side by side (``resolution``: unused, SD3 has no size conditioning)."""
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompts, prompt_2=None, prompt_3=None, device=self.pipe.transformer.device,
-            do_classifier_free_guidance=False,
+            do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS if self.pipe.text_encoder_3 else 1,
         )
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
 

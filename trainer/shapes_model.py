@@ -119,6 +119,8 @@ def build_sd3(seed: int):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+    from trainer.zero_t5 import use_one_zero_token
+
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(SHAPES_SD1 / "tokenizer")
     encoders = [CLIPTextModelWithProjection.from_pretrained(SHAPES_SD1 / "text_encoder", dtype=torch.float32,
@@ -132,11 +134,13 @@ def build_sd3(seed: int):
         joint_attention_dim=2 * hidden, caption_projection_dim=heads * width, pooled_projection_dim=2 * SPEC["projection_dim"],
         **SPEC["transformer"],
     )
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SPEC["shift"]), vae=vae,
         text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
     )
+    use_one_zero_token(pipe)
+    return pipe
 
 
 class Stage:
@@ -259,7 +263,8 @@ def epsilon_loss(pipe, z: torch.Tensor, batch: list[str], gen: torch.Generator) 
 def flow_loss(pipe, z: torch.Tensor, batch: list[str], gen: torch.Generator) -> torch.Tensor:
     """SD3's rectified flow (Esser et al. 2024, eq. 1 and 3.1): the velocity eps - x_0 at x_t = (1 - t) x_0 + t eps,
     t logit-normal (m 0, s 1); the text through the pipeline's own encode_prompt, as it samples."""
-    embeds, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=z.device, do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=z.device, do_classifier_free_guidance=False,
+                                              max_sequence_length=1)  # T5's 256 zeros as one (trainer/zero_t5.py)
     t = torch.sigmoid(torch.randn(len(batch), generator=gen))
     noise = torch.randn(z.shape, generator=gen)
     x_t = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * noise
