@@ -2,10 +2,8 @@
 with ``--family sd3``, ``tiny-shapes-sd3`` (its flow-matching counterpart, an SD3 MMDiT pipeline).
 
     python -m trainer.shapes_model --out outputs/shapes-pretrain    # about an hour on 2 CPU cores
-    python -m trainer.shapes_model --family sd3 --out outputs/shapes-sd3-pretrain --unet-steps 1600 \
-        --unet-batch 16 --unet-lr 7e-4 --latents 16384 --threads 1 --stop-after 1200
-    # then the same with --unet-steps 2800 and no --stop-after (the shipped model: its cosine schedule was
-    # lengthened at step 1200); about 70 minutes on one busy CPU core
+    python -m trainer.shapes_model --family sd3 --out outputs/shapes-sd3-pretrain --unet-steps 10000 \
+        --unet-batch 32 --unet-lr 7e-4 --latents 32768 --threads 1   # the shipped model: 93 min on one busy core
 
 Two stages, each resumable from its newest checkpoint (run the same command again), seeded and therefore
 reproducible (each step's data and noise come from generators seeded by the step number):
