@@ -214,7 +214,7 @@ def test_one_bad_request_fails_alone_not_its_whole_batch(start_server, option, c
 
 
 def test_the_scorers_own_batch_limit_is_honoured():
-    from reward_servers.scorer import ScoreOutput, Scorer
+    from scorers.scorer import ScoreOutput, Scorer
     from reward_servers.service import ScoringService, ServingOptions
 
     class Small(Scorer):
