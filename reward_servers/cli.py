@@ -106,8 +106,8 @@ class ServerSettings(BaseSettings):
 
         from protocol import Limits
         from reward_servers.app import create_app
-        from scorers.scorer import create_scorer
         from reward_servers.service import ServingOptions
+        from scorers.scorer import create_scorer
 
         logging.basicConfig(level=self.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         keep_freed_memory()
