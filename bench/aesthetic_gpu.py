@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model, 64 px images: checks the script on CPU")
     args = parser.parse_args()
 
-    from reward_servers.aesthetic import AestheticScorer
-    from reward_servers.tiny_models import build_aesthetic_mlp, build_clip
+    from scorers.aesthetic import AestheticScorer
+    from scorers.tiny_models import build_aesthetic_mlp, build_clip
 
     spec, size = (SMOKE, 64) if args.smoke else (CLIP_L, 512)
     result = {"benchmark": "aesthetic_gpu", "device": args.device, "model": spec, "image_px": size}

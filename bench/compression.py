@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from bench.timing import median_seconds
-from reward_servers.compression import JpegCompressibility, jpeg_size_kb
+from scorers.compression import JpegCompressibility, jpeg_size_kb
 
 N, SIZE, REPEATS = 64, 512, 5
 

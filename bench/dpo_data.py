@@ -29,7 +29,7 @@ import numpy as np
 def pickapic_like(folder: Path, n: int, seed: int = 0) -> None:
     from PIL import Image
 
-    from reward_servers import world
+    from scorers import world
     from trainer.pairs import jpeg, write_parquet
 
     rng = np.random.default_rng(seed)

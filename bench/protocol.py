@@ -35,8 +35,8 @@ def serve(port: int) -> None:
     from protocol import Limits
     from reward_servers.app import create_app
     from reward_servers.cli import keep_freed_memory
-    from reward_servers.scorer import ScoreOutput, Scorer
     from reward_servers.service import ServingOptions
+    from scorers.scorer import ScoreOutput, Scorer
 
     keep_freed_memory()  # as reward-server does
 

@@ -6,7 +6,7 @@ The step is trainer/refl.py's at its ``mid`` step, with the sd15-refl-aesthetic 
 on attention, gradient checkpointing on and off, no CFG): the UNet call with gradient, the predicted x0, the
 VAE decode with gradient, the reward, ``relu(2 - r).mean() * 1e-3``, backward, gradient clipping, AdamW.
 The reward is either in process, the aesthetic scorer's own tensor path (CLIP ViT-L/14 in fp16 as
-reward_servers loads it on a GPU, the LAION MLP) or served: what trainer.rewards.remote_scores leaves on the
+the scorers load it on a GPU, the LAION MLP) or served: what trainer.rewards.remote_scores leaves on the
 trainer's GPU, the server's float32 gradient of the pixels kept for backward. Built random-init from the
 published configs on the meta device and made fake; bench.gpu_estimate's live-bytes tracker and CUDA
 autocast policy measure the peak (see that module for how). Calibration runs the same step with the repo's
@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from bench.gpu_estimate import BLOCK, CLIP_L, SD15_UNET, SD_VAE, CudaAutocast, checkpointing_under, denoiser, gb, measure
-from reward_servers.aesthetic import AestheticMLP, AestheticScorer
+from scorers.aesthetic import AestheticMLP, AestheticScorer
 
 # openai/clip-vit-large-patch14's vision tower (the text tower is CLIP_L), projection 768
 VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -146,7 +146,7 @@ def calibrate(n: int = 2) -> dict:
     from diffusers import AutoencoderKL
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from reward_servers.scorer import create_scorer
+    from scorers.scorer import create_scorer
     from trainer import tiny_pipeline
     from trainer.presets import PRESETS
 

@@ -24,7 +24,7 @@ def build_sd15_shaped(folder: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from reward_servers.tiny_models import clip_tokenizer
+    from scorers.tiny_models import clip_tokenizer
     from trainer.tiny_pipeline import SPEC, assemble_pipeline, clip_text_encoder
 
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ async def clients(url: str, n: int, seconds: float, image: np.ndarray) -> float:
 
 def model_ceiling(checkpoint: Path, image: np.ndarray, repeats: int = 5) -> float:
     """In-process: how much faster the scorer runs 16 images at once than one at a time (median times)."""
-    from reward_servers.clip import ClipScore
+    from scorers.clip import ClipScore
 
     scorer = ClipScore(str(checkpoint))
     scorer.load("cpu")
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     args = parser.parse_args()
 
-    from reward_servers.tiny_models import build_clip
+    from scorers.tiny_models import build_clip
     from tests.conftest import ServerProcess
 
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)

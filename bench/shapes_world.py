@@ -35,9 +35,9 @@ def correlations(a: np.ndarray, b: np.ndarray, groups: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from reward_servers import world
-    from reward_servers.scorer import create_scorer
-    from reward_servers.shapes_clip import hard_negative
+    from scorers import world
+    from scorers.scorer import create_scorer
+    from scorers.shapes_clip import hard_negative
     from trainer.config import Config
     from trainer.evaluate import evaluate
     from trainer.models import load_family

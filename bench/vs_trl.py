@@ -72,7 +72,7 @@ def trl_child(epochs: int) -> None:
 
     PartialState()  # TRL's pipeline logs through accelerate before its trainer makes an Accelerator
 
-    from reward_servers.scorer import create_scorer
+    from scorers.scorer import create_scorer
     from trainer.tiny_pipeline import tiny_pipeline_path
 
     s, scorer = SETTINGS, create_scorer("compression")

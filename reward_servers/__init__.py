@@ -1,5 +1,5 @@
-"""Reward scorers and the HTTP service that hosts them (``reward-server``)."""
+"""The HTTP service that hosts a scorer (``reward-server``); the scorers themselves live in ``scorers``."""
 
-from reward_servers.scorer import SCORERS, ScoreOutput, Scorer, create_scorer
+from scorers.scorer import SCORERS, ScoreOutput, Scorer, create_scorer
 
 __all__ = ["SCORERS", "ScoreOutput", "Scorer", "create_scorer"]

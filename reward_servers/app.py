@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from protocol import MEDIA_TYPE, VERSION, ProtocolError, ScoreGradRequest, ScoreRequest, pack, parse_request
-from reward_servers.scorer import Scorer
 from reward_servers.service import ScoringService, ServingOptions
+from scorers.scorer import Scorer
 
 log = logging.getLogger("reward_servers")
 RETRY_AFTER_S = 1

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from protocol import ProtocolError, check_scores
-from reward_servers.scorer import ScoreOutput, Scorer, concat, score_grad
+from scorers.scorer import ScoreOutput, Scorer, concat, score_grad
 
 log = logging.getLogger("reward_servers")
 

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from protocol.errors import cli_message
-from reward_servers.scorer import SCORERS, scorer_options, scorer_target
+from scorers.scorer import SCORERS, scorer_options, scorer_target
 
 # CLI fields handed to the scorer's constructor when it takes them (and an error when it does not).
 SCORER_OPTIONS = (
@@ -106,8 +106,8 @@ class ServerSettings(BaseSettings):
 
         from protocol import Limits
         from reward_servers.app import create_app
-        from reward_servers.scorer import create_scorer
         from reward_servers.service import ServingOptions
+        from scorers.scorer import create_scorer
 
         logging.basicConfig(level=self.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         keep_freed_memory()

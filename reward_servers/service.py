@@ -18,7 +18,7 @@ from protocol import Limits, ProtocolError, ScoreGradReply, ScoreGradRequest, Sc
 from protocol.schema import GRADIENT_DTYPES, ITEMSIZE
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
-from reward_servers.scorer import Scorer, differentiable
+from scorers.scorer import Scorer, differentiable
 
 
 @dataclass

@@ -214,8 +214,8 @@ def test_one_bad_request_fails_alone_not_its_whole_batch(start_server, option, c
 
 
 def test_the_scorers_own_batch_limit_is_honoured():
-    from reward_servers.scorer import ScoreOutput, Scorer
     from reward_servers.service import ScoringService, ServingOptions
+    from scorers.scorer import ScoreOutput, Scorer
 
     class Small(Scorer):
         name, description, max_batch = "small", "a scorer whose model takes 4 images at most", 4

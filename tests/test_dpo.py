@@ -54,7 +54,7 @@ def test_ties_weighted_out():
 def pick_a_pic_rows(n: int, seed: int = 0) -> list[dict]:
     """Pairs in Pick-a-Pic v2's schema: the true caption's render against a wrong one's; some ties, some
     pairs with the winner second."""
-    from reward_servers import world
+    from scorers import world
     from trainer.pairs import jpeg
 
     rng = np.random.default_rng(seed)
@@ -294,7 +294,7 @@ def test_best_and_worst_pairs_each_groups_extremes_in_sampling_order():
 def test_label_samples_pairs_and_the_verifier_chooses(tmp_path, images_per_prompt):
     from trainer.label import LabelSettings, label
     from trainer.pairs import load_pairs
-    from reward_servers.shapes import ShapesVerifier
+    from scorers.shapes import ShapesVerifier
 
     settings = LabelSettings(out=tmp_path / "pairs", model="tiny-shapes", pairs=12, steps=4, shard_size=5,
                              batch_size=8, scorer="shapes", images_per_prompt=images_per_prompt)
@@ -411,7 +411,7 @@ def test_online_rounds_sample_label_and_train(tmp_path):
 def test_online_rounds_pair_each_prompts_best_and_worst_image(tmp_path, monkeypatch):
     """With four images per prompt, each pair trained is its prompt's best- and worst-scored image, winner first;
     with two passes per round, the second trains on the same pairs reshuffled, and no second round is sampled."""
-    from reward_servers.shapes import ShapesVerifier
+    from scorers.shapes import ShapesVerifier
     from trainer import dpo
     from trainer.config import Config
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from reward_servers.scorer import create_scorer
+from scorers.scorer import create_scorer
 from trainer.config import Config
 from trainer.ddpo import train
 from trainer.evaluate import EvalSettings, evaluate, run_evaluation

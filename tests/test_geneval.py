@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
 
 from protocol import MEDIA_TYPE, RewardClient, build_request, unpack
-from reward_servers import geneval_rules as rules
-from reward_servers import tiny_models
+from scorers import geneval_rules as rules
+from scorers import tiny_models
 
 pytestmark = pytest.mark.timeout(300)
 PROMPTS = ["a photo of a dog", "a photo of two dogs", "a photo of a red dog", "a photo of a dog and a cat",
@@ -130,7 +130,7 @@ def test_strict_scores_are_geneval_correctness_and_bad_requests_are_422(start_se
 
 
 def test_options_are_checked():
-    from reward_servers.geneval import GenEvalScorer
+    from scorers.geneval import GenEvalScorer
 
     with pytest.raises(ValueError, match="--options strict: expected true or false, got 'maybe'"):
         GenEvalScorer(strict="maybe")

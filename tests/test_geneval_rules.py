@@ -1,4 +1,4 @@
-"""GenEval's rules (reward_servers/geneval_rules.py) on hand-made detections: every tag, the thresholds' edges,
+"""GenEval's rules (scorers/geneval_rules.py) on hand-made detections: every tag, the thresholds' edges,
 GenEval's correctness and Flow-GRPO's fraction, and the metadata GenEval ships."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reward_servers import geneval_rules as rules
+from scorers import geneval_rules as rules
 
 ASSETS = Path(__file__).parent.parent / "trainer" / "assets" / "geneval"
 
@@ -211,8 +211,8 @@ def test_genevals_rules_on_the_shapes_verifiers_detections_agree_with_the_verifi
     renders for "above" may read "left of" to GenEval: it is the stricter, never the looser."""
     import numpy as np
 
-    from reward_servers import world
-    from reward_servers.shapes import detect, verify
+    from scorers import world
+    from scorers.shapes import detect, verify
 
     rng = np.random.default_rng(5)
     agree, position = 0, []

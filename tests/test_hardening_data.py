@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reward_servers import world
+from scorers import world
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,8 +9,8 @@ import numpy as np
 from transformers import AutoModelForImageTextToText, AutoProcessor, VisionEncoderDecoderModel
 
 from protocol import MEDIA_TYPE, RewardClient, build_request, unpack
-from reward_servers import tiny_models
-from reward_servers.ocr import levenshtein, reward, target
+from scorers import tiny_models
+from scorers.ocr import levenshtein, reward, target
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from protocol import RewardClient, RewardServerError
-from reward_servers import world
-from reward_servers.scorer import create_scorer, score_grad
+from scorers import world
+from scorers.scorer import create_scorer, score_grad
 
 CAPTIONS = list(world.CAPTIONS["two_object"][:6])
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from protocol import RewardClient
-from reward_servers import tiny_models
+from scorers import tiny_models
 
 pytestmark = pytest.mark.timeout(300)
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a red circle"]
@@ -155,8 +155,8 @@ def test_hpsv2_served_equals_the_openclip_reference(start_server, hps):
 
 
 def test_hpsv2_without_weights_is_refused_before_loading():
-    from reward_servers.hub import problem
-    from reward_servers.scorer import create_scorer
+    from scorers.hub import problem
+    from scorers.scorer import create_scorer
 
     needs = create_scorer("hpsv2", checkpoint="tiny").requirements()
     assert problem(*needs["weights"]) == "required (HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt))"

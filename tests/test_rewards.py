@@ -14,7 +14,7 @@ from trainer.rewards import LocalReward, Rewards
 
 
 def test_an_in_process_nan_stops_the_run_instead_of_reaching_the_advantages():
-    from reward_servers.scorer import create_scorer
+    from scorers.scorer import create_scorer
 
     reward = LocalReward("synthetic", create_scorer("synthetic", nan_prompt="bad"))
     images = np.full((3, 8, 8, 3), 51, np.uint8)

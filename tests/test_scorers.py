@@ -1,6 +1,6 @@
 """Model-backed scorers served for real, on tiny random-init checkpoints saved to a temp dir.
 
-Each expected value is computed here, directly with transformers, independently of reward_servers' code.
+Each expected value is computed here, directly with transformers, independently of the scorers' code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
 
 from protocol import MEDIA_TYPE, RewardClient, build_request, unpack
-from reward_servers import tiny_models
+from scorers import tiny_models
 
 pytestmark = pytest.mark.timeout(300)
 PROMPTS = ["a cat", "a dog riding a bike", "red fish", "an owl"]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from protocol import MEDIA_TYPE, RewardClient, build_request, unpack
-from reward_servers import world
-from reward_servers.shapes import ShapesVerifier, components, detect, verify
+from scorers import world
+from scorers.shapes import ShapesVerifier, components, detect, verify
 from trainer.prompts import ASSETS, make_prompt_fn
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reward_servers import shapes_clip, world
-from reward_servers.shapes import verify
-from reward_servers.tiny_models import SHIPPED
+from scorers import shapes_clip, world
+from scorers.shapes import verify
+from scorers.tiny_models import SHIPPED
 from trainer import shapes_model
 from trainer.models import SHIPPED as SHIPPED_PIPELINES
 
@@ -49,7 +49,7 @@ def test_the_pretrained_model_draws_what_it_is_told_and_a_random_one_does_not(ti
 
 
 def test_the_clip_ranks_true_captions_above_changed_ones():
-    from reward_servers.clip import ClipScore
+    from scorers.clip import ClipScore
 
     scorer = ClipScore("tiny-shapes")
     scorer.load("cpu")

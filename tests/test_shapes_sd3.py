@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reward_servers import world
-from reward_servers.tiny_models import SHIPPED as SHIPPED_CLIP
+from scorers import world
+from scorers.tiny_models import SHIPPED as SHIPPED_CLIP
 from trainer import shapes_model
 from trainer.models import SHIPPED
 from trainer.zero_t5 import use_one_zero_token

@@ -14,7 +14,7 @@ from protocol import RewardClient
 
 USER_REWARDS = '''
 import numpy as np
-from reward_servers import ScoreOutput, Scorer
+from scorers import ScoreOutput, Scorer
 
 
 def brightness(images, prompts, metadata):
@@ -71,7 +71,7 @@ def test_a_scorer_registered_by_entry_point_is_served_by_name_with_its_options(u
 
 
 def test_the_same_code_runs_in_process(user_package):
-    from reward_servers.scorer import create_scorer
+    from scorers.scorer import create_scorer
 
     assert create_scorer("channel", channel=2).score(IMAGES, [""] * 3, [{}] * 3).scores == pytest.approx([0.0, 0.8, 1.0])
     out = create_scorer("user_rewards:brightness").score(IMAGES, [""] * 3, [{}] * 3)
@@ -103,7 +103,7 @@ def _small(tmp_path, tiny_cache, **reward):
 def test_reward_and_prompt_functions_from_python(tmp_path, tiny_cache):
     import json
 
-    from reward_servers.scorer import torch_images
+    from scorers.scorer import torch_images
     from trainer.ddpo import train
 
     seen = {}

@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
     if name == "train":
         return _train
     if name == "torch_images":
-        from reward_servers.scorer import torch_images
+        from scorers.scorer import torch_images
 
         return torch_images
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -133,7 +133,7 @@ class PromptConfig(_Group):
         from trainer.prompts import PROMPT_FNS
 
         if ":" in fn:
-            from reward_servers.scorer import import_attribute
+            from scorers.scorer import import_attribute
 
             import_attribute(fn, repr(fn))  # importable now, not after the model has loaded
         elif fn not in {*PROMPT_FNS, "from_file"}:
@@ -179,7 +179,7 @@ class RewardSource(_Group):
     @field_validator("scorer")
     @classmethod
     def _known(cls, scorer: str, info: ValidationInfo) -> str:
-        from reward_servers.scorer import scorer_target
+        from scorers.scorer import scorer_target
 
         if not info.data.get("url"):
             scorer_target(scorer)  # a built-in, an entry point or module:function; raises saying what is wrong
@@ -188,7 +188,7 @@ class RewardSource(_Group):
     @field_validator("options")
     @classmethod
     def _options(cls, options: dict, info: ValidationInfo) -> dict:
-        from reward_servers.scorer import scorer_options
+        from scorers.scorer import scorer_options
 
         scorer = info.data.get("scorer")
         if options and scorer and not info.data.get("url"):
@@ -359,7 +359,7 @@ class Config(BaseSettings):
             if len(sources) != 1:
                 raise ValueError(f"reward.components: refl backpropagates one reward, got {len(sources)}")
             if not sources[0].url:
-                from reward_servers.scorer import differentiable, scorer_target
+                from scorers.scorer import differentiable, scorer_target
 
                 if not differentiable(scorer_target(sources[0].scorer)):
                     raise ValueError(f"reward.scorer: {sources[0].scorer} has no differentiable path (score_tensor); "

@@ -44,7 +44,7 @@ class RunConfig(_Group):
     @classmethod
     def _eval_scorer(cls, name: str | None) -> str | None:
         if name is not None:
-            from reward_servers.scorer import scorer_target
+            from scorers.scorer import scorer_target
 
             scorer_target(name)
         return name

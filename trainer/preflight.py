@@ -13,7 +13,7 @@ import logging
 import time
 
 from protocol.errors import redact_url
-from reward_servers.hub import problem
+from scorers.hub import problem
 from trainer.config import Config, RewardComponent, RewardConfig
 from trainer.plan import BatchPlan, BatchPlanError
 
@@ -111,7 +111,7 @@ def _data_problems(cfg: Config) -> list[str]:
 
 
 def _scorer_problems(component: RewardComponent, where: str) -> list[str]:
-    from reward_servers.scorer import create_scorer
+    from scorers.scorer import create_scorer
 
     try:
         scorer = create_scorer(component.scorer, **component.options)  # constructing loads nothing

@@ -72,7 +72,7 @@ _FLOW_GRPO = {
     },
 }
 
-# The shapes world (reward_servers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
+# The shapes world (scorers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
 # captions as the verifier checks them; evaluated before and after on the held-out captions (60 images per
 # category, deterministic sampling). `python -m trainer` runs "shapes-nft" (DiffusionNFT); the DDPO recipes
 # here move held-out accuracy by a point or two (docs/learning.md).

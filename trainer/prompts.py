@@ -89,8 +89,8 @@ def counting(low: int = 1, high: int = 4) -> PromptFn:
 
 def shapes(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
     """A training caption of the shapes world (a category uniformly, then one of its captions) with the claims
-    its verifier checks (reward_servers/world.py)."""
-    from reward_servers import world
+    its verifier checks (scorers/world.py)."""
+    from scorers import world
 
     caption, _ = world.sample_caption(rng, "train")
     return caption, {"claims": world.claims(caption)}
@@ -111,7 +111,7 @@ def geneval_evaluation() -> tuple[tuple[str, dict[str, Any]], ...]:
 def geneval(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
     """A GenEval training prompt and its metadata (what the geneval scorer checks): a tag uniformly, then a
     prompt drawn from GenEval's templates as its create_prompts.py draws them, never an evaluation prompt."""
-    from reward_servers.geneval_rules import sample
+    from scorers.geneval_rules import sample
 
     held_out = {prompt for prompt, _ in geneval_evaluation()}
     tag = GENEVAL_TRAIN_TAGS[rng.integers(len(GENEVAL_TRAIN_TAGS))]
@@ -172,7 +172,7 @@ def make_prompt_fn(name: str, path: Path | None = None) -> PromptFn:
     if name == "from_file":
         return from_file(path)
     if ":" in name:
-        from reward_servers.scorer import import_attribute
+        from scorers.scorer import import_attribute
 
         return user_prompt_fn(import_attribute(name, "prompt.fn"), f"prompt.fn {name}")
     return PROMPT_FNS[name]()

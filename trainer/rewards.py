@@ -17,7 +17,7 @@ import numpy as np
 
 from protocol import check_scores
 from protocol.errors import redact_url
-from reward_servers.scorer import FunctionScorer, ScoreOutput, Scorer, concat, create_scorer
+from scorers.scorer import FunctionScorer, ScoreOutput, Scorer, concat, create_scorer
 from trainer.config import RewardComponent, RewardConfig
 
 RewardFn = Callable[..., Any]  # fn(images, prompts, metadata) -> (scores, info); see FunctionScorer

@@ -48,7 +48,7 @@ class SampleSettings(BaseSettings):
 def render(s: SampleSettings) -> dict:
     import torch
 
-    from reward_servers.scorer import create_scorer
+    from scorers.scorer import create_scorer
     from trainer.config import Config
     from trainer.grid import grid
     from trainer.models import load_family, load_tuned

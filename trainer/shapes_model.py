@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from reward_servers import world
+from scorers import world
 
 WORDS = sorted({w for captions in world.CAPTIONS.values() for c in captions for w in c.split()} | {"s"})
 SPEC = {
@@ -96,7 +96,7 @@ def build(seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from reward_servers.tiny_models import clip_tokenizer
+    from scorers.tiny_models import clip_tokenizer
     from trainer.tiny_pipeline import assemble_pipeline, clip_text_encoder
 
     torch.manual_seed(seed)

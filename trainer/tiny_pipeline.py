@@ -31,7 +31,7 @@ SPEC = {
 
 def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the tiny pipeline, building it first if it is not there yet."""
-    from reward_servers.tiny_models import cached_build
+    from scorers.tiny_models import cached_build
 
     return cached_build("tiny-sd", SPEC, lambda folder: build_tiny_pipeline().save_pretrained(folder), cache_dir)
 
@@ -42,7 +42,7 @@ def build_tiny_pipeline():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from reward_servers.tiny_models import clip_tokenizer
+    from scorers.tiny_models import clip_tokenizer
 
     tokenizer = clip_tokenizer(SPEC["vocabulary"])
 
@@ -104,7 +104,7 @@ SDXL_SPEC = {**SPEC, "text_2": {**SPEC["text"], "projection_dim": 16}, "addition
 
 def tiny_sdxl_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder of the tiny SDXL pipeline, building it first if it is not there yet."""
-    from reward_servers.tiny_models import cached_build
+    from scorers.tiny_models import cached_build
 
     return cached_build("tiny-sdxl", SDXL_SPEC, lambda folder: build_tiny_sdxl().save_pretrained(folder), cache_dir)
 
@@ -115,7 +115,7 @@ def build_tiny_sdxl():
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection
 
-    from reward_servers.tiny_models import clip_tokenizer
+    from scorers.tiny_models import clip_tokenizer
 
     base = build_tiny_pipeline()  # its VAE and first text encoder, seeded as the SD1 tiny model
     tokenizer = clip_tokenizer(SDXL_SPEC["vocabulary"])
@@ -158,7 +158,7 @@ SD3_T5_SPEC = {**SD3_SPEC, "t5": {"d_model": 64, "d_kv": 16, "d_ff": 64, "num_la
 
 def tiny_sd3_path(cache_dir: str | os.PathLike | None = None, t5: bool = False) -> Path:
     """The folder of the tiny SD3 pipeline (with a tiny T5 when ``t5``), building it first if it is not there yet."""
-    from reward_servers.tiny_models import cached_build
+    from scorers.tiny_models import cached_build
 
     name, spec = ("tiny-sd3-t5", SD3_T5_SPEC) if t5 else ("tiny-sd3", SD3_SPEC)
     return cached_build(name, spec, lambda folder: build_tiny_sd3(t5).save_pretrained(folder), cache_dir)
@@ -171,7 +171,7 @@ def build_tiny_sd3(t5: bool = False):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from reward_servers.tiny_models import clip_tokenizer
+    from scorers.tiny_models import clip_tokenizer
 
     tokenizer = clip_tokenizer(SD3_SPEC["vocabulary"])
     torch.manual_seed(SD3_SPEC["seed"])
@@ -239,7 +239,7 @@ FLUX_SCHNELL_SPEC = {**FLUX_SPEC, "guidance": False,
 def tiny_flux_path(cache_dir: str | os.PathLike | None = None, guidance: bool = True) -> Path:
     """The folder of the tiny FLUX pipeline (schnell-like, no guidance input, unless ``guidance``), building it
     first if it is not there yet."""
-    from reward_servers.tiny_models import cached_build
+    from scorers.tiny_models import cached_build
 
     name, spec = ("tiny-flux", FLUX_SPEC) if guidance else ("tiny-flux-schnell", FLUX_SCHNELL_SPEC)
     return cached_build(name, spec, lambda folder: build_tiny_flux(guidance).save_pretrained(folder), cache_dir)
@@ -251,7 +251,7 @@ def build_tiny_flux(guidance: bool = True):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from reward_servers.tiny_models import clip_tokenizer
+    from scorers.tiny_models import clip_tokenizer
 
     tokenizer = clip_tokenizer(FLUX_SPEC["vocabulary"])
     torch.manual_seed(FLUX_SPEC["seed"])

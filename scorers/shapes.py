@@ -1,6 +1,6 @@
 """The shapes world's verifier, a GenEval-style reward: does the image show what its caption claims?
 
-Segments the image by palette colour (reward_servers/world.py), finds each colour's connected components,
+Segments the image by palette colour (scorers/world.py), finds each colour's connected components,
 classifies each as the square, circle or upright triangle whose ideal mask in its bounding box overlaps it
 best (a "blob" when none overlaps well: a smear satisfies no claim, so a policy cannot game the verifier
 with irregular shapes), and checks the caption's claims: each named object present (a count: exactly that
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from reward_servers import world
-from reward_servers.scorer import ScoreOutput, Scorer
+from scorers import world
+from scorers.scorer import ScoreOutput, Scorer
 
 PALETTE = np.array(list(world.COLORS.values()), dtype=np.float32)
 NAMES = list(world.COLORS)

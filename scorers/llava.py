@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from reward_servers.devices import dtype_kwarg, half_on_gpu
-from reward_servers.scorer import ScoreOutput, Scorer
-from reward_servers.tiny_models import resolve
+from scorers.devices import dtype_kwarg, half_on_gpu
+from scorers.scorer import ScoreOutput, Scorer
+from scorers.tiny_models import resolve
 
 QUESTION = "Answer concisely: what is going on in this image?"
 REFERENCE = "The image contains {prompt}"
@@ -40,7 +40,7 @@ class LlavaScorer(Scorer):
             raise ValueError(f"--mode must be bertscore or strict, got {mode!r}")
         self.checkpoint, self.mode, self.max_new_tokens = checkpoint, mode, max_new_tokens
         if mode == "bertscore":
-            from reward_servers.bertscore import BertScore
+            from scorers.bertscore import BertScore
 
             self.bertscore = BertScore(bertscore_model, bertscore_layer)
 

@@ -1,5 +1,5 @@
 """GenEval (Ghosh et al. 2023) as a reward: transformers' Mask2Former finds the objects, CLIP names their
-colours, and GenEval's rules (reward_servers/geneval_rules.py) check the prompt's requirements.
+colours, and GenEval's rules (scorers/geneval_rules.py) check the prompt's requirements.
 
 GenEval runs mmdet's Mask2Former (Swin-S, COCO instance segmentation); here it is transformers'
 ``Mask2FormerForUniversalSegmentation`` (default ``facebook/mask2former-swin-small-coco-instance``, the same
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from reward_servers import geneval_rules as rules
-from reward_servers.devices import dtype_kwarg, half_on_gpu
-from reward_servers.scorer import ScoreOutput, Scorer
-from reward_servers.tiny_models import resolve
+from scorers import geneval_rules as rules
+from scorers.devices import dtype_kwarg, half_on_gpu
+from scorers.scorer import ScoreOutput, Scorer
+from scorers.tiny_models import resolve
 
 TEMPLATES = ("a photo of a {c} {name}", "a photo of a {c}-colored {name}", "a photo of a {c} object")
 BACKGROUND = 0x99  # GenEval's bgcolor "#999"
@@ -66,7 +66,7 @@ class GenEvalScorer(Scorer):
         import torch
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        from reward_servers.clip import ClipEmbedder
+        from scorers.clip import ClipEmbedder
 
         path = resolve(self.checkpoint, "mask2former")
         self.torch, self.device, self.dtype = torch, device, half_on_gpu(device)

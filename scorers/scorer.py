@@ -63,7 +63,7 @@ class Scorer(ABC):
     def requirements(self) -> dict[str, tuple[str, str | None, str]]:
         """What ``load`` will need, by option name: ``(kind, ref, what)`` with kind "model" (an id or folder)
         or "file", ``ref`` None when the option must be given, ``what`` naming it for people. Checked before
-        anything loads (``reward_servers.hub.problem``)."""
+        anything loads (``scorers.hub.problem``)."""
         return {}
 
     def check(self, prompts: list[str], metadata: list[dict[str, Any]]) -> None:
@@ -76,18 +76,18 @@ class Scorer(ABC):
 
 # name -> "module:Class"; modules load only when their scorer is asked for, so heavy imports stay lazy.
 SCORERS: dict[str, str] = {
-    "compression": "reward_servers.compression:JpegCompressibility",
-    "incompressibility": "reward_servers.compression:JpegIncompressibility",
-    "synthetic": "reward_servers.synthetic:SyntheticScorer",
-    "aesthetic": "reward_servers.aesthetic:AestheticScorer",
-    "clipscore": "reward_servers.clip:ClipScore",
-    "pickscore": "reward_servers.clip:PickScore",
-    "hpsv2": "reward_servers.hps:HPSv2",
-    "imagereward": "reward_servers.imagereward:ImageRewardScorer",
-    "llava": "reward_servers.llava:LlavaScorer",
-    "shapes": "reward_servers.shapes:ShapesVerifier",
-    "geneval": "reward_servers.geneval:GenEvalScorer",
-    "ocr": "reward_servers.ocr:OcrScorer",
+    "compression": "scorers.compression:JpegCompressibility",
+    "incompressibility": "scorers.compression:JpegIncompressibility",
+    "synthetic": "scorers.synthetic:SyntheticScorer",
+    "aesthetic": "scorers.aesthetic:AestheticScorer",
+    "clipscore": "scorers.clip:ClipScore",
+    "pickscore": "scorers.clip:PickScore",
+    "hpsv2": "scorers.hps:HPSv2",
+    "imagereward": "scorers.imagereward:ImageRewardScorer",
+    "llava": "scorers.llava:LlavaScorer",
+    "shapes": "scorers.shapes:ShapesVerifier",
+    "geneval": "scorers.geneval:GenEvalScorer",
+    "ocr": "scorers.ocr:OcrScorer",
 }
 
 

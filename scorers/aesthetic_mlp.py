@@ -1,4 +1,4 @@
-"""The LAION improved aesthetic predictor's head: the network alone (the scorer is reward_servers/aesthetic.py),
+"""The LAION improved aesthetic predictor's head: the network alone (the scorer is scorers/aesthetic.py),
 so the tiny-model builders and the shapes CLIP's training build it without importing a scorer."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train ``tiny-shapes`` CLIP: image and text towers that agree on the shapes world, for the CLIP scorers.
 
-    python -m reward_servers.shapes_clip --out outputs/shapes-clip    # about ten minutes on 2 CPU cores
+    python -m scorers.shapes_clip --out outputs/shapes-clip    # about ten minutes on 2 CPU cores
 
 CLIP's symmetric contrastive loss (Radford et al. 2021) over a batch of captioned renders, with one hard
 negative caption per image (a colour, shape, count or relation changed) among the texts, so the score
@@ -10,7 +10,7 @@ embedding is fitted after, to the quality of degraded renders (1 = a clean rende
 so ``--model aesthetic --checkpoint tiny-shapes`` scores image quality without a prompt, as LAION's does.
 
 Seeded and resumable like trainer/shapes_model.py; the result (``out/clip``, fp16 safetensors, with its
-processor and ``aesthetic-mlp.safetensors``) ships as ``reward_servers/weights/tiny-shapes-clip``.
+processor and ``aesthetic-mlp.safetensors``) ships as ``scorers/weights/tiny-shapes-clip``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
-from reward_servers import world
+from scorers import world
 
 SPEC = {"hidden": 64, "layers": 3, "heads": 4, "patch": 8, "projection": 64}
 ALL = [c for captions in world.CAPTIONS.values() for c in captions]
@@ -57,7 +57,7 @@ def build(seed: int):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from reward_servers.tiny_models import clip_tokenizer
+    from scorers.tiny_models import clip_tokenizer
 
     words = sorted({w for c in ALL for w in c.split()})
     tokenizer = clip_tokenizer(words)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     processor.save_pretrained(folder)
     model.float()
 
-    from reward_servers.aesthetic_mlp import AestheticMLP
+    from scorers.aesthetic_mlp import AestheticMLP
 
     torch.manual_seed(s.seed)
     mlp = AestheticMLP(SPEC["projection"])

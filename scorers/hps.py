@@ -13,8 +13,8 @@ make) that is the processor's resize and centre crop used here.
 
 from __future__ import annotations
 
-from reward_servers.clip import ClipScore
-from reward_servers.state_dict import load_state_dict
+from scorers.clip import ClipScore
+from scorers.state_dict import load_state_dict
 
 VIT_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reward_servers.devices import dtype_kwarg, half_on_gpu
+from scorers.devices import dtype_kwarg, half_on_gpu
 
 # bert-score's default layer for encoders our users name; others use their last layer.
 DEFAULT_LAYERS = {"microsoft/deberta-xlarge-mnli": 40, "roberta-large": 17, "bert-base-uncased": 9}
@@ -23,7 +23,7 @@ class BertScore:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from reward_servers.tiny_models import resolve
+        from scorers.tiny_models import resolve
 
         path = resolve(self.checkpoint, "bert")
         self.torch, self.device = torch, device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from reward_servers.scorer import ScoreOutput, Scorer
+from scorers.scorer import ScoreOutput, Scorer
 
 
 class SyntheticScorer(Scorer):

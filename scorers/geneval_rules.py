@@ -7,7 +7,7 @@ its default). Its prompt's metadata (evaluation_metadata.jsonl: ``tag``, ``inclu
 color?, position?}], ``exclude`` [{class, count}]) is then checked requirement by requirement:
 
 - ``evaluate`` is GenEval's correctness: each include needs at least ``count`` objects of its class, the
-  ``count`` most confident of them in its colour (``colors_of``: CLIP zero-shot in reward_servers/geneval.py)
+  ``count`` most confident of them in its colour (``colors_of``: CLIP zero-shot in scorers/geneval.py)
   and each of them in its relation to every object of the group it refers to; an exclude fails when
   ``count`` or more are found.
 - ``fraction`` is Flow-GRPO's training reward (yifan123/reward-server, reward_server/gen_eval.py

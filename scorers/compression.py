@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from reward_servers.scorer import ScoreOutput, Scorer
+from scorers.scorer import ScoreOutput, Scorer
 
 
 def jpeg_size_kb(image: np.ndarray, quality: int = 95) -> float:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from reward_servers.devices import dtype_kwarg, half_on_gpu
-from reward_servers.scorer import ScoreOutput, Scorer
-from reward_servers.tiny_models import resolve
+from scorers.devices import dtype_kwarg, half_on_gpu
+from scorers.scorer import ScoreOutput, Scorer
+from scorers.tiny_models import resolve
 
 
 def levenshtein(a: str, b: str) -> int:

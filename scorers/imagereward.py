@@ -17,10 +17,10 @@ import json
 
 import numpy as np
 
-from reward_servers.clip import resize_crop_normalise
-from reward_servers.devices import half_on_gpu
-from reward_servers.scorer import ScoreOutput, Scorer
-from reward_servers.state_dict import load_state_dict
+from scorers.clip import resize_crop_normalise
+from scorers.devices import half_on_gpu
+from scorers.scorer import ScoreOutput, Scorer
+from scorers.state_dict import load_state_dict
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the published model's reward statistics
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -98,7 +98,7 @@ class ImageRewardScorer(Scorer):
         import torch
         from transformers import AutoTokenizer
 
-        from reward_servers.tiny_models import resolve
+        from scorers.tiny_models import resolve
 
         self.torch, self.device, self.dtype = torch, device, half_on_gpu(device)
         med = json.loads(open(self.med_config).read()) if self.med_config else {}

@@ -112,7 +112,7 @@ def build_aesthetic_mlp(file: Path, in_features: int, seed: int = 2) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from reward_servers.aesthetic_mlp import AestheticMLP
+    from scorers.aesthetic_mlp import AestheticMLP
 
     torch.manual_seed(seed)
     save_file(AestheticMLP(in_features).state_dict(), str(file))
@@ -185,7 +185,7 @@ def build_mask2former(folder: Path, spec: dict = MASK2FORMER_SPEC) -> None:
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
     from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
 
-    from reward_servers.geneval_rules import CLASSES
+    from scorers.geneval_rules import CLASSES
 
     e, hidden = spec["embed"], spec["hidden"]
     backbone = SwinConfig(embed_dim=e, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
@@ -293,7 +293,7 @@ def tiny_checkpoint(kind: str, cache_dir=None) -> Path:
     return cached_build(f"tiny-{kind}", {**spec, "words": WORDS}, build, cache_dir)
 
 
-# Trained, not random: the shapes world's CLIP (reward_servers/shapes_clip.py), shipped in the package.
+# Trained, not random: the shapes world's CLIP (scorers/shapes_clip.py), shipped in the package.
 SHIPPED = {("tiny-shapes", "clip"): Path(__file__).parent / "weights" / "tiny-shapes-clip"}
 
 

@@ -1,14 +1,14 @@
-"""The LAION improved aesthetic predictor: an MLP (reward_servers/aesthetic_mlp.py) on the L2-normalised CLIP
+"""The LAION improved aesthetic predictor: an MLP (scorers/aesthetic_mlp.py) on the L2-normalised CLIP
 ViT-L/14 image embedding."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from reward_servers.aesthetic_mlp import AestheticMLP
-from reward_servers.clip import ClipEmbedder
-from reward_servers.scorer import ScoreOutput, Scorer
-from reward_servers.state_dict import load_state_dict
+from scorers.aesthetic_mlp import AestheticMLP
+from scorers.clip import ClipEmbedder
+from scorers.scorer import ScoreOutput, Scorer
+from scorers.state_dict import load_state_dict
 
 
 class AestheticScorer(Scorer):
@@ -30,7 +30,7 @@ class AestheticScorer(Scorer):
             if self.clip.checkpoint == "tiny":
                 self.weights = str(self._tiny_weights())
             elif self.clip.checkpoint == "tiny-shapes":
-                from reward_servers.tiny_models import resolve
+                from scorers.tiny_models import resolve
 
                 self.weights = str(Path(resolve("tiny-shapes", "clip")) / "aesthetic-mlp.safetensors")
             else:
@@ -56,7 +56,7 @@ class AestheticScorer(Scorer):
         return self.mlp(embeddings.to(next(self.mlp.parameters()).dtype)).squeeze(-1).float()
 
     def _tiny_weights(self) -> Path:
-        from reward_servers.tiny_models import build_aesthetic_mlp, cached_build, CLIP_SPEC
+        from scorers.tiny_models import build_aesthetic_mlp, cached_build, CLIP_SPEC
 
         folder = cached_build(
             "tiny-aesthetic-mlp", {"in": CLIP_SPEC["projection"]},
