@@ -365,8 +365,8 @@ def test_noised_follows_the_forward_processes():
 
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from trainer.sd1 import SD1
-    from trainer.sd3 import SD3
+    from trainer.families.sd1 import SD1
+    from trainer.families.sd3 import SD3
 
     x0, eps = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
     u = torch.tensor([0.0, 0.5, 0.999], dtype=torch.float64)

@@ -11,7 +11,7 @@ import torch
 
 from trainer.config import Config
 from trainer.ddpo import train
-from trainer.models import load_family, make_trainable
+from trainer.families.models import load_family, make_trainable
 from trainer.sampling import rescore, sample
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def test_sdxl_trains_saves_a_lora_its_pipeline_loads_and_resumes_exactly(tmp_pat
     two = load_file(tmp_path / "resumed" / "lora" / "pytorch_lora_weights.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
-    from trainer.tiny_pipeline import tiny_sdxl_path
+    from trainer.families.tiny_pipeline import tiny_sdxl_path
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path(tiny_cache))
     pipe.set_progress_bar_config(disable=True)
@@ -147,7 +147,7 @@ def test_sd3_trains_with_kl_saves_a_lora_its_pipeline_loads_and_resumes_exactly(
     two = load_file(tmp_path / "resumed" / "lora" / "pytorch_lora_weights.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
-    from trainer.tiny_pipeline import tiny_sd3_path
+    from trainer.families.tiny_pipeline import tiny_sd3_path
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path(tiny_cache), text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
@@ -178,7 +178,7 @@ def test_sdxl_deterministic_sampling_off_its_native_size_is_the_pipelines_own(ti
 
 
 def test_sd3_with_t5_encodes_its_tokens_and_leaves_them_out_when_asked(tiny_cache):
-    from trainer.tiny_pipeline import tiny_sd3_path
+    from trainer.families.tiny_pipeline import tiny_sd3_path
 
     path = str(tiny_sd3_path(tiny_cache, t5=True))
     with_t5 = load_family(Config(preset="tiny-sd3", pretrained={"model": path}), torch.device("cpu"))

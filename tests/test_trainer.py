@@ -48,7 +48,7 @@ def check_run(cfg: Config, history: list[dict]) -> None:
 def load_with_diffusers(cfg: Config):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.tiny_pipeline import tiny_pipeline_path
+    from trainer.families.tiny_pipeline import tiny_pipeline_path
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path(cfg.pretrained.cache_dir), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)

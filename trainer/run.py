@@ -25,7 +25,7 @@ from trainer import checkpoint, preflight, tracking
 from trainer.config import Config
 from trainer.ema import EMA
 from trainer.interrupt import CtrlC
-from trainer.models import load_family, make_trainable, save_weights
+from trainer.families.models import load_family, make_trainable, save_weights
 from trainer.plan import BatchPlan, fits, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Rewards, reward_functions

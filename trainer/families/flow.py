@@ -1,5 +1,5 @@
 """Flow-GRPO's SDE step for flow-matching models (SD3, FLUX): the Gaussian of x_next given x, with its mean
-and std, so that sampling and re-scoring share one function (as trainer/ddim.py does for DDIM).
+and std, so that sampling and re-scoring share one function (as trainer/families/ddim.py does for DDIM).
 
 From Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL" (github.com/yifan123/flow_grpo).
 With the scheduler's sigmas running from 1 down to 0, step i uses s = sigmas[i], s_next = sigmas[i + 1] and
@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from trainer.ddim import SIGMA_MIN, gaussian_log_prob
+from trainer.families.ddim import SIGMA_MIN, gaussian_log_prob
 
 NOISE_LEVEL = 0.7  # Flow-GRPO's default
 
