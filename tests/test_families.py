@@ -3,6 +3,7 @@ diffusers pipeline loads, exact resume."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 
 from trainer.config import Config
 from trainer.ddpo import train
-from trainer.families.models import load_family, make_trainable
+from trainer.families import Family
+from trainer.families.models import FAMILIES, load_family, make_trainable
 from trainer.sampling import rescore, sample
 
 pytestmark = pytest.mark.slow
@@ -224,3 +226,19 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
                       train={"timestep_selection": "first", "timestep_fraction": 0.9})
     with pytest.raises(ValueError, match="sample.sde_type: cps is a flow-matching step; a StableDiffusionPipeline"):
         load_family(ddim_cps, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("preset, name", [("tiny", "SD1"), ("tiny-sdxl", "SDXL"), ("tiny-sd3", "SD3"), ("tiny-flux", "Flux")])
+def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, name):
+    """trainer.families.Family cannot drift from the families: each one loaded is an instance of it, with every
+    method taking the protocol's parameters."""
+    family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
+    assert type(family).__name__ == name and isinstance(family, Family)
+    assert FAMILIES[family.pipeline_class] is type(family) and isinstance(family.denoiser_name, str)
+    assert isinstance(family.denoiser, torch.nn.Module) and family.denoiser is getattr(family.pipe, family.denoiser_name)
+    for attribute, member in vars(Family).items():
+        if attribute.startswith("_") or isinstance(member, property):
+            continue
+        wanted = list(inspect.signature(getattr(Family, attribute)).parameters)
+        wanted = wanted if isinstance(member, classmethod) else wanted[1:]  # self
+        assert list(inspect.signature(getattr(family, attribute)).parameters) == wanted, attribute
