@@ -427,7 +427,7 @@ def estimate(name: str, resolutions, fake) -> dict:
     """Every figure of one family, at each resolution."""
     from diffusers import AutoencoderKL
 
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     family, preset = FAMILIES[name], PRESETS[FAMILIES[name]["preset"]]
     model = denoiser(family["config"], family["dtype"], preset["train"], fake)
@@ -531,7 +531,7 @@ def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
     train.timesteps_per_forward samples) and a sampling batch, their need and the margin left."""
     from trainer.config import Config
     from trainer.plan import BatchPlan
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     out = {}
     for name in PRESETS:
@@ -564,7 +564,7 @@ def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-f
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from trainer.families import tiny_pipeline
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     models = {"tiny-sd": ("tiny_pipeline_path", "unet", "sd15"), "tiny-sdxl": ("tiny_sdxl_path", "unet", "sdxl"),
               "tiny-sd3": ("tiny_sd3_path", "transformer", "sd3"), "tiny-flux": ("tiny_flux_path", "transformer", "flux")}

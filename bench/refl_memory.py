@@ -53,7 +53,7 @@ def sd15(fake, unet=None, vae=None):
     """SD1's family (trainer/families/sd1.py) around a fake UNet with the preset's LoRA and a fake fp16 VAE."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
     from trainer.families.sd1 import SD1
 
     if unet is None:
@@ -148,7 +148,7 @@ def calibrate(n: int = 2) -> dict:
 
     from reward_servers.scorer import create_scorer
     from trainer.families import tiny_pipeline
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     path, train = tiny_pipeline.tiny_pipeline_path(), PRESETS["sd15-refl-aesthetic"]["train"]
     unet_config = json.loads((path / "unet" / "config.json").read_text())

@@ -350,7 +350,7 @@ def test_dpo_on_the_other_families(tmp_path, tiny_cache, pairs_folder, model):
     cfg = dpo_config(tmp_path, tiny_cache, pairs_folder, max_train_steps=2)
     cfg.pretrained.model = model
     if model == "tiny-sd3":
-        from trainer.presets import PRESETS
+        from trainer.config.presets import PRESETS
 
         cfg.train.lora_targets = PRESETS["tiny-sd3"]["train"]["lora_targets"]
     history = train(cfg)

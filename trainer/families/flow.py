@@ -30,7 +30,7 @@ so x_next keeps the noise share s_next of the marginal at the next sigma; noise 
 log-prob in Flow-GRPO drops every constant, -mean((x_next - mean)^2) (``cps_log_prob``), so the PPO log-ratio
 is 2 std^2 times the Gaussian one and its clip ranges (1e-5 in the Fast runs) assume that scale; its KL divides
 by std, the transition's own. At the last step s_next = 0: the std is 0 and the step cannot be trained (the
-configuration refuses it, trainer/config.py).
+configuration refuses it, trainer/config/__init__.py).
 """
 
 from __future__ import annotations
