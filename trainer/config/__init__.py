@@ -286,7 +286,8 @@ class RewardConfig(RewardSource):
 
 
 class Config(BaseSettings):
-    """Finetuning of a text-to-image diffusion model with rewards (DDPO) or preferences (Diffusion-DPO)."""
+    """Reward finetuning of a text-to-image diffusion model: DDPO / Flow-GRPO (ddpo), Diffusion-DPO on preference
+    pairs (dpo), ReFL / DRaFT / AlignProp on a differentiable reward (refl), DiffusionNFT (nft) and AWM (awm)."""
 
     model_config = SettingsConfigDict(
         extra="forbid", hide_input_in_errors=True,  # as every group's (trainer/config/group.py)
