@@ -298,7 +298,7 @@ def test_before_after_grid(tmp_path, tiny_cache):
     train(cfg)
     out = cfg.run.output_dir / "before_after.png"  # the run folder by default, whatever the current folder
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.sample", "--cache_dir", str(tiny_cache), "--lora", str(cfg.run.output_dir / "lora"),
+        [sys.executable, "-m", "trainer.before_after", "--cache_dir", str(tiny_cache), "--lora", str(cfg.run.output_dir / "lora"),
          "--prompts", '["a cat", "an owl"]', "--per_prompt", "2", "--steps", "4"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
     )
