@@ -1,0 +1,107 @@
+"""The layout's rules, read from the source (every import, function-level ones too): no import cycle between the
+modules of trainer/, reward_servers/ and protocol/, and protocol/ (the wire contract, imported by clients that
+have no GPU stack) never imports torch, itself or through a project module it imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("trainer", "reward_servers", "protocol")
+
+
+def project_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the project's packages (a package is its __init__.py)."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+    return modules
+
+
+def imports(module: str, path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """What ``module`` imports anywhere in its file: the project modules (``from a.b import c`` is the module
+    a.b.c when there is one, else a.b, where c is a name) and every dotted name, relative imports resolved."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    targets, names = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+            targets.update(project_module_of(alias.name, modules) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                targets.add(full if full in modules else project_module_of(base, modules))
+    return targets - {None, module}, names
+
+
+def project_module_of(name: str, modules: dict[str, Path]) -> str | None:
+    """The project module a dotted name is or lies in (None outside the project)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Each module's imported project modules (the edges), and every dotted name it imports."""
+    modules = project_modules()
+    found = {module: imports(module, path, modules) for module, path in modules.items()}
+    return {m: targets for m, (targets, _) in found.items()}, {m: names for m, (_, names) in found.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, str] = {}  # "open" on the current path, "done" when every path from it is searched
+    path: list[str] = []
+
+    def search(module: str) -> list[str] | None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := search(target)):
+                return cycle
+        state[module] = "done"
+        path.pop()
+        return None
+
+    for module in sorted(edges):
+        if module not in state and (cycle := search(module)):
+            return cycle
+    return None
+
+
+def test_the_project_modules_import_no_cycle():
+    edges, _ = import_graph()
+    assert {"trainer.families.models", "trainer.config.presets", "reward_servers.scorer", "protocol.client"} <= set(edges)
+    assert "trainer.config.presets" in edges["trainer.config"]  # imported inside a method
+    assert "trainer.families.tiny_pipeline" in edges["trainer.families.models"]  # from trainer.families import it
+    cycle = find_cycle(edges)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_reports_the_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_protocol_never_imports_torch():
+    edges, names = import_graph()
+    reached, todo = set(), [m for m in edges if m == "protocol" or m.startswith("protocol.")]
+    while todo:  # every project module protocol/ imports, directly or through another
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(edges[module])
+    torch_users = sorted(m for m in reached if any(n == "torch" or n.startswith("torch.") for n in names[m]))
+    assert not torch_users, f"protocol/ imports torch through {torch_users}"
