@@ -530,8 +530,8 @@ def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
     """Each GPU preset's per-GPU batches on a card of ``card_gb``: a training forward (train.batch_size x
     train.timesteps_per_forward samples) and a sampling batch, their need and the margin left."""
     from trainer.config import Config
-    from trainer.plan import BatchPlan
     from trainer.config.presets import PRESETS
+    from trainer.plan import BatchPlan
 
     out = {}
     for name in PRESETS:
@@ -563,8 +563,8 @@ def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-f
     for real on the CPU, where the tracker and the CPU allocator (torch.profiler) measure the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trainer.families import tiny_pipeline
     from trainer.config.presets import PRESETS
+    from trainer.families import tiny_pipeline
 
     models = {"tiny-sd": ("tiny_pipeline_path", "unet", "sd15"), "tiny-sdxl": ("tiny_sdxl_path", "unet", "sdxl"),
               "tiny-sd3": ("tiny_sd3_path", "transformer", "sd3"), "tiny-flux": ("tiny_flux_path", "transformer", "flux")}

@@ -147,8 +147,8 @@ def calibrate(n: int = 2) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from reward_servers.scorer import create_scorer
-    from trainer.families import tiny_pipeline
     from trainer.config.presets import PRESETS
+    from trainer.families import tiny_pipeline
 
     path, train = tiny_pipeline.tiny_pipeline_path(), PRESETS["sd15-refl-aesthetic"]["train"]
     unet_config = json.loads((path / "unet" / "config.json").read_text())

@@ -199,9 +199,9 @@ def test_nft_and_awm_train_and_save(tmp_path, tiny_cache, algorithm):
 
 def test_diffusion_dpo_starts_at_log_2_and_trains(tmp_path, tiny_cache):
     from tests.test_dpo import pick_a_pic_rows
+    from trainer.config.presets import PRESETS
     from trainer.dpo import train
     from trainer.pairs import write_parquet
-    from trainer.config.presets import PRESETS
 
     write_parquet(pick_a_pic_rows(9), tmp_path / "pairs" / "train-0000.parquet")
     cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none"},

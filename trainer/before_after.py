@@ -50,8 +50,8 @@ def render(s: SampleSettings) -> dict:
 
     from reward_servers.scorer import create_scorer
     from trainer.config import Config
-    from trainer.grid import grid
     from trainer.families.models import load_family, load_tuned
+    from trainer.grid import grid
     from trainer.sampling import sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
