@@ -81,7 +81,7 @@ def sd15_pair_flops(resolution: int) -> float:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bench.gpu_estimate import FAMILIES, Step, denoiser, run_step
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     family, preset = FAMILIES["sd15"], PRESETS[FAMILIES["sd15"]["preset"]]
     fake = FakeTensorMode(allow_non_fake_inputs=True)

@@ -4,7 +4,7 @@ forward-process methods' (DiffusionNFT, AWM).
     python -m bench.gpu_estimate [--families sd15,sdxl,sd3,flux] [--resolutions 512,1024] [--out FILE] [--quick]
 
 Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT, FLUX.1-dev's transformer) is built random-init
-from its published config on the meta device with the trainer's LoRA adapters (trainer.models.make_trainable:
+from its published config on the meta device with the trainer's LoRA adapters (trainer.families.models.make_trainable:
 frozen base in half, adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE
 step of the DDPO hot path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free
 guidance (batch doubled; FLUX.1-dev's guidance is an input, one pass), its step's Gaussian (DDIM for SD1/SDXL,
@@ -47,8 +47,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trainer.ddim import ddim_mean_std, gaussian_log_prob
-from trainer.flow import flow_sde_mean_std
+from trainer.families.ddim import ddim_mean_std, gaussian_log_prob
+from trainer.families.flow import flow_sde_mean_std
 from trainer.loss import nft_loss, nft_optimality, ppo_clip_loss
 
 GB = 1e9
@@ -96,7 +96,7 @@ SD_VAE = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["Up
 SD3_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
            "scaling_factor": 1.5305, "shift_factor": 0.0609}
 FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
-# The frozen text encoders, which trainer.models.load_family keeps on the GPU too: CLIP ViT-L/14's
+# The frozen text encoders, which trainer.families.models.load_family keeps on the GPU too: CLIP ViT-L/14's
 # (openai/clip-vit-large-patch14), OpenCLIP bigG's and T5 v1.1-XXL's encoder (google/t5-v1_1-xxl), as the
 # pipelines' text_encoder, text_encoder_2 and text_encoder_3 (pretrained.load_t5 false drops the last).
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "projection_dim": 768}
@@ -116,7 +116,7 @@ FAMILIES = {
                  vae=(SD_VAE, torch.float32), text=[("CLIPTextModel", CLIP_L), _G]),
     "sd3": dict(config=SD35M_TRANSFORMER, dtype=torch.bfloat16, resolutions=(512, 1024), preset="sd3-pickscore",
                 vae=(SD3_VAE, torch.bfloat16), text=[_L, _G, _T5]),
-    # T5-XXL on the GPU beside the transformer, as trainer.models.load_family keeps every frozen module
+    # T5-XXL on the GPU beside the transformer, as trainer.families.models.load_family keeps every frozen module
     "flux": dict(config=FLUX_DEV_TRANSFORMER, dtype=torch.bfloat16, resolutions=(512, 1024), preset="flux-pickscore-grpo",
                  vae=(FLUX_VAE, torch.bfloat16), text=[("CLIPTextModel", CLIP_L), _T5]),
 }
@@ -232,7 +232,7 @@ def measure(step, model=None, optimizer=None, inputs=(), block: int = 1, profile
 
 # -- the models and the step ---------------------------------------------------------------------------------
 def denoiser(config: dict, dtype: torch.dtype, lora: dict, fake=None, pretrained: str | None = None):
-    """The denoiser in ``dtype`` with LoRA adapters in fp32, as trainer.models.make_trainable makes it:
+    """The denoiser in ``dtype`` with LoRA adapters in fp32, as trainer.families.models.make_trainable makes it:
     random-init on the meta device, then fake (``fake``: a FakeTensorMode), or ``pretrained``'s weights."""
     import diffusers
     from peft import LoraConfig
@@ -269,10 +269,10 @@ class Step:
         """``tokens``: FLUX's T5 tokens per prompt (pretrained.max_sequence_length)."""
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-        from trainer.flux import Flux
-        from trainer.sd1 import SD1
-        from trainer.sd3 import SD3
-        from trainer.sdxl import SDXL
+        from trainer.families.flux import Flux
+        from trainer.families.sd1 import SD1
+        from trainer.families.sd3 import SD3
+        from trainer.families.sdxl import SDXL
 
         self.model, self.dtype, self.sample, self.train, c = model, dtype, sample, train, model.config
         self.flow, self.flux = "joint_attention_dim" in c, "num_single_layers" in c
@@ -288,7 +288,7 @@ class Step:
             return
         if self.flow:  # SD3.5's scheduler (shift 3): the flow step needs its sigmas
             self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        else:  # SD1.5's DDIM schedule (runwayml/stable-diffusion-v1-5/scheduler, as trainer/tiny_pipeline.py)
+        else:  # SD1.5's DDIM schedule (runwayml/stable-diffusion-v1-5/scheduler, as trainer/families/tiny_pipeline.py)
             self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         self.scheduler.set_timesteps(sample["num_steps"])
@@ -395,8 +395,8 @@ def run_step(step: Step, kind: str, n: int, resolution: int, fake, block: int = 
 def run_decode(step: Step, vae, n: int, resolution: int, fake) -> dict:
     """Measure the family's decode of ``n`` sampled latents (trainer/ddpo.py decodes each sampling batch whole,
     outside autocast, in the VAE's own dtype)."""
-    from trainer.sd1 import SD1
-    from trainer.sd3 import SD3
+    from trainer.families.sd1 import SD1
+    from trainer.families.sd3 import SD3
 
     family = (SD3 if step.flow else SD1)(SimpleNamespace(vae=vae))  # FLUX decodes with SD3's code
     with fake, torch.no_grad():
@@ -427,7 +427,7 @@ def estimate(name: str, resolutions, fake) -> dict:
     """Every figure of one family, at each resolution."""
     from diffusers import AutoencoderKL
 
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     family, preset = FAMILIES[name], PRESETS[FAMILIES[name]["preset"]]
     model = denoiser(family["config"], family["dtype"], preset["train"], fake)
@@ -530,8 +530,8 @@ def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
     """Each GPU preset's per-GPU batches on a card of ``card_gb``: a training forward (train.batch_size x
     train.timesteps_per_forward samples) and a sampling batch, their need and the margin left."""
     from trainer.config import Config
+    from trainer.config.presets import PRESETS
     from trainer.plan import BatchPlan
-    from trainer.presets import PRESETS
 
     out = {}
     for name in PRESETS:
@@ -559,12 +559,12 @@ def preset_fits(families: dict, card_gb: float = 80.0) -> dict:
 
 
 def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"), n: int = 2) -> dict:
-    """The same steps on the repo's tiny models (trainer/tiny_pipeline.py): estimated on fake tensors, then run
+    """The same steps on the repo's tiny models (trainer/families/tiny_pipeline.py): estimated on fake tensors, then run
     for real on the CPU, where the tracker and the CPU allocator (torch.profiler) measure the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trainer import tiny_pipeline
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
+    from trainer.families import tiny_pipeline
 
     models = {"tiny-sd": ("tiny_pipeline_path", "unet", "sd15"), "tiny-sdxl": ("tiny_sdxl_path", "unet", "sdxl"),
               "tiny-sd3": ("tiny_sd3_path", "transformer", "sd3"), "tiny-flux": ("tiny_flux_path", "transformer", "flux")}
@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "rule": "a batch fits a card of C GB when (1 + fragmentation) * need + context_gb <= C"},
         "method": "fake tensors (FakeTensorMode) under CUDA autocast's dtype policy; live storages in 512-byte blocks",
         "notes": ["need = the step's peak + the other frozen modules (text encoders, VAE), all on the GPU as "
-                  "trainer.models.load_family puts them; sampling also decodes its batch with the VAE",
+                  "trainer.families.models.load_family puts them; sampling also decodes its batch with the VAE",
                   "not in need: the epoch's stored trajectories, samples per epoch x trajectory_mb_per_sample "
                   "(DiffusionNFT and AWM: x clean_latents_mb_per_sample), each preset's epoch_store_gb",
                   "train batch = train.batch_size x train.timesteps_per_forward (K timesteps go through one forward)",

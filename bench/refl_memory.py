@@ -50,11 +50,11 @@ def served(images: torch.Tensor) -> torch.Tensor:
 
 
 def sd15(fake, unet=None, vae=None):
-    """SD1's family (trainer/sd1.py) around a fake UNet with the preset's LoRA and a fake fp16 VAE."""
+    """SD1's family (trainer/families/sd1.py) around a fake UNet with the preset's LoRA and a fake fp16 VAE."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    from trainer.presets import PRESETS
-    from trainer.sd1 import SD1
+    from trainer.config.presets import PRESETS
+    from trainer.families.sd1 import SD1
 
     if unet is None:
         unet = denoiser(SD15_UNET, torch.float16, PRESETS["sd15-refl-aesthetic"]["train"], fake)
@@ -147,8 +147,8 @@ def calibrate(n: int = 2) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from scorers.scorer import create_scorer
-    from trainer import tiny_pipeline
-    from trainer.presets import PRESETS
+    from trainer.families import tiny_pipeline
+    from trainer.config.presets import PRESETS
 
     path, train = tiny_pipeline.tiny_pipeline_path(), PRESETS["sd15-refl-aesthetic"]["train"]
     unet_config = json.loads((path / "unet" / "config.json").read_text())

@@ -20,7 +20,7 @@ from bench.timing import interleaved_medians
 
 def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
     from trainer.config import Config
-    from trainer.models import load_family, make_trainable
+    from trainer.families.models import load_family, make_trainable
     from trainer.sampling import sample
 
     cfg = Config(preset=preset)

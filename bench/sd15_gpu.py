@@ -25,7 +25,7 @@ def build_sd15_shaped(folder: Path) -> None:
     from transformers import CLIPTextModel
 
     from scorers.tiny_models import clip_tokenizer
-    from trainer.tiny_pipeline import SPEC, assemble_pipeline, clip_text_encoder
+    from trainer.families.tiny_pipeline import SPEC, assemble_pipeline, clip_text_encoder
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(SPEC["vocabulary"])

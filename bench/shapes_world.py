@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from scorers.shapes_clip import hard_negative
     from trainer.config import Config
     from trainer.evaluate import evaluate
-    from trainer.models import load_family
+    from trainer.families.models import load_family
     from trainer.prompts import ASSETS, lines
     from trainer.rewards import Rewards
     from trainer.tracking import by_category, sample_records

@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from trainer.config import Config
-    from trainer.models import load_family
+    from trainer.families.models import load_family
     from trainer.sampling import sample
 
     family = load_family(Config(preset=args.preset), torch.device("cpu"))

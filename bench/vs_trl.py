@@ -73,7 +73,7 @@ def trl_child(epochs: int) -> None:
     PartialState()  # TRL's pipeline logs through accelerate before its trainer makes an Accelerator
 
     from scorers.scorer import create_scorer
-    from trainer.tiny_pipeline import tiny_pipeline_path
+    from trainer.families.tiny_pipeline import tiny_pipeline_path
 
     s, scorer = SETTINGS, create_scorer("compression")
     scorer.load("cpu")

@@ -10,7 +10,7 @@ from pydantic_settings import CliApp
 
 from trainer.config import Config
 from trainer.plan import BatchPlan
-from trainer.presets import PRESETS
+from trainer.config.presets import PRESETS
 
 PROCESSES = {"sd15-compressibility": 8, "sd15-incompressibility": 8, "sd15-aesthetic": 8, "sd15-alignment": 6}
 

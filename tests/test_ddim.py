@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from trainer.ddim import ddim_mean_std, ddim_step_with_logprob
+from trainer.families.ddim import ddim_mean_std, ddim_step_with_logprob
 
 
 def make_scheduler(prediction_type="epsilon", steps=10):
@@ -82,7 +82,7 @@ def test_a_sampling_step_never_reads_a_tensor_on_the_host():
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trainer.flow import FLOW_STEPS
+    from trainer.families.flow import FLOW_STEPS
 
     ddim, flow = DDIMScheduler(set_alpha_to_one=False), FlowMatchEulerDiscreteScheduler(shift=3.0)
     ddim.set_timesteps(10)

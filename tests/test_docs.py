@@ -51,7 +51,7 @@ def test_the_readme_is_a_short_front_door():
 
 
 def test_the_readme_table_names_every_preset():
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in PRESETS if not name.endswith("-1gpu") and f"`{name}`" not in readme]

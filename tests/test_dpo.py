@@ -350,7 +350,7 @@ def test_dpo_on_the_other_families(tmp_path, tiny_cache, pairs_folder, model):
     cfg = dpo_config(tmp_path, tiny_cache, pairs_folder, max_train_steps=2)
     cfg.pretrained.model = model
     if model == "tiny-sd3":
-        from trainer.presets import PRESETS
+        from trainer.config.presets import PRESETS
 
         cfg.train.lora_targets = PRESETS["tiny-sd3"]["train"]["lora_targets"]
     history = train(cfg)
@@ -365,8 +365,8 @@ def test_noised_follows_the_forward_processes():
 
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from trainer.sd1 import SD1
-    from trainer.sd3 import SD3
+    from trainer.families.sd1 import SD1
+    from trainer.families.sd3 import SD3
 
     x0, eps = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
     u = torch.tensor([0.0, 0.5, 0.999], dtype=torch.float64)

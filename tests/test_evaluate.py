@@ -14,7 +14,7 @@ from scorers.scorer import create_scorer
 from trainer.config import Config
 from trainer.ddpo import train
 from trainer.evaluate import EvalSettings, evaluate, run_evaluation
-from trainer.models import load_family
+from trainer.families.models import load_family
 from trainer.rewards import Rewards
 
 pytestmark = pytest.mark.slow

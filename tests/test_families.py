@@ -3,6 +3,7 @@ diffusers pipeline loads, exact resume."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 
 from trainer.config import Config
 from trainer.ddpo import train
-from trainer.models import load_family, make_trainable
+from trainer.families import Family
+from trainer.families.models import FAMILIES, load_family, make_trainable
 from trainer.sampling import rescore, sample
 
 pytestmark = pytest.mark.slow
@@ -64,7 +66,7 @@ def test_sdxl_trains_saves_a_lora_its_pipeline_loads_and_resumes_exactly(tmp_pat
     two = load_file(tmp_path / "resumed" / "lora" / "pytorch_lora_weights.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
-    from trainer.tiny_pipeline import tiny_sdxl_path
+    from trainer.families.tiny_pipeline import tiny_sdxl_path
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path(tiny_cache))
     pipe.set_progress_bar_config(disable=True)
@@ -147,7 +149,7 @@ def test_sd3_trains_with_kl_saves_a_lora_its_pipeline_loads_and_resumes_exactly(
     two = load_file(tmp_path / "resumed" / "lora" / "pytorch_lora_weights.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
-    from trainer.tiny_pipeline import tiny_sd3_path
+    from trainer.families.tiny_pipeline import tiny_sd3_path
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path(tiny_cache), text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
@@ -178,7 +180,7 @@ def test_sdxl_deterministic_sampling_off_its_native_size_is_the_pipelines_own(ti
 
 
 def test_sd3_with_t5_encodes_its_tokens_and_leaves_them_out_when_asked(tiny_cache):
-    from trainer.tiny_pipeline import tiny_sd3_path
+    from trainer.families.tiny_pipeline import tiny_sd3_path
 
     path = str(tiny_sd3_path(tiny_cache, t5=True))
     with_t5 = load_family(Config(preset="tiny-sd3", pretrained={"model": path}), torch.device("cpu"))
@@ -224,3 +226,19 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
                       train={"timestep_selection": "first", "timestep_fraction": 0.9})
     with pytest.raises(ValueError, match="sample.sde_type: cps is a flow-matching step; a StableDiffusionPipeline"):
         load_family(ddim_cps, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("preset, name", [("tiny", "SD1"), ("tiny-sdxl", "SDXL"), ("tiny-sd3", "SD3"), ("tiny-flux", "Flux")])
+def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, name):
+    """trainer.families.Family cannot drift from the families: each one loaded is an instance of it, with every
+    method taking the protocol's parameters."""
+    family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
+    assert type(family).__name__ == name and isinstance(family, Family)
+    assert FAMILIES[family.pipeline_class] is type(family) and isinstance(family.denoiser_name, str)
+    assert isinstance(family.denoiser, torch.nn.Module) and family.denoiser is getattr(family.pipe, family.denoiser_name)
+    for attribute, member in vars(Family).items():
+        if attribute.startswith("_") or isinstance(member, property):
+            continue
+        wanted = list(inspect.signature(getattr(Family, attribute)).parameters)
+        wanted = wanted if isinstance(member, classmethod) else wanted[1:]  # self
+        assert list(inspect.signature(getattr(family, attribute)).parameters) == wanted, attribute

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.ddim import gaussian_log_prob
-from trainer.flow import flow_sde_mean_std
+from trainer.families.ddim import gaussian_log_prob
+from trainer.families.flow import flow_sde_mean_std
 
 
 def reference(sigmas: list[float], i: int, v: float, x: float, noise_level: float) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def cps_reference(sigmas: list[float], i: int, v: float, x: float, noise_level: 
 
 @pytest.mark.parametrize("noise_level", [0.8, 0.0])
 def test_cps_step_matches_its_formula_and_is_euler_without_noise(scheduler, noise_level):
-    from trainer.flow import flow_cps_mean_std
+    from trainer.families.flow import flow_cps_mean_std
 
     rng = np.random.default_rng(2)
     sigmas = scheduler.sigmas.tolist()
@@ -98,7 +98,7 @@ def flow_grpo_kl_reference(sigmas: list[float], i: int, mean: np.ndarray, mean_r
 
 @pytest.mark.parametrize("sde_type, steps", [("sde", [0, 5, 9]), ("cps", [0, 5, 8])])  # first, middle, last trained
 def test_kl_is_flow_grpos_at_the_first_a_middle_and_the_last_step(scheduler, sde_type, steps):
-    from trainer.flow import FLOW_STEPS, flow_grpo_kl
+    from trainer.families.flow import FLOW_STEPS, flow_grpo_kl
 
     rng = np.random.default_rng(3)
     sigmas, noise_level = scheduler.sigmas.tolist(), 0.7
@@ -119,7 +119,7 @@ def test_kl_is_flow_grpos_at_the_first_a_middle_and_the_last_step(scheduler, sde
 def test_cps_log_prob_drops_every_constant_and_the_ratio_keeps_its_scale(scheduler):
     """Flow-GRPO's CPS log-prob is -mean((x_next - mean)^2): the log-ratio of two means is its difference,
     not the Gaussian's, which is 1 / (2 std^2) times larger."""
-    from trainer.flow import cps_log_prob, flow_cps_mean_std
+    from trainer.families.flow import cps_log_prob, flow_cps_mean_std
 
     rng = np.random.default_rng(4)
     x, v = torch.tensor(rng.standard_normal((3, 2, 4, 4))), torch.tensor(rng.standard_normal((3, 2, 4, 4)))

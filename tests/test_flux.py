@@ -1,4 +1,4 @@
-"""The FLUX.1 family (trainer/flux.py) on tiny-flux: FluxPipeline's own sampling reproduced, its size-shifted
+"""The FLUX.1 family (trainer/families/flux.py) on tiny-flux: FluxPipeline's own sampling reproduced, its size-shifted
 schedule and guidance input, exact re-scoring and resume, every algorithm, LoRA FluxPipeline loads."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from trainer.config import Config
-from trainer.flux import pack, unpack
-from trainer.models import load_family, make_trainable
+from trainer.families.flux import pack, unpack
+from trainer.families.models import load_family, make_trainable
 from trainer.sampling import rescore, sample
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ TOKENS = 32  # tiny-flux's T5 tokenizer's model_max_length, which the family enc
 
 
 def flux(tiny_cache, guidance: bool = True, **groups):
-    from trainer.tiny_pipeline import tiny_flux_path
+    from trainer.families.tiny_pipeline import tiny_flux_path
 
     cfg = Config(preset="tiny-flux", **groups, pretrained={"model": str(tiny_flux_path(tiny_cache, guidance=guidance))})
     family = load_family(cfg, torch.device("cpu"))
@@ -156,7 +156,7 @@ def test_flow_grpo_trains_resumes_exactly_and_saves_a_lora_flux_loads(tmp_path, 
     from safetensors.torch import load_file
 
     from trainer.ddpo import train
-    from trainer.tiny_pipeline import tiny_flux_path
+    from trainer.families.tiny_pipeline import tiny_flux_path
 
     history = train(run_config(tmp_path / "straight", tiny_cache, 3, sde_type))
     assert [m["epoch"] for m in history] == [0, 1, 2] and all(np.isfinite(m["loss"]) for m in history)
@@ -199,9 +199,9 @@ def test_nft_and_awm_train_and_save(tmp_path, tiny_cache, algorithm):
 
 def test_diffusion_dpo_starts_at_log_2_and_trains(tmp_path, tiny_cache):
     from tests.test_dpo import pick_a_pic_rows
+    from trainer.config.presets import PRESETS
     from trainer.dpo import train
     from trainer.pairs import write_parquet
-    from trainer.presets import PRESETS
 
     write_parquet(pick_a_pic_rows(9), tmp_path / "pairs" / "train-0000.parquet")
     cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none"},

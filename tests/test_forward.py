@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.config import Config
-from trainer.ddim import ddim_x0
+from trainer.families.ddim import ddim_x0
 from trainer.loss import awm_loss, nft_loss, nft_optimality
 
 
@@ -136,7 +136,7 @@ def test_awm_loss_is_the_published_formula_and_its_gradient_the_advantage_weight
 @pytest.mark.parametrize("preset, kind", [("tiny", "epsilon"), ("tiny", "v_prediction"), ("tiny-sd3", "flow")])
 def test_the_forward_process_at_the_samplers_steps(tiny_cache, preset, kind):
     """x_t, target and time of family.noised_at against the formulas: DDIM's alphas, or the flow's sigmas."""
-    from trainer.models import load_family
+    from trainer.families.models import load_family
 
     family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
     if kind == "v_prediction":

@@ -79,7 +79,7 @@ def test_fake_weights_are_counted_exactly():
     """Parameter count times element size: the fp16 base and the fp32 adapters, no rounding (block 1)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from trainer.presets import PRESETS
+    from trainer.config.presets import PRESETS
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = ge.denoiser(ge.SD15_UNET, torch.float16, PRESETS["sd15-compressibility"]["train"], fake)

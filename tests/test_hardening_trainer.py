@@ -209,7 +209,7 @@ def test_captions_fit_images_of_any_width():
 
 
 def _tiny_copy(tmp_path, tiny_cache, **scheduler) -> str:
-    from trainer.tiny_pipeline import tiny_pipeline_path
+    from trainer.families.tiny_pipeline import tiny_pipeline_path
 
     copy = tmp_path / "pipeline"
     shutil.copytree(tiny_pipeline_path(tiny_cache), copy)
@@ -226,7 +226,7 @@ def _tiny_copy(tmp_path, tiny_cache, **scheduler) -> str:
 def test_a_scheduler_the_log_prob_step_does_not_model_fails_at_load(tmp_path, tiny_cache, scheduler, steps, message):
     import torch
 
-    from trainer.models import load_pipeline
+    from trainer.families.models import load_pipeline
 
     cfg = Config(pretrained={"model": _tiny_copy(tmp_path, tiny_cache, **scheduler)}, sample={"num_steps": steps})
     with pytest.raises(ValueError, match=rf"pretrained.model: .*{re.escape(message)}"):
@@ -237,7 +237,7 @@ def test_a_clipping_scheduler_is_refused():
     # StableDiffusionPipeline resets clip_sample to false itself; a scheduler built another way is checked too.
     from diffusers import DDIMScheduler
 
-    from trainer.ddim import check_scheduler
+    from trainer.families.ddim import check_scheduler
 
     with pytest.raises(ValueError, match="sets clip_sample true"):
         check_scheduler(DDIMScheduler(clip_sample=True), 20)
@@ -247,7 +247,7 @@ def test_a_clipping_scheduler_is_refused():
 def test_evenly_spaced_schedules_load(tmp_path, tiny_cache):
     import torch
 
-    from trainer.models import load_pipeline
+    from trainer.families.models import load_pipeline
 
     for spacing, steps in (("leading", 30), ("trailing", 20)):
         cfg = Config(pretrained={"model": _tiny_copy(tmp_path / spacing, tiny_cache, timestep_spacing=spacing)},
@@ -259,8 +259,8 @@ def test_evenly_spaced_schedules_load(tmp_path, tiny_cache):
 def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
     import torch
 
-    from trainer.models import load_pipeline
-    from trainer.models import family_of
+    from trainer.families.models import load_pipeline
+    from trainer.families.models import family_of
     from trainer.sampling import rescore, sample
 
     cfg = Config(pretrained={"cache_dir": tiny_cache}, train={"cfg": False}, sample={"guidance_scale": 1.0, "num_steps": 4})

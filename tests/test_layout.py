@@ -1,6 +1,8 @@
-"""The packages' dependencies point one way: ``scorers`` (the reward models and the shapes world) is imported by
-the trainer and by the server, and imports neither; the trainer never imports the server (``reward_servers``).
-Every import counts, the ones inside functions too."""
+"""The layout's rules, read from the source (every import, function-level ones too): no import cycle between the
+modules of trainer/, scorers/, reward_servers/ and protocol/; the packages' dependencies point one way
+(``scorers``, the reward models and the shapes world, is imported by the trainer and by the server and imports
+neither; the trainer never imports the server); and protocol/ (the wire contract, imported by clients that
+have no GPU stack) never imports torch, itself or through a project module it imports."""
 
 from __future__ import annotations
 
@@ -9,29 +11,104 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("trainer", "scorers", "reward_servers", "protocol")
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, anywhere in it (absolute names; a relative import as its package's)."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    names = set()
+def project_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the project's packages (a package is its __init__.py)."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+    return modules
+
+
+def imports(module: str, path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """What ``module`` imports anywhere in its file: the project modules (``from a.b import c`` is the module
+    a.b.c when there is one, else a.b, where c is a name) and every dotted name, relative imports resolved."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    targets, names = set(), set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
+            targets.update(project_module_of(alias.name, modules) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            module = ".".join(part for part in (base, node.module) if part)
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                targets.add(full if full in modules else project_module_of(base, modules))
+    return targets - {None, module}, names
 
 
-def _offenders(package: str, forbidden: str) -> list[str]:
-    files = sorted((ROOT / package).rglob("*.py"))
-    assert files, f"no Python files under {package}/"
-    return [f"{path.relative_to(ROOT)}: {name}" for path in files for name in sorted(_imports(path))
-            if name == forbidden or name.startswith(forbidden + ".")]
+def project_module_of(name: str, modules: dict[str, Path]) -> str | None:
+    """The project module a dotted name is or lies in (None outside the project)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Each module's imported project modules (the edges), and every dotted name it imports."""
+    modules = project_modules()
+    found = {module: imports(module, path, modules) for module, path in modules.items()}
+    return {m: targets for m, (targets, _) in found.items()}, {m: names for m, (_, names) in found.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, str] = {}  # "open" on the current path, "done" when every path from it is searched
+    path: list[str] = []
+
+    def search(module: str) -> list[str] | None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := search(target)):
+                return cycle
+        state[module] = "done"
+        path.pop()
+        return None
+
+    for module in sorted(edges):
+        if module not in state and (cycle := search(module)):
+            return cycle
+    return None
+
+
+def test_the_project_modules_import_no_cycle():
+    edges, _ = import_graph()
+    assert {"trainer.families.models", "trainer.config.presets", "scorers.scorer", "protocol.client"} <= set(edges)
+    assert "trainer.config.presets" in edges["trainer.config"]  # imported inside a method
+    assert "trainer.families.tiny_pipeline" in edges["trainer.families.models"]  # from trainer.families import it
+    cycle = find_cycle(edges)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_reports_the_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_protocol_never_imports_torch():
+    edges, names = import_graph()
+    reached, todo = set(), [m for m in edges if m == "protocol" or m.startswith("protocol.")]
+    while todo:  # every project module protocol/ imports, directly or through another
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(edges[module])
+    torch_users = sorted(m for m in reached if any(n == "torch" or n.startswith("torch.") for n in names[m]))
+    assert not torch_users, f"protocol/ imports torch through {torch_users}"
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [
@@ -40,9 +117,12 @@ def _offenders(package: str, forbidden: str) -> list[str]:
     ("scorers", "trainer"),
 ])
 def test_package_does_not_import(package, forbidden):
-    assert not _offenders(package, forbidden), f"{package}/ imports {forbidden}"
+    _, names = import_graph()
+    offenders = sorted(f"{m}: {n}" for m, found in names.items() if m == package or m.startswith(package + ".")
+                       for n in found if n == forbidden or n.startswith(forbidden + "."))
+    assert not offenders, f"{package}/ imports {forbidden}: {offenders}"
 
 
 def test_the_check_sees_function_level_imports():
-    path = ROOT / "trainer" / "sample.py"  # imports create_scorer inside a function
-    assert "scorers.scorer.create_scorer" in _imports(path)
+    _, names = import_graph()
+    assert "scorers.scorer" in names["trainer.before_after"]  # imports create_scorer inside a function

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.config import Config
-from trainer.models import family_of, load_pipeline, make_trainable
+from trainer.families.models import family_of, load_pipeline, make_trainable
 from trainer.sampling import Trajectories, rescore, sample
 
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from scorers import shapes_clip, world
 from scorers.shapes import verify
 from scorers.tiny_models import SHIPPED
-from trainer import shapes_model
-from trainer.models import SHIPPED as SHIPPED_PIPELINES
+from trainer.families import shapes_model
+from trainer.families.models import SHIPPED as SHIPPED_PIPELINES
 
 PIPELINE, CLIP = SHIPPED_PIPELINES["tiny-shapes"], SHIPPED["tiny-shapes", "clip"]
 
@@ -32,7 +32,7 @@ def test_shipped_weights_are_small_and_load_with_plain_diffusers():
 def test_the_pretrained_model_draws_what_it_is_told_and_a_random_one_does_not(tiny_cache):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.tiny_pipeline import tiny_pipeline_path
+    from trainer.families.tiny_pipeline import tiny_pipeline_path
 
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle"] * 4
 

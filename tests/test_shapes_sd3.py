@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from scorers import world
 from scorers.tiny_models import SHIPPED as SHIPPED_CLIP
-from trainer import shapes_model
-from trainer.models import SHIPPED
-from trainer.zero_t5 import use_one_zero_token
+from trainer.families import shapes_model
+from trainer.families.models import SHIPPED
+from trainer.families.zero_t5 import use_one_zero_token
 
 PIPELINE = SHIPPED["tiny-shapes-sd3"]
 
@@ -39,8 +39,8 @@ def test_shipped_weights_are_small_and_load_with_plain_diffusers():
 
 def test_the_trainer_loads_it_as_the_sd3_family():
     from trainer.config import Config
-    from trainer.models import load_family
-    from trainer.sd3 import SD3
+    from trainer.families.models import load_family
+    from trainer.families.sd3 import SD3
 
     family = load_family(Config(pretrained={"model": "tiny-shapes-sd3"}), torch.device("cpu"))
     assert isinstance(family, SD3) and family.native_resolution() == world.RESOLUTION

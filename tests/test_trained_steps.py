@@ -91,7 +91,7 @@ def test_first_selection_trains_each_samples_first_stored_steps():
 
 def _tiny_copy(tmp_path, tiny_cache, **scheduler) -> str:
     """The tiny SD1 pipeline's model_index.json and scheduler only: no weights to load."""
-    from trainer.tiny_pipeline import tiny_pipeline_path
+    from trainer.families.tiny_pipeline import tiny_pipeline_path
 
     source, copy = tiny_pipeline_path(tiny_cache), tmp_path / "pipeline"
     (copy / "scheduler").mkdir(parents=True)

@@ -48,7 +48,7 @@ def check_run(cfg: Config, history: list[dict]) -> None:
 def load_with_diffusers(cfg: Config):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.tiny_pipeline import tiny_pipeline_path
+    from trainer.families.tiny_pipeline import tiny_pipeline_path
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_path(cfg.pretrained.cache_dir), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -298,7 +298,7 @@ def test_before_after_grid(tmp_path, tiny_cache):
     train(cfg)
     out = cfg.run.output_dir / "before_after.png"  # the run folder by default, whatever the current folder
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.sample", "--cache_dir", str(tiny_cache), "--lora", str(cfg.run.output_dir / "lora"),
+        [sys.executable, "-m", "trainer.before_after", "--cache_dir", str(tiny_cache), "--lora", str(cfg.run.output_dir / "lora"),
          "--prompts", '["a cat", "an owl"]', "--per_prompt", "2", "--steps", "4"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
     )

@@ -1,4 +1,4 @@
-"""SD3 without T5: the CLIP tokens plus one zero token counted 256 times (trainer/zero_t5.py) predict what
+"""SD3 without T5: the CLIP tokens plus one zero token counted 256 times (trainer/families/zero_t5.py) predict what
 diffusers' own transformer predicts on the pipeline's 333-token layout, on the shapes model and on an SD3.5-style
 transformer (qk RMS norm, dual attention)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import shapes_model
-from trainer.models import SHIPPED
-from trainer.zero_t5 import T5_TOKENS, use_one_zero_token
+from trainer.families import shapes_model
+from trainer.families.models import SHIPPED
+from trainer.families.zero_t5 import T5_TOKENS, use_one_zero_token
 
 torch.set_num_threads(1)
 CAPTIONS = ["a red circle above a blue square", "", "two triangles"]
@@ -63,7 +63,7 @@ def test_one_zero_token_counted_256_times_is_the_pipelines_256_zeros(kind):
 
 def test_the_trainer_encodes_sd3_without_t5_as_clip_tokens_and_one_zero():
     from trainer.config import Config
-    from trainer.models import load_family
+    from trainer.families.models import load_family
 
     family = load_family(Config(pretrained={"model": "tiny-shapes-sd3"}), torch.device("cpu"))
     cond = family.encode_prompts(CAPTIONS)

@@ -1,4 +1,5 @@
-"""Finetuning of text-to-image diffusion models with rewards scored in-process or by reward servers.
+"""A reward-finetuning trainer for text-to-image diffusion models (DDPO / Flow-GRPO, Diffusion-DPO, ReFL /
+DRaFT / AlignProp, DiffusionNFT, AWM), with rewards scored in-process or by reward servers.
 
 ``from trainer import Config, train, torch_images`` (imported lazily: ``python -m trainer --help`` and config
 checks stay fast). ``train(cfg, reward_fn, prompt_fn)`` runs the online algorithm ``cfg.algorithm`` names:

@@ -18,8 +18,8 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
+from trainer.families.models import adapters_disabled
 from trainer.loss import ppo_clip_loss
-from trainer.models import adapters_disabled
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
 from trainer.sampling import Chunk, Trajectories, rescore

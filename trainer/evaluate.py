@@ -242,7 +242,7 @@ def run_evaluation(s: EvalSettings) -> dict:
     import torch
 
     from trainer.config import Config
-    from trainer.models import load_family, load_tuned
+    from trainer.families.models import load_family, load_tuned
     from trainer.prompts import make_prompt_fn
     from trainer.rewards import Rewards
 

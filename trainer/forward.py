@@ -23,8 +23,8 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
+from trainer.families.models import adapters_disabled, weights_swapped
 from trainer.loss import awm_loss, nft_loss, nft_optimality
-from trainer.models import adapters_disabled, weights_swapped
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
 from trainer.sampling import Trajectories, each_tensor, pick_steps

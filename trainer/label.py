@@ -227,7 +227,7 @@ def _sampled(s: LabelSettings):
 
     from trainer.config import Config
     from trainer.evaluate import evaluate
-    from trainer.models import load_family
+    from trainer.families.models import load_family
     from trainer.prompts import lines, make_prompt_fn
 
     cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir}, prompt={"fn": s.prompt_fn})

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainer.ddim import SIGMA_MIN
+from trainer.families.ddim import SIGMA_MIN
 from trainer.sampling import each_tensor
 
 

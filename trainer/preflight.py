@@ -69,7 +69,7 @@ def _schedule_problems(cfg: Config) -> list[str]:
         return []  # the tiny models' schedules are ours; a flow schedule's steps all have noise at eta > 0
     from diffusers import DDIMScheduler
 
-    from trainer.ddim import zero_std_steps
+    from trainer.families.ddim import zero_std_steps
 
     scheduler = DDIMScheduler.from_config(json.loads(config.read_text()))
     steps = zero_std_steps(scheduler, cfg.sample.num_steps, cfg.sample.eta, trainable_steps(cfg))

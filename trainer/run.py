@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,19 +24,23 @@ import torch
 from trainer import checkpoint, preflight, tracking
 from trainer.config import Config
 from trainer.ema import EMA
+from trainer.families import Family
+from trainer.families.models import load_family, make_trainable, save_weights
 from trainer.interrupt import CtrlC
-from trainer.models import load_family, make_trainable, save_weights
 from trainer.plan import BatchPlan, fits, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Rewards, reward_functions
 from trainer.sampling import rescore
 from trainer.threads import fit_threads
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 @dataclass
 class Run:
     cfg: Config
-    accelerator: Any
+    accelerator: Accelerator
     plan: BatchPlan
     out: Path
     rewards: Rewards
@@ -45,12 +49,12 @@ class Run:
     ctrl_c: CtrlC
     resume: Path | None
     first_epoch: int
-    # set by load_model
-    family: Any = None
-    model: Any = None  # the trained denoiser as accelerate prepared it (DDP-wrapped on several processes)
+    # set by load_model (None until then)
+    family: Family = None
+    model: torch.nn.Module = None  # the trained denoiser as accelerate prepared it (DDP-wrapped on several processes)
     trainable: dict[str, torch.nn.Parameter] = field(default_factory=dict)
-    optimizer: Any = None
-    lr_scheduler: Any = None
+    optimizer: torch.optim.Optimizer = None  # accelerate's wrapper of it
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler = None
     ema: EMA | None = None
     old_policy: EMA | None = None  # a lagging average of the trainable weights: DiffusionNFT's old policy, AWM's
     history: list[dict] = field(default_factory=list)

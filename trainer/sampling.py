@@ -1,6 +1,6 @@
 """The rollout, the same for every model family: sampling with log-probabilities, and re-scoring stored steps.
 
-A family (trainer/sd1.py, ...) supplies the prediction, one stochastic step's mean and std, and its anchor's
+A family (trainer/families/sd1.py, ...) supplies the prediction, one stochastic step's mean and std, and its anchor's
 log-prob of a step; this file draws from that Gaussian and scores it. Sampling and training call the same
 ``family.predict``, ``family.step`` and ``family.log_prob``, so both see the same numbers and the importance
 ratio is exactly 1 before the first update.

@@ -218,7 +218,7 @@ def tiny_t5(spec: dict):
 
 # FLUX.1's shape in miniature: a FluxTransformer2DModel (double- and single-stream blocks, rotary ids) on 2x2-packed
 # 16-channel latents, CLIP's pooled output and a tiny T5's tokens (32 of them: the tokenizer's model_max_length,
-# which trainer/flux.py encodes), a VAE with FLUX.1's scaling and shift, and FLUX.1-dev's scheduler (shift by
+# which trainer/families/flux.py encodes), a VAE with FLUX.1's scaling and shift, and FLUX.1-dev's scheduler (shift by
 # image size). ``guidance`` False is the schnell-like variant: no guidance input, schnell's fixed shift 1.
 FLUX_SPEC = {
     **SPEC,

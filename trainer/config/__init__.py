@@ -2,6 +2,10 @@
 
 Every field can be overridden on the command line with its dotted path: ``--train.learning_rate 3e-4``.
 The defaults are the ``tiny`` run: an embedded random-init pipeline on CPU that finishes in minutes.
+
+This package: ``Config`` and its sample, train, prompt and reward groups here; ``run.py`` the run and pretrained
+groups, ``algorithms.py`` the dpo, refl, nft and awm groups, ``group.py`` the base of every group and the
+reading of ``--config`` files, ``presets.py`` the named presets (``--preset``).
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.errors import MASK, redact_url
 
-from trainer.config_algorithms import AWMConfig, DPOConfig, NFTConfig, ReFLConfig
-from trainer.config_group import _Group, read_settings_file
-from trainer.config_run import PretrainedConfig, RunConfig
+from trainer.config.algorithms import AWMConfig, DPOConfig, NFTConfig, ReFLConfig
+from trainer.config.group import _Group, read_settings_file
+from trainer.config.run import PretrainedConfig, RunConfig
 from trainer.trained_steps import check_trained_steps_have_noise
 
 
@@ -282,10 +286,11 @@ class RewardConfig(RewardSource):
 
 
 class Config(BaseSettings):
-    """Finetuning of a text-to-image diffusion model with rewards (DDPO) or preferences (Diffusion-DPO)."""
+    """Reward finetuning of a text-to-image diffusion model: DDPO / Flow-GRPO (ddpo), Diffusion-DPO on preference
+    pairs (dpo), ReFL / DRaFT / AlignProp on a differentiable reward (refl), DiffusionNFT (nft) and AWM (awm)."""
 
     model_config = SettingsConfigDict(
-        extra="forbid", hide_input_in_errors=True,  # as every group's (trainer/config_group.py)
+        extra="forbid", hide_input_in_errors=True,  # as every group's (trainer/config/group.py)
         cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
         env_prefix="DIFFUSION_RL_", env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
     )
@@ -312,7 +317,7 @@ class Config(BaseSettings):
     @classmethod
     def _layers(cls, given: Any) -> Any:
         """Preset, then config file, then what was given explicitly (command line or keyword arguments)."""
-        from trainer.presets import PRESETS, merge
+        from trainer.config.presets import PRESETS, merge
 
         if not isinstance(given, dict):
             return given

@@ -1,5 +1,5 @@
 """Flow-GRPO's SDE step for flow-matching models (SD3, FLUX): the Gaussian of x_next given x, with its mean
-and std, so that sampling and re-scoring share one function (as trainer/ddim.py does for DDIM).
+and std, so that sampling and re-scoring share one function (as trainer/families/ddim.py does for DDIM).
 
 From Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL" (github.com/yifan123/flow_grpo).
 With the scheduler's sigmas running from 1 down to 0, step i uses s = sigmas[i], s_next = sigmas[i + 1] and
@@ -30,7 +30,7 @@ so x_next keeps the noise share s_next of the marginal at the next sigma; noise 
 log-prob in Flow-GRPO drops every constant, -mean((x_next - mean)^2) (``cps_log_prob``), so the PPO log-ratio
 is 2 std^2 times the Gaussian one and its clip ranges (1e-5 in the Fast runs) assume that scale; its KL divides
 by std, the transition's own. At the last step s_next = 0: the std is 0 and the step cannot be trained (the
-configuration refuses it, trainer/config.py).
+configuration refuses it, trainer/config/__init__.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from trainer.ddim import SIGMA_MIN, gaussian_log_prob
+from trainer.families.ddim import SIGMA_MIN, gaussian_log_prob
 
 NOISE_LEVEL = 0.7  # Flow-GRPO's default
 

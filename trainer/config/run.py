@@ -1,6 +1,6 @@
 """The settings groups of where a run goes and what it starts from: ``run`` (output, seeds, precision, logging,
 checkpoints, evaluation) and ``pretrained`` (the model). Part of ``trainer.config.Config``; in a file of their
-own to keep config.py readable."""
+own to keep trainer/config/__init__.py readable."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from trainer.config_group import _Group
+from trainer.config.group import _Group
 
 
 class RunConfig(_Group):

@@ -1,5 +1,5 @@
 """The SD3 family: a flow-matching MMDiT transformer on the CLIP pair (and T5 when present), sampled with
-Flow-GRPO's SDE step (trainer/flow.py; Liu et al. 2025, github.com/yifan123/flow_grpo).
+Flow-GRPO's SDE step (trainer/families/flow.py; Liu et al. 2025, github.com/yifan123/flow_grpo).
 
 The transformer predicts a velocity; the scheduler's sigmas run from 1 (noise) to 0 (image). Sampling the
 ODE (``sample.eta`` 0) is the scheduler's own Euler step; ``sample.eta`` > 0 is Flow-GRPO's noise level
@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.flow import FLOW_LOG_PROBS, FLOW_STEPS, flow_grpo_kl, rectified_flow_noised
-from trainer.sd1 import SD1, dtype_kwarg, guided
-from trainer.zero_t5 import T5_TOKENS, use_one_zero_token
+from trainer.families.flow import FLOW_LOG_PROBS, FLOW_STEPS, flow_grpo_kl, rectified_flow_noised
+from trainer.families.sd1 import SD1, dtype_kwarg, guided
+from trainer.families.zero_t5 import T5_TOKENS, use_one_zero_token
 
 if TYPE_CHECKING:
     from trainer.config import Config

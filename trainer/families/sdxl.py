@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.sd1 import SD1, guided, load_with_ddim
+from trainer.families.sd1 import SD1, guided, load_with_ddim
 
 if TYPE_CHECKING:
     from trainer.config import Config

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainer.ddim import check_scheduler, ddim_mean_std, ddim_x0, gaussian_log_prob
+from trainer.families.ddim import check_scheduler, ddim_mean_std, ddim_x0, gaussian_log_prob
 from trainer.loss import gaussian_kl
 
 if TYPE_CHECKING:

@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
-from trainer.flux import Flux
-from trainer.sd1 import SD1
-from trainer.sd3 import SD3
-from trainer.sdxl import SDXL
+from trainer.families.flux import Flux
+from trainer.families.sd1 import SD1
+from trainer.families.sd3 import SD3
+from trainer.families.sdxl import SDXL
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux)}  # a diffusers pipeline class -> its family
 TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path", "tiny-sd3": "tiny_sd3_path",
-        "tiny-flux": "tiny_flux_path"}  # built offline (trainer/tiny_pipeline.py)
-# pretrained by trainer/shapes_model.py (tiny-shapes-sd3: its --family sd3)
-SHIPPED = {name: Path(__file__).parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
+        "tiny-flux": "tiny_flux_path"}  # built offline (trainer/families/tiny_pipeline.py)
+# pretrained by trainer/families/shapes_model.py (tiny-shapes-sd3: its --family sd3)
+SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 
 
 def load_family(cfg: Config, device: torch.device):
@@ -29,7 +29,7 @@ def load_family(cfg: Config, device: torch.device):
 
     path = cfg.pretrained.model
     if path in TINY:
-        from trainer import tiny_pipeline
+        from trainer.families import tiny_pipeline
 
         path = str(getattr(tiny_pipeline, TINY[path])(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))

@@ -1,5 +1,6 @@
 """The settings groups of the algorithms beside DDPO: ``dpo`` (Diffusion-DPO) and ``refl`` (ReFL, DRaFT,
-AlignProp). Part of ``trainer.config.Config``; in a file of their own to keep config.py readable."""
+AlignProp). Part of ``trainer.config.Config``; in a module of their own to keep
+trainer/config/__init__.py readable."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from trainer.config_group import _Group
+from trainer.config.group import _Group
 
 
 class DPOConfig(_Group):

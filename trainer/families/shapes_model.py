@@ -1,8 +1,8 @@
 """Pretrain ``tiny-shapes`` (a small Stable Diffusion pipeline that draws the shapes world from its captions) or,
 with ``--family sd3``, ``tiny-shapes-sd3`` (its flow-matching counterpart, an SD3 MMDiT pipeline).
 
-    python -m trainer.shapes_model --out outputs/shapes-pretrain    # about an hour on 2 CPU cores
-    python -m trainer.shapes_model --family sd3 --out outputs/shapes-sd3-pretrain --unet-steps 10000 \
+    python -m trainer.families.shapes_model --out outputs/shapes-pretrain    # about an hour on 2 CPU cores
+    python -m trainer.families.shapes_model --family sd3 --out outputs/shapes-sd3-pretrain --unet-steps 10000 \
         --unet-batch 32 --unet-lr 7e-4 --latents 32768 --threads 1   # the shipped model: 93 min on one busy core
 
 Two stages, each resumable from its newest checkpoint (run the same command again), seeded and therefore
@@ -54,7 +54,7 @@ SPEC = {
     "projection_dim": 32,
     "shift": 3.0,
 }
-SHAPES_SD1 = Path(__file__).parent / "weights" / "tiny-shapes"  # the sd3 family's VAE, tokenizer and text start
+SHAPES_SD1 = Path(__file__).parent.parent / "weights" / "tiny-shapes"  # the sd3 family's VAE, tokenizer and text start
 
 
 class Settings(BaseSettings):
@@ -97,7 +97,7 @@ def build(seed: int):
     from transformers import CLIPTextModel
 
     from scorers.tiny_models import clip_tokenizer
-    from trainer.tiny_pipeline import assemble_pipeline, clip_text_encoder
+    from trainer.families.tiny_pipeline import assemble_pipeline, clip_text_encoder
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(WORDS)
@@ -112,12 +112,12 @@ def build(seed: int):
 
 
 def build_sd3(seed: int):
-    """A StableDiffusion3Pipeline as trainer/tiny_pipeline.py's tiny-sd3 (the CLIP pair with projections, no T5),
+    """A StableDiffusion3Pipeline as trainer/families/tiny_pipeline.py's tiny-sd3 (the CLIP pair with projections, no T5),
     on tiny-shapes' VAE and tokenizer, both text encoders initialised from tiny-shapes' (fresh projections)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    from trainer.zero_t5 import use_one_zero_token
+    from trainer.families.zero_t5 import use_one_zero_token
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(SHAPES_SD1 / "tokenizer")
@@ -262,7 +262,7 @@ def flow_loss(pipe, z: torch.Tensor, batch: list[str], gen: torch.Generator) -> 
     """SD3's rectified flow (Esser et al. 2024, eq. 1 and 3.1): the velocity eps - x_0 at x_t = (1 - t) x_0 + t eps,
     t logit-normal (m 0, s 1); the text through the pipeline's own encode_prompt, as it samples."""
     embeds, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=z.device, do_classifier_free_guidance=False,
-                                              max_sequence_length=1)  # T5's 256 zeros as one (trainer/zero_t5.py)
+                                              max_sequence_length=1)  # T5's 256 zeros as one (trainer/families/zero_t5.py)
     t = torch.sigmoid(torch.randn(len(batch), generator=gen))
     noise = torch.randn(z.shape, generator=gen)
     x_t = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * noise

@@ -1,6 +1,6 @@
-"""``python -m trainer.sample``: the same seeds through a base model and base + LoRA, side by side, scored.
+"""``python -m trainer.before_after``: the same seeds through a base model and base + LoRA, side by side, scored.
 
-    python -m trainer.sample --lora outputs/tiny/lora --prompts '["a cat", "an owl"]'
+    python -m trainer.before_after --lora outputs/tiny/lora --prompts '["a cat", "an owl"]'
 
 writes ``outputs/tiny/before_after.png``: the run folder (the one holding ``lora/`` or ``unet/``), unless
 ``--out`` says otherwise.
@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 class SampleSettings(BaseSettings):
     """Render a before/after grid for given prompts from a base model and a LoRA."""
 
-    model_config = SettingsConfigDict(cli_prog_name="python -m trainer.sample", cli_implicit_flags=True)
+    model_config = SettingsConfigDict(cli_prog_name="python -m trainer.before_after", cli_implicit_flags=True)
 
     model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" or a diffusers model id / path')
     cache_dir: Path | None = None
@@ -39,7 +39,7 @@ class SampleSettings(BaseSettings):
 
     def cli_cmd(self) -> None:
         if (self.lora is None) == (self.unet is None):
-            raise SystemExit("python -m trainer.sample: give exactly one of --lora or --unet")
+            raise SystemExit("python -m trainer.before_after: give exactly one of --lora or --unet")
         if self.out is None:  # next to the run's other outputs, not wherever the command was typed
             self.out = Path(self.lora or self.unet).resolve().parent / "before_after.png"
         print(json.dumps(render(self)))
@@ -50,8 +50,8 @@ def render(s: SampleSettings) -> dict:
 
     from scorers.scorer import create_scorer
     from trainer.config import Config
+    from trainer.families.models import load_family, load_tuned
     from trainer.grid import grid
-    from trainer.models import load_family, load_tuned
     from trainer.sampling import sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         CliApp.run(SampleSettings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
-        raise SystemExit(f"python -m trainer.sample: {cli_message(exc)}") from None
+        raise SystemExit(f"python -m trainer.before_after: {cli_message(exc)}") from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The FLUX.1 family (Black Forest Labs; diffusers' FluxPipeline): a flow-matching transformer of double- and
 single-stream blocks on CLIP-L's pooled output and T5's tokens, sampled with Flow-GRPO's SDE step as SD3 is
-(trainer/flow.py; Liu et al. 2025, github.com/yifan123/flow_grpo, scripts/train_flux.py).
+(trainer/families/flow.py; Liu et al. 2025, github.com/yifan123/flow_grpo, scripts/train_flux.py).
 
 What differs from SD3, and where it lives here:
 
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainer.flow import rectified_flow_noised
-from trainer.sd1 import dtype_kwarg
-from trainer.sd3 import SD3
+from trainer.families.flow import rectified_flow_noised
+from trainer.families.sd1 import dtype_kwarg
+from trainer.families.sd3 import SD3
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -146,7 +146,7 @@ class Flux:
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
         """The rectified-flow interpolation at s = the scheduler's shift of ``u`` in [0, 1) (one per sample) for
         these latents' size, as its sampling schedule warps sigmas (Diffusion-DPO, ReFL's pre-training); the
-        transformer's timesteps and the velocity target noise - x0 (trainer/flow.py)."""
+        transformer's timesteps and the velocity target noise - x0 (trainer/families/flow.py)."""
         scheduler = self.pipe.scheduler
         if scheduler.config.get("use_dynamic_shifting"):
             s = scheduler.time_shift(self.mu(latents.shape[-2] * latents.shape[-1] // 4), 1.0, u)

@@ -120,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "images_per_prompt": 4},
         "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _SD3_LORA},
     },
-    # FLUX.1-dev's shape on CPU (trainer/flux.py): Flow-GRPO's FLUX run in miniature, 6 SDE steps at noise 0.9,
+    # FLUX.1-dev's shape on CPU (trainer/families/flux.py): Flow-GRPO's FLUX run in miniature, 6 SDE steps at noise 0.9,
     # the distilled guidance 3.5 as a transformer input (no second pass), groups of 4, its LoRA targets.
     "tiny-flux": {
         "run": {"output_dir": "outputs/tiny-flux"}, "pretrained": {"model": "tiny-flux"},
@@ -145,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train={"stat_buffer_size": 32},
     ),
     # Flow-GRPO's GenEval and OCR runs (config/grpo.py geneval_sd3, general_ocr_sd3): its recipe with KL 0.04
-    # (its beta, its KL convention included: trainer/flow.py, flow_grpo_kl); GenEval trained on the fraction
+    # (its beta, its KL convention included: trainer/families/flow.py, flow_grpo_kl); GenEval trained on the fraction
     # of requirements met and evaluated on its 553 prompts (--reward.options strict=true scores as GenEval);
     # OCR on text-rendering prompts, evaluated on Flow-GRPO's 1,018 OCR prompts.
     "sd3-geneval": _with(_FLOW_GRPO, train={"kl_coef": 0.04}, reward={"scorer": "geneval"},
@@ -155,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd3-pickscore": _with(_FLOW_GRPO, train={"kl_coef": 0.01}, prompt={"fn": "nouns_activities"},
                            reward={"scorer": "pickscore"}),
     # Flow-GRPO-Fast without CFG: 3 CPS steps starting in the first half, the rest ODE; no KL. Clip range 1e-5
-    # on CPS's constant-free log-prob, as there (trainer/flow.py).
+    # on CPS's constant-free log-prob, as there (trainer/families/flow.py).
     "sd3-pickscore-fast": _with(
         _FLOW_GRPO, prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"},
         sample={"guidance_scale": 1.0, "eta": 0.8, "sde_type": "cps"},
@@ -165,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Flow-GRPO on FLUX.1-dev (config/grpo.py pickscore_flux and geneval_flux_fast, scripts/train_flux.py): 48 groups
-# of 24 per epoch at 512 px, 6 steps, guidance 3.5 as the transformer's input (trainer/flux.py: no second pass),
+# of 24 per epoch at 512 px, 6 steps, guidance 3.5 as the transformer's input (trainer/families/flux.py: no second pass),
 # two optimizer steps per epoch, no KL, LoRA r64/a128 on the attention and feed-forwards, T5 at 128 tokens. Its 32
 # GPUs become 8 here: 144 samples per GPU. Sized by bench/gpu_estimate.py with T5 on the GPU: 3 samples per training
 # forward need about 61 GB of 80 (4 is the most), a sampling batch of 12 about 40.
@@ -234,13 +234,13 @@ PRESETS["shapes-refl"] = _with(
     refl={"num_steps": 20, "mid_low": 14, "mid_high": 19, "margin": 100.0, "grad_scale": 1e-3, "max_train_steps": 100},
 )
 
-# The shapes world on its flow-matching model, tiny-shapes-sd3 (trainer/shapes_model.py --family sd3): the
+# The shapes world on its flow-matching model, tiny-shapes-sd3 (trainer/families/shapes_model.py --family sd3): the
 # shapes presets' prompts, groups of 4, LoRA r8 and held-out evaluation, with 10 sampler steps and guidance 4.5
 # as Flow-GRPO samples SD3.5 (it evaluates at 40 steps; these at 10, the same sampler they train with).
 _SHAPES_SD3 = _with(_SHAPES, pretrained={"model": "tiny-shapes-sd3"}, sample={"num_steps": 10, "guidance_scale": 4.5},
                     train={"lora_targets": _SD3_LORA})
 # Flow-GRPO's recipe: SDE noise level 0.7, the first 0.99 of the steps trained, advantages over the epoch's std,
-# PPO clip 1e-4, KL 0.04 in its convention (trainer/flow.py). LoRA r8 and lr 1e-3 as the shapes presets (its
+# PPO clip 1e-4, KL 0.04 in its convention (trainer/families/flow.py). LoRA r8 and lr 1e-3 as the shapes presets (its
 # r32, lr 3e-4 and weight EMA are SD3.5's).
 PRESETS["shapes-sd3-grpo"] = _with(
     _SHAPES_SD3, run={"output_dir": "outputs/shapes-sd3-grpo"}, sample={"eta": 0.7},
