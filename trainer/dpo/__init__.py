@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate, evaluate_run
+from trainer.families.models import adapters_disabled
 from trainer.loss import denoising_errors, diffusion_dpo_loss
 from trainer.datacheck import RowError, pairs_source
 from trainer.pairs import PairBatches, Pairs, PairsError, load_pairs, loader, next_batch
@@ -169,11 +170,8 @@ def _reference(policy, lora: bool, ema=None):
     def predict(family, latents, timesteps, cond):
         if frozen is not None:
             return family.predict(frozen, latents, timesteps, cond, None, 1.0)
-        policy.disable_adapters()
-        try:
+        with adapters_disabled(policy):
             return family.predict(policy, latents, timesteps, cond, None, 1.0)
-        finally:
-            policy.enable_adapters()
 
     return predict
 
