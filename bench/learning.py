@@ -60,10 +60,10 @@ def shapes_change(cfg: Config, out: Path, prompts: Path = ASSETS / "shapes_eval_
                 guidance_scale: float | None = None) -> dict | None:
     """``accuracy_change`` of a shapes-world run on ``prompts`` (by default its training captions): the base
     model and the run's saved weights in ``out``, each evaluated as the trainer evaluates (its steps, guidance
-    unless ``guidance_scale`` is given, and eval seeds); None for a run not evaluated on the held-out captions."""
+    unless ``guidance_scale`` is given, and eval seeds); None for a run outside the shapes world."""
     from trainer.evaluate import EvalSettings, run_evaluation
 
-    if cfg.prompt.eval_path != ASSETS / "shapes_eval.txt":
+    if cfg.prompt.fn != "shapes":
         return None
     tuned = {"lora": out / "lora"} if cfg.train.lora else {"denoiser": next(out / d for d in ("unet", "transformer")
                                                                             if (out / d).is_dir())}
