@@ -72,7 +72,7 @@ def _image(**overrides):
         (_request(images=[_image(encoding="gif")]), 422, "images.0.encoding"),
         (_request(images=[_image(channels=4, data=bytes(16))]), 422, "images.0.channels"),
         (_request(images=[_image(height=0)]), 422, "images.0.height"),
-        # issue 26: the protocol's integers are integers (True was height 1; "8" and 8.0 were taken as 8)
+        # the protocol's integers are integers (True was height 1; "8" and 8.0 were taken as 8)
         (_request(images=[_image(height=True, width=4, data=bytes(12))]), 422, "images.0.height"),
         (_request(images=[_image(height="2")]), 422, "images.0.height"),
         (_request(images=[_image(width=2.0)]), 422, "images.0.width"),

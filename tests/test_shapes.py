@@ -120,7 +120,7 @@ def test_reward_server_serves_the_verifier(start_server):
 
 
 
-BAD_CLAIMS = [  # issue 26: each was a 500 scorer_error with a traceback, or (a: -1) accepted
+BAD_CLAIMS = [  # each was once a 500 scorer_error with a traceback, or (a: -1) accepted
     ("lol", "metadata.0.claims", "dictionary"),
     ({"category": "x"}, "metadata.0.claims.objects", "required"),
     ({"objects": []}, "metadata.0.claims.objects", "at least 1"),

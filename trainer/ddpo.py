@@ -71,7 +71,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         return epoch_phases.collect(run, epoch, policy, negative, online.resolution, cfg.sample.eta, window)
 
     upcoming = None
-    for epoch in range(run.first_epoch, cfg.run.num_epochs):
+    for epoch in range(run.start, cfg.run.num_epochs):
         if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
             evaluate_run(run, policy, epoch)
         threads = run.fit_threads()  # fewer when other processes hold cores

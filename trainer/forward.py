@@ -43,7 +43,7 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
     cfg = run.cfg
     online = epoch_phases.start(run)
     tracker, global_step, policy = online.tracker, online.global_step, online.policy
-    for epoch in range(run.first_epoch, cfg.run.num_epochs):
+    for epoch in range(run.start, cfg.run.num_epochs):
         if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
             evaluate_run(run, policy, epoch)
         threads = run.fit_threads()

@@ -24,9 +24,12 @@ class PreflightError(ValueError):
     """The run cannot start; the message lists why, one line per problem."""
 
 
-def check(cfg: Config, num_processes: int, device_type: str, functions: dict | None = None) -> BatchPlan | None:
-    """Raise PreflightError naming every problem; returns the batch plan. ``functions``: the Python reward
-    functions of ``train(cfg, reward_fn=...)``, which take the place of configured components."""
+def check(cfg: Config, num_processes: int, device_type: str, components: list | None = None) -> BatchPlan | None:
+    """Raise PreflightError naming every problem; returns the batch plan. ``components``: the run's reward
+    components (trainer.rewards.run_components: with ``train(cfg, reward_fn=...)``'s functions, which need no
+    check); default the configured ones."""
+    from trainer.rewards import run_components
+
     problems, plan = [], None
     try:
         plan = BatchPlan.of(cfg, num_processes)
@@ -39,11 +42,8 @@ def check(cfg: Config, num_processes: int, device_type: str, functions: dict | N
         problems.append(f"--pretrained.model {found}")
     elif cfg.algorithm == "ddpo":
         problems += _schedule_problems(cfg)
-    from trainer.rewards import with_functions
-
-    functions = functions or {}
-    for i, component in enumerate(with_functions(cfg.reward, functions)):  # the components the run will use
-        if component.name in functions:
+    for i, (component, function) in enumerate(run_components(cfg.reward) if components is None else components):
+        if function is not None:
             continue
         where = "reward" if not cfg.reward.components else f"reward.components[{i}]"
         if component.url:

@@ -25,22 +25,20 @@ step, (5) log, evaluate, checkpoint. Steps count optimizer steps, as DPO's.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.utils.checkpoint
-from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer.config import Config
-from trainer.evaluate import evaluate_run
 from trainer.loss import denoising_errors
 from trainer.datacheck import images_source
 from trainer.pairs import PairBatches, Pairs, load_images, loader, next_batch
 from trainer.rewards import RemoteReward, remote_scores
+from trainer.steps import Stats, step_loop
 
 
 def train(cfg: Config) -> list[dict]:
@@ -55,25 +53,21 @@ def _refl(run: run_setup.Run) -> list[dict]:
     real = load_images(r.pretrain_data) if r.pretrain_data else None  # before the model: a bad source fails first
     pretrain_steps = r.max_train_steps // r.pretrain_every if real is not None else 0
     run_setup.load_model(run, r.max_train_steps + pretrain_steps)
-    family, model, optimizer = run.family, run.model, run.optimizer
+    family, model = run.family, run.model
     policy = accelerator.unwrap_model(model)
     reward = differentiable_reward(run)
     resolution = cfg.sample.resolution or family.native_resolution()
     negative = family.encode_prompts([""]) if r.guidance_scale > 1 else None
-    step = run.first_epoch
     if real is not None:
         root = Path(r.pretrain_data) if Path(r.pretrain_data).is_dir() else None
         check = images_source(r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths).check  # preflight read it
         images = Pairs(real, resolution, seed=cfg.run.seed, root=root, winners_only=True, check=check)
         batches = PairBatches(len(images), cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
-                              cfg.run.seed, skip=(step // r.pretrain_every) * accumulation)  # where a resumed run was
+                              cfg.run.seed, skip=(run.start // r.pretrain_every) * accumulation)  # where a resumed run was
         real = iter(loader(images, batches, 0))
-    progress = tqdm(total=r.max_train_steps, initial=step, desc=r.mode, disable=not accelerator.is_local_main_process)
-    while step < r.max_train_steps:
-        if cfg.run.eval_every and step % cfg.run.eval_every == 0:
-            evaluate_run(run, policy, step, unit="steps")
-        run.ctrl_c.updating()
-        stats, start = defaultdict(list), time.perf_counter()
+
+    def one_step(step: int) -> Stats:
+        stats = defaultdict(list)
         for _ in range(accumulation):
             prompts = [run.prompt_fn(run.prompt_rng)[0] for _ in range(cfg.train.batch_size)]
             with accelerator.accumulate(model):
@@ -93,20 +87,9 @@ def _refl(run: run_setup.Run) -> list[dict]:
                     run_setup.backward_and_step(run, error.mean() * r.pretrain_weight, pretrain_stats)
                 stats["pretrain_loss"].append(error.mean().detach())
             stats["pretrain_grad_norm"] += pretrain_stats["grad_norm"]
-        step += 1
-        progress.update(1)
-        if step % r.log_every == 0 or step == r.max_train_steps:
-            metrics = {"step": step - 1,
-                       **{k: float(accelerator.gather(torch.stack(v).float().mean().reshape(1).to(accelerator.device)).mean())
-                          for k, v in stats.items()},
-                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds_step": time.perf_counter() - start}
-            run_setup.log_epoch(run, metrics, {}, [])
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
-        run_setup.end_epoch(run, step, {"global_step": step}, total=r.max_train_steps, every=r.checkpointing_steps)
-    progress.close()
-    if cfg.run.eval_every:
-        evaluate_run(run, policy, step, unit="steps", final=True)
-    return run_setup.finish(run)
+        return stats
+
+    return step_loop(run, policy, r, one_step, {"reward": "reward_mean"}, r.mode)
 
 
 def differentiable_reward(run) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:

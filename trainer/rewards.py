@@ -103,51 +103,51 @@ def remote_scores(client, images, prompts: list[str], encoding: str = "f32", gra
     return RemoteScore.apply(images)
 
 
-def reward_functions(reward_fn: RewardFn | dict[str, RewardFn] | None) -> dict[str, RewardFn]:
-    """``train``'s ``reward_fn`` as name -> function: one function (named after itself) or a dict of them."""
-    if reward_fn is None:
-        return {}
-    if callable(reward_fn):
-        name = getattr(reward_fn, "__name__", "reward_fn")
-        return {"reward_fn" if name == "<lambda>" else name: reward_fn}
-    if isinstance(reward_fn, dict) and all(isinstance(k, str) and callable(v) for k, v in reward_fn.items()):
-        return dict(reward_fn)
-    raise TypeError(f"reward_fn must be a function or a dict of name -> function, got {type(reward_fn).__name__}")
+Component = tuple[RewardComponent, Scorer | None]  # a component and, for a Python function, its scorer
 
 
-def with_functions(cfg: RewardConfig, functions: dict[str, RewardFn]) -> list[RewardComponent]:
-    """The run's components once Python reward functions join them.
+def run_components(cfg: RewardConfig, reward_fn: RewardFn | dict[str, RewardFn] | None = None) -> list[Component]:
+    """The run's reward components once ``train``'s ``reward_fn`` joins them (one function, named after itself,
+    or a dict of name -> function), each function made a scorer here, once.
 
     With no ``reward.components`` the functions replace the single configured scorer. Otherwise a function
     takes the place (and the weight and normalisation) of the component of its name, or joins with weight 1.
     """
-    def component(name: str, like: RewardComponent | None = None) -> RewardComponent:
+    if reward_fn is None:
+        functions = {}
+    elif callable(reward_fn):
+        name = getattr(reward_fn, "__name__", "reward_fn")
+        functions = {"reward_fn" if name == "<lambda>" else name: reward_fn}
+    elif isinstance(reward_fn, dict) and all(isinstance(k, str) and callable(v) for k, v in reward_fn.items()):
+        functions = dict(reward_fn)
+    else:
+        raise TypeError(f"reward_fn must be a function or a dict of name -> function, got {type(reward_fn).__name__}")
+
+    def component(name: str, like: RewardComponent | None = None) -> Component:
         # Constructed, not validated: the "scorer" of a function is the function, not a registered name.
         return RewardComponent.model_construct(
             name=name, scorer=name, url=[], options={}, weight=like.weight if like else 1.0,
             normalize=like.normalize if like else False,
-        )
+        ), FunctionScorer(functions[name], name)
 
     configured = cfg.sources()
-    if not functions:
-        return configured
-    if not cfg.components:
+    if not cfg.components and functions:
         return [component(name) for name in functions]
     by_name = {c.name: c for c in configured}
-    replaced = [component(c.name, c) if c.name in functions else c for c in configured]
+    replaced = [component(c.name, c) if c.name in functions else (c, None) for c in configured]
     return replaced + [component(name) for name in functions if name not in by_name]
 
 
 class Rewards:
     """All reward components of a run: configured scorers (in process or served) and Python functions."""
 
-    def __init__(self, cfg: RewardConfig, device: str = "cpu", functions: dict[str, RewardFn] | None = None):
-        functions = functions or {}
-        self.components = with_functions(cfg, functions)
+    def __init__(self, cfg: RewardConfig, device: str = "cpu", components: list[Component] | None = None):
+        components = run_components(cfg) if components is None else components
+        self.components = [c for c, _ in components]
         self.sources = {}
-        for c in self.components:
-            if c.name in functions:
-                self.sources[c.name] = LocalReward(c.name, FunctionScorer(functions[c.name], c.name), device)
+        for c, function in components:
+            if function is not None:
+                self.sources[c.name] = LocalReward(c.name, function, device)
             elif c.url:
                 self.sources[c.name] = RemoteReward(c, cfg)
             else:

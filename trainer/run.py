@@ -29,7 +29,7 @@ from trainer.families.models import load_family, make_trainable, save_weights
 from trainer.interrupt import CtrlC
 from trainer.plan import BatchPlan, fits, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
-from trainer.rewards import Rewards, reward_functions
+from trainer.rewards import Rewards, run_components
 from trainer.sampling import rescore
 from trainer.threads import fit_threads
 
@@ -48,7 +48,7 @@ class Run:
     prompt_rng: np.random.Generator
     ctrl_c: CtrlC
     resume: Path | None
-    first_epoch: int
+    start: int  # epochs done, or optimizer steps for the step-counted algorithms (a resumed run's checkpoint)
     # set by load_model (None until then)
     family: Family = None
     model: torch.nn.Module = None  # the trained denoiser as accelerate prepared it (DDP-wrapped on several processes)
@@ -116,18 +116,18 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
         project_dir=out,
     )
     # Every problem of the config, its models, files and reward servers at once, before any model loads.
-    functions = reward_functions(reward_fn)
-    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type, functions)
+    components = run_components(cfg.reward, reward_fn)  # a Python reward_fn becomes a scorer here, once
+    plan = preflight.check(cfg, accelerator.num_processes, accelerator.device.type, components)
     accelerator.print(f"batch plan: {plan.describe()}")
     # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
     # logs are trimmed to its epoch before anything is logged.
-    resume, first_epoch = _resume_point(accelerator, cfg)
+    resume, start = _resume_point(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # the token is excluded from dumps
         if resume is not None:
-            tracking.trim_logs(out, first_epoch)
-        tracking.start_trackers(accelerator, cfg, first_epoch)
+            tracking.trim_logs(out, start)
+        tracking.start_trackers(accelerator, cfg, start)
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if cfg.run.cpu_threads:
@@ -141,8 +141,8 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
     try:
         # Local scorers load here, on the training device: their errors come before the big models.
-        rewards = Rewards(cfg.reward, device=str(accelerator.device), functions=functions)
-        run = Run(cfg, accelerator, plan, out, rewards, prompt_fn, prompt_rng, ctrl_c, resume, first_epoch)
+        rewards = Rewards(cfg.reward, device=str(accelerator.device), components=components)
+        run = Run(cfg, accelerator, plan, out, rewards, prompt_fn, prompt_rng, ctrl_c, resume, start)
         yield run
     except KeyboardInterrupt:
         ctrl_c.interrupted(accelerator.is_main_process)
@@ -210,7 +210,7 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     state = checkpoint.load(accelerator, run.resume, params=run.trainable, optimizer=run.optimizer,
                             prompt_rng=run.prompt_rng, ema=run.ema, old_policy=run.old_policy)
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    accelerator.print(f"resumed from {run.resume} (epoch {run.first_epoch}, step {state['global_step']})")
+    accelerator.print(f"resumed from {run.resume} (epoch {run.start}, step {state['global_step']})")
     return state
 
 

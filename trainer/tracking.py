@@ -127,12 +127,12 @@ def trim_logs(out: Path, epoch: int) -> None:
         os.replace(kept, path)  # atomic: a kill now leaves the old or the trimmed log, never half of one
 
 
-def start_trackers(accelerator, cfg, first_epoch: int) -> None:
+def start_trackers(accelerator, cfg, start: int) -> None:
     """tensorboard writes straight into the run folder (no nested project folder, no timestamped hparams
     run beside it): the config goes into the same events file as hparams. wandb gets the project
     "diffusion-rl" and the config."""
     config = flat(cfg.model_dump(mode="json"))
-    kwargs = tracker_kwargs(cfg.run.log_with, first_epoch)
+    kwargs = tracker_kwargs(cfg.run.log_with, start)
     if cfg.run.log_with != "tensorboard":
         accelerator.init_trackers("diffusion-rl", config=config, init_kwargs=kwargs)
         return
@@ -146,9 +146,9 @@ def start_trackers(accelerator, cfg, first_epoch: int) -> None:
             writer.add_summary(summary)
 
 
-def tracker_kwargs(log_with: str, first_epoch: int) -> dict:
+def tracker_kwargs(log_with: str, start: int) -> dict:
     """accelerate's ``init_kwargs``: on resume, tensorboard hides the events of the epochs about to be redone
     (SummaryWriter's purge_step: readers drop earlier-written events at or after that step)."""
-    if log_with == "tensorboard" and first_epoch > 0:
-        return {"tensorboard": {"purge_step": first_epoch}}
+    if log_with == "tensorboard" and start > 0:
+        return {"tensorboard": {"purge_step": start}}
     return {}

@@ -12,7 +12,16 @@ from pydantic import Field, model_validator
 from trainer.config.group import _Group
 
 
-class DPOConfig(_Group):
+class _Steps(_Group):
+    """The settings of the step loop (trainer/steps.py) that the algorithms counted in optimizer steps share."""
+
+    max_train_steps: int = Field(100, gt=0, description="optimizer steps")
+    checkpointing_steps: int = Field(500, ge=0, description="checkpoint every this many steps (and at the end); "
+                                     "0: at the end only")
+    log_every: int = Field(1, gt=0, description="log metrics every this many steps")
+
+
+class DPOConfig(_Steps):
     """Diffusion-DPO (``--algorithm dpo``): preference pairs, the loss's beta, the data pipeline; counted in
     optimizer steps. The reference is the base model: with LoRA the adapter-disabled denoiser, with full
     finetuning a frozen copy of it."""
@@ -32,9 +41,6 @@ class DPOConfig(_Group):
                                               "adapters switched off; full finetuning: a frozen copy); ema: full "
                                               "finetuning's moving average of the policy (train.ema_decay, whose "
                                               "average is also the saved model), a reference that follows the policy")
-    max_train_steps: int = Field(100, gt=0, description="optimizer steps")
-    checkpointing_steps: int = Field(500, ge=0, description="checkpoint every this many steps (and at the end)")
-    log_every: int = Field(1, gt=0, description="log metrics every this many steps")
     scale_lr: bool = Field(False, description="multiply train.learning_rate by the effective batch (batch x "
                            "accumulation x processes), as Diffusion-DPO's --scale_lr")
     random_crop: bool = Field(False, description="random instead of centre crops")
@@ -58,7 +64,7 @@ class DPOConfig(_Group):
         return self
 
 
-class ReFLConfig(_Group):
+class ReFLConfig(_Steps):
     """Differentiable rewards (``--algorithm refl``): the reward's gradient through the VAE decoder and the
     last denoising step(s); counted in optimizer steps. The reward is ``reward.scorer`` in process (one with
     a tensor path: aesthetic, clipscore, pickscore, hpsv2, imagereward) or ``reward.url``, a server's /v1/score_grad."""
@@ -76,9 +82,6 @@ class ReFLConfig(_Group):
     guidance_scale: float = Field(1.0, ge=1.0, description="1: no CFG (ReFL encodes the prompt alone)")
     margin: float = Field(2.0, description="refl: loss relu(margin - reward); draft/alignprop: loss -reward")
     grad_scale: float = Field(1e-3, ge=0, description="the loss is multiplied by this")
-    max_train_steps: int = Field(100, gt=0, description="optimizer steps")
-    checkpointing_steps: int = Field(0, ge=0, description="checkpoint every this many steps (and at the end)")
-    log_every: int = Field(1, gt=0)
     pretrain_data: str | None = Field(None, description="real images with captions for ReFL's alternating "
                                       "pre-training step (the plain denoising loss, which keeps the model near "
                                       "the data): a folder with metadata.jsonl (file_name, text), a folder of "

@@ -4,6 +4,7 @@ each validator's own message says what is wrong, with secrets masked. And the re
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -41,3 +42,14 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise ValueError(f"config: {path} must hold a map of settings, not a {type(settings).__name__}")
     return settings
+
+
+def overridden(base: dict, **groups: dict | str) -> dict:
+    """A preset from another: each group's settings updated (one level deep), top-level settings replaced."""
+    out = copy.deepcopy(base)
+    for group, values in groups.items():
+        if isinstance(values, dict):
+            out.setdefault(group, {}).update(values)
+        else:  # a top-level setting (algorithm)
+            out[group] = values
+    return out

@@ -22,16 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer.config import Config
-from trainer.evaluate import evaluate, evaluate_run
+from trainer.evaluate import evaluate
 from trainer.families.models import adapters_disabled
 from trainer.loss import denoising_errors, diffusion_dpo_loss
 from trainer.datacheck import RowError, pairs_source
 from trainer.pairs import PairBatches, Pairs, PairsError, load_pairs, loader, next_batch
 from trainer.rewards import Pending, RewardFn, best_and_worst, pair_scores
+from trainer.steps import Stats, step_loop
 
 
 def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None) -> list[dict]:
@@ -48,10 +48,9 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     learning_rate = cfg.train.learning_rate * (effective_batch if d.scale_lr else 1)
     pairs = None if d.online else load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: fails first
     run_setup.load_model(run, d.max_train_steps, learning_rate)
-    family, model, optimizer = run.family, run.model, run.optimizer
+    family, model = run.family, run.model
     policy = accelerator.unwrap_model(model)
     resolution = cfg.sample.resolution or family.native_resolution()
-    step = run.first_epoch  # optimizer steps done (a resumed run's checkpoint)
     rounds: list[dict] = []  # online: each round's sampled rewards, logged with the next step
     if d.online:
         data = _online_pairs(run, policy, resolution, rounds)
@@ -66,15 +65,11 @@ def _dpo(run: run_setup.Run) -> list[dict]:
                         proportion_empty_prompts=d.proportion_empty_prompts, root=root,
                         winners_only=d.sft and not d.relabel, check=_row_check(cfg))
         batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
-                              accelerator.process_index, cfg.run.seed, skip=step * accumulation)
+                              accelerator.process_index, cfg.run.seed, skip=run.start * accumulation)
         data = iter(loader(dataset, batches, d.dataloader_num_workers))
     reference = None if d.sft else _reference(policy, cfg.train.lora, run.ema if d.reference == "ema" else None)
 
-    progress = tqdm(total=d.max_train_steps, initial=step, desc="dpo", disable=not accelerator.is_local_main_process)
-    while step < d.max_train_steps:
-        if cfg.run.eval_every and step % cfg.run.eval_every == 0:
-            evaluate_run(run, policy, step, unit="steps")
-        run.ctrl_c.updating()
+    def one_step(step: int) -> Stats:
         model.train()
         stats, waited, start = defaultdict(list), 0.0, time.perf_counter()
         for _ in range(accumulation):
@@ -88,26 +83,12 @@ def _dpo(run: run_setup.Run) -> list[dict]:
             stats["loss"].append(loss.detach())
             for k, v in step_stats.items():
                 stats[k].append(v)
-        step += 1
-        progress.update(1)
-        seconds = time.perf_counter() - start
-        if step % d.log_every == 0 or step == d.max_train_steps:
-            metrics = {
-                "step": step - 1,
-                **{k: float(accelerator.gather(torch.stack(v).float().mean().reshape(1)).mean()) for k, v in stats.items()},
-                "learning_rate": optimizer.param_groups[0]["lr"],
-                "seconds_step": seconds,
-                "seconds_data_wait": waited,
-                "data_wait_share": waited / seconds,
-                **(rounds.pop() if rounds else {}),
-            }
-            run_setup.log_epoch(run, metrics, {}, [])
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('implicit_accuracy', 0):.2f}")
-        run_setup.end_epoch(run, step, {"global_step": step}, total=d.max_train_steps, every=d.checkpointing_steps)
-    progress.close()
-    if cfg.run.eval_every:
-        evaluate_run(run, policy, step, unit="steps", final=True)
-    return run_setup.finish(run)
+        stats["seconds_data_wait"].append(torch.tensor(waited))
+        stats["data_wait_share"].append(torch.tensor(waited / (time.perf_counter() - start)))
+        return stats
+
+    return step_loop(run, policy, d, one_step, {"loss": "loss", "acc": "implicit_accuracy"}, "dpo",
+                     lambda: rounds.pop() if rounds else {})
 
 
 def _online_pairs(run, policy, resolution: int, rounds: list[dict]):

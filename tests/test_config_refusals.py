@@ -1,4 +1,5 @@
-"""Issue 9, trainer side, at config time: bad reward URLs, contradictory settings, the token and config.json."""
+"""Refused at config time, naming the field: bad reward URLs, contradictory settings; the token and a URL's
+password never written (config.json, dumps, messages)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_the_token_is_never_dumped(monkeypatch):
         assert "token" not in dumped and MASK not in dumped and "real-token" not in dumped
 
 
-# -- issue 26, item 5: a password in a reward URL is never written -----------------------------------------
+# -- a password in a reward URL is never written ---------------------------------------------------------------
 SECRET_URL = "http://user:s3cretPW@127.0.0.1:8101"
 
 

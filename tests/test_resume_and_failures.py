@@ -1,4 +1,4 @@
-"""Issue 9, trainer side, on real tiny runs: resume trims the logs, damaged checkpoints are skipped loudly,
+"""On real tiny runs: resume trims the logs, damaged checkpoints are skipped loudly,
 Ctrl-C closes the reward clients, the token survives config.json, grids and schedulers that used to break."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def scalar_steps(out, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-# -- item 11 ------------------------------------------------------------------------------------------------
+# -- a resumed run's logs --------------------------------------------------------------------------------------
 def test_a_resumed_run_logs_each_epoch_once(tmp_path, tiny_cache):
     cfg = tiny_run(tmp_path, tiny_cache, 2)
     out = cfg.run.output_dir
@@ -63,7 +63,7 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path, tiny_cache):
     assert again[0]["reward_mean"] == first[1]["reward_mean"] and again[0]["loss"] == first[1]["loss"]  # exact
 
 
-# -- item 12 ------------------------------------------------------------------------------------------------
+# -- damaged checkpoints ---------------------------------------------------------------------------------------
 def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, tiny_cache, capsys):
     cfg = tiny_run(tmp_path, tiny_cache, 2)
     out = cfg.run.output_dir
@@ -132,7 +132,7 @@ def test_checkpoint_verification(tmp_path, tiny_cache):
         checkpoint.resolve(tmp_path / "nowhere")
 
 
-# -- item 13 ------------------------------------------------------------------------------------------------
+# -- Ctrl-C ----------------------------------------------------------------------------------------------------
 def test_ctrl_c_mid_run_closes_the_reward_clients_and_keeps_the_checkpoint(tmp_path, tiny_cache, start_server):
     server = start_server("--model", "synthetic")
     cfg = tiny_run(tmp_path, tiny_cache, 3, components=[
@@ -159,7 +159,7 @@ def test_ctrl_c_mid_run_closes_the_reward_clients_and_keeps_the_checkpoint(tmp_p
     assert [m["epoch"] for m in train(cfg)] == [1]
 
 
-# -- item 10 ------------------------------------------------------------------------------------------------
+# -- the token and config.json ---------------------------------------------------------------------------------
 def test_config_json_given_back_takes_the_token_from_the_environment(tmp_path, tiny_cache, monkeypatch):
     monkeypatch.setenv("DIFFUSION_RL_REWARD__TOKEN", "env-token-0123")
     cfg = tiny_run(tmp_path, tiny_cache, 1)
@@ -173,7 +173,7 @@ def test_config_json_given_back_takes_the_token_from_the_environment(tmp_path, t
     assert again.model_dump(exclude={"config"}) == cfg.model_dump(exclude={"config"})
 
 
-# -- issue 26, item 5 ---------------------------------------------------------------------------------------
+# -- a password in a reward URL --------------------------------------------------------------------------------
 def test_a_password_in_the_reward_url_reaches_the_server_and_no_file_of_the_run(tmp_path, tiny_cache, start_server):
     server = start_server("--model", "compression")
     url = server.url.replace("http://", "http://user:s3cretPW@")
@@ -186,7 +186,7 @@ def test_a_password_in_the_reward_url_reaches_the_server_and_no_file_of_the_run(
     assert b"user:**********@127.0.0.1" in (cfg.run.output_dir / "config.json").read_bytes()
 
 
-# -- item 16 ------------------------------------------------------------------------------------------------
+# -- grids and schedulers that used to break -------------------------------------------------------------------
 @pytest.mark.timeout(20)
 def test_captions_fit_images_of_any_width():
     from PIL import Image, ImageDraw, ImageFont
@@ -255,7 +255,7 @@ def test_evenly_spaced_schedules_load(tmp_path, tiny_cache):
         load_pipeline(cfg, torch.device("cpu"))
 
 
-# -- item 14: the combination that stays allowed ------------------------------------------------------------
+# -- unguided training of unguided samples stays allowed -------------------------------------------------------
 def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
     import torch
 
@@ -273,7 +273,7 @@ def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
         assert torch.equal(log_prob, batch.log_probs[:, j])
 
 
-# -- item 15 ------------------------------------------------------------------------------------------------
+# -- next-epoch sampling ---------------------------------------------------------------------------------------
 def test_next_epoch_samples_are_clipped_around_the_current_weights(tmp_path, tiny_cache):
     def run(name, overlap, decoupled="auto"):
         cfg = tiny_run(tmp_path / name, tiny_cache, 2)

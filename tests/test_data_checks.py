@@ -1,4 +1,4 @@
-"""Issue 26: a user's data and files fail before work starts, each problem with its file and row, all at once;
+"""A user's data and files fail before work starts, each problem with its file and row, all at once;
 rows too many to check up front stop the run at the first bad one, before it is trained on."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def trainer_main(capsys, *args: str, module: str = "trainer") -> tuple[int, str]
     return raised.value.code, capsys.readouterr().err
 
 
-# -- items 2 and 3: Diffusion-DPO data -----------------------------------------------------------------------
+# -- Diffusion-DPO data ----------------------------------------------------------------------------------------
 def test_every_problem_of_a_pairs_file_is_named_with_its_line_before_any_model_loads(tmp_path):
     folder = jsonl_folder(tmp_path / "pairs", [
         pair(),                                             # line 1: good
@@ -196,7 +196,7 @@ def test_a_large_dataset_is_checked_up_to_check_rows_before_the_run(tmp_path):
     assert pairs_problems(str(folder), limit=4) == [f"{folder / 'pairs.jsonl'} line 4: image_0: no such file gone.jpg"]
 
 
-# -- the audit: ReFL's pre-training data -------------------------------------------------------------------
+# -- ReFL's pre-training data ----------------------------------------------------------------------------------
 def test_pretraining_images_are_checked_file_by_file_before_the_model_loads(tmp_path):
     from trainer.preflight import PreflightError
     from trainer.refl import train
@@ -227,7 +227,7 @@ def test_pretraining_images_are_checked_file_by_file_before_the_model_loads(tmp_
     assert "line 1:" not in message and not cfg.run.output_dir.exists()
 
 
-# -- the audit: prompt files and --config ---------------------------------------------------------------------
+# -- prompt files and --config ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("content, message", [(b"", "has no prompts"), (b"\n  \n", "has no prompts"),
                                               (b"\xff\xfe\x00a", "is not UTF-8 text")])
 @pytest.mark.parametrize("flag", ["prompt.path", "prompt.eval_path"])
@@ -265,7 +265,7 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path, capsys, name, cont
     assert f"config: {path} {message}" in err
 
 
-# -- the audit: weights given to trainer.evaluate -------------------------------------------------------------
+# -- weights given to trainer.evaluate -------------------------------------------------------------------------
 def test_a_lora_or_denoiser_folder_is_checked_before_the_model_loads(tmp_path, capsys):
     empty, damaged = tmp_path / "empty", tmp_path / "damaged"
     empty.mkdir()
@@ -294,7 +294,7 @@ def test_a_lora_or_denoiser_folder_is_checked_before_the_model_loads(tmp_path, c
     assert not (tmp_path / "eval").exists()
 
 
-# -- item 4: trainer.label resumes only under the settings that shaped its shards -----------------------------
+# -- trainer.label resumes only under the settings that shaped its shards --------------------------------------
 def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tmp_path, capsys, start_server):
     from trainer.label import LabelSettings, label
     from trainer.pairs import load_pairs, write_parquet
