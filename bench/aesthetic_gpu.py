@@ -20,7 +20,16 @@ import numpy as np
 
 from bench.timing import median_seconds
 
-CLIP_L = {"seed": 7, "hidden": 1024, "intermediate": 4096, "layers": 24, "heads": 16, "image_size": 224, "patch": 14, "projection": 768}
+CLIP_L = {
+    "seed": 7,
+    "hidden": 1024,
+    "intermediate": 4096,
+    "layers": 24,
+    "heads": 16,
+    "image_size": 224,
+    "patch": 14,
+    "projection": 768,
+}
 SMOKE = {"seed": 7, "hidden": 32, "layers": 2, "heads": 4, "image_size": 32, "patch": 8, "projection": 16}
 
 

@@ -32,11 +32,19 @@ def main() -> None:
     scorer.load()
     loop = rate(lambda: [jpeg_size_kb(image) for image in images])
     pooled = rate(lambda: scorer.score(images, [""] * N, [{}] * N))
-    print(json.dumps({
-        "benchmark": "compression", "images": N, "size": SIZE, "cpu_count": os.cpu_count(), "workers": scorer.workers,
-        "images_per_s": {"pil_loop": round(loop, 1), "scorer_pool": round(pooled, 1)},
-        "ratio_pool_vs_loop": round(pooled / loop, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "compression",
+                "images": N,
+                "size": SIZE,
+                "cpu_count": os.cpu_count(),
+                "workers": scorer.workers,
+                "images_per_s": {"pil_loop": round(loop, 1), "scorer_pool": round(pooled, 1)},
+                "ratio_pool_vs_loop": round(pooled / loop, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,23 @@ def epoch_seconds(policy: str, epochs: int) -> tuple[list[float], list[int]]:
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the trainer choose
         subprocess.run(
-            [sys.executable, "-m", "trainer", "--run.output_dir", tmp, "--run.num_epochs", str(epochs),
-             "--run.log_with", "none", "--run.log_images_every", "0", *POLICIES[policy]],
-            check=True, capture_output=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "trainer",
+                "--run.output_dir",
+                tmp,
+                "--run.num_epochs",
+                str(epochs),
+                "--run.log_with",
+                "none",
+                "--run.log_images_every",
+                "0",
+                *POLICIES[policy],
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
         )
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return [r["seconds_epoch"] for r in records[1:]], [r["cpu_threads"] for r in records]
@@ -55,14 +69,20 @@ def main() -> None:
                 times.setdefault(key, []).extend(seconds)
                 threads.setdefault(key, []).extend(used)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({
-        "benchmark": "contention", "cores": os.cpu_count(), "epochs_timed_per_run": args.epochs - 1,
-        "median_epoch_seconds": {k: round(v, 2) for k, v in med.items()},
-        "cpu_threads_seen": {k: sorted(set(v)) for k, v in threads.items()},
-        "ratio_busy_vs_alone": {p: round(med[f"{p}_busy"] / med[f"{p}_alone"], 2) for p in POLICIES},
-        "ratio_auto_busy_vs_one_per_core_alone": round(med["auto_busy"] / med["one_per_core_alone"], 2),
-        "target": "<= 2.5",
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "contention",
+                "cores": os.cpu_count(),
+                "epochs_timed_per_run": args.epochs - 1,
+                "median_epoch_seconds": {k: round(v, 2) for k, v in med.items()},
+                "cpu_threads_seen": {k: sorted(set(v)) for k, v in threads.items()},
+                "ratio_busy_vs_alone": {p: round(med[f"{p}_busy"] / med[f"{p}_alone"], 2) for p in POLICIES},
+                "ratio_auto_busy_vs_one_per_core_alone": round(med["auto_busy"] / med["one_per_core_alone"], 2),
+                "target": "<= 2.5",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

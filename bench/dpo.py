@@ -28,17 +28,43 @@ from bench.learning import accuracy_change, shapes_change
 from trainer.config import Config
 
 # DPO on tiny-shapes: LoRA as the DDPO default run, batches of 8 pairs, evaluated on the held-out captions.
-DPO_SHAPES = ["--preset", "shapes", "--algorithm", "dpo", "--train.batch_size", "8", "--train.gradient_accumulation_steps",
-              "1", "--train.learning_rate", "1e-4", "--dpo.proportion_empty_prompts", "0.1", "--no-dpo.hflip",
-              "--sample.num_steps", "20", "--sample.batch_size", "32"]
+DPO_SHAPES = [
+    "--preset",
+    "shapes",
+    "--algorithm",
+    "dpo",
+    "--train.batch_size",
+    "8",
+    "--train.gradient_accumulation_steps",
+    "1",
+    "--train.learning_rate",
+    "1e-4",
+    "--dpo.proportion_empty_prompts",
+    "0.1",
+    "--no-dpo.hflip",
+    "--sample.num_steps",
+    "20",
+    "--sample.batch_size",
+    "32",
+]
 
 
 def label_pairs(out: Path, pairs: int, images_per_prompt: int = 2) -> dict:
     from trainer.label import LabelSettings, label
 
     start = time.perf_counter()
-    counts = label(LabelSettings(out=out, model="tiny-shapes", prompt_fn="shapes", pairs=pairs, scorer="shapes",
-                                 batch_size=32, seed=1, images_per_prompt=images_per_prompt))
+    counts = label(
+        LabelSettings(
+            out=out,
+            model="tiny-shapes",
+            prompt_fn="shapes",
+            pairs=pairs,
+            scorer="shapes",
+            batch_size=32,
+            seed=1,
+            images_per_prompt=images_per_prompt,
+        )
+    )
     return {**counts, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -47,26 +73,55 @@ def run_mode(mode: str, data: Path, steps: int, extra: list[str], eval_every: in
 
     with tempfile.TemporaryDirectory() as tmp:
         flags = {"offline": [], "sft": ["--dpo.sft"], "online": ["--dpo.online"]}[mode]
-        cfg = CliApp.run(Config, cli_args=[
-            *DPO_SHAPES, "--dpo.dataset", str(data), "--dpo.max_train_steps", str(steps),
-            "--run.eval_every", str(eval_every or steps),
-            "--dpo.checkpointing_steps", "0", "--run.output_dir", tmp, "--run.log_with", "none", *flags, *extra])
+        cfg = CliApp.run(
+            Config,
+            cli_args=[
+                *DPO_SHAPES,
+                "--dpo.dataset",
+                str(data),
+                "--dpo.max_train_steps",
+                str(steps),
+                "--run.eval_every",
+                str(eval_every or steps),
+                "--dpo.checkpointing_steps",
+                "0",
+                "--run.output_dir",
+                tmp,
+                "--run.log_with",
+                "none",
+                *flags,
+                *extra,
+            ],
+        )
         start = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - start
         evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()]
         seen = shapes_change(cfg, Path(tmp))
     change = accuracy_change(evals[0], evals[-1])
-    last = history[-min(5, len(history)):]
+    last = history[-min(5, len(history)) :]
     return {
-        "benchmark": "dpo", "mode": mode, "steps": steps, "wall_seconds": round(wall, 1),
+        "benchmark": "dpo",
+        "mode": mode,
+        "steps": steps,
+        "wall_seconds": round(wall, 1),
         "config": cfg.model_dump(mode="json", include={"train", "dpo"}),
         "heldout": {**change, "points_per_minute": round(change["rise_points"] / (wall / 60), 2)},
         "seen": seen,
-        "curve": [{"step": e["epoch"], **{k: v for k, v in accuracy_change(evals[0], e).items()
-                                         if k in ("rise_points", "rise_standard_error")}} for e in evals[1:]],
-        "last_steps": {k: round(sum(m[k] for m in last) / len(last), 4)
-                       for k in ("loss", "implicit_accuracy", "model_mse_winner", "data_wait_share") if k in last[0]},
+        "curve": [
+            {
+                "step": e["epoch"],
+                **{
+                    k: v for k, v in accuracy_change(evals[0], e).items() if k in ("rise_points", "rise_standard_error")
+                },
+            }
+            for e in evals[1:]
+        ],
+        "last_steps": {
+            k: round(sum(m[k] for m in last) / len(last), 4)
+            for k in ("loss", "implicit_accuracy", "model_mse_winner", "data_wait_share")
+            if k in last[0]
+        },
     }
 
 

@@ -42,7 +42,9 @@ def pickapic_like(folder: Path, n: int, seed: int = 0) -> None:
             small = Image.fromarray(world.render(captions[i % len(captions)], seed + 2 * i + k))
             big = np.asarray(small.resize((size, size), Image.BICUBIC)).astype(np.int16)
             images.append(jpeg(np.clip(big + rng.normal(0, 6, big.shape), 0, 255).astype(np.uint8), quality=90))
-        rows.append({"caption": captions[i % len(captions)], "jpg_0": images[0], "jpg_1": images[1], "label_0": float(i % 2)})
+        rows.append(
+            {"caption": captions[i % len(captions)], "jpg_0": images[0], "jpg_1": images[1], "label_0": float(i % 2)}
+        )
     write_parquet(rows, folder / "train-00000.parquet")
 
 
@@ -64,14 +66,26 @@ def measured_wait(folder: Path, resolution: int, steps: int = 6) -> dict:
     from trainer.dpo import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Config(algorithm="dpo", run={"output_dir": tmp, "log_with": "none"}, sample={"resolution": resolution},
-                     train={"batch_size": 2, "learning_rate": 1e-4},
-                     dpo={"dataset": str(folder), "max_train_steps": steps, "checkpointing_steps": 0,
-                          "dataloader_num_workers": 1})
+        cfg = Config(
+            algorithm="dpo",
+            run={"output_dir": tmp, "log_with": "none"},
+            sample={"resolution": resolution},
+            train={"batch_size": 2, "learning_rate": 1e-4},
+            dpo={
+                "dataset": str(folder),
+                "max_train_steps": steps,
+                "checkpointing_steps": 0,
+                "dataloader_num_workers": 1,
+            },
+        )
         history = train(cfg)[1:]  # the first step starts the worker
-    return {"model": "tiny (random-init SD1 shape)", "resolution": resolution, "train_batch_pairs": 2,
-            "seconds_per_step": round(float(np.median([m["seconds_step"] for m in history])), 3),
-            "data_wait_share": round(float(np.mean([m["data_wait_share"] for m in history])), 4)}
+    return {
+        "model": "tiny (random-init SD1 shape)",
+        "resolution": resolution,
+        "train_batch_pairs": 2,
+        "seconds_per_step": round(float(np.median([m["seconds_step"] for m in history])), 3),
+        "data_wait_share": round(float(np.mean([m["data_wait_share"] for m in history])), 4),
+    }
 
 
 def sd15_pair_flops(resolution: int) -> float:
@@ -85,9 +99,15 @@ def sd15_pair_flops(resolution: int) -> float:
 
     family, preset = FAMILIES["sd15"], PRESETS[FAMILIES["sd15"]["preset"]]
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    step = Step(denoiser(family["config"], family["dtype"], preset["train"], fake), family["dtype"],
-                preset["sample"], preset["train"])
-    return run_step(step, "train", 1, resolution, fake)["flops"] + run_step(step, "sampling", 1, resolution, fake)["flops"]
+    step = Step(
+        denoiser(family["config"], family["dtype"], preset["train"], fake),
+        family["dtype"],
+        preset["sample"],
+        preset["train"],
+    )
+    return (
+        run_step(step, "train", 1, resolution, fake)["flops"] + run_step(step, "sampling", 1, resolution, fake)["flops"]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,18 +123,26 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pickapic_like(folder, args.pairs)
-        rates = {int(w): round(supply(folder, args.resolution, int(w), args.batches), 2) for w in args.workers.split(",")}
+        rates = {
+            int(w): round(supply(folder, args.resolution, int(w), args.batches), 2) for w in args.workers.split(",")
+        }
         wait = measured_wait(folder, args.resolution)
     flops = sd15_pair_flops(args.resolution)
     per_worker = rates.get(1) or max(rates.values())
     demand = {f"{t}_TFLOPs": round(t * 1e12 / flops, 2) for t in (100, 200, 400)}
-    print(json.dumps({
-        "benchmark": "dpo_data", "resolution": args.resolution, "supply_pairs_per_s_by_workers": rates,
-        "measured_here": wait,
-        "sd15_dpo_pair_tflops": round(flops / 1e12, 3),
-        "gpu_demand_pairs_per_s": demand,
-        "workers_needed_at_this_machines_rate": {k: int(np.ceil(v / per_worker)) for k, v in demand.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "dpo_data",
+                "resolution": args.resolution,
+                "supply_pairs_per_s_by_workers": rates,
+                "measured_here": wait,
+                "sd15_dpo_pair_tflops": round(flops / 1e12, 3),
+                "gpu_demand_pairs_per_s": demand,
+                "workers_needed_at_this_machines_rate": {k: int(np.ceil(v / per_worker)) for k, v in demand.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ with one field replaced). Interleaved with them, each attack body is sent ``--at
 (3 MB of three million empty arrays), deep (100,000 nested arrays), wide (a map of 1.5 million entries),
 a compressed bomb (64 solid 1024 px PNGs: 1 MB that would decode to 192 MiB) and a valid request with
 metadata just under the element budget. ``--endpoint score_grad`` fuzzes /v1/score_grad of the tiny-shapes
-aesthetic scorer instead (float images of any values among the bodies; tests/test_drills.py's ``grad_bodies``). (A large valid request of raw images costs its body plus one batch
-copy, 2x by design; bench/protocol.py measures those.) A thread polls /healthz all the while.
+aesthetic scorer instead (float images of any values among the bodies; tests/test_drills.py's
+``grad_bodies``). (A large valid request of raw images costs its body plus one batch copy, 2x by design;
+bench/protocol.py measures those.) A thread polls /healthz all the while.
 
 Prints JSON: responses by status (and per attack), 5xx count (must be 0), /healthz latency p50/p99/max during
 the run (target p99 < 250 ms), and the server's peak RSS growth against the largest body it accepted,
@@ -35,9 +36,7 @@ def attack_bodies() -> dict[str, bytes]:
 
     n = 3_000_000
     wide_n = 1_500_000
-    wide = b"\xdf" + wide_n.to_bytes(4, "big") + b"".join(
-        msgpack.packb(f"k{i}") + b"\xc0" for i in range(wide_n)
-    )
+    wide = b"\xdf" + wide_n.to_bytes(4, "big") + b"".join(msgpack.packb(f"k{i}") + b"\xc0" for i in range(wide_n))
     solid = np.full((64, 1024, 1024, 3), 200, np.uint8)
     metadata_heavy = msgpack.unpackb(build_request(np.zeros((1, 8, 8, 3), np.uint8), ["a"]))
     metadata_heavy["metadata"] = [{"tags": list(range(95_000))}]
@@ -96,8 +95,15 @@ def main() -> None:
     latencies, stop = [], threading.Event()
     with tempfile.TemporaryDirectory() as tmp:
         scorer = ["compression"] if args.endpoint == "score" else ["aesthetic", "--checkpoint", "tiny-shapes"]
-        server = ServerProcess("--model", *scorer, "--log-level", "error", "--max-decoded-mb", str(args.max_decoded_mb),
-                               log=Path(tmp) / "server.log").wait_ready()
+        server = ServerProcess(
+            "--model",
+            *scorer,
+            "--log-level",
+            "error",
+            "--max-decoded-mb",
+            str(args.max_decoded_mb),
+            log=Path(tmp) / "server.log",
+        ).wait_ready()
 
         def poll_health():
             with httpx.Client(timeout=30) as health:
@@ -113,13 +119,19 @@ def main() -> None:
         poller.start()
         sent, rounds = [0], [0]
         try:
+
             def post(body: bytes, content_type: str = MEDIA_TYPE) -> int:
-                status = client.post(f"{server.url}/v1/{args.endpoint}", content=body, headers={"content-type": content_type}).status_code
+                status = client.post(
+                    f"{server.url}/v1/{args.endpoint}", content=body, headers={"content-type": content_type}
+                ).status_code
                 statuses[status] += 1
                 return status
 
             @settings(max_examples=args.cases, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            @given(body=bodies if args.endpoint == "score" else grad_bodies, content_type=st.sampled_from([MEDIA_TYPE, MEDIA_TYPE, "application/json", ""]))
+            @given(
+                body=bodies if args.endpoint == "score" else grad_bodies,
+                content_type=st.sampled_from([MEDIA_TYPE, MEDIA_TYPE, "application/json", ""]),
+            )
             def send(body, content_type):
                 post(body, content_type)
                 sent[0] += 1
@@ -137,16 +149,29 @@ def main() -> None:
             stop.set()
             server.stop()
     ms = np.array(latencies) * 1000
-    print(json.dumps({
-        "benchmark": "fuzz", "endpoint": f"/v1/{args.endpoint}", "cases": sum(statuses.values()), "by_status": dict(sorted(statuses.items())),
-        "attacks": {name: dict(sorted(c.items())) for name, c in per_attack.items()},
-        "attack_bytes": {name: len(body) for name, body in attacks.items()},
-        "server_errors_5xx": sum(n for s, n in statuses.items() if s >= 500 and s != 503), "healthy_after": healthy,
-        "healthz": {"polls": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-                    "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2)},
-        "peak_rss_growth_mb": round(rss_growth / 2**20, 1), "largest_accepted_mb": round(largest_accepted / 2**20, 1),
-        "rss_growth_over_largest_accepted": round(rss_growth / max(1, largest_accepted), 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "fuzz",
+                "endpoint": f"/v1/{args.endpoint}",
+                "cases": sum(statuses.values()),
+                "by_status": dict(sorted(statuses.items())),
+                "attacks": {name: dict(sorted(c.items())) for name, c in per_attack.items()},
+                "attack_bytes": {name: len(body) for name, body in attacks.items()},
+                "server_errors_5xx": sum(n for s, n in statuses.items() if s >= 500 and s != 503),
+                "healthy_after": healthy,
+                "healthz": {
+                    "polls": len(ms),
+                    "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                    "p99_ms": round(float(np.percentile(ms, 99)), 2),
+                    "max_ms": round(float(ms.max()), 2),
+                },
+                "peak_rss_growth_mb": round(rss_growth / 2**20, 1),
+                "largest_accepted_mb": round(largest_accepted / 2**20, 1),
+                "rss_growth_over_largest_accepted": round(rss_growth / max(1, largest_accepted), 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

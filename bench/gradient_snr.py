@@ -45,8 +45,12 @@ def snr(gradients: np.ndarray) -> dict:
     signal = float(mean @ mean - noise / k)
     halves = gradients[: k // 2].mean(axis=0), gradients[k // 2 :].mean(axis=0)
     cosine = float(halves[0] @ halves[1] / (np.linalg.norm(halves[0]) * np.linalg.norm(halves[1]) + 1e-30))
-    return {"estimates": k, "signal_to_noise_per_step": signal / noise, "halves_cosine": cosine,
-            "gradient_norm": float(np.sqrt((gradients**2).sum(axis=1)).mean())}
+    return {
+        "estimates": k,
+        "signal_to_noise_per_step": signal / noise,
+        "halves_cosine": cosine,
+        "gradient_norm": float(np.sqrt((gradients**2).sum(axis=1)).mean()),
+    }
 
 
 def _kind(name: str) -> str:
@@ -69,8 +73,14 @@ def measure(args: list[str], steps: int) -> dict:
             if not kinds:
                 for name, p in run.trainable.items():
                     kinds.extend([_kind(name)] * p.numel())
-            gradients.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                        for p in run.trainable.values()]).double().cpu().numpy())
+            gradients.append(
+                torch.cat(
+                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in run.trainable.values()]
+                )
+                .double()
+                .cpu()
+                .numpy()
+            )
             run.optimizer.zero_grad()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,13 +97,18 @@ def measure(args: list[str], steps: int) -> dict:
         wall = time.perf_counter() - start
     stacked, kinds_array = np.stack(gradients), np.array(kinds)
     result = snr(stacked)
-    result["per_layer_kind"] = {kind: {key: round(v, 4) for key, v in snr(stacked[:, kinds_array == kind]).items()
-                                       if key != "estimates"} for kind in sorted(set(kinds))}
-    seconds_per_sample = sum(m["seconds_sampling"] + m["seconds_training"] for m in history) / (per_epoch * len(history))
+    result["per_layer_kind"] = {
+        kind: {key: round(v, 4) for key, v in snr(stacked[:, kinds_array == kind]).items() if key != "estimates"}
+        for kind in sorted(set(kinds))
+    }
+    seconds_per_sample = sum(m["seconds_sampling"] + m["seconds_training"] for m in history) / (
+        per_epoch * len(history)
+    )
     ratio = result["signal_to_noise_per_step"]
     needed = effective / ratio if ratio > 0 else None  # None: no signal above the estimates' own noise
     return {
-        "overrides": args, **result,
+        "overrides": args,
+        **result,
         "effective_batch": effective,
         "samples_for_snr_1": needed and round(needed, 1),
         "cpu_seconds_for_snr_1": needed and round(needed * seconds_per_sample, 1),

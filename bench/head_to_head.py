@@ -34,9 +34,24 @@ def one_run(preset: str, epochs: int, seed: int, evals: int, args: list[str]) ->
     if epochs % evals:
         raise SystemExit(f"--compare {preset}={epochs}: the epochs must be a multiple of --evals {evals}")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(["--preset", preset, "--run.seed", str(seed), "--run.num_epochs", str(epochs),
-                            "--run.eval_every", str(epochs // evals), "--prompt.eval_path", str(SEEN),
-                            "--run.log_images_every", "0", *args], tmp)
+        cfg = bench_config(
+            [
+                "--preset",
+                preset,
+                "--run.seed",
+                str(seed),
+                "--run.num_epochs",
+                str(epochs),
+                "--run.eval_every",
+                str(epochs // evals),
+                "--prompt.eval_path",
+                str(SEEN),
+                "--run.log_images_every",
+                "0",
+                *args,
+            ],
+            tmp,
+        )
         history = train(cfg)
         records = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()]
         heldout = shapes_change(cfg, Path(tmp), HELDOUT)
@@ -44,18 +59,28 @@ def one_run(preset: str, epochs: int, seed: int, evals: int, args: list[str]) ->
     seen = accuracy_change(records[0], records[-1])
     minutes = cpu_seconds[-1] / 60
     return {
-        "benchmark": "head_to_head", "preset": preset, "seed": seed, "epochs": epochs,
+        "benchmark": "head_to_head",
+        "preset": preset,
+        "seed": seed,
+        "epochs": epochs,
         "cpu_threads": sorted({m["cpu_threads"] for m in history}),
         "training_cpu_minutes": round(minutes, 2),
-        "curve": [{"epoch": r["epoch"], "cpu_minutes": round(cpu_seconds[r["epoch"]] / 60, 2),
-                   "seen_accuracy": round(100 * r["accuracy"], 2)} for r in records],
+        "curve": [
+            {
+                "epoch": r["epoch"],
+                "cpu_minutes": round(cpu_seconds[r["epoch"]] / 60, 2),
+                "seen_accuracy": round(100 * r["accuracy"], 2),
+            }
+            for r in records
+        ],
         "seen": seen | {"points_per_cpu_minute": round(seen["rise_points"] / minutes, 3)},
         "heldout": heldout | {"points_per_cpu_minute": round(heldout["rise_points"] / minutes, 3)},
     }
 
 
 def minutes_to(curve: list[tuple[float, float]], gain: float) -> float | None:
-    """The first CPU-minute at which the piecewise-linear (minutes, gain) curve, 0 at its start, reaches ``gain`` > 0."""
+    """The first CPU-minute at which the piecewise-linear (minutes, gain) curve, 0 at its start, reaches
+    ``gain`` > 0."""
     for (m0, g0), (m1, g1) in zip(curve, curve[1:]):
         if g0 < gain <= g1:
             return m0 + (gain - g0) / (g1 - g0) * (m1 - m0)
@@ -64,8 +89,10 @@ def minutes_to(curve: list[tuple[float, float]], gain: float) -> float | None:
 
 def mean_se(values: list[float]) -> dict:
     x = np.asarray(values, dtype=float)
-    return {"mean": round(float(x.mean()), 2),
-            "standard_error": round(float(x.std(ddof=1) / np.sqrt(len(x))), 2) if len(x) > 1 else None}
+    return {
+        "mean": round(float(x.mean()), 2),
+        "standard_error": round(float(x.std(ddof=1) / np.sqrt(len(x))), 2) if len(x) > 1 else None,
+    }
 
 
 def summary(runs: list[dict], presets: list[str]) -> dict:
@@ -74,15 +101,26 @@ def summary(runs: list[dict], presets: list[str]) -> dict:
     per = {}
     for preset in presets:
         mine = [r for r in runs if r["preset"] == preset]
-        curves = np.array([[(p["cpu_minutes"], p["seen_accuracy"] - r["curve"][0]["seen_accuracy"]) for p in r["curve"]]
-                           for r in mine])  # (seeds, evaluations, 2): the seeds share the evaluation epochs
+        curves = np.array(
+            [
+                [(p["cpu_minutes"], p["seen_accuracy"] - r["curve"][0]["seen_accuracy"]) for p in r["curve"]]
+                for r in mine
+            ]
+        )  # (seeds, evaluations, 2): the seeds share the evaluation epochs
         per[preset] = {
             "seeds": [r["seed"] for r in mine],
             "training_cpu_minutes": mean_se([r["training_cpu_minutes"] for r in mine]),
             **{f"{where}_change": mean_se([r[where]["rise_points"] for r in mine]) for where in ("seen", "heldout")},
-            **{f"{where}_points_per_cpu_minute": round(float(np.mean([r[where]["rise_points"] for r in mine]) /
-                                                             np.mean([r["training_cpu_minutes"] for r in mine])), 3)
-               for where in ("seen", "heldout")},
+            **{
+                f"{where}_points_per_cpu_minute": round(
+                    float(
+                        np.mean([r[where]["rise_points"] for r in mine])
+                        / np.mean([r["training_cpu_minutes"] for r in mine])
+                    ),
+                    3,
+                )
+                for where in ("seen", "heldout")
+            },
             "seen_curve": [(round(m, 2), round(g, 2)) for m, g in curves.mean(axis=0)],
         }
     target = min(p["seen_change"]["mean"] for p in per.values())

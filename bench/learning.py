@@ -46,8 +46,13 @@ def accuracy_change(before: dict, after: dict) -> dict:
         "rise_points": round(rise, 1),
         "rise_standard_error": round(se, 2),
         "rise_in_standard_errors": round(rise / se, 1) if se else None,
-        "per_category": {c: {"before": round(100 * before[f"category/{c}/accuracy"], 1),
-                             "after": round(100 * after[f"category/{c}/accuracy"], 1)} for c in categories},
+        "per_category": {
+            c: {
+                "before": round(100 * before[f"category/{c}/accuracy"], 1),
+                "after": round(100 * after[f"category/{c}/accuracy"], 1),
+            }
+            for c in categories
+        },
         "verifier_score_before": round(before["reward_mean"], 4),
         "verifier_score_after": round(after["reward_mean"], 4),
     }
@@ -56,8 +61,9 @@ def accuracy_change(before: dict, after: dict) -> dict:
 _BEFORE: dict[str, dict] = {}  # the base model's evaluations, shared by the runs of one process
 
 
-def shapes_change(cfg: Config, out: Path, prompts: Path = ASSETS / "shapes_eval_seen.txt",
-                guidance_scale: float | None = None) -> dict | None:
+def shapes_change(
+    cfg: Config, out: Path, prompts: Path = ASSETS / "shapes_eval_seen.txt", guidance_scale: float | None = None
+) -> dict | None:
     """``accuracy_change`` of a shapes-world run on ``prompts`` (by default its training captions): the base
     model and the run's saved weights in ``out``, each evaluated as the trainer evaluates (its steps, guidance
     unless ``guidance_scale`` is given, and eval seeds); None for a run outside the shapes world."""
@@ -65,14 +71,25 @@ def shapes_change(cfg: Config, out: Path, prompts: Path = ASSETS / "shapes_eval_
 
     if cfg.prompt.fn != "shapes":
         return None
-    tuned = {"lora": out / "lora"} if cfg.train.lora else {"denoiser": next(out / d for d in ("unet", "transformer")
-                                                                            if (out / d).is_dir())}
+    tuned = (
+        {"lora": out / "lora"}
+        if cfg.train.lora
+        else {"denoiser": next(out / d for d in ("unet", "transformer") if (out / d).is_dir())}
+    )
     settings = dict(
-        model=cfg.pretrained.model, prompts=prompts, prompt_fn="shapes", seed=cfg.run.eval_seed,
+        model=cfg.pretrained.model,
+        prompts=prompts,
+        prompt_fn="shapes",
+        seed=cfg.run.eval_seed,
         steps=cfg.sample.eval_num_steps or cfg.sample.num_steps,
         guidance_scale=cfg.sample.guidance_scale if guidance_scale is None else guidance_scale,
-        batch_size=cfg.sample.batch_size, reward=cfg.run.eval_scorer or cfg.reward.scorer)
-    key, name = json.dumps(settings, default=str, sort_keys=True), f"{prompts.stem}-guidance-{settings['guidance_scale']:g}"
+        batch_size=cfg.sample.batch_size,
+        reward=cfg.run.eval_scorer or cfg.reward.scorer,
+    )
+    key, name = (
+        json.dumps(settings, default=str, sort_keys=True),
+        f"{prompts.stem}-guidance-{settings['guidance_scale']:g}",
+    )
     if key not in _BEFORE:  # the same for every run of a --compare or of bench.dpo's modes
         _BEFORE[key] = run_evaluation(EvalSettings(**settings, out=out / f"{name}-before"))
     return accuracy_change(_BEFORE[key], run_evaluation(EvalSettings(**settings, **tuned, out=out / f"{name}-after")))
@@ -90,11 +107,20 @@ def bench(args: list[str], also_guidance: float | None = None) -> dict:
         start = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - start
-        evals = [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()] if cfg.run.eval_every else []
+        evals = (
+            [json.loads(line) for line in (Path(tmp) / "eval.jsonl").read_text().splitlines()]
+            if cfg.run.eval_every
+            else []
+        )
         seen = shapes_change(cfg, Path(tmp)) if len(evals) >= 2 else None
-        other_guidance = {f"{name}_guidance_{also_guidance:g}": shapes_change(cfg, Path(tmp), prompts, also_guidance)
-                          for name, prompts in (("heldout", cfg.prompt.eval_path), ("seen", ASSETS / "shapes_eval_seen.txt"))
-                          } if seen and also_guidance is not None else {}
+        other_guidance = (
+            {
+                f"{name}_guidance_{also_guidance:g}": shapes_change(cfg, Path(tmp), prompts, also_guidance)
+                for name, prompts in (("heldout", cfg.prompt.eval_path), ("seen", ASSETS / "shapes_eval_seen.txt"))
+            }
+            if seen and also_guidance is not None
+            else {}
+        )
     means = np.array([m["reward_mean"] for m in history])
     stds = np.array([m["reward_std"] for m in history])
     k = min(3, len(means))
@@ -107,7 +133,9 @@ def bench(args: list[str], also_guidance: float | None = None) -> dict:
         "wall_seconds": round(wall, 1),
         "reward_mean_per_epoch": [round(float(x), 4) for x in means],
         "rise_in_epoch_std": round(float(rise / stds.mean()), 2),
-        "rise_in_epoch_mean_noise": round(float(rise / (np.diff(means).std() / np.sqrt(2))), 2) if len(means) > 2 else None,
+        "rise_in_epoch_mean_noise": round(float(rise / (np.diff(means).std() / np.sqrt(2))), 2)
+        if len(means) > 2
+        else None,
         "seconds_per_epoch": {
             part: round(float(np.median([m[f"seconds_{part}"] for m in history])), 2)
             for part in ("sampling", "reward_wait", "training")

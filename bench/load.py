@@ -51,7 +51,9 @@ def main() -> None:
 
     images = np.random.default_rng(0).integers(0, 256, (args.images, 256, 256, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess("--model", args.model, "--log-level", "warning", log=Path(tmp) / "server.log").wait_ready()
+        server = ServerProcess(
+            "--model", args.model, "--log-level", "warning", log=Path(tmp) / "server.log"
+        ).wait_ready()
         try:
             start = time.perf_counter()
             latencies, errors = asyncio.run(hammer(server.url, args.clients, args.requests, images))
@@ -60,12 +62,22 @@ def main() -> None:
         finally:
             server.stop()
     ms = np.array(latencies) * 1000
-    print(json.dumps({
-        "benchmark": "load", "model": args.model, "clients": args.clients, "requests_per_client": args.requests,
-        "images_per_request": args.images, "requests": args.clients * args.requests, "errors": errors,
-        "latency_ms": {q: round(float(np.percentile(ms, int(q[1:]))), 1) for q in ("p50", "p90", "p99")},
-        "images_per_s": round(len(latencies) * args.images / wall, 1), "mean_model_batch": round(batch_mean, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "load",
+                "model": args.model,
+                "clients": args.clients,
+                "requests_per_client": args.requests,
+                "images_per_request": args.images,
+                "requests": args.clients * args.requests,
+                "errors": errors,
+                "latency_ms": {q: round(float(np.percentile(ms, int(q[1:]))), 1) for q in ("p50", "p90", "p99")},
+                "images_per_s": round(len(latencies) * args.images / wall, 1),
+                "mean_model_batch": round(batch_mean, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

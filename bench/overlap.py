@@ -38,9 +38,15 @@ def learning(epochs: int, train_options: dict, names: list[str], seed: int = 42)
         for name in names:
             mode, decoupled = RUNS[name]
             cfg = Config(
-                run={"output_dir": Path(tmp) / name, "num_epochs": epochs, "log_with": "none", "log_images_every": 0,
-                     "seed": seed},
-                train={**train_options, "decoupled_ppo": decoupled}, reward={"overlap": mode},
+                run={
+                    "output_dir": Path(tmp) / name,
+                    "num_epochs": epochs,
+                    "log_with": "none",
+                    "log_images_every": 0,
+                    "seed": seed,
+                },
+                train={**train_options, "decoupled_ppo": decoupled},
+                reward={"overlap": mode},
             )
             history = train(cfg)
             means = np.array([m["reward_mean"] for m in history])
@@ -81,14 +87,24 @@ def main() -> None:
     result = {"benchmark": "overlap", "epochs": args.epochs, "scorer_latency_ms_per_batch": args.latency_ms}
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(
-            "--model", "synthetic", "--latency-ms", str(args.latency_ms), "--max-batch", "8",
+            "--model",
+            "synthetic",
+            "--latency-ms",
+            str(args.latency_ms),
+            "--max-batch",
+            "8",
             log=Path(tmp) / "server.log",
         ).wait_ready()
         try:
             fractions = {}
             for mode in ("none", "epoch", "next_epoch"):
                 cfg = Config(
-                    run={"output_dir": Path(tmp) / mode, "num_epochs": args.epochs, "log_with": "none", "log_images_every": 0},
+                    run={
+                        "output_dir": Path(tmp) / mode,
+                        "num_epochs": args.epochs,
+                        "log_with": "none",
+                        "log_images_every": 0,
+                    },
                     reward={"url": [server.url], "scorer": "synthetic", "overlap": mode},
                 )
                 history = train(cfg)[1:]
@@ -103,7 +119,11 @@ def main() -> None:
         finally:
             server.stop()
     result["reward_wait_fraction"] = fractions
-    result["labels"] = {"none": "score after all sampling (TRL)", "epoch": "per batch (ddpo-pytorch)", "next_epoch": "ours"}
+    result["labels"] = {
+        "none": "score after all sampling (TRL)",
+        "epoch": "per batch (ddpo-pytorch)",
+        "next_epoch": "ours",
+    }
     result["target"] = "next_epoch <= 0.02 when the scorer keeps up"
     print(json.dumps(result))
 

@@ -81,7 +81,12 @@ def main() -> None:
         images = np.random.default_rng(0).integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
         prompts = ["a photo of a cat"] * N
         body = build_request(images, prompts)
-        result = {"benchmark": "protocol", "images": N, "shape": [SIZE, SIZE, 3], "payload_mb": round(len(body) / 1e6, 2)}
+        result = {
+            "benchmark": "protocol",
+            "images": N,
+            "shape": [SIZE, SIZE, 3],
+            "payload_mb": round(len(body) / 1e6, 2),
+        }
         result["encode_ms"] = round(1000 * median_seconds(lambda: build_request(images, prompts)), 2)
         result["decode_ms"] = round(1000 * median_seconds(lambda: decode_images(parse_request(body, _limits()))), 2)
 
@@ -104,7 +109,11 @@ def main() -> None:
             return (await raw_async.post(f"{url}/{route}", content=chunks(), headers=length)).raise_for_status().content
 
         def post_sync(route):
-            return raw_sync.post(f"{url}/{route}", content=(im.reshape(-1).data for im in images), headers=length).raise_for_status().content
+            return (
+                raw_sync.post(f"{url}/{route}", content=(im.reshape(-1).data for im in images), headers=length)
+                .raise_for_status()
+                .content
+            )
 
         assert len(loop.run_until_complete(post_async("echo"))) == len(payload)  # a baseline that really echoes
 
@@ -122,7 +131,9 @@ def main() -> None:
         result["ratio_ours_raw_vs_raw_echo_sync_client"] = round(rates["ours_raw"] / rates["raw_echo_sync_client"], 3)
         result["target"] = ">= 0.85 vs raw echo (both through httpx.AsyncClient)"
         obj = {"images": [im.tobytes() for im in images], "prompts": prompts}
-        result["reference_pickle_dumps_loads_ms"] = round(1000 * median_seconds(lambda: pickle.loads(pickle.dumps(obj))), 2)
+        result["reference_pickle_dumps_loads_ms"] = round(
+            1000 * median_seconds(lambda: pickle.loads(pickle.dumps(obj))), 2
+        )
         loop.run_until_complete(client.aclose())
         loop.run_until_complete(raw_async.aclose())
         print(json.dumps(result))

@@ -36,9 +36,24 @@ def learn(mode: str, steps: int, extra: list[str]) -> dict:
     from trainer.refl import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = CliApp.run(Config, cli_args=["--preset", "shapes-refl", "--refl.mode", mode, "--refl.max_train_steps",
-                                           str(steps), "--run.eval_every", str(steps), "--run.output_dir", tmp,
-                                           "--run.log_with", "none", *extra])
+        cfg = CliApp.run(
+            Config,
+            cli_args=[
+                "--preset",
+                "shapes-refl",
+                "--refl.mode",
+                mode,
+                "--refl.max_train_steps",
+                str(steps),
+                "--run.eval_every",
+                str(steps),
+                "--run.output_dir",
+                tmp,
+                "--run.log_with",
+                "none",
+                *extra,
+            ],
+        )
         start = time.perf_counter()
         history = train(cfg)
         wall = time.perf_counter() - start
@@ -46,21 +61,41 @@ def learn(mode: str, steps: int, extra: list[str]) -> dict:
         seen = shapes_change(cfg, Path(tmp))
     change = accuracy_change(evals[0], evals[-1])
     k = min(5, len(history))
-    return {"benchmark": "refl", "mode": mode, "steps": steps, "wall_seconds": round(wall, 1),
-            "config": cfg.model_dump(mode="json", include={"train", "refl"}),
-            "heldout": {**change, "points_per_minute": round(change["rise_points"] / (wall / 60), 2)},
-            "seen": seen,
-            "clip_reward_first_steps": round(float(np.mean([m["reward_mean"] for m in history[:k]])), 3),
-            "clip_reward_last_steps": round(float(np.mean([m["reward_mean"] for m in history[-k:]])), 3),
-            "seconds_per_step": round(float(np.median([m["seconds_step"] for m in history])), 3)}
+    return {
+        "benchmark": "refl",
+        "mode": mode,
+        "steps": steps,
+        "wall_seconds": round(wall, 1),
+        "config": cfg.model_dump(mode="json", include={"train", "refl"}),
+        "heldout": {**change, "points_per_minute": round(change["rise_points"] / (wall / 60), 2)},
+        "seen": seen,
+        "clip_reward_first_steps": round(float(np.mean([m["reward_mean"] for m in history[:k]])), 3),
+        "clip_reward_last_steps": round(float(np.mean([m["reward_mean"] for m in history[-k:]])), 3),
+        "seconds_per_step": round(float(np.median([m["seconds_step"] for m in history])), 3),
+    }
 
 
 def _server(port: int, log: Path) -> subprocess.Popen:
     import httpx
 
     exe = shutil.which("reward-server", path=str(Path(sys.executable).parent)) or "reward-server"
-    proc = subprocess.Popen([exe, "--model", "clipscore", "--checkpoint", "tiny-shapes", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--model",
+            "clipscore",
+            "--checkpoint",
+            "tiny-shapes",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
@@ -98,7 +133,10 @@ def timing(steps: int) -> dict:
                 for where, (_, run, reward) in runs.items():
                     start = time.perf_counter()
                     x0, _ = rollout(run, run.model, run.family.denoiser, prompts, 64, None)
-                    loss = torch.relu(cfg.refl.margin - reward(run.family.decode(x0), prompts)).mean() * cfg.refl.grad_scale
+                    loss = (
+                        torch.relu(cfg.refl.margin - reward(run.family.decode(x0), prompts)).mean()
+                        * cfg.refl.grad_scale
+                    )
                     loss.backward()
                     run.optimizer.zero_grad()
                     if i:  # the first of each is a warm-up
@@ -109,9 +147,14 @@ def timing(steps: int) -> dict:
             server.terminate()
             server.wait(30)
     local, remote = (float(np.median(seconds[w])) for w in ("local", "remote"))
-    return {"benchmark": "refl_remote_vs_local", "steps": steps, "batch": cfg.train.batch_size,
-            "seconds_per_step_local": round(local, 3), "seconds_per_step_remote": round(remote, 3),
-            "remote_over_local": round(remote / local, 3)}
+    return {
+        "benchmark": "refl_remote_vs_local",
+        "steps": steps,
+        "batch": cfg.train.batch_size,
+        "seconds_per_step_local": round(local, 3),
+        "seconds_per_step_remote": round(remote, 3),
+        "remote_over_local": round(remote / local, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

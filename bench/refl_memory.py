@@ -23,18 +23,35 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.gpu_estimate import BLOCK, CLIP_L, SD15_UNET, SD_VAE, CudaAutocast, checkpointing_under, denoiser, gb, measure
+from bench.gpu_estimate import (
+    BLOCK,
+    CLIP_L,
+    SD15_UNET,
+    SD_VAE,
+    CudaAutocast,
+    checkpointing_under,
+    denoiser,
+    gb,
+    measure,
+)
 from scorers.aesthetic import AestheticMLP, AestheticScorer
 
 # openai/clip-vit-large-patch14's vision tower (the text tower is CLIP_L), projection 768
-VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-           "patch_size": 14, "image_size": 224}
+VIT_L14 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+}
 MID = 35  # a step of [30, 39] out of 40; the memory does not depend on which
 
 
 def served(images: torch.Tensor) -> torch.Tensor:
     """What the served reward costs the trainer: trainer.rewards.remote_scores keeps the server's float32
     gradient of the pixels for backward and returns one score per image (no reward model here)."""
+
     class Served(torch.autograd.Function):
         @staticmethod
         def forward(ctx, pixels):
@@ -63,8 +80,14 @@ def sd15(fake, unet=None, vae=None):
             vae = AutoencoderKL.from_config(SD_VAE).to(torch.float16)
         with fake:
             vae.to_empty(device="cpu")
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     family = SD1(SimpleNamespace(unet=unet, vae=vae.requires_grad_(False), scheduler=scheduler, vae_scale_factor=8))
     family.timesteps(40, "cpu")
     return family
@@ -167,14 +190,25 @@ def calibrate(n: int = 2) -> dict:
         with fake:
             for m in (fake_scorer.clip.model, fake_scorer.mlp):
                 m.to_empty(device="cpu")
-        guess = refl_step(sd15(fake, denoiser(unet_config, torch.float16, train, fake), vae), fake_scorer, n, resolution,
-                          fake, checkpointing, block=1)
+        guess = refl_step(
+            sd15(fake, denoiser(unet_config, torch.float16, train, fake), vae),
+            fake_scorer,
+            n,
+            resolution,
+            fake,
+            checkpointing,
+            block=1,
+        )
         real_vae = AutoencoderKL.from_pretrained(path / "vae").to(torch.float16)
         real = sd15(None, denoiser(unet_config, torch.float16, train, pretrained=str(path / "unet")), real_vae)
         got = refl_step(real, real_scorer, n, resolution, None, checkpointing, block=1)
         out["checkpointed" if checkpointing else "plain"] = {
-            "batch": n, "estimated_bytes": guess["peak"], "allocator_bytes": got["allocator_peak"],
-            "tracked_real_bytes": got["peak"], "rel_error": round(guess["peak"] / got["allocator_peak"] - 1, 4)}
+            "batch": n,
+            "estimated_bytes": guess["peak"],
+            "allocator_bytes": got["allocator_peak"],
+            "tracked_real_bytes": got["peak"],
+            "rel_error": round(guess["peak"] / got["allocator_peak"] - 1, 4),
+        }
     return out
 
 
@@ -184,9 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-calibration", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = {"benchmark": "refl_memory", "model": "SD1.5 UNet + VAE at 512 px, LoRA (sd15-refl-aesthetic)",
-              "reward": "aesthetic (CLIP ViT-L/14 fp16 + LAION MLP) in process vs served (/v1/score_grad)",
-              "sd15": estimate([int(b) for b in args.batches.split(",")])}
+    result = {
+        "benchmark": "refl_memory",
+        "model": "SD1.5 UNet + VAE at 512 px, LoRA (sd15-refl-aesthetic)",
+        "reward": "aesthetic (CLIP ViT-L/14 fp16 + LAION MLP) in process vs served (/v1/score_grad)",
+        "sd15": estimate([int(b) for b in args.batches.split(",")]),
+    }
     if not args.skip_calibration:
         result["calibration_tiny"] = calibrate()
     print(json.dumps(result, indent=1))

@@ -1,7 +1,8 @@
 """Our sampler (log-probs, stored trajectory) vs each family's own diffusers pipeline call: same model, steps,
 guidance, batch.
 
-    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux] [--steps 20] [--batch 8] [--repeats 7]
+    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux] [--steps 20] [--batch 8]
+                                      [--repeats 7]
 
 Prints JSON with the median seconds of each and their ratio per family (target <= 1.10). Both decode to uint8
 images; ours samples the policy's noise (DDIM eta 1, Flow-GRPO's SDE at its noise level), the pipelines their
@@ -31,20 +32,31 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
     negative = family.encode_prompts([""])
     # DDIM's eta for SD1/SDXL; FLUX's T5 tokens as ours encode them (FluxPipeline's default is 512)
     extra = {"SD3": {}, "Flux": {"max_sequence_length": getattr(family, "max_sequence_length", None)}}.get(
-        type(family).__name__, {"eta": 1.0})
+        type(family).__name__, {"eta": 1.0}
+    )
 
     def ours():
         _, final = sample(family, family.denoiser, prompts, [{}] * batch, negative, steps, eta, guidance, size)
         return family.to_uint8(final)
 
     def theirs():
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                    output_type="np", **extra).images
+        return pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            output_type="np",
+            **extra,
+        ).images
 
     med = interleaved_medians({"ours": ours, "diffusers": theirs}, repeats)
-    return {"family": type(family).__name__, "pipeline": type(pipe).__name__,
-            "median_seconds": {k: round(v, 4) for k, v in med.items()},
-            "ratio_ours_vs_diffusers": round(med["ours"] / med["diffusers"], 3)}
+    return {
+        "family": type(family).__name__,
+        "pipeline": type(pipe).__name__,
+        "median_seconds": {k: round(v, 4) for k, v in med.items()},
+        "ratio_ours_vs_diffusers": round(med["ours"] / med["diffusers"], 3),
+    }
 
 
 def main() -> None:
@@ -55,11 +67,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     results = {preset: measure(preset, args.steps, args.batch, args.repeats) for preset in args.families.split(",")}
-    print(json.dumps({
-        "benchmark": "sampling_overhead", "steps": args.steps, "batch": args.batch, "torch_threads": torch.get_num_threads(),
-        "families": results, "target": "<= 1.10",
-        "worst_ratio": max(r["ratio_ours_vs_diffusers"] for r in results.values()),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sampling_overhead",
+                "steps": args.steps,
+                "batch": args.batch,
+                "torch_threads": torch.get_num_threads(),
+                "families": results,
+                "target": "<= 1.10",
+                "worst_ratio": max(r["ratio_ours_vs_diffusers"] for r in results.values()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

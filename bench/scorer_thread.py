@@ -22,8 +22,10 @@ def run(out: Path, epochs: int, reward: dict) -> list[dict]:
     from trainer.config import Config
     from trainer.ddpo import train
 
-    cfg = Config(run={"output_dir": out, "num_epochs": epochs, "log_with": "none", "log_images_every": 0},
-                 reward={"scorer": "aesthetic", "options": {"checkpoint": "tiny"}, **reward})
+    cfg = Config(
+        run={"output_dir": out, "num_epochs": epochs, "log_with": "none", "log_images_every": 0},
+        reward={"scorer": "aesthetic", "options": {"checkpoint": "tiny"}, **reward},
+    )
     return train(cfg)[1:]  # the first epoch warms up
 
 
@@ -37,7 +39,9 @@ def main() -> None:
 
     seconds = {"in_process": {"training": [], "sampling": []}, "served": {"training": [], "sampling": []}}
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess("--model", "aesthetic", "--checkpoint", "tiny", log=Path(tmp) / "server.log").wait_ready(120)
+        server = ServerProcess("--model", "aesthetic", "--checkpoint", "tiny", log=Path(tmp) / "server.log").wait_ready(
+            120
+        )
         try:
             for r in range(args.rounds):
                 for name, reward in (("in_process", {}), ("served", {"url": [server.url]})):
@@ -47,11 +51,22 @@ def main() -> None:
         finally:
             server.stop()
     medians = {name: {k: round(statistics.median(v), 3) for k, v in parts.items()} for name, parts in seconds.items()}
-    print(json.dumps({
-        "benchmark": "scorer_thread", "epochs": args.epochs, "rounds": args.rounds, "median_seconds": medians,
-        "ratio_training_in_process_vs_served": round(medians["in_process"]["training"] / medians["served"]["training"], 3),
-        "ratio_sampling_in_process_vs_served": round(medians["in_process"]["sampling"] / medians["served"]["sampling"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "scorer_thread",
+                "epochs": args.epochs,
+                "rounds": args.rounds,
+                "median_seconds": medians,
+                "ratio_training_in_process_vs_served": round(
+                    medians["in_process"]["training"] / medians["served"]["training"], 3
+                ),
+                "ratio_sampling_in_process_vs_served": round(
+                    medians["in_process"]["sampling"] / medians["served"]["sampling"], 3
+                ),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

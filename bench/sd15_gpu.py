@@ -29,12 +29,19 @@ def build_sd15_shaped(folder: Path) -> None:
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(SPEC["vocabulary"])
-    text_encoder = clip_text_encoder(CLIPTextModel, {"hidden_size": 768, "intermediate_size": 3072,
-                                                     "num_hidden_layers": 12, "num_attention_heads": 12}, tokenizer)
+    text_encoder = clip_text_encoder(
+        CLIPTextModel,
+        {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+        tokenizer,
+    )
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD1's blocks
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
     )
     assemble_pipeline(text_encoder, tokenizer, unet, vae).save_pretrained(folder)
 
@@ -55,26 +62,66 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            model, overrides = "tiny", ["--run.mixed_precision", "no", "--sample.num_steps", "4", "--sample.batch_size", "2", "--sample.num_batches_per_epoch", "1"]
+            model, overrides = (
+                "tiny",
+                [
+                    "--run.mixed_precision",
+                    "no",
+                    "--sample.num_steps",
+                    "4",
+                    "--sample.batch_size",
+                    "2",
+                    "--sample.num_batches_per_epoch",
+                    "1",
+                ],
+            )
         else:
             model = str(Path(tmp) / "sd15-shaped")
             build_sd15_shaped(Path(model))
-            overrides = ["--run.mixed_precision", "fp16", "--sample.num_steps", str(args.steps),
-                         "--sample.batch_size", str(args.sample_batch), "--sample.num_batches_per_epoch", "1"]
-        cfg = CliApp.run(Config, cli_args=[
-            "--preset", "sd15-compressibility-1gpu", "--pretrained.model", model, "--run.num_epochs", "1",
-            "--run.output_dir", str(Path(tmp) / "run"), "--run.log_with", "none", "--run.log_images_every", "0",
-            "--train.gradient_accumulation_steps", "1", "--train.timesteps_per_forward", str(args.timesteps_per_forward),
-            *overrides,
-        ])
+            overrides = [
+                "--run.mixed_precision",
+                "fp16",
+                "--sample.num_steps",
+                str(args.steps),
+                "--sample.batch_size",
+                str(args.sample_batch),
+                "--sample.num_batches_per_epoch",
+                "1",
+            ]
+        cfg = CliApp.run(
+            Config,
+            cli_args=[
+                "--preset",
+                "sd15-compressibility-1gpu",
+                "--pretrained.model",
+                model,
+                "--run.num_epochs",
+                "1",
+                "--run.output_dir",
+                str(Path(tmp) / "run"),
+                "--run.log_with",
+                "none",
+                "--run.log_images_every",
+                "0",
+                "--train.gradient_accumulation_steps",
+                "1",
+                "--train.timesteps_per_forward",
+                str(args.timesteps_per_forward),
+                *overrides,
+            ],
+        )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         [epoch] = train(cfg)
     result = {
-        "benchmark": "sd15_gpu", "model": model if args.smoke else "random-init SD1.5-shaped",
-        "resolution": 512 if not args.smoke else None, "num_steps": cfg.sample.num_steps,
-        "sample_batch": cfg.sample.batch_size, "mixed_precision": cfg.run.mixed_precision,
-        "lora": {"rank": cfg.train.lora_rank, "targets": cfg.train.lora_targets}, "train_batch": cfg.train.batch_size,
+        "benchmark": "sd15_gpu",
+        "model": model if args.smoke else "random-init SD1.5-shaped",
+        "resolution": 512 if not args.smoke else None,
+        "num_steps": cfg.sample.num_steps,
+        "sample_batch": cfg.sample.batch_size,
+        "mixed_precision": cfg.run.mixed_precision,
+        "lora": {"rank": cfg.train.lora_rank, "targets": cfg.train.lora_targets},
+        "train_batch": cfg.train.batch_size,
         "sampling_images_per_s": round(cfg.sample.batch_size / epoch["seconds_sampling"], 3),
         "training_seconds": round(epoch["seconds_training"], 2),
     }
@@ -83,7 +130,9 @@ def main() -> None:
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         result["target"] = "<= 7 GB"
     if not args.smoke:
-        result["estimated_peak_gb"] = estimated_peak(cfg.train.batch_size * args.timesteps_per_forward, cfg.sample.batch_size)
+        result["estimated_peak_gb"] = estimated_peak(
+            cfg.train.batch_size * args.timesteps_per_forward, cfg.sample.batch_size
+        )
     print(json.dumps(result))
 
 

@@ -73,14 +73,27 @@ def main() -> None:
     from tests.conftest import ServerProcess
 
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    result = {"benchmark": "server_batching", "scorer": "clipscore", "model": SPEC, "seconds_per_point": args.seconds, "max_wait_ms": args.max_wait_ms}
+    result = {
+        "benchmark": "server_batching",
+        "scorer": "clipscore",
+        "model": SPEC,
+        "seconds_per_point": args.seconds,
+        "max_wait_ms": args.max_wait_ms,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         build_clip(Path(tmp) / "clip", SPEC)
         rates = {}
         for label, max_batch in (("batched", "32"), ("max_batch_1", "1")):
             server = ServerProcess(
-                "--model", "clipscore", "--checkpoint", str(Path(tmp) / "clip"), "--max-batch", max_batch,
-                "--max-wait-ms", str(args.max_wait_ms), log=Path(tmp) / f"{label}.log",
+                "--model",
+                "clipscore",
+                "--checkpoint",
+                str(Path(tmp) / "clip"),
+                "--max-batch",
+                max_batch,
+                "--max-wait-ms",
+                str(args.max_wait_ms),
+                log=Path(tmp) / f"{label}.log",
             ).wait_ready(120)
             try:
                 rates[label], mean_batch = {}, {}
@@ -94,7 +107,9 @@ def main() -> None:
                 server.stop()
         ceiling = model_ceiling(Path(tmp) / "clip", image)
     result["images_per_s"] = {label: {str(n): round(r, 1) for n, r in v.items()} for label, v in rates.items()}
-    result["ratio_batched_vs_max_batch_1"] = {str(n): round(rates["batched"][n] / rates["max_batch_1"][n], 2) for n in (1, 4, 16)}
+    result["ratio_batched_vs_max_batch_1"] = {
+        str(n): round(rates["batched"][n] / rates["max_batch_1"][n], 2) for n in (1, 4, 16)
+    }
     result["model_only_batch16_vs_batch1"] = ceiling
     result["target"] = ">= 4x at 16 clients"
     print(json.dumps(result))

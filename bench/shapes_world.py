@@ -28,8 +28,11 @@ def correlations(a: np.ndarray, b: np.ndarray, groups: np.ndarray) -> dict:
         return x - np.array([x[groups == g].mean() for g in groups])
 
     pearson = lambda x, y: round(float(np.corrcoef(x, y)[0, 1]), 3)  # noqa: E731
-    return {"pearson": pearson(a, b), "spearman": pearson(ranks(a), ranks(b)),
-            "pearson_within_prompt": pearson(within(a), within(b))}
+    return {
+        "pearson": pearson(a, b),
+        "spearman": pearson(ranks(a), ranks(b)),
+        "pearson_within_prompt": pearson(within(a), within(b)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,14 +60,33 @@ def main(argv: list[str] | None = None) -> None:
     prompts = list(lines(ASSETS / "shapes_eval.txt"))
     rewards = Rewards(cfg.reward, device="cpu")
     seeds = [cfg.run.eval_seed + i for i in range(len(prompts))]  # the trainer's evaluation images
-    images, scored = evaluate(family, family.denoiser, prompts, [{}] * len(prompts), rewards, num_steps=args.steps,
-                              guidance_scale=args.guidance, resolution=64, seeds=seeds, batch_size=32)
+    images, scored = evaluate(
+        family,
+        family.denoiser,
+        prompts,
+        [{}] * len(prompts),
+        rewards,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        resolution=64,
+        seeds=seeds,
+        batch_size=32,
+    )
     rewards.close()
     verifier = scored["shapes"].scores
-    result = {"benchmark": "shapes_world", "steps": args.steps, "guidance_scale": args.guidance, "images": len(prompts),
-              "base_model": {"verifier_score": round(float(verifier.mean()), 4),
-                             **{k: round(100 * v, 1) if "accuracy" in k else round(v, 4)
-                                for k, v in by_category(sample_records(0, 0, prompts, scored), verifier).items()}}}
+    result = {
+        "benchmark": "shapes_world",
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "images": len(prompts),
+        "base_model": {
+            "verifier_score": round(float(verifier.mean()), 4),
+            **{
+                k: round(100 * v, 1) if "accuracy" in k else round(v, 4)
+                for k, v in by_category(sample_records(0, 0, prompts, scored), verifier).items()
+            },
+        },
+    }
     groups = np.array([sorted(set(prompts)).index(p) for p in prompts])
     for name in ("clipscore", "pickscore"):
         scorer = create_scorer(name, checkpoint="tiny-shapes")
@@ -78,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         true.append(caption)
         changed.append(hard_negative(caption, rng))
     renders = np.stack(renders)
-    right = scorer.score(renders, true, [{}] * len(true)).scores > scorer.score(renders, changed, [{}] * len(true)).scores
+    right = (
+        scorer.score(renders, true, [{}] * len(true)).scores > scorer.score(renders, changed, [{}] * len(true)).scores
+    )
     result["clip_prefers_true_caption_over_one_claim_changed"] = round(float(right.mean()), 3)
     print(json.dumps(result))
 

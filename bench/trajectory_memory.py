@@ -19,7 +19,7 @@ import torch
 def nbytes(*tensors) -> int:
     storages = {}
     for t in tensors:
-        for leaf in (t.values() if isinstance(t, dict) else [t]):
+        for leaf in t.values() if isinstance(t, dict) else [t]:
             storages[leaf.untyped_storage().data_ptr()] = leaf.untyped_storage().nbytes()
     return sum(storages.values())
 
@@ -38,8 +38,17 @@ def main() -> None:
 
     family = load_family(Config(preset=args.preset), torch.device("cpu"))
     negative = family.encode_prompts([""])
-    batch, _ = sample(family, family.denoiser, ["a cat"] * args.batch, [{}] * args.batch, negative, args.steps, 1.0,
-                      5.0, family.native_resolution())
+    batch, _ = sample(
+        family,
+        family.denoiser,
+        ["a cat"] * args.batch,
+        [{}] * args.batch,
+        negative,
+        args.steps,
+        1.0,
+        5.0,
+        family.native_resolution(),
+    )
     per_step = (batch.log_probs, batch.timesteps, batch.steps)
     now = nbytes(batch.path, batch.prompt_embeds, *per_step)
     # before: two stacks of T latents, and training's shuffled copy of all per-step tensors of the epoch
@@ -50,13 +59,26 @@ def main() -> None:
     chunk = batch.chunk(torch.arange(min(4, args.batch)), torch.arange(args.steps).repeat(min(4, args.batch), 1))
     chunk_bytes = nbytes(chunk.latents, chunk.next_latents, chunk.log_probs, chunk.timesteps, chunk.steps)
     n = args.batch
-    print(json.dumps({
-        "benchmark": "trajectory_memory", "preset": args.preset, "steps": args.steps, "samples": n,
-        "bytes_per_sample_at_rest": {"before": before // n, "now": now // n},
-        "bytes_per_sample_while_training": {"before": (before + shuffled_copy) // n, "now": now // n,
-                                            "one_training_chunk_now_bytes": chunk_bytes},
-        "ratio_now_vs_before": {"at_rest": round(now / before, 3), "training": round(now / (before + shuffled_copy), 3)},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "trajectory_memory",
+                "preset": args.preset,
+                "steps": args.steps,
+                "samples": n,
+                "bytes_per_sample_at_rest": {"before": before // n, "now": now // n},
+                "bytes_per_sample_while_training": {
+                    "before": (before + shuffled_copy) // n,
+                    "now": now // n,
+                    "one_training_chunk_now_bytes": chunk_bytes,
+                },
+                "ratio_now_vs_before": {
+                    "at_rest": round(now / before, 3),
+                    "training": round(now / (before + shuffled_copy), 3),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,14 +37,54 @@ PARTS = ("epoch", "sampling", "training")
 def ours_command(epochs: int, out: Path, prompts: Path, *extra: str) -> list[str]:
     s = SETTINGS
     return [
-        sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), "--run.num_epochs", str(epochs),
-        "--run.seed", str(s["seed"]), "--run.log_with", "none", "--run.log_images_every", "0", "--run.save_freq", "0",
-        "--sample.num_steps", str(s["steps"]), "--sample.eta", str(s["eta"]), "--sample.guidance_scale", str(s["guidance"]),
-        "--sample.batch_size", str(s["sample_batch"]), "--sample.num_batches_per_epoch", str(s["batches"]),
-        "--train.batch_size", str(s["train_batch"]), "--train.learning_rate", str(s["lr"]),
-        "--train.clip_range", str(s["clip"]), "--train.timestep_fraction", "1.0", "--train.lora_rank", "4",
-        "--train.lora_alpha", "4", "--train.lora_targets", '["to_q","to_k","to_v","to_out.0"]',
-        "--prompt.fn", "from_file", "--prompt.path", str(prompts), "--reward.scorer", "compression", *extra,
+        sys.executable,
+        "-m",
+        "trainer",
+        "--preset",
+        "tiny",
+        "--run.output_dir",
+        str(out),
+        "--run.num_epochs",
+        str(epochs),
+        "--run.seed",
+        str(s["seed"]),
+        "--run.log_with",
+        "none",
+        "--run.log_images_every",
+        "0",
+        "--run.save_freq",
+        "0",
+        "--sample.num_steps",
+        str(s["steps"]),
+        "--sample.eta",
+        str(s["eta"]),
+        "--sample.guidance_scale",
+        str(s["guidance"]),
+        "--sample.batch_size",
+        str(s["sample_batch"]),
+        "--sample.num_batches_per_epoch",
+        str(s["batches"]),
+        "--train.batch_size",
+        str(s["train_batch"]),
+        "--train.learning_rate",
+        str(s["lr"]),
+        "--train.clip_range",
+        str(s["clip"]),
+        "--train.timestep_fraction",
+        "1.0",
+        "--train.lora_rank",
+        "4",
+        "--train.lora_alpha",
+        "4",
+        "--train.lora_targets",
+        '["to_q","to_k","to_v","to_out.0"]',
+        "--prompt.fn",
+        "from_file",
+        "--prompt.path",
+        str(prompts),
+        "--reward.scorer",
+        "compression",
+        *extra,
     ]
 
 
@@ -54,13 +94,20 @@ def run_ours(epochs: int, tmp: Path, *extra: str) -> dict:
     prompts.write_text(PROMPT + "\n")
     subprocess.run(ours_command(epochs, out, prompts, *extra), check=True, capture_output=True, text=True)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {**{part: [m[f"seconds_{part}"] for m in metrics] for part in PARTS},
-            "reward": [m["reward_mean"] for m in metrics], "threads": [m["cpu_threads"] for m in metrics]}
+    return {
+        **{part: [m[f"seconds_{part}"] for m in metrics] for part in PARTS},
+        "reward": [m["reward_mean"] for m in metrics],
+        "threads": [m["cpu_threads"] for m in metrics],
+    }
 
 
 def run_trl(epochs: int) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.vs_trl", "--trl-child", "--epochs", str(epochs)], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.vs_trl", "--trl-child", "--epochs", str(epochs)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -87,11 +134,23 @@ def trl_child(epochs: int) -> None:
 
     with tempfile.TemporaryDirectory() as out:
         config = DDPOConfig(
-            num_epochs=epochs, seed=s["seed"], log_with=None, logdir=out, save_freq=10**6, mixed_precision="no",
-            sample_num_steps=s["steps"], sample_eta=s["eta"], sample_guidance_scale=s["guidance"],
-            sample_batch_size=s["sample_batch"], sample_num_batches_per_epoch=s["batches"],
-            train_batch_size=s["train_batch"], train_gradient_accumulation_steps=1, train_learning_rate=s["lr"],
-            train_clip_range=s["clip"], train_timestep_fraction=1.0, per_prompt_stat_tracking=False,
+            num_epochs=epochs,
+            seed=s["seed"],
+            log_with=None,
+            logdir=out,
+            save_freq=10**6,
+            mixed_precision="no",
+            sample_num_steps=s["steps"],
+            sample_eta=s["eta"],
+            sample_guidance_scale=s["guidance"],
+            sample_batch_size=s["sample_batch"],
+            sample_num_batches_per_epoch=s["batches"],
+            train_batch_size=s["train_batch"],
+            train_gradient_accumulation_steps=1,
+            train_learning_rate=s["lr"],
+            train_clip_range=s["clip"],
+            train_timestep_fraction=1.0,
+            per_prompt_stat_tracking=False,
         )
         pipeline = DefaultDDPOStableDiffusionPipeline(str(tiny_pipeline_path()), use_lora=True)
         trainer = DDPOTrainer(config, reward_fn, lambda: (PROMPT, {}), pipeline)
@@ -102,6 +161,7 @@ def trl_child(epochs: int) -> None:
                 result = fn(*args, **kwargs)
                 seconds[name].append(time.perf_counter() - start)
                 return result
+
             return wrapper
 
         trainer._generate_samples = timed("sampling", trainer._generate_samples)
@@ -131,17 +191,25 @@ def main() -> None:
             runs["trl"].append(run_trl(args.epochs))
             runs["nft"].append(run_ours(args.epochs, Path(tmp), *nft))
     med = {name: {k: statistics.median(v for r in rs for v in r[k][1:]) for k in PARTS} for name, rs in runs.items()}
-    print(json.dumps({
-        "benchmark": "vs_trl", "settings": SETTINGS, "epochs_timed": args.epochs - 1, "rounds": args.rounds,
-        "cpu_count": os.cpu_count(), "threads": {n: sorted({t for r in rs for t in r["threads"]}) for n, rs in runs.items()},
-        "median_seconds": {n: {k: round(v, 3) for k, v in m.items()} for n, m in med.items()},
-        "ratio_ours_vs_trl": {k: round(med["ours"][k] / med["trl"][k], 3) for k in PARTS},
-        "epoch_floor_ratio": round(med["ours"]["sampling"] / med["trl"]["epoch"], 3),
-        "ratio_nft_vs_ours_ddpo": {k: round(med["nft"][k] / med["ours"][k], 3) for k in PARTS},
-        "reward_curves": {n: [round(x, 4) for x in rs[0]["reward"]] for n, rs in runs.items()},
-        # the same images in epoch 0 (the same seeds; TRL averages float32 batch means)
-        "first_epoch_rewards_agree": abs(runs["ours"][0]["reward"][0] - runs["trl"][0]["reward"][0]) < 1e-4,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "vs_trl",
+                "settings": SETTINGS,
+                "epochs_timed": args.epochs - 1,
+                "rounds": args.rounds,
+                "cpu_count": os.cpu_count(),
+                "threads": {n: sorted({t for r in rs for t in r["threads"]}) for n, rs in runs.items()},
+                "median_seconds": {n: {k: round(v, 3) for k, v in m.items()} for n, m in med.items()},
+                "ratio_ours_vs_trl": {k: round(med["ours"][k] / med["trl"][k], 3) for k in PARTS},
+                "epoch_floor_ratio": round(med["ours"]["sampling"] / med["trl"]["epoch"], 3),
+                "ratio_nft_vs_ours_ddpo": {k: round(med["nft"][k] / med["ours"][k], 3) for k in PARTS},
+                "reward_curves": {n: [round(x, 4) for x in rs[0]["reward"]] for n, rs in runs.items()},
+                # the same images in epoch 0 (the same seeds; TRL averages float32 batch means)
+                "first_epoch_rewards_agree": abs(runs["ours"][0]["reward"][0] - runs["trl"][0]["reward"][0]) < 1e-4,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,54 @@
 """The reward wire contract: msgpack over HTTP, validated with pydantic. Imports no torch."""
 
 from protocol.client import RewardClient
-from protocol.codec import (build_request, decode_image, decode_image_list, decode_images, encode_image, pack, parse_reply,
-                            parse_request, reply_gradients, unpack)
+from protocol.codec import (
+    build_request,
+    decode_image,
+    decode_image_list,
+    decode_images,
+    encode_image,
+    pack,
+    parse_reply,
+    parse_request,
+    reply_gradients,
+    unpack,
+)
 from protocol.errors import ProtocolError, RewardServerError
-from protocol.schema import (MEDIA_TYPE, VERSION, ErrorReply, Image, Limits, ScoreGradReply, ScoreGradRequest, ScoreReply,
-                             ScoreRequest, check_scores)
+from protocol.schema import (
+    MEDIA_TYPE,
+    VERSION,
+    ErrorReply,
+    Image,
+    Limits,
+    ScoreGradReply,
+    ScoreGradRequest,
+    ScoreReply,
+    ScoreRequest,
+    check_scores,
+)
 
 __all__ = [
-    "MEDIA_TYPE", "VERSION", "ErrorReply", "Image", "Limits", "ProtocolError", "RewardClient",
-    "RewardServerError", "ScoreGradReply", "ScoreGradRequest", "ScoreReply", "ScoreRequest", "build_request", "check_scores", "decode_image", "decode_image_list", "decode_images",
-    "encode_image", "pack", "parse_reply", "parse_request", "reply_gradients", "unpack",
+    "MEDIA_TYPE",
+    "VERSION",
+    "ErrorReply",
+    "Image",
+    "Limits",
+    "ProtocolError",
+    "RewardClient",
+    "RewardServerError",
+    "ScoreGradReply",
+    "ScoreGradRequest",
+    "ScoreReply",
+    "ScoreRequest",
+    "build_request",
+    "check_scores",
+    "decode_image",
+    "decode_image_list",
+    "decode_images",
+    "encode_image",
+    "pack",
+    "parse_reply",
+    "parse_request",
+    "reply_gradients",
+    "unpack",
 ]

@@ -90,8 +90,13 @@ class RewardClient:
         except ProtocolError as exc:
             raise RewardServerError(self.urls[0], 502, "bad_reply", exc.message, exc.field) from None
 
-    async def score_body(self, body: bytes | list[bytes | memoryview], expected: int | None = None,
-                         path: str = "/v1/score", model=ScoreReply) -> ScoreReply:
+    async def score_body(
+        self,
+        body: bytes | list[bytes | memoryview],
+        expected: int | None = None,
+        path: str = "/v1/score",
+        model=ScoreReply,
+    ) -> ScoreReply:
         """POST a ready body (bytes, or buffers to send in order) with the retry policy."""
         http = self._client()
         parts = [body] if isinstance(body, bytes) else body
@@ -147,8 +152,14 @@ class RewardClient:
         coroutine = self.score(images, prompts, metadata, encoding, request_id)
         return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())
 
-    def submit_grad(self, images: np.ndarray, prompts, metadata=None, encoding: Encoding = "f32",
-                    gradient_dtype: GradientDtype = "float32"):
+    def submit_grad(
+        self,
+        images: np.ndarray,
+        prompts,
+        metadata=None,
+        encoding: Encoding = "f32",
+        gradient_dtype: GradientDtype = "float32",
+    ):
         """``score_grad`` in the background; a ``concurrent.futures.Future[(ScoreGradReply, gradients)]``."""
         coroutine = self.score_grad(np.ascontiguousarray(images), prompts, metadata, encoding, gradient_dtype)
         return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())

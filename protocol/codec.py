@@ -10,8 +10,18 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocol.errors import ProtocolError
-from protocol.schema import (FLOAT_ENCODINGS, GRADIENT_DTYPES, VERSION, Encoding, GradientDtype, Image, Limits, ScoreGradReply,
-                             ScoreReply, ScoreRequest)
+from protocol.schema import (
+    FLOAT_ENCODINGS,
+    GRADIENT_DTYPES,
+    VERSION,
+    Encoding,
+    GradientDtype,
+    Image,
+    Limits,
+    ScoreGradReply,
+    ScoreReply,
+    ScoreRequest,
+)
 from protocol.zero_copy import TooManyValues, unpack_views
 
 
@@ -34,7 +44,9 @@ def encode_image(array: np.ndarray, encoding: Encoding = "raw", quality: int = 9
     if encoding in FLOAT_ENCODINGS:
         if array.dtype.kind != "f":
             raise ValueError(f"{encoding} images must be float HxWx3 in [0, 1], got {array.dtype}")
-        data = np.ascontiguousarray(array, dtype=FLOAT_ENCODINGS[encoding]).reshape(-1).view(np.uint8).data  # len(): bytes
+        data = (
+            np.ascontiguousarray(array, dtype=FLOAT_ENCODINGS[encoding]).reshape(-1).view(np.uint8).data
+        )  # len(): bytes
         return {"height": height, "width": width, "channels": 3, "encoding": encoding, "data": data}
     if array.dtype != np.uint8:
         raise ValueError(f"images must be uint8 HxWx3, got {array.dtype} {array.shape}")
@@ -75,8 +87,10 @@ def decode_image(image: Image, field: str) -> np.ndarray:
         with PILImage.open(io.BytesIO(image.data), formats=[fmt]) as pil:
             if pil.size != (image.width, image.height):  # checked before any pixel is decoded
                 raise ProtocolError(
-                    422, "invalid_image", f"image is {pil.width}x{pil.height} (width x height), declared "
-                    f"{image.width}x{image.height}", field,
+                    422,
+                    "invalid_image",
+                    f"image is {pil.width}x{pil.height} (width x height), declared {image.width}x{image.height}",
+                    field,
                 )
             if fmt == "PNG":
                 pil.verify()  # reads the chunks and their CRCs without decompressing
@@ -192,8 +206,12 @@ def reply_gradients(reply: ScoreGradReply, shape: tuple[int, int]) -> np.ndarray
     out = []
     for i, data in enumerate(reply.gradients):
         if len(data) != shape[0] * shape[1] * 3 * np.dtype(dtype).itemsize:
-            raise ProtocolError(502, "bad_reply", f"gradient {i} has {len(data)} bytes for a {shape[0]}x{shape[1]}x3 "
-                                f"{reply.gradient_dtype} image", f"gradients.{i}")
+            raise ProtocolError(
+                502,
+                "bad_reply",
+                f"gradient {i} has {len(data)} bytes for a {shape[0]}x{shape[1]}x3 {reply.gradient_dtype} image",
+                f"gradients.{i}",
+            )
         out.append(np.frombuffer(data, dtype=dtype).reshape(*shape, 3))
     grads = np.stack(out).astype(np.float32)
     if not np.isfinite(grads).all():

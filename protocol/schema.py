@@ -11,7 +11,17 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from protocol.zero_copy import MAX_ELEMENTS
 
@@ -79,7 +89,8 @@ class Image(_Wire):
         expected = self.height * self.width * self.channels * (itemsize or 1)
         if itemsize is not None and len(self.data) != expected:
             raise ValueError(
-                f"data: {self.encoding} data has {len(self.data)} bytes, height x width x channels x {itemsize} = {expected}"
+                f"data: {self.encoding} data has {len(self.data)} bytes, "
+                f"height x width x channels x {itemsize} = {expected}"
             )
         return self
 
@@ -106,8 +117,9 @@ class ScoreRequest(_Wire):
     def _encodings(cls, images: list[Image]) -> list[Image]:
         for i, image in enumerate(images):
             if image.encoding not in cls.encodings:
-                raise ValueError(f"{i}.encoding: this endpoint takes {', '.join(cls.encodings)} images, "
-                                 f"got {image.encoding}")
+                raise ValueError(
+                    f"{i}.encoding: this endpoint takes {', '.join(cls.encodings)} images, got {image.encoding}"
+                )
         return images
 
     @model_validator(mode="after")

@@ -113,7 +113,9 @@ class _Reader:
             if family == "array":
                 return self._array(n, depth, at)
             return self._map(n, depth, at)
-        raise ValueError(f"unsupported msgpack type byte 0x{byte:02x} at offset {at} (extension types are not accepted)")
+        raise ValueError(
+            f"unsupported msgpack type byte 0x{byte:02x} at offset {at} (extension types are not accepted)"
+        )
 
     def _str(self, n: int) -> str:
         start = self._take(n)

@@ -70,7 +70,12 @@ def _add_score_routes(app: FastAPI, service: ScoringService, options: ServingOpt
                 raise ProtocolError(401, "unauthorized", "missing or wrong bearer token", "authorization")
             content_type = request.headers.get("content-type", "").split(";")[0].strip()
             if content_type != MEDIA_TYPE:
-                raise ProtocolError(415, "unsupported_media_type", f"content-type must be {MEDIA_TYPE}, got {content_type!r}", "content-type")
+                raise ProtocolError(
+                    415,
+                    "unsupported_media_type",
+                    f"content-type must be {MEDIA_TYPE}, got {content_type!r}",
+                    "content-type",
+                )
             body = await _read_body(request, limits.max_body_bytes, options.body_timeout_s)
             # Off the event loop: even within the element budget a body can take tens of milliseconds to walk,
             # and /healthz and every other client must not wait for it.
@@ -92,7 +97,12 @@ def _add_score_routes(app: FastAPI, service: ScoringService, options: ServingOpt
     @app.post(
         "/v1/score",
         summary="Score a batch of images (msgpack body and reply; see protocol/README.md)",
-        openapi_extra={"requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
         responses=_SCORE_RESPONSES,
     )
     async def score(request: Request) -> Response:
@@ -100,13 +110,21 @@ def _add_score_routes(app: FastAPI, service: ScoringService, options: ServingOpt
 
     @app.post(
         "/v1/score_grad",
-        summary="Score float images and return each score's gradient with respect to the pixels (see protocol/README.md)",
-        openapi_extra={"requestBody": {"required": True, "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}},
-        responses={**_SCORE_RESPONSES, 501: {"description": "the scorer has no differentiable path", "content": _MSGPACK}},
+        summary="Score float images and return each score's gradient with respect to the pixels "
+        "(see protocol/README.md)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+        responses={
+            **_SCORE_RESPONSES,
+            501: {"description": "the scorer has no differentiable path", "content": _MSGPACK},
+        },
     )
     async def score_grad(request: Request) -> Response:
         return await handle(request, ScoreGradRequest)
-
 
 
 def _add_status_routes(app: FastAPI, service: ScoringService, options: ServingOptions, token: bytes | None) -> None:
@@ -117,7 +135,9 @@ def _add_status_routes(app: FastAPI, service: ScoringService, options: ServingOp
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Model loaded and serving", responses={503: {"description": "still loading, or draining"}})
+    @app.get(
+        "/readyz", summary="Model loaded and serving", responses={503: {"description": "still loading, or draining"}}
+    )
     async def readyz() -> JSONResponse:
         ready = service.ready and not service.draining
         return JSONResponse({"ready": ready, "draining": service.draining}, status_code=200 if ready else 503)
@@ -133,17 +153,25 @@ def _add_status_routes(app: FastAPI, service: ScoringService, options: ServingOp
             "differentiable": service.differentiable,  # whether /v1/score_grad serves
             "replicas": options.devices,
             "limits": {
-                "max_images": limits.max_images, "max_pixels": limits.max_pixels, "max_body_bytes": limits.max_body_bytes,
-                "max_elements": limits.max_elements, "max_queue": options.max_queue,
-                "max_decoded_bytes": options.max_decoded_bytes, "body_timeout_s": options.body_timeout_s,
+                "max_images": limits.max_images,
+                "max_pixels": limits.max_pixels,
+                "max_body_bytes": limits.max_body_bytes,
+                "max_elements": limits.max_elements,
+                "max_queue": options.max_queue,
+                "max_decoded_bytes": options.max_decoded_bytes,
+                "body_timeout_s": options.body_timeout_s,
             },
             "auth": token is not None,
             # An authenticated no-op: a trainer checks its token here before any model loads.
             "authorized": None if given is None else (token is None or _bearer_matches(given, token)),
         }
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -151,11 +179,19 @@ def _add_status_routes(app: FastAPI, service: ScoringService, options: ServingOp
 _MSGPACK = {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}
 _SCORE_RESPONSES = {
     200: {"description": "scores: a msgpack reply map", "content": _MSGPACK},
-    **{code: {"description": f"{what}: a msgpack error map", "content": _MSGPACK} for code, what in [
-        (400, "malformed body"), (401, "missing or wrong bearer token"), (408, "body not received in time"),
-        (413, "body, values, images or decoded pixels over a limit"),
-        (415, "wrong content type"), (422, "invalid request"), (500, "scorer failure"), (503, "overloaded or loading"),
-    ]},
+    **{
+        code: {"description": f"{what}: a msgpack error map", "content": _MSGPACK}
+        for code, what in [
+            (400, "malformed body"),
+            (401, "missing or wrong bearer token"),
+            (408, "body not received in time"),
+            (413, "body, values, images or decoded pixels over a limit"),
+            (415, "wrong content type"),
+            (422, "invalid request"),
+            (500, "scorer failure"),
+            (503, "overloaded or loading"),
+        ]
+    },
 }
 
 
@@ -164,7 +200,8 @@ def _msgpack(obj: dict, status: int, headers: dict[str, str] | None = None) -> R
 
 
 def _bearer_matches(header: str, token: bytes) -> bool:
-    """``Authorization: Bearer <token>``; the scheme is case-insensitive (RFC 7235), the token compared in constant time."""
+    """``Authorization: Bearer <token>``; the scheme is case-insensitive (RFC 7235), the token compared in
+    constant time."""
     scheme, _, given = header.strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
@@ -182,7 +219,9 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes | 
             body, size = bytearray(int(declared)), 0
             async for chunk in request.stream():
                 if size + len(chunk) > len(body):
-                    raise ProtocolError(400, "malformed_body", f"body longer than its content-length {declared}", "body")
+                    raise ProtocolError(
+                        400, "malformed_body", f"body longer than its content-length {declared}", "body"
+                    )
                 body[size : size + len(chunk)] = chunk
                 size += len(chunk)
             return body

@@ -52,8 +52,11 @@ def split(output: ScoreOutput, sizes: list[int]) -> list[ScoreOutput]:
     parts, start = [], 0
     for n in sizes:
         gradients = output.gradients[start : start + n] if output.gradients is not None else None
-        parts.append(ScoreOutput(output.scores[start : start + n], {k: v[start : start + n] for k, v in output.info.items()},
-                                 gradients))
+        parts.append(
+            ScoreOutput(
+                output.scores[start : start + n], {k: v[start : start + n] for k, v in output.info.items()}, gradients
+            )
+        )
         start += n
     return parts
 
@@ -67,7 +70,12 @@ class DynamicBatcher:
         max_queue: int,
         on_batch: Callable[[int, int, float], None] = lambda replica, size, seconds: None,
     ):
-        self.replicas, self.max_batch, self.max_wait, self.max_queue = replicas, max_batch, max_wait_ms / 1000, max_queue
+        self.replicas, self.max_batch, self.max_wait, self.max_queue = (
+            replicas,
+            max_batch,
+            max_wait_ms / 1000,
+            max_queue,
+        )
         self.on_batch = on_batch
         self.pending: deque[_Item] = deque()
         self.queued_images = 0
@@ -109,7 +117,9 @@ class DynamicBatcher:
     def reserve(self, n: int) -> None:
         """Claim queue room for a request of ``n`` images before it is decoded (413: never fits; 503: full)."""
         if n > self.max_queue:  # it would never fit: a retry cannot help
-            raise ProtocolError(413, "payload_too_large", f"{n} images exceed the server's queue of {self.max_queue}", "images")
+            raise ProtocolError(
+                413, "payload_too_large", f"{n} images exceed the server's queue of {self.max_queue}", "images"
+            )
         if self.queued_images + n > self.max_queue:
             raise ProtocolError(
                 503, "overloaded", f"{self.queued_images} images queued; the limit is {self.max_queue}", None
@@ -121,13 +131,19 @@ class DynamicBatcher:
         self.queued_images -= n
         self._arrived.set()
 
-    def submit(self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]],
-               gradient: bool = False) -> Awaitable[ScoreOutput]:
+    def submit(
+        self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]], gradient: bool = False
+    ) -> Awaitable[ScoreOutput]:
         """Queue a reserved request now; returns what to await for its scores (and gradients), in order."""
         loop = asyncio.get_running_loop()
         items = [
-            _Item(images[s : s + self.max_batch], prompts[s : s + self.max_batch], metadata[s : s + self.max_batch],
-                  loop.create_future(), gradient)
+            _Item(
+                images[s : s + self.max_batch],
+                prompts[s : s + self.max_batch],
+                metadata[s : s + self.max_batch],
+                loop.create_future(),
+                gradient,
+            )
             for s in range(0, len(prompts), self.max_batch)
         ]
         self.pending.extend(items)
@@ -147,8 +163,11 @@ class DynamicBatcher:
         # one model batch holds one image size, and scoring or scoring with gradients
         kind = (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient)
         while True:
-            while (self.pending and size + len(self.pending[0]) <= self.max_batch
-                   and (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient) == kind):
+            while (
+                self.pending
+                and size + len(self.pending[0]) <= self.max_batch
+                and (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient) == kind
+            ):
                 item = self.pending.popleft()
                 batch.append(item)
                 size += len(item)
@@ -176,7 +195,11 @@ class DynamicBatcher:
             self.on_batch(replica, images, seconds)
             log.info(
                 "batch replica=%d images=%d requests=%d model_ms=%.1f queued=%d",
-                replica, images, len(batch), seconds * 1000, self.queued_images,
+                replica,
+                images,
+                len(batch),
+                seconds * 1000,
+                self.queued_images,
             )
             self.returning = len(batch)
             self._returning_until = loop.time() + self.max_wait
@@ -198,18 +221,34 @@ class DynamicBatcher:
             return split(output, [len(item) for item in batch])
         except Exception as exc:
             if len(batch) > 1:  # one request may have broken the batch: score each alone, so only it fails
-                log.warning("scorer failed on a batch of %d requests (%s: %s); retrying them one by one",
-                            len(batch), type(exc).__name__, exc)
+                log.warning(
+                    "scorer failed on a batch of %d requests (%s: %s); retrying them one by one",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                )
                 return [result for item in batch for result in await self._score_batch(replica, [item])]
             log.exception("scorer failed on a request of %d images", len(prompts))
-            return [ProtocolError(500, "scorer_error", f"scorer {self.replicas[replica].name} failed: {type(exc).__name__}: {exc}")]
+            return [
+                ProtocolError(
+                    500, "scorer_error", f"scorer {self.replicas[replica].name} failed: {type(exc).__name__}: {exc}"
+                )
+            ]
 
-    def _run(self, replica: int, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]],
-             gradient: bool = False) -> ScoreOutput:
+    def _run(
+        self,
+        replica: int,
+        images: np.ndarray,
+        prompts: list[str],
+        metadata: list[dict[str, Any]],
+        gradient: bool = False,
+    ) -> ScoreOutput:
         """Score on the replica's thread; on out-of-memory, halve the batch and try again."""
         scorer = self.replicas[replica]
         try:
-            output = score_grad(scorer, images, prompts, metadata) if gradient else scorer.score(images, prompts, metadata)
+            output = (
+                score_grad(scorer, images, prompts, metadata) if gradient else scorer.score(images, prompts, metadata)
+            )
         except Exception as exc:
             if not is_out_of_memory(exc) or len(prompts) == 1:
                 raise
@@ -218,12 +257,17 @@ class DynamicBatcher:
                 torch.cuda.empty_cache()
             half = len(prompts) // 2
             log.warning("out of memory on %d images; retrying as %d + %d", len(prompts), half, len(prompts) - half)
-            return concat([
-                self._run(replica, images[:half], prompts[:half], metadata[:half], gradient),
-                self._run(replica, images[half:], prompts[half:], metadata[half:], gradient),
-            ])
+            return concat(
+                [
+                    self._run(replica, images[:half], prompts[:half], metadata[:half], gradient),
+                    self._run(replica, images[half:], prompts[half:], metadata[half:], gradient),
+                ]
+            )
         scores, info = check_scores(output.scores, output.info, len(prompts))
-        if gradient and (output.gradients is None or output.gradients.shape != images.shape
-                         or not np.isfinite(output.gradients).all()):
+        if gradient and (
+            output.gradients is None
+            or output.gradients.shape != images.shape
+            or not np.isfinite(output.gradients).all()
+        ):
             raise ValueError(f"gradients: expected finite float gradients of shape {images.shape}")
         return ScoreOutput(np.asarray(scores, dtype=np.float64), info, output.gradients)

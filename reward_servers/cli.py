@@ -15,8 +15,17 @@ from scorers.scorer import SCORERS, scorer_options, scorer_target
 
 # CLI fields handed to the scorer's constructor when it takes them (and an error when it does not).
 SCORER_OPTIONS = (
-    "checkpoint", "processor", "weights", "mode", "bertscore_model", "bertscore_layer", "max_new_tokens",
-    "latency_ms", "oom_above", "fail_prompt", "nan_prompt",
+    "checkpoint",
+    "processor",
+    "weights",
+    "mode",
+    "bertscore_model",
+    "bertscore_layer",
+    "max_new_tokens",
+    "latency_ms",
+    "oom_above",
+    "fail_prompt",
+    "nan_prompt",
 )
 
 
@@ -27,13 +36,17 @@ class ServerSettings(BaseSettings):
         env_prefix="REWARD_SERVER_", cli_prog_name="reward-server", cli_kebab_case=True, cli_implicit_flags=True
     )
 
-    model: str = Field(description=f"scorer to serve: {', '.join(sorted(SCORERS))}, one an installed package "
-                       "registers (entry point diffusion_rl.scorers), or module:Class / module:function")
+    model: str = Field(
+        description=f"scorer to serve: {', '.join(sorted(SCORERS))}, one an installed package "
+        "registers (entry point diffusion_rl.scorers), or module:Class / module:function"
+    )
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
     port: int = Field(8000, ge=0, le=65535)
     gpus: str | None = Field(None, description="comma-separated CUDA device ids, one replica each (e.g. 6,7)")
     replicas: int = Field(1, gt=0, description="CPU replicas when --gpus is not given")
-    max_batch: int = Field(32, gt=0, description="images per model call, merged across requests (at most the scorer's own limit)")
+    max_batch: int = Field(
+        32, gt=0, description="images per model call, merged across requests (at most the scorer's own limit)"
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(4096, gt=0, description="images queued before requests get 503 + Retry-After")
     token: SecretStr | None = Field(None, description="bearer token required on /v1/score (or REWARD_SERVER_TOKEN)")
@@ -51,9 +64,14 @@ class ServerSettings(BaseSettings):
     log_level: str = Field("info")
     # scorer options
     checkpoint: str | None = Field(None, description="model id or path of the scorer's network ('tiny': built offline)")
-    processor: str | None = Field(None, description="clipscore/pickscore: processor id or path, if not the checkpoint's")
-    weights: str | None = Field(None, description="aesthetic: the LAION MLP weights (.pth or .safetensors); "
-                                 "hpsv2: HPS_v2.1_compressed.pt; imagereward: ImageReward.pt")
+    processor: str | None = Field(
+        None, description="clipscore/pickscore: processor id or path, if not the checkpoint's"
+    )
+    weights: str | None = Field(
+        None,
+        description="aesthetic: the LAION MLP weights (.pth or .safetensors); "
+        "hpsv2: HPS_v2.1_compressed.pt; imagereward: ImageReward.pt",
+    )
     mode: str | None = Field(None, description="llava: bertscore (default) or strict")
     bertscore_model: str | None = Field(None, description="llava bertscore: encoder id or path")
     bertscore_layer: int | None = Field(None, description="llava bertscore: hidden layer to match (default: last)")
@@ -61,7 +79,9 @@ class ServerSettings(BaseSettings):
     latency_ms: float | None = Field(None, ge=0, description="synthetic: seconds of fake model time per batch, in ms")
     oom_above: int | None = Field(None, ge=0, description="synthetic: simulate out-of-memory above this batch size")
     options: dict[str, str | int | float] = Field(
-        {}, description="further constructor options of the scorer, for your own Scorer classes (e.g. --options threshold=0.5)"
+        {},
+        description="further constructor options of the scorer, for your own Scorer classes "
+        "(e.g. --options threshold=0.5)",
     )
     fail_prompt: str | None = Field(None, description="synthetic: a batch holding this prompt raises (drills)")
     nan_prompt: str | None = Field(None, description="synthetic: an image with this prompt scores NaN (drills)")
@@ -80,8 +100,10 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"--{option.replace('_', '-')} does not apply to scorer {self.model!r}")
         unknown = sorted(set(self.options) - accepted)
         if unknown:
-            raise ValueError(f"--options: scorer {self.model!r} takes no option {', '.join(unknown)}"
-                             + (f" (it takes {', '.join(sorted(accepted))})" if accepted else ""))
+            raise ValueError(
+                f"--options: scorer {self.model!r} takes no option {', '.join(unknown)}"
+                + (f" (it takes {', '.join(sorted(accepted))})" if accepted else "")
+            )
         return self
 
     def devices(self) -> list[str]:
@@ -122,7 +144,10 @@ class ServerSettings(BaseSettings):
             token=self.token.get_secret_value() if self.token else None,
             limits=Limits(self.max_images, self.max_pixels, int(self.max_body_mb * 1024 * 1024), self.max_elements),
         )
-        scorer_options = {**self.options, **{k: getattr(self, k) for k in SCORER_OPTIONS if getattr(self, k) is not None}}
+        scorer_options = {
+            **self.options,
+            **{k: getattr(self, k) for k in SCORER_OPTIONS if getattr(self, k) is not None},
+        }
         app = create_app(functools.partial(create_scorer, self.model, **scorer_options), options)
         uvicorn.run(app, host=self.host, port=self.port, log_level=self.log_level, timeout_graceful_shutdown=120)
 

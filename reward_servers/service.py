@@ -14,7 +14,15 @@ from typing import Callable
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from protocol import Limits, ProtocolError, ScoreGradReply, ScoreGradRequest, ScoreReply, ScoreRequest, decode_image_list
+from protocol import (
+    Limits,
+    ProtocolError,
+    ScoreGradReply,
+    ScoreGradRequest,
+    ScoreReply,
+    ScoreRequest,
+    decode_image_list,
+)
 from protocol.schema import GRADIENT_DTYPES, ITEMSIZE
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
@@ -68,8 +76,12 @@ class ScoringService:
         """A /v1/score request's reply; a ScoreGradRequest (/v1/score_grad) also gets each score's gradient."""
         gradient = isinstance(request, ScoreGradRequest)
         if gradient and not self.differentiable:  # final: no retry or other replica can change it
-            raise ProtocolError(501, "not_differentiable", f"scorer {self.name} has no differentiable path; "
-                                "/v1/score_grad serves aesthetic, clipscore and pickscore")
+            raise ProtocolError(
+                501,
+                "not_differentiable",
+                f"scorer {self.name} has no differentiable path; "
+                "/v1/score_grad serves aesthetic, clipscore and pickscore",
+            )
         if not self.ready:
             raise ProtocolError(503, "not_ready", "the scorer is not loaded (starting or shutting down)")
         start = time.perf_counter()
@@ -80,7 +92,9 @@ class ScoringService:
             field, _, message = message.partition(": ") if ": " in message else (None, "", message)
             raise ProtocolError(422, "invalid_request", message, field) from None
         n = len(request.images)
-        with self._decoded_budget(sum(i.height * i.width * i.channels * ITEMSIZE.get(i.encoding, 1) for i in request.images)):
+        with self._decoded_budget(
+            sum(i.height * i.width * i.channels * ITEMSIZE.get(i.encoding, 1) for i in request.images)
+        ):
             with self.batcher.receiving():  # from here until queued, a forming batch may wait for it
                 self.batcher.reserve(n)  # before decoding: a compressed request expands only if it fits
                 try:
@@ -95,13 +109,21 @@ class ScoringService:
             self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
             output = await scored
         self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
-        reply = dict(request_id=request.request_id, scores=output.scores.tolist(), info=output.info, scorer=self.name,
-                     elapsed_ms=(time.perf_counter() - start) * 1000)  # the batcher checked the output
+        reply = dict(
+            request_id=request.request_id,
+            scores=output.scores.tolist(),
+            info=output.info,
+            scorer=self.name,
+            elapsed_ms=(time.perf_counter() - start) * 1000,
+        )  # the batcher checked the output
         if not gradient:
             return ScoreReply(**reply)
         dtype = GRADIENT_DTYPES[request.gradient_dtype]
-        return ScoreGradReply(**reply, gradient_dtype=request.gradient_dtype,
-                              gradients=[np.ascontiguousarray(g, dtype=dtype).tobytes() for g in output.gradients])
+        return ScoreGradReply(
+            **reply,
+            gradient_dtype=request.gradient_dtype,
+            gradients=[np.ascontiguousarray(g, dtype=dtype).tobytes() for g in output.gradients],
+        )
 
     @contextlib.contextmanager
     def _decoded_budget(self, nbytes: int):
@@ -113,7 +135,10 @@ class ScoringService:
         limit = self.options.max_decoded_bytes
         if nbytes > limit:
             raise ProtocolError(
-                413, "payload_too_large", f"the images decode to {nbytes} bytes; the server's limit is {limit}", "images"
+                413,
+                "payload_too_large",
+                f"the images decode to {nbytes} bytes; the server's limit is {limit}",
+                "images",
             )
         if self.decoded_bytes + nbytes > limit:
             raise ProtocolError(

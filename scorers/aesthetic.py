@@ -34,7 +34,9 @@ class AestheticScorer(Scorer):
 
                 self.weights = str(Path(resolve("tiny-shapes", "clip")) / "aesthetic-mlp.safetensors")
             else:
-                raise ValueError("--weights is required: the path of sac+logos+ava1-l14-linearMSE.pth (or .safetensors)")
+                raise ValueError(
+                    "--weights is required: the path of sac+logos+ava1-l14-linearMSE.pth (or .safetensors)"
+                )
         if not Path(self.weights).is_file():
             raise FileNotFoundError(f"--weights {self.weights}: no such file")
         self.clip.load(device)
@@ -59,7 +61,8 @@ class AestheticScorer(Scorer):
         from scorers.tiny_models import build_aesthetic_mlp, cached_build, CLIP_SPEC
 
         folder = cached_build(
-            "tiny-aesthetic-mlp", {"in": CLIP_SPEC["projection"]},
+            "tiny-aesthetic-mlp",
+            {"in": CLIP_SPEC["projection"]},
             lambda f: build_aesthetic_mlp(f / "mlp.safetensors", CLIP_SPEC["projection"]),
         )
         return folder / "mlp.safetensors"

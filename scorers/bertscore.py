@@ -34,7 +34,9 @@ class BertScore:
 
     def embed(self, texts: list[str]):
         """Per-token L2-normalised embeddings (N, L, D) and a mask of the tokens that take part."""
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", return_special_tokens_mask=True)
+        tokens = self.tokenizer(
+            texts, padding=True, truncation=True, return_tensors="pt", return_special_tokens_mask=True
+        )
         special = tokens.pop("special_tokens_mask").bool()
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         with self.torch.inference_mode():

@@ -33,8 +33,13 @@ def resize_crop_normalise(images, short: int, crop: tuple[int, int], mean, std):
 
     h, w = images.shape[-2:]
     scale = short / min(h, w)
-    x = F.interpolate(images, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode="bicubic",
-                      antialias=True, align_corners=False)
+    x = F.interpolate(
+        images,
+        size=(max(short, round(h * scale)), max(short, round(w * scale))),
+        mode="bicubic",
+        antialias=True,
+        align_corners=False,
+    )
     top, left = (x.shape[-2] - crop[0]) // 2, (x.shape[-1] - crop[1]) // 2
     x = x[..., top : top + crop[0], left : left + crop[1]]
     mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (mean, std))
@@ -78,7 +83,9 @@ class ClipEmbedder:
         """The processor's preprocessing of (N, 3, H, W) float images in [0, 1], in torch and differentiable."""
         proc = getattr(self.processor, "image_processor", self.processor)
         crop = tuple(_get(proc.crop_size, k) for k in ("height", "width"))
-        return resize_crop_normalise(images.to(self.device), _get(proc.size, "shortest_edge"), crop, proc.image_mean, proc.image_std)
+        return resize_crop_normalise(
+            images.to(self.device), _get(proc.size, "shortest_edge"), crop, proc.image_mean, proc.image_std
+        )
 
     def embed(self, pixel_values):
         """L2-normalised embeddings of preprocessed pixels, float32 (with the gradient, outside inference mode)."""

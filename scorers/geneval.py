@@ -42,25 +42,42 @@ def _flag(value: Any, name: str) -> bool:
 
 class GenEvalScorer(Scorer):
     name = "geneval"
-    description = ("GenEval: fraction of the prompt's requirements (objects, counts, colours, positions) met, as "
-                   "Flow-GRPO trains on; strict=true: GenEval's correctness, 1 or 0")
+    description = (
+        "GenEval: fraction of the prompt's requirements (objects, counts, colours, positions) met, as "
+        "Flow-GRPO trains on; strict=true: GenEval's correctness, 1 or 0"
+    )
     max_batch = 16
 
-    def __init__(self, checkpoint: str = "facebook/mask2former-swin-small-coco-instance", clip: str | None = None,
-                 strict: bool | str = False, threshold: float = 0.3, counting_threshold: float = 0.9,
-                 max_objects: int = 16, max_overlap: float = 1.0, position_threshold: float = 0.1,
-                 resize: int = 800, max_size: int = 1333):
+    def __init__(
+        self,
+        checkpoint: str = "facebook/mask2former-swin-small-coco-instance",
+        clip: str | None = None,
+        strict: bool | str = False,
+        threshold: float = 0.3,
+        counting_threshold: float = 0.9,
+        max_objects: int = 16,
+        max_overlap: float = 1.0,
+        position_threshold: float = 0.1,
+        resize: int = 800,
+        max_size: int = 1333,
+    ):
         self.checkpoint = checkpoint
         self.clip_checkpoint = clip or ("tiny" if checkpoint == "tiny" else "openai/clip-vit-large-patch14")
         self.strict = _flag(strict, "strict")
-        self.options = {"threshold": float(threshold), "counting_threshold": float(counting_threshold),
-                        "max_objects": int(max_objects), "max_overlap": float(max_overlap),
-                        "position_threshold": float(position_threshold)}
+        self.options = {
+            "threshold": float(threshold),
+            "counting_threshold": float(counting_threshold),
+            "max_objects": int(max_objects),
+            "max_overlap": float(max_overlap),
+            "position_threshold": float(position_threshold),
+        }
         self.resize, self.max_size = int(resize), int(max_size)
 
     def requirements(self) -> dict[str, tuple[str, str | None, str]]:
-        return {"checkpoint": ("model", self.checkpoint, "the Mask2Former detector"),
-                "clip": ("model", self.clip_checkpoint, "the CLIP model for colours")}
+        return {
+            "checkpoint": ("model", self.checkpoint, "the Mask2Former detector"),
+            "clip": ("model", self.clip_checkpoint, "the CLIP model for colours"),
+        }
 
     def load(self, device: str = "cpu") -> None:
         import torch
@@ -70,13 +87,19 @@ class GenEvalScorer(Scorer):
 
         path = resolve(self.checkpoint, "mask2former")
         self.torch, self.device, self.dtype = torch, device, half_on_gpu(device)
-        self.detector = Mask2FormerForUniversalSegmentation.from_pretrained(path, **dtype_kwarg(self.dtype)).to(device).eval()
+        self.detector = (
+            Mask2FormerForUniversalSegmentation.from_pretrained(path, **dtype_kwarg(self.dtype)).to(device).eval()
+        )
         processor = AutoImageProcessor.from_pretrained(path)
-        self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
+        self.mean, self.std = (
+            torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std)
+        )
         labels = self.detector.config.id2label
         # COCO-instance checkpoints list the 80 classes in COCO's order under their own spellings ("tv",
         # "mouse", ...); GenEval's names are the same classes in the same order.
-        self.classes = list(rules.CLASSES) if len(labels) == len(rules.CLASSES) else [labels[i] for i in range(len(labels))]
+        self.classes = (
+            list(rules.CLASSES) if len(labels) == len(rules.CLASSES) else [labels[i] for i in range(len(labels))]
+        )
         self.clip = ClipEmbedder(self.clip_checkpoint)
         self.clip.load(device)
         self.color_classifiers: dict[str, Any] = {}
@@ -100,14 +123,20 @@ class GenEvalScorer(Scorer):
         found = []
         for classes, masks in zip(out.class_queries_logits.float(), out.masks_queries_logits.float()):
             masks = F.interpolate(masks[None], size=x.shape[-2:], mode="bilinear", align_corners=False)
-            masks = F.interpolate(masks[:, :, : size[0], : size[1]], size=(h, w), mode="bilinear", align_corners=False)[0]
+            masks = F.interpolate(masks[:, :, : size[0], : size[1]], size=(h, w), mode="bilinear", align_corners=False)[
+                0
+            ]
             probs = classes.softmax(-1)[:, :-1]
             scores, index = probs.flatten().topk(min(MAX_PER_IMAGE, probs.numel()))
             query, label = index // probs.shape[1], index % probs.shape[1]
             binary = masks[query] > 0
             mask_scores = (masks[query].sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-            found.append([{"class": self.classes[int(c)], "score": float(s), "mask": m}
-                          for c, s, m in zip(label, scores * mask_scores, binary)])
+            found.append(
+                [
+                    {"class": self.classes[int(c)], "score": float(s), "mask": m}
+                    for c, s, m in zip(label, scores * mask_scores, binary)
+                ]
+            )
         return found
 
     def kept(self, detections: list[rules.Detection], tag: str) -> dict[str, list[rules.Detection]]:
@@ -156,8 +185,14 @@ class GenEvalScorer(Scorer):
             info["fraction"].append(rules.fraction(objects, meta, colors_of, self.options["position_threshold"]))
             info["category"].append(meta["tag"])
             info["failed"].append(failed)
-            info["detected"].append([f"{o['class']} {o['score']:.2f} at {tuple(int(v) for v in o['box'])}"
-                                     + (f" {o['color']}" if "color" in o else "") for objs in objects.values() for o in objs])
+            info["detected"].append(
+                [
+                    f"{o['class']} {o['score']:.2f} at {tuple(int(v) for v in o['box'])}"
+                    + (f" {o['color']}" if "color" in o else "")
+                    for objs in objects.values()
+                    for o in objs
+                ]
+            )
         scores = [float(c) for c in info["correct"]] if self.strict else info["fraction"]
         return ScoreOutput(np.array(scores, dtype=np.float64), info)
 

@@ -24,22 +24,99 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 
 # GenEval's prompts/object_names.txt: the 80 COCO classes in COCO's label order.
 CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "computer mouse",
+    "tv remote",
+    "computer keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 RELATIONS = ("left of", "right of", "above", "below")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # evaluate_images.py's option defaults (its --options threshold=... etc.)
-DEFAULTS = {"threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16, "max_overlap": 1.0, "position_threshold": 0.1}
+DEFAULTS = {
+    "threshold": 0.3,
+    "counting_threshold": 0.9,
+    "max_objects": 16,
+    "max_overlap": 1.0,
+    "position_threshold": 0.1,
+}
 
 Detection = dict[str, Any]  # {"class": str, "score": float, "box": (x0, y0, x1, y1), "mask": bool (H, W) or None}
 ColorsOf = Callable[[str, list[Detection]], list[str]]  # colour names of these objects of one class
@@ -129,7 +206,11 @@ def parse(caption: str) -> dict[str, Any]:
         g = m.groupdict()
         if kind == "counting":
             n, name = NUMBERS.index(g["n"]), _PLURALS[g["a"]]
-            return {"tag": "counting", "include": [{"class": name, "count": n}], "exclude": [{"class": name, "count": n + 1}]}
+            return {
+                "tag": "counting",
+                "include": [{"class": name, "count": n}],
+                "exclude": [{"class": name, "count": n + 1}],
+            }
         objs = [{"class": g[k], "count": 1, **({"color": g[f"{k}c"]} if g[f"{k}c"] else {})} for k in "ab" if g.get(k)]
         if kind == "position":
             if any("color" in o for o in objs):
@@ -138,12 +219,18 @@ def parse(caption: str) -> dict[str, Any]:
         colored = any("color" in o for o in objs)
         if kind == "pair" and colored and not all("color" in o for o in objs):
             break
-        tag = {("pair", False): "two_object", ("pair", True): "color_attr", ("one", False): "single_object",
-               ("one", True): "colors"}[kind, colored]
+        tag = {
+            ("pair", False): "two_object",
+            ("pair", True): "color_attr",
+            ("one", False): "single_object",
+            ("one", True): "colors",
+        }[kind, colored]
         return {"tag": tag, "include": objs}
-    raise ValueError(f"caption {caption!r} is not a GenEval prompt (e.g. 'a photo of a dog', 'a photo of two cats', "
-                     "'a photo of a red car', 'a photo of a cup left of a vase', 'a photo of a red car and a blue bench'; "
-                     "COCO class names, GenEval's colours); or send GenEval's metadata (tag, include, exclude)")
+    raise ValueError(
+        f"caption {caption!r} is not a GenEval prompt (e.g. 'a photo of a dog', 'a photo of two cats', "
+        "'a photo of a red car', 'a photo of a cup left of a vase', 'a photo of a red car and a blue bench'; "
+        "COCO class names, GenEval's colours); or send GenEval's metadata (tag, include, exclude)"
+    )
 
 
 def sample(rng: np.random.Generator, tag: str) -> dict[str, Any]:
@@ -156,28 +243,44 @@ def sample(rng: np.random.Generator, tag: str) -> dict[str, Any]:
         return {"tag": tag, "include": [{"class": name, "count": 1}], "prompt": f"a photo of {with_article(name)}"}
     if tag == "two_object":
         a, b = (CLASSES[i] for i in rng.choice(n, size=2, replace=False))
-        return {"tag": tag, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
-                "prompt": f"a photo of {with_article(a)} and {with_article(b)}"}
+        return {
+            "tag": tag,
+            "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            "prompt": f"a photo of {with_article(a)} and {with_article(b)}",
+        }
     if tag == "counting":
         name = CLASSES[rng.choice(n)]
         count = int(rng.integers(2, 4, endpoint=True))
-        return {"tag": tag, "include": [{"class": name, "count": count}],
-                "exclude": [{"class": name, "count": count + 1}], "prompt": f"a photo of {NUMBERS[count]} {plural(name)}"}
+        return {
+            "tag": tag,
+            "include": [{"class": name, "count": count}],
+            "exclude": [{"class": name, "count": count + 1}],
+            "prompt": f"a photo of {NUMBERS[count]} {plural(name)}",
+        }
     if tag == "colors":
         name = CLASSES[rng.choice(n - 1) + 1]
         color = COLORS[rng.choice(len(COLORS))]
-        return {"tag": tag, "include": [{"class": name, "count": 1, "color": color}],
-                "prompt": f"a photo of {with_article(color)} {name}"}
+        return {
+            "tag": tag,
+            "include": [{"class": name, "count": 1, "color": color}],
+            "prompt": f"a photo of {with_article(color)} {name}",
+        }
     if tag == "position":
         a, b = (CLASSES[i] for i in rng.choice(n, size=2, replace=False))
         rel = RELATIONS[rng.choice(len(RELATIONS))]
-        return {"tag": tag, "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
-                "prompt": f"a photo of {with_article(a)} {rel} {with_article(b)}"}
+        return {
+            "tag": tag,
+            "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+            "prompt": f"a photo of {with_article(a)} {rel} {with_article(b)}",
+        }
     if tag == "color_attr":
         a, b = (CLASSES[i] for i in rng.choice(n - 1, size=2, replace=False) + 1)
         ca, cb = (COLORS[i] for i in rng.choice(len(COLORS), size=2, replace=False))
-        return {"tag": tag, "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
-                "prompt": f"a photo of {with_article(ca)} {a} and {with_article(cb)} {b}"}
+        return {
+            "tag": tag,
+            "include": [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+            "prompt": f"a photo of {with_article(ca)} {a} and {with_article(cb)} {b}",
+        }
     raise ValueError(f"tag {tag!r} is not one of GenEval's: {', '.join(TAGS)}")
 
 
@@ -197,7 +300,9 @@ def select(detections: list[Detection], tag: str, options: dict[str, float] = DE
     threshold = options["counting_threshold"] if tag == "counting" else options["threshold"]
     kept: dict[str, list[Detection]] = {}
     for name in dict.fromkeys(d["class"] for d in detections):
-        ordering = sorted((d for d in detections if d["class"] == name and d["score"] > threshold), key=lambda d: -d["score"])
+        ordering = sorted(
+            (d for d in detections if d["class"] == name and d["score"] > threshold), key=lambda d: -d["score"]
+        )
         ordering = ordering[: int(options["max_objects"])]
         while ordering:
             best = ordering.pop(0)
@@ -219,7 +324,11 @@ def relative_position(box_a, box_b, threshold: float = 0.1) -> set[str]:
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
-    return {rel for rel, holds in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
+    return {
+        rel
+        for rel, holds in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5))
+        if holds
+    }
 
 
 def _position_failure(req, found, target, threshold) -> str | None:
@@ -229,7 +338,8 @@ def _position_failure(req, found, target, threshold) -> str | None:
         for other in target:
             true_rels = relative_position(obj["box"], other["box"], threshold)
             if expected not in true_rels:
-                return f"expected {req['class']} {expected} target, found {' and '.join(sorted(true_rels)) or 'no relation to'} target"
+                found = " and ".join(sorted(true_rels)) or "no relation to"
+                return f"expected {req['class']} {expected} target, found {found} target"
     return None
 
 
@@ -241,8 +351,9 @@ def _color_failure(req, colors: list[str], count: int) -> str | None:
     return f"expected {req['color']} {req['class']}>={count}, found {got} {req['color']}; and {others}"
 
 
-def evaluate(objects: dict[str, list[Detection]], metadata: dict[str, Any], colors_of: ColorsOf,
-             position_threshold: float = 0.1) -> tuple[bool, list[str]]:
+def evaluate(
+    objects: dict[str, list[Detection]], metadata: dict[str, Any], colors_of: ColorsOf, position_threshold: float = 0.1
+) -> tuple[bool, list[str]]:
     """GenEval's evaluate: (every requirement holds, the reasons of those that do not). Colour and position
     are judged on the ``count`` most confident objects of the class, as GenEval does."""
     reasons, groups = [], []
@@ -256,8 +367,11 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict[str, Any], colo
             failure = _color_failure(req, colors_of(name, found), count)
         if failure is None and "position" in req:
             target = groups[req["position"][1]]
-            failure = (f"no target for {name} to be {req['position'][0]}" if target is None
-                       else _position_failure(req, found, target, position_threshold))
+            failure = (
+                f"no target for {name} to be {req['position'][0]}"
+                if target is None
+                else _position_failure(req, found, target, position_threshold)
+            )
         groups.append(None if failure else found)
         reasons += [failure] if failure else []
     for req in metadata.get("exclude", []):
@@ -267,8 +381,9 @@ def evaluate(objects: dict[str, list[Detection]], metadata: dict[str, Any], colo
     return not reasons, reasons
 
 
-def fraction(objects: dict[str, list[Detection]], metadata: dict[str, Any], colors_of: ColorsOf,
-             position_threshold: float = 0.1) -> float:
+def fraction(
+    objects: dict[str, list[Detection]], metadata: dict[str, Any], colors_of: ColorsOf, position_threshold: float = 0.1
+) -> float:
     """Flow-GRPO's training reward (its evaluate_reward): the mean over the includes' terms. Each include
     gives 1 - |count - n found| / count on all its class's objects (negative beyond twice the count, as
     there; excludes are not read, the count term covers them); a colour, 0 unless exactly ``count`` were

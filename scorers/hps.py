@@ -19,8 +19,13 @@ from scorers.state_dict import load_state_dict
 VIT_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 # OpenCLIP's residual block names -> transformers' CLIPEncoderLayer names (attention handled apart).
-_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-          "attn.out_proj": "self_attn.out_proj"}
+_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 
 
 def _blocks(state: dict, src: str, dst: str) -> dict:
@@ -29,7 +34,7 @@ def _blocks(state: dict, src: str, dst: str) -> dict:
     for key, value in state.items():
         if not key.startswith(src):
             continue
-        index, _, rest = key[len(src):].partition(".")
+        index, _, rest = key[len(src) :].partition(".")
         prefix = f"{dst}.{index}."
         if rest.startswith("attn.in_proj_"):
             kind = rest.rsplit("_", 1)[1]  # weight or bias
@@ -53,12 +58,18 @@ def open_clip_to_transformers(state: dict) -> dict:
         f"{t}.embeddings.position_embedding.weight": state["positional_embedding"],
         # OpenCLIP multiplies by (width, dim) matrices, nn.Linear by their transpose
         "visual_projection.weight": state["visual.proj"].t().contiguous(),
-        "text_projection.weight": (state["text_projection.weight"] if "text_projection.weight" in state
-                                   else state["text_projection"].t().contiguous()),
+        "text_projection.weight": (
+            state["text_projection.weight"]
+            if "text_projection.weight" in state
+            else state["text_projection"].t().contiguous()
+        ),
         "logit_scale": state["logit_scale"],
     }
-    for src, dst in [("visual.ln_pre", f"{v}.pre_layrnorm"), ("visual.ln_post", f"{v}.post_layernorm"),
-                     ("ln_final", f"{t}.final_layer_norm")]:
+    for src, dst in [
+        ("visual.ln_pre", f"{v}.pre_layrnorm"),
+        ("visual.ln_post", f"{v}.post_layernorm"),
+        ("ln_final", f"{t}.final_layer_norm"),
+    ]:
         for param in ("weight", "bias"):
             out[f"{dst}.{param}"] = state[f"{src}.{param}"]
     out.update(_blocks(state, "visual.transformer.resblocks.", f"{v}.encoder.layers"))
@@ -82,8 +93,10 @@ class HPSv2(ClipScore):
         self.weights = weights
 
     def requirements(self) -> dict[str, tuple[str, str | None, str]]:
-        return {**self.clip.requirements(),
-                "weights": ("file", self.weights, "HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt)")}
+        return {
+            **self.clip.requirements(),
+            "weights": ("file", self.weights, "HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt)"),
+        }
 
     def load(self, device: str = "cpu") -> None:
         self.clip.load(device, weights=load_hps_weights(self.weights))

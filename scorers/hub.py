@@ -36,6 +36,8 @@ def problem(kind: str, ref: str | None, what: str = "", marker: str = "config.js
         HfApi().model_info(ref, timeout=HUB_TIMEOUT_S)
     except Exception as exc:  # offline, unknown id, gated: the hub's own words say which
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        return (f"{ref}: not in the Hugging Face cache and the hub cannot provide it ({type(exc).__name__}: "
-                f"{reason}); download it where there is network (huggingface-cli download {ref}) or give a local folder")
+        return (
+            f"{ref}: not in the Hugging Face cache and the hub cannot provide it ({type(exc).__name__}: "
+            f"{reason}); download it where there is network (huggingface-cli download {ref}) or give a local folder"
+        )
     return None

@@ -67,10 +67,19 @@ class LlavaScorer(Scorer):
             return
         for i, meta in enumerate(metadata):
             questions, answers = meta.get("questions"), meta.get("answers")
-            if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers) or not questions:
-                raise ValueError(f"metadata.{i}: strict mode needs equal-length non-empty lists 'questions' and 'answers'")
+            if (
+                not isinstance(questions, list)
+                or not isinstance(answers, list)
+                or len(questions) != len(answers)
+                or not questions
+            ):
+                raise ValueError(
+                    f"metadata.{i}: strict mode needs equal-length non-empty lists 'questions' and 'answers'"
+                )
             if len(questions) > MAX_QUESTIONS:
-                raise ValueError(f"metadata.{i}.questions: {len(questions)} questions; at most {MAX_QUESTIONS} per image")
+                raise ValueError(
+                    f"metadata.{i}.questions: {len(questions)} questions; at most {MAX_QUESTIONS} per image"
+                )
             for j, (question, answer) in enumerate(zip(questions, answers)):
                 if not isinstance(question, str) or not isinstance(answer, str):
                     raise ValueError(f"metadata.{i}.questions.{j}: questions and answers must be strings")
@@ -81,17 +90,22 @@ class LlavaScorer(Scorer):
         """Greedy answers, one per (image, question) pair, in one batched generate call."""
         texts = [TEMPLATE.format(question=q) for q in questions]
         inputs = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
-        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in inputs.items()}
+        inputs = {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in inputs.items()
+        }
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = out[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.processor.batch_decode(new, skip_special_tokens=True)]
 
     def score(self, images, prompts, metadata) -> ScoreOutput:
         if self.mode == "bertscore":
             answers = self.answer(images, [QUESTION] * len(images))
             precision, recall, f1 = self.bertscore(answers, [REFERENCE.format(prompt=p) for p in prompts])
-            return ScoreOutput(recall, {"answer": answers, "precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist()})
+            return ScoreOutput(
+                recall,
+                {"answer": answers, "precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist()},
+            )
         # strict: every question of every image, batched together
         owners = [i for i, meta in enumerate(metadata) for _ in meta["questions"]]
         responses = self.answer(images[owners], [q for meta in metadata for q in meta["questions"]])

@@ -34,7 +34,7 @@ def target(prompt: str) -> str:
     """The prompt's first quoted text (Flow-GRPO: ``prompt.split('"')[1]``); ValueError when there is none."""
     parts = prompt.split('"')
     if len(parts) < 3 or not parts[1].replace(" ", ""):
-        raise ValueError(f'{prompt!r} has no text in double quotes to read (e.g. \'a sign that says "OPEN"\')')
+        raise ValueError(f"{prompt!r} has no text in double quotes to read (e.g. 'a sign that says \"OPEN\"')")
     return parts[1]
 
 
@@ -75,18 +75,21 @@ class OcrScorer(Scorer):
     def read(self, images: np.ndarray) -> list[str]:
         """The text the model reads in each image (greedy decoding)."""
         inputs = self.processor(images=list(images), return_tensors="pt")
-        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in inputs.items()}
+        inputs = {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in inputs.items()
+        }
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         if not self.encoder_decoder:  # decoder-only: the prompt comes back in front of the answer
-            out = out[:, inputs["input_ids"].shape[1]:]
+            out = out[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
 
     def score(self, images, prompts, metadata) -> ScoreOutput:
         wanted = [_target(i, p) for i, p in enumerate(prompts)]
         read = self.read(images)
-        return ScoreOutput(np.array([reward(r, w) for r, w in zip(read, wanted)], dtype=np.float64),
-                           {"read": read, "target": wanted})
+        return ScoreOutput(
+            np.array([reward(r, w) for r, w in zip(read, wanted)], dtype=np.float64), {"read": read, "target": wanted}
+        )
 
 
 def _target(i: int, prompt: str) -> Any:

@@ -32,7 +32,9 @@ def concat(outputs: list[ScoreOutput]) -> ScoreOutput:
     """Outputs of consecutive batches as one (info keys are the first output's)."""
     scores = np.concatenate([np.asarray(o.scores, dtype=np.float64) for o in outputs])
     gradients = np.concatenate([o.gradients for o in outputs]) if outputs[0].gradients is not None else None
-    return ScoreOutput(scores, {key: sum((list(o.info[key]) for o in outputs), []) for key in outputs[0].info}, gradients)
+    return ScoreOutput(
+        scores, {key: sum((list(o.info[key]) for o in outputs), []) for key in outputs[0].info}, gradients
+    )
 
 
 def differentiable(scorer) -> bool:

@@ -4,9 +4,10 @@ Segments the image by palette colour (scorers/world.py), finds each colour's con
 classifies each as the square, circle or upright triangle whose ideal mask in its bounding box overlaps it
 best (a "blob" when none overlaps well: a smear satisfies no claim, so a policy cannot game the verifier
 with irregular shapes), and checks the caption's claims: each named object present (a count: exactly that
-many), its colour, and the relation of a position prompt. The score is the fraction of claims satisfied (1.0: fully correct, as
-GenEval counts an image correct only when every claim holds). The claims come from the prompt's metadata
-when the world's prompt function made it (``metadata["claims"]``), else from parsing the caption.
+many), its colour, and the relation of a position prompt. The score is the fraction of claims satisfied
+(1.0: fully correct, as GenEval counts an image correct only when every claim holds). The claims come from
+the prompt's metadata when the world's prompt function made it (``metadata["claims"]``), else from parsing
+the caption.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     labels = np.where(mask, np.arange(big).reshape(h, w), big)
     while True:
         padded = np.pad(labels, 1, constant_values=big)
-        neighbours = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
+        neighbours = np.minimum.reduce(
+            [padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        )
         new = np.where(mask, neighbours, big)
         if np.array_equal(new, labels):
             break
@@ -79,9 +82,17 @@ def detect(image: np.ndarray, min_area: int | None = None) -> list[dict[str, Any
                 continue
             shape, fit = classify(points)
             (y0, x0), (y1, x1) = points.min(0), points.max(0)
-            found.append({"shape": shape, "color": name, "x": float(points[:, 1].mean()),
-                          "y": float(points[:, 0].mean()), "area": int(len(points)), "fit": round(fit, 3),
-                          "box": (int(x0), int(y0), int(x1) + 1, int(y1) + 1)})
+            found.append(
+                {
+                    "shape": shape,
+                    "color": name,
+                    "x": float(points[:, 1].mean()),
+                    "y": float(points[:, 0].mean()),
+                    "area": int(len(points)),
+                    "fit": round(fit, 3),
+                    "box": (int(x0), int(y0), int(x1) + 1, int(y1) + 1),
+                }
+            )
     return found
 
 
@@ -102,18 +113,26 @@ def verify(image: np.ndarray, claims: dict[str, Any]) -> tuple[float, dict[str, 
     if relation is not None:
         total += 1
         a, b = chosen[relation["a"]], chosen[relation["b"]]
-        if a is None or b is None or not world._holds(relation["rel"], np.array([a["x"], a["y"]]),
-                                                      np.array([b["x"], b["y"]]), margin=1.0):
+        if (
+            a is None
+            or b is None
+            or not world._holds(relation["rel"], np.array([a["x"], a["y"]]), np.array([b["x"], b["y"]]), margin=1.0)
+        ):
             failed.append(relation["rel"])
     score = 1.0 - len(failed) / total
-    return score, {"found": [f"{d['color']} {d['shape']} at ({d['x']:.0f}, {d['y']:.0f})" for d in found],
-                   "failed": failed, "correct": not failed}
+    return score, {
+        "found": [f"{d['color']} {d['shape']} at ({d['x']:.0f}, {d['y']:.0f})" for d in found],
+        "failed": failed,
+        "correct": not failed,
+    }
 
 
 class ShapesVerifier(Scorer):
     name = "shapes"
-    description = ("fraction of the caption's claims (objects, counts, colours, positions) the image satisfies, "
-                   "checked by the shapes world's verifier; 1.0 = fully correct")
+    description = (
+        "fraction of the caption's claims (objects, counts, colours, positions) the image satisfies, "
+        "checked by the shapes world's verifier; 1.0 = fully correct"
+    )
     max_batch = 256
 
     def check(self, prompts, metadata) -> None:

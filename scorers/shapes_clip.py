@@ -45,9 +45,19 @@ class Settings(BaseSettings):
 def hard_negative(caption: str, rng: np.random.Generator) -> str:
     """``caption`` with one claim changed: a colour, a shape, a count or a relation."""
     words = caption.split()
-    swaps = [(i, group) for i, w in enumerate(words)
-             for group in (list(world.COLORS), list(world.SHAPES), [s + "s" for s in world.SHAPES], list(world.NUMBERS),
-                           ["left", "right"], ["above", "below"]) if w in group]
+    swaps = [
+        (i, group)
+        for i, w in enumerate(words)
+        for group in (
+            list(world.COLORS),
+            list(world.SHAPES),
+            [s + "s" for s in world.SHAPES],
+            list(world.NUMBERS),
+            ["left", "right"],
+            ["above", "below"],
+        )
+        if w in group
+    ]
     i, group = swaps[rng.integers(len(swaps))]
     words[i] = [w for w in group if w != words[i]][rng.integers(len(group) - 1)]
     return " ".join(words)
@@ -61,12 +71,21 @@ def build(seed: int):
 
     words = sorted({w for c in ALL for w in c.split()})
     tokenizer = clip_tokenizer(words)
-    common = {"hidden_size": SPEC["hidden"], "intermediate_size": 2 * SPEC["hidden"],
-              "num_hidden_layers": SPEC["layers"], "num_attention_heads": SPEC["heads"]}
+    common = {
+        "hidden_size": SPEC["hidden"],
+        "intermediate_size": 2 * SPEC["hidden"],
+        "num_hidden_layers": SPEC["layers"],
+        "num_attention_heads": SPEC["heads"],
+    }
     config = CLIPConfig(
-        text_config={**common, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
+        text_config={
+            **common,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
         vision_config={**common, "image_size": world.RESOLUTION, "patch_size": SPEC["patch"]},
         projection_dim=SPEC["projection"],
     )
@@ -74,7 +93,8 @@ def build(seed: int):
     size = world.RESOLUTION
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=tokenizer)
+        tokenizer=tokenizer,
+    )
     return CLIPModel(config), processor
 
 
@@ -86,7 +106,9 @@ def degraded(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     for q in quality:
         caption, _ = world.sample_caption(rng, "train")
         image = Image.fromarray(world.render(caption, rng)).filter(ImageFilter.GaussianBlur(float(2.5 * (1 - q))))
-        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 60 * (1 - q), (world.RESOLUTION, world.RESOLUTION, 3))
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(
+            0, 60 * (1 - q), (world.RESOLUTION, world.RESOLUTION, 3)
+        )
         images.append(np.clip(noisy, 0, 255).astype(np.uint8))
     return np.stack(images), quality
 
@@ -123,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
             repeated = torch.tensor([[a == b and i != j for j, b in enumerate(caps)] for i, a in enumerate(caps)])
             positives = logits[:, : s.batch].masked_fill(repeated, -1e4)
             text_logits, image_logits = positives.t(), torch.cat([positives, logits[:, s.batch :]], 1)
-            loss = (torch.nn.functional.cross_entropy(image_logits, target)
-                    + torch.nn.functional.cross_entropy(text_logits, target)) / 2
+            loss = (
+                torch.nn.functional.cross_entropy(image_logits, target)
+                + torch.nn.functional.cross_entropy(text_logits, target)
+            ) / 2
             for group in optimizer.param_groups:
                 group["lr"] = s.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * (1 - step / s.steps))
             optimizer.zero_grad(set_to_none=True)

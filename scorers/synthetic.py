@@ -12,8 +12,13 @@ class SyntheticScorer(Scorer):
     description = "mean pixel value / 255 after a fixed delay; for load tests and drills, not training"
     max_batch = 256
 
-    def __init__(self, latency_ms: float = 0.0, oom_above: int | None = None, fail_prompt: str | None = None,
-                 nan_prompt: str | None = None):
+    def __init__(
+        self,
+        latency_ms: float = 0.0,
+        oom_above: int | None = None,
+        fail_prompt: str | None = None,
+        nan_prompt: str | None = None,
+    ):
         self.latency_ms, self.oom_above = latency_ms, oom_above
         self.fail_prompt, self.nan_prompt = fail_prompt, nan_prompt
 

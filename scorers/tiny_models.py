@@ -79,7 +79,9 @@ def clip_tokenizer(words: list[str], model_max_length: int = 77):
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
+        return CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length
+        )
 
 
 # -- CLIP (aesthetic, clipscore, pickscore) -------------------------------------------------------------
@@ -91,12 +93,21 @@ def build_clip(folder: Path, spec: dict = CLIP_SPEC) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = clip_tokenizer(WORDS)
-    common = {"hidden_size": spec["hidden"], "intermediate_size": spec.get("intermediate", 2 * spec["hidden"]),
-              "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
+    common = {
+        "hidden_size": spec["hidden"],
+        "intermediate_size": spec.get("intermediate", 2 * spec["hidden"]),
+        "num_hidden_layers": spec["layers"],
+        "num_attention_heads": spec["heads"],
+    }
     config = CLIPConfig(
-        text_config={**common, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
+        text_config={
+            **common,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
         vision_config={**common, "image_size": spec["image_size"], "patch_size": spec["patch"]},
         projection_dim=spec["projection"],
     )
@@ -125,8 +136,16 @@ LLAVA_SPEC = {"seed": 3, "hidden": 32, "layers": 2, "heads": 4, "image_size": 8,
 def build_llava(folder: Path, spec: dict = LLAVA_SPEC) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (AddedToken, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        AddedToken,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["USER:", "ASSISTANT:", "?", ".", ","]))}
@@ -134,23 +153,43 @@ def build_llava(folder: Path, spec: dict = LLAVA_SPEC) -> None:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         padding_side="left",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
     size, patch, hidden = spec["image_size"], spec["patch"], spec["hidden"]
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, image_token="<image>",
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
     )
-    layers = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
+    layers = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": spec["layers"],
+        "num_attention_heads": spec["heads"],
+    }
     config = LlavaConfig(
-        text_config=LlamaConfig(**layers, num_key_value_heads=spec["heads"], vocab_size=len(vocab),
-                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        text_config=LlamaConfig(
+            **layers,
+            num_key_value_heads=spec["heads"],
+            vocab_size=len(vocab),
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        ),
         vision_config=CLIPVisionConfig(**layers, image_size=size, patch_size=patch),
-        image_token_index=vocab["<image>"], image_seq_length=(size // patch) ** 2,
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_token_index=vocab["<image>"],
+        image_seq_length=(size // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
     )
     torch.manual_seed(spec["seed"])
     LlavaForConditionalGeneration(config).save_pretrained(folder)
@@ -165,11 +204,20 @@ def build_bert(folder: Path, spec: dict = BERT_SPEC) -> None:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]) + "\n")
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]) + "\n"
+    )
     tokenizer = BertTokenizer(str(folder / "vocab.txt"))
     torch.manual_seed(spec["seed"])
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=spec["hidden"], num_hidden_layers=spec["layers"],
-                         num_attention_heads=spec["heads"], intermediate_size=2 * spec["hidden"])).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec["hidden"],
+            num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"],
+            intermediate_size=2 * spec["hidden"],
+        )
+    ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -188,13 +236,27 @@ def build_mask2former(folder: Path, spec: dict = MASK2FORMER_SPEC) -> None:
     from scorers.geneval_rules import CLASSES
 
     e, hidden = spec["embed"], spec["hidden"]
-    backbone = SwinConfig(embed_dim=e, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = SwinConfig(
+        embed_dim=e,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
     config = Mask2FormerConfig(
-        backbone_config=backbone, feature_size=hidden, mask_feature_size=hidden, hidden_dim=hidden,
-        encoder_feedforward_dim=2 * hidden, dim_feedforward=2 * hidden, encoder_layers=1, decoder_layers=2,
-        num_attention_heads=4, num_queries=spec["queries"], id2label=dict(enumerate(CLASSES)),
-        label2id={c: i for i, c in enumerate(CLASSES)}, train_num_points=64,
+        backbone_config=backbone,
+        feature_size=hidden,
+        mask_feature_size=hidden,
+        hidden_dim=hidden,
+        encoder_feedforward_dim=2 * hidden,
+        dim_feedforward=2 * hidden,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=4,
+        num_queries=spec["queries"],
+        id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)},
+        train_num_points=64,
     )
     torch.manual_seed(spec["seed"])
     model = Mask2FormerForUniversalSegmentation(config)
@@ -213,8 +275,14 @@ GOT_OCR_SPEC = {"seed": 7, "hidden": 32, "image_size": 256}
 def build_ocr(folder: Path, spec: dict = OCR_SPEC) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, TrOCRConfig, TrOCRProcessor, ViTConfig,
-                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+    from transformers import (
+        PreTrainedTokenizerFast,
+        TrOCRConfig,
+        TrOCRProcessor,
+        ViTConfig,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -222,15 +290,31 @@ def build_ocr(folder: Path, spec: dict = OCR_SPEC) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>",
-                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     hidden, size = spec["hidden"], spec["image_size"]
-    encoder = ViTConfig(hidden_size=hidden, num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                        intermediate_size=2 * hidden, image_size=size, patch_size=spec["patch"])
-    decoder = TrOCRConfig(vocab_size=len(vocab), d_model=hidden, decoder_layers=spec["layers"],
-                          decoder_attention_heads=spec["heads"], decoder_ffn_dim=2 * hidden, max_position_embeddings=64,
-                          bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=0,
-                          tie_word_embeddings=False)
+    encoder = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        intermediate_size=2 * hidden,
+        image_size=size,
+        patch_size=spec["patch"],
+    )
+    decoder = TrOCRConfig(
+        vocab_size=len(vocab),
+        d_model=hidden,
+        decoder_layers=spec["layers"],
+        decoder_attention_heads=spec["heads"],
+        decoder_ffn_dim=2 * hidden,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 0, 1, 2
     torch.manual_seed(spec["seed"])
@@ -247,25 +331,57 @@ def build_got_ocr(folder: Path, spec: dict = GOT_OCR_SPEC) -> None:
     processor writes, a Qwen2 decoder), with a word-level tokenizer holding its chat and image tokens."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AddedToken, GotOcr2Config, GotOcr2ForConditionalGeneration, GotOcr2Processor, PreTrainedTokenizerFast
+    from transformers import (
+        AddedToken,
+        GotOcr2Config,
+        GotOcr2ForConditionalGeneration,
+        GotOcr2Processor,
+        PreTrainedTokenizerFast,
+    )
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["open", "hello", "world", "sale", "OCR:"]))}
+    vocab = {
+        tok: i for i, tok in enumerate(dict.fromkeys(specials + WORDS + ["open", "hello", "world", "sale", "OCR:"]))
+    }
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", padding_side="left")
-    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(t, normalized=False, special=True) for t in specials[1:6]]})
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, normalized=False, special=True) for t in specials[1:6]]}
+    )
     hidden, size = spec["hidden"], spec["image_size"]
     config = GotOcr2Config(
-        vision_config={"hidden_size": hidden // 2, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": hidden,
-                       "image_size": size, "patch_size": size // 64, "window_size": 8, "global_attn_indexes": [1],
-                       "output_channels": hidden // 2},
-        text_config={"model_type": "qwen2", "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": len(vocab),
-                     "eos_token_id": vocab["<|im_end|>"], "pad_token_id": 0, "bos_token_id": 1},
+        vision_config={
+            "hidden_size": hidden // 2,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "mlp_dim": hidden,
+            "image_size": size,
+            "patch_size": size // 64,
+            "window_size": 8,
+            "global_attn_indexes": [1],
+            "output_channels": hidden // 2,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": len(vocab),
+            "eos_token_id": vocab["<|im_end|>"],
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+        },
         image_token_index=vocab["<imgpad>"],
     )
     torch.manual_seed(spec["seed"])
@@ -274,8 +390,9 @@ def build_got_ocr(folder: Path, spec: dict = GOT_OCR_SPEC) -> None:
     with torch.no_grad():  # as build_ocr: read words, not special tokens
         model.lm_head.weight[: len(specials)] = 0
     model.save_pretrained(folder)
-    GotOcr2Processor(image_processor=GotOcr2ImageProcessorPil(size={"height": size, "width": size}),
-                     tokenizer=tokenizer).save_pretrained(folder)
+    GotOcr2Processor(
+        image_processor=GotOcr2ImageProcessorPil(size={"height": size, "width": size}), tokenizer=tokenizer
+    ).save_pretrained(folder)
 
 
 TINY = {

@@ -98,19 +98,28 @@ def claims(caption: str) -> dict[str, Any]:
             continue
         g = m.groupdict()
         if kind == "counting":
-            return {"category": "counting", "objects": [{"shape": g["s"], "color": None, "count": NUMBERS[g["n"]]}],
-                    "relation": None}
+            return {
+                "category": "counting",
+                "objects": [{"shape": g["s"], "color": None, "count": NUMBERS[g["n"]]}],
+                "relation": None,
+            }
         objects = [{"shape": g[f"{k}s"], "color": g[f"{k}c"], "count": None} for k in "ab" if g.get(f"{k}s")]
         colored = any(o["color"] for o in objects)
         if kind == "position":
             category, relation = "position", {"a": 0, "b": 1, "rel": g["r"]}
         else:
-            category = {("pair", False): "two_object", ("pair", True): "color_attr",
-                        ("one", False): "single_object", ("one", True): "colors"}[kind, colored]
+            category = {
+                ("pair", False): "two_object",
+                ("pair", True): "color_attr",
+                ("one", False): "single_object",
+                ("one", True): "colors",
+            }[kind, colored]
             relation = None
         return {"category": category, "objects": objects, "relation": relation}
-    raise ValueError(f"caption {caption!r} is not in the shapes world's grammar (e.g. 'a red circle', 'three "
-                     f"squares', 'a circle left of a square', 'a red circle and a blue square')")
+    raise ValueError(
+        f"caption {caption!r} is not in the shapes world's grammar (e.g. 'a red circle', 'three "
+        f"squares', 'a circle left of a square', 'a red circle and a blue square')"
+    )
 
 
 class _Strict(BaseModel):
@@ -142,8 +151,9 @@ class Claims(_Strict):
             for side in ("a", "b"):
                 index = getattr(self.relation, side)
                 if index >= len(self.objects):  # the field in front: ProtocolError and the CLI read it from there
-                    raise ValueError(f"relation.{side}: {index} is not one of the {len(self.objects)} objects "
-                                     f"(indices from 0)")
+                    raise ValueError(
+                        f"relation.{side}: {index} is not one of the {len(self.objects)} objects (indices from 0)"
+                    )
             if self.relation.a == self.relation.b:
                 raise ValueError("relation.b: an object cannot be related to itself")
         return self
@@ -176,7 +186,10 @@ def render(caption: str, seed: int | np.random.Generator, resolution: int = RESO
     for _ in range(1000):
         sizes = rng.uniform(6, 10 if len(objects) < 3 else 8, len(objects)) * scale  # half-widths in px
         centres = rng.uniform(sizes[:, None] + scale, resolution - sizes[:, None] - scale, (len(objects), 2))
-        gaps = [np.abs(centres[i] - centres[j]).max() - sizes[i] - sizes[j] for i, j in itertools.combinations(range(len(objects)), 2)]
+        gaps = [
+            np.abs(centres[i] - centres[j]).max() - sizes[i] - sizes[j]
+            for i, j in itertools.combinations(range(len(objects)), 2)
+        ]
         if gaps and min(gaps) < 3 * scale:
             continue
         if c["relation"] is not None and not _holds(c["relation"]["rel"], centres[0], centres[1], margin=4 * scale):

@@ -88,7 +88,9 @@ class ServerProcess:
 def start_server(tmp_path):
     servers: list[ServerProcess] = []
 
-    def start(*args: str, port: int | None = None, wait: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(
+        *args: str, port: int | None = None, wait: bool = True, env: dict[str, str] | None = None
+    ) -> ServerProcess:
         server = ServerProcess(*args, port=port, log=tmp_path / f"server-{len(servers)}.log", env=env)
         servers.append(server)
         return server.wait_ready() if wait else server
@@ -118,8 +120,13 @@ def train_one_shapes_epoch(tmp_path: Path, preset: str) -> tuple[Path, list[dict
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("a triangle\nthree circles\na red triangle\na circle above a square\n" * 2)
     out = tmp_path / "run"
-    train(Config(preset=preset, run={"output_dir": out, "num_epochs": 1, "eval_every": 1, "log_with": "none",
-                                     "log_images_every": 0},
-                 sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 1}, train={"batch_size": 2},
-                 prompt={"eval_path": held_out}))
+    train(
+        Config(
+            preset=preset,
+            run={"output_dir": out, "num_epochs": 1, "eval_every": 1, "log_with": "none", "log_images_every": 0},
+            sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 1},
+            train={"batch_size": 2},
+            prompt={"eval_path": held_out},
+        )
+    )
     return out, [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]

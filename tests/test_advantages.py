@@ -18,7 +18,9 @@ def test_group_normalize_within_groups_and_with_global_std():
     groups = np.array([0, 0, 1, 1])
     assert group_normalize(r, groups) == pytest.approx([-1, 1, -1, 1], abs=1e-5)
     global_std = r.std()
-    assert group_normalize(r, groups, global_std=True) == pytest.approx([-1 / global_std, 1 / global_std, -2 / global_std, 2 / global_std], rel=1e-5)
+    assert group_normalize(r, groups, global_std=True) == pytest.approx(
+        [-1 / global_std, 1 / global_std, -2 / global_std, 2 / global_std], rel=1e-5
+    )
 
 
 def test_per_prompt_tracker_uses_its_buffer_once_full_and_keys_exact_strings():

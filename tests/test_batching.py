@@ -26,7 +26,9 @@ def batch(n: int, value: int = 51) -> np.ndarray:
 
 def post(server, n: int, value: int = 51, **headers) -> httpx.Response:
     body = build_request(batch(n, value), ["p"] * n)
-    return httpx.post(f"{server.url}/v1/score", content=body, headers={"content-type": MEDIA_TYPE, **headers}, timeout=60)
+    return httpx.post(
+        f"{server.url}/v1/score", content=body, headers={"content-type": MEDIA_TYPE, **headers}, timeout=60
+    )
 
 
 def test_two_replicas_score_two_batches_at_once(start_server):
@@ -105,14 +107,18 @@ def test_sigterm_drains_requests_in_flight(start_server):
 
 def test_a_gpu_that_does_not_exist_is_a_startup_error():
     exe = Path(sys.executable).parent / "reward-server"
-    result = subprocess.run([str(exe), "--model", "compression", "--gpus", "0,7"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(exe), "--model", "compression", "--gpus", "0,7"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     assert "GPU 0, 7 does not exist" in result.stderr or "GPU 7 does not exist" in result.stderr
 
 
 def test_options_that_do_not_apply_are_refused():
     exe = Path(sys.executable).parent / "reward-server"
-    result = subprocess.run([str(exe), "--model", "compression", "--weights", "x.pth"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(exe), "--model", "compression", "--weights", "x.pth"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "--weights does not apply to scorer 'compression'" in result.stderr
 
 
@@ -165,6 +171,7 @@ def test_clients_answered_together_are_waited_for_and_batched_together(start_ser
     # batch has just answered, the first to come back would start a small batch and the rest a second one.
     server = start_server("--model", "synthetic", "--latency-ms", "150", "--max-batch", "8", "--max-wait-ms", "300")
     with RewardClient(server.url) as client:
+
         def loop(i: int) -> list[int]:
             return [client.submit(batch(1, i), ["p"]).result(timeout=60).info["batch_size"][0] for _ in range(5)]
 
@@ -186,6 +193,7 @@ def test_a_lone_client_is_not_kept_waiting(start_server):
 
 def _queued_behind_a_busy_replica(server, requests: list[tuple[int, str]]) -> list[httpx.Response]:
     """Send ``(value, prompt)`` requests together while the replica is busy, so they form one batch."""
+
     def send(value_prompt):
         value, prompt = value_prompt
         body = build_request(batch(1, value), [prompt])
@@ -199,11 +207,14 @@ def _queued_behind_a_busy_replica(server, requests: list[tuple[int, str]]) -> li
     return replies
 
 
-@pytest.mark.parametrize("option, culprit, message", [("--fail-prompt", "BAD", "simulated scorer bug"),
-                                                     ("--nan-prompt", "NAN", "is not finite")])
+@pytest.mark.parametrize(
+    "option, culprit, message",
+    [("--fail-prompt", "BAD", "simulated scorer bug"), ("--nan-prompt", "NAN", "is not finite")],
+)
 def test_one_bad_request_fails_alone_not_its_whole_batch(start_server, option, culprit, message):
-    server = start_server("--model", "synthetic", option, culprit, "--latency-ms", "600", "--max-batch", "16",
-                          "--max-wait-ms", "200")
+    server = start_server(
+        "--model", "synthetic", option, culprit, "--latency-ms", "600", "--max-batch", "16", "--max-wait-ms", "200"
+    )
     replies = _queued_behind_a_busy_replica(server, [(30, "a"), (60, culprit), (90, "b"), (120, "c")])
     assert [r.status_code for r in replies] == [200, 500, 200, 200]
     error = unpack(replies[1].content)["error"]

@@ -9,8 +9,11 @@ from bench.learning import accuracy_change, bench_config, shapes_change
 
 
 def _record(scores: dict[str, list[float]], categories: dict[str, float]) -> dict:
-    return {"reward_mean": 0.5, "per_prompt": [{"prompt": p, "reward_shapes": s} for p, s in scores.items()],
-            **{f"category/{c}/accuracy": a for c, a in categories.items()}}
+    return {
+        "reward_mean": 0.5,
+        "per_prompt": [{"prompt": p, "reward_shapes": s} for p, s in scores.items()],
+        **{f"category/{c}/accuracy": a for c, a in categories.items()},
+    }
 
 
 def test_accuracy_change_is_the_paired_per_image_difference():
@@ -20,7 +23,9 @@ def test_accuracy_change_is_the_paired_per_image_difference():
     change = accuracy_change(before, after)
     se = 100 * math.sqrt((0 + 1 + 0 + 1) / 3) / 2  # the sample std of (0, 1, 0, -1) over sqrt(4): 40.82
     assert (change["accuracy_before"], change["accuracy_after"], change["rise_points"]) == (50.0, 50.0, 0.0)
-    assert change["rise_standard_error"] == round(se, 2) and change["per_category"] == {"counting": {"before": 50.0, "after": 0.0}}
+    assert change["rise_standard_error"] == round(se, 2) and change["per_category"] == {
+        "counting": {"before": 50.0, "after": 0.0}
+    }
 
 
 def test_seen_change_only_for_runs_in_the_shapes_world(tmp_path):
@@ -36,14 +41,23 @@ def test_minutes_to_a_gain_interpolates_the_first_crossing():
 
 def _run(preset: str, seed: int, curve: list[tuple[float, float]], heldout: float) -> dict:
     minutes = curve[-1][0]
-    return {"preset": preset, "seed": seed, "training_cpu_minutes": minutes,
-            "curve": [{"cpu_minutes": m, "seen_accuracy": 40.0 + g} for m, g in curve],
-            "seen": {"rise_points": curve[-1][1]}, "heldout": {"rise_points": heldout}}
+    return {
+        "preset": preset,
+        "seed": seed,
+        "training_cpu_minutes": minutes,
+        "curve": [{"cpu_minutes": m, "seen_accuracy": 40.0 + g} for m, g in curve],
+        "seen": {"rise_points": curve[-1][1]},
+        "heldout": {"rise_points": heldout},
+    }
 
 
 def test_head_to_head_summary_times_both_methods_to_the_smaller_mean_seen_gain():
-    runs = [_run("a", 1, [(0, 0), (10, 2), (20, 4)], 1.0), _run("a", 2, [(0, 0), (10, 4), (20, 8)], 3.0),
-            _run("b", 1, [(0, 0), (5, 6), (10, 12)], -1.0), _run("b", 2, [(0, 0), (5, 2), (10, 8)], 1.0)]
+    runs = [
+        _run("a", 1, [(0, 0), (10, 2), (20, 4)], 1.0),
+        _run("a", 2, [(0, 0), (10, 4), (20, 8)], 3.0),
+        _run("b", 1, [(0, 0), (5, 6), (10, 12)], -1.0),
+        _run("b", 2, [(0, 0), (5, 2), (10, 8)], 1.0),
+    ]
     result = summary(runs, ["a", "b"])
     a, b = result["presets"]["a"], result["presets"]["b"]
     assert a["seen_change"] == {"mean": 6.0, "standard_error": 2.0}  # (4, 8): std 2.83 / sqrt 2

@@ -59,7 +59,10 @@ def test_gives_up_at_the_deadline():
 
 
 def _reply(scores: list[float]) -> httpx.Response:
-    return httpx.Response(200, content=pack({"version": 1, "request_id": "r", "scores": scores, "info": {}, "scorer": "t", "elapsed_ms": 1.0}))
+    return httpx.Response(
+        200,
+        content=pack({"version": 1, "request_id": "r", "scores": scores, "info": {}, "scorer": "t", "elapsed_ms": 1.0}),
+    )
 
 
 def _error(status: int, code: str) -> httpx.Response:
@@ -95,11 +98,14 @@ def test_503_and_429_retried_then_succeed():
     assert outcome.scores == [1.0, 2.0] and calls == 3
 
 
-@pytest.mark.parametrize("answer, expected", [
-    (_error(500, "scorer_error"), "500 scorer_error"),
-    (_error(500, "internal"), "500 internal"),
-    (_reply([1.0, float("nan")]), "502 bad_reply.*not finite"),  # fails check_scores: the same on every replica
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (_error(500, "scorer_error"), "500 scorer_error"),
+        (_error(500, "internal"), "500 internal"),
+        (_reply([1.0, float("nan")]), "502 bad_reply.*not finite"),  # fails check_scores: the same on every replica
+    ],
+)
 def test_a_scorer_error_or_bad_reply_is_final(answer, expected):
     outcome, calls = _score_through([answer, _reply([1.0, 2.0])])
     assert isinstance(outcome, RewardServerError) and calls == 1

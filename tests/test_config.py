@@ -30,15 +30,31 @@ def test_published_presets_and_their_one_gpu_variants(name):
 def test_preset_specifics():
     assert Config(preset="sd15-incompressibility").reward.scorer == "incompressibility"
     aesthetic = Config(preset="sd15-aesthetic")
-    assert (aesthetic.run.num_epochs, aesthetic.prompt.fn, aesthetic.train.stat_buffer_size) == (200, "simple_animals", 32)
+    assert (aesthetic.run.num_epochs, aesthetic.prompt.fn, aesthetic.train.stat_buffer_size) == (
+        200,
+        "simple_animals",
+        32,
+    )
     assert Config(preset="sd15-alignment").prompt.fn == "nouns_activities"
     assert Config().model_dump() == Config(preset="tiny").model_dump()
 
 
 def test_layers_preset_then_file_then_command_line(tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps({"train": {"learning_rate": 1e-5, "clip_range": 2e-4}, "run": {"num_epochs": 3}}))
-    (tmp_path / "run.toml").write_text('[train]\nlearning_rate = 2e-5\n[sample]\nnum_steps = 30\n')
-    cfg = CliApp.run(Config, cli_args=["--preset", "sd15-aesthetic", "--config", str(tmp_path / "run.json"), "--train.learning_rate", "7e-5"])
+    (tmp_path / "run.json").write_text(
+        json.dumps({"train": {"learning_rate": 1e-5, "clip_range": 2e-4}, "run": {"num_epochs": 3}})
+    )
+    (tmp_path / "run.toml").write_text("[train]\nlearning_rate = 2e-5\n[sample]\nnum_steps = 30\n")
+    cfg = CliApp.run(
+        Config,
+        cli_args=[
+            "--preset",
+            "sd15-aesthetic",
+            "--config",
+            str(tmp_path / "run.json"),
+            "--train.learning_rate",
+            "7e-5",
+        ],
+    )
     assert cfg.train.learning_rate == 7e-5  # command line over file
     assert cfg.train.clip_range == 2e-4 and cfg.run.num_epochs == 3  # file over preset
     assert cfg.prompt.fn == "simple_animals" and cfg.sample.num_steps == 50  # preset under both

@@ -14,8 +14,20 @@ from trainer.config import Config
 MASK = "**********"
 
 
-@pytest.mark.parametrize("url", ["not-a-url", "ftp://x", "http://", "http://host:8000/v1/score", "http://host?x=1",
-                                 "http://host#frag", "localhost:8000", "http://host:99999", "http://us er@host"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not-a-url",
+        "ftp://x",
+        "http://",
+        "http://host:8000/v1/score",
+        "http://host?x=1",
+        "http://host#frag",
+        "localhost:8000",
+        "http://host:99999",
+        "http://us er@host",
+    ],
+)
 def test_a_bad_reward_url_fails_in_the_config_naming_the_field(url):
     with pytest.raises(ValidationError, match="reward server URL") as raised:
         Config(reward={"url": [url]})
@@ -34,9 +46,17 @@ def test_a_bad_reward_url_on_the_command_line_names_the_flag(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "trainer", "--reward.url", "not-a-url", "--run.output_dir", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "--reward.url: 'not-a-url' is not a reward server URL" in result.stderr and "not-a-url" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--reward.url", "not-a-url", "--run.output_dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        result.returncode != 0
+        and "--reward.url: 'not-a-url' is not a reward server URL" in result.stderr
+        and "not-a-url" in result.stderr
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -98,8 +118,9 @@ def test_a_masked_url_given_back_is_refused_naming_the_field(tmp_path):
     assert again.reward.url == [SECRET_URL]
 
 
-@pytest.mark.parametrize("url", ["http://user:s3cretPW@127.0.0.1:99999", "http://user:s3cretPW@host/v1/score",
-                                 "ftp://user:s3cretPW@host"])
+@pytest.mark.parametrize(
+    "url", ["http://user:s3cretPW@127.0.0.1:99999", "http://user:s3cretPW@host/v1/score", "ftp://user:s3cretPW@host"]
+)
 def test_a_bad_url_with_a_password_is_refused_without_printing_it(url):
     with pytest.raises(ValidationError) as raised:
         Config(reward={"url": [url]})
@@ -121,11 +142,31 @@ def test_print_config_and_preflight_messages_mask_the_password(tmp_path):
     from tests.conftest import free_port
 
     url = f"http://user:s3cretPW@127.0.0.1:{free_port()}"  # nothing listens there
-    shown = subprocess.run([sys.executable, "-m", "trainer", "--reward.url", url, "--print-config"],
-                           capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "trainer", "--reward.url", url, "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0 and f"user:{MASK}@127.0.0.1" in shown.stdout and "s3cretPW" not in shown.stdout
-    run = subprocess.run([sys.executable, "-m", "trainer", "--preset", "tiny", "--reward.url", url, "--reward.probe_timeout",
-                          "1", "--run.output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--preset",
+            "tiny",
+            "--reward.url",
+            url,
+            "--reward.probe_timeout",
+            "1",
+            "--run.output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and f"--reward.url http://user:{MASK}@127.0.0.1" in run.stderr, run.stderr
     assert "s3cretPW" not in run.stderr + run.stdout
 
@@ -137,7 +178,9 @@ def test_reward_server_errors_and_the_reward_name_mask_the_password():
     error = RewardServerError(SECRET_URL, 500, "internal", "boom")
     assert str(error) == f"reward server http://user:{MASK}@127.0.0.1:8101 answered 500 internal: boom"
     assert error.url == SECRET_URL  # the client retries against the real one
-    assert redact_url("https://u:p@w@h:1/x?y=a:b@c") == f"https://u:{MASK}@h:1/x?y=a:b@c"  # the last @ ends the userinfo
+    assert (
+        redact_url("https://u:p@w@h:1/x?y=a:b@c") == f"https://u:{MASK}@h:1/x?y=a:b@c"
+    )  # the last @ ends the userinfo
     assert redact_url("http://u@h:1") == "http://u@h:1" and redact_url("not a url") == "not a url"
     cfg = Config(reward={"url": [SECRET_URL], "probe_timeout": 1})
     reward = RemoteReward(cfg.reward.sources()[0], cfg.reward)

@@ -13,8 +13,13 @@ from trainer.families.ddim import ddim_mean_std, ddim_step_with_logprob
 
 def make_scheduler(prediction_type="epsilon", steps=10):
     s = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     s.set_timesteps(steps)
     return s

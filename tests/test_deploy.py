@@ -75,7 +75,18 @@ def test_topology_runs_as_local_processes(start_server, tmp_path, tiny_cache, mo
     token = "topology-test-token"
     env = {"REWARD_SERVER_TOKEN": token}
     servers = {
-        "llava": start_server("--model", "llava", "--checkpoint", "tiny", "--bertscore-model", "tiny", "--max-new-tokens", "4", env=env, wait=False),
+        "llava": start_server(
+            "--model",
+            "llava",
+            "--checkpoint",
+            "tiny",
+            "--bertscore-model",
+            "tiny",
+            "--max-new-tokens",
+            "4",
+            env=env,
+            wait=False,
+        ),
         "aesthetic": start_server("--model", "aesthetic", "--checkpoint", "tiny", env=env, wait=False),
         "compression": start_server("--model", "compression", env=env, wait=False),
     }
@@ -108,7 +119,9 @@ def test_tool_caches_are_not_part_of_the_repository():
     root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")
-    tracked = subprocess.run(["git", "ls-files", ".schemathesis", ".hypothesis"], cwd=root, capture_output=True, text=True)
+    tracked = subprocess.run(
+        ["git", "ls-files", ".schemathesis", ".hypothesis"], cwd=root, capture_output=True, text=True
+    )
     assert tracked.stdout == ""
     ignored = subprocess.run(["git", "check-ignore", "-q", ".schemathesis/cache"], cwd=root)
     assert ignored.returncode == 0

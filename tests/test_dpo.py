@@ -51,6 +51,7 @@ def test_ties_weighted_out():
 
 # -- the data: Pick-a-Pic's parquet layout and a folder of files, built from rendered shapes -------------------
 
+
 def pick_a_pic_rows(n: int, seed: int = 0) -> list[dict]:
     """Pairs in Pick-a-Pic v2's schema: the true caption's render against a wrong one's; some ties, some
     pairs with the winner second."""
@@ -65,7 +66,9 @@ def pick_a_pic_rows(n: int, seed: int = 0) -> list[dict]:
         good, bad = jpeg(world.render(true, seed + i, 80)), jpeg(world.render(wrong, seed + i, 80))
         label = [1.0, 0.0, 0.5][i % 3]
         first, second = (bad, good) if label == 0.0 else (good, bad)
-        rows.append({"caption": str(true), "jpg_0": first, "jpg_1": second, "label_0": label, "best_image_uid": f"u{i}"})
+        rows.append(
+            {"caption": str(true), "jpg_0": first, "jpg_1": second, "label_0": label, "best_image_uid": f"u{i}"}
+        )
     return rows
 
 
@@ -92,8 +95,12 @@ def test_pick_a_pic_parquet_ties_dropped_winner_first(pairs_folder):
     for i in range(len(data)):
         item = data[(0, i)]
         assert item["pixels"].shape == (2, 3, 64, 64) and 0 <= item["pixels"].min() and item["pixels"].max() <= 1
-        good = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(
-            __import__("io").BytesIO(kept[i]["jpg_0" if kept[i]["label_0"] == 1 else "jpg_1"])).convert("RGB").resize((64, 64), 2))
+        good = np.asarray(
+            __import__("PIL.Image", fromlist=["Image"])
+            .open(__import__("io").BytesIO(kept[i]["jpg_0" if kept[i]["label_0"] == 1 else "jpg_1"]))
+            .convert("RGB")
+            .resize((64, 64), 2)
+        )
         first = (item["pixels"][0].permute(1, 2, 0).numpy() * 255).round()
         assert np.abs(first - good).mean() < 2  # the winner, centre-cropped at 80 -> 64 (a square: a plain resize)
         assert item["time_ids"].tolist() == [80, 80, 0, 0, 64, 64]
@@ -102,8 +109,19 @@ def test_pick_a_pic_parquet_ties_dropped_winner_first(pairs_folder):
 def test_preprocessing_is_seeded_per_pair_and_epoch(tmp_path):
     from trainer.pairs import Pairs, jpeg, load_pairs, write_parquet
 
-    wide = [dict(r, jpg_0=jpeg(np.pad(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(
-        __import__("io").BytesIO(r["jpg_0"]))), ((0, 0), (8, 8), (0, 0)), mode="edge"))) for r in pick_a_pic_rows(6)]
+    wide = [
+        dict(
+            r,
+            jpg_0=jpeg(
+                np.pad(
+                    np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(__import__("io").BytesIO(r["jpg_0"]))),
+                    ((0, 0), (8, 8), (0, 0)),
+                    mode="edge",
+                )
+            ),
+        )
+        for r in pick_a_pic_rows(6)
+    ]
     write_parquet(wide, tmp_path / "wide.parquet")  # 96 x 80 first images
     pairs = load_pairs(str(tmp_path))
     assert Pairs(pairs, 64, seed=3)[(0, 0)]["time_ids"].tolist() == [80, 96, 0, 6, 64, 64]  # centre crop of 77 x 64
@@ -141,8 +159,11 @@ def test_folder_layout_with_pairs_jsonl(tmp_path):
     for i, row in enumerate(rows):
         for k in (0, 1):
             (tmp_path / f"{i}_{k}.jpg").write_bytes(row[f"jpg_{k}"])
-        lines.append(_json.dumps({"caption": row["caption"], "image_0": f"{i}_0.jpg", "image_1": f"{i}_1.jpg",
-                                  "label_0": row["label_0"]}))
+        lines.append(
+            _json.dumps(
+                {"caption": row["caption"], "image_0": f"{i}_0.jpg", "image_1": f"{i}_1.jpg", "label_0": row["label_0"]}
+            )
+        )
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     pairs = load_pairs(str(tmp_path))
     assert len(pairs) == 3
@@ -159,6 +180,7 @@ def test_a_dataset_without_the_columns_is_named(tmp_path):
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
+
 
 def dpo_config(tmp_path, tiny_cache, pairs_folder, **dpo):
     from trainer.config import Config
@@ -247,7 +269,9 @@ def test_an_ema_reference_follows_the_policy(tmp_path, tiny_cache, pairs_folder)
         cfg.train.lora, cfg.train.learning_rate, cfg.train.ema_decay = False, 1e-4, 0.01
         cfg.dpo.reference = reference
         losses[reference] = [m["loss"] for m in train(cfg)]
-    assert losses["ema"][0] == pytest.approx(math.log(2), abs=1e-3) and losses["base"][0] == pytest.approx(losses["ema"][0])
+    assert losses["ema"][0] == pytest.approx(math.log(2), abs=1e-3) and losses["base"][0] == pytest.approx(
+        losses["ema"][0]
+    )
     far = [abs(a - math.log(2)) for a in losses["base"][1:]]
     near = [abs(b - math.log(2)) for b in losses["ema"][1:]]
     assert all(n < f / 2 for n, f in zip(near, far)), (losses, near, far)
@@ -256,18 +280,60 @@ def test_an_ema_reference_follows_the_policy(tmp_path, tiny_cache, pairs_folder)
 def test_seed_flags_translate():
     from trainer.seed_flags import translate
 
-    seed = ["--pretrained_model_name_or_path=runwayml/stable-diffusion-v1-5", "--dataset_name=yuvalkirstain/pickapic_v2",
-            "--train_batch_size=1", "--dataloader_num_workers=16", "--gradient_accumulation_steps=1",
-            "--max_train_steps=2000", "--lr_scheduler=constant_with_warmup", "--lr_warmup_steps=500",
-            "--learning_rate=1e-8", "--scale_lr", "--cache_dir=/data/pickapic/", "--checkpointing_steps", "500",
-            "--beta_dpo", "5000", "--output_dir=tmp-sd15", "--sdxl", "--no_hflip", "--choice_model", "aes"]
+    seed = [
+        "--pretrained_model_name_or_path=runwayml/stable-diffusion-v1-5",
+        "--dataset_name=yuvalkirstain/pickapic_v2",
+        "--train_batch_size=1",
+        "--dataloader_num_workers=16",
+        "--gradient_accumulation_steps=1",
+        "--max_train_steps=2000",
+        "--lr_scheduler=constant_with_warmup",
+        "--lr_warmup_steps=500",
+        "--learning_rate=1e-8",
+        "--scale_lr",
+        "--cache_dir=/data/pickapic/",
+        "--checkpointing_steps",
+        "500",
+        "--beta_dpo",
+        "5000",
+        "--output_dir=tmp-sd15",
+        "--sdxl",
+        "--no_hflip",
+        "--choice_model",
+        "aes",
+    ]
     assert translate(seed) == [
-        "--pretrained.model", "runwayml/stable-diffusion-v1-5", "--dpo.dataset", "yuvalkirstain/pickapic_v2",
-        "--train.batch_size", "1", "--dpo.dataloader_num_workers", "16", "--train.gradient_accumulation_steps", "1",
-        "--dpo.max_train_steps", "2000", "--train.lr_scheduler", "constant_with_warmup", "--train.lr_warmup_steps",
-        "500", "--train.learning_rate", "1e-8", "--dpo.scale_lr", "--dpo.cache_dir", "/data/pickapic/",
-        "--dpo.checkpointing_steps", "500", "--dpo.beta", "5000", "--run.output_dir", "tmp-sd15", "--no-dpo.hflip",
-        "--dpo.relabel", "--reward.scorer", "aesthetic",
+        "--pretrained.model",
+        "runwayml/stable-diffusion-v1-5",
+        "--dpo.dataset",
+        "yuvalkirstain/pickapic_v2",
+        "--train.batch_size",
+        "1",
+        "--dpo.dataloader_num_workers",
+        "16",
+        "--train.gradient_accumulation_steps",
+        "1",
+        "--dpo.max_train_steps",
+        "2000",
+        "--train.lr_scheduler",
+        "constant_with_warmup",
+        "--train.lr_warmup_steps",
+        "500",
+        "--train.learning_rate",
+        "1e-8",
+        "--dpo.scale_lr",
+        "--dpo.cache_dir",
+        "/data/pickapic/",
+        "--dpo.checkpointing_steps",
+        "500",
+        "--dpo.beta",
+        "5000",
+        "--run.output_dir",
+        "tmp-sd15",
+        "--no-dpo.hflip",
+        "--dpo.relabel",
+        "--reward.scorer",
+        "aesthetic",
     ]
     from pydantic_settings import CliApp
 
@@ -279,6 +345,7 @@ def test_seed_flags_translate():
 
 
 # -- AI feedback: python -m trainer.label ------------------------------------------------------------------
+
 
 def test_best_and_worst_pairs_each_groups_extremes_in_sampling_order():
     from trainer.rewards import best_and_worst
@@ -296,8 +363,16 @@ def test_label_samples_pairs_and_the_verifier_chooses(tmp_path, images_per_promp
     from trainer.pairs import load_pairs
     from scorers.shapes import ShapesVerifier
 
-    settings = LabelSettings(out=tmp_path / "pairs", model="tiny-shapes", pairs=12, steps=4, shard_size=5,
-                             batch_size=8, scorer="shapes", images_per_prompt=images_per_prompt)
+    settings = LabelSettings(
+        out=tmp_path / "pairs",
+        model="tiny-shapes",
+        pairs=12,
+        steps=4,
+        shard_size=5,
+        batch_size=8,
+        scorer="shapes",
+        images_per_prompt=images_per_prompt,
+    )
     counts = label(settings)
     assert counts["pairs"] == 12 and counts["kept"] + counts["ties"] == 12 and counts["kept"] > 0
     assert sorted(p.name for p in (tmp_path / "pairs").glob("*.parquet")) == [f"part-0000{i}.parquet" for i in range(3)]
@@ -329,8 +404,11 @@ def test_label_relabels_pairs_through_a_live_reward_server(tmp_path, pairs_folde
     from trainer.pairs import load_pairs
 
     server = start_server("--model", "shapes")
-    counts = label(LabelSettings(out=tmp_path / "relabelled", source=str(pairs_folder), url=[server.url],
-                                 resolution=64, shard_size=8))
+    counts = label(
+        LabelSettings(
+            out=tmp_path / "relabelled", source=str(pairs_folder), url=[server.url], resolution=64, shard_size=8
+        )
+    )
     assert counts["pairs"] == 18  # ties of the source are relabelled too
     pairs = load_pairs(str(tmp_path / "relabelled"))
     # the true caption's render satisfies every claim; the other caption's render does not: the verifier
@@ -392,11 +470,16 @@ def test_online_rounds_sample_label_and_train(tmp_path):
     from trainer.config import Config
     from trainer.dpo import train
 
-    cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none"},
-                 pretrained={"model": "tiny-shapes"}, prompt={"fn": "shapes"}, reward={"scorer": "shapes"},
-                 sample={"num_steps": 4, "batch_size": 8},
-                 train={"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
-                 dpo={"online": True, "online_pairs": 8, "max_train_steps": 4, "checkpointing_steps": 0})
+    cfg = Config(
+        algorithm="dpo",
+        run={"output_dir": tmp_path / "run", "log_with": "none"},
+        pretrained={"model": "tiny-shapes"},
+        prompt={"fn": "shapes"},
+        reward={"scorer": "shapes"},
+        sample={"num_steps": 4, "batch_size": 8},
+        train={"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
+        dpo={"online": True, "online_pairs": 8, "max_train_steps": 4, "checkpointing_steps": 0},
+    )
     history = train(cfg)
     assert [m["step"] for m in history] == [0, 1, 2, 3]
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -430,18 +513,36 @@ def test_online_rounds_pair_each_prompts_best_and_worst_image(tmp_path, monkeypa
 
     monkeypatch.setattr(dpo, "evaluate", recording_evaluate)
     monkeypatch.setattr(dpo, "_online_pairs", recording_pairs)
-    cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none", "eval_every": 0},
-                 pretrained={"model": "tiny-shapes"}, prompt={"fn": "shapes"}, reward={"scorer": "shapes"},
-                 sample={"num_steps": 4, "batch_size": 16},
-                 train={"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
-                 dpo={"online": True, "online_pairs": 8, "online_images_per_prompt": 4, "online_epochs": 2,
-                      "max_train_steps": 4, "checkpointing_steps": 0})
+    cfg = Config(
+        algorithm="dpo",
+        run={"output_dir": tmp_path / "run", "log_with": "none", "eval_every": 0},
+        pretrained={"model": "tiny-shapes"},
+        prompt={"fn": "shapes"},
+        reward={"scorer": "shapes"},
+        sample={"num_steps": 4, "batch_size": 16},
+        train={"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
+        dpo={
+            "online": True,
+            "online_pairs": 8,
+            "online_images_per_prompt": 4,
+            "online_epochs": 2,
+            "max_train_steps": 4,
+            "checkpointing_steps": 0,
+        },
+    )
     history = dpo.train(cfg)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert len(sampled) == 1 and len(batches) == 4 and [("online_reward_mean" in m) for m in history] == [True] + [False] * 3
+    assert (
+        len(sampled) == 1
+        and len(batches) == 4
+        and [("online_reward_mean" in m) for m in history] == [True] + [False] * 3
+    )
     prompts, images = sampled[0]
-    first_pass = {"pixels": torch.cat([b["pixels"] for b in batches[:2]]), "weights": torch.cat([b["weights"] for b in batches[:2]]),
-                  "captions": batches[0]["captions"] + batches[1]["captions"]}
+    first_pass = {
+        "pixels": torch.cat([b["pixels"] for b in batches[:2]]),
+        "weights": torch.cat([b["weights"] for b in batches[:2]]),
+        "captions": batches[0]["captions"] + batches[1]["captions"],
+    }
     assert len(prompts) == 32 and prompts[::4] == first_pass["captions"]
     second = torch.cat([batches[2]["pixels"], batches[3]["pixels"]])
     again = [next(i for i in range(8) if torch.equal(p, first_pass["pixels"][i])) for p in second]

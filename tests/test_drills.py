@@ -25,13 +25,23 @@ from trainer.ddpo import train
 pytestmark = pytest.mark.timeout(600)
 
 # -- fuzzing ------------------------------------------------------------------------------------------------
-scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=16)
-values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=16)
+)
+values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+)
 VALID = msgpack.unpackb(build_request(np.zeros((2, 4, 4, 3), np.uint8), ["a", "b"]))
 
 
-VALID_GRAD = msgpack.unpackb(build_request(np.full((2, 8, 8, 3), 0.5, np.float32), ["a", "b"], encoding="f32",
-                                          gradient_dtype="float32"))
+VALID_GRAD = msgpack.unpackb(
+    build_request(np.full((2, 8, 8, 3), 0.5, np.float32), ["a", "b"], encoding="f32", gradient_dtype="float32")
+)
 
 
 def mutated(draw_key, draw_value, valid=VALID):
@@ -46,8 +56,25 @@ def mutated(draw_key, draw_value, valid=VALID):
 bodies = (
     st.binary(max_size=300)
     | values.map(lambda v: msgpack.packb(v, use_bin_type=True))
-    | st.builds(mutated, st.sampled_from(["version", "request_id", "images", "prompts", "metadata", "extra",
-                                          "image.height", "image.width", "image.channels", "image.encoding", "image.data"]), values)
+    | st.builds(
+        mutated,
+        st.sampled_from(
+            [
+                "version",
+                "request_id",
+                "images",
+                "prompts",
+                "metadata",
+                "extra",
+                "image.height",
+                "image.width",
+                "image.channels",
+                "image.encoding",
+                "image.data",
+            ]
+        ),
+        values,
+    )
 )
 
 
@@ -55,7 +82,9 @@ bodies = (
 def fuzz_target(tmp_path_factory):
     from tests.conftest import ServerProcess
 
-    server = ServerProcess("--model", "compression", "--log-level", "error", log=tmp_path_factory.mktemp("fuzz") / "server.log").wait_ready()
+    server = ServerProcess(
+        "--model", "compression", "--log-level", "error", log=tmp_path_factory.mktemp("fuzz") / "server.log"
+    ).wait_ready()
     yield server, httpx.Client(timeout=10)
     server.stop()
 
@@ -76,16 +105,32 @@ def test_still_healthy_after_fuzzing(fuzz_target):
     assert server.healthy() and server.metric("reward_requests_total", status="500") == 0
 
 
-FIELDS = ["version", "request_id", "images", "prompts", "metadata", "extra", "gradient_dtype", "image.height",
-          "image.width", "image.channels", "image.encoding", "image.data"]
+FIELDS = [
+    "version",
+    "request_id",
+    "images",
+    "prompts",
+    "metadata",
+    "extra",
+    "gradient_dtype",
+    "image.height",
+    "image.width",
+    "image.channels",
+    "image.encoding",
+    "image.data",
+]
 grad_bodies = (
     st.binary(max_size=300)
     | values.map(lambda v: msgpack.packb(v, use_bin_type=True))
     | st.builds(lambda key, value: mutated(key, value, VALID_GRAD), st.sampled_from(FIELDS), values)
     # well-formed float images of any values: NaN, infinities and out-of-range pixels are the client's error
-    | st.builds(lambda pixels: build_request(np.array(pixels, np.float32).reshape(1, 4, 4, 3), ["a"], encoding="f32",
-                                             gradient_dtype="float16"),
-                st.lists(st.floats(width=32), min_size=48, max_size=48) | st.lists(st.floats(0, 1, width=32), min_size=48, max_size=48))
+    | st.builds(
+        lambda pixels: build_request(
+            np.array(pixels, np.float32).reshape(1, 4, 4, 3), ["a"], encoding="f32", gradient_dtype="float16"
+        ),
+        st.lists(st.floats(width=32), min_size=48, max_size=48)
+        | st.lists(st.floats(0, 1, width=32), min_size=48, max_size=48),
+    )
 )
 
 
@@ -93,8 +138,15 @@ grad_bodies = (
 def grad_target(tmp_path_factory):
     from tests.conftest import ServerProcess
 
-    server = ServerProcess("--model", "aesthetic", "--checkpoint", "tiny-shapes", "--log-level", "error",
-                           log=tmp_path_factory.mktemp("fuzz-grad") / "server.log").wait_ready()
+    server = ServerProcess(
+        "--model",
+        "aesthetic",
+        "--checkpoint",
+        "tiny-shapes",
+        "--log-level",
+        "error",
+        log=tmp_path_factory.mktemp("fuzz-grad") / "server.log",
+    ).wait_ready()
     yield server, httpx.Client(timeout=30)
     server.stop()
 
@@ -187,11 +239,37 @@ def test_a_restarted_scorer_is_waited_for(tmp_path, tiny_cache, start_server):
 
 # -- a killed trainer ---------------------------------------------------------------------------------------
 def trainer(out, cache, *extra) -> subprocess.Popen:
-    args = [sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out), "--run.num_epochs", "4", "--run.save_freq", "1",
-            "--run.log_with", "none", "--run.log_images_every", "0", "--pretrained.cache_dir", str(cache),
-            "--sample.num_steps", "4", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "2",
-            "--train.batch_size", "2", *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--preset",
+        "tiny",
+        "--run.output_dir",
+        str(out),
+        "--run.num_epochs",
+        "4",
+        "--run.save_freq",
+        "1",
+        "--run.log_with",
+        "none",
+        "--run.log_images_every",
+        "0",
+        "--pretrained.cache_dir",
+        str(cache),
+        "--sample.num_steps",
+        "4",
+        "--sample.batch_size",
+        "4",
+        "--sample.num_batches_per_epoch",
+        "2",
+        "--train.batch_size",
+        "2",
+        *extra,
+    ]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def test_a_trainer_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, tiny_cache):
@@ -228,7 +306,9 @@ def test_the_token_works_and_is_never_written(tmp_path, tiny_cache, start_server
     cfg = drill_config(tmp_path, tiny_cache, [server.url], epochs=1)
     assert cfg.reward.token.get_secret_value() == token
     train(cfg)
-    written = "".join(p.read_text(errors="replace") for p in cfg.run.output_dir.rglob("*") if p.suffix in (".json", ".jsonl"))
+    written = "".join(
+        p.read_text(errors="replace") for p in cfg.run.output_dir.rglob("*") if p.suffix in (".json", ".jsonl")
+    )
     assert token not in written and "**********" not in written  # not even masked: the mask would be sent back
     assert "token" not in json.loads((cfg.run.output_dir / "config.json").read_text())["reward"]
     monkeypatch.setenv("DIFFUSION_RL_REWARD__TOKEN", "wrong")
@@ -248,8 +328,21 @@ def test_schemathesis_on_the_json_endpoints(fuzz_target, tmp_path):
     server, _ = fuzz_target
     exe = os.path.join(os.path.dirname(sys.executable), "schemathesis")
     result = subprocess.run(
-        [exe, "run", f"{server.url}/openapi.json", "--checks", "all", "--include-method", "GET", "--max-examples", "50"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,  # its .schemathesis/ cache stays out of the repo
+        [
+            exe,
+            "run",
+            f"{server.url}/openapi.json",
+            "--checks",
+            "all",
+            "--include-method",
+            "GET",
+            "--max-examples",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # its .schemathesis/ cache stays out of the repo
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "No issues found" in result.stdout

@@ -29,8 +29,21 @@ def test_images_and_scores_do_not_depend_on_the_batch_size(tiny_cache, preset):
     rewards = Rewards(cfg.reward)
     before = getattr(family.pipe.scheduler, "num_inference_steps", None)
     try:
-        runs = [evaluate(family, family.denoiser, PROMPTS, [{}] * 3, rewards, num_steps=5, guidance_scale=4.0,
-                         resolution=64, seeds=[7, 8, 9], batch_size=b) for b in (1, 2, 3)]
+        runs = [
+            evaluate(
+                family,
+                family.denoiser,
+                PROMPTS,
+                [{}] * 3,
+                rewards,
+                num_steps=5,
+                guidance_scale=4.0,
+                resolution=64,
+                seeds=[7, 8, 9],
+                batch_size=b,
+            )
+            for b in (1, 2, 3)
+        ]
     finally:
         rewards.close()
     for images, scored in runs[1:]:  # the same up to float rounding (batched kernels sum in another order)
@@ -49,18 +62,29 @@ def test_the_trainers_evaluation_is_the_clis_on_the_same_weights(tmp_path, tiny_
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "run"
-    cfg = Config(run={"output_dir": out, "num_epochs": 2, "eval_every": 1, "log_with": "none", "log_images_every": 0,
-                      "save_freq": 1},
-                 pretrained={"cache_dir": tiny_cache}, prompt={"eval_path": held_out},
-                 sample={"num_steps": 4, "eval_num_steps": 6, "batch_size": 4, "num_batches_per_epoch": 1},
-                 train={"batch_size": 2})
+    cfg = Config(
+        run={
+            "output_dir": out,
+            "num_epochs": 2,
+            "eval_every": 1,
+            "log_with": "none",
+            "log_images_every": 0,
+            "save_freq": 1,
+        },
+        pretrained={"cache_dir": tiny_cache},
+        prompt={"eval_path": held_out},
+        sample={"num_steps": 4, "eval_num_steps": 6, "batch_size": 4, "num_batches_per_epoch": 1},
+        train={"batch_size": 2},
+    )
     train(cfg)
     records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]  # before training, after each epoch
     assert (out / "eval" / "after-0002.png").is_file()
     assert records[0]["reward_mean"] != records[2]["reward_mean"]
 
-    common = dict(cache_dir=tiny_cache, prompts=held_out, steps=6, guidance_scale=5.0, seed=cfg.run.eval_seed, batch_size=2)
+    common = dict(
+        cache_dir=tiny_cache, prompts=held_out, steps=6, guidance_scale=5.0, seed=cfg.run.eval_seed, batch_size=2
+    )
     base = run_evaluation(EvalSettings(out=tmp_path / "base", **common))
     tuned = run_evaluation(EvalSettings(out=tmp_path / "tuned", lora=out / "lora", **common))
     for cli, trainer in ((base, records[0]), (tuned, records[2])):
@@ -79,10 +103,20 @@ def test_the_evaluation_images_do_not_depend_on_the_training_seed(tmp_path, tiny
     held_out.write_text("\n".join(PROMPTS) + "\n")
 
     def first_evaluation(**run) -> list[float]:
-        cfg = Config(run={"output_dir": tmp_path / str(run), "num_epochs": 1, "eval_every": 1, "log_with": "none",
-                          "log_images_every": 0, **run},
-                     pretrained={"cache_dir": tiny_cache}, prompt={"eval_path": held_out},
-                     sample={"num_steps": 3, "batch_size": 3, "num_batches_per_epoch": 1}, train={"batch_size": 3})
+        cfg = Config(
+            run={
+                "output_dir": tmp_path / str(run),
+                "num_epochs": 1,
+                "eval_every": 1,
+                "log_with": "none",
+                "log_images_every": 0,
+                **run,
+            },
+            pretrained={"cache_dir": tiny_cache},
+            prompt={"eval_path": held_out},
+            sample={"num_steps": 3, "batch_size": 3, "num_batches_per_epoch": 1},
+            train={"batch_size": 3},
+        )
         train(cfg)
         record = json.loads((cfg.run.output_dir / "eval.jsonl").read_text().splitlines()[0])
         return [p["reward"] for p in record["per_prompt"]]
@@ -94,9 +128,24 @@ def test_the_evaluation_images_do_not_depend_on_the_training_seed(tmp_path, tiny
 
 def test_cli_writes_json_and_a_grid(tmp_path, tiny_cache):
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.evaluate", "--cache_dir", str(tiny_cache), "--count", "2", "--per_prompt", "2",
-         "--steps", "3", "--out", str(tmp_path / "ev")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "trainer.evaluate",
+            "--cache_dir",
+            str(tiny_cache),
+            "--count",
+            "2",
+            "--per_prompt",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -106,6 +155,7 @@ def test_cli_writes_json_and_a_grid(tmp_path, tiny_cache):
     assert summary["reward_mean"] == pytest.approx(np.mean(rewards)) and summary["reward_compression_mean"] < 0
     assert (tmp_path / "ev" / "eval.png").stat().st_size > 0
 
-    bad = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--reward", "nonesuch"], capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", "--reward", "nonesuch"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode != 0 and "nonesuch" in bad.stderr and "Traceback" not in bad.stderr

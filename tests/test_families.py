@@ -37,7 +37,9 @@ def test_sdxl_first_step_importance_ratio_is_exactly_one(tiny_cache):
     assert type(family).__name__ == "SDXL"  # told by the pipeline's own class
     make_trainable(family.denoiser, cfg)
     negative = family.encode_prompts([""])
-    assert float(negative["prompt_embeds"].abs().max()) == 0 and negative["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+    assert float(negative["prompt_embeds"].abs().max()) == 0 and negative["time_ids"].tolist() == [
+        [64, 64, 0, 0, 64, 64]
+    ]
     torch.manual_seed(0)
     batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 4, 1.0, 5.0, 64)
     assert family.to_uint8(final).shape == (2, 64, 64, 3)
@@ -45,10 +47,13 @@ def test_sdxl_first_step_importance_ratio_is_exactly_one(tiny_cache):
 
 
 def sdxl_run(tmp_path, tiny_cache, epochs: int, **run) -> Config:
-    return Config(preset="tiny-sdxl", run={"output_dir": tmp_path, "num_epochs": epochs, "log_with": "none",
-                                           "log_images_every": 0, **run},
-                  pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 2},
-                  train={"batch_size": 2})
+    return Config(
+        preset="tiny-sdxl",
+        run={"output_dir": tmp_path, "num_epochs": epochs, "log_with": "none", "log_images_every": 0, **run},
+        pretrained={"cache_dir": tiny_cache},
+        sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 2},
+        train={"batch_size": 2},
+    )
 
 
 def test_sdxl_trains_saves_a_lora_its_pipeline_loads_and_resumes_exactly(tmp_path, tiny_cache):
@@ -70,15 +75,27 @@ def test_sdxl_trains_saves_a_lora_its_pipeline_loads_and_resumes_exactly(tmp_pat
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path(tiny_cache))
     pipe.set_progress_bar_config(disable=True)
-    base = pipe("a cat", num_inference_steps=3, height=64, width=64, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images
+    base = pipe(
+        "a cat",
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     pipe.load_lora_weights(tmp_path / "straight" / "lora", adapter_name="ddpo")
     from peft.utils import get_peft_model_state_dict
 
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name="ddpo")
     assert len(loaded) == len(one) and all(torch.equal(loaded[k.removeprefix("unet.")], v) for k, v in one.items())
-    tuned = pipe("a cat", num_inference_steps=3, height=64, width=64, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    tuned = pipe(
+        "a cat",
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert np.abs(base - tuned).max() > 0
 
 
@@ -101,14 +118,32 @@ def test_sd3_first_step_importance_ratio_is_exactly_one(tiny_cache):
 
 
 def test_sd3_deterministic_sampling_is_the_pipelines_own(tiny_cache):
-    """noise level 0 is the scheduler's Euler step: our sampler and StableDiffusion3Pipeline agree, guidance included."""
+    """noise level 0 is the scheduler's Euler step: our sampler and StableDiffusion3Pipeline agree, guidance
+    included."""
     _, family = sd3(tiny_cache)
     negative = family.encode_prompts([""])
     start = family.initial_latents(2, 64, torch.Generator().manual_seed(3), "cpu")
-    ours, final = sample(family, family.denoiser, ["a cat", "a red owl"], [{}, {}], negative, 8, 0.0, 4.5, 64,
-                         generator=torch.Generator().manual_seed(3))
-    theirs = family.pipe(["a cat", "a red owl"], num_inference_steps=8, guidance_scale=4.5, height=64, width=64,
-                         latents=start.clone(), output_type="latent").images
+    ours, final = sample(
+        family,
+        family.denoiser,
+        ["a cat", "a red owl"],
+        [{}, {}],
+        negative,
+        8,
+        0.0,
+        4.5,
+        64,
+        generator=torch.Generator().manual_seed(3),
+    )
+    theirs = family.pipe(
+        ["a cat", "a red owl"],
+        num_inference_steps=8,
+        guidance_scale=4.5,
+        height=64,
+        width=64,
+        latents=start.clone(),
+        output_type="latent",
+    ).images
     assert torch.allclose(final, theirs, atol=1e-5, rtol=1e-5), (final - theirs).abs().max()
     assert torch.equal(ours.latents[:, 0], start)
 
@@ -127,10 +162,13 @@ def test_sd3_window_stores_only_its_stochastic_steps_and_the_rest_is_the_ode(tin
 
 
 def family_run(preset, tmp_path, tiny_cache, epochs: int, **run) -> Config:
-    return Config(preset=preset, run={"output_dir": tmp_path, "num_epochs": epochs, "log_with": "none",
-                                      "log_images_every": 0, **run},
-                  pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 2},
-                  train={"batch_size": 2})
+    return Config(
+        preset=preset,
+        run={"output_dir": tmp_path, "num_epochs": epochs, "log_with": "none", "log_images_every": 0, **run},
+        pretrained={"cache_dir": tiny_cache},
+        sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 2},
+        train={"batch_size": 2},
+    )
 
 
 def test_sd3_trains_with_kl_saves_a_lora_its_pipeline_loads_and_resumes_exactly(tmp_path, tiny_cache):
@@ -159,7 +197,9 @@ def test_sd3_trains_with_kl_saves_a_lora_its_pipeline_loads_and_resumes_exactly(
     from peft.utils import get_peft_model_state_dict
 
     loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="grpo")
-    assert len(loaded) == len(one) and all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in one.items())
+    assert len(loaded) == len(one) and all(
+        torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in one.items()
+    )
     tuned = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.abs(base - tuned).max() > 0
 
@@ -171,11 +211,29 @@ def test_sdxl_deterministic_sampling_off_its_native_size_is_the_pipelines_own(ti
     family = load_family(cfg, torch.device("cpu"))
     negative = family.encode_prompts([""])
     start = family.initial_latents(2, 96, torch.Generator().manual_seed(4), "cpu")
-    ours, final = sample(family, family.denoiser, ["a cat", "a red owl"], [{}, {}], negative, 6, 0.0, 5.0, 96,
-                         generator=torch.Generator().manual_seed(4))
+    ours, final = sample(
+        family,
+        family.denoiser,
+        ["a cat", "a red owl"],
+        [{}, {}],
+        negative,
+        6,
+        0.0,
+        5.0,
+        96,
+        generator=torch.Generator().manual_seed(4),
+    )
     assert ours.prompt_embeds["time_ids"].tolist() == [[96, 96, 0, 0, 96, 96]] * 2
-    theirs = family.pipe(["a cat", "a red owl"], num_inference_steps=6, guidance_scale=5.0, eta=0.0, height=96,
-                         width=96, latents=start.clone(), output_type="latent").images
+    theirs = family.pipe(
+        ["a cat", "a red owl"],
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        eta=0.0,
+        height=96,
+        width=96,
+        latents=start.clone(),
+        output_type="latent",
+    ).images
     assert torch.allclose(final, theirs, atol=1e-5, rtol=1e-5), (final - theirs).abs().max()
 
 
@@ -201,10 +259,32 @@ def test_the_cli_trains_each_family_preset(tmp_path, tiny_cache, preset):
 
     out = tmp_path / preset
     done = subprocess.run(
-        [sys.executable, "-m", "trainer", "--preset", preset, "--pretrained.cache_dir", str(tiny_cache),
-         "--run.output_dir", str(out), "--run.num_epochs", "2", "--run.log_with", "none", "--sample.num_steps", "3",
-         "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1", "--train.batch_size", "2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--preset",
+            preset,
+            "--pretrained.cache_dir",
+            str(tiny_cache),
+            "--run.output_dir",
+            str(out),
+            "--run.num_epochs",
+            "2",
+            "--run.log_with",
+            "none",
+            "--sample.num_steps",
+            "3",
+            "--sample.batch_size",
+            "4",
+            "--sample.num_batches_per_epoch",
+            "1",
+            "--train.batch_size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
@@ -215,27 +295,44 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
     cfg = Config(preset="tiny-sd3", pretrained={"cache_dir": tiny_cache}, sample={"sde_type": "cps", "eta": 0.8})
     family = load_family(cfg, torch.device("cpu"))
     negative = family.encode_prompts([""])
-    batch, _ = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 5, 0.8, 4.5, 64,
-                      generator=torch.Generator().manual_seed(0))
+    batch, _ = sample(
+        family,
+        family.denoiser,
+        ["a cat", "an owl"],
+        [{}, {}],
+        negative,
+        5,
+        0.8,
+        4.5,
+        64,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert_rescored_exactly(family, batch, negative, 4.5, 0.8, shuffle=False)
     with torch.no_grad():  # Flow-GRPO's CPS log-prob: -mean((x_next - mean)^2), no constants
         log_prob, mean, _ = rescore(family, family.denoiser, batch, 2, negative, 4.5, 0.8)
     expected = -((batch.next_latents[:, 2] - mean) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(log_prob, expected, rtol=0, atol=0)
-    ddim_cps = Config(pretrained={"cache_dir": tiny_cache}, sample={"sde_type": "cps"},
-                      train={"timestep_selection": "first", "timestep_fraction": 0.9})
+    ddim_cps = Config(
+        pretrained={"cache_dir": tiny_cache},
+        sample={"sde_type": "cps"},
+        train={"timestep_selection": "first", "timestep_fraction": 0.9},
+    )
     with pytest.raises(ValueError, match="sample.sde_type: cps is a flow-matching step; a StableDiffusionPipeline"):
         load_family(ddim_cps, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("preset, name", [("tiny", "SD1"), ("tiny-sdxl", "SDXL"), ("tiny-sd3", "SD3"), ("tiny-flux", "Flux")])
+@pytest.mark.parametrize(
+    "preset, name", [("tiny", "SD1"), ("tiny-sdxl", "SDXL"), ("tiny-sd3", "SD3"), ("tiny-flux", "Flux")]
+)
 def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, name):
     """trainer.families.Family cannot drift from the families: each one loaded is an instance of it, with every
     method taking the protocol's parameters."""
     family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
     assert type(family).__name__ == name and isinstance(family, Family)
     assert FAMILIES[family.pipeline_class] is type(family) and isinstance(family.denoiser_name, str)
-    assert isinstance(family.denoiser, torch.nn.Module) and family.denoiser is getattr(family.pipe, family.denoiser_name)
+    assert isinstance(family.denoiser, torch.nn.Module) and family.denoiser is getattr(
+        family.pipe, family.denoiser_name
+    )
     for attribute, member in vars(Family).items():
         if attribute.startswith("_") or isinstance(member, property):
             continue

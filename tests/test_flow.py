@@ -44,8 +44,12 @@ def test_mean_std_and_log_prob_match_the_formula(scheduler, noise_level):
         np.testing.assert_allclose(std[n].expand_as(mean[n]).numpy(), expected[1], rtol=1e-6, atol=1e-7)
         # log p averaged over C, H, W, as Flow-GRPO and DDPO
         sd = expected[1]
-        log_p = np.mean(-((x_next[n].numpy() - expected[0]) ** 2) / (2 * sd**2) - np.log(sd) - math.log(math.sqrt(2 * math.pi)))
-        assert gaussian_log_prob(x_next[n : n + 1], mean[n : n + 1], std[n : n + 1]).item() == pytest.approx(log_p, rel=1e-5)
+        log_p = np.mean(
+            -((x_next[n].numpy() - expected[0]) ** 2) / (2 * sd**2) - np.log(sd) - math.log(math.sqrt(2 * math.pi))
+        )
+        assert gaussian_log_prob(x_next[n : n + 1], mean[n : n + 1], std[n : n + 1]).item() == pytest.approx(
+            log_p, rel=1e-5
+        )
 
 
 def test_noise_level_zero_is_the_schedulers_euler_step(scheduler):
@@ -83,8 +87,9 @@ def test_cps_step_matches_its_formula_and_is_euler_without_noise(scheduler, nois
             np.testing.assert_allclose(mean[n].numpy(), euler, rtol=1e-5, atol=1e-6)
 
 
-def flow_grpo_kl_reference(sigmas: list[float], i: int, mean: np.ndarray, mean_ref: np.ndarray, noise_level: float,
-                           sde_type: str) -> float:
+def flow_grpo_kl_reference(
+    sigmas: list[float], i: int, mean: np.ndarray, mean_ref: np.ndarray, noise_level: float, sde_type: str
+) -> float:
     """The KL line of Flow-GRPO's scripts/train_sd3.py, mean((mean - mean_ref)^2) / (2 std_dev_t^2), with the
     std_dev_t its sde_step_with_logprob returns: noise_level sqrt(s / (1 - s')) for the SDE (no sqrt(-dt)),
     s_next sin(noise_level pi / 2) for CPS."""
@@ -107,8 +112,10 @@ def test_kl_is_flow_grpos_at_the_first_a_middle_and_the_last_step(scheduler, sde
     mean, std = FLOW_STEPS[sde_type](scheduler.sigmas, index, v, x, noise_level)
     mean_ref, _ = FLOW_STEPS[sde_type](scheduler.sigmas, index, v_ref, x, noise_level)
     ours = flow_grpo_kl(scheduler.sigmas, index, mean, mean_ref, std, sde_type)
-    expected = [flow_grpo_kl_reference(sigmas, i, mean[n].numpy(), mean_ref[n].numpy(), noise_level, sde_type)
-                for n, i in enumerate(steps)]
+    expected = [
+        flow_grpo_kl_reference(sigmas, i, mean[n].numpy(), mean_ref[n].numpy(), noise_level, sde_type)
+        for n, i in enumerate(steps)
+    ]
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5)
     # The exact KL of the two transitions (equal std) is |dt| times smaller for the SDE, the same for CPS.
     exact = ((mean - mean_ref) ** 2 / (2 * std**2)).mean(dim=(1, 2, 3)).numpy()

@@ -31,8 +31,16 @@ def flux(tiny_cache, guidance: bool = True, **groups):
 def pipeline_latents(family, prompts, start, steps: int, guidance: float) -> torch.Tensor:
     """FluxPipeline's own sampling from the packed ``start``, unpacked: the reference our sampler must equal."""
     size = start.shape[-1]
-    out = family.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size * 8, width=size * 8,
-                      max_sequence_length=TOKENS, latents=pack(start.clone()), output_type="latent").images
+    out = family.pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=size * 8,
+        width=size * 8,
+        max_sequence_length=TOKENS,
+        latents=pack(start.clone()),
+        output_type="latent",
+    ).images
     return unpack(out, size, size)
 
 
@@ -51,13 +59,31 @@ def test_deterministic_sampling_is_the_pipelines_own(tiny_cache, guidance):
         torch.testing.assert_close(timesteps, u * 1000)
     prompts, negative = ["a cat", "a red owl"], family.encode_prompts([""])
     start = family.initial_latents(2, 64, torch.Generator().manual_seed(3), "cpu")
-    ours, final = sample(family, family.denoiser, prompts, [{}, {}], negative, 8, 0.0, 3.5, 64,
-                         generator=torch.Generator().manual_seed(3))
+    ours, final = sample(
+        family,
+        family.denoiser,
+        prompts,
+        [{}, {}],
+        negative,
+        8,
+        0.0,
+        3.5,
+        64,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(ours.latents[:, 0], start) and final.shape == (2, 16, 8, 8)
     assert torch.equal(final, pipeline_latents(family, prompts, start, 8, 3.5))
     # the pipeline's own noise from the same generator is ours, packed
-    drawn = family.pipe(prompts, num_inference_steps=8, guidance_scale=3.5, height=64, width=64, max_sequence_length=TOKENS,
-                        generator=torch.Generator().manual_seed(3), output_type="latent").images
+    drawn = family.pipe(
+        prompts,
+        num_inference_steps=8,
+        guidance_scale=3.5,
+        height=64,
+        width=64,
+        max_sequence_length=TOKENS,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+    ).images
     assert torch.equal(unpack(drawn, 8, 8), final)
     other = pipeline_latents(family, prompts, start, 8, 5.0)
     assert (float((other - final).abs().max()) > 1e-3) == guidance  # the guidance input is used, or there is none
@@ -77,7 +103,10 @@ def test_the_schedule_is_shifted_by_image_size_as_flux_computes_it(tiny_cache):
         np.testing.assert_allclose(family.pipe.scheduler.sigmas.numpy(), expected, rtol=1e-6)
         np.testing.assert_allclose(family.pipe.scheduler.timesteps.numpy(), expected[:-1] * 1000, rtol=1e-6)
         size = resolution // 8
-        x0, eps = torch.randn(3, 16, size, size, dtype=torch.float64), torch.randn(3, 16, size, size, dtype=torch.float64)
+        x0, eps = (
+            torch.randn(3, 16, size, size, dtype=torch.float64),
+            torch.randn(3, 16, size, size, dtype=torch.float64),
+        )
         u = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)
         noisy, timesteps, target = family.noised(x0, eps, u)
         s = (math.exp(mu) * u / (math.exp(mu) * u + 1 - u)).view(-1, 1, 1, 1)
@@ -93,7 +122,9 @@ def test_settings_flux_cannot_honour_are_refused_before_loading(tiny_cache, monk
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded weights"))
     with pytest.raises(ValueError, match="pretrained.load_t5: false leaves SD3's T5 out; FLUX's prompt tokens"):
-        load_family(Config(preset="tiny-flux", pretrained={"cache_dir": tiny_cache, "load_t5": False}), torch.device("cpu"))
+        load_family(
+            Config(preset="tiny-flux", pretrained={"cache_dir": tiny_cache, "load_t5": False}), torch.device("cpu")
+        )
     with pytest.raises(ValueError, match="max_sequence_length"):
         Config(preset="tiny-flux", pretrained={"max_sequence_length": 513})
 
@@ -107,8 +138,9 @@ def test_the_guidance_input_is_the_callers_scale_or_the_runs(tiny_cache):
     cond, negative = family.encode_prompts(["a cat", "a dog"]), family.encode_prompts([""])
     x, t = torch.randn(2, 16, 8, 8), torch.tensor([900.0, 400.0])
     calls = []
-    handle = family.denoiser.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["guidance"]),
-                                                   with_kwargs=True)
+    handle = family.denoiser.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["guidance"]), with_kwargs=True
+    )
     with torch.no_grad():
         plain = family.predict(family.denoiser, x, t, cond, None, 1.0)
         guided = family.predict(family.denoiser, x, t, cond, negative, 3.5)
@@ -144,9 +176,14 @@ def run_config(tmp_path, tiny_cache, epochs: int, sde_type: str = "sde", algorit
     sample_ = {"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 2, "images_per_prompt": 2}
     if sde_type == "cps":
         sample_ |= {"sde_type": "cps", "eta": 0.8}
-    return Config(preset="tiny-flux", algorithm=algorithm,
-                  run={"output_dir": tmp_path, "num_epochs": epochs, "log_with": "none", "log_images_every": 0, **run},
-                  pretrained={"cache_dir": tiny_cache}, sample=sample_, train={"batch_size": 2})
+    return Config(
+        preset="tiny-flux",
+        algorithm=algorithm,
+        run={"output_dir": tmp_path, "num_epochs": epochs, "log_with": "none", "log_images_every": 0, **run},
+        pretrained={"cache_dir": tiny_cache},
+        sample=sample_,
+        train={"batch_size": 2},
+    )
 
 
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
@@ -168,7 +205,9 @@ def test_flow_grpo_trains_resumes_exactly_and_saves_a_lora_flux_loads(tmp_path, 
     two = load_file(tmp_path / "resumed" / "lora" / "pytorch_lora_weights.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     # Flow-GRPO's targets: the double blocks' attention and feed-forwards, the single blocks' q/k/v
-    assert any(".ff_context.net.2." in k for k in one) and any("single_transformer_blocks.0.attn.to_q" in k for k in one)
+    assert any(".ff_context.net.2." in k for k in one) and any(
+        "single_transformer_blocks.0.attn.to_q" in k for k in one
+    )
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_path(tiny_cache))
     pipe.set_progress_bar_config(disable=True)
@@ -176,7 +215,9 @@ def test_flow_grpo_trains_resumes_exactly_and_saves_a_lora_flux_loads(tmp_path, 
     base = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     pipe.load_lora_weights(tmp_path / "straight" / "lora", adapter_name="grpo")
     loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="grpo")
-    assert len(loaded) == len(one) and all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in one.items())
+    assert len(loaded) == len(one) and all(
+        torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in one.items()
+    )
     tuned = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.abs(base - tuned).max() > 0
     pipe.unload_lora_weights()
@@ -189,7 +230,12 @@ def test_nft_and_awm_train_and_save(tmp_path, tiny_cache, algorithm):
     from trainer import train
 
     cfg = run_config(tmp_path, tiny_cache, 2, algorithm=algorithm)
-    cfg.sample.eta, cfg.train.timestep_fraction, cfg.train.timestep_selection, cfg.train.kl_coef = 0.0, 0.5, "random", 1e-4
+    cfg.sample.eta, cfg.train.timestep_fraction, cfg.train.timestep_selection, cfg.train.kl_coef = (
+        0.0,
+        0.5,
+        "random",
+        1e-4,
+    )
     history = train(cfg)
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[-1]["kl_to_reference"] > 0
@@ -204,11 +250,19 @@ def test_diffusion_dpo_starts_at_log_2_and_trains(tmp_path, tiny_cache):
     from trainer.pairs import write_parquet
 
     write_parquet(pick_a_pic_rows(9), tmp_path / "pairs" / "train-0000.parquet")
-    cfg = Config(algorithm="dpo", run={"output_dir": tmp_path / "run", "log_with": "none"},
-                 pretrained={"model": "tiny-flux", "cache_dir": tiny_cache}, sample={"guidance_scale": 3.5},
-                 train={"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-                        "lora_targets": PRESETS["tiny-flux"]["train"]["lora_targets"]},
-                 dpo={"dataset": str(tmp_path / "pairs"), "max_train_steps": 2, "checkpointing_steps": 0})
+    cfg = Config(
+        algorithm="dpo",
+        run={"output_dir": tmp_path / "run", "log_with": "none"},
+        pretrained={"model": "tiny-flux", "cache_dir": tiny_cache},
+        sample={"guidance_scale": 3.5},
+        train={
+            "batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "lora_targets": PRESETS["tiny-flux"]["train"]["lora_targets"],
+        },
+        dpo={"dataset": str(tmp_path / "pairs"), "max_train_steps": 2, "checkpointing_steps": 0},
+    )
     history = train(cfg)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and history[0]["implicit_accuracy"] == 0.0
     assert history[1]["loss"] != history[0]["loss"]
@@ -219,11 +273,15 @@ def test_refl_steps_move_the_adapters(tmp_path, tiny_cache):
     from trainer import run as run_setup
     from trainer.refl import differentiable_reward, rollout
 
-    cfg = Config(algorithm="refl", run={"output_dir": tmp_path / "run", "log_with": "none"},
-                 pretrained={"model": "tiny-flux", "cache_dir": tiny_cache}, sample={"guidance_scale": 3.5},
-                 reward={"scorer": "aesthetic", "options": {"checkpoint": "tiny-shapes"}},
-                 train={"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "adam_weight_decay": 0.0},
-                 refl={"mode": "draft", "draft_k": 2, "num_steps": 6, "mid_low": 3, "mid_high": 5, "max_train_steps": 1})
+    cfg = Config(
+        algorithm="refl",
+        run={"output_dir": tmp_path / "run", "log_with": "none"},
+        pretrained={"model": "tiny-flux", "cache_dir": tiny_cache},
+        sample={"guidance_scale": 3.5},
+        reward={"scorer": "aesthetic", "options": {"checkpoint": "tiny-shapes"}},
+        train={"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "adam_weight_decay": 0.0},
+        refl={"mode": "draft", "draft_k": 2, "num_steps": 6, "mid_low": 3, "mid_high": 5, "max_train_steps": 1},
+    )
     with run_setup.started(cfg, 1) as run:
         run_setup.load_model(run, 1)
         before = {k: p.detach().clone() for k, p in run.trainable.items()}
@@ -244,8 +302,21 @@ def test_evaluate_and_label_run_on_it(tmp_path, tiny_cache):
     cfg, family = flux(tiny_cache)
     rewards = Rewards(cfg.reward)
     try:
-        runs = [evaluate(family, family.denoiser, ["a cat", "an owl", "a dog"], [{}] * 3, rewards, num_steps=5,
-                         guidance_scale=3.5, resolution=64, seeds=[7, 8, 9], batch_size=b) for b in (1, 3)]
+        runs = [
+            evaluate(
+                family,
+                family.denoiser,
+                ["a cat", "an owl", "a dog"],
+                [{}] * 3,
+                rewards,
+                num_steps=5,
+                guidance_scale=3.5,
+                resolution=64,
+                seeds=[7, 8, 9],
+                batch_size=b,
+            )
+            for b in (1, 3)
+        ]
     finally:
         rewards.close()
     diff = np.abs(runs[0][0].astype(int) - runs[1][0])
@@ -255,8 +326,19 @@ def test_evaluate_and_label_run_on_it(tmp_path, tiny_cache):
     theirs = family.to_uint8(pipeline_latents(family, ["an owl"], start, 5, 3.5))
     assert np.abs(theirs.astype(int) - runs[0][0][1]).max() <= 1
 
-    counts = label(LabelSettings(out=tmp_path / "pairs", model="tiny-flux", cache_dir=tiny_cache, prompt_fn="shapes",
-                                 pairs=4, steps=3, guidance_scale=3.5, batch_size=8, scorer="compression"))
+    counts = label(
+        LabelSettings(
+            out=tmp_path / "pairs",
+            model="tiny-flux",
+            cache_dir=tiny_cache,
+            prompt_fn="shapes",
+            pairs=4,
+            steps=3,
+            guidance_scale=3.5,
+            batch_size=8,
+            scorer="compression",
+        )
+    )
     assert counts["pairs"] == 4 and counts["kept"] + counts["ties"] == 4
     assert len(load_pairs(str(tmp_path / "pairs"))) == counts["kept"]
 

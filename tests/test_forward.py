@@ -32,8 +32,14 @@ def reference_loss(prediction, old, x0, to_x0, r, beta, c=5.0) -> float:
 def ddim_scheduler(prediction_type: str):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, prediction_type=prediction_type)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+    )
 
 
 @pytest.mark.parametrize("parametrisation", ["flow", "epsilon", "v_prediction"])
@@ -55,7 +61,9 @@ def test_nft_loss_is_the_published_formula(parametrisation, beta):
             theirs_x0 = lambda p, n: (x_t[n] - np.sqrt(1 - a[n]) * p) / np.sqrt(a[n])  # noqa: E731
         else:
             theirs_x0 = lambda p, n: np.sqrt(a[n]) * x_t[n] - np.sqrt(1 - a[n]) * p  # noqa: E731
-    loss, _ = nft_loss(torch.tensor(prediction), torch.tensor(old), torch.tensor(x0), ours_x0, torch.tensor(r), beta, 5.0)
+    loss, _ = nft_loss(
+        torch.tensor(prediction), torch.tensor(old), torch.tensor(x0), ours_x0, torch.tensor(r), beta, 5.0
+    )
     assert loss.item() == pytest.approx(reference_loss(prediction, old, x0, theirs_x0, r, beta), rel=1e-5)
 
 
@@ -88,17 +96,28 @@ def test_optimality_and_the_old_policy_schedule():
     torch.testing.assert_close(nft_optimality(a, 5.0), torch.tensor([0.0, 0.0, 0.4, 0.5, 0.75, 1.0]))
     nft = Config(algorithm="nft").nft
     assert [nft.old_decay(s) for s in (0, 1, 100, 499, 500, 10_000)] == [0.0, 0.001, 0.1, 0.499, 0.5, 0.5]
-    ocr = Config(algorithm="nft", nft={"old_decay_flat_steps": 75, "old_decay_rate": 0.0075, "old_decay_max": 0.999}).nft
+    ocr = Config(
+        algorithm="nft", nft={"old_decay_flat_steps": 75, "old_decay_rate": 0.0075, "old_decay_max": 0.999}
+    ).nft
     assert [ocr.old_decay(s) for s in (0, 74, 75, 175, 500)] == [0.0, 0.0, 0.0, pytest.approx(0.75), 0.999]
 
 
 def nft_config(tmp_path, tiny_cache, preset: str, algorithm: str = "nft", train: dict | None = None, **run) -> Config:
-    return Config(preset=preset, algorithm=algorithm,
-                  run={"output_dir": tmp_path, "num_epochs": 2, "log_with": "none", "log_images_every": 0, **run},
-                  pretrained={"cache_dir": tiny_cache},
-                  sample={"num_steps": 4, "eta": 0.0, "batch_size": 4, "num_batches_per_epoch": 1, "images_per_prompt": 2,
-                          "guidance_scale": 1.0},
-                  train={"batch_size": 2, "timestep_fraction": 0.5, "kl_coef": 1e-4, "cfg": False, **(train or {})})
+    return Config(
+        preset=preset,
+        algorithm=algorithm,
+        run={"output_dir": tmp_path, "num_epochs": 2, "log_with": "none", "log_images_every": 0, **run},
+        pretrained={"cache_dir": tiny_cache},
+        sample={
+            "num_steps": 4,
+            "eta": 0.0,
+            "batch_size": 4,
+            "num_batches_per_epoch": 1,
+            "images_per_prompt": 2,
+            "guidance_scale": 1.0,
+        },
+        train={"batch_size": 2, "timestep_fraction": 0.5, "kl_coef": 1e-4, "cfg": False, **(train or {})},
+    )
 
 
 @pytest.mark.slow
@@ -108,7 +127,9 @@ def test_a_short_run_trains_and_saves_on_every_family(tmp_path, tiny_cache, pres
     from trainer import train
 
     # AWM's timesteps stratified over the schedule, as its code does
-    cfg = nft_config(tmp_path, tiny_cache, preset, algorithm, {"timestep_selection": "stratified"} if algorithm == "awm" else None)
+    cfg = nft_config(
+        tmp_path, tiny_cache, preset, algorithm, {"timestep_selection": "stratified"} if algorithm == "awm" else None
+    )
     history = train(cfg)
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[0]["old_policy_decay"] == pytest.approx(0.002)  # 2 optimizer steps into the run
@@ -151,8 +172,11 @@ def test_the_forward_process_at_the_samplers_steps(tiny_cache, preset, kind):
     else:
         a = scheduler.alphas_cumprod[scheduler.timesteps[index]].view(-1, 1, 1, 1)
         v = a.sqrt() * noise - (1 - a).sqrt() * x0
-        expected = (a.sqrt() * x0 + (1 - a).sqrt() * noise, v if kind == "v_prediction" else noise,
-                    scheduler.timesteps[index] / 1000)
+        expected = (
+            a.sqrt() * x0 + (1 - a).sqrt() * noise,
+            v if kind == "v_prediction" else noise,
+            scheduler.timesteps[index] / 1000,
+        )
     for ours, theirs in zip((x_t, target, time), expected):
         torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(t, scheduler.timesteps[index])
@@ -167,10 +191,19 @@ def test_nft_resumes_exactly_with_its_old_policy(tmp_path, tiny_cache):
     straight = train(nft_config(tmp_path / "straight", tiny_cache, "tiny", num_epochs=3))
     train(nft_config(tmp_path / "resumed", tiny_cache, "tiny", num_epochs=2, save_freq=1))
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "old_policy.safetensors").exists()
-    resumed = train(nft_config(tmp_path / "resumed", tiny_cache, "tiny", num_epochs=3,
-                               resume_from=str(tmp_path / "resumed" / "checkpoints" / "checkpoint-2")))
+    resumed = train(
+        nft_config(
+            tmp_path / "resumed",
+            tiny_cache,
+            "tiny",
+            num_epochs=3,
+            resume_from=str(tmp_path / "resumed" / "checkpoints" / "checkpoint-2"),
+        )
+    )
     assert resumed[-1]["loss"] == straight[-1]["loss"] and resumed[-1]["reward_mean"] == straight[-1]["reward_mean"]
-    weights = [load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed")]
+    weights = [
+        load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed")
+    ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     lines = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert lines == [0, 1, 2]

@@ -15,10 +15,20 @@ from scorers import geneval_rules as rules
 from scorers import tiny_models
 
 pytestmark = pytest.mark.timeout(300)
-PROMPTS = ["a photo of a dog", "a photo of two dogs", "a photo of a red dog", "a photo of a dog and a cat",
-           "a photo of a dog above a cat", "anything: the metadata says"]
-METADATA = [{}] * 5 + [{"tag": "color_attr", "include": [{"class": "dog", "count": 1, "color": "blue"},
-                                                          {"class": "cat", "count": 1, "color": "red"}]}]
+PROMPTS = [
+    "a photo of a dog",
+    "a photo of two dogs",
+    "a photo of a red dog",
+    "a photo of a dog and a cat",
+    "a photo of a dog above a cat",
+    "anything: the metadata says",
+]
+METADATA = [{}] * 5 + [
+    {
+        "tag": "color_attr",
+        "include": [{"class": "dog", "count": 1, "color": "blue"}, {"class": "cat", "count": 1, "color": "red"}],
+    }
+]
 OPTIONS = ["--options", "resize=64", "--options", "max_size=96"]
 
 
@@ -61,7 +71,9 @@ def reference_detections(folder, images, short=64):
                 if probs[q, c] * mask_score > 0.3:
                     ys, xs = np.nonzero(binary.numpy())
                     box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-                    found.setdefault(rules.CLASSES[c], []).append((float(probs[q, c] * mask_score), box, binary.numpy()))
+                    found.setdefault(rules.CLASSES[c], []).append(
+                        (float(probs[q, c] * mask_score), box, binary.numpy())
+                    )
         out.append({k: sorted(v, key=lambda t: -t[0]) for k, v in found.items()})
     return out
 
@@ -74,7 +86,11 @@ def reference_color(folder, image, box, mask, name):
         img = getattr(img, "pooler_output", img)
         classes = []
         for color in rules.COLORS:
-            texts = [f"a photo of a {color} {name}", f"a photo of a {color}-colored {name}", f"a photo of a {color} object"]
+            texts = [
+                f"a photo of a {color} {name}",
+                f"a photo of a {color}-colored {name}",
+                f"a photo of a {color} object",
+            ]
             t = model.get_text_features(**processor(text=texts, padding=True, return_tensors="pt"))
             t = getattr(t, "pooler_output", t)
             t = (t / t.norm(dim=-1, keepdim=True)).mean(0)
@@ -88,8 +104,15 @@ def score(server, images, prompts, metadata):
 
 
 def test_served_geneval_matches_detections_and_colours_computed_here(start_server, checkpoints, images):
-    server = start_server("--model", "geneval", "--checkpoint", str(checkpoints / "m2f"), "--options",
-                          f"clip={checkpoints / 'clip'}", *OPTIONS)
+    server = start_server(
+        "--model",
+        "geneval",
+        "--checkpoint",
+        str(checkpoints / "m2f"),
+        "--options",
+        f"clip={checkpoints / 'clip'}",
+        *OPTIONS,
+    )
     reply = score(server, images, PROMPTS, METADATA)
     detections = reference_detections(checkpoints / "m2f", images)
     assert all(len(d["dog"]) >= 2 for d in detections) and not any("cat" in d for d in detections)
@@ -97,11 +120,16 @@ def test_served_geneval_matches_detections_and_colours_computed_here(start_serve
     for i, (prompt, meta) in enumerate(zip(PROMPTS, METADATA)):
         wanted = meta or rules.parse(prompt)
         threshold = 0.9 if wanted["tag"] == "counting" else 0.3
-        objects = {k: [{"class": k, "score": s, "box": b, "mask": m} for s, b, m in v if s > threshold][:16]
-                   for k, v in detections[i].items()}
+        objects = {
+            k: [{"class": k, "score": s, "box": b, "mask": m} for s, b, m in v if s > threshold][:16]
+            for k, v in detections[i].items()
+        }
         objects = {k: v for k, v in objects.items() if v}
         assert len(reply.info["detected"][i]) == sum(map(len, objects.values())), prompt
-        colors_of = lambda name, objs, i=i: [reference_color(checkpoints / "clip", images[i], o["box"], o["mask"], name) for o in objs]  # noqa: E731
+
+        def colors_of(name, objs, i=i):
+            return [reference_color(checkpoints / "clip", images[i], o["box"], o["mask"], name) for o in objs]  # noqa: E731
+
         correct, failed = rules.evaluate(objects, wanted, colors_of)
         assert (reply.info["correct"][i], reply.info["failed"][i]) == (correct, failed), prompt
         assert reply.scores[i] == pytest.approx(rules.fraction(objects, wanted, colors_of)), prompt
@@ -112,17 +140,34 @@ def test_served_geneval_matches_detections_and_colours_computed_here(start_serve
 
 
 def test_strict_scores_are_geneval_correctness_and_bad_requests_are_422(start_server, checkpoints, images):
-    server = start_server("--model", "geneval", "--checkpoint", str(checkpoints / "m2f"), "--options",
-                          f"clip={checkpoints / 'clip'}", "--options", "strict=true", *OPTIONS)
+    server = start_server(
+        "--model",
+        "geneval",
+        "--checkpoint",
+        str(checkpoints / "m2f"),
+        "--options",
+        f"clip={checkpoints / 'clip'}",
+        "--options",
+        "strict=true",
+        *OPTIONS,
+    )
     reply = score(server, images, PROMPTS, METADATA)
     assert reply.scores == [float(c) for c in reply.info["correct"]] and reply.scores[:2] == [1.0, 0.0]
     for prompts, metadata, field, message in [
         (["a photo of a unicorn"], [{}], "prompts.0", "'a photo of a unicorn' is not a GenEval prompt"),
-        (["a photo of a dog"], [{"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "teal"}]}],
-         "metadata.0.include.0.color", "'red'"),
+        (
+            ["a photo of a dog"],
+            [{"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "teal"}]}],
+            "metadata.0.include.0.color",
+            "'red'",
+        ),
     ]:
-        bad = httpx.post(f"{server.url}/v1/score", content=build_request(images[:1], prompts, metadata),
-                         headers={"content-type": MEDIA_TYPE}, timeout=30)
+        bad = httpx.post(
+            f"{server.url}/v1/score",
+            content=build_request(images[:1], prompts, metadata),
+            headers={"content-type": MEDIA_TYPE},
+            timeout=30,
+        )
         error = unpack(bad.content)["error"]
         assert (bad.status_code, error["field"]) == (422, field) and message in error["message"], error
     assert "Traceback" not in server.log.read_text()
@@ -138,7 +183,12 @@ def test_options_are_checked():
     assert scorer.strict and scorer.options["threshold"] == 0.5 and scorer.clip_checkpoint == "tiny"
     from trainer.config import Config  # in process: --reward.scorer geneval --reward.options ...
 
-    assert Config(reward={"scorer": "geneval", "options": {"strict": "true", "checkpoint": "tiny"}}).reward.options["strict"] == "true"
+    assert (
+        Config(reward={"scorer": "geneval", "options": {"strict": "true", "checkpoint": "tiny"}}).reward.options[
+            "strict"
+        ]
+        == "true"
+    )
     with pytest.raises(ValueError, match="stricct"):
         Config(reward={"scorer": "geneval", "options": {"stricct": "true"}})
 
@@ -146,8 +196,10 @@ def test_options_are_checked():
 def test_the_trainer_reports_genevals_overall_score_as_the_mean_over_tags():
     from trainer.tracking import by_category
 
-    records = [{"category": c, "correct": ok} for c, ok in [("counting", True), ("counting", False), ("counting", False),
-                                                            ("colors", True)]]
+    records = [
+        {"category": c, "correct": ok}
+        for c, ok in [("counting", True), ("counting", False), ("counting", False), ("colors", True)]
+    ]
     out = by_category(records, np.array([1.0, 0.0, 0.5, 1.0]))
     assert out["accuracy"] == 0.5 and out["accuracy_category_mean"] == pytest.approx((1 / 3 + 1) / 2)
     assert out["category/counting/accuracy"] == pytest.approx(1 / 3) and out["category/counting/reward_mean"] == 0.5

@@ -38,7 +38,9 @@ def test_selection_thresholds_are_strict_and_the_counting_tag_uses_its_own():
     assert [d["score"] for d in kept["cat"]] == [0.95, 0.9]  # most confident first
     kept = rules.select(found, "counting")
     assert list(kept) == ["cat"] and [d["score"] for d in kept["cat"]] == [0.95]  # above 0.9 for counting
-    assert [d["score"] for d in rules.select(found, "counting", {**rules.DEFAULTS, "counting_threshold": 0.25})["dog"]] == [0.3001, 0.3]
+    assert [
+        d["score"] for d in rules.select(found, "counting", {**rules.DEFAULTS, "counting_threshold": 0.25})["dog"]
+    ] == [0.3001, 0.3]
 
 
 def test_selection_keeps_the_16_most_confident_of_each_class_and_deduplicates_only_when_asked():
@@ -60,7 +62,9 @@ def test_relative_position_edges(gap, expected):
     # A (10 wide) at x, B at x + gap: each axis shrinks by 0.1 x (10 + 10) = 2, and a side is named when the
     # shrunk offset is more than half the distance: gap - 2 > gap / 2, i.e. gap > 4.
     assert rules.relative_position((0, 0, 10, 10), (gap, 0, gap + 10, 10)) == expected
-    assert rules.relative_position((gap, 0, gap + 10, 10), (0, 0, 10, 10)) == {r.replace("left", "right") for r in expected}
+    assert rules.relative_position((gap, 0, gap + 10, 10), (0, 0, 10, 10)) == {
+        r.replace("left", "right") for r in expected
+    }
 
 
 def test_relative_position_vertical_diagonal_and_threshold_option():
@@ -84,7 +88,11 @@ def test_single_and_two_object():
 
 def test_counting_is_exact_through_the_exclude():
     three = rules.parse("a photo of three dogs")
-    assert three == {"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}]}
+    assert three == {
+        "tag": "counting",
+        "include": [{"class": "dog", "count": 3}],
+        "exclude": [{"class": "dog", "count": 4}],
+    }
     assert check([det("dog")] * 3, three) == (True, [], 1.0)
     assert check([det("dog")] * 2, three) == (False, ["expected dog>=3, found 2"], pytest.approx(2 / 3))
     assert check([det("dog")] * 4, three) == (False, ["expected dog<4, found 4"], pytest.approx(2 / 3))
@@ -96,8 +104,10 @@ def test_colors_are_judged_on_the_most_confident_objects():
     assert check([det("car", color="blue")], red) == (False, ["expected red car>=1, found 0 red; and 1 blue"], 0.5)
     # two cars: GenEval looks at the most confident only; Flow-GRPO needs exactly one car, so no colour term
     assert check([det("car", 0.9, color="red"), det("car", 0.8, color="blue")], red)[:2] == (True, [])
-    assert check([det("car", 0.9, color="blue"), det("car", 0.8, color="red")], red)[:2] == (False, [
-        "expected red car>=1, found 0 red; and 1 blue"])
+    assert check([det("car", 0.9, color="blue"), det("car", 0.8, color="red")], red)[:2] == (
+        False,
+        ["expected red car>=1, found 0 red; and 1 blue"],
+    )
     assert check([det("car", 0.9, color="red"), det("car", 0.8, color="blue")], red)[2] == 0.0  # (1 - 1 + 0) / 2
     attr = rules.parse("a photo of a red car and a blue bench")
     assert check([det("car", color="red"), det("bench", color="blue")], attr) == (True, [], 1.0)
@@ -106,29 +116,51 @@ def test_colors_are_judged_on_the_most_confident_objects():
 
 def test_position_needs_the_target_and_the_relation():
     left = rules.parse("a photo of a cup left of a vase")
-    assert left == {"tag": "position", "include": [{"class": "vase", "count": 1},
-                                                   {"class": "cup", "count": 1, "position": ["left of", 0]}]}
+    assert left == {
+        "tag": "position",
+        "include": [{"class": "vase", "count": 1}, {"class": "cup", "count": 1, "position": ["left of", 0]}],
+    }
     cup, vase = det("cup", box=(0, 0, 10, 10)), det("vase", box=(30, 0, 40, 10))
     assert check([cup, vase], left) == (True, [], 1.0)
     right = det("cup", box=(60, 0, 70, 10))
-    assert check([right, vase], left) == (False, ["expected cup left of target, found right of target"], pytest.approx(2 / 3))
+    assert check([right, vase], left) == (
+        False,
+        ["expected cup left of target, found right of target"],
+        pytest.approx(2 / 3),
+    )
     over = det("cup", box=(31, 0, 41, 10))
-    assert check([over, vase], left) == (False, ["expected cup left of target, found no relation to target"], pytest.approx(2 / 3))
-    assert check([cup], left) == (False, ["expected vase>=1, found 0", "no target for cup to be left of"], pytest.approx(1 / 3))
+    assert check([over, vase], left) == (
+        False,
+        ["expected cup left of target, found no relation to target"],
+        pytest.approx(2 / 3),
+    )
+    assert check([cup], left) == (
+        False,
+        ["expected vase>=1, found 0", "no target for cup to be left of"],
+        pytest.approx(1 / 3),
+    )
 
 
 def test_every_shipped_geneval_prompt_parses_to_its_metadata():
     rows = [json.loads(line) for line in (ASSETS / "evaluation_metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 553
     assert {tag: sum(r["tag"] == tag for r in rows) for tag in rules.TAGS} == {
-        "single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100}
+        "single_object": 80,
+        "two_object": 99,
+        "counting": 80,
+        "colors": 94,
+        "position": 100,
+        "color_attr": 100,
+    }
     for row in rows:
         expected = {k: v for k, v in row.items() if k != "prompt"}
         assert rules.parse(row["prompt"]) == expected
         assert rules.checked(row) == expected
 
 
-@pytest.mark.parametrize("caption", ["a photo of a unicorn", "a photo of a red dog left of a cat", "a photo of a red dog and a cat", "two"])
+@pytest.mark.parametrize(
+    "caption", ["a photo of a unicorn", "a photo of a red dog left of a cat", "a photo of a red dog and a cat", "two"]
+)
 def test_other_captions_are_refused(caption):
     with pytest.raises(ValueError, match="is not a GenEval prompt"):
         rules.parse(caption)
@@ -139,15 +171,39 @@ BAD_METADATA = [
     ({"tag": "colors"}, "metadata.0.include", "required"),
     ({"tag": "colors", "include": []}, "metadata.0.include", "at least 1"),
     ({"tag": "colors", "include": [{"class": "dgo", "count": 1}]}, "metadata.0.include.0.class", "'person'"),
-    ({"tag": "colors", "include": [{"class": "dog", "count": 0}]}, "metadata.0.include.0.count", "greater than or equal to 1"),
-    ({"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "teal"}]}, "metadata.0.include.0.color", "'red'"),
-    ({"tag": "colors", "include": [{"class": "dog", "count": 1, "colour": "red"}]}, "metadata.0.include.0.colour", "not permitted"),
-    ({"tag": "position", "include": [{"class": "dog", "count": 1, "position": ["left of", 0]}]},
-     "metadata.0.include.0.position", "an earlier include"),
-    ({"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["near", 0]}]},
-     "metadata.0.include.1.position.0", "'left of'"),
-    ({"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog"}]},
-     "metadata.0.exclude.0.count", "required"),
+    (
+        {"tag": "colors", "include": [{"class": "dog", "count": 0}]},
+        "metadata.0.include.0.count",
+        "greater than or equal to 1",
+    ),
+    (
+        {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "teal"}]},
+        "metadata.0.include.0.color",
+        "'red'",
+    ),
+    (
+        {"tag": "colors", "include": [{"class": "dog", "count": 1, "colour": "red"}]},
+        "metadata.0.include.0.colour",
+        "not permitted",
+    ),
+    (
+        {"tag": "position", "include": [{"class": "dog", "count": 1, "position": ["left of", 0]}]},
+        "metadata.0.include.0.position",
+        "an earlier include",
+    ),
+    (
+        {
+            "tag": "position",
+            "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["near", 0]}],
+        },
+        "metadata.0.include.1.position.0",
+        "'left of'",
+    ),
+    (
+        {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog"}]},
+        "metadata.0.exclude.0.count",
+        "required",
+    ),
 ]
 
 
@@ -164,8 +220,14 @@ def test_the_sampler_regenerates_genevals_suite_from_its_seed():
     import numpy as np
 
     rng = np.random.default_rng(43)
-    suite = [{"tag": "single_object", "include": [{"class": rules.CLASSES[i], "count": 1}],
-              "prompt": f"a photo of {rules.with_article(rules.CLASSES[i])}"} for i in rng.choice(80, size=80, replace=False)]
+    suite = [
+        {
+            "tag": "single_object",
+            "include": [{"class": rules.CLASSES[i], "count": 1}],
+            "prompt": f"a photo of {rules.with_article(rules.CLASSES[i])}",
+        }
+        for i in rng.choice(80, size=80, replace=False)
+    ]
     suite += [rules.sample(rng, tag) for tag in rules.TAGS[1:] for _ in range(100)]
     unique = list({json.dumps(row, sort_keys=True): row for row in suite}.values())
     rows = [json.loads(line) for line in (ASSETS / "evaluation_metadata.jsonl").read_text().splitlines()]
@@ -179,7 +241,9 @@ def test_the_training_prompts_come_from_the_templates_and_never_from_the_evaluat
     from trainer.prompts import GENEVAL_TRAIN_TAGS, make_prompt_fn
 
     draw, rng = make_prompt_fn("geneval"), np.random.default_rng(0)
-    evaluation = {json.loads(line)["prompt"] for line in (ASSETS / "evaluation_metadata.jsonl").read_text().splitlines()}
+    evaluation = {
+        json.loads(line)["prompt"] for line in (ASSETS / "evaluation_metadata.jsonl").read_text().splitlines()
+    }
     drawn = [draw(rng) for _ in range(3000)]
     assert not {prompt for prompt, _ in drawn} & evaluation
     assert {meta["tag"] for _, meta in drawn} == set(GENEVAL_TRAIN_TAGS)
@@ -192,8 +256,10 @@ def test_the_training_prompts_come_from_the_templates_and_never_from_the_evaluat
 
 def shapes_metadata(claims):
     """A shapes-world caption's claims as GenEval metadata (its shapes standing in for COCO classes)."""
-    objs = [{"class": o["shape"], "count": o["count"] or 1, **({"color": o["color"]} if o["color"] else {})}
-            for o in claims["objects"]]
+    objs = [
+        {"class": o["shape"], "count": o["count"] or 1, **({"color": o["color"]} if o["color"] else {})}
+        for o in claims["objects"]
+    ]
     meta = {"tag": claims["category"], "include": objs}
     if claims["category"] == "counting":
         meta["exclude"] = [{"class": objs[0]["class"], "count": objs[0]["count"] + 1}]
@@ -220,7 +286,10 @@ def test_genevals_rules_on_the_shapes_verifiers_detections_agree_with_the_verifi
         caption, _ = world.sample_caption(rng, "heldout")
         asked = caption if i % 2 == 0 else world.sample_caption(rng, "train")[0]
         image, claims = world.render(caption, rng), world.claims(asked)
-        found = [{"class": d["shape"], "score": 1.0, "box": d["box"], "mask": None, "paint": d["color"]} for d in detect(image)]
+        found = [
+            {"class": d["shape"], "score": 1.0, "box": d["box"], "mask": None, "paint": d["color"]}
+            for d in detect(image)
+        ]
         objects = rules.select(found, claims["category"])
         correct, why = rules.evaluate(objects, shapes_metadata(claims), painted)
         verdict = verify(image, claims)[1]["correct"]
@@ -228,7 +297,11 @@ def test_genevals_rules_on_the_shapes_verifiers_detections_agree_with_the_verifi
             position.append((verdict, correct))
         elif correct != verdict:  # only the colour of a shape found more often than the caption counts
             (obj,) = [o for o in claims["objects"] if o["color"]]
-            assert verdict and len(objects[obj["shape"]]) > (obj["count"] or 1) and why[0].startswith(f"expected {obj['color']}")
+            assert (
+                verdict
+                and len(objects[obj["shape"]]) > (obj["count"] or 1)
+                and why[0].startswith(f"expected {obj['color']}")
+            )
         agree += correct == verdict
     assert agree >= 280
     assert all(verdict for verdict, correct in position if correct)  # GenEval correct => the verifier too

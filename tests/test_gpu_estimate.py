@@ -151,7 +151,9 @@ def test_refl_memory_served_reward_saves_its_weights_and_activations():
     assert report["sd15"]["reward_weights_gb"] == pytest.approx((427_616_513 * 2 + 927_969 * 4) / 1e9, abs=0.002)
     for key in ("batch1", "batch1_checkpointed"):
         row = report["sd15"][key]
-        assert row["local_gb"]["weights"] - row["served_gb"]["weights"] == pytest.approx(report["sd15"]["reward_weights_gb"], abs=0.002)
+        assert row["local_gb"]["weights"] - row["served_gb"]["weights"] == pytest.approx(
+            report["sd15"]["reward_weights_gb"], abs=0.002
+        )
         assert row["local_gb"]["activations"] > row["served_gb"]["activations"]  # the reward's own activations
         assert row["local_gb"]["optimizer_state"] == row["served_gb"]["optimizer_state"]
     for c in report["calibration_tiny"].values():

@@ -33,9 +33,22 @@ def test_a_recipe_is_measured_without_moving_the_weights(tiny_cache):
     import torch
 
     torch.set_num_threads(1)
-    args = ["--preset", "tiny", "--pretrained.cache_dir", str(tiny_cache), "--sample.num_steps", "4",
-            "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1", "--train.batch_size", "2",
-            "--train.gradient_accumulation_steps", "1"]
+    args = [
+        "--preset",
+        "tiny",
+        "--pretrained.cache_dir",
+        str(tiny_cache),
+        "--sample.num_steps",
+        "4",
+        "--sample.batch_size",
+        "4",
+        "--sample.num_batches_per_epoch",
+        "1",
+        "--train.batch_size",
+        "2",
+        "--train.gradient_accumulation_steps",
+        "1",
+    ]
     out = gradient_snr.measure(args, steps=4)
     assert out["estimates"] == 4 and out["effective_batch"] == 2 and out["gradient_norm"] > 0
     assert np.isfinite(out["signal_to_noise_per_step"]) and out["seconds_per_sample"] > 0

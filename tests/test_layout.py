@@ -72,7 +72,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for target in sorted(edges.get(module, ())):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := search(target)):
                 return cycle
         state[module] = "done"
@@ -111,15 +111,23 @@ def test_protocol_never_imports_torch():
     assert not torch_users, f"protocol/ imports torch through {torch_users}"
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [
-    ("trainer", "reward_servers"),
-    ("scorers", "reward_servers"),
-    ("scorers", "trainer"),
-])
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("trainer", "reward_servers"),
+        ("scorers", "reward_servers"),
+        ("scorers", "trainer"),
+    ],
+)
 def test_package_does_not_import(package, forbidden):
     _, names = import_graph()
-    offenders = sorted(f"{m}: {n}" for m, found in names.items() if m == package or m.startswith(package + ".")
-                       for n in found if n == forbidden or n.startswith(forbidden + "."))
+    offenders = sorted(
+        f"{m}: {n}"
+        for m, found in names.items()
+        if m == package or m.startswith(package + ".")
+        for n in found
+        if n == forbidden or n.startswith(forbidden + ".")
+    )
     assert not offenders, f"{package}/ imports {forbidden}: {offenders}"
 
 

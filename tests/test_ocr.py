@@ -16,17 +16,23 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_levenshtein():
-    assert [levenshtein(a, b) for a, b in [("kitten", "sitting"), ("", "abc"), ("abc", ""), ("flaw", "lawn"), ("same", "same")]] == [3, 3, 3, 2, 0]
+    assert [
+        levenshtein(a, b)
+        for a, b in [("kitten", "sitting"), ("", "abc"), ("abc", ""), ("flaw", "lawn"), ("same", "same")]
+    ] == [3, 3, 3, 2, 0]
 
 
-@pytest.mark.parametrize("read, wanted, expected", [
-    ("Hello World", "hello world", 1.0),  # case and spaces do not count
-    ("GRAND OPENING: Hello World!!", "hello world", 1.0),  # the target inside what was read
-    ("helo world", "hello world", 0.9),  # one edit over 10 letters
-    ("hello", "hello world", 0.5),  # five missing letters
-    ("", "sale", 0.0),
-    ("an entirely different and much longer text", "sale", 0.0),  # capped at the target's length, not below 0
-])
+@pytest.mark.parametrize(
+    "read, wanted, expected",
+    [
+        ("Hello World", "hello world", 1.0),  # case and spaces do not count
+        ("GRAND OPENING: Hello World!!", "hello world", 1.0),  # the target inside what was read
+        ("helo world", "hello world", 0.9),  # one edit over 10 letters
+        ("hello", "hello world", 0.5),  # five missing letters
+        ("", "sale", 0.0),
+        ("an entirely different and much longer text", "sale", 0.0),  # capped at the target's length, not below 0
+    ],
+)
 def test_reward_is_one_minus_the_normalised_edit_distance(read, wanted, expected):
     assert reward(read, wanted) == pytest.approx(expected)
 
@@ -49,18 +55,26 @@ def test_served_ocr_reads_like_the_model_run_here(start_server, tmp_path, build)
     inputs = processor(images=list(images), return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     if cls is AutoModelForImageTextToText:  # the answer follows the prompt
-        out = out[:, inputs["input_ids"].shape[1]:]
+        out = out[:, inputs["input_ids"].shape[1] :]
     read = [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
     first, second = read[0].split()
-    prompts = [f'a shop sign that says "{first}"', f'a poster reading "{first} {second[:-1]}x"', 'a mug with "zz" on it']
+    prompts = [
+        f'a shop sign that says "{first}"',
+        f'a poster reading "{first} {second[:-1]}x"',
+        'a mug with "zz" on it',
+    ]
     server = start_server("--model", "ocr", "--checkpoint", str(folder), "--max-new-tokens", "2")
     with RewardClient(server.url) as client:
         reply = client.submit(images, prompts).result(timeout=120)
     assert reply.info["read"] == read and reply.info["target"] == [first, f"{first} {second[:-1]}x", "zz"]
     letters = len(first + second)
     assert reply.scores == pytest.approx([1.0, 1 - 1 / letters, 0.0])  # inside; one edit; nothing alike
-    bad = httpx.post(f"{server.url}/v1/score", content=build_request(images[:1], ["no quotes here"]),
-                     headers={"content-type": MEDIA_TYPE}, timeout=30)
+    bad = httpx.post(
+        f"{server.url}/v1/score",
+        content=build_request(images[:1], ["no quotes here"]),
+        headers={"content-type": MEDIA_TYPE},
+        timeout=30,
+    )
     error = unpack(bad.content)["error"]
     assert (bad.status_code, error["field"]) == (422, "prompts.0") and "no text in double quotes" in error["message"]
     with RewardClient(server.url) as client:  # and it goes on serving

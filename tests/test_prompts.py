@@ -29,7 +29,9 @@ def test_nouns_activities_and_counting_metadata():
     for prompt, meta in draws("counting", 50):
         number, animal = prompt.split(" ", 1)
         assert meta["answers"] == [number] and number in {"one", "two", "three", "four"}
-        assert meta["questions"][0].startswith("How many ") and meta["questions"][0].endswith("are there in this image?")
+        assert meta["questions"][0].startswith("How many ") and meta["questions"][0].endswith(
+            "are there in this image?"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(PROMPT_FNS))

@@ -81,7 +81,11 @@ def _image(**overrides):
         (_request(images=[_image(height=2000, width=2000, data=b"")]), 422, "images.0.height"),
         (_request(images=[_image()] * 3, prompts=["a"] * 3, metadata=[{}] * 3), 422, "images"),
         (_request(extra=1), 422, "extra"),
-        (_request(images=[_image(), _image(height=1, data=bytes(6))], prompts=["a", "b"], metadata=[{}, {}]), 422, "images.1"),
+        (
+            _request(images=[_image(), _image(height=1, data=bytes(6))], prompts=["a", "b"], metadata=[{}, {}]),
+            422,
+            "images.1",
+        ),
         (_request(images=[_image(encoding="png", data=b"not a png")]), 422, "images.0"),
     ],
 )
@@ -112,7 +116,12 @@ def test_garbage_bytes_raise_protocol_errors_only(body):
 
 
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=5) | st.binary(max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
     max_leaves=10,
 )
@@ -127,7 +136,14 @@ def test_wrong_schema_maps_raise_protocol_errors_only(obj):
 
 
 def test_reply_rules():
-    good = {"version": 1, "request_id": "r", "scores": [1.0, 2.0], "info": {"a": ["x", "y"]}, "scorer": "s", "elapsed_ms": 1.0}
+    good = {
+        "version": 1,
+        "request_id": "r",
+        "scores": [1.0, 2.0],
+        "info": {"a": ["x", "y"]},
+        "scorer": "s",
+        "elapsed_ms": 1.0,
+    }
     assert parse_reply(pack(good), expected=2).scores == [1.0, 2.0]
     for bad, field in [
         ({**good, "scores": [1.0, float("nan")]}, "scores.1"),

@@ -80,8 +80,13 @@ def test_score_grad_refusals(start_server, renders):
     out_of_range = build_request(renders / 100.0, CAPTIONS, encoding="f32", gradient_dtype="float32")
     reply = post("/v1/score_grad", out_of_range)
     assert reply.status_code == 422 and "in [0, 1]" in unpack(reply.content)["error"]["message"]
-    short = {"version": 1, "request_id": "x", "images": [{"height": 2, "width": 2, "channels": 3, "encoding": "f32",
-                                                          "data": b"\0" * 47}], "prompts": ["a"], "metadata": [{}]}
+    short = {
+        "version": 1,
+        "request_id": "x",
+        "images": [{"height": 2, "width": 2, "channels": 3, "encoding": "f32", "data": b"\0" * 47}],
+        "prompts": ["a"],
+        "metadata": [{}],
+    }
     assert post("/v1/score_grad", pack(short)).status_code == 422
     assert post("/v1/score_grad", pack({**short, "gradient_dtype": "float64"})).status_code == 422
     assert httpx.get(f"{aesthetic.url}/healthz").status_code == 200
@@ -89,12 +94,15 @@ def test_score_grad_refusals(start_server, renders):
 
 # -- the loop -----------------------------------------------------------------------------------------
 
+
 def refl_config(tmp_path, **refl):
     from trainer.config import Config
 
     return Config(
-        algorithm="refl", run={"output_dir": tmp_path / "run", "log_with": "none"},
-        pretrained={"model": "tiny-shapes"}, prompt={"fn": "shapes"},
+        algorithm="refl",
+        run={"output_dir": tmp_path / "run", "log_with": "none"},
+        pretrained={"model": "tiny-shapes"},
+        prompt={"fn": "shapes"},
         reward={"scorer": "aesthetic", "options": {"checkpoint": "tiny-shapes"}},
         train={"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "adam_weight_decay": 0.0},
         refl={"num_steps": 8, "mid_low": 4, "mid_high": 7, "max_train_steps": 2, **refl},
@@ -122,8 +130,9 @@ def test_truncated_backprop_touches_only_its_steps(tmp_path, mode, expected):
         run_setup.load_model(run, 1)
         unet = run.family.denoiser
         out = {}
-        calls = count_grad_calls(lambda: out.update(zip(("x0", "n"), rollout(run, run.model, unet, ["a red circle"] * 2,
-                                                                                   64, None))), unet)
+        calls = count_grad_calls(
+            lambda: out.update(zip(("x0", "n"), rollout(run, run.model, unet, ["a red circle"] * 2, 64, None))), unet
+        )
     with_grad = sum(calls)
     assert with_grad == out["n"] and out["x0"].requires_grad
     if mode == "refl":  # the steps before mid without grad, mid with it, none after
@@ -173,7 +182,9 @@ def test_a_refl_step_with_the_reward_served_has_the_local_gradient(tmp_path, sta
             torch.relu(2.0 - rewards).mean().backward()
             grads[where] = torch.cat([p.grad.flatten() for p in run.trainable.values()])
     assert grads["local"].abs().max() > 0
-    torch.testing.assert_close(grads["remote"], grads["local"], rtol=1e-4, atol=1e-6 * grads["local"].abs().max().item())
+    torch.testing.assert_close(
+        grads["remote"], grads["local"], rtol=1e-4, atol=1e-6 * grads["local"].abs().max().item()
+    )
 
 
 def image_folder(folder, renders):

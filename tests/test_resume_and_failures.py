@@ -22,8 +22,13 @@ pytestmark = pytest.mark.timeout(300)
 def tiny_run(tmp_path, tiny_cache, epochs: int, **reward) -> Config:
     """One sampling batch of 4 per epoch, two optimizer steps, a checkpoint every epoch."""
     return Config(
-        run={"output_dir": tmp_path / "run", "num_epochs": epochs, "save_freq": 1, "log_with": "tensorboard",
-             "log_images_every": 0},
+        run={
+            "output_dir": tmp_path / "run",
+            "num_epochs": epochs,
+            "save_freq": 1,
+            "log_with": "tensorboard",
+            "log_images_every": 0,
+        },
         pretrained={"cache_dir": tiny_cache},
         sample={"num_steps": 4, "batch_size": 4, "num_batches_per_epoch": 1},
         train={"batch_size": 2},
@@ -99,8 +104,14 @@ def test_checkpoint_verification(tmp_path, tiny_cache):
     train(cfg)
     good = cfg.run.output_dir / "checkpoints" / "checkpoint-1"
     manifest = json.loads((good / "manifest.json").read_text())["files"]
-    assert {"trainable.safetensors", "optimizer.pt", "ema.safetensors", "rng-0.safetensors", "rng-0.json",
-            "state.json"} <= set(manifest)
+    assert {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "ema.safetensors",
+        "rng-0.safetensors",
+        "rng-0.json",
+        "state.json",
+    } <= set(manifest)
     assert checkpoint.verify(good) is None and checkpoint.resolve(good) == good
 
     def damaged(name: str, change) -> str:
@@ -135,9 +146,15 @@ def test_checkpoint_verification(tmp_path, tiny_cache):
 # -- Ctrl-C ----------------------------------------------------------------------------------------------------
 def test_ctrl_c_mid_run_closes_the_reward_clients_and_keeps_the_checkpoint(tmp_path, tiny_cache, start_server):
     server = start_server("--model", "synthetic")
-    cfg = tiny_run(tmp_path, tiny_cache, 3, components=[
-        {"scorer": "compression"}, {"scorer": "synthetic", "name": "brightness", "url": [server.url]},
-    ])
+    cfg = tiny_run(
+        tmp_path,
+        tiny_cache,
+        3,
+        components=[
+            {"scorer": "compression"},
+            {"scorer": "synthetic", "name": "brightness", "url": [server.url]},
+        ],
+    )
     before = set(threading.enumerate())
     seen = []
 
@@ -150,7 +167,9 @@ def test_ctrl_c_mid_run_closes_the_reward_clients_and_keeps_the_checkpoint(tmp_p
         train(cfg, image_samples_hook=ctrl_c)
     assert seen == [0, 1]
     deadline = time.monotonic() + 5
-    while (left := [t.name for t in threading.enumerate() if t not in before and t.is_alive()]) and time.monotonic() < deadline:
+    while (
+        left := [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    ) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"threads left running after Ctrl-C: {left}"
     checkpoints = cfg.run.output_dir / "checkpoints"
@@ -218,11 +237,14 @@ def _tiny_copy(tmp_path, tiny_cache, **scheduler) -> str:
     return str(copy)
 
 
-@pytest.mark.parametrize("scheduler, steps, message", [
-    ({"thresholding": True}, 20, "thresholding"),
-    ({"timestep_spacing": "linspace"}, 20, "timestep_spacing 'linspace'"),
-    ({"timestep_spacing": "trailing"}, 30, "timestep_spacing 'trailing'"),
-])
+@pytest.mark.parametrize(
+    "scheduler, steps, message",
+    [
+        ({"thresholding": True}, 20, "thresholding"),
+        ({"timestep_spacing": "linspace"}, 20, "timestep_spacing 'linspace'"),
+        ({"timestep_spacing": "trailing"}, 30, "timestep_spacing 'trailing'"),
+    ],
+)
 def test_a_scheduler_the_log_prob_step_does_not_model_fails_at_load(tmp_path, tiny_cache, scheduler, steps, message):
     import torch
 
@@ -250,8 +272,10 @@ def test_evenly_spaced_schedules_load(tmp_path, tiny_cache):
     from trainer.families.models import load_pipeline
 
     for spacing, steps in (("leading", 30), ("trailing", 20)):
-        cfg = Config(pretrained={"model": _tiny_copy(tmp_path / spacing, tiny_cache, timestep_spacing=spacing)},
-                     sample={"num_steps": steps})
+        cfg = Config(
+            pretrained={"model": _tiny_copy(tmp_path / spacing, tiny_cache, timestep_spacing=spacing)},
+            sample={"num_steps": steps},
+        )
         load_pipeline(cfg, torch.device("cpu"))
 
 
@@ -263,7 +287,9 @@ def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
     from trainer.families.models import family_of
     from trainer.sampling import rescore, sample
 
-    cfg = Config(pretrained={"cache_dir": tiny_cache}, train={"cfg": False}, sample={"guidance_scale": 1.0, "num_steps": 4})
+    cfg = Config(
+        pretrained={"cache_dir": tiny_cache}, train={"cfg": False}, sample={"guidance_scale": 1.0, "num_steps": 4}
+    )
     pipe = load_pipeline(cfg, torch.device("cpu"))
     negative = family_of(pipe).encode_prompts([""])
     torch.manual_seed(0)

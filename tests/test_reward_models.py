@@ -31,7 +31,9 @@ class OpenClipBlock(nn.Module):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
         self.attn = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(WIDTH, 4 * WIDTH), gelu=nn.GELU(), c_proj=nn.Linear(4 * WIDTH, WIDTH)))
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(WIDTH, 4 * WIDTH), gelu=nn.GELU(), c_proj=nn.Linear(4 * WIDTH, WIDTH))
+        )
 
     def forward(self, x, mask=None):
         h = self.ln_1(x)
@@ -106,8 +108,16 @@ def normalised(x):
 def hps(tmp_path_factory):
     """A ViT-H-14-shaped architecture folder (transformers config + processor) and an HPS weights file."""
     root = tmp_path_factory.mktemp("hps")
-    spec = {**tiny_models.CLIP_SPEC, "hidden": WIDTH, "heads": HEADS, "layers": LAYERS, "image_size": IMAGE,
-            "patch": PATCH, "projection": EMBED, "intermediate": 4 * WIDTH}
+    spec = {
+        **tiny_models.CLIP_SPEC,
+        "hidden": WIDTH,
+        "heads": HEADS,
+        "layers": LAYERS,
+        "image_size": IMAGE,
+        "patch": PATCH,
+        "projection": EMBED,
+        "intermediate": 4 * WIDTH,
+    }
     tiny_models.build_clip(root / "arch", spec)
     config = json.loads((root / "arch" / "config.json").read_text())
     for tower in ("text_config", "vision_config"):
@@ -119,7 +129,9 @@ def hps(tmp_path_factory):
     torch.manual_seed(3)
     reference = randomised(OpenClip(len(processor.tokenizer)))
     # the published file: a training checkpoint of a DistributedDataParallel module, its weights under "state_dict"
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, root / "HPS_v2.1.pt")
+    torch.save(
+        {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, root / "HPS_v2.1.pt"
+    )
     return root, reference, processor
 
 
@@ -143,7 +155,9 @@ def test_hpsv2_served_equals_the_openclip_reference(start_server, hps):
     (expected_grad,) = torch.autograd.grad(expected.sum(), pixels)
     expected_grad = expected_grad.permute(0, 2, 3, 1).numpy()
 
-    server = start_server("--model", "hpsv2", "--checkpoint", str(root / "arch"), "--weights", str(root / "HPS_v2.1.pt"))
+    server = start_server(
+        "--model", "hpsv2", "--checkpoint", str(root / "arch"), "--weights", str(root / "HPS_v2.1.pt")
+    )
     with RewardClient(server.url) as client:
         reply = client.submit(images, PROMPTS).result(timeout=60)
         grad_reply, gradients = client.submit_grad(images / 255.0, PROMPTS).result(timeout=60)
@@ -181,7 +195,9 @@ class VitBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(VIT_WIDTH, eps=1e-6), nn.LayerNorm(VIT_WIDTH, eps=1e-6)
         self.attn = nn.ModuleDict({"qkv": nn.Linear(VIT_WIDTH, 3 * VIT_WIDTH), "proj": nn.Linear(VIT_WIDTH, VIT_WIDTH)})
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(VIT_WIDTH, 4 * VIT_WIDTH), "fc2": nn.Linear(4 * VIT_WIDTH, VIT_WIDTH)})
+        self.mlp = nn.ModuleDict(
+            {"fc1": nn.Linear(VIT_WIDTH, 4 * VIT_WIDTH), "fc2": nn.Linear(4 * VIT_WIDTH, VIT_WIDTH)}
+        )
 
     def forward(self, x):
         q, k, v = self.attn["qkv"](self.norm1(x)).chunk(3, dim=-1)
@@ -207,11 +223,20 @@ class BlipVit(nn.Module):
 
 
 def bert_attention(kv_width):
-    return nn.ModuleDict({
-        "self": nn.ModuleDict({"query": nn.Linear(TEXT_WIDTH, TEXT_WIDTH), "key": nn.Linear(kv_width, TEXT_WIDTH),
-                               "value": nn.Linear(kv_width, TEXT_WIDTH)}),
-        "output": nn.ModuleDict({"dense": nn.Linear(TEXT_WIDTH, TEXT_WIDTH), "LayerNorm": nn.LayerNorm(TEXT_WIDTH, eps=1e-12)}),
-    })
+    return nn.ModuleDict(
+        {
+            "self": nn.ModuleDict(
+                {
+                    "query": nn.Linear(TEXT_WIDTH, TEXT_WIDTH),
+                    "key": nn.Linear(kv_width, TEXT_WIDTH),
+                    "value": nn.Linear(kv_width, TEXT_WIDTH),
+                }
+            ),
+            "output": nn.ModuleDict(
+                {"dense": nn.Linear(TEXT_WIDTH, TEXT_WIDTH), "LayerNorm": nn.LayerNorm(TEXT_WIDTH, eps=1e-12)}
+            ),
+        }
+    )
 
 
 def run_attention(module, x, context, mask=None):
@@ -225,7 +250,9 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attention, self.crossattention = bert_attention(TEXT_WIDTH), bert_attention(VIT_WIDTH)
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(TEXT_WIDTH, 2 * TEXT_WIDTH)})
-        self.output = nn.ModuleDict({"dense": nn.Linear(2 * TEXT_WIDTH, TEXT_WIDTH), "LayerNorm": nn.LayerNorm(TEXT_WIDTH, eps=1e-12)})
+        self.output = nn.ModuleDict(
+            {"dense": nn.Linear(2 * TEXT_WIDTH, TEXT_WIDTH), "LayerNorm": nn.LayerNorm(TEXT_WIDTH, eps=1e-12)}
+        )
 
     def forward(self, x, mask, image):
         x = run_attention(self.crossattention, run_attention(self.attention, x, x, mask), image)
@@ -235,9 +262,13 @@ class BertLayer(nn.Module):
 class BlipTextEncoder(nn.Module):
     def __init__(self, vocab):
         super().__init__()
-        self.embeddings = nn.ModuleDict({"word_embeddings": nn.Embedding(vocab, TEXT_WIDTH),
-                                         "position_embeddings": nn.Embedding(64, TEXT_WIDTH),
-                                         "LayerNorm": nn.LayerNorm(TEXT_WIDTH, eps=1e-12)})
+        self.embeddings = nn.ModuleDict(
+            {
+                "word_embeddings": nn.Embedding(vocab, TEXT_WIDTH),
+                "position_embeddings": nn.Embedding(64, TEXT_WIDTH),
+                "LayerNorm": nn.LayerNorm(TEXT_WIDTH, eps=1e-12),
+            }
+        )
         self.embeddings.register_buffer("position_ids", torch.arange(64)[None])  # BLIP's checkpoints carry it
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer() for _ in range(TEXT_LAYERS))})
 
@@ -252,11 +283,27 @@ class BlipTextEncoder(nn.Module):
 class ImageRewardReference(nn.Module):
     def __init__(self, vocab):
         super().__init__()
-        self.blip = nn.ModuleDict({"visual_encoder": BlipVit(), "text_encoder": BlipTextEncoder(vocab),
-                                   "vision_proj": nn.Linear(VIT_WIDTH, 8)})  # unused by the reward
-        self.mlp = nn.ModuleDict({"layers": nn.Sequential(
-            nn.Linear(TEXT_WIDTH, 64), nn.Dropout(0.2), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 8),
-            nn.Dropout(0.1), nn.Linear(8, 4), nn.Linear(4, 1))})
+        self.blip = nn.ModuleDict(
+            {
+                "visual_encoder": BlipVit(),
+                "text_encoder": BlipTextEncoder(vocab),
+                "vision_proj": nn.Linear(VIT_WIDTH, 8),
+            }
+        )  # unused by the reward
+        self.mlp = nn.ModuleDict(
+            {
+                "layers": nn.Sequential(
+                    nn.Linear(TEXT_WIDTH, 64),
+                    nn.Dropout(0.2),
+                    nn.Linear(64, 16),
+                    nn.Dropout(0.2),
+                    nn.Linear(16, 8),
+                    nn.Dropout(0.1),
+                    nn.Linear(8, 4),
+                    nn.Linear(4, 1),
+                )
+            }
+        )
 
     def forward(self, pixels, ids, mask):
         cls = self.blip["text_encoder"](ids, mask, self.blip["visual_encoder"](pixels))[:, 0]
@@ -271,22 +318,40 @@ def test_imagereward_served_equals_the_blip_reference(start_server, tmp_path):
     torch.manual_seed(5)
     reference = randomised(ImageRewardReference(len(tokenizer)))
     torch.save(reference.state_dict(), tmp_path / "ImageReward.pt")
-    med = {"vocab_size": len(tokenizer), "hidden_size": TEXT_WIDTH, "num_hidden_layers": TEXT_LAYERS,
-           "num_attention_heads": TEXT_HEADS, "intermediate_size": 2 * TEXT_WIDTH, "max_position_embeddings": 64,
-           "encoder_width": 768, "add_cross_attention": True}  # as the published file, whose encoder_width BLIP overrides
+    med = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": TEXT_WIDTH,
+        "num_hidden_layers": TEXT_LAYERS,
+        "num_attention_heads": TEXT_HEADS,
+        "intermediate_size": 2 * TEXT_WIDTH,
+        "max_position_embeddings": 64,
+        "encoder_width": 768,
+        "add_cross_attention": True,
+    }  # as the published file, whose encoder_width BLIP overrides
     (tmp_path / "med_config.json").write_text(json.dumps(med))
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (len(PROMPTS), IMAGE, IMAGE, 3), dtype=np.uint8)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).requires_grad_()
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
+    mean, std = (
+        torch.tensor(v).view(1, 3, 1, 1)
+        for v in ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    )
     text = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     expected = reference((pixels - mean) / std, text["input_ids"], text["attention_mask"])
     (expected_grad,) = torch.autograd.grad(expected.sum(), pixels)
     expected_grad = expected_grad.permute(0, 2, 3, 1).numpy()
 
-    server = start_server("--model", "imagereward", "--weights", str(tmp_path / "ImageReward.pt"), "--checkpoint", str(bert),
-                          "--options", f"med_config={tmp_path / 'med_config.json'}")
+    server = start_server(
+        "--model",
+        "imagereward",
+        "--weights",
+        str(tmp_path / "ImageReward.pt"),
+        "--checkpoint",
+        str(bert),
+        "--options",
+        f"med_config={tmp_path / 'med_config.json'}",
+    )
     with RewardClient(server.url) as client:
         reply = client.submit(images, PROMPTS).result(timeout=60)
         grad_reply, gradients = client.submit_grad(images / 255.0, PROMPTS).result(timeout=60)

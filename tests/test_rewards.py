@@ -26,8 +26,11 @@ def test_an_in_process_nan_stops_the_run_instead_of_reaching_the_advantages():
 
 def test_an_unreachable_reward_server_is_found_before_any_model_loads(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
-    cfg = Config(run={"output_dir": tmp_path / "run", "log_with": "none"}, pretrained={"cache_dir": tmp_path / "cache"},
-                 reward={"url": [dead], "probe_timeout": 1.0})
+    cfg = Config(
+        run={"output_dir": tmp_path / "run", "log_with": "none"},
+        pretrained={"cache_dir": tmp_path / "cache"},
+        reward={"url": [dead], "probe_timeout": 1.0},
+    )
     from trainer.ddpo import train
 
     start = time.monotonic()

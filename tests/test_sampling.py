@@ -23,7 +23,9 @@ def test_first_step_importance_ratio_is_exactly_one(pipe):
     torch.manual_seed(0)
     negative = family_of(pipe).encode_prompts([""])
     prompts = ["cat", "dog", "a red fox", "owl"]
-    trajectories, final = sample(family_of(pipe), pipe.unet, prompts, [{}] * 4, negative, num_steps=6, eta=1.0, guidance_scale=5.0, resolution=64)
+    trajectories, final = sample(
+        family_of(pipe), pipe.unet, prompts, [{}] * 4, negative, num_steps=6, eta=1.0, guidance_scale=5.0, resolution=64
+    )
     assert trajectories.latents.shape == (4, 6, 4, 8, 8) and trajectories.log_probs.shape == (4, 6)
     assert torch.isfinite(trajectories.log_probs).all()
     # x_{t-1} of step j is x_t of step j+1, stored once: both are views of one path

@@ -21,7 +21,11 @@ PROMPTS = ["a cat", "a dog riding a bike", "red fish", "an owl"]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    for kind, build in [("clip", tiny_models.build_clip), ("llava", tiny_models.build_llava), ("bert", tiny_models.build_bert)]:
+    for kind, build in [
+        ("clip", tiny_models.build_clip),
+        ("llava", tiny_models.build_llava),
+        ("bert", tiny_models.build_bert),
+    ]:
         (root / kind).mkdir()
         build(root / kind)
     tiny_models.build_aesthetic_mlp(root / "mlp.safetensors", tiny_models.CLIP_SPEC["projection"])
@@ -53,7 +57,9 @@ def score(server, images, prompts, metadata=None):
 
 @pytest.mark.parametrize("weights", ["mlp.pth", "mlp.safetensors"])
 def test_aesthetic_is_the_mlp_of_the_normalised_clip_embedding(start_server, checkpoints, images, weights):
-    server = start_server("--model", "aesthetic", "--checkpoint", str(checkpoints / "clip"), "--weights", str(checkpoints / weights))
+    server = start_server(
+        "--model", "aesthetic", "--checkpoint", str(checkpoints / "clip"), "--weights", str(checkpoints / weights)
+    )
     reply = score(server, images, PROMPTS)
     img, _, _ = clip_embeddings(checkpoints / "clip", images, PROMPTS)
     state = torch.load(checkpoints / "mlp.pth", weights_only=True)
@@ -71,7 +77,9 @@ def test_clipscore_and_pickscore(start_server, checkpoints, images):
     reply = score(clip, images, PROMPTS)
     assert reply.info["cosine"] == pytest.approx(cosine.tolist(), abs=1e-5)
     assert reply.scores == pytest.approx((100 * cosine).clamp(min=0).tolist(), abs=1e-3)
-    pick = start_server("--model", "pickscore", "--checkpoint", str(checkpoints / "clip"), "--processor", str(checkpoints / "clip"))
+    pick = start_server(
+        "--model", "pickscore", "--checkpoint", str(checkpoints / "clip"), "--processor", str(checkpoints / "clip")
+    )
     reply = score(pick, images, PROMPTS)
     expected = model.logit_scale.exp().item() * cosine
     assert reply.scores == pytest.approx(expected.tolist(), abs=1e-4)
@@ -81,7 +89,7 @@ def llava_answer(folder, image, question, max_new_tokens):
     model, processor = LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
     inputs = processor(images=[image], text=[f"USER: <image>\n{question} ASSISTANT:"], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
 
 
 def bertscore_recall(folder, candidate: str, reference: str) -> float:
@@ -104,8 +112,14 @@ def bertscore_recall(folder, candidate: str, reference: str) -> float:
 
 def test_llava_bertscore(start_server, checkpoints, images):
     server = start_server(
-        "--model", "llava", "--checkpoint", str(checkpoints / "llava"),
-        "--bertscore-model", str(checkpoints / "bert"), "--max-new-tokens", "6",
+        "--model",
+        "llava",
+        "--checkpoint",
+        str(checkpoints / "llava"),
+        "--bertscore-model",
+        str(checkpoints / "bert"),
+        "--max-new-tokens",
+        "6",
     )
     reply = score(server, images, PROMPTS)
     question = "Answer concisely: what is going on in this image?"
@@ -120,11 +134,15 @@ def test_llava_bertscore(start_server, checkpoints, images):
 
 
 def test_llava_strict(start_server, checkpoints, images):
-    server = start_server("--model", "llava", "--mode", "strict", "--checkpoint", str(checkpoints / "llava"), "--max-new-tokens", "5")
+    server = start_server(
+        "--model", "llava", "--mode", "strict", "--checkpoint", str(checkpoints / "llava"), "--max-new-tokens", "5"
+    )
     questions = ["is this a cat ?", "what color is it ?"]
     direct = [[llava_answer(checkpoints / "llava", images[i], q, 5) for q in questions] for i in range(2)]
     # expected answers: a word the model does say, and one it does not
-    metadata = [{"questions": questions, "answers": [d[0].split()[0] if d[0] else "x", "zebra-not-said"]} for d in direct]
+    metadata = [
+        {"questions": questions, "answers": [d[0].split()[0] if d[0] else "x", "zebra-not-said"]} for d in direct
+    ]
     reply = score(server, images[:2], PROMPTS[:2], metadata)
     assert reply.info["answers"] == direct
     expected = [np.mean([a.lower() in r.lower() for a, r in zip(m["answers"], d)]) for m, d in zip(metadata, direct)]
@@ -137,7 +155,11 @@ def test_llava_strict(start_server, checkpoints, images):
 
     # Metadata that would break the processor for the whole batch is refused on its own, before batching.
     breaking = [
-        ({"questions": ["what is <image> here?"], "answers": ["x"]}, "metadata.1.questions.0", "must not contain '<image>'"),
+        (
+            {"questions": ["what is <image> here?"], "answers": ["x"]},
+            "metadata.1.questions.0",
+            "must not contain '<image>'",
+        ),
         ({"questions": ["q"] * 9, "answers": ["a"] * 9}, "metadata.1.questions", "at most 8 per image"),
         ({"questions": [3], "answers": ["a"]}, "metadata.1.questions.0", "must be strings"),
     ]

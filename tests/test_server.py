@@ -49,7 +49,9 @@ def test_incompressibility_is_plus_jpeg_kilobytes(start_server, images):
 
 
 def _post(url: str, body: bytes, content_type: str = MEDIA_TYPE, headers: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/v1/score", content=body, headers={"content-type": content_type, **(headers or {})}, timeout=30)
+    return httpx.post(
+        f"{url}/v1/score", content=body, headers={"content-type": content_type, **(headers or {})}, timeout=30
+    )
 
 
 def _wrong_length(images):
@@ -65,13 +67,30 @@ def _wrong_length(images):
         (lambda im: build_request(im, ["a"] * 3)[:-100], MEDIA_TYPE, 400, "malformed_body", None),
         (lambda im: pack([1, 2, 3]), MEDIA_TYPE, 400, "malformed_body", None),
         (_wrong_length, MEDIA_TYPE, 422, "invalid_request", "images.1.data"),
-        (lambda im: build_request(im, ["a"] * 3)[:0] + pack({**msgpack.unpackb(build_request(im, ["a"] * 3)), "prompts": ["a"]}), MEDIA_TYPE, 422, "invalid_request", "prompts"),
+        (
+            lambda im: (
+                build_request(im, ["a"] * 3)[:0]
+                + pack({**msgpack.unpackb(build_request(im, ["a"] * 3)), "prompts": ["a"]})
+            ),
+            MEDIA_TYPE,
+            422,
+            "invalid_request",
+            "prompts",
+        ),
         (lambda im: build_request(im, ["a"] * 3), "application/json", 415, "unsupported_media_type", "content-type"),
-        (lambda im: build_request(np.zeros((8, 256, 256, 3), np.uint8), ["a"] * 8), MEDIA_TYPE, 413, "payload_too_large", "body"),
+        (
+            lambda im: build_request(np.zeros((8, 256, 256, 3), np.uint8), ["a"] * 8),
+            MEDIA_TYPE,
+            413,
+            "payload_too_large",
+            "body",
+        ),
     ],
     ids=["garbage", "truncated", "not-a-map", "wrong-raw-length", "prompt-count", "content-type", "oversize"],
 )
-def test_bad_requests_get_4xx_and_server_keeps_serving(compression_server, images, make_body, content_type, status, code, field):
+def test_bad_requests_get_4xx_and_server_keeps_serving(
+    compression_server, images, make_body, content_type, status, code, field
+):
     response = _post(compression_server.url, make_body(images), content_type)
     assert response.status_code == status
     assert response.headers["content-type"] == MEDIA_TYPE
@@ -125,8 +144,10 @@ def _peak_rss(server) -> int:
 
 
 def _head(server, length: int) -> bytes:
-    return (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\ncontent-type: {MEDIA_TYPE}\r\n"
-            f"content-length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\ncontent-type: {MEDIA_TYPE}\r\n"
+        f"content-length: {length}\r\n\r\n"
+    ).encode()
 
 
 def test_an_element_heavy_body_neither_stalls_nor_bloats_the_server(start_server, images):
@@ -212,7 +233,10 @@ def test_compressed_images_are_admitted_by_their_decoded_size_before_decoding(st
 
 
 def test_duplicate_keys_are_a_400(compression_server):
-    body = b"\x86\xa7version\x01" + pack({"version": 1, "request_id": "r", "images": [], "prompts": [], "metadata": []})[1:]
+    body = (
+        b"\x86\xa7version\x01"
+        + pack({"version": 1, "request_id": "r", "images": [], "prompts": [], "metadata": []})[1:]
+    )
     response = _post(compression_server.url, body)
     assert response.status_code == 400 and "duplicate map key 'version'" in unpack(response.content)["error"]["message"]
 
@@ -222,7 +246,10 @@ def test_the_bearer_scheme_is_case_insensitive(start_server, images):
     for scheme in ("Bearer", "bearer", "BEARER"):
         response = _post(server.url, build_request(images, ["a"] * 3), headers={"authorization": f"{scheme} tok-123"})
         assert response.status_code == 200, scheme
-    assert _post(server.url, build_request(images, ["a"] * 3), headers={"authorization": "Basic tok-123"}).status_code == 401
+    assert (
+        _post(server.url, build_request(images, ["a"] * 3), headers={"authorization": "Basic tok-123"}).status_code
+        == 401
+    )
 
 
 def test_readyz_fails_as_soon_as_sigterm_arrives(start_server, images):

@@ -31,7 +31,10 @@ def test_every_caption_parses_to_its_category_and_claims():
             assert world.claims(caption)["category"] == category
     assert world.claims("a red circle left of a blue square") == {
         "category": "position",
-        "objects": [{"shape": "circle", "color": "red", "count": None}, {"shape": "square", "color": "blue", "count": None}],
+        "objects": [
+            {"shape": "circle", "color": "red", "count": None},
+            {"shape": "square", "color": "blue", "count": None},
+        ],
         "relation": {"a": 0, "b": 1, "rel": "left of"},
     }
     assert world.claims(" Three  Triangles. ")["objects"] == [{"shape": "triangle", "color": None, "count": 3}]
@@ -60,7 +63,11 @@ def test_detect_finds_each_shape_colour_and_centre():
     draw.ellipse([40, 8, 56, 24], fill=world.COLORS["purple"])
     draw.polygon([(20, 40), (30, 60), (10, 60)], fill=world.COLORS["yellow"])
     found = sorted(detect(np.asarray(image)), key=lambda d: d["x"])
-    assert [(d["color"], d["shape"]) for d in found] == [("green", "square"), ("yellow", "triangle"), ("purple", "circle")]
+    assert [(d["color"], d["shape"]) for d in found] == [
+        ("green", "square"),
+        ("yellow", "triangle"),
+        ("purple", "circle"),
+    ]
     assert (found[0]["x"], found[0]["y"], found[0]["area"]) == (10.0, 10.0, 169)
     mask = np.zeros((5, 7), bool)
     mask[0, :3] = mask[4, 4:] = mask[1:4, 6] = True  # an L-shaped run around the corner, and a separate bar
@@ -111,23 +118,32 @@ def test_reward_server_serves_the_verifier(start_server):
         out = client.submit(images, captions, [{}, {}, {"claims": world.claims("four triangles")}]).result(timeout=60)
     assert list(out.scores) == [1.0, 1.0, 0.0]
     assert out.info["failed"][2] == ["4 x triangle (found 0)"]
-    bad = httpx.post(f"{server.url}/v1/score", content=build_request(images[:2], ["a circle", "a unicorn"]),
-                     headers={"content-type": MEDIA_TYPE}, timeout=30)
+    bad = httpx.post(
+        f"{server.url}/v1/score",
+        content=build_request(images[:2], ["a circle", "a unicorn"]),
+        headers={"content-type": MEDIA_TYPE},
+        timeout=30,
+    )
     error = unpack(bad.content)["error"]
     assert bad.status_code == 422 and error["field"] == "prompts.1" and "'a unicorn' is not in" in error["message"]
     with RewardClient(server.url) as client:  # and it goes on serving
         assert list(client.submit(images[:1], captions[:1]).result(timeout=60).scores) == [1.0]
 
 
-
 BAD_CLAIMS = [  # each was once a 500 scorer_error with a traceback, or (a: -1) accepted
     ("lol", "metadata.0.claims", "dictionary"),
     ({"category": "x"}, "metadata.0.claims.objects", "required"),
     ({"objects": []}, "metadata.0.claims.objects", "at least 1"),
-    ({"objects": [{"shape": "circle"}, {"shape": "square"}], "relation": {"a": 0, "b": 99, "rel": "left of"}},
-     "metadata.0.claims.relation.b", "99 is not one of the 2 objects"),
-    ({"objects": [{"shape": "circle"}, {"shape": "square"}], "relation": {"a": -1, "b": 1, "rel": "left of"}},
-     "metadata.0.claims.relation.a", "greater than or equal to 0"),
+    (
+        {"objects": [{"shape": "circle"}, {"shape": "square"}], "relation": {"a": 0, "b": 99, "rel": "left of"}},
+        "metadata.0.claims.relation.b",
+        "99 is not one of the 2 objects",
+    ),
+    (
+        {"objects": [{"shape": "circle"}, {"shape": "square"}], "relation": {"a": -1, "b": 1, "rel": "left of"}},
+        "metadata.0.claims.relation.a",
+        "greater than or equal to 0",
+    ),
     ({"objects": [{"shape": "hexagon"}]}, "metadata.0.claims.objects.0.shape", "'circle', 'square' or 'triangle'"),
     ({"objects": [{"shape": "circle", "count": "two"}]}, "metadata.0.claims.objects.0.count", "integer"),
     ({"objects": [{"shape": "circle", "count": 0}]}, "metadata.0.claims.objects.0.count", "greater than or equal to 1"),
@@ -139,8 +155,12 @@ def test_malformed_claims_are_a_422_naming_the_field_and_the_server_keeps_servin
     server = start_server("--model", "shapes")
     image = world.render("a red circle", 0)[None]
     for claims, field, message in BAD_CLAIMS:
-        bad = httpx.post(f"{server.url}/v1/score", content=build_request(image, ["a red circle"], [{"claims": claims}]),
-                         headers={"content-type": MEDIA_TYPE}, timeout=30)
+        bad = httpx.post(
+            f"{server.url}/v1/score",
+            content=build_request(image, ["a red circle"], [{"claims": claims}]),
+            headers={"content-type": MEDIA_TYPE},
+            timeout=30,
+        )
         error = unpack(bad.content)["error"]
         assert (bad.status_code, error["code"], error["field"]) == (422, "invalid_request", field), (claims, error)
         assert message in error["message"] and "Traceback" not in error["message"], (claims, error)

@@ -39,8 +39,13 @@ def test_the_pretrained_model_draws_what_it_is_told_and_a_random_one_does_not(ti
     def score(path) -> float:
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(captions, num_inference_steps=20, guidance_scale=5.0, output_type="np",
-                      generator=torch.Generator().manual_seed(0)).images
+        images = pipe(
+            captions,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
         images = (images * 255).round().astype(np.uint8)
         return float(np.mean([verify(i, world.claims(c))[0] for i, c in zip(images, captions)]))
 
@@ -63,8 +68,25 @@ def test_the_clip_ranks_true_captions_above_changed_ones():
 
 def _pretrain(out: Path, *extra: str) -> None:
     shapes_model.Stage.taken = 0
-    shapes_model.main(["--out", str(out), "--vae-steps", "3", "--vae-batch", "2", "--unet-steps", "3", "--unet-batch", "4",
-                       "--latents", "8", "--save-every", "100", *extra])
+    shapes_model.main(
+        [
+            "--out",
+            str(out),
+            "--vae-steps",
+            "3",
+            "--vae-batch",
+            "2",
+            "--unet-steps",
+            "3",
+            "--unet-batch",
+            "4",
+            "--latents",
+            "8",
+            "--save-every",
+            "100",
+            *extra,
+        ]
+    )
 
 
 def test_pretraining_stopped_and_resumed_is_bit_identical(tmp_path):
@@ -74,10 +96,15 @@ def test_pretraining_stopped_and_resumed_is_bit_identical(tmp_path):
     assert not (tmp_path / "resumed" / "pipeline").exists()
     _pretrain(tmp_path / "resumed", "--stop-after", "2")
     for part in ("unet", "vae", "text_encoder"):
-        a, b = (load_file(next((tmp_path / run / "pipeline" / part).glob("*.safetensors"))) for run in ("straight", "resumed"))
+        a, b = (
+            load_file(next((tmp_path / run / "pipeline" / part).glob("*.safetensors")))
+            for run in ("straight", "resumed")
+        )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    assert json.loads((tmp_path / "resumed" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] == \
-        json.loads((tmp_path / "straight" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert (
+        json.loads((tmp_path / "resumed" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"]
+        == json.loads((tmp_path / "straight" / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"]
+    )
 
 
 def test_the_shapes_preset_reports_accuracy_per_category(tmp_path):
@@ -89,7 +116,9 @@ def test_the_shapes_preset_reports_accuracy_per_category(tmp_path):
         scores = {p["prompt"]: p["reward_shapes"] for p in record["per_prompt"]}
         correct = [s == 1.0 for p in scores.values() for s in p]
         assert record["accuracy"] == pytest.approx(np.mean(correct))
-        assert record["category/counting/accuracy"] == pytest.approx(np.mean([s == 1.0 for s in scores["three circles"]]))
+        assert record["category/counting/accuracy"] == pytest.approx(
+            np.mean([s == 1.0 for s in scores["three circles"]])
+        )
         assert record["category/position/reward_mean"] == pytest.approx(np.mean(scores["a circle above a square"]))
     (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

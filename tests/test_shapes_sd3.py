@@ -26,11 +26,15 @@ def test_shipped_weights_are_small_and_load_with_plain_diffusers():
     size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
     assert size <= 40e6, f"{size / 1e6:.1f} MB shipped"
     # diffusers' documented way to load SD3 without T5 (its tokens are then zeros)
-    pipe = StableDiffusion3Pipeline.from_pretrained(PIPELINE, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        PIPELINE, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    )
     assert isinstance(pipe.transformer, SD3Transformer2DModel) and pipe.text_encoder_3 is None
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     # SD3's latent layout: the VAE config's shift and scale take its latents to zero mean and unit variance
-    images = np.stack([world.render(c, np.random.default_rng(i)) for i, c in enumerate(["a red circle", "two squares"] * 8)])
+    images = np.stack(
+        [world.render(c, np.random.default_rng(i)) for i, c in enumerate(["a red circle", "two squares"] * 8)]
+    )
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         z = (pipe.vae.encode(x).latent_dist.mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
@@ -51,7 +55,9 @@ def test_the_pretrained_model_has_learned_the_world():
     same architecture before training on the same VAE latents, noise and times."""
     from diffusers import StableDiffusion3Pipeline
 
-    pretrained = StableDiffusion3Pipeline.from_pretrained(PIPELINE, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    pretrained = StableDiffusion3Pipeline.from_pretrained(
+        PIPELINE, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    )
     use_one_zero_token(pretrained)  # as flow_loss encodes (build_sd3 installs it too)
     untrained = shapes_model.build_sd3(0)
     rng = np.random.default_rng(0)
@@ -60,8 +66,10 @@ def test_the_pretrained_model_has_learned_the_world():
     config = pretrained.vae.config
     with torch.no_grad():
         z = (pretrained.vae.encode(x).latent_dist.mean - config.shift_factor) * config.scaling_factor
-        losses = [float(shapes_model.flow_loss(pipe, z, captions, torch.Generator().manual_seed(0)))
-                  for pipe in (pretrained, untrained)]
+        losses = [
+            float(shapes_model.flow_loss(pipe, z, captions, torch.Generator().manual_seed(0)))
+            for pipe in (pretrained, untrained)
+        ]
     assert losses[0] < 0.5 * losses[1], losses
 
 
@@ -79,15 +87,31 @@ def test_the_flow_loss_is_sd3s_rectified_flow_objective():
     assert embeds.shape == (3, 77 + 256, 128)  # the CLIP pair side by side, then T5's 256 zeros (flow_loss: as one)
     x_t = torch.stack([(1 - t[i]) * z[i] + t[i] * eps[i] for i in range(3)])
     with torch.no_grad():
-        v = pipe.transformer(hidden_states=x_t, timestep=1000 * t, encoder_hidden_states=embeds,
-                             pooled_projections=pooled).sample
+        v = pipe.transformer(
+            hidden_states=x_t, timestep=1000 * t, encoder_hidden_states=embeds, pooled_projections=pooled
+        ).sample
     assert float(loss.detach()) == pytest.approx(float(((v - (eps - z)) ** 2).mean()), rel=1e-5)
 
 
 def _pretrain(out, *extra: str) -> None:
     shapes_model.Stage.taken = 0
-    shapes_model.main(["--family", "sd3", "--out", str(out), "--unet-steps", "3", "--unet-batch", "4", "--latents", "8",
-                       "--save-every", "100", *extra])
+    shapes_model.main(
+        [
+            "--family",
+            "sd3",
+            "--out",
+            str(out),
+            "--unet-steps",
+            "3",
+            "--unet-batch",
+            "4",
+            "--latents",
+            "8",
+            "--save-every",
+            "100",
+            *extra,
+        ]
+    )
 
 
 def test_pretraining_stopped_and_resumed_is_bit_identical(tmp_path):
@@ -96,10 +120,18 @@ def test_pretraining_stopped_and_resumed_is_bit_identical(tmp_path):
     assert not (tmp_path / "resumed" / "pipeline").exists()
     _pretrain(tmp_path / "resumed", "--stop-after", "2")
     for part in ("transformer", "text_encoder", "text_encoder_2", "vae"):
-        a, b = (load_file(next((tmp_path / run / "pipeline" / part).glob("*.safetensors"))) for run in ("straight", "resumed"))
+        a, b = (
+            load_file(next((tmp_path / run / "pipeline" / part).glob("*.safetensors")))
+            for run in ("straight", "resumed")
+        )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    configs = [json.loads((tmp_path / run / "pipeline" / "vae" / "config.json").read_text()) for run in ("straight", "resumed")]
-    assert configs[0]["shift_factor"] == configs[1]["shift_factor"] != 0 and configs[0]["scaling_factor"] == configs[1]["scaling_factor"]
+    configs = [
+        json.loads((tmp_path / run / "pipeline" / "vae" / "config.json").read_text()) for run in ("straight", "resumed")
+    ]
+    assert (
+        configs[0]["shift_factor"] == configs[1]["shift_factor"] != 0
+        and configs[0]["scaling_factor"] == configs[1]["scaling_factor"]
+    )
 
 
 @pytest.mark.slow
@@ -111,13 +143,20 @@ def test_the_grpo_preset_reports_accuracy_per_category(tmp_path):
     for record in evals:  # recomputed from the per-image scores: correct means every claim held
         scores = {p["prompt"]: p["reward_shapes"] for p in record["per_prompt"]}
         assert record["accuracy"] == pytest.approx(np.mean([s == 1.0 for p in scores.values() for s in p]))
-        assert record["category/counting/accuracy"] == pytest.approx(np.mean([s == 1.0 for s in scores["three circles"]]))
+        assert record["category/counting/accuracy"] == pytest.approx(
+            np.mean([s == 1.0 for s in scores["three circles"]])
+        )
         # per-image scores are logged to 6 decimals
-        assert record["category/position/reward_mean"] == pytest.approx(np.mean(scores["a circle above a square"]), abs=1e-6)
+        assert record["category/position/reward_mean"] == pytest.approx(
+            np.mean(scores["a circle above a square"]), abs=1e-6
+        )
 
 
-SMALL = {"run": {"num_epochs": 2, "eval_every": 0, "log_with": "none", "log_images_every": 0},
-         "sample": {"num_steps": 5, "batch_size": 4, "num_batches_per_epoch": 1}, "train": {"batch_size": 2}}  # 5: the fast window fits
+SMALL = {
+    "run": {"num_epochs": 2, "eval_every": 0, "log_with": "none", "log_images_every": 0},
+    "sample": {"num_steps": 5, "batch_size": 4, "num_batches_per_epoch": 1},
+    "train": {"batch_size": 2},
+}  # 5: the fast window fits
 
 
 @pytest.mark.slow
@@ -132,14 +171,24 @@ def test_the_online_presets_train_two_epochs(tmp_path, preset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,steps", [("shapes-sd3-dpo", {"dpo": {"online_pairs": 4, "max_train_steps": 2}}),
-                                          ("shapes-sd3-refl", {"refl": {"max_train_steps": 2}})])
+@pytest.mark.parametrize(
+    "preset,steps",
+    [
+        ("shapes-sd3-dpo", {"dpo": {"online_pairs": 4, "max_train_steps": 2}}),
+        ("shapes-sd3-refl", {"refl": {"max_train_steps": 2}}),
+    ],
+)
 def test_the_dpo_and_refl_presets_train_two_steps(tmp_path, preset, steps):
     from importlib import import_module
 
     from trainer.config import Config
 
-    cfg = Config(preset=preset, run={"output_dir": tmp_path, "eval_every": 0, "log_with": "none", "log_images_every": 0},
-                 sample={"num_steps": 4, "batch_size": 4}, train={"batch_size": 2}, **steps)
+    cfg = Config(
+        preset=preset,
+        run={"output_dir": tmp_path, "eval_every": 0, "log_with": "none", "log_images_every": 0},
+        sample={"num_steps": 4, "batch_size": 4},
+        train={"batch_size": 2},
+        **steps,
+    )
     history = import_module(f"trainer.{cfg.algorithm}").train(cfg)
     assert [m["step"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)

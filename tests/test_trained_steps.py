@@ -21,43 +21,74 @@ def cps(**train) -> dict:
     return {"preset": "tiny-sd3", "sample": {"sde_type": "cps", "eta": 0.8}, "train": train}
 
 
-@pytest.mark.parametrize("train, steps", [
-    ({"timestep_fraction": 1.0, "timestep_selection": "random"}, range(10)),
-    ({"timestep_fraction": 0.5, "timestep_selection": "random"}, range(10)),  # any 5 of the 10
-    ({"timestep_fraction": 0.99, "timestep_selection": "first"}, range(9)),  # Flow-GRPO: steps 0-8
-    ({"timestep_fraction": 0.5, "timestep_selection": "first"}, range(5)),
-    ({"timestep_window": 3, "timestep_window_latest_start": 2, "timestep_fraction": 1.0}, range(5)),
-    ({"timestep_window": 4, "timestep_window_latest_start": 6, "timestep_fraction": 0.5,
-      "timestep_selection": "first"}, range(8)),  # windows 0-3 ... 6-9, the first 2 of each
-])
+@pytest.mark.parametrize(
+    "train, steps",
+    [
+        ({"timestep_fraction": 1.0, "timestep_selection": "random"}, range(10)),
+        ({"timestep_fraction": 0.5, "timestep_selection": "random"}, range(10)),  # any 5 of the 10
+        ({"timestep_fraction": 0.99, "timestep_selection": "first"}, range(9)),  # Flow-GRPO: steps 0-8
+        ({"timestep_fraction": 0.5, "timestep_selection": "first"}, range(5)),
+        ({"timestep_window": 3, "timestep_window_latest_start": 2, "timestep_fraction": 1.0}, range(5)),
+        (
+            {
+                "timestep_window": 4,
+                "timestep_window_latest_start": 6,
+                "timestep_fraction": 0.5,
+                "timestep_selection": "first",
+            },
+            range(8),
+        ),  # windows 0-3 ... 6-9, the first 2 of each
+    ],
+)
 def test_trainable_steps(train, steps):
     cfg = Config(preset="tiny-sd3", train=train)
     assert trainable_steps(cfg) == steps
 
 
-@pytest.mark.parametrize("train", [
-    {"timestep_fraction": 1.0},
-    {"timestep_fraction": 0.3, "timestep_selection": "random"},  # 3 random steps of 10: the last among them
-    {"timestep_fraction": 1.0, "timestep_selection": "first"},
-    {"timestep_window": 5, "timestep_window_latest_start": 5, "timestep_fraction": 1.0},
-])
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"timestep_fraction": 1.0},
+        {"timestep_fraction": 0.3, "timestep_selection": "random"},  # 3 random steps of 10: the last among them
+        {"timestep_fraction": 1.0, "timestep_selection": "first"},
+        {"timestep_window": 5, "timestep_window_latest_start": 5, "timestep_fraction": 1.0},
+    ],
+)
 def test_cps_refuses_to_train_its_last_step(train):
-    with pytest.raises(ValidationError, match=r"sample.sde_type cps: its last step \(9\) .* train.timestep_fraction") as raised:
+    with pytest.raises(
+        ValidationError, match=r"sample.sde_type cps: its last step \(9\) .* train.timestep_fraction"
+    ) as raised:
         Config(**cps(**train))
     assert "--train.timestep_selection first --train.timestep_fraction 0.9" in str(raised.value)
 
 
-@pytest.mark.parametrize("train", [
-    {"timestep_fraction": 0.99, "timestep_selection": "first"},
-    {"timestep_window": 3, "timestep_window_latest_start": 2, "timestep_fraction": 1.0},
-    {"timestep_window": 5, "timestep_window_latest_start": 5, "timestep_fraction": 0.8, "timestep_selection": "first"},
-])
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"timestep_fraction": 0.99, "timestep_selection": "first"},
+        {"timestep_window": 3, "timestep_window_latest_start": 2, "timestep_fraction": 1.0},
+        {
+            "timestep_window": 5,
+            "timestep_window_latest_start": 5,
+            "timestep_fraction": 0.8,
+            "timestep_selection": "first",
+        },
+    ],
+)
 def test_cps_accepts_windows_and_fractions_that_leave_the_last_step_out(train):
     assert Config(**cps(**train)).sample.sde_type == "cps"
 
 
-@pytest.mark.parametrize("name, steps", [("tiny-sd3", range(9)), ("sd3-geneval", range(9)), ("sd3-ocr", range(9)),
-                                         ("sd3-pickscore", range(9)), ("sd3-pickscore-fast", range(5))])
+@pytest.mark.parametrize(
+    "name, steps",
+    [
+        ("tiny-sd3", range(9)),
+        ("sd3-geneval", range(9)),
+        ("sd3-ocr", range(9)),
+        ("sd3-pickscore", range(9)),
+        ("sd3-pickscore-fast", range(5)),
+    ],
+)
 def test_flow_grpo_presets_train_the_steps_flow_grpo_trains(name, steps):
     assert trainable_steps(Config(preset=name)) == steps
 
@@ -69,9 +100,24 @@ def test_eta_zero_is_refused_for_ddpo_only():
 
 
 def test_the_command_line_refuses_with_exit_2_and_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "trainer", "--preset", "tiny-sd3", "--sample.sde_type", "cps",
-                           "--train.timestep_selection", "random", "--run.output_dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--preset",
+            "tiny-sd3",
+            "--sample.sde_type",
+            "cps",
+            "--train.timestep_selection",
+            "random",
+            "--run.output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "its last step (9)" in done.stderr and "--train.timestep_selection first" in done.stderr
     assert not (tmp_path / "o").exists()
@@ -80,8 +126,13 @@ def test_the_command_line_refuses_with_exit_2_and_no_traceback(tmp_path):
 def test_first_selection_trains_each_samples_first_stored_steps():
     from trainer.sampling import Trajectories
 
-    batch = Trajectories(prompt_embeds=torch.zeros(6, 1), path=torch.zeros(6, 11, 1), log_probs=torch.zeros(6, 10),
-                         timesteps=torch.zeros(6, 10), steps=torch.arange(10).repeat(6, 1))
+    batch = Trajectories(
+        prompt_embeds=torch.zeros(6, 1),
+        path=torch.zeros(6, 11, 1),
+        log_probs=torch.zeros(6, 10),
+        timesteps=torch.zeros(6, 10),
+        steps=torch.arange(10).repeat(6, 1),
+    )
     picks = batch.shuffled(4, 9, "first")
     assert sorted(torch.cat([rows for rows, _ in picks]).tolist()) == list(range(6))
     assert all(steps.tolist() == [list(range(9))] * len(rows) for rows, steps in picks)
@@ -110,11 +161,15 @@ def test_a_ddim_schedule_ending_on_alpha_one_is_refused_before_weights_load(tmp_
         check(cfg, 1, "cpu")
     fixed = Config(pretrained={"model": model}, train={"timestep_fraction": 0.95, "timestep_selection": "first"})
     assert check(fixed, 1, "cpu") is not None
-    default = Config(pretrained={"model": _tiny_copy(tmp_path / "default", tiny_cache)}, train={"timestep_fraction": 1.0})
+    default = Config(
+        pretrained={"model": _tiny_copy(tmp_path / "default", tiny_cache)}, train={"timestep_fraction": 1.0}
+    )
     assert check(default, 1, "cpu") is not None  # SD1's own schedule (set_alpha_to_one false): every step has noise
 
 
-@pytest.mark.parametrize("total,k,edges", [(20, 4, [0, 5, 10, 15, 20]), (10, 3, [0, 3, 6, 10]), (14, 6, [0, 2, 4, 7, 9, 11, 14])])
+@pytest.mark.parametrize(
+    "total,k,edges", [(20, 4, [0, 5, 10, 15, 20]), (10, 3, [0, 3, 6, 10]), (14, 6, [0, 2, 4, 7, 9, 11, 14])]
+)
 def test_stratified_selection_draws_one_step_per_stratum(total, k, edges):
     """AWM's stratified timesteps: sample i's j-th step is uniform over stratum j, [edges[j], edges[j + 1])."""
     from trainer.sampling import pick_steps

@@ -94,36 +94,81 @@ def test_same_seed_same_rewards_local_and_remote(tmp_path, tiny_cache, compressi
 def test_bad_config_fails_before_any_model_loads(tmp_path):
     # The model path does not exist: the error must be about the batch sizes, found first.
     result = subprocess.run(
-        [sys.executable, "-m", "trainer", "--pretrained.model", str(tmp_path / "missing"),
-         "--sample.batch_size", "6", "--train.batch_size", "4", "--run.output_dir", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--pretrained.model",
+            str(tmp_path / "missing"),
+            "--sample.batch_size",
+            "6",
+            "--train.batch_size",
+            "4",
+            "--run.output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "sample.batch_size (6) must be a multiple of train.batch_size (4)" in result.stderr
     assert not (tmp_path / "o").exists()
 
-    result = subprocess.run([sys.executable, "-m", "trainer", "--train.learning_rate", "-1"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--train.learning_rate", "-1"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "train.learning_rate" in result.stderr
 
     if not torch.cuda.is_available():  # half weights without autocast would fail deep inside the UNet
-        result = subprocess.run([sys.executable, "-m", "trainer", "--run.mixed_precision", "fp16", "--run.output_dir", str(tmp_path / "h")],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "trainer", "--run.mixed_precision", "fp16", "--run.output_dir", str(tmp_path / "h")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode != 0 and "run.mixed_precision: fp16 needs a GPU" in result.stderr
 
 
 def test_batch_plan_arithmetic():
-    cfg = Config(sample={"batch_size": 8, "num_batches_per_epoch": 4, "num_steps": 50}, train={"batch_size": 4, "gradient_accumulation_steps": 2, "timestep_fraction": 0.5})
+    cfg = Config(
+        sample={"batch_size": 8, "num_batches_per_epoch": 4, "num_steps": 50},
+        train={"batch_size": 4, "gradient_accumulation_steps": 2, "timestep_fraction": 0.5},
+    )
     plan = BatchPlan.of(cfg, num_processes=8)
-    assert (plan.samples_per_epoch, plan.effective_train_batch, plan.optimizer_steps_per_epoch, plan.train_timesteps) == (256, 64, 4, 25)
+    assert (
+        plan.samples_per_epoch,
+        plan.effective_train_batch,
+        plan.optimizer_steps_per_epoch,
+        plan.train_timesteps,
+    ) == (256, 64, 4, 25)
     with pytest.raises(ValueError, match=r"= 24 must be a multiple of .* = 32"):
-        BatchPlan.of(Config(sample={"batch_size": 4, "num_batches_per_epoch": 3}, train={"batch_size": 4, "gradient_accumulation_steps": 4}), 2)
+        BatchPlan.of(
+            Config(
+                sample={"batch_size": 4, "num_batches_per_epoch": 3},
+                train={"batch_size": 4, "gradient_accumulation_steps": 4},
+            ),
+            2,
+        )
 
 
 def test_dotted_cli_overrides():
     from pydantic_settings import CliApp
 
-    cfg = CliApp.run(Config, cli_args=["--train.learning_rate", "3e-4", "--reward.url", "http://a:1", "--reward.url", "http://b:2", "--no-train.cfg",
-                                      "--sample.guidance_scale", "1"])
+    cfg = CliApp.run(
+        Config,
+        cli_args=[
+            "--train.learning_rate",
+            "3e-4",
+            "--reward.url",
+            "http://a:1",
+            "--reward.url",
+            "http://b:2",
+            "--no-train.cfg",
+            "--sample.guidance_scale",
+            "1",
+        ],
+    )
     assert cfg.train.learning_rate == 3e-4 and cfg.reward.url == ["http://a:1", "http://b:2"] and cfg.train.cfg is False
 
 
@@ -133,7 +178,9 @@ def test_a_failing_scorer_stops_the_run_naming_it(tmp_path, tiny_cache, start_se
     server = start_server("--model", "synthetic", "--oom-above", "0")  # every batch fails
     cfg = small_config(tmp_path, tiny_cache, url=[server.url], scorer="synthetic", retries=1, deadline=30)
     cfg.sample.num_batches_per_epoch = 50  # the run must stop long before sampling all of these
-    with pytest.raises(RewardError, match=rf"reward scorer synthetic \(reward server {server.url}\) failed: .*500 scorer_error"):
+    with pytest.raises(
+        RewardError, match=rf"reward scorer synthetic \(reward server {server.url}\) failed: .*500 scorer_error"
+    ):
         train(cfg)
     assert server.metric("reward_requests_total", status="500") < 10
     assert not (cfg.run.output_dir / "metrics.jsonl").exists()
@@ -182,10 +229,14 @@ def test_a_cold_model_cache_does_not_change_a_seeded_run(tmp_path):
 def test_weighted_rewards_local_and_remote(tmp_path, tiny_cache, start_server):
     """Two components, one in-process and one on a server, each every batch; the sum is weighted and normalised."""
     server = start_server("--model", "synthetic")
-    cfg = small_config(tmp_path, tiny_cache, components=[
-        {"scorer": "compression", "weight": 2.0, "normalize": True},
-        {"scorer": "synthetic", "name": "brightness", "url": [server.url], "weight": -0.5},
-    ])
+    cfg = small_config(
+        tmp_path,
+        tiny_cache,
+        components=[
+            {"scorer": "compression", "weight": 2.0, "normalize": True},
+            {"scorer": "synthetic", "name": "brightness", "url": [server.url], "weight": -0.5},
+        ],
+    )
     cfg.run.num_epochs = 1
     metrics = train(cfg)[0]
     samples = [json.loads(line) for line in (cfg.run.output_dir / "samples.jsonl").read_text().splitlines()]
@@ -255,8 +306,11 @@ def test_grouped_sampling(tmp_path, tiny_cache):
     assert len(records) == 8 and len({r["prompt"] for r in records}) == 1
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match=r"images_per_prompt: 3 must divide a process's samples per epoch, "
-                                              r"sample.batch_size x sample.num_batches_per_epoch = 8"):
+    with pytest.raises(
+        ValidationError,
+        match=r"images_per_prompt: 3 must divide a process's samples per epoch, "
+        r"sample.batch_size x sample.num_batches_per_epoch = 8",
+    ):
         Config(sample={"batch_size": 4, "num_batches_per_epoch": 2, "images_per_prompt": 3})
 
 
@@ -298,9 +352,26 @@ def test_before_after_grid(tmp_path, tiny_cache):
     train(cfg)
     out = cfg.run.output_dir / "before_after.png"  # the run folder by default, whatever the current folder
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.before_after", "--cache_dir", str(tiny_cache), "--lora", str(cfg.run.output_dir / "lora"),
-         "--prompts", '["a cat", "an owl"]', "--per_prompt", "2", "--steps", "4"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "trainer.before_after",
+            "--cache_dir",
+            str(tiny_cache),
+            "--lora",
+            str(cfg.run.output_dir / "lora"),
+            "--prompts",
+            '["a cat", "an owl"]',
+            "--per_prompt",
+            "2",
+            "--steps",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -329,8 +400,12 @@ def test_groups_can_share_their_initial_noise(tmp_path, tiny_cache, monkeypatch)
     import trainer.epoch as epoch_phases
 
     cfg = small_config(tmp_path, tiny_cache)
-    cfg = Config.model_validate({**cfg.model_dump(), "sample": {**cfg.sample.model_dump(), "images_per_prompt": 2,
-                                                               "same_noise_per_group": True}})
+    cfg = Config.model_validate(
+        {
+            **cfg.model_dump(),
+            "sample": {**cfg.sample.model_dump(), "images_per_prompt": 2, "same_noise_per_group": True},
+        }
+    )
     cfg.run.num_epochs = 1
     starts, real = [], epoch_phases.sample
 
@@ -357,14 +432,29 @@ def test_batched_timesteps_give_the_same_gradient(tmp_path, tiny_cache, kl_coef)
     grads = {}
 
     def run(k: int) -> dict[str, torch.Tensor]:
-        cfg = Config(run={"output_dir": tmp_path / f"k{k}-{kl_coef}", "num_epochs": 1, "log_with": "none",
-                          "log_images_every": 0},
-                     pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 10, "batch_size": 4, "num_batches_per_epoch": 1},
-                     train={"batch_size": 2, "gradient_accumulation_steps": 2, "timesteps_per_forward": k,
-                            "max_grad_norm": 1e9, "kl_coef": kl_coef})  # no clipping: the raw gradient is compared
+        cfg = Config(
+            run={
+                "output_dir": tmp_path / f"k{k}-{kl_coef}",
+                "num_epochs": 1,
+                "log_with": "none",
+                "log_images_every": 0,
+            },
+            pretrained={"cache_dir": tiny_cache},
+            sample={"num_steps": 10, "batch_size": 4, "num_batches_per_epoch": 1},
+            train={
+                "batch_size": 2,
+                "gradient_accumulation_steps": 2,
+                "timesteps_per_forward": k,
+                "max_grad_norm": 1e9,
+                "kl_coef": kl_coef,
+            },
+        )  # no clipping: the raw gradient is compared
         seen = []
         handle = register_optimizer_step_pre_hook(
-            lambda opt, args, kwargs: seen.append([p.grad.detach().clone() for g in opt.param_groups for p in g["params"]]))
+            lambda opt, args, kwargs: seen.append(
+                [p.grad.detach().clone() for g in opt.param_groups for p in g["params"]]
+            )
+        )
         try:
             train(cfg)
         finally:

@@ -73,17 +73,22 @@ def test_a_scorer_registered_by_entry_point_is_served_by_name_with_its_options(u
 def test_the_same_code_runs_in_process(user_package):
     from scorers.scorer import create_scorer
 
-    assert create_scorer("channel", channel=2).score(IMAGES, [""] * 3, [{}] * 3).scores == pytest.approx([0.0, 0.8, 1.0])
+    assert create_scorer("channel", channel=2).score(IMAGES, [""] * 3, [{}] * 3).scores == pytest.approx(
+        [0.0, 0.8, 1.0]
+    )
     out = create_scorer("user_rewards:brightness").score(IMAGES, [""] * 3, [{}] * 3)
     assert out.scores == pytest.approx(IMAGES.mean(axis=(1, 2, 3)) / 255) and out.info["first_pixel"] == [0, 51, 255]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "user_rewards:nope"], "module 'user_rewards' has no 'nope'"),
-    (["--model", "no_such_module:fn"], "cannot import module 'no_such_module'"),
-    (["--model", "channel", "--options", "chanel=1"], "takes no option chanel (it takes channel)"),
-    (["--model", "nonesuch"], "unknown scorer 'nonesuch'; choose one of aesthetic, channel, clipscore"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "user_rewards:nope"], "module 'user_rewards' has no 'nope'"),
+        (["--model", "no_such_module:fn"], "cannot import module 'no_such_module'"),
+        (["--model", "channel", "--options", "chanel=1"], "takes no option chanel (it takes channel)"),
+        (["--model", "nonesuch"], "unknown scorer 'nonesuch'; choose one of aesthetic, channel, clipscore"),
+    ],
+)
 def test_user_scorer_mistakes_are_start_up_errors(user_package, args, message):
     exe = Path(sys.executable).parent / "reward-server"
     result = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
@@ -94,9 +99,13 @@ def test_user_scorer_mistakes_are_start_up_errors(user_package, args, message):
 def _small(tmp_path, tiny_cache, **reward):
     from trainer.config import Config
 
-    return Config(run={"output_dir": tmp_path / "run", "num_epochs": 1, "log_with": "none", "log_images_every": 0},
-                  pretrained={"cache_dir": tiny_cache}, sample={"num_steps": 3, "batch_size": 4, "num_batches_per_epoch": 2},
-                  train={"batch_size": 2}, reward=reward)
+    return Config(
+        run={"output_dir": tmp_path / "run", "num_epochs": 1, "log_with": "none", "log_images_every": 0},
+        pretrained={"cache_dir": tiny_cache},
+        sample={"num_steps": 3, "batch_size": 4, "num_batches_per_epoch": 2},
+        train={"batch_size": 2},
+        reward=reward,
+    )
 
 
 @pytest.mark.slow
@@ -140,10 +149,37 @@ def test_reward_and_prompt_functions_by_name_on_the_command_line(user_package, t
     (user_package / "user_prompts.py").write_text("def animal():\n    return 'a photo of an owl'\n")
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "trainer", "--preset", "tiny", "--reward.scorer", "user_rewards:brightness", "--prompt.fn", "user_prompts:animal",
-         "--run.output_dir", str(out), "--run.num_epochs", "1", "--run.log_with", "none", "--pretrained.cache_dir", str(tiny_cache),
-         "--sample.num_steps", "3", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1", "--train.batch_size", "2"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "--preset",
+            "tiny",
+            "--reward.scorer",
+            "user_rewards:brightness",
+            "--prompt.fn",
+            "user_prompts:animal",
+            "--run.output_dir",
+            str(out),
+            "--run.num_epochs",
+            "1",
+            "--run.log_with",
+            "none",
+            "--pretrained.cache_dir",
+            str(tiny_cache),
+            "--sample.num_steps",
+            "3",
+            "--sample.batch_size",
+            "4",
+            "--sample.num_batches_per_epoch",
+            "1",
+            "--train.batch_size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -159,12 +195,20 @@ def test_the_readme_example_runs_as_written(tmp_path, tiny_cache):
     code = re.search(r"<!-- example: my_rewards.py.*?-->\n```python\n(.*?)```", readme, re.S).group(1)
     assert 15 <= len(code.strip().splitlines()) <= 30
     (tmp_path / "my_rewards.py").write_text(code)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_RL_PRETRAINED__CACHE_DIR": str(tiny_cache),
-           "DIFFUSION_RL_RUN__LOG_WITH": "none"}
-    result = subprocess.run([sys.executable, "my_rewards.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DIFFUSION_RL_PRETRAINED__CACHE_DIR": str(tiny_cache),
+        "DIFFUSION_RL_RUN__LOG_WITH": "none",
+    }
+    result = subprocess.run(
+        [sys.executable, "my_rewards.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"reward 0\.\d{4} -> 0\.\d{4}", result.stdout), result.stdout[-500:]
     import json
 
     samples = [json.loads(line) for line in (tmp_path / "outputs/brightness/samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 3 * 8 and all(s["prompt"].startswith("a photo of a ") and 0 <= s["red"] <= 255 for s in samples)
+    assert len(samples) == 3 * 8 and all(
+        s["prompt"].startswith("a photo of a ") and 0 <= s["red"] <= 255 for s in samples
+    )

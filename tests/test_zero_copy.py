@@ -10,9 +10,16 @@ from protocol import build_request, parse_request
 from protocol.zero_copy import MAX_DEPTH, unpack_views
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
-    | st.text(max_size=40) | st.binary(max_size=70000),
-    lambda children: st.lists(children, max_size=20) | st.dictionaries(st.text(max_size=5) | st.binary(max_size=3), children, max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=70000),
+    lambda children: (
+        st.lists(children, max_size=20)
+        | st.dictionaries(st.text(max_size=5) | st.binary(max_size=3), children, max_size=20)
+    ),
     max_leaves=30,
 )
 

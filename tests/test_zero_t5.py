@@ -20,31 +20,46 @@ def _pipelines(kind: str):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     if kind == "shipped":
+
         def load():
-            return StableDiffusion3Pipeline.from_pretrained(SHIPPED["tiny-shapes-sd3"], text_encoder_3=None,
-                                                            tokenizer_3=None, dtype=torch.float32)
+            return StableDiffusion3Pipeline.from_pretrained(
+                SHIPPED["tiny-shapes-sd3"], text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+            )
+
         return load(), load()
     pipes = []
     for _ in range(2):
         pipe = shapes_model.build_sd3(0)
         torch.manual_seed(1)
         pipe.transformer = SD3Transformer2DModel(  # SD3.5's qk norm and dual attention in its first block
-            sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
-            num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=64, pooled_projection_dim=64,
-            pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=(0,),
+            sample_size=8,
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=128,
+            caption_projection_dim=64,
+            pooled_projection_dim=64,
+            pos_embed_max_size=8,
+            qk_norm="rms_norm",
+            dual_attention_layers=(0,),
         )
         pipes.append(pipe)
     return pipes
 
 
 def _velocity(pipe, max_sequence_length: int) -> torch.Tensor:
-    embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False,
-                                              max_sequence_length=max_sequence_length)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        CAPTIONS, None, None, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length
+    )
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([950.0, 500.0, 20.0])
     with torch.no_grad():
-        return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
-                                return_dict=False)[0]
+        return pipe.transformer(
+            hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False
+        )[0]
 
 
 @pytest.mark.parametrize("kind", ["shipped", "sd3.5-style"])

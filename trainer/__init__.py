@@ -33,5 +33,7 @@ def _train(cfg, reward_fn=None, prompt_fn=None, image_samples_hook=None) -> list
     elif cfg.algorithm == "ddpo":
         from trainer.ddpo import train
     else:
-        raise ValueError(f"algorithm: trainer.train runs ddpo, nft or awm; for {cfg.algorithm} call trainer.{cfg.algorithm}.train")
+        raise ValueError(
+            f"algorithm: trainer.train runs ddpo, nft or awm; for {cfg.algorithm} call trainer.{cfg.algorithm}.train"
+        )
     return train(cfg, reward_fn, prompt_fn, image_samples_hook)

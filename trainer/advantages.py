@@ -39,8 +39,11 @@ class PerPromptStatTracker:
         return advantages
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "buffers": {k: list(v) for k, v in self.buffers.items()}}
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "buffers": {k: list(v) for k, v in self.buffers.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]

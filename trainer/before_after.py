@@ -24,7 +24,9 @@ class SampleSettings(BaseSettings):
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.before_after", cli_implicit_flags=True)
 
-    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" or a diffusers model id / path')
+    model: str = Field(
+        "tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" or a diffusers model id / path'
+    )
     cache_dir: Path | None = None
     lora: Path | None = Field(None, description="a folder with pytorch_lora_weights.safetensors (a run's lora/)")
     unet: Path | None = Field(None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)")
@@ -62,8 +64,18 @@ def render(s: SampleSettings) -> dict:
 
     def images() -> "np.ndarray":  # noqa: F821
         generator = torch.Generator(device).manual_seed(s.seed)
-        _, final = sample(family, family.denoiser, prompts, [{}] * len(prompts), negative, s.steps, s.eta,
-                          s.guidance_scale, family.native_resolution(), generator=generator)
+        _, final = sample(
+            family,
+            family.denoiser,
+            prompts,
+            [{}] * len(prompts),
+            negative,
+            s.steps,
+            s.eta,
+            s.guidance_scale,
+            family.native_resolution(),
+            generator=generator,
+        )
         return family.to_uint8(final)
 
     before = images()
@@ -83,12 +95,17 @@ def render(s: SampleSettings) -> dict:
         for tag, batch, rewards in (("base", before, r_before), ("tuned", after, r_after)):
             for i in cols:
                 cells.append(batch[i])
-                captions.append(f"{tag} {rewards[i]:+.3f} {prompts[i]}" if rewards[i] is not None else f"{tag} {prompts[i]}")
+                captions.append(
+                    f"{tag} {rewards[i]:+.3f} {prompts[i]}" if rewards[i] is not None else f"{tag} {prompts[i]}"
+                )
     grid(cells, captions, columns=2 * s.per_prompt).save(s.out)
     summary = {"out": str(s.out), "prompts": s.prompts, "per_prompt": s.per_prompt}
     if scorer:
-        summary |= {"reward": s.reward, "mean_before": float(sum(r_before) / len(r_before)),
-                    "mean_after": float(sum(r_after) / len(r_after))}
+        summary |= {
+            "reward": s.reward,
+            "mean_before": float(sum(r_before) / len(r_before)),
+            "mean_after": float(sum(r_after) / len(r_after)),
+        }
     return summary
 
 

@@ -64,8 +64,9 @@ def resolve(path: Path, warn: Callable[[str], None] = print) -> Path:
             return candidate
         skipped.append(f"{candidate}: {problem}")
         warn(f"WARNING: checkpoint {candidate} is damaged and is skipped: {problem}")
-    raise CheckpointError(f"run.resume_from: no usable checkpoint under {path}" +
-                          "".join(f"\n  {line}" for line in skipped))
+    raise CheckpointError(
+        f"run.resume_from: no usable checkpoint under {path}" + "".join(f"\n  {line}" for line in skipped)
+    )
 
 
 def verify(path: Path) -> str | None:
@@ -149,9 +150,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any], promp
     prompt_rng.bit_generator.state = plain["numpy_prompts"]
 
 
-def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, torch.Tensor], optimizer,
-         state: dict[str, Any], prompt_rng: np.random.Generator, ema=None, rng: tuple | None = None,
-         old_policy=None) -> Path:
+def save(
+    accelerator,
+    out: Path,
+    epoch: int,
+    keep: int,
+    *,
+    params: dict[str, torch.Tensor],
+    optimizer,
+    state: dict[str, Any],
+    prompt_rng: np.random.Generator,
+    ema=None,
+    rng: tuple | None = None,
+    old_policy=None,
+) -> Path:
     """Collective: every process calls it. ``epoch`` counts the epochs completed. ``rng``: the streams as
     ``rng_state`` took them when the epoch ended, if they have moved on since (a save after Ctrl-C)."""
     root = out / "checkpoints"
@@ -166,7 +178,10 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
     save_file(tensors, str(staging / f"rng-{rank}.safetensors"))
     (staging / f"rng-{rank}.json").write_text(json.dumps(plain))
     if accelerator.is_main_process:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in params.items()}, str(staging / "trainable.safetensors"))
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in params.items()},
+            str(staging / "trainable.safetensors"),
+        )
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         for name, average in (("ema", ema), ("old_policy", old_policy)):  # old_policy: DiffusionNFT's
             if average is not None:
@@ -186,20 +201,32 @@ def save(accelerator, out: Path, epoch: int, keep: int, *, params: dict[str, tor
     return final
 
 
-def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
-         prompt_rng: np.random.Generator, ema=None, old_policy=None) -> dict[str, Any]:
+def load(
+    accelerator,
+    path: Path,
+    *,
+    params: dict[str, torch.Tensor],
+    optimizer,
+    prompt_rng: np.random.Generator,
+    ema=None,
+    old_policy=None,
+) -> dict[str, Any]:
     """Restore everything ``save`` wrote; returns the plain state (epoch, global_step, tracker, ...)."""
     weights = _read(load_file, path / "trainable.safetensors")
     missing = set(params) - set(weights)
     if missing:
-        raise ValueError(f"run.resume_from: {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); "
-                         "was it written with the same model and LoRA settings?")
+        raise ValueError(
+            f"run.resume_from: {path} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); "
+            "was it written with the same model and LoRA settings?"
+        )
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
     optimizer.load_state_dict(_read(torch.load, path / "optimizer.pt", map_location="cpu", weights_only=True))
-    averages = (("ema", ema, "EMA weights; it was written with train.ema_decay 0"),
-                ("old_policy", old_policy, "old policy; it was not written by --algorithm nft or awm"))
+    averages = (
+        ("ema", ema, "EMA weights; it was written with train.ema_decay 0"),
+        ("old_policy", old_policy, "old policy; it was not written by --algorithm nft or awm"),
+    )
     for name, average, missing in averages:
         if average is not None:
             file = path / f"{name}.safetensors"
@@ -211,7 +238,11 @@ def load(accelerator, path: Path, *, params: dict[str, torch.Tensor], optimizer,
     rank = accelerator.process_index
     if not (path / f"rng-{rank}.json").exists():
         raise ValueError(f"run.resume_from: {path} was written by fewer processes than this run has ({rank + 1}+)")
-    set_rng_state(_read(load_file, path / f"rng-{rank}.safetensors"), json.loads((path / f"rng-{rank}.json").read_text()), prompt_rng)
+    set_rng_state(
+        _read(load_file, path / f"rng-{rank}.safetensors"),
+        json.loads((path / f"rng-{rank}.json").read_text()),
+        prompt_rng,
+    )
     return json.loads((path / "state.json").read_text())
 
 

@@ -55,7 +55,9 @@ def unknown_flags(args: list[str]) -> list[str]:
         flag = arg.split("=", 1)[0]
         if flag.startswith("--") and flag not in known:
             close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.6)
-            problems.append(f"{flag}: no such option" + (f"; did you mean {close[0]}?" if close else f" ({PROG} --help lists them)"))
+            problems.append(
+                f"{flag}: no such option" + (f"; did you mean {close[0]}?" if close else f" ({PROG} --help lists them)")
+            )
     return problems
 
 
@@ -94,8 +96,14 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         {"ddpo": ddpo, "dpo": dpo, "refl": refl, "nft": forward, "awm": forward}[cfg.algorithm](cfg)
-    except (PreflightError, BatchPlanError, CheckpointError, RewardError, RewardServerError, PairsError) as exc:  # the user's to fix
+    except (
+        PreflightError,
+        BatchPlanError,
+        CheckpointError,
+        RewardError,
+        RewardServerError,
+        PairsError,
+    ) as exc:  # the user's to fix
         fail(str(exc), exc, debug)
     except KeyboardInterrupt:  # the trainer has saved what it could and printed how to resume
         raise SystemExit(130) from None
-

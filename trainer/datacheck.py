@@ -36,11 +36,15 @@ def _label(value: Any) -> Any:
 
 
 def _image_ref(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, str)) or (isinstance(value, dict) and (value.get("bytes") or value.get("path"))):
+    if isinstance(value, (bytes, bytearray, str)) or (
+        isinstance(value, dict) and (value.get("bytes") or value.get("path"))
+    ):
         return value
     kind = type(value).__name__
-    raise ValueError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({value!r:.40}), expected image bytes, a path or a "
-                     "{bytes, path} struct")
+    raise ValueError(
+        f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({value!r:.40}), expected image bytes, a path or a "
+        "{bytes, path} struct"
+    )
 
 
 Label = Annotated[Any, BeforeValidator(_label)]
@@ -117,8 +121,10 @@ class RowCheck:
         try:
             self.model.model_validate(row)
         except ValidationError as exc:
-            return [f"{self._name(e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors(include_url=False)]
+            return [
+                f"{self._name(e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors(include_url=False)
+            ]
         found = []
         for column in self.images if images else ():
             try:
@@ -169,7 +175,11 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         except ValueError as exc:
             yield number, None, f"not a JSON object ({exc})"
             continue
-        yield (number, obj, None) if isinstance(obj, dict) else (number, None, f"not a JSON object (a {type(obj).__name__})")
+        yield (
+            (number, obj, None)
+            if isinstance(obj, dict)
+            else (number, None, f"not a JSON object (a {type(obj).__name__})")
+        )
 
 
 def parquet_rows(files: list[Path], columns: tuple[str, ...]) -> Iterator[tuple[Path, int, dict | None, str | None]]:
@@ -181,7 +191,12 @@ def parquet_rows(files: list[Path], columns: tuple[str, ...]) -> Iterator[tuple[
             reader = pq.ParquetFile(path)
             missing = [c for c in columns if c not in reader.schema_arrow.names]
             if missing:
-                yield path, -1, None, (f"has no column(s) {', '.join(missing)} (it has {', '.join(reader.schema_arrow.names)})")
+                yield (
+                    path,
+                    -1,
+                    None,
+                    (f"has no column(s) {', '.join(missing)} (it has {', '.join(reader.schema_arrow.names)})"),
+                )
                 continue
             row = 0
             for batch in reader.iter_batches(batch_size=64, columns=list(columns)):
@@ -221,33 +236,56 @@ def _parquet_sizes(files: list[Path]) -> list[tuple[str, int]]:
 
 
 def _jsonl(path: Path, check: RowCheck) -> Source:
-    rows = lambda: ((f"{path} line {n}", row and _renamed(row, check.names), problem)  # noqa: E731
-                    for n, row, problem in jsonl_rows(path))
+    def rows():
+        return (
+            (f"{path} line {n}", row and _renamed(row, check.names), problem)  # noqa: E731
+            for n, row, problem in jsonl_rows(path)
+        )
+
     check.files = [(str(path), -1)]
     return Source(str(path), check, rows, cheap=True)
 
 
 def _parquet(folder: Path, files: list[Path], check: RowCheck) -> Source:
-    columns = tuple(check.names.get(c, c) for c in (*check.images, check.text, *(("label_0",) if check.labelled else ())))
-    rows = lambda: ((f"{p} row {r}" if r >= 0 else str(p), row and _renamed(row, check.names), problem)  # noqa: E731
-                    for p, r, row, problem in parquet_rows(files, columns))
+    columns = tuple(
+        check.names.get(c, c) for c in (*check.images, check.text, *(("label_0",) if check.labelled else ()))
+    )
+
+    def rows():
+        return (
+            (f"{p} row {r}" if r >= 0 else str(p), row and _renamed(row, check.names), problem)  # noqa: E731
+            for p, r, row, problem in parquet_rows(files, columns)
+        )
+
     check.files = _parquet_sizes(files)
     return Source(str(folder), check, rows)
 
 
-def pairs_source(source: str, *, split: str = "train", cache_dir: Path | None = None, allow_outside: bool = False,
-                 flag: str = "--dpo.allow_outside_paths", field: str = "dpo.dataset", labels: bool = True) -> Source:
+def pairs_source(
+    source: str,
+    *,
+    split: str = "train",
+    cache_dir: Path | None = None,
+    allow_outside: bool = False,
+    flag: str = "--dpo.allow_outside_paths",
+    field: str = "dpo.dataset",
+    labels: bool = True,
+) -> Source:
     """The rows of a preference dataset (parquet folder, pairs.jsonl folder or hub id); RowError if it has none.
     ``labels``: False for pairs about to be relabelled (trainer.label), whose label_0 is not read."""
     folder = Path(source)
     if folder.is_dir():
         parquet = sorted(folder.rglob("*.parquet"), key=str)  # the order load_pairs reads them in
         if parquet:
-            return _parquet(folder, parquet, RowCheck(("jpg_0", "jpg_1"), "caption", labels, folder, allow_outside, flag, field))
+            return _parquet(
+                folder, parquet, RowCheck(("jpg_0", "jpg_1"), "caption", labels, folder, allow_outside, flag, field)
+            )
         if (folder / "pairs.jsonl").is_file():
             names = {ours: user for user, ours in JSONL_IMAGES.items()}
-            return _jsonl(folder / "pairs.jsonl", RowCheck(("jpg_0", "jpg_1"), "caption", labels, folder, allow_outside,
-                                                           flag, field, names))
+            return _jsonl(
+                folder / "pairs.jsonl",
+                RowCheck(("jpg_0", "jpg_1"), "caption", labels, folder, allow_outside, flag, field, names),
+            )
         raise RowError(f"{folder} holds neither *.parquet files nor pairs.jsonl")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not a hub id
         raise RowError(f"{source}: no such folder")
@@ -270,15 +308,25 @@ def pairs_source(source: str, *, split: str = "train", cache_dir: Path | None = 
     return Source(source, check, rows)
 
 
-def images_source(source: str, *, cache_dir: Path | None = None, allow_outside: bool = False,
-                  flag: str = "--refl.pretrain_allow_outside_paths", field: str = "refl.pretrain_data") -> Source:
+def images_source(
+    source: str,
+    *,
+    cache_dir: Path | None = None,
+    allow_outside: bool = False,
+    flag: str = "--refl.pretrain_allow_outside_paths",
+    field: str = "refl.pretrain_data",
+) -> Source:
     """The rows of an image-and-caption dataset (``trainer.pairs.load_images``' layouts); RowError if none."""
     folder = Path(source)
     meta = folder / "metadata.jsonl"
     if meta.is_file():
         first = next((row for _, row, _ in jsonl_rows(meta) if row is not None), {})
-        return _jsonl(meta, RowCheck(("jpg_0",), "caption", False, folder, allow_outside, flag, field,
-                                     image_columns(source, list(first))))
+        return _jsonl(
+            meta,
+            RowCheck(
+                ("jpg_0",), "caption", False, folder, allow_outside, flag, field, image_columns(source, list(first))
+            ),
+        )
     parquet = sorted(folder.rglob("*.parquet"), key=str) if folder.is_dir() else []
     if not parquet:  # a pairs.jsonl folder or a hub id: its winners
         return pairs_source(source, cache_dir=cache_dir, allow_outside=allow_outside, flag=flag, field=field)
@@ -290,8 +338,11 @@ def images_source(source: str, *, cache_dir: Path | None = None, allow_outside: 
         raise RowError(f"{parquet[0]}: not a readable parquet file ({exc})") from None
     if set(PAIR_COLUMNS) <= set(columns):
         return pairs_source(source, cache_dir=cache_dir, allow_outside=allow_outside, flag=flag, field=field)
-    return _parquet(folder, parquet, RowCheck(("jpg_0",), "caption", False, folder, allow_outside, flag, field,
-                                              image_columns(source, columns)))
+    return _parquet(
+        folder,
+        parquet,
+        RowCheck(("jpg_0",), "caption", False, folder, allow_outside, flag, field, image_columns(source, columns)),
+    )
 
 
 def image_columns(source: str, columns: list[str]) -> dict[str, str]:
@@ -299,8 +350,10 @@ def image_columns(source: str, columns: list[str]) -> dict[str, str]:
     image = next((c for c in ("image", "file_name", "jpg_0") if c in columns), None)
     text = next((c for c in ("caption", "text") if c in columns), None)
     if image is None or text is None:
-        raise RowError(f"{source} needs an image column (image or file_name) and a caption column (caption or "
-                       f"text); it has {', '.join(columns) or 'none'}")
+        raise RowError(
+            f"{source} needs an image column (image or file_name) and a caption column (caption or "
+            f"text); it has {', '.join(columns) or 'none'}"
+        )
     return {"jpg_0": image, "caption": text}
 
 

@@ -89,40 +89,64 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
         # 3. PPO-clip updates on the stored trajectories.
         t2 = time.perf_counter()
-        stats, global_step = _ppo_updates(run, policy, collected.trajectories, scored.advantages, guidance, epoch,
-                                          global_step)
+        stats, global_step = _ppo_updates(
+            run, policy, collected.trajectories, scored.advantages, guidance, epoch, global_step
+        )
         t3 = time.perf_counter()
         # 4. Log, checkpoint.
         seconds = {"sampling": sampling, "reward_wait": scored.wait_seconds, "training": t3 - t2, "epoch": t3 - t0}
         epoch_phases.log(run, epoch, scored, stats, seconds, global_step, threads)
-        run_setup.end_epoch(run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None})
+        run_setup.end_epoch(
+            run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
+        )
     if cfg.run.eval_every:
         evaluate_run(run, policy, cfg.run.num_epochs)
     return run_setup.finish(run)
 
 
-def _ppo_updates(run: run_setup.Run, policy, trajectories: Trajectories, advantages: torch.Tensor, guidance,
-                 epoch: int, global_step: int) -> tuple[dict[str, list], int]:
+def _ppo_updates(
+    run: run_setup.Run,
+    policy,
+    trajectories: Trajectories,
+    advantages: torch.Tensor,
+    guidance,
+    epoch: int,
+    global_step: int,
+) -> tuple[dict[str, list], int]:
     """train.num_inner_epochs passes of PPO-clip over the epoch's stored steps; the stats and the step count."""
     cfg, accelerator, family, unet = run.cfg, run.accelerator, run.family, run.model
     run.ctrl_c.updating()
     unet.train()
     stats = defaultdict(list)
-    decoupled = cfg.train.decoupled_ppo == "on" or (cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch")
+    decoupled = cfg.train.decoupled_ppo == "on" or (
+        cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch"
+    )
     epoch_start_step = global_step
     for _ in range(cfg.train.num_inner_epochs):
-        picks = trajectories.shuffled(cfg.train.batch_size, run.plan.train_timesteps,  # indices: no copies yet
-                                      cfg.train.timestep_selection)
+        picks = trajectories.shuffled(
+            cfg.train.batch_size,
+            run.plan.train_timesteps,  # indices: no copies yet
+            cfg.train.timestep_selection,
+        )
         run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)  # train.timesteps_per_forward 0, GPU
         plan = run.plan
         # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples
         # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
         # range and give no gradient; clip around the weights at the start of this update instead (one
         # extra forward per trained step), importance-weighted back to the weights that sampled.
-        proximal = [_proximal(accelerator, policy, family, trajectories.chunk(*pick), plan.step_groups, guidance)
-                    if decoupled else None for pick in picks]
-        for (rows, steps_of), prox in tqdm(zip(picks, proximal), total=len(picks), desc=f"epoch {epoch} training",
-                                           disable=not accelerator.is_local_main_process, leave=False):
+        proximal = [
+            _proximal(accelerator, policy, family, trajectories.chunk(*pick), plan.step_groups, guidance)
+            if decoupled
+            else None
+            for pick in picks
+        ]
+        for (rows, steps_of), prox in tqdm(
+            zip(picks, proximal),
+            total=len(picks),
+            desc=f"epoch {epoch} training",
+            disable=not accelerator.is_local_main_process,
+            leave=False,
+        ):
             chunk, adv = trajectories.chunk(rows, steps_of), advantages[rows]
             for steps in plan.step_groups:  # k timesteps per denoiser forward, a batch of k x train.batch_size
                 with accelerator.accumulate(unet):
@@ -137,8 +161,9 @@ def _ppo_updates(run: run_setup.Run, policy, trajectories: Trajectories, advanta
                         weight = torch.exp(prox[:, steps] - behaviour)  # proximal / behaviour
                         clipped = adv_k.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
                         # weight > 0 scales both PPO terms alike, so it can ride on the advantages
-                        loss, step_stats = ppo_clip_loss(log_prob, prox[:, steps], clipped * weight,
-                                                         cfg.train.clip_range, float("inf"))
+                        loss, step_stats = ppo_clip_loss(
+                            log_prob, prox[:, steps], clipped * weight, cfg.train.clip_range, float("inf")
+                        )
                         step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.train.clip_range).float().mean()
                     if cfg.train.kl_coef:
                         reference = _reference_mean(accelerator, policy, family, chunk, steps, guidance)

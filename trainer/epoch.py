@@ -66,12 +66,25 @@ def start(run: run_setup.Run) -> Online:
         tracker = PerPromptStatTracker(cfg.train.stat_buffer_size, cfg.train.stat_min_count)
         if state.get("tracker"):
             tracker.load_state_dict(state["tracker"])
-    return Online(tracker, state.get("global_step", 0), run.accelerator.unwrap_model(run.model),
-                  run.family.encode_prompts([""]), cfg.sample.resolution or run.family.native_resolution())
+    return Online(
+        tracker,
+        state.get("global_step", 0),
+        run.accelerator.unwrap_model(run.model),
+        run.family.encode_prompts([""]),
+        cfg.sample.resolution or run.family.native_resolution(),
+    )
 
 
-def collect(run: run_setup.Run, epoch: int, policy, negative, resolution: int, eta: float,
-            window: Callable[[], range | None], store: bool = True) -> Collected:
+def collect(
+    run: run_setup.Run,
+    epoch: int,
+    policy,
+    negative,
+    resolution: int,
+    eta: float,
+    window: Callable[[], range | None],
+    store: bool = True,
+) -> Collected:
     """Sample one epoch's batches with ``policy`` (the bare denoiser) at noise ``eta``; each batch goes to the
     reward functions as reward.overlap says. ``window()`` gives each batch's stochastic steps; ``store`` False
     keeps only the clean latents (sampling.sample)."""
@@ -82,16 +95,28 @@ def collect(run: run_setup.Run, epoch: int, policy, negative, resolution: int, e
     drawn = [run.prompt_fn(run.prompt_rng) for _ in range(size * cfg.sample.num_batches_per_epoch // k)]
     epoch_prompts = [pair for pair in drawn for _ in range(k)]  # each prompt k times in a row: its group
     # Flow-GRPO's same_latent (flow_grpo issue 7): a group differs only by the sampler's noise.
-    noise = (family.initial_latents(len(drawn), resolution, None, accelerator.device).repeat_interleave(k, dim=0)
-             if cfg.sample.same_noise_per_group else None)
+    noise = (
+        family.initial_latents(len(drawn), resolution, None, accelerator.device).repeat_interleave(k, dim=0)
+        if cfg.sample.same_noise_per_group
+        else None
+    )
     quiet = not accelerator.is_local_main_process
     for b in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
         prompts, metadata = zip(*epoch_prompts[b * size : (b + 1) * size])
         with accelerator.autocast():
             batch, final = sample(
-                family, policy, list(prompts), list(metadata), negative, cfg.sample.num_steps, eta,
-                cfg.sample.guidance_scale, resolution, window=window(),
-                noise=None if noise is None else noise[b * size : (b + 1) * size], store=store,
+                family,
+                policy,
+                list(prompts),
+                list(metadata),
+                negative,
+                cfg.sample.num_steps,
+                eta,
+                cfg.sample.guidance_scale,
+                resolution,
+                window=window(),
+                noise=None if noise is None else noise[b * size : (b + 1) * size],
+                store=store,
             )
         images.append(family.to_uint8(final))
         batches.append(batch)
@@ -104,8 +129,9 @@ def collect(run: run_setup.Run, epoch: int, policy, negative, resolution: int, e
     return Collected(Trajectories.cat(batches), batches, images, pending, time.perf_counter() - start)
 
 
-def score(run: run_setup.Run, epoch: int, collected: Collected, tracker: PerPromptStatTracker | None,
-          image_samples_hook=None) -> Scored:
+def score(
+    run: run_setup.Run, epoch: int, collected: Collected, tracker: PerPromptStatTracker | None, image_samples_hook=None
+) -> Scored:
     """Wait for the epoch's rewards, gather them across processes and turn them into advantages (within each
     group of sample.images_per_prompt, or per prompt with the tracker); show the samples when due."""
     from accelerate.utils import gather_object
@@ -114,8 +140,10 @@ def score(run: run_setup.Run, epoch: int, collected: Collected, tracker: PerProm
     t0 = time.perf_counter()
     scored = collected.pending.wait(cfg.reward.deadline)
     wait = time.perf_counter() - t0
-    components = {name: accelerator.gather(torch.as_tensor(out.scores, device=accelerator.device)).cpu().numpy()
-                  for name, out in scored.items()}
+    components = {
+        name: accelerator.gather(torch.as_tensor(out.scores, device=accelerator.device)).cpu().numpy()
+        for name, out in scored.items()
+    }
     rewards = run.rewards.combine(components)
     prompts = collected.trajectories.prompts
     prompts_all = gather_object(prompts)
@@ -131,14 +159,23 @@ def score(run: run_setup.Run, epoch: int, collected: Collected, tracker: PerProm
     last = epoch == cfg.run.num_epochs - 1  # the final epoch's grid is always kept
     sheet = bool(cfg.run.log_images_every) and (epoch % cfg.run.log_images_every == 0 or last)
     if image_samples_hook is not None or sheet:
-        tracking.show_samples(accelerator, run.out, epoch, collected.images, collected.batches, scored, rewards,
-                              image_samples_hook, sheet)
-    return Scored(rewards, components, torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32),
-                  samples, wait)
+        tracking.show_samples(
+            accelerator, run.out, epoch, collected.images, collected.batches, scored, rewards, image_samples_hook, sheet
+        )
+    return Scored(
+        rewards, components, torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32), samples, wait
+    )
 
 
-def log(run: run_setup.Run, epoch: int, scored: Scored, stats: dict[str, list], seconds: dict[str, float],
-        global_step: int, threads: int) -> dict:
+def log(
+    run: run_setup.Run,
+    epoch: int,
+    scored: Scored,
+    stats: dict[str, list],
+    seconds: dict[str, float],
+    global_step: int,
+    threads: int,
+) -> dict:
     """The epoch's metrics (rewards, the training stats' means, timings) to every log; one line printed."""
     rewards = scored.rewards
     metrics = {
@@ -147,8 +184,11 @@ def log(run: run_setup.Run, epoch: int, scored: Scored, stats: dict[str, list], 
         "global_step": global_step,
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
-        **{f"reward_{name}_{stat}": float(getattr(r, stat)()) for name, r in scored.components.items()
-           for stat in ("mean", "std")},
+        **{
+            f"reward_{name}_{stat}": float(getattr(r, stat)())
+            for name, r in scored.components.items()
+            for stat in ("mean", "std")
+        },
         # Stats stay tensors until the epoch ends: reading one (.item()) waits for the GPU.
         **{k: float(torch.stack(v).float().mean()) for k, v in stats.items()},
         **tracking.by_category(scored.samples, rewards),
@@ -161,8 +201,11 @@ def log(run: run_setup.Run, epoch: int, scored: Scored, stats: dict[str, list], 
         f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
         f"sample {seconds['sampling']:5.1f}s  reward-wait {seconds['reward_wait']:5.1f}s  "
         f"train {seconds['training']:5.1f}s | loss {metrics.get('loss', 0):+.2e} "
-        + " ".join(f"{name} {metrics[key]:.2e}" for name, key in (("kl", "approx_kl"), ("kl-ref", "kl_to_reference"))
-                   if key in metrics)
+        + " ".join(
+            f"{name} {metrics[key]:.2e}"
+            for name, key in (("kl", "approx_kl"), ("kl-ref", "kl_to_reference"))
+            if key in metrics
+        )
         + (f" clipfrac {metrics['clipfrac']:.3f}" if "clipfrac" in metrics else "")
         + (f" | accuracy {metrics['accuracy']:.1%}" if "accuracy" in metrics else "")
     )

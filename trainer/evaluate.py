@@ -25,9 +25,21 @@ from trainer import tracking
 from trainer.prompts import checked_file
 
 
-def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], rewards, *, num_steps: int,
-             guidance_scale: float, resolution: int, seeds: list[int], batch_size: int, deadline: float = 600.0,
-             autocast=contextlib.nullcontext) -> tuple[np.ndarray, dict]:
+def evaluate(
+    family,
+    model,
+    prompts: list[str],
+    metadata: list[dict[str, Any]],
+    rewards,
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    seeds: list[int],
+    batch_size: int,
+    deadline: float = 600.0,
+    autocast=contextlib.nullcontext,
+) -> tuple[np.ndarray, dict]:
     """uint8 NHWC images and the scorers' outputs ({component: ScoreOutput}) of ``prompts``, image i from
     noise seeded by ``seeds[i]``."""
     import torch
@@ -37,14 +49,20 @@ def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], 
     device = model.device
     model.eval()  # the trainer evaluates between updates, which leave the model in training mode
     negative = family.encode_prompts([""])
-    restore = getattr(family.pipe.scheduler, "num_inference_steps", None)  # training re-scores with the sampling schedule
+    restore = getattr(
+        family.pipe.scheduler, "num_inference_steps", None
+    )  # training re-scores with the sampling schedule
     pending, images = Pending(rewards), []
     try:
         timesteps = family.timesteps(num_steps, device)
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
-            x = torch.cat([family.initial_latents(1, resolution, torch.Generator(device).manual_seed(s), device)
-                           for s in seeds[part]])
+            x = torch.cat(
+                [
+                    family.initial_latents(1, resolution, torch.Generator(device).manual_seed(s), device)
+                    for s in seeds[part]
+                ]
+            )
             cond = family.encode_prompts(prompts[part], resolution)
             # sampling.sample without what training needs: no trajectory kept, no log-probs (eta 0 is the ODE)
             with torch.no_grad(), autocast():
@@ -60,14 +78,21 @@ def evaluate(family, model, prompts: list[str], metadata: list[dict[str, Any]], 
 
 def summary(prompts: list[str], scored: dict, total: np.ndarray) -> dict:
     """Mean rewards, and per prompt (each of its images) in first-seen order."""
-    out = {"reward_mean": float(total.mean()), "reward_std": float(total.std()),
-           **{f"reward_{name}_mean": float(s.scores.mean()) for name, s in scored.items()},
-           **tracking.by_category(tracking.sample_records(0, 0, prompts, scored), total)}
+    out = {
+        "reward_mean": float(total.mean()),
+        "reward_std": float(total.std()),
+        **{f"reward_{name}_mean": float(s.scores.mean()) for name, s in scored.items()},
+        **tracking.by_category(tracking.sample_records(0, 0, prompts, scored), total),
+    }
     order = list(dict.fromkeys(prompts))
     index = np.array([order.index(p) for p in prompts])
     out["per_prompt"] = [
-        {"prompt": p, "reward": float(total[index == k].mean()), "rewards": total[index == k].round(6).tolist(),
-         **{f"reward_{name}": s.scores[index == k].round(6).tolist() for name, s in scored.items()}}
+        {
+            "prompt": p,
+            "reward": float(total[index == k].mean()),
+            "rewards": total[index == k].round(6).tolist(),
+            **{f"reward_{name}": s.scores[index == k].round(6).tolist() for name, s in scored.items()},
+        }
         for k, p in enumerate(order)
     ]
     return out
@@ -128,16 +153,37 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
             run.eval_rewards = Rewards(RewardConfig(scorer=cfg.run.eval_scorer), device=str(accelerator.device))
         rewards = run.eval_rewards
     images, scored = evaluate(
-        run.family, model, [prompts[i] for i in mine], [metadata[i] for i in mine], rewards,
-        num_steps=cfg.sample.eval_num_steps or cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
-        resolution=cfg.sample.resolution or run.family.native_resolution(), seeds=[cfg.run.eval_seed + i for i in mine],
-        batch_size=cfg.sample.batch_size, deadline=cfg.reward.deadline, autocast=accelerator.autocast,
+        run.family,
+        model,
+        [prompts[i] for i in mine],
+        [metadata[i] for i in mine],
+        rewards,
+        num_steps=cfg.sample.eval_num_steps or cfg.sample.num_steps,
+        guidance_scale=cfg.sample.guidance_scale,
+        resolution=cfg.sample.resolution or run.family.native_resolution(),
+        seeds=[cfg.run.eval_seed + i for i in mine],
+        batch_size=cfg.sample.batch_size,
+        deadline=cfg.reward.deadline,
+        autocast=accelerator.autocast,
     )
-    rows = gather_object([(i, images[k], {n: (float(s.scores[k]), {key: v[k] for key, v in s.info.items()})
-                                          for n, s in scored.items()}) for k, i in enumerate(mine)])
+    rows = gather_object(
+        [
+            (
+                i,
+                images[k],
+                {n: (float(s.scores[k]), {key: v[k] for key, v in s.info.items()}) for n, s in scored.items()},
+            )
+            for k, i in enumerate(mine)
+        ]
+    )
     rows.sort(key=lambda row: row[0])
-    scored = {n: ScoreOutput(np.array([row[2][n][0] for row in rows]),
-                             {key: [row[2][n][1][key] for row in rows] for key in scored[n].info}) for n in scored}
+    scored = {
+        n: ScoreOutput(
+            np.array([row[2][n][0] for row in rows]),
+            {key: [row[2][n][1][key] for row in rows] for key in scored[n].info},
+        )
+        for n in scored
+    }
     total = rewards.combine({n: s.scores for n, s in scored.items()})
     result = {"epoch": after_epochs, **summary([prompts[row[0]] for row in rows], scored, total)}
     accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "per_prompt"}, step=after_epochs)
@@ -149,9 +195,13 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
         if run.first_eval is None:  # this process's first evaluation: before training, unless resumed
             run.first_eval = (after_epochs, shown, total)
         elif (after_epochs == cfg.run.num_epochs) if final is None else final:
-            save_before_after(run.first_eval, (after_epochs, shown, total), prompts, run.out / "eval" / "before_after.png")
+            save_before_after(
+                run.first_eval, (after_epochs, shown, total), prompts, run.out / "eval" / "before_after.png"
+            )
     accuracy = f" | accuracy {result['accuracy']:.1%}" if "accuracy" in result else ""
-    accelerator.print(f"eval after {after_epochs} {unit} | reward {result['reward_mean']:+.4f}{accuracy} on {len(prompts)} prompts")
+    accelerator.print(
+        f"eval after {after_epochs} {unit} | reward {result['reward_mean']:+.4f}{accuracy} on {len(prompts)} prompts"
+    )
     return result
 
 
@@ -160,11 +210,17 @@ class EvalSettings(BaseSettings):
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.evaluate", cli_implicit_flags=True)
 
-    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" or a diffusers model id / path')
+    model: str = Field(
+        "tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" or a diffusers model id / path'
+    )
     cache_dir: Path | None = None
     lora: Path | None = Field(None, description="a folder with pytorch_lora_weights.safetensors (a run's lora/)")
-    denoiser: Path | None = Field(None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)")
-    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(None, description="one prompt per line; default: --count draws of --prompt_fn")
+    denoiser: Path | None = Field(
+        None, description="or a fully finetuned denoiser folder (a run's unet/ or transformer/)"
+    )
+    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(
+        None, description="one prompt per line; default: --count draws of --prompt_fn"
+    )
     prompt_fn: str = Field("simple_animals", description="the trainer's prompt.fn names")
     count: int = Field(16, gt=0)
     per_prompt: int = Field(1, gt=0, description="images per prompt, each from its own seed")
@@ -229,8 +285,15 @@ def _safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(length))
         except ValueError as exc:
             return f"the header is not JSON: {exc}"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
-            and len(t.get("data_offsets", ())) == 2] if isinstance(header, dict) else None
+    ends = (
+        [
+            t["data_offsets"][1]
+            for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
+        ]
+        if isinstance(header, dict)
+        else None
+    )
     if ends is None:
         return "the header is not a map of tensors"
     if max(ends, default=0) > size - 8 - length:
@@ -247,10 +310,12 @@ def run_evaluation(s: EvalSettings) -> dict:
     from trainer.rewards import Rewards
 
     # The trainer's own config checks the model, prompt and reward settings before anything loads.
-    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir},
-                 run={"mixed_precision": s.mixed_precision, "eval_seed": s.seed},
-                 prompt={"fn": s.prompt_fn, "eval_path": s.prompts, "eval_count": s.count},
-                 reward={"scorer": s.reward, "url": s.reward_url, "options": s.reward_options})
+    cfg = Config(
+        pretrained={"model": s.model, "cache_dir": s.cache_dir},
+        run={"mixed_precision": s.mixed_precision, "eval_seed": s.seed},
+        prompt={"fn": s.prompt_fn, "eval_path": s.prompts, "eval_count": s.count},
+        reward={"scorer": s.reward, "url": s.reward_url, "options": s.reward_options},
+    )
     prompts, metadata = eval_prompts(cfg, make_prompt_fn(cfg.prompt.fn))
     prompts = [p for p in prompts for _ in range(s.per_prompt)]
     metadata = [m for m in metadata for _ in range(s.per_prompt)]
@@ -260,19 +325,38 @@ def run_evaluation(s: EvalSettings) -> dict:
         family = load_family(cfg, device)
         load_tuned(family, s.lora, s.denoiser)
         dtype = family.denoiser.dtype
-        autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+        autocast = (
+            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+        )
         images, scored = evaluate(
-            family, family.denoiser, prompts, metadata, rewards, num_steps=s.steps, guidance_scale=s.guidance_scale,
-            resolution=s.resolution or family.native_resolution(), seeds=[s.seed + i for i in range(len(prompts))],
-            batch_size=s.batch_size, autocast=autocast,
+            family,
+            family.denoiser,
+            prompts,
+            metadata,
+            rewards,
+            num_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            resolution=s.resolution or family.native_resolution(),
+            seeds=[s.seed + i for i in range(len(prompts))],
+            batch_size=s.batch_size,
+            autocast=autocast,
         )
     finally:
         rewards.close()
     total = rewards.combine({n: out.scores for n, out in scored.items()})
-    result = {"model": s.model, "lora": str(s.lora) if s.lora else None, "denoiser": str(s.denoiser) if s.denoiser else None,
-              "steps": s.steps, "guidance_scale": s.guidance_scale, "seed": s.seed, **summary(prompts, scored, total)}
+    result = {
+        "model": s.model,
+        "lora": str(s.lora) if s.lora else None,
+        "denoiser": str(s.denoiser) if s.denoiser else None,
+        "steps": s.steps,
+        "guidance_scale": s.guidance_scale,
+        "seed": s.seed,
+        **summary(prompts, scored, total),
+    }
     s.out.mkdir(parents=True, exist_ok=True)
-    save_grid(images, prompts, total, s.out / "eval.png", columns=s.per_prompt if s.per_prompt > 1 else min(8, len(prompts)))
+    save_grid(
+        images, prompts, total, s.out / "eval.png", columns=s.per_prompt if s.per_prompt > 1 else min(8, len(prompts))
+    )
     (s.out / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 

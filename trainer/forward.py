@@ -30,9 +30,12 @@ from trainer.rewards import RewardFn
 from trainer.sampling import Trajectories, each_tensor, pick_steps
 
 
-def train(cfg: Config, reward_fn: RewardFn | dict[str, RewardFn] | None = None,
-          prompt_fn: Callable[..., Any] | None = None,
-          image_samples_hook: Callable[[int, list[dict]], None] | None = None) -> list[dict]:
+def train(
+    cfg: Config,
+    reward_fn: RewardFn | dict[str, RewardFn] | None = None,
+    prompt_fn: Callable[..., Any] | None = None,
+    image_samples_hook: Callable[[int, list[dict]], None] | None = None,
+) -> list[dict]:
     """Run DiffusionNFT or AWM (``cfg.algorithm``); the arguments are DDPO's (trainer.ddpo.train)."""
     accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
     with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
@@ -50,8 +53,9 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
         # 1. Sample; keep the clean latents.
         t0 = time.perf_counter()
         run.model.eval()
-        collected = epoch_phases.collect(run, epoch, policy, online.negative, online.resolution, cfg.sample.eta,
-                                         lambda: None, store=False)
+        collected = epoch_phases.collect(
+            run, epoch, policy, online.negative, online.resolution, cfg.sample.eta, lambda: None, store=False
+        )
         # 2. Rewards into advantages.
         scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
         # 3. The forward-process updates.
@@ -61,19 +65,25 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
         run.old_policy.decay = getattr(cfg, cfg.algorithm).old_decay(global_step)
         run.old_policy.update(run.trainable)
         t3 = time.perf_counter()
-        seconds = {"sampling": collected.seconds, "reward_wait": scored.wait_seconds, "training": t3 - t2,
-                   "epoch": t3 - t0}
+        seconds = {
+            "sampling": collected.seconds,
+            "reward_wait": scored.wait_seconds,
+            "training": t3 - t2,
+            "epoch": t3 - t0,
+        }
         stats["old_policy_decay"] = [torch.tensor(run.old_policy.decay)]
         epoch_phases.log(run, epoch, scored, stats, seconds, global_step, threads)
-        run_setup.end_epoch(run, epoch + 1,
-                            {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None})
+        run_setup.end_epoch(
+            run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
+        )
     if cfg.run.eval_every:
         evaluate_run(run, policy, cfg.run.num_epochs)
     return run_setup.finish(run)
 
 
-def _updates(run: run_setup.Run, policy, batch: Trajectories, advantages: torch.Tensor, epoch: int,
-             global_step: int) -> tuple[dict[str, list], int]:
+def _updates(
+    run: run_setup.Run, policy, batch: Trajectories, advantages: torch.Tensor, epoch: int, global_step: int
+) -> tuple[dict[str, list], int]:
     """train.num_inner_epochs passes over the epoch's clean latents, each sample at its own
     train.timestep_fraction of the sampler's steps (train.timestep_selection; fresh noise each), in
     micro-batches of train.batch_size."""
@@ -86,8 +96,12 @@ def _updates(run: run_setup.Run, policy, batch: Trajectories, advantages: torch.
     for _ in range(cfg.train.num_inner_epochs):
         order = torch.randperm(n, device=device)
         steps = pick_steps(n, cfg.sample.num_steps, plan.train_timesteps, cfg.train.timestep_selection, device)
-        for i in tqdm(range(0, n, cfg.train.batch_size), desc=f"epoch {epoch} training",
-                      disable=not accelerator.is_local_main_process, leave=False):
+        for i in tqdm(
+            range(0, n, cfg.train.batch_size),
+            desc=f"epoch {epoch} training",
+            disable=not accelerator.is_local_main_process,
+            leave=False,
+        ):
             rows = order[i : i + cfg.train.batch_size]
             cond = each_tensor(batch.prompt_embeds, lambda t: t[rows])
             for group in plan.step_groups:  # k steps per denoiser forward, a batch of k x train.batch_size
@@ -121,8 +135,15 @@ def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tenso
             lagging = predict(policy)
     prediction = predict(run.model)
     if cfg.algorithm == "nft":
-        loss, stats = nft_loss(prediction, lagging, x0, lambda p: family.predicted_x0(p, index, x_t),
-                               nft_optimality(advantages, cfg.train.adv_clip_max), cfg.nft.beta, cfg.train.adv_clip_max)
+        loss, stats = nft_loss(
+            prediction,
+            lagging,
+            x0,
+            lambda p: family.predicted_x0(p, index, x_t),
+            nft_optimality(advantages, cfg.train.adv_clip_max),
+            cfg.nft.beta,
+            cfg.train.adv_clip_max,
+        )
     else:
         loss, stats = awm_loss(prediction, target.float(), time, advantages, cfg.train.adv_clip_max, cfg.awm.power)
         if lagging is not None:

@@ -37,8 +37,11 @@ class CtrlC:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            print("\nCtrl-C: finishing this epoch's updates, then saving a checkpoint (Ctrl-C again to stop now)",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nCtrl-C: finishing this epoch's updates, then saving a checkpoint (Ctrl-C again to stop now)",
+                file=sys.stderr,
+                flush=True,
+            )
 
         self._previous = signal.signal(signal.SIGINT, handler)
 
@@ -55,7 +58,8 @@ class CtrlC:
             self._previous = None
 
     def interrupted(self, is_main: bool) -> None:
-        """After a KeyboardInterrupt: checkpoint the last finished epoch if that is still possible; say how to resume."""
+        """After a KeyboardInterrupt: checkpoint the last finished epoch if that is still possible; say how to
+        resume."""
         self.restore()
         if self.enabled and self.save_last is not None:
             self.save_last()
@@ -66,8 +70,16 @@ class CtrlC:
         launcher = "python -m trainer" if self.num_processes == 1 else "accelerate launch -m trainer"
         newest = newest_first(self.out)
         if newest:
-            print(f"\nstopped; {newest[0]} is the newest checkpoint. Resume with:\n  {launcher} --config "
-                  f"{self.out / 'config.json'} --run.resume_from {self.out}", file=sys.stderr, flush=True)
+            print(
+                f"\nstopped; {newest[0]} is the newest checkpoint. Resume with:\n  {launcher} --config "
+                f"{self.out / 'config.json'} --run.resume_from {self.out}",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            print(f"\nstopped before any epoch finished: nothing to resume; start again with:\n  {launcher} "
-                  f"--config {self.out / 'config.json'}", file=sys.stderr, flush=True)
+            print(
+                f"\nstopped before any epoch finished: nothing to resume; start again with:\n  {launcher} "
+                f"--config {self.out / 'config.json'}",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -38,8 +38,22 @@ from trainer.prompts import checked_file  # numpy only: light to import
 
 SETTINGS_FILE = "label-settings.json"
 # What the shards' contents depend on; the output folder, the server's address, batching and caches do not.
-SHAPING = ("source", "model", "prompt_fn", "prompts", "pairs", "images_per_prompt", "steps", "guidance_scale", "seed",
-           "resolution", "scorer", "options", "margin", "shard_size")
+SHAPING = (
+    "source",
+    "model",
+    "prompt_fn",
+    "prompts",
+    "pairs",
+    "images_per_prompt",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "resolution",
+    "scorer",
+    "options",
+    "margin",
+    "shard_size",
+)
 
 
 class LabelSettings(BaseSettings):
@@ -51,10 +65,13 @@ class LabelSettings(BaseSettings):
     source: str | None = Field(None, description="(a) pairs to relabel: a folder or hub id, as --dpo.dataset")
     model: str | None = Field(None, description="(b) sample pairs from this model (as --pretrained.model)")
     prompt_fn: str = Field("shapes", description="(b) the trainer's prompt.fn names")
-    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(None, description="(b) one prompt per line, in place of --prompt_fn")
+    prompts: Annotated[Path | None, AfterValidator(checked_file)] = Field(
+        None, description="(b) one prompt per line, in place of --prompt_fn"
+    )
     pairs: int = Field(256, gt=0, description="(b) pairs to sample: prompts, each drawn with images_per_prompt images")
-    images_per_prompt: int = Field(2, ge=2, description="(b) images sampled per prompt; its best- and worst-scored "
-                                   "make the pair")
+    images_per_prompt: int = Field(
+        2, ge=2, description="(b) images sampled per prompt; its best- and worst-scored make the pair"
+    )
     steps: int = Field(20, gt=0, description="(b) sampler steps")
     guidance_scale: float = Field(5.0, ge=1.0)
     seed: int = 0
@@ -66,11 +83,17 @@ class LabelSettings(BaseSettings):
     margin: float = Field(0.0, ge=0, description="scores closer than this are a tie, dropped")
     shard_size: int = Field(256, gt=0)
     cache_dir: Path | None = None
-    check_rows: int = Field(10_000, ge=0, description="(a) source pairs whose images are opened and decoded before "
-                            "the scorer loads; later ones as they are read (as the trainer's dpo.check_rows)")
+    check_rows: int = Field(
+        10_000,
+        ge=0,
+        description="(a) source pairs whose images are opened and decoded before "
+        "the scorer loads; later ones as they are read (as the trainer's dpo.check_rows)",
+    )
     allow_outside_paths: bool = Field(False, description="(a) let the source's image paths point outside its folder")
-    relabel: bool = Field(False, description="discard the shards already in --out (written under other settings) "
-                          "and label every pair again")
+    relabel: bool = Field(
+        False,
+        description="discard the shards already in --out (written under other settings) and label every pair again",
+    )
 
     @field_serializer("url")
     def _masked(self, urls: list[str]) -> list[str]:
@@ -120,8 +143,15 @@ def _check_source(s: LabelSettings) -> None:
     """The source's pairs checked as the trainer checks its data (trainer/datacheck.py), labels aside."""
     from trainer.datacheck import pairs_problems
 
-    found = pairs_problems(s.source, labels=False, allow_outside=s.allow_outside_paths, limit=s.check_rows,
-                           cache_dir=s.cache_dir, flag="--allow_outside_paths", field="--source")
+    found = pairs_problems(
+        s.source,
+        labels=False,
+        allow_outside=s.allow_outside_paths,
+        limit=s.check_rows,
+        cache_dir=s.cache_dir,
+        flag="--allow_outside_paths",
+        field="--source",
+    )
     if found:
         raise ValueError("--source: " + "\n  ".join(found))
 
@@ -138,14 +168,21 @@ def _resumable(s: LabelSettings) -> None:
     elif shards:
         before = json.loads(record.read_text()) if record.is_file() else None
         if before is None:
-            raise ValueError(f"{s.out} holds {len(shards)} shard(s) but no {SETTINGS_FILE}: the settings they were "
-                             "written under are unknown; give --relabel to label every pair again, or another --out")
-        changed = [f"{k}: {before.get(k)!r} when its shards were written, {v!r} now" for k, v in shaping.items()
-                   if before.get(k) != v]
+            raise ValueError(
+                f"{s.out} holds {len(shards)} shard(s) but no {SETTINGS_FILE}: the settings they were "
+                "written under are unknown; give --relabel to label every pair again, or another --out"
+            )
+        changed = [
+            f"{k}: {before.get(k)!r} when its shards were written, {v!r} now"
+            for k, v in shaping.items()
+            if before.get(k) != v
+        ]
         if changed:
-            raise ValueError(f"{s.out} holds {len(shards)} shard(s) written under other settings; resuming would "
-                             "mix them (or skip pairs):\n  " + "\n  ".join(changed) + "\ngive the same settings to "
-                             "resume, --relabel to discard the shards and label again, or another --out")
+            raise ValueError(
+                f"{s.out} holds {len(shards)} shard(s) written under other settings; resuming would "
+                "mix them (or skip pairs):\n  " + "\n  ".join(changed) + "\ngive the same settings to "
+                "resume, --relabel to discard the shards and label again, or another --out"
+            )
     s.out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(shaping, indent=2))
 
@@ -164,8 +201,11 @@ def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
         images = np.stack([im for r in part for im in r.pop("images")])
         metadata = [r.pop("metadata", {}) for r in part]
         pending = Pending(rewards)
-        pending.add(rewards.submit(images, [r["caption"] for r in part for _ in range(k)],
-                                   [m for m in metadata for _ in range(k)]))
+        pending.add(
+            rewards.submit(
+                images, [r["caption"] for r in part for _ in range(k)], [m for m in metadata for _ in range(k)]
+            )
+        )
         requests.append((part, images.reshape(-1, k, *images.shape[1:]), pending))
     kept = []
     for part, images, pending in requests:
@@ -173,10 +213,17 @@ def _scored(rows: list[dict], rewards, s: LabelSettings) -> list[dict]:
         for row, group, group_images, (i, j) in zip(part, scores, images, best_and_worst(scores)):
             a, b = group[i], group[j]
             if abs(a - b) > s.margin:  # the source's own bytes when relabelling, else the sampled images
-                kept.append({**row, "jpg_0": row.get("jpg_0") or jpeg(group_images[i]),
-                             "jpg_1": row.get("jpg_1") or jpeg(group_images[j]),
-                             "label_0": 1.0 if a > b else 0.0, "score_0": float(a), "score_1": float(b),
-                             "group_scores": [float(x) for x in group]})
+                kept.append(
+                    {
+                        **row,
+                        "jpg_0": row.get("jpg_0") or jpeg(group_images[i]),
+                        "jpg_1": row.get("jpg_1") or jpeg(group_images[j]),
+                        "label_0": 1.0 if a > b else 0.0,
+                        "score_0": float(a),
+                        "score_1": float(b),
+                        "group_scores": [float(x) for x in group],
+                    }
+                )
     return kept
 
 
@@ -187,8 +234,14 @@ def _relabelled(s: LabelSettings):
     from trainer.datacheck import RowError, image_data, pairs_source
     from trainer.pairs import preprocess_image
 
-    check = pairs_source(s.source, labels=False, allow_outside=s.allow_outside_paths, cache_dir=s.cache_dir,
-                         flag="--allow_outside_paths", field="--source").check
+    check = pairs_source(
+        s.source,
+        labels=False,
+        allow_outside=s.allow_outside_paths,
+        cache_dir=s.cache_dir,
+        flag="--allow_outside_paths",
+        field="--source",
+    ).check
     folder = Path(s.source)
     root = folder if folder.is_dir() else None
     if root is not None:
@@ -207,8 +260,9 @@ def _relabelled(s: LabelSettings):
             for k in (0, 1):  # past --check_rows a bad row stops the labelling here, named as up front
                 try:
                     row[f"jpg_{k}"] = image_data(row[f"jpg_{k}"], root, s.allow_outside_paths, check.flag)
-                    pixels, _ = preprocess_image(check.image(row, f"jpg_{k}"), s.resolution, rng, random_crop=False,
-                                                 hflip=False)
+                    pixels, _ = preprocess_image(
+                        check.image(row, f"jpg_{k}"), s.resolution, rng, random_crop=False, hflip=False
+                    )
                 except RowError as exc:
                     raise ValueError(f"--source: {check.where(number)}: {exc}") from None
                 row["images"].append((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
@@ -252,11 +306,23 @@ def _sampled(s: LabelSettings):
         part, k = range(index * s.shard_size, min(s.pairs, (index + 1) * s.shard_size)), s.images_per_prompt
         prompts = [drawn[i][0] for i in part for _ in range(k)]
         seeds = [s.seed * 1_000_003 + k * i + j for i in part for j in range(k)]
-        images, _ = evaluate(family, family.denoiser, prompts, [{}] * len(prompts), Unscored(), num_steps=s.steps,
-                             guidance_scale=s.guidance_scale, resolution=family.native_resolution(), seeds=seeds,
-                             batch_size=s.batch_size, autocast=contextlib.nullcontext)
-        return [{"caption": drawn[i][0], "metadata": drawn[i][1], "images": list(images[k * n : k * (n + 1)])}
-                for n, i in enumerate(part)]
+        images, _ = evaluate(
+            family,
+            family.denoiser,
+            prompts,
+            [{}] * len(prompts),
+            Unscored(),
+            num_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            resolution=family.native_resolution(),
+            seeds=seeds,
+            batch_size=s.batch_size,
+            autocast=contextlib.nullcontext,
+        )
+        return [
+            {"caption": drawn[i][0], "metadata": drawn[i][1], "images": list(images[k * n : k * (n + 1)])}
+            for n, i in enumerate(part)
+        ]
 
     return s.pairs, shard
 

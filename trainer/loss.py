@@ -41,7 +41,11 @@ def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: torch.T
 
 
 def diffusion_dpo_loss(
-    model_w: torch.Tensor, model_l: torch.Tensor, reference_w: torch.Tensor, reference_l: torch.Tensor, beta: float,
+    model_w: torch.Tensor,
+    model_l: torch.Tensor,
+    reference_w: torch.Tensor,
+    reference_l: torch.Tensor,
+    beta: float,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO (Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference Optimization").
@@ -61,8 +65,10 @@ def diffusion_dpo_loss(
         stats = {
             "implicit_accuracy": (inside > 0).float().mean(),
             "reward_margin": inside.mean(),
-            "model_mse_winner": model_w.mean(), "model_mse_loser": model_l.mean(),
-            "reference_mse_winner": reference_w.mean(), "reference_mse_loser": reference_l.mean(),
+            "model_mse_winner": model_w.mean(),
+            "model_mse_loser": model_l.mean(),
+            "reference_mse_winner": reference_w.mean(),
+            "reference_mse_loser": reference_l.mean(),
         }
     return loss, stats
 
@@ -73,8 +79,15 @@ def nft_optimality(advantages: torch.Tensor, adv_clip_max: float) -> torch.Tenso
     return (0.5 + 0.5 * advantages.clamp(-adv_clip_max, adv_clip_max) / adv_clip_max).clamp(0, 1)
 
 
-def nft_loss(prediction: torch.Tensor, old_prediction: torch.Tensor, x0: torch.Tensor, to_x0, r: torch.Tensor,
-             beta: float, adv_clip_max: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def nft_loss(
+    prediction: torch.Tensor,
+    old_prediction: torch.Tensor,
+    x0: torch.Tensor,
+    to_x0,
+    r: torch.Tensor,
+    beta: float,
+    adv_clip_max: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT (Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with Forward Process"):
     the implicit positive and negative policies mix the trained prediction with the old policy's,
 
@@ -102,13 +115,22 @@ def nft_loss(prediction: torch.Tensor, old_prediction: torch.Tensor, x0: torch.T
     per_sample = (r * positive + (1 - r) * negative) / beta
     loss = adv_clip_max * per_sample.mean()
     with torch.no_grad():
-        stats = {"positive_loss": positive.mean(), "negative_loss": negative.mean(),
-                 "old_deviation": ((prediction - old_prediction) ** 2).mean()}
+        stats = {
+            "positive_loss": positive.mean(),
+            "negative_loss": negative.mean(),
+            "old_deviation": ((prediction - old_prediction) ** 2).mean(),
+        }
     return loss, stats
 
 
-def awm_loss(prediction: torch.Tensor, target: torch.Tensor, time: torch.Tensor, advantages: torch.Tensor,
-             adv_clip_max: float, power: float = 0.25) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def awm_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    time: torch.Tensor,
+    advantages: torch.Tensor,
+    adv_clip_max: float,
+    power: float = 0.25,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Advantage Weighted Matching (Xue et al. 2025, "Advantage Weighted Matching: Aligning RL with
     Pretraining in Diffusion Models"): the pretraining loss l = mean((pred - target)^2) per sample, as the
     log-likelihood proxy log p = -t ((l + 1e-10)^p - 1e-10^p) / p, in a policy-gradient ratio that is 1

@@ -10,13 +10,14 @@ Sources (``dpo.dataset``):
 
 The run's pre-flight check reads every row first (trainer/datacheck.py: files inside the folder, decoding,
 labels 0, 0.5 or 1), up to ``dpo.check_rows``; ``Pairs`` checks each later row as it reads it, and a bad one
-stops the run (``next_batch``) before it is trained on. Ties are dropped and each pair is returned winner first. Preprocessing is Diffusion-DPO's (Wallace et al.
-2023, github.com/SalesforceAIResearch/DiffusionDPO): the shorter side resized to the resolution (bilinear),
-a centre crop (a random one with ``dpo.random_crop``), a random horizontal flip unless ``--no-dpo.hflip``,
-and a share ``dpo.proportion_empty_prompts`` of captions replaced by "" (so the model keeps its
-unconditional prediction for guidance). Each pair also carries SDXL's micro-conditioning (original size,
-crop corner, target size). Decoding runs in DataLoader workers; the randomness of pair i in data epoch e
-comes from the seed (run.seed, e, i) alone, so an interrupted run resumes on exactly the same batches.
+stops the run (``next_batch``) before it is trained on. Ties are dropped and each pair is returned winner first.
+Preprocessing is Diffusion-DPO's (Wallace et al. 2023, github.com/SalesforceAIResearch/DiffusionDPO): the
+shorter side resized to the resolution (bilinear), a centre crop (a random one with ``dpo.random_crop``), a
+random horizontal flip unless ``--no-dpo.hflip``, and a share ``dpo.proportion_empty_prompts`` of captions
+replaced by "" (so the model keeps its unconditional prediction for guidance). Each pair also carries SDXL's
+micro-conditioning (original size, crop corner, target size). Decoding runs in DataLoader workers; the
+randomness of pair i in data epoch e comes from the seed (run.seed, e, i) alone, so an interrupted run resumes
+on exactly the same batches.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def load_pairs(source: str, split: str = "train", cache_dir: Path | None = None,
         ds = _loaded(field, source, source, split=split, cache_dir=cache_dir)
     missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
     if missing:
-        raise PairsError(f"{field}: {source} has no column(s) {', '.join(missing)} (it has "
-                         f"{', '.join(ds.column_names)}); expected Pick-a-Pic's caption, jpg_0, jpg_1, label_0")
+        raise PairsError(
+            f"{field}: {source} has no column(s) {', '.join(missing)} (it has "
+            f"{', '.join(ds.column_names)}); expected Pick-a-Pic's caption, jpg_0, jpg_1, label_0"
+        )
     if SOURCE_ROW not in ds.column_names:
         ds = ds.add_column(SOURCE_ROW, range(len(ds)))
     ds = ds.filter(lambda label: label != 0.5, input_columns="label_0")  # ties: no preference to learn
@@ -119,8 +122,10 @@ def load_images(source: str, cache_dir: Path | None = None, field: str = "refl.p
     image = next((c for c in ("image", "file_name", "jpg_0") if c in ds.column_names), None)
     text = next((c for c in ("caption", "text") if c in ds.column_names), None)
     if image is None or text is None:
-        raise PairsError(f"{field}: {source} needs an image column (image or file_name) and a caption column "
-                         f"(caption or text); it has {', '.join(c for c in ds.column_names if c != SOURCE_ROW)}")
+        raise PairsError(
+            f"{field}: {source} needs an image column (image or file_name) and a caption column "
+            f"(caption or text); it has {', '.join(c for c in ds.column_names if c != SOURCE_ROW)}"
+        )
     if isinstance(ds.features[image], datasets.Image):  # bytes, not decoded: the workers decode
         ds = ds.cast_column(image, datasets.Image(decode=False))
     ds = ds.select_columns([image, text, SOURCE_ROW]).rename_columns({image: "jpg_0", text: "caption"})
@@ -159,9 +164,19 @@ class Pairs(torch.utils.data.Dataset):
     its winner alone (pixels (1, 3, R, R)). A row that fails ``check`` (trainer/datacheck.py: past the rows
     checked up front) is the item ``{"problem": message}``, which ``next_batch`` raises before training."""
 
-    def __init__(self, ds, resolution: int, *, seed: int, random_crop: bool = False, hflip: bool = True,
-                 proportion_empty_prompts: float = 0.0, root: Path | None = None, winners_only: bool = False,
-                 check: RowCheck | None = None):
+    def __init__(
+        self,
+        ds,
+        resolution: int,
+        *,
+        seed: int,
+        random_crop: bool = False,
+        hflip: bool = True,
+        proportion_empty_prompts: float = 0.0,
+        root: Path | None = None,
+        winners_only: bool = False,
+        check: RowCheck | None = None,
+    ):
         self.ds, self.resolution, self.seed, self.root, self.winners_only = ds, resolution, seed, root, winners_only
         self.random_crop, self.hflip, self.empty = random_crop, hflip, proportion_empty_prompts
         self.check = check or RowCheck(("jpg_0", "jpg_1"), "caption", True, root)
@@ -184,13 +199,19 @@ class Pairs(torch.utils.data.Dataset):
         order = ("jpg_0", "jpg_1") if row["label_0"] == 1 else ("jpg_1", "jpg_0")  # winner first
         images, conditioning = [], None
         for column in order[:1] if self.winners_only else order:
-            pixels, where = preprocess_image(self.check.image(row, column), self.resolution, rng, self.random_crop,
-                                             self.hflip)
+            pixels, where = preprocess_image(
+                self.check.image(row, column), self.resolution, rng, self.random_crop, self.hflip
+            )
             images.append(pixels)
             conditioning = conditioning or where  # SDXL's micro-conditioning is the winner's
         caption = "" if rng.random() < self.empty else (row["caption"] or "")
-        return {"pixels": torch.stack(images), "caption": caption, "prompt": row["caption"] or "", "index": int(i),
-                "time_ids": torch.tensor([*conditioning, self.resolution, self.resolution], dtype=torch.float32)}
+        return {
+            "pixels": torch.stack(images),
+            "caption": caption,
+            "prompt": row["caption"] or "",
+            "index": int(i),
+            "time_ids": torch.tensor([*conditioning, self.resolution, self.resolution], dtype=torch.float32),
+        }
 
 
 class PairBatches:
@@ -199,18 +220,30 @@ class PairBatches:
     slice. Starts after ``skip`` batches, which is how a resumed run continues where it stopped."""
 
     def __init__(self, n: int, batch_size: int, num_processes: int, rank: int, seed: int, skip: int = 0):
-        self.n, self.batch, self.processes, self.rank, self.seed, self.skip = n, batch_size, num_processes, rank, seed, skip
+        self.n, self.batch, self.processes, self.rank, self.seed, self.skip = (
+            n,
+            batch_size,
+            num_processes,
+            rank,
+            seed,
+            skip,
+        )
         self.per_epoch = n // (batch_size * num_processes)
         if self.per_epoch == 0:
-            raise PairsError(f"the dataset's {n} items do not fill one batch of train.batch_size {batch_size} x "
-                             f"{num_processes} process(es)")
+            raise PairsError(
+                f"the dataset's {n} items do not fill one batch of train.batch_size {batch_size} x "
+                f"{num_processes} process(es)"
+            )
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, b = divmod(self.skip, self.per_epoch)
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            for start in range(b * self.batch * self.processes, self.per_epoch * self.batch * self.processes,
-                               self.batch * self.processes):
+            for start in range(
+                b * self.batch * self.processes,
+                self.per_epoch * self.batch * self.processes,
+                self.batch * self.processes,
+            ):
                 mine = order[start + self.rank * self.batch : start + (self.rank + 1) * self.batch]
                 yield [(epoch, int(i)) for i in mine]
             epoch, b = epoch + 1, 0
@@ -220,9 +253,13 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     problems = [it["problem"] for it in items if "problem" in it]
     if problems:
         return {"problems": problems}
-    return {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items],
-            "prompts": [it["prompt"] for it in items],
-            "time_ids": torch.stack([it["time_ids"] for it in items]), "indices": [it["index"] for it in items]}
+    return {
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "prompts": [it["prompt"] for it in items],
+        "time_ids": torch.stack([it["time_ids"] for it in items]),
+        "indices": [it["index"] for it in items],
+    }
 
 
 def next_batch(data: Iterator[dict[str, Any]]) -> dict[str, Any]:
@@ -237,10 +274,16 @@ def next_batch(data: Iterator[dict[str, Any]]) -> dict[str, Any]:
 def loader(pairs: Pairs, batches: PairBatches, num_workers: int) -> torch.utils.data.DataLoader:
     # A generator of its own: the iterator's worker seed would otherwise be drawn from torch's global stream,
     # which a resumed run restores before the iterator exists (one draw later than the run it resumes).
-    return torch.utils.data.DataLoader(pairs, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
-                                       generator=torch.Generator().manual_seed(pairs.seed),
-                                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
-                                       persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        pairs,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(pairs.seed),
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
 
 
 def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:

@@ -44,7 +44,11 @@ class BatchPlan:
         if problems:
             raise BatchPlanError("batch sizes do not fit:\n  " + "\n  ".join(problems))
         return cls(
-            num_processes, samples, effective, cls.train_timesteps_of(cfg), samples // effective * t.num_inner_epochs,
+            num_processes,
+            samples,
+            effective,
+            cls.train_timesteps_of(cfg),
+            samples // effective * t.num_inner_epochs,
             cls.step_groups_of(cfg),
         )
 
@@ -89,4 +93,3 @@ def fits(peak_bytes: Callable[[int], int], total: int, budget_bytes: int) -> int
         return 1
     per_timestep = max(peak_bytes(2) - one, 1)
     return max(1, min(total, 1 + (budget_bytes - one) // per_timestep))
-

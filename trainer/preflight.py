@@ -65,7 +65,11 @@ def _schedule_problems(cfg: Config) -> list[str]:
     from trainer.trained_steps import last_step_fix, trainable_steps
 
     index, config = _local_file(cfg, "model_index.json"), _local_file(cfg, "scheduler/scheduler_config.json")
-    if index is None or config is None or json.loads(index.read_text()).get("_class_name") == "StableDiffusion3Pipeline":
+    if (
+        index is None
+        or config is None
+        or json.loads(index.read_text()).get("_class_name") == "StableDiffusion3Pipeline"
+    ):
         return []  # the tiny models' schedules are ours; a flow schedule's steps all have noise at eta > 0
     from diffusers import DDIMScheduler
 
@@ -73,9 +77,12 @@ def _schedule_problems(cfg: Config) -> list[str]:
 
     scheduler = DDIMScheduler.from_config(json.loads(config.read_text()))
     steps = zero_std_steps(scheduler, cfg.sample.num_steps, cfg.sample.eta, trainable_steps(cfg))
-    return [f"--pretrained.model {cfg.pretrained.model}: its DDIM schedule gives step {step} of "
-            f"{cfg.sample.num_steps} a std of 0 at any sample.eta (\"set_alpha_to_one\": true in {config}), and "
-            f"training can pick it: set \"set_alpha_to_one\": false there, or {last_step_fix(cfg)}" for step in steps]
+    return [
+        f"--pretrained.model {cfg.pretrained.model}: its DDIM schedule gives step {step} of "
+        f'{cfg.sample.num_steps} a std of 0 at any sample.eta ("set_alpha_to_one": true in {config}), and '
+        f'training can pick it: set "set_alpha_to_one": false there, or {last_step_fix(cfg)}'
+        for step in steps
+    ]
 
 
 def _local_file(cfg: Config, name: str):
@@ -100,12 +107,14 @@ def _data_problems(cfg: Config) -> list[str]:
 
     d, r = cfg.dpo, cfg.refl
     if cfg.algorithm == "dpo" and not d.online:
-        found = datacheck.pairs_problems(d.dataset, split=d.split, cache_dir=d.cache_dir,
-                                         allow_outside=d.allow_outside_paths, limit=d.check_rows)
+        found = datacheck.pairs_problems(
+            d.dataset, split=d.split, cache_dir=d.cache_dir, allow_outside=d.allow_outside_paths, limit=d.check_rows
+        )
         return [f"dpo.dataset: {p}" for p in found]
     if cfg.algorithm == "refl" and r.pretrain_data:
-        found = datacheck.images_problems(r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths,
-                                          limit=r.pretrain_check_rows)
+        found = datacheck.images_problems(
+            r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths, limit=r.pretrain_check_rows
+        )
         return [f"refl.pretrain_data: {p}" for p in found]
     return []
 
@@ -118,8 +127,11 @@ def _scorer_problems(component: RewardComponent, where: str) -> list[str]:
     except (TypeError, ValueError) as exc:
         return [f"{where}.scorer {component.scorer}: {exc}"]
     flag = "--reward.options" if where == "reward" else f"{where}.options"
-    return [f"{flag} {option}=...: {found}" for option, (kind, ref, what) in scorer.requirements().items()
-            if (found := problem(kind, ref, what))]
+    return [
+        f"{flag} {option}=...: {found}"
+        for option, (kind, ref, what) in scorer.requirements().items()
+        if (found := problem(kind, ref, what))
+    ]
 
 
 def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) -> list[str]:
@@ -130,7 +142,8 @@ def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) 
     if len(problems) == len(component.url):
         return [f"--{where}.url {redact_url(url)}: {p}" for url, p in problems.items()] + [
             f"  (start the server, e.g. reward-server --model {component.scorer}; fix --{where}.url; "
-            f"or wait longer with --reward.probe_timeout, now {cfg.probe_timeout:g} s)"]
+            f"or wait longer with --reward.probe_timeout, now {cfg.probe_timeout:g} s)"
+        ]
     for url, p in problems.items():
         log.warning("reward server %s: %s; using the other replicas", redact_url(url), p)
     found = []
@@ -143,11 +156,15 @@ def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) 
             found.append(f"--{where}.url {shown}: /v1/info failed ({type(exc).__name__}: {exc})")
             continue
         if info.get("scorer") != component.scorer:
-            found.append(f"--{where}.url {shown} serves {info.get('scorer')!r}, not {component.scorer!r}: set "
-                         f"--{where}.scorer {info.get('scorer')} (a remote scorer's name labels it) or point the URL at a "
-                         f"{component.scorer} server")
+            found.append(
+                f"--{where}.url {shown} serves {info.get('scorer')!r}, not {component.scorer!r}: set "
+                f"--{where}.scorer {info.get('scorer')} (a remote scorer's name labels it) or point the URL at a "
+                f"{component.scorer} server"
+            )
         if info.get("auth") and token is None:
-            found.append(f"--{where}.url {shown} requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN (reward.token)")
+            found.append(
+                f"--{where}.url {shown} requires a bearer token: set DIFFUSION_RL_REWARD__TOKEN (reward.token)"
+            )
         elif info.get("authorized") is False:
             found.append(f"--{where}.url {shown} refuses the token given (DIFFUSION_RL_REWARD__TOKEN / reward.token)")
     return found
@@ -163,7 +180,9 @@ def probe(urls: list[str], timeout: float) -> tuple[list[str], dict[str, str]]:
             for url in list(waiting):
                 try:
                     status = http.get(f"{url}/readyz").status_code
-                    seen[url] = f"/readyz answered {status} after {timeout:g} s (still loading the model, or shutting down)"
+                    seen[url] = (
+                        f"/readyz answered {status} after {timeout:g} s (still loading the model, or shutting down)"
+                    )
                 except httpx.HTTPError as exc:
                     status, seen[url] = None, f"unreachable ({type(exc).__name__}: {exc})"
                 if status == 200:

@@ -152,16 +152,22 @@ def user_prompt_fn(fn: Callable[..., Any], what: str = "prompt_fn") -> PromptFn:
     if not callable(fn):
         raise ValueError(f"{what}: {fn!r} is not a function")
     try:
-        takes_rng = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-                        for p in inspect.signature(fn).parameters.values())
+        takes_rng = any(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+            for p in inspect.signature(fn).parameters.values()
+        )
     except (TypeError, ValueError):  # a builtin without a signature: assume the anchors' fn()
         takes_rng = False
 
     def draw(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
         out = fn(rng) if takes_rng else fn()
         pair = (out, {}) if isinstance(out, str) else out
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
-                and isinstance(pair[1], (dict, type(None)))):
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], (dict, type(None)))
+        ):
             raise ValueError(f"{what} must return a prompt (str) or (prompt, metadata dict); it returned {out!r:.200}")
         return pair[0], dict(pair[1] or {})
 

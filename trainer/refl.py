@@ -62,8 +62,14 @@ def _refl(run: run_setup.Run) -> list[dict]:
         root = Path(r.pretrain_data) if Path(r.pretrain_data).is_dir() else None
         check = images_source(r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths).check  # preflight read it
         images = Pairs(real, resolution, seed=cfg.run.seed, root=root, winners_only=True, check=check)
-        batches = PairBatches(len(images), cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
-                              cfg.run.seed, skip=(run.start // r.pretrain_every) * accumulation)  # where a resumed run was
+        batches = PairBatches(
+            len(images),
+            cfg.train.batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            cfg.run.seed,
+            skip=(run.start // r.pretrain_every) * accumulation,
+        )  # where a resumed run was
         real = iter(loader(images, batches, 0))
 
     def one_step(step: int) -> Stats:

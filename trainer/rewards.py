@@ -58,7 +58,10 @@ class RemoteReward:
         self.name = f"{component.name} (reward server {', '.join(redact_url(u) for u in component.url)})"
         self.encoding = cfg.encoding
         self.client = RewardClient(
-            component.url, timeout=cfg.timeout, retries=cfg.retries, deadline=cfg.deadline,
+            component.url,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            deadline=cfg.deadline,
             token=cfg.token.get_secret_value() if cfg.token else None,
         )
 
@@ -126,7 +129,11 @@ def run_components(cfg: RewardConfig, reward_fn: RewardFn | dict[str, RewardFn] 
     def component(name: str, like: RewardComponent | None = None) -> Component:
         # Constructed, not validated: the "scorer" of a function is the function, not a registered name.
         return RewardComponent.model_construct(
-            name=name, scorer=name, url=[], options={}, weight=like.weight if like else 1.0,
+            name=name,
+            scorer=name,
+            url=[],
+            options={},
+            weight=like.weight if like else 1.0,
             normalize=like.normalize if like else False,
         ), FunctionScorer(functions[name], name)
 

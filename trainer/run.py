@@ -64,7 +64,11 @@ class Run:
 
     def fit_threads(self) -> int:
         """On a CPU, the torch threads for the coming epoch (trainer/threads.py); the count in use."""
-        if self.accelerator.device.type == "cpu" and not self.cfg.run.cpu_threads and "OMP_NUM_THREADS" not in os.environ:
+        if (
+            self.accelerator.device.type == "cpu"
+            and not self.cfg.run.cpu_threads
+            and "OMP_NUM_THREADS" not in os.environ
+        ):
             return fit_threads()
         return torch.get_num_threads()
 
@@ -73,8 +77,12 @@ class Run:
         holds, measured on a real training batch (``chunk``) at 1 and 2 timesteps; the smallest count of all
         processes, so each runs as many forwards. Re-plans the run and accelerate's accumulation to match."""
         cfg, accelerator = self.cfg, self.accelerator
-        if (self.timesteps_fitted or cfg.train.timesteps_per_forward or accelerator.device.type != "cuda"
-                or self.plan.train_timesteps == 1):
+        if (
+            self.timesteps_fitted
+            or cfg.train.timesteps_per_forward
+            or accelerator.device.type != "cuda"
+            or self.plan.train_timesteps == 1
+        ):
             return
         self.timesteps_fitted = True  # once per run, on its first training batch
 
@@ -96,8 +104,10 @@ class Run:
         k = int(accelerator.gather(torch.tensor([k], device=accelerator.device)).min())
         self.plan = self.plan.with_timesteps_per_forward(cfg, k)
         accelerator.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps * len(self.plan.step_groups)
-        accelerator.print(f"train.timesteps_per_forward {k}: {k * cfg.train.batch_size} samples per forward fit "
-                          f"in {budget / 2**30:.1f} GiB (measured); batch plan: {self.plan.describe()}")
+        accelerator.print(
+            f"train.timesteps_per_forward {k}: {k * cfg.train.batch_size} samples per forward fit "
+            f"in {budget / 2**30:.1f} GiB (measured); batch plan: {self.plan.describe()}"
+        )
 
 
 @contextlib.contextmanager
@@ -172,7 +182,9 @@ def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
     found = checkpoint.resolve(cfg.run.resume_from, warn=warn)
     chosen = set(gather_object([found.name]))
     if len(chosen) > 1:  # e.g. a machine whose copy of the run folder differs; the processes would diverge
-        raise checkpoint.CheckpointError(f"run.resume_from: the processes found different checkpoints: {sorted(chosen)}")
+        raise checkpoint.CheckpointError(
+            f"run.resume_from: the processes found different checkpoints: {sorted(chosen)}"
+        )
     return found, json.loads((found / "state.json").read_text())["epoch"]
 
 
@@ -185,7 +197,9 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     # is up, so a build elsewhere would be empty); the others load it after.
     with accelerator.main_process_first():
         run.family = load_family(cfg, accelerator.device)
-    accelerator.print(f"model: {run.family.pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
+    accelerator.print(
+        f"model: {run.family.pipe.name_or_path}"
+    )  # where the tiny model was built, or the checkpoint loaded
     run.trainable = make_trainable(run.family.denoiser, cfg)  # the same tensors the optimizer, EMA and checkpoints see
     if cfg.train.gradient_checkpointing:
         run.family.denoiser.enable_gradient_checkpointing()
@@ -199,7 +213,10 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     from diffusers.optimization import get_scheduler
 
     run.lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
-        cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps, num_training_steps=optimizer_steps,
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.train.lr_warmup_steps,
+        num_training_steps=optimizer_steps,
     )
     run.model, run.optimizer = accelerator.prepare(run.family.denoiser, optimizer)
     run.ema = EMA(run.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -207,8 +224,15 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     run.old_policy = EMA(run.trainable, 0.0) if cfg.algorithm in ("nft", "awm") else None
     if run.resume is None:
         return {}
-    state = checkpoint.load(accelerator, run.resume, params=run.trainable, optimizer=run.optimizer,
-                            prompt_rng=run.prompt_rng, ema=run.ema, old_policy=run.old_policy)
+    state = checkpoint.load(
+        accelerator,
+        run.resume,
+        params=run.trainable,
+        optimizer=run.optimizer,
+        prompt_rng=run.prompt_rng,
+        ema=run.ema,
+        old_policy=run.old_policy,
+    )
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     accelerator.print(f"resumed from {run.resume} (epoch {run.start}, step {state['global_step']})")
     return state
@@ -220,15 +244,23 @@ def _optimizer(cfg: Config, params: list[torch.nn.Parameter], learning_rate: flo
     if t.use_adafactor:  # a fixed learning rate, as Diffusion-DPO runs it (no relative step, no parameter scaling)
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=t.adam_weight_decay)
+        return Adafactor(
+            params,
+            lr=lr,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=t.adam_weight_decay,
+        )
     if t.use_8bit_adam:  # availability was checked with the config
         import bitsandbytes as bnb
 
         adamw = bnb.optim.AdamW8bit
     else:
         adamw = torch.optim.AdamW
-    return adamw(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    return adamw(
+        params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon
+    )
 
 
 def log_epoch(run: Run, metrics: dict, components: dict[str, np.ndarray], samples: list[dict]) -> None:
@@ -279,9 +311,18 @@ def end_epoch(run: Run, done: int, state: dict[str, Any], total: int | None = No
     total = cfg.run.num_epochs if total is None else total
     every = cfg.run.save_freq if every is None else every
     save = functools.partial(  # bound now: what the epoch ended with, should Ctrl-C ask for it later
-        checkpoint.save, run.accelerator, run.out, done, cfg.run.checkpoint_limit, params=run.trainable,
-        optimizer=run.optimizer, state={**state, "lr_scheduler": run.lr_scheduler.state_dict()},
-        prompt_rng=run.prompt_rng, ema=run.ema, rng=checkpoint.rng_state(run.prompt_rng), old_policy=run.old_policy,
+        checkpoint.save,
+        run.accelerator,
+        run.out,
+        done,
+        cfg.run.checkpoint_limit,
+        params=run.trainable,
+        optimizer=run.optimizer,
+        state={**state, "lr_scheduler": run.lr_scheduler.state_dict()},
+        prompt_rng=run.prompt_rng,
+        ema=run.ema,
+        rng=checkpoint.rng_state(run.prompt_rng),
+        old_policy=run.old_policy,
     )
     due = done == total or (every and done % every == 0)
     if due:
@@ -303,6 +344,10 @@ def finish(run: Run) -> list[dict]:
 
             api = HfApi()
             api.create_repo(cfg.run.push_to_hub, exist_ok=True)
-            api.upload_folder(repo_id=cfg.run.push_to_hub, folder_path=where, commit_message=f"{cfg.preset}: {cfg.run.num_epochs} epochs")
+            api.upload_folder(
+                repo_id=cfg.run.push_to_hub,
+                folder_path=where,
+                commit_message=f"{cfg.preset}: {cfg.run.num_epochs} epochs",
+            )
             accelerator.print(f"uploaded {where} to {cfg.run.push_to_hub}")
     return run.history

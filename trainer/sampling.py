@@ -52,8 +52,9 @@ class Trajectories:
     def tensors(self) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "metadata")}
 
-    def shuffled(self, batch_size: int, num_timesteps: int,
-                 selection: str = "random") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def shuffled(
+        self, batch_size: int, num_timesteps: int, selection: str = "random"
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Random sample order in chunks of ``batch_size``, each sample with its own ``num_timesteps`` stored
         steps as train.timestep_selection picks them (trained_steps.pick_steps), as (rows, steps) index pairs
         for ``chunk``: nothing is copied until a chunk is taken."""
@@ -65,8 +66,14 @@ class Trajectories:
     def chunk(self, rows: torch.Tensor, steps: torch.Tensor) -> "Chunk":
         """The samples ``rows`` (B,), each at its stored steps ``steps`` (B, k), gathered for training."""
         r = rows[:, None]
-        return Chunk(each_tensor(self.prompt_embeds, lambda t: t[rows]), self.path[r, steps], self.path[r, steps + 1],
-                     self.log_probs[r, steps], self.timesteps[r, steps], self.steps[r, steps])
+        return Chunk(
+            each_tensor(self.prompt_embeds, lambda t: t[rows]),
+            self.path[r, steps],
+            self.path[r, steps + 1],
+            self.log_probs[r, steps],
+            self.timesteps[r, steps],
+            self.steps[r, steps],
+        )
 
     @classmethod
     def cat(cls, parts: list["Trajectories"]) -> "Trajectories":
@@ -76,7 +83,9 @@ class Trajectories:
             return torch.cat(values)
 
         tensors = {k: cat([p.tensors()[k] for p in parts]) for k in parts[0].tensors()}
-        return cls(**tensors, prompts=sum((p.prompts for p in parts), []), metadata=sum((p.metadata for p in parts), []))
+        return cls(
+            **tensors, prompts=sum((p.prompts for p in parts), []), metadata=sum((p.metadata for p in parts), [])
+        )
 
 
 @dataclass

@@ -17,8 +17,15 @@ from trainer.evaluate import evaluate_run
 Stats = dict[str, list[torch.Tensor]]
 
 
-def step_loop(run: run_setup.Run, policy, settings, one_step: Callable[[int], Stats], shown: dict[str, str],
-              desc: str, logged_with: Callable[[], dict] = dict) -> list[dict]:
+def step_loop(
+    run: run_setup.Run,
+    policy,
+    settings,
+    one_step: Callable[[int], Stats],
+    shown: dict[str, str],
+    desc: str,
+    logged_with: Callable[[], dict] = dict,
+) -> list[dict]:
     """``one_step(step)`` takes an optimizer step and returns its per-batch stats (averaged over batches and
     processes when logged); ``shown``: progress-bar label -> metric; ``logged_with()``: more metrics to log."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -35,8 +42,10 @@ def step_loop(run: run_setup.Run, policy, settings, one_step: Callable[[int], St
         if step % settings.log_every == 0 or step == total:
             metrics = {
                 "step": step - 1,
-                **{k: float(accelerator.gather(torch.stack(v).float().mean().reshape(1).to(accelerator.device)).mean())
-                   for k, v in stats.items()},
+                **{
+                    k: float(accelerator.gather(torch.stack(v).float().mean().reshape(1).to(accelerator.device)).mean())
+                    for k, v in stats.items()
+                },
                 "learning_rate": run.optimizer.param_groups[0]["lr"],
                 "seconds_step": time.perf_counter() - start,
                 **logged_with(),

@@ -27,11 +27,17 @@ def show_samples(accelerator, out, epoch, images, batches, scored, rewards, hook
     per_batch = []
     for array, batch in zip(images, batches):
         n = len(batch.prompts)
-        per_batch.append({
-            "images": array, "prompts": batch.prompts, "metadata": batch.metadata,
-            "rewards": {name: out_.scores[start : start + n] for name, out_ in scored.items()},
-            "info": {name: {k: v[start : start + n] for k, v in out_.info.items()} for name, out_ in scored.items()},
-        })
+        per_batch.append(
+            {
+                "images": array,
+                "prompts": batch.prompts,
+                "metadata": batch.metadata,
+                "rewards": {name: out_.scores[start : start + n] for name, out_ in scored.items()},
+                "info": {
+                    name: {k: v[start : start + n] for k, v in out_.info.items()} for name, out_ in scored.items()
+                },
+            }
+        )
         start += n
     if hook is not None:
         hook(epoch, per_batch)

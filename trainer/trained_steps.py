@@ -22,9 +22,11 @@ def last_step_fix(cfg) -> str:
     n = cfg.sample.num_steps
     if n == 1:
         return "raise sample.num_steps"
-    return (f"set --train.timestep_selection first --train.timestep_fraction {math.floor(100 * (n - 1) / n) / 100:g} "
-            f"(the first steps only; Flow-GRPO's 0.99 of 10 steps trains 0-8), or a train.timestep_window K with "
-            f"K + train.timestep_window_latest_start < {n}")
+    return (
+        f"set --train.timestep_selection first --train.timestep_fraction {math.floor(100 * (n - 1) / n) / 100:g} "
+        f"(the first steps only; Flow-GRPO's 0.99 of 10 steps trains 0-8), or a train.timestep_window K with "
+        f"K + train.timestep_window_latest_start < {n}"
+    )
 
 
 def check_trained_steps_have_noise(cfg) -> None:
@@ -32,13 +34,16 @@ def check_trained_steps_have_noise(cfg) -> None:
     millions for the least change of its mean: refuse to train one. Here: the facts that hold for every model
     (a DDIM schedule's own zero-noise steps are checked from the model's scheduler config, trainer/preflight.py)."""
     if cfg.sample.eta == 0:
-        raise ValueError("sample.eta 0 makes every sampler step deterministic (std 0): DDPO has no step to "
-                         "train; set sample.eta above 0 (1.0: DDIM as ddpo-pytorch, 0.7: Flow-GRPO's SDE)")
+        raise ValueError(
+            "sample.eta 0 makes every sampler step deterministic (std 0): DDPO has no step to "
+            "train; set sample.eta above 0 (1.0: DDIM as ddpo-pytorch, 0.7: Flow-GRPO's SDE)"
+        )
     last = cfg.sample.num_steps - 1
     if cfg.sample.sde_type == "cps" and last in trainable_steps(cfg):
         raise ValueError(
             f"sample.sde_type cps: its last step ({last}) goes to sigma 0 with std 0 and cannot be trained, but "
             f"train.timestep_fraction {cfg.train.timestep_fraction} with train.timestep_selection "
-            f"{cfg.train.timestep_selection}" + (f" and train.timestep_window {cfg.train.timestep_window}"
-                                                  if cfg.train.timestep_window else "")
-            + f" can pick it: {last_step_fix(cfg)}")
+            f"{cfg.train.timestep_selection}"
+            + (f" and train.timestep_window {cfg.train.timestep_window}" if cfg.train.timestep_window else "")
+            + f" can pick it: {last_step_fix(cfg)}"
+        )

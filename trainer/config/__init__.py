@@ -28,27 +28,46 @@ __all__ = ["Config", "RewardComponent", "RewardConfig"]  # what the rest of the 
 
 class SampleConfig(_Group):
     num_steps: int = Field(20, gt=0, description="sampler steps per image")
-    eta: float = Field(1.0, ge=0, description="the policy's noise: DDIM's eta, or Flow-GRPO's SDE noise level for "
-                       "flow-matching models (0.7 in its SD3.5 runs); 0 gives a degenerate policy")
-    sde_type: Literal["sde", "cps"] = Field("sde", description="flow-matching models: Flow-GRPO's SDE step, or its "
-                                           "coefficients-preserving variant (cps, used by its Fast runs)")
-    eval_num_steps: int | None = Field(None, gt=0, description="steps of the deterministic evaluation sampler "
-                                       "(run.eval_every); default sample.num_steps")
+    eta: float = Field(
+        1.0,
+        ge=0,
+        description="the policy's noise: DDIM's eta, or Flow-GRPO's SDE noise level for "
+        "flow-matching models (0.7 in its SD3.5 runs); 0 gives a degenerate policy",
+    )
+    sde_type: Literal["sde", "cps"] = Field(
+        "sde",
+        description="flow-matching models: Flow-GRPO's SDE step, or its "
+        "coefficients-preserving variant (cps, used by its Fast runs)",
+    )
+    eval_num_steps: int | None = Field(
+        None,
+        gt=0,
+        description="steps of the deterministic evaluation sampler (run.eval_every); default sample.num_steps",
+    )
     guidance_scale: float = Field(5.0, ge=1.0)
     batch_size: int = Field(8, gt=0, description="images per sampling batch, per process")
     num_batches_per_epoch: int = Field(4, gt=0)
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
-    images_per_prompt: int = Field(1, ge=1, description="K > 1: each prompt sampled K times in a row (a group may "
-                                   "span batches), advantages normalised within its group (Flow-GRPO)")
-    same_noise_per_group: bool = Field(False, description="a group's images start from the same initial noise "
-                                       "(Flow-GRPO's same_latent): they differ only by the sampler's noise")
+    images_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="K > 1: each prompt sampled K times in a row (a group may "
+        "span batches), advantages normalised within its group (Flow-GRPO)",
+    )
+    same_noise_per_group: bool = Field(
+        False,
+        description="a group's images start from the same initial noise "
+        "(Flow-GRPO's same_latent): they differ only by the sampler's noise",
+    )
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "SampleConfig":
         per_epoch = self.batch_size * self.num_batches_per_epoch
         if per_epoch % self.images_per_prompt:
-            raise ValueError(f"images_per_prompt: {self.images_per_prompt} must divide a process's samples per epoch, "
-                             f"sample.batch_size x sample.num_batches_per_epoch = {per_epoch}")
+            raise ValueError(
+                f"images_per_prompt: {self.images_per_prompt} must divide a process's samples per epoch, "
+                f"sample.batch_size x sample.num_batches_per_epoch = {per_epoch}"
+            )
         return self
 
 
@@ -66,47 +85,89 @@ class TrainConfig(_Group):
     num_inner_epochs: int = Field(1, gt=0)
     cfg: bool = Field(True, description="train on the guided prediction, as sampled")
     adv_clip_max: float = Field(5.0, gt=0)
-    clip_range: float = Field(1e-2, gt=0, description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5); with "
-                              "sample.sde_type cps the log-prob drops its constants, as Flow-GRPO (1e-5 there)")
-    timestep_fraction: float = Field(0.5, gt=0, le=1.0, description="train on this share of each trajectory's "
-                                     "stochastic steps")
+    clip_range: float = Field(
+        1e-2,
+        gt=0,
+        description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5); with "
+        "sample.sde_type cps the log-prob drops its constants, as Flow-GRPO (1e-5 there)",
+    )
+    timestep_fraction: float = Field(
+        0.5, gt=0, le=1.0, description="train on this share of each trajectory's stochastic steps"
+    )
     timestep_selection: Literal["random", "first", "stratified"] = Field(
-        "random", description="which of the stochastic steps train.timestep_fraction picks: random, a permutation "
+        "random",
+        description="which of the stochastic steps train.timestep_fraction picks: random, a permutation "
         "per sample (ddpo-pytorch, DiffusionNFT); first, the first ones in sampling order (Flow-GRPO: 0.99 of 10 "
-        "steps trains 0-8); stratified, one from each of equal strata of the schedule (AWM)")
-    timesteps_per_forward: int = Field(0, ge=0, description="trained timesteps that go through the denoiser "
-                                       "together, a batch of K x train.batch_size (the same loss and gradient); 0: all "
-                                       "of them on CPU, as many as fit on a CUDA GPU (measured on the first batch)")
-    timestep_window: int = Field(0, ge=0, description="K > 0: only K consecutive steps of each trajectory are "
-                                 "stochastic and trained, the others deterministic (Flow-GRPO-Fast, MixGRPO); 0: all")
-    timestep_window_latest_start: int = Field(0, ge=0, description="the window starts at a step drawn uniformly "
-                                              "from 0 to this, per sampling batch (0: the first K steps)")
+        "steps trains 0-8); stratified, one from each of equal strata of the schedule (AWM)",
+    )
+    timesteps_per_forward: int = Field(
+        0,
+        ge=0,
+        description="trained timesteps that go through the denoiser "
+        "together, a batch of K x train.batch_size (the same loss and gradient); 0: all "
+        "of them on CPU, as many as fit on a CUDA GPU (measured on the first batch)",
+    )
+    timestep_window: int = Field(
+        0,
+        ge=0,
+        description="K > 0: only K consecutive steps of each trajectory are "
+        "stochastic and trained, the others deterministic (Flow-GRPO-Fast, MixGRPO); 0: all",
+    )
+    timestep_window_latest_start: int = Field(
+        0,
+        ge=0,
+        description="the window starts at a step drawn uniformly "
+        "from 0 to this, per sampling batch (0: the first K steps)",
+    )
     lora: bool = Field(True, description="train LoRA adapters; false trains the whole UNet")
     lora_rank: int = Field(16, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
-         "conv_in", "conv_out", "time_emb_proj"],
+        [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "proj_out",
+            "conv1",
+            "conv2",
+            "conv_shortcut",
+            "conv_in",
+            "conv_out",
+            "time_emb_proj",
+        ],
         description="UNet module names that get adapters; attention-only LoRA is inert on a random-init UNet",
     )
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward: less memory")
     use_8bit_adam: bool = Field(False, description="bitsandbytes' AdamW8bit (needs a CUDA GPU)")
-    use_adafactor: bool = Field(False, description="transformers' Adafactor at train.learning_rate, in place of AdamW "
-                                "(less memory: Diffusion-DPO's choice for SDXL)")
-    kl_coef: float = Field(0.0, ge=0, description="KL penalty toward the adapter-disabled denoiser (LoRA only): "
-                           "flow models, Flow-GRPO's beta in its convention (mean-squared mean difference over "
-                           "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA")
-    group_std: Literal["group", "global"] = Field("group", description="with images_per_prompt > 1: divide by each "
-                                                  "group's std or by the whole epoch's")
+    use_adafactor: bool = Field(
+        False,
+        description="transformers' Adafactor at train.learning_rate, in place of AdamW "
+        "(less memory: Diffusion-DPO's choice for SDXL)",
+    )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="KL penalty toward the adapter-disabled denoiser (LoRA only): "
+        "flow models, Flow-GRPO's beta in its convention (mean-squared mean difference over "
+        "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians",
+    )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA"
+    )
+    group_std: Literal["group", "global"] = Field(
+        "group", description="with images_per_prompt > 1: divide by each group's std or by the whole epoch's"
+    )
     decoupled_ppo: Literal["auto", "on", "off"] = Field(
-        "auto", description="on: clip the PPO ratio around the weights at the start of each update and weight it "
+        "auto",
+        description="on: clip the PPO ratio around the weights at the start of each update and weight it "
         "back to the sampling weights (decoupled PPO), one more forward per trained step; auto: on exactly when "
-        "reward.overlap is next_epoch, whose samples are one update old")
+        "reward.overlap is next_epoch, whose samples are one update old",
+    )
     per_prompt_stat_tracking: bool = Field(False, description="normalise rewards per exact prompt string")
     stat_buffer_size: int = Field(16, gt=0)
     stat_min_count: int = Field(16, gt=0)
-
 
     @model_validator(mode="after")
     def _requirements(self) -> "TrainConfig":
@@ -116,16 +177,24 @@ class TrainConfig(_Group):
             import torch
 
             if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-                raise ValueError("use_8bit_adam: needs `pip install bitsandbytes` and a CUDA GPU; drop the flag to use AdamW")
+                raise ValueError(
+                    "use_8bit_adam: needs `pip install bitsandbytes` and a CUDA GPU; drop the flag to use AdamW"
+                )
         return self
 
 
 class PromptConfig(_Group):
-    fn: str = Field("simple_animals", description="simple_animals, imagenet_all, imagenet_animals, imagenet_dogs, "
-                    "nouns_activities, counting, from_file, or your own module:function (see trainer/prompts.py)")
+    fn: str = Field(
+        "simple_animals",
+        description="simple_animals, imagenet_all, imagenet_animals, imagenet_dogs, "
+        "nouns_activities, counting, from_file, or your own module:function (see trainer/prompts.py)",
+    )
     path: Path | None = Field(None, description="for from_file: one prompt per line", validate_default=True)
-    eval_path: Path | None = Field(None, description="held-out prompts for run.eval_every, one per line; default: "
-                                   "prompt.eval_count draws of prompt.fn from a fixed seed")
+    eval_path: Path | None = Field(
+        None,
+        description="held-out prompts for run.eval_every, one per line; default: "
+        "prompt.eval_count draws of prompt.fn from a fixed seed",
+    )
     eval_count: int = Field(16, gt=0)
 
     @field_validator("eval_path")
@@ -143,8 +212,10 @@ class PromptConfig(_Group):
 
             import_attribute(fn, repr(fn))  # importable now, not after the model has loaded
         elif fn not in {*PROMPT_FNS, "from_file"}:
-            raise ValueError(f"unknown prompt set {fn!r}; choose one of {', '.join([*PROMPT_FNS, 'from_file'])}, "
-                             "or name your own as module:function")
+            raise ValueError(
+                f"unknown prompt set {fn!r}; choose one of {', '.join([*PROMPT_FNS, 'from_file'])}, "
+                "or name your own as module:function"
+            )
         return fn
 
     @field_validator("path")
@@ -166,18 +237,27 @@ class Config(BaseSettings):
     pairs (dpo), ReFL / DRaFT / AlignProp on a differentiable reward (refl), DiffusionNFT (nft) and AWM (awm)."""
 
     model_config = SettingsConfigDict(
-        extra="forbid", hide_input_in_errors=True,  # as every group's (trainer/config/group.py)
-        cli_prog_name="python -m trainer", cli_implicit_flags=True, cli_avoid_json=True,
-        env_prefix="DIFFUSION_RL_", env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
+        extra="forbid",
+        hide_input_in_errors=True,  # as every group's (trainer/config/group.py)
+        cli_prog_name="python -m trainer",
+        cli_implicit_flags=True,
+        cli_avoid_json=True,
+        env_prefix="DIFFUSION_RL_",
+        env_nested_delimiter="__",  # e.g. DIFFUSION_RL_REWARD__TOKEN for secrets
     )
 
-    preset: str = Field("tiny", description="starting point: shapes-nft, shapes-awm, shapes, shapes-nokl, shapes-ddpo, "
-                        "tiny, sd15-compressibility, sd15-aesthetic, sd3-pickscore-nft, ... (-1gpu)")
+    preset: str = Field(
+        "tiny",
+        description="starting point: shapes-nft, shapes-awm, shapes, shapes-nokl, shapes-ddpo, "
+        "tiny, sd15-compressibility, sd15-aesthetic, sd3-pickscore-nft, ... (-1gpu)",
+    )
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
     algorithm: Literal["ddpo", "dpo", "refl", "nft", "awm"] = Field(
-        "ddpo", description="ddpo: PPO on sampled trajectories and rewards; dpo: Diffusion-DPO on preference pairs "
+        "ddpo",
+        description="ddpo: PPO on sampled trajectories and rewards; dpo: Diffusion-DPO on preference pairs "
         "(dpo.*); refl: ReFL / DRaFT / AlignProp on a differentiable reward (refl.*); nft: DiffusionNFT and awm: "
-        "Advantage Weighted Matching, the denoising loss on rewarded samples (nft.*, awm.*)")
+        "Advantage Weighted Matching, the denoising loss on rewarded samples (nft.*, awm.*)",
+    )
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     sample: SampleConfig = SampleConfig()
@@ -215,26 +295,38 @@ class Config(BaseSettings):
                 f"({self.sample.images_per_prompt}) > 1 within each group of one epoch: choose one (set "
                 "--no-train.per_prompt_stat_tracking, or sample.images_per_prompt 1)"
             )
-        if self.algorithm in ("ddpo", "nft", "awm") and self.train.kl_coef and not self.train.lora:  # the loops with a KL term
-            raise ValueError("train.kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora")
+        if (
+            self.algorithm in ("ddpo", "nft", "awm") and self.train.kl_coef and not self.train.lora
+        ):  # the loops with a KL term
+            raise ValueError(
+                "train.kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora"
+            )
         window, last = self.train.timestep_window, self.train.timestep_window + self.train.timestep_window_latest_start
         if window and last > self.sample.num_steps:
-            raise ValueError(f"train.timestep_window ({window}) + train.timestep_window_latest_start "
-                             f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
-                             f"({self.sample.num_steps})")
+            raise ValueError(
+                f"train.timestep_window ({window}) + train.timestep_window_latest_start "
+                f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
+                f"({self.sample.num_steps})"
+            )
         if self.algorithm == "ddpo":
             check_trained_steps_have_noise(self)
         if self.algorithm == "dpo":
             if self.dpo.dataset is None and not self.dpo.online:
-                raise ValueError("dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id "
-                                 "(or sample them: --dpo.online)")
+                raise ValueError(
+                    "dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id "
+                    "(or sample them: --dpo.online)"
+                )
             if self.dpo.reference == "ema" and (self.train.lora or not self.train.ema_decay):
-                raise ValueError("dpo.reference ema is the moving average of a fully finetuned policy: it needs "
-                                 f"train.lora false (got {self.train.lora}) and train.ema_decay above 0 (got "
-                                 f"{self.train.ema_decay}, e.g. 0.999)")
+                raise ValueError(
+                    "dpo.reference ema is the moving average of a fully finetuned policy: it needs "
+                    f"train.lora false (got {self.train.lora}) and train.ema_decay above 0 (got "
+                    f"{self.train.ema_decay}, e.g. 0.999)"
+                )
             if self.dpo.online and self.dpo.online_pairs < self.train.batch_size:
-                raise ValueError(f"dpo.online_pairs ({self.dpo.online_pairs}) must fill at least one batch of "
-                                 f"train.batch_size ({self.train.batch_size})")
+                raise ValueError(
+                    f"dpo.online_pairs ({self.dpo.online_pairs}) must fill at least one batch of "
+                    f"train.batch_size ({self.train.batch_size})"
+                )
         if self.algorithm == "refl":
             sources = self.reward.sources()
             if len(sources) != 1:
@@ -243,10 +335,12 @@ class Config(BaseSettings):
                 from scorers.scorer import differentiable, scorer_target
 
                 if not differentiable(scorer_target(sources[0].scorer)):
-                    raise ValueError(f"reward.scorer: {sources[0].scorer} has no differentiable path (score_tensor); "
-                                     "refl takes aesthetic, clipscore, pickscore, hpsv2, imagereward, or a reward server's "
-                                     "/v1/score_grad "
-                                     "(--reward.url)")
+                    raise ValueError(
+                        f"reward.scorer: {sources[0].scorer} has no differentiable path (score_tensor); "
+                        "refl takes aesthetic, clipscore, pickscore, hpsv2, imagereward, or a reward server's "
+                        "/v1/score_grad "
+                        "(--reward.url)"
+                    )
         if not self.train.cfg and self.sample.guidance_scale != 1.0:
             # The PPO ratio compares the training policy with the sampling one: they must be the same policy.
             raise ValueError(

@@ -38,7 +38,9 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     try:
         settings = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"config: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+        raise ValueError(
+            f"config: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
+        ) from None
     if not isinstance(settings, dict):
         raise ValueError(f"config: {path} must hold a map of settings, not a {type(settings).__name__}")
     return settings

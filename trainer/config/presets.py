@@ -23,9 +23,21 @@ _SHAPES = {
     # Groups of 4 images per prompt: advantages relative to the prompt's own group. With the epoch's global
     # statistics instead, hard captions' samples are all pushed down and the model degrades; lr 1e-3 between
     # the rates that degrade it and those that do not move it (docs/learning.md).
-    "sample": {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "batch_size": 16, "num_batches_per_epoch": 2,
-               "images_per_prompt": 4},
-    "train": {"batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "lora_rank": 8, "lora_alpha": 8.0},
+    "sample": {
+        "num_steps": 20,
+        "eta": 1.0,
+        "guidance_scale": 5.0,
+        "batch_size": 16,
+        "num_batches_per_epoch": 2,
+        "images_per_prompt": 4,
+    },
+    "train": {
+        "batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-3,
+        "lora_rank": 8,
+        "lora_alpha": 8.0,
+    },
     "prompt": {"fn": "shapes", "eval_path": str(ASSETS / "shapes_eval.txt")},
     "reward": {"scorer": "shapes"},
 }
@@ -38,40 +50,75 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes": _with(_SHAPES, train={"kl_coef": 0.04, "group_std": "global"}),
     "shapes-nokl": _with(_SHAPES, run={"output_dir": "outputs/shapes-nokl"}),
     # ddpo-pytorch's plain recipe on the same budget: one image per prompt, per-prompt statistics.
-    "shapes-ddpo": _with(_SHAPES, run={"output_dir": "outputs/shapes-ddpo"}, sample={"images_per_prompt": 1},
-                         train={"per_prompt_stat_tracking": True, "stat_buffer_size": 16, "stat_min_count": 16}),
+    "shapes-ddpo": _with(
+        _SHAPES,
+        run={"output_dir": "outputs/shapes-ddpo"},
+        sample={"images_per_prompt": 1},
+        train={"per_prompt_stat_tracking": True, "stat_buffer_size": 16, "stat_min_count": 16},
+    ),
     # DiffusionNFT on the same world: 8 prompts x 4 images from the deterministic sampler (DDIM eta 0, guidance
     # 5), each image trained at 4 of the 20 steps with fresh noise, 2 passes per epoch, the old policy the
     # weights at the start of each epoch (no lag), no KL; advantages over the epoch's std as DiffusionNFT.
     "shapes-nft": _with(
-        _SHAPES, algorithm="nft", run={"output_dir": "outputs/shapes-nft", "num_epochs": 50, "eval_every": 50},
-        sample={"eta": 0.0}, nft={"beta": 1.0, "old_decay_rate": 0.0},
-        train={"learning_rate": 3e-4, "timestep_fraction": 0.2, "num_inner_epochs": 2, "gradient_accumulation_steps": 1,
-               "group_std": "global", "kl_coef": 0.0}),
+        _SHAPES,
+        algorithm="nft",
+        run={"output_dir": "outputs/shapes-nft", "num_epochs": 50, "eval_every": 50},
+        sample={"eta": 0.0},
+        nft={"beta": 1.0, "old_decay_rate": 0.0},
+        train={
+            "learning_rate": 3e-4,
+            "timestep_fraction": 0.2,
+            "num_inner_epochs": 2,
+            "gradient_accumulation_steps": 1,
+            "group_std": "global",
+            "kl_coef": 0.0,
+        },
+    ),
     # AWM on the same rollouts and steps: the advantage-weighted denoising loss, KL 1e-3 to the base and 1.0 to
     # the lagging average (AWM's GenEval settings).
     "shapes-awm": _with(
-        _SHAPES, algorithm="awm", run={"output_dir": "outputs/shapes-awm", "num_epochs": 50, "eval_every": 50},
-        sample={"eta": 0.0}, train={"learning_rate": 3e-4, "timestep_fraction": 0.2, "num_inner_epochs": 2,
-                                    "gradient_accumulation_steps": 1, "group_std": "global", "kl_coef": 1e-3}),
-    "tiny-sdxl": {"run": {"output_dir": "outputs/tiny-sdxl"}, "pretrained": {"model": "tiny-sdxl"}},  # SDXL's shape, CPU
+        _SHAPES,
+        algorithm="awm",
+        run={"output_dir": "outputs/shapes-awm", "num_epochs": 50, "eval_every": 50},
+        sample={"eta": 0.0},
+        train={
+            "learning_rate": 3e-4,
+            "timestep_fraction": 0.2,
+            "num_inner_epochs": 2,
+            "gradient_accumulation_steps": 1,
+            "group_std": "global",
+            "kl_coef": 1e-3,
+        },
+    ),
+    "tiny-sdxl": {
+        "run": {"output_dir": "outputs/tiny-sdxl"},
+        "pretrained": {"model": "tiny-sdxl"},
+    },  # SDXL's shape, CPU
     # Flow-GRPO's shape on CPU: groups of 4, 10 SDE steps, KL to the reference.
     "tiny-sd3": {
-        "run": {"output_dir": "outputs/tiny-sd3"}, "pretrained": {"model": "tiny-sd3"},
+        "run": {"output_dir": "outputs/tiny-sd3"},
+        "pretrained": {"model": "tiny-sd3"},
         "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "images_per_prompt": 4},
         "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _SD3_LORA},
     },
     # FLUX.1-dev's shape on CPU (trainer/families/flux.py): Flow-GRPO's FLUX run in miniature, 6 SDE steps at noise 0.9,
     # the distilled guidance 3.5 as a transformer input (no second pass), groups of 4, its LoRA targets.
     "tiny-flux": {
-        "run": {"output_dir": "outputs/tiny-flux"}, "pretrained": {"model": "tiny-flux"},
+        "run": {"output_dir": "outputs/tiny-flux"},
+        "pretrained": {"model": "tiny-flux"},
         "sample": {"num_steps": 6, "eval_num_steps": 28, "eta": 0.9, "guidance_scale": 3.5, "images_per_prompt": 4},
-        "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _FLUX_LORA},
+        "train": {
+            "timestep_fraction": 0.99,
+            "timestep_selection": "first",
+            "kl_coef": 0.04,
+            "lora_targets": _FLUX_LORA,
+        },
     },
 }
 # The shapes world: ReFL on tiny-shapes with its tiny CLIP's score as the reward, evaluated by the verifier.
 PRESETS["shapes-refl"] = _with(
-    {**_SHAPES, "algorithm": "refl"}, run={"output_dir": "outputs/shapes-refl", "eval_every": 100, "eval_scorer": "shapes"},
+    {**_SHAPES, "algorithm": "refl"},
+    run={"output_dir": "outputs/shapes-refl", "eval_every": 100, "eval_scorer": "shapes"},
     train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
     reward={"scorer": "clipscore", "options": {"checkpoint": "tiny-shapes"}},
     refl={"num_steps": 20, "mid_low": 14, "mid_high": 19, "margin": 100.0, "grad_scale": 1e-3, "max_train_steps": 100},
@@ -80,42 +127,86 @@ PRESETS["shapes-refl"] = _with(
 # The shapes world on its flow-matching model, tiny-shapes-sd3 (trainer/families/shapes_model.py --family sd3): the
 # shapes presets' prompts, groups of 4, LoRA r8 and held-out evaluation, with 10 sampler steps and guidance 4.5
 # as Flow-GRPO samples SD3.5 (it evaluates at 40 steps; these at 10, the same sampler they train with).
-_SHAPES_SD3 = _with(_SHAPES, pretrained={"model": "tiny-shapes-sd3"}, sample={"num_steps": 10, "guidance_scale": 4.5},
-                    train={"lora_targets": _SD3_LORA})
+_SHAPES_SD3 = _with(
+    _SHAPES,
+    pretrained={"model": "tiny-shapes-sd3"},
+    sample={"num_steps": 10, "guidance_scale": 4.5},
+    train={"lora_targets": _SD3_LORA},
+)
 # Flow-GRPO's recipe: SDE noise level 0.7, the first 0.99 of the steps trained, advantages over the epoch's std,
 # PPO clip 1e-4, KL 0.04 in its convention (trainer/families/flow.py). LoRA r8 and lr 1e-3 as the shapes presets (its
 # r32, lr 3e-4 and weight EMA are SD3.5's).
 PRESETS["shapes-sd3-grpo"] = _with(
-    _SHAPES_SD3, run={"output_dir": "outputs/shapes-sd3-grpo"}, sample={"eta": 0.7},
-    train={"timestep_fraction": 0.99, "timestep_selection": "first", "clip_range": 1e-4, "group_std": "global",
-           "kl_coef": 0.04})
+    _SHAPES_SD3,
+    run={"output_dir": "outputs/shapes-sd3-grpo"},
+    sample={"eta": 0.7},
+    train={
+        "timestep_fraction": 0.99,
+        "timestep_selection": "first",
+        "clip_range": 1e-4,
+        "group_std": "global",
+        "kl_coef": 0.04,
+    },
+)
 # Flow-GRPO-Fast as sd3-pickscore-fast: CPS steps at noise level 0.8 in a window of 2 steps starting at one of the
 # first 3, ODE elsewhere, clip 1e-5 on CPS's constant-free log-prob, no KL; with guidance, unlike there (the tiny
 # model's unguided images are poorer).
 PRESETS["shapes-sd3-grpo-fast"] = _with(
-    PRESETS["shapes-sd3-grpo"], run={"output_dir": "outputs/shapes-sd3-grpo-fast"}, sample={"eta": 0.8, "sde_type": "cps"},
-    train={"clip_range": 1e-5, "kl_coef": 0.0, "timestep_fraction": 1.0, "timestep_window": 2,
-           "timestep_window_latest_start": 2})
+    PRESETS["shapes-sd3-grpo"],
+    run={"output_dir": "outputs/shapes-sd3-grpo-fast"},
+    sample={"eta": 0.8, "sde_type": "cps"},
+    train={
+        "clip_range": 1e-5,
+        "kl_coef": 0.0,
+        "timestep_fraction": 1.0,
+        "timestep_window": 2,
+        "timestep_window_latest_start": 2,
+    },
+)
 # DiffusionNFT and AWM as shapes-nft and shapes-awm: ODE rollouts, each image trained at 4 of its 10 steps.
 PRESETS["shapes-sd3-nft"] = _with(
-    _SHAPES_SD3, algorithm="nft", run={"output_dir": "outputs/shapes-sd3-nft", "num_epochs": 50, "eval_every": 50},
-    sample={"eta": 0.0}, nft={"beta": 1.0, "old_decay_rate": 0.0},
-    train={"learning_rate": 3e-4, "timestep_fraction": 0.4, "num_inner_epochs": 2, "gradient_accumulation_steps": 1,
-           "group_std": "global", "kl_coef": 0.0})
+    _SHAPES_SD3,
+    algorithm="nft",
+    run={"output_dir": "outputs/shapes-sd3-nft", "num_epochs": 50, "eval_every": 50},
+    sample={"eta": 0.0},
+    nft={"beta": 1.0, "old_decay_rate": 0.0},
+    train={
+        "learning_rate": 3e-4,
+        "timestep_fraction": 0.4,
+        "num_inner_epochs": 2,
+        "gradient_accumulation_steps": 1,
+        "group_std": "global",
+        "kl_coef": 0.0,
+    },
+)
 PRESETS["shapes-sd3-awm"] = _with(
-    PRESETS["shapes-sd3-nft"], algorithm="awm", run={"output_dir": "outputs/shapes-sd3-awm"},
-    train={"kl_coef": 1e-3})
+    PRESETS["shapes-sd3-nft"], algorithm="awm", run={"output_dir": "outputs/shapes-sd3-awm"}, train={"kl_coef": 1e-3}
+)
 # Online Diffusion-DPO (as bench/dpo.py's online mode): rounds of 64 pairs, each prompt's best and worst of 2
 # ODE samples, batches of 8, 10% empty captions; beta 5000 is Diffusion-DPO's SD1.5 value, unmeasured on flow.
 PRESETS["shapes-sd3-dpo"] = _with(
-    _SHAPES_SD3, algorithm="dpo", run={"output_dir": "outputs/shapes-sd3-dpo", "eval_every": 100}, sample={"eta": 0.0, "batch_size": 32},
+    _SHAPES_SD3,
+    algorithm="dpo",
+    run={"output_dir": "outputs/shapes-sd3-dpo", "eval_every": 100},
+    sample={"eta": 0.0, "batch_size": 32},
     train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
-    dpo={"online": True, "proportion_empty_prompts": 0.1, "hflip": False, "max_train_steps": 100, "checkpointing_steps": 0})
+    dpo={
+        "online": True,
+        "proportion_empty_prompts": 0.1,
+        "hflip": False,
+        "max_train_steps": 100,
+        "checkpointing_steps": 0,
+    },
+)
 # ReFL as shapes-refl: the tiny CLIP's score, its gradient through one step drawn from the last 3 of 10.
 PRESETS["shapes-sd3-refl"] = _with(
-    PRESETS["shapes-refl"], run={"output_dir": "outputs/shapes-sd3-refl"}, pretrained={"model": "tiny-shapes-sd3"},
-    sample={"num_steps": 10, "guidance_scale": 4.5}, train={"lora_targets": _SD3_LORA},
-    refl={"num_steps": 10, "mid_low": 7, "mid_high": 9})
+    PRESETS["shapes-refl"],
+    run={"output_dir": "outputs/shapes-sd3-refl"},
+    pretrained={"model": "tiny-shapes-sd3"},
+    sample={"num_steps": 10, "guidance_scale": 4.5},
+    train={"lora_targets": _SD3_LORA},
+    refl={"num_steps": 10, "mid_low": 7, "mid_high": 9},
+)
 
 PRESETS.update(RECIPES)
 

@@ -15,10 +15,14 @@ class RewardSource(_Group):
     """One scorer: in-process by name, or a reward server (one URL per replica)."""
 
     url: list[str] = Field([], description="reward server URL(s); empty scores in-process")
-    scorer: str = Field("compression", description="in-process: a scorer name, or your own module:function / "
-                        "module:Class; with url: a label for the server's")
+    scorer: str = Field(
+        "compression",
+        description="in-process: a scorer name, or your own module:function / "
+        "module:Class; with url: a label for the server's",
+    )
     options: dict[str, str | int | float] = Field(
-        {}, description="in-process scorer options, e.g. --reward.options weights=/models/sac+logos+ava1-l14-linearMSE.pth"
+        {},
+        description="in-process scorer options, e.g. --reward.options weights=/models/sac+logos+ava1-l14-linearMSE.pth",
     )
 
     @field_validator("url")
@@ -51,8 +55,10 @@ class RewardSource(_Group):
             accepted = scorer_options(scorer)
             unknown = sorted(set(options) - accepted)
             if unknown:
-                raise ValueError(f"scorer {scorer!r} takes no option {', '.join(unknown)}"
-                                 + (f" (it takes {', '.join(sorted(accepted))})" if accepted else ""))
+                raise ValueError(
+                    f"scorer {scorer!r} takes no option {', '.join(unknown)}"
+                    + (f" (it takes {', '.join(sorted(accepted))})" if accepted else "")
+                )
         return options
 
 
@@ -69,19 +75,27 @@ def _server_url(url: str) -> str:
     except ValueError as exc:
         raise ValueError(f"{shown!r} is not a reward server URL ({exc}); {expected}") from None
     problem = (
-        "the scheme must be http or https" if parts.scheme not in ("http", "https")
-        else "no host" if not parts.hostname
-        else "a path" if parts.path not in ("", "/")
-        else "a query" if parts.query or url.rstrip("/").endswith("?")
-        else "a fragment" if parts.fragment or "#" in url
-        else "a space" if any(c.isspace() for c in url)
+        "the scheme must be http or https"
+        if parts.scheme not in ("http", "https")
+        else "no host"
+        if not parts.hostname
+        else "a path"
+        if parts.path not in ("", "/")
+        else "a query"
+        if parts.query or url.rstrip("/").endswith("?")
+        else "a fragment"
+        if parts.fragment or "#" in url
+        else "a space"
+        if any(c.isspace() for c in url)
         else None
     )
     if problem:
         raise ValueError(f"{shown!r} is not a reward server URL ({problem}); {expected}")
     if parts.password == MASK:  # a config.json given back: the mask would be sent as the password
-        raise ValueError(f"the password of {shown!r} is masked, as config.json and --print-config write it; give "
-                         "the URL with its password again (e.g. --reward.url on the command line)")
+        raise ValueError(
+            f"the password of {shown!r} is masked, as config.json and --print-config write it; give "
+            "the URL with its password again (e.g. --reward.url on the command line)"
+        )
     return url.rstrip("/")
 
 
@@ -95,23 +109,29 @@ class RewardComponent(RewardSource):
 
 class RewardConfig(RewardSource):
     components: list[RewardComponent] = Field(
-        [], description="several rewards, summed with weights (JSON list, or [[reward.components]] in TOML); "
-        "when empty, the single scorer above"
+        [],
+        description="several rewards, summed with weights (JSON list, or [[reward.components]] in TOML); "
+        "when empty, the single scorer above",
     )
     overlap: Literal["none", "epoch", "next_epoch"] = Field(
-        "epoch", description="none: score after all sampling (TRL); epoch: each batch as soon as it is sampled "
-        "(ddpo-pytorch); next_epoch: also sample epoch k+1 while epoch k's rewards finish (samples one update old)"
+        "epoch",
+        description="none: score after all sampling (TRL); epoch: each batch as soon as it is sampled "
+        "(ddpo-pytorch); next_epoch: also sample epoch k+1 while epoch k's rewards finish (samples one update old)",
     )
     # exclude: no dump (config.json, tracker hparams) carries the token, not even masked: a masked copy
     # given back as --config would be sent as the token. The environment supplies it again.
-    token: SecretStr | None = Field(None, exclude=True, description="bearer token for the reward servers (or "
-                                    "DIFFUSION_RL_REWARD__TOKEN); never written to config.json")
+    token: SecretStr | None = Field(
+        None,
+        exclude=True,
+        description="bearer token for the reward servers (or DIFFUSION_RL_REWARD__TOKEN); never written to config.json",
+    )
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
     deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
     retries: int = Field(8, ge=0, description="attempts after the first, for connection errors, 429 and 503 only")
-    probe_timeout: float = Field(15.0, gt=0, description="seconds to wait at start-up, before any model loads, "
-                                 "for every reward server's /readyz")
+    probe_timeout: float = Field(
+        15.0, gt=0, description="seconds to wait at start-up, before any model loads, for every reward server's /readyz"
+    )
 
     @field_validator("token")
     @classmethod

@@ -18,27 +18,52 @@ class RunConfig(_Group):
     num_epochs: int = Field(20, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16: frozen weights in half")
     allow_tf32: bool = True
-    compile: str | None = Field(None, description="torch.compile the denoiser for sampling and training with this "
-                                "backend (inductor, or another of torch._dynamo.list_backends()); default off: on "
-                                "CPU the tiny run compiled for 2 minutes and then ran no faster")
-    channels_last: bool = Field(False, description="the denoiser's weights in channels-last memory format (measured "
-                                "on the tiny CPU run: sampling 7% faster, training the same)")
-    cpu_threads: int = Field(0, ge=0, description="CPU runs: torch threads; 0: the cores no other process is running "
-                             "on, looked at every epoch (unless OMP_NUM_THREADS is set)")
+    compile: str | None = Field(
+        None,
+        description="torch.compile the denoiser for sampling and training with this "
+        "backend (inductor, or another of torch._dynamo.list_backends()); default off: on "
+        "CPU the tiny run compiled for 2 minutes and then ran no faster",
+    )
+    channels_last: bool = Field(
+        False,
+        description="the denoiser's weights in channels-last memory format (measured "
+        "on the tiny CPU run: sampling 7% faster, training the same)",
+    )
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU runs: torch threads; 0: the cores no other process is running "
+        "on, looked at every epoch (unless OMP_NUM_THREADS is set)",
+    )
     log_with: Literal["none", "tensorboard", "wandb"] = "tensorboard"
     log_images_every: int = Field(5, ge=0, description="save and log a captioned sample grid every N epochs (0: never)")
-    save_freq: int = Field(20, ge=0, description="checkpoint every this many epochs (and always at the end); 0: end only")
+    save_freq: int = Field(
+        20, ge=0, description="checkpoint every this many epochs (and always at the end); 0: end only"
+    )
     checkpoint_limit: int = Field(5, gt=0, description="how many checkpoints to keep")
-    push_to_hub: str | None = Field(None, description="hub repo id to upload the final weights to (off by default; "
-                                    "uses HF_TOKEN or your huggingface-cli login)")
+    push_to_hub: str | None = Field(
+        None,
+        description="hub repo id to upload the final weights to (off by default; "
+        "uses HF_TOKEN or your huggingface-cli login)",
+    )
     resume_from: Path | None = Field(None, description="a run folder (its newest checkpoint) or one checkpoint folder")
-    eval_every: int = Field(0, ge=0, description="evaluate every N epochs, from before the first and after the last "
-                            "(deterministic sampling on fixed prompts and seeds, see trainer/evaluate.py); 0: never")
-    eval_seed: int = Field(42, description="image i of an evaluation starts from the noise of seed eval_seed + i "
-                           "(and drawn evaluation prompts from this seed): not run.seed, so runs of different "
-                           "training seeds are evaluated on the same images")
-    eval_scorer: str | None = Field(None, description="evaluate with this in-process scorer instead of the reward "
-                                    "(e.g. train ReFL on a CLIP score, evaluate with the shapes verifier)")
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="evaluate every N epochs, from before the first and after the last "
+        "(deterministic sampling on fixed prompts and seeds, see trainer/evaluate.py); 0: never",
+    )
+    eval_seed: int = Field(
+        42,
+        description="image i of an evaluation starts from the noise of seed eval_seed + i "
+        "(and drawn evaluation prompts from this seed): not run.seed, so runs of different "
+        "training seeds are evaluated on the same images",
+    )
+    eval_scorer: str | None = Field(
+        None,
+        description="evaluate with this in-process scorer instead of the reward "
+        "(e.g. train ReFL on a CLIP score, evaluate with the shapes verifier)",
+    )
 
     @field_validator("eval_scorer")
     @classmethod
@@ -51,15 +76,26 @@ class RunConfig(_Group):
 
 
 class PretrainedConfig(_Group):
-    model: str = Field("tiny", description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" (embedded, built offline), '
-                       '"tiny-shapes" / "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a diffusers '
-                       'model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline '
-                       'or FluxPipeline)')
+    model: str = Field(
+        "tiny",
+        description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" (embedded, built offline), '
+        '"tiny-shapes" / "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a diffusers '
+        "model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline "
+        "or FluxPipeline)",
+    )
     revision: str | None = None
-    load_t5: bool = Field(True, description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
-                          "fp16) its tokens are zeros, as in StableDiffusion3Pipeline")
-    max_sequence_length: int | None = Field(None, gt=0, le=512, description="FLUX: T5 tokens per prompt (at most 512, "
-                                            "as FluxPipeline allows); default FluxPipeline's "
-                                            "512 (fewer if its tokenizer's model_max_length is smaller); Flow-GRPO's "
-                                            "FLUX runs encode 128")
+    load_t5: bool = Field(
+        True,
+        description="SD3: load the T5 encoder (text_encoder_3); without it (about 9 GB less in "
+        "fp16) its tokens are zeros, as in StableDiffusion3Pipeline",
+    )
+    max_sequence_length: int | None = Field(
+        None,
+        gt=0,
+        le=512,
+        description="FLUX: T5 tokens per prompt (at most 512, "
+        "as FluxPipeline allows); default FluxPipeline's "
+        "512 (fewer if its tokenizer's model_max_length is smaller); Flow-GRPO's "
+        "FLUX runs encode 128",
+    )
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")

@@ -54,18 +54,36 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     rounds: list[dict] = []  # online: each round's sampled rewards, logged with the next step
     if d.online:
         data = _online_pairs(run, policy, resolution, rounds)
-        accelerator.print(f"online Diffusion-DPO: rounds of {d.online_pairs} pairs (the best and the worst of "
-                          f"{d.online_images_per_prompt} images per prompt), {d.online_epochs} pass(es) each, "
-                          f"effective batch {effective_batch}, learning rate {learning_rate:g}")
+        accelerator.print(
+            f"online Diffusion-DPO: rounds of {d.online_pairs} pairs (the best and the worst of "
+            f"{d.online_images_per_prompt} images per prompt), {d.online_epochs} pass(es) each, "
+            f"effective batch {effective_batch}, learning rate {learning_rate:g}"
+        )
     else:
-        accelerator.print(f"Diffusion-DPO{' (SFT)' if d.sft else ''}: {len(pairs)} pairs, effective batch "
-                          f"{effective_batch}, learning rate {learning_rate:g}")
+        accelerator.print(
+            f"Diffusion-DPO{' (SFT)' if d.sft else ''}: {len(pairs)} pairs, effective batch "
+            f"{effective_batch}, learning rate {learning_rate:g}"
+        )
         root = Path(d.dataset) if Path(d.dataset).is_dir() else None
-        dataset = Pairs(pairs, resolution, seed=cfg.run.seed, random_crop=d.random_crop, hflip=d.hflip,
-                        proportion_empty_prompts=d.proportion_empty_prompts, root=root,
-                        winners_only=d.sft and not d.relabel, check=_row_check(cfg))
-        batches = PairBatches(len(dataset), cfg.train.batch_size, accelerator.num_processes,
-                              accelerator.process_index, cfg.run.seed, skip=run.start * accumulation)
+        dataset = Pairs(
+            pairs,
+            resolution,
+            seed=cfg.run.seed,
+            random_crop=d.random_crop,
+            hflip=d.hflip,
+            proportion_empty_prompts=d.proportion_empty_prompts,
+            root=root,
+            winners_only=d.sft and not d.relabel,
+            check=_row_check(cfg),
+        )
+        batches = PairBatches(
+            len(dataset),
+            cfg.train.batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            cfg.run.seed,
+            skip=run.start * accumulation,
+        )
         data = iter(loader(dataset, batches, d.dataloader_num_workers))
     reference = None if d.sft else _reference(policy, cfg.train.lora, run.ema if d.reference == "ema" else None)
 
@@ -87,8 +105,15 @@ def _dpo(run: run_setup.Run) -> list[dict]:
         stats["data_wait_share"].append(torch.tensor(waited / (time.perf_counter() - start)))
         return stats
 
-    return step_loop(run, policy, d, one_step, {"loss": "loss", "acc": "implicit_accuracy"}, "dpo",
-                     lambda: rounds.pop() if rounds else {})
+    return step_loop(
+        run,
+        policy,
+        d,
+        one_step,
+        {"loss": "loss", "acc": "implicit_accuracy"},
+        "dpo",
+        lambda: rounds.pop() if rounds else {},
+    )
 
 
 def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
@@ -106,16 +131,27 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
         seeds = run.prompt_rng.integers(2**31, size=k * n).tolist()
         prompts = [p for p, _ in drawn for _ in range(k)]
         with torch.no_grad():
-            images, scored = evaluate(run.family, policy, prompts, [m for _, m in drawn for _ in range(k)], run.rewards,
-                                      num_steps=cfg.sample.num_steps, guidance_scale=cfg.sample.guidance_scale,
-                                      resolution=resolution, seeds=seeds, batch_size=cfg.sample.batch_size,
-                                      deadline=cfg.reward.deadline, autocast=run.accelerator.autocast)
+            images, scored = evaluate(
+                run.family,
+                policy,
+                prompts,
+                [m for _, m in drawn for _ in range(k)],
+                run.rewards,
+                num_steps=cfg.sample.num_steps,
+                guidance_scale=cfg.sample.guidance_scale,
+                resolution=resolution,
+                seeds=seeds,
+                batch_size=cfg.sample.batch_size,
+                deadline=cfg.reward.deadline,
+                autocast=run.accelerator.autocast,
+            )
         policy.train()
         groups = pair_scores(run.rewards, scored, k)
         chosen = best_and_worst(groups)
         scores = np.take_along_axis(groups, chosen, axis=1)
-        rounds[:] = [{"online_reward_mean": float(groups.mean()),
-                      "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}]
+        rounds[:] = [
+            {"online_reward_mean": float(groups.mean()), "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}
+        ]
         pixels = torch.from_numpy(images.reshape(n, k, *images.shape[1:])[np.arange(n)[:, None], chosen])
         pixels = pixels.permute(0, 1, 4, 2, 3).float().div(255)
         pixels, weights = _winner_first(pixels, scores, run.accelerator.device)
@@ -124,8 +160,13 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
             for start in range(0, n - size + 1, size):
                 part = order[start : start + size]
                 captions = [drawn[i][0] for i in part]
-                yield {"pixels": pixels[part], "captions": captions, "prompts": captions, "weights": weights[part],
-                       "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size)}
+                yield {
+                    "pixels": pixels[part],
+                    "captions": captions,
+                    "prompts": captions,
+                    "weights": weights[part],
+                    "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size),
+                }
 
 
 def _row_check(cfg: Config):
@@ -166,9 +207,11 @@ def _pair_loss(run, model, reference, batch: dict[str, Any], resolution: int, we
     error, (noisy, timesteps, cond, target) = denoising_errors(run, model, batch, resolution)
     with run.accelerator.autocast():
         reference_error = ((reference(run.family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(
-            dim=tuple(range(1, target.ndim)))
-    return diffusion_dpo_loss(error[0::2], error[1::2], reference_error[0::2], reference_error[1::2], cfg.dpo.beta,
-                              weights=weights)
+            dim=tuple(range(1, target.ndim))
+        )
+    return diffusion_dpo_loss(
+        error[0::2], error[1::2], reference_error[0::2], reference_error[1::2], cfg.dpo.beta, weights=weights
+    )
 
 
 def _relabel(run, batch: dict[str, Any]) -> torch.Tensor:
@@ -179,8 +222,9 @@ def _relabel(run, batch: dict[str, Any]) -> torch.Tensor:
     prompts = [p for p in batch["prompts"] for _ in range(2)]
     pending = Pending(run.rewards)
     pending.add(run.rewards.submit(images, prompts, [{} for _ in prompts]))
-    batch["pixels"], weights = _winner_first(pixels, pair_scores(run.rewards, pending.wait(run.cfg.reward.deadline)),
-                                             run.accelerator.device)
+    batch["pixels"], weights = _winner_first(
+        pixels, pair_scores(run.rewards, pending.wait(run.cfg.reward.deadline)), run.accelerator.device
+    )
     return weights
 
 

@@ -54,7 +54,9 @@ def _x0_eps(prediction_type: str, a_t: torch.Tensor, model_output: torch.Tensor,
     if prediction_type == "epsilon":
         return (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output
     if prediction_type == "v_prediction":
-        return a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output, a_t.sqrt() * model_output + (1 - a_t).sqrt() * sample
+        return a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output, a_t.sqrt() * model_output + (
+            1 - a_t
+        ).sqrt() * sample
     raise ValueError(f"prediction_type {prediction_type!r} is not supported")
 
 
@@ -67,7 +69,7 @@ def check_scheduler(scheduler, num_steps: int) -> None:
         if config.get(name, False):
             raise ValueError(
                 f"pretrained.model: its scheduler sets {name} true; the DDIM log-prob step does not clip the "
-                f"predicted x0, so its log-probs would not be those of the samples: set \"{name}\": false in the "
+                f'predicted x0, so its log-probs would not be those of the samples: set "{name}": false in the '
                 "model's scheduler/scheduler_config.json"
             )
     scheduler.set_timesteps(num_steps)
@@ -77,7 +79,7 @@ def check_scheduler(scheduler, num_steps: int) -> None:
         raise ValueError(
             f"pretrained.model: its scheduler's timestep_spacing {config.get('timestep_spacing')!r} gives "
             f"{num_steps} steps (sample.num_steps) {sorted(set(gaps))} apart; the DDIM log-prob step needs them "
-            f"num_train_timesteps // sample.num_steps = {stride} apart: use timestep_spacing \"leading\" or a "
+            f'num_train_timesteps // sample.num_steps = {stride} apart: use timestep_spacing "leading" or a '
             "sample.num_steps that divides num_train_timesteps"
         )
 

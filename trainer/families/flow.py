@@ -52,8 +52,13 @@ def _sigmas_at(sigmas: torch.Tensor, index, sample: torch.Tensor) -> tuple[torch
     return sigmas[index].reshape(shape), sigmas[index + 1].reshape(shape)
 
 
-def flow_sde_mean_std(sigmas: torch.Tensor, index: torch.Tensor | int, velocity: torch.Tensor, sample: torch.Tensor,
-                      noise_level: float = NOISE_LEVEL) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_sde_mean_std(
+    sigmas: torch.Tensor,
+    index: torch.Tensor | int,
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float = NOISE_LEVEL,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of p(x_next | x) at step ``index`` (a scalar or one per sample), in float32."""
     velocity, sample = velocity.float(), sample.float()
     s, s_next = _sigmas_at(sigmas, index, sample)
@@ -64,8 +69,13 @@ def flow_sde_mean_std(sigmas: torch.Tensor, index: torch.Tensor | int, velocity:
     return mean, std_t * torch.sqrt(-dt)
 
 
-def flow_cps_mean_std(sigmas: torch.Tensor, index: torch.Tensor | int, velocity: torch.Tensor, sample: torch.Tensor,
-                      noise_level: float = NOISE_LEVEL) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_cps_mean_std(
+    sigmas: torch.Tensor,
+    index: torch.Tensor | int,
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float = NOISE_LEVEL,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the coefficients-preserving step at ``index``, in float32."""
     velocity, sample = velocity.float(), sample.float()
     s, s_next = _sigmas_at(sigmas, index, sample)
@@ -80,8 +90,14 @@ def cps_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | None =
     return -((x.float() - mean) ** 2).mean(dim=tuple(range(1, x.ndim)))
 
 
-def flow_grpo_kl(sigmas: torch.Tensor, index: torch.Tensor | int, mean: torch.Tensor, reference_mean: torch.Tensor,
-                 std: torch.Tensor, sde_type: str) -> torch.Tensor:
+def flow_grpo_kl(
+    sigmas: torch.Tensor,
+    index: torch.Tensor | int,
+    mean: torch.Tensor,
+    reference_mean: torch.Tensor,
+    std: torch.Tensor,
+    sde_type: str,
+) -> torch.Tensor:
     """Flow-GRPO's KL penalty per sample: mean((mean - mean_ref)^2) / (2 std_t^2), with std_t the SDE's
     noise_level sqrt(s / (1 - s')), i.e. the transition ``std`` without its sqrt(-dt), and for CPS the
     transition std itself (floored at ddim.SIGMA_MIN like the log-prob)."""

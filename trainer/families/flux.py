@@ -46,8 +46,14 @@ class Flux:
     pipeline_class = "FluxPipeline"
     denoiser_name = "transformer"  # the pipeline component that is trained (and its folder when saved whole)
 
-    def __init__(self, pipe, sde_type: str = "sde", resolution: int | None = None, guidance: float = PIPELINE_GUIDANCE,
-                 max_sequence_length: int | None = None):
+    def __init__(
+        self,
+        pipe,
+        sde_type: str = "sde",
+        resolution: int | None = None,
+        guidance: float = PIPELINE_GUIDANCE,
+        max_sequence_length: int | None = None,
+    ):
         self.pipe, self.guidance = pipe, guidance
         self.guided = bool(pipe.transformer.config.get("guidance_embeds"))
         self.max_sequence_length = max_sequence_length or min(PIPELINE_TOKENS, pipe.tokenizer_2.model_max_length)
@@ -62,17 +68,26 @@ class Flux:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
         if not cfg.pretrained.load_t5:  # before any weights load
-            raise ValueError("pretrained.load_t5: false leaves SD3's T5 out; FLUX's prompt tokens are T5's, which "
-                             "FluxPipeline cannot do without")
+            raise ValueError(
+                "pretrained.load_t5: false leaves SD3's T5 out; FLUX's prompt tokens are T5's, which "
+                "FluxPipeline cannot do without"
+            )
         pipe = FluxPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
-                             f"not a {type(pipe.scheduler).__name__}")
+            raise ValueError(
+                f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
+                f"not a {type(pipe.scheduler).__name__}"
+            )
         if pipe.vae.config.get("force_upcast") and dtype == torch.float16:
             pipe.vae.to(torch.float32)  # as SDXL's, FLUX's VAE overflows in fp16
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, cfg.sample.sde_type, cfg.sample.resolution, cfg.sample.guidance_scale,
-                   cfg.pretrained.max_sequence_length)
+        return cls(
+            pipe,
+            cfg.sample.sde_type,
+            cfg.sample.resolution,
+            cfg.sample.guidance_scale,
+            cfg.pretrained.max_sequence_length,
+        )
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -91,12 +106,20 @@ class Flux:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict[str, torch.Tensor]:
         """The pipeline's own encoding: T5's tokens and CLIP's pooled output (``resolution``: unused)."""
-        embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.pipe.transformer.device,
-                                                    max_sequence_length=self.max_sequence_length)
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompts, prompt_2=None, device=self.pipe.transformer.device, max_sequence_length=self.max_sequence_length
+        )
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
 
-    def predict(self, model, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                negative: dict[str, torch.Tensor] | None, guidance_scale: float) -> torch.Tensor:
+    def predict(
+        self,
+        model,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        negative: dict[str, torch.Tensor] | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
         """The velocity for (N, 16, h, w) latents, as FluxPipeline calls the transformer: 2x2-packed tokens,
         timesteps / 1000, the guidance input (module docstring: ``negative`` itself is never run)."""
         n, c, h, w = latents.shape
@@ -107,9 +130,13 @@ class Flux:
             guidance = torch.full((n,), scale, device=latents.device, dtype=torch.float32)
         embeds = cond["prompt_embeds"]
         tokens = model(
-            hidden_states=pack(latents), timestep=timesteps / 1000, guidance=guidance,
-            pooled_projections=cond["pooled_projections"], encoder_hidden_states=embeds,
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device), img_ids=image_ids(h // 2, w // 2, latents.device),
+            hidden_states=pack(latents),
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=latents.device),
+            img_ids=image_ids(h // 2, w // 2, latents.device),
             return_dict=False,
         )[0]
         return unpack(tokens, h, w)
@@ -120,8 +147,13 @@ class Flux:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         c = self.pipe.scheduler.config
-        return calculate_shift(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        return calculate_shift(
+            image_tokens,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
+        )
 
     def latent_size(self, resolution: int) -> int:
         """Latent rows (= columns) of a ``resolution`` px image, even for the 2x2 packing (as FluxPipeline rounds)."""
@@ -137,8 +169,10 @@ class Flux:
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         """FluxPipeline's noise before it packs it: (n, 16, h, w), the same numbers from the same generator."""
         if resolution != self.resolution:
-            raise ValueError(f"sample.resolution: the FLUX schedule is shifted for {self.resolution} px images (set "
-                             f"when the model loaded), not {resolution}")
+            raise ValueError(
+                f"sample.resolution: the FLUX schedule is shifted for {self.resolution} px images (set "
+                f"when the model loaded), not {resolution}"
+            )
         size = self.latent_size(resolution)
         shape = (n, self.pipe.transformer.config.in_channels // 4, size, size)
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)

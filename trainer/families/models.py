@@ -15,9 +15,15 @@ from trainer.families.sd3 import SD3
 from trainer.families.sdxl import SDXL
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FAMILIES = {family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux)}  # a diffusers pipeline class -> its family
-TINY = {"tiny": "tiny_pipeline_path", "tiny-sdxl": "tiny_sdxl_path", "tiny-sd3": "tiny_sd3_path",
-        "tiny-flux": "tiny_flux_path"}  # built offline (trainer/families/tiny_pipeline.py)
+FAMILIES = {
+    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux)
+}  # a diffusers pipeline class -> its family
+TINY = {
+    "tiny": "tiny_pipeline_path",
+    "tiny-sdxl": "tiny_sdxl_path",
+    "tiny-sd3": "tiny_sd3_path",
+    "tiny-flux": "tiny_flux_path",
+}  # built offline (trainer/families/tiny_pipeline.py)
 # pretrained by trainer/families/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 

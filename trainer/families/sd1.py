@@ -34,8 +34,11 @@ class SD1:
         """The pipeline with a DDIM scheduler, its parts in ``dtype``."""
         from diffusers import StableDiffusionPipeline
 
-        return cls(load_with_ddim(StableDiffusionPipeline, path, cfg, dtype, safety_checker=None,
-                                  requires_safety_checker=False))
+        return cls(
+            load_with_ddim(
+                StableDiffusionPipeline, path, cfg, dtype, safety_checker=None, requires_safety_checker=False
+            )
+        )
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -52,13 +55,20 @@ class SD1:
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> torch.Tensor:
         """The text encoder's last hidden states (``resolution`` matters only to SDXL's micro-conditioning)."""
         tokenizer, text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
-        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
         return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
 
     @staticmethod
-    def predict(model, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
-                negative: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    def predict(
+        model,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor,
+        negative: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
         """The model's prediction, with classifier-free guidance when ``negative`` is given."""
         return guided(lambda x, t, c: model(x, t, c).sample, latents, timesteps, cond, negative, guidance_scale)
 
@@ -74,7 +84,10 @@ class SD1:
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         size = resolution // self.pipe.vae_scale_factor
         shape = (n, self.pipe.unet.config.in_channels, size, size)
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * self.pipe.scheduler.init_noise_sigma
+        return (
+            torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+            * self.pipe.scheduler.init_noise_sigma
+        )
 
     def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
         """Mean and std of p(x_{t-1} | x_t) at step ``index`` of the schedule (DDIM, float32)."""
@@ -116,7 +129,9 @@ class SD1:
         or the velocity for a v-prediction model) and the time in [0, 1] (t / num_train_timesteps)."""
         scheduler = self.pipe.scheduler
         t = scheduler.timesteps.to(latents.device)[index]
-        target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        target = (
+            scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        )
         return scheduler.add_noise(latents, noise, t), t, target, t.float() / scheduler.config.num_train_timesteps
 
     # -- pixels ----------------------------------------------------------------------------------------------
@@ -171,8 +186,10 @@ def load_with_ddim(pipeline_class, path: str, cfg: Config, dtype: torch.dtype, *
     from diffusers import DDIMScheduler
 
     if cfg.sample.sde_type != "sde":  # before any weights load
-        raise ValueError(f"sample.sde_type: {cfg.sample.sde_type} is a flow-matching step; a "
-                         f"{pipeline_class.__name__} samples with DDIM")
+        raise ValueError(
+            f"sample.sde_type: {cfg.sample.sde_type} is a flow-matching step; a "
+            f"{pipeline_class.__name__} samples with DDIM"
+        )
     pipe = pipeline_class.from_pretrained(path, revision=cfg.pretrained.revision, **kwargs, **dtype_kwarg(dtype))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     check_scheduler(pipe.scheduler, cfg.sample.num_steps)  # before the weights move to the device

@@ -43,11 +43,15 @@ class SD3:
         kwargs = absent if not cfg.pretrained.load_t5 or index.get("text_encoder_3", [None])[0] is None else {}
         pipe = StableDiffusion3Pipeline.from_pretrained(path, revision=revision, **kwargs, **dtype_kwarg(dtype))
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
-                             f"not a {type(pipe.scheduler).__name__}")
+            raise ValueError(
+                f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
+                f"not a {type(pipe.scheduler).__name__}"
+            )
         if pipe.scheduler.config.get("use_dynamic_shifting"):
-            raise ValueError("pretrained.model: its scheduler shifts sigmas by resolution (use_dynamic_shifting); "
-                             "set a fixed shift in scheduler/scheduler_config.json")
+            raise ValueError(
+                "pretrained.model: its scheduler shifts sigmas by resolution (use_dynamic_shifting); "
+                "set a fixed shift in scheduler/scheduler_config.json"
+            )
         pipe.set_progress_bar_config(disable=True)
         if pipe.text_encoder_3 is None:
             use_one_zero_token(pipe)
@@ -59,8 +63,11 @@ class SD3:
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         pipe = self.pipe
-        return [m for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer)
-                if m is not None]
+        return [
+            m
+            for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer)
+            if m is not None
+        ]
 
     def native_resolution(self) -> int:
         return self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
@@ -70,20 +77,37 @@ class SD3:
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict[str, torch.Tensor]:
         """The pipeline's own encoding: CLIP hidden states padded to T5's width, then T5's 256 tokens (without
         T5, its 256 zeros as one token that ZeroT5Attention counts 256 times: the same prediction, a fraction of
-        the compute); the two CLIP pooled outputs side by side (``resolution``: unused, SD3 has no size conditioning)."""
+        the compute); the two CLIP pooled outputs side by side (``resolution``: unused, SD3 has no size
+        conditioning)."""
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompts, prompt_2=None, prompt_3=None, device=self.pipe.transformer.device,
-            do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS if self.pipe.text_encoder_3 else 1,
+            prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.pipe.transformer.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=T5_TOKENS if self.pipe.text_encoder_3 else 1,
         )
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
 
     @staticmethod
-    def predict(model, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                negative: dict[str, torch.Tensor] | None, guidance_scale: float) -> torch.Tensor:
+    def predict(
+        model,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        negative: dict[str, torch.Tensor] | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
         """The velocity, with classifier-free guidance when ``negative`` is given."""
+
         def call(x, t, c):
-            return model(hidden_states=x, timestep=t, encoder_hidden_states=c["prompt_embeds"],
-                         pooled_projections=c["pooled_projections"], return_dict=False)[0]
+            return model(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=c["prompt_embeds"],
+                pooled_projections=c["pooled_projections"],
+                return_dict=False,
+            )[0]
 
         return guided(call, latents, timesteps, cond, negative, guidance_scale)
 
@@ -106,7 +130,9 @@ class SD3:
         constant dropped for CPS (so its clip ranges transfer)."""
         return FLOW_LOG_PROBS[self.sde_type](x_next, mean, std)
 
-    def kl(self, mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def kl(
+        self, mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         """Flow-GRPO's KL penalty per sample at steps ``index`` (so ``train.kl_coef`` is its beta)."""
         return flow_grpo_kl(self.pipe.scheduler.sigmas, index, mean, reference_mean, std, self.sde_type)
 

@@ -28,7 +28,12 @@ class SDXL:
         self.step, self.timesteps, self.initial_latents = self.sd1.step, self.sd1.timesteps, self.sd1.initial_latents
         self.log_prob, self.kl, self.noised_at = self.sd1.log_prob, self.sd1.kl, self.sd1.noised_at
         self.predicted_x0 = self.sd1.predicted_x0
-        self.decode, self.to_uint8, self.encode, self.noised = self.sd1.decode, self.sd1.to_uint8, self.sd1.encode, self.sd1.noised
+        self.decode, self.to_uint8, self.encode, self.noised = (
+            self.sd1.decode,
+            self.sd1.to_uint8,
+            self.sd1.encode,
+            self.sd1.noised,
+        )
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "SDXL":
@@ -57,8 +62,13 @@ class SDXL:
         pipe = self.pipe
         hidden, pooled = [], None
         for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(encoder.device)
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(encoder.device)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's projected pooled output
@@ -66,12 +76,20 @@ class SDXL:
         if all(p == "" for p in prompts) and pipe.config.get("force_zeros_for_empty_prompt", True):
             embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         size = resolution or self.native_resolution()
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=embeds.dtype, device=embeds.device)
+        time_ids = torch.tensor(
+            [[size, size, 0, 0, size, size]] * len(prompts), dtype=embeds.dtype, device=embeds.device
+        )
         return {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids}
 
     @staticmethod
-    def predict(model, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                negative: dict[str, torch.Tensor] | None, guidance_scale: float) -> torch.Tensor:
+    def predict(
+        model,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        negative: dict[str, torch.Tensor] | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
         def call(x, t, c):
             extra = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
             return model(x, t, encoder_hidden_states=c["prompt_embeds"], added_cond_kwargs=extra).sample

@@ -44,9 +44,13 @@ from scorers import world
 WORDS = sorted({w for captions in world.CAPTIONS.values() for c in captions for w in c.split()} | {"s"})
 SPEC = {
     "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
-    "unet": {"block_out_channels": [64, 128], "layers_per_block": 1, "attention_head_dim": 16,
-             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]},
+    "unet": {
+        "block_out_channels": [64, 128],
+        "layers_per_block": 1,
+        "attention_head_dim": 16,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
     "vae": {"block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8},
     # --family sd3: one latent pixel per token (patch 1: 64 image tokens; the 77 CLIP and 256 zero T5 tokens
     # the pipeline appends make the text stream the larger one), SD3's shift 3 for sampling
@@ -61,8 +65,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(cli_parse_args=False, cli_kebab_case=True, cli_implicit_flags=True)
 
     out: Path = Field(Path("outputs/shapes-pretrain"), description="checkpoints and the finished pipeline")
-    family: Literal["sd1", "sd3"] = Field("sd1", description="sd1: tiny-shapes (VAE, then UNet by epsilon "
-                                          "prediction); sd3: tiny-shapes-sd3 (MMDiT by flow matching, tiny-shapes' VAE)")
+    family: Literal["sd1", "sd3"] = Field(
+        "sd1",
+        description="sd1: tiny-shapes (VAE, then UNet by epsilon "
+        "prediction); sd3: tiny-shapes-sd3 (MMDiT by flow matching, tiny-shapes' VAE)",
+    )
     seed: int = 0
     vae_steps: int = Field(1000, ge=0)
     vae_batch: int = Field(32, gt=0)
@@ -74,8 +81,12 @@ class Settings(BaseSettings):
     latents: int = Field(32768, gt=0, description="captioned renders encoded once for the UNet stage")
     save_every: int = Field(500, gt=0, description="steps between checkpoints")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
-    stop_after: int = Field(0, ge=0, description="save and exit after this many steps of this invocation (0: run "
-                            "to the end); the same command again resumes")
+    stop_after: int = Field(
+        0,
+        ge=0,
+        description="save and exit after this many steps of this invocation (0: run "
+        "to the end); the same command again resumes",
+    )
 
 
 class Stopped(Exception):
@@ -102,40 +113,73 @@ def build(seed: int):
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(WORDS)
     text_encoder = clip_text_encoder(CLIPTextModel, SPEC["text"], tokenizer)
-    unet = UNet2DConditionModel(sample_size=world.RESOLUTION // 8, in_channels=4, out_channels=4,
-                                cross_attention_dim=SPEC["text"]["hidden_size"], norm_num_groups=32, **SPEC["unet"])
+    unet = UNet2DConditionModel(
+        sample_size=world.RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=SPEC["text"]["hidden_size"],
+        norm_num_groups=32,
+        **SPEC["unet"],
+    )
     blocks = SPEC["vae"]["block_out_channels"]
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
-                        up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=4,
-                        sample_size=world.RESOLUTION, **SPEC["vae"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        latent_channels=4,
+        sample_size=world.RESOLUTION,
+        **SPEC["vae"],
+    )
     return assemble_pipeline(text_encoder, tokenizer, unet, vae)
 
 
 def build_sd3(seed: int):
-    """A StableDiffusion3Pipeline as trainer/families/tiny_pipeline.py's tiny-sd3 (the CLIP pair with projections, no T5),
-    on tiny-shapes' VAE and tokenizer, both text encoders initialised from tiny-shapes' (fresh projections)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    """A StableDiffusion3Pipeline as trainer/families/tiny_pipeline.py's tiny-sd3 (the CLIP pair with projections,
+    no T5), on tiny-shapes' VAE and tokenizer, both text encoders initialised from tiny-shapes' (fresh
+    projections)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     from trainer.families.zero_t5 import use_one_zero_token
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(SHAPES_SD1 / "tokenizer")
-    encoders = [CLIPTextModelWithProjection.from_pretrained(SHAPES_SD1 / "text_encoder", dtype=torch.float32,
-                                                            projection_dim=SPEC["projection_dim"]) for _ in range(2)]
+    encoders = [
+        CLIPTextModelWithProjection.from_pretrained(
+            SHAPES_SD1 / "text_encoder", dtype=torch.float32, projection_dim=SPEC["projection_dim"]
+        )
+        for _ in range(2)
+    ]
     vae = AutoencoderKL.from_pretrained(SHAPES_SD1 / "vae", dtype=torch.float32).requires_grad_(False)
     hidden = SPEC["text"]["hidden_size"]
     heads, width = SPEC["transformer"]["num_attention_heads"], SPEC["transformer"]["attention_head_dim"]
     size = world.RESOLUTION // 8
     transformer = SD3Transformer2DModel(
-        sample_size=size, in_channels=4, out_channels=4, pos_embed_max_size=size // SPEC["transformer"]["patch_size"],
-        joint_attention_dim=2 * hidden, caption_projection_dim=heads * width, pooled_projection_dim=2 * SPEC["projection_dim"],
+        sample_size=size,
+        in_channels=4,
+        out_channels=4,
+        pos_embed_max_size=size // SPEC["transformer"]["patch_size"],
+        joint_attention_dim=2 * hidden,
+        caption_projection_dim=heads * width,
+        pooled_projection_dim=2 * SPEC["projection_dim"],
         **SPEC["transformer"],
     )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SPEC["shift"]), vae=vae,
-        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SPEC["shift"]),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
     use_one_zero_token(pipe)
     return pipe
@@ -167,9 +211,15 @@ class Stage:
         staging.mkdir(parents=True, exist_ok=True)
         for name, module in self.modules.items():
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, staging / f"{name}.safetensors")
-        moments = {f"{i}.{k}": v for i, p in enumerate(self.params)
-                   for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
-        save_file({k: v.reshape(v.shape or (1,)).contiguous() for k, v in moments.items()}, staging / "adamw.safetensors")
+        moments = {
+            f"{i}.{k}": v
+            for i, p in enumerate(self.params)
+            for k, v in self.optimizer.state.get(p, {}).items()
+            if torch.is_tensor(v)
+        }
+        save_file(
+            {k: v.reshape(v.shape or (1,)).contiguous() for k, v in moments.items()}, staging / "adamw.safetensors"
+        )
         (staging / "state.json").write_text(json.dumps({"step": self.step}))
         if self.folder.exists():
             import shutil
@@ -185,8 +235,11 @@ class Stage:
         moments = load_file(self.folder / "adamw.safetensors")
         for i, p in enumerate(self.params):
             if f"{i}.exp_avg" in moments:
-                self.optimizer.state[p] = {"step": moments[f"{i}.step"].reshape(()),
-                                           "exp_avg": moments[f"{i}.exp_avg"], "exp_avg_sq": moments[f"{i}.exp_avg_sq"]}
+                self.optimizer.state[p] = {
+                    "step": moments[f"{i}.step"].reshape(()),
+                    "exp_avg": moments[f"{i}.exp_avg"],
+                    "exp_avg_sq": moments[f"{i}.exp_avg_sq"],
+                }
         self.step = json.loads((self.folder / "state.json").read_text())["step"]
 
     def update(self, loss: torch.Tensor, s: Settings) -> None:
@@ -215,7 +268,9 @@ def train_vae(s: Settings, vae) -> None:
             rng = np.random.default_rng([s.seed, 1, stage.step])
             x = renders(captions(rng, s.vae_batch), rng)
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(stage.step))
+            z = posterior.mean + posterior.std * torch.randn(
+                posterior.mean.shape, generator=torch.Generator().manual_seed(stage.step)
+            )
             recon = vae.decode(z).sample
             kl = posterior.kl().mean() / x[0].numel()
             loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean() + 1e-4 * kl
@@ -261,13 +316,19 @@ def epsilon_loss(pipe, z: torch.Tensor, batch: list[str], gen: torch.Generator) 
 def flow_loss(pipe, z: torch.Tensor, batch: list[str], gen: torch.Generator) -> torch.Tensor:
     """SD3's rectified flow (Esser et al. 2024, eq. 1 and 3.1): the velocity eps - x_0 at x_t = (1 - t) x_0 + t eps,
     t logit-normal (m 0, s 1); the text through the pipeline's own encode_prompt, as it samples."""
-    embeds, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=z.device, do_classifier_free_guidance=False,
-                                              max_sequence_length=1)  # T5's 256 zeros as one (trainer/families/zero_t5.py)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        batch, None, None, device=z.device, do_classifier_free_guidance=False, max_sequence_length=1
+    )  # T5's 256 zeros as one (trainer/families/zero_t5.py)
     t = torch.sigmoid(torch.randn(len(batch), generator=gen))
     noise = torch.randn(z.shape, generator=gen)
     x_t = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * noise
-    v = pipe.transformer(hidden_states=x_t, timestep=t * pipe.scheduler.config.num_train_timesteps,
-                         encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+    v = pipe.transformer(
+        hidden_states=x_t,
+        timestep=t * pipe.scheduler.config.num_train_timesteps,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
     return torch.nn.functional.mse_loss(v, noise - z)
 
 
@@ -294,7 +355,11 @@ def train_denoiser(s: Settings, pipe) -> None:
         name, loss_fn, modules = "unet", epsilon_loss, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     else:
         name, loss_fn = "transformer", flow_loss
-        modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        modules = {
+            "transformer": pipe.transformer,
+            "text_encoder": pipe.text_encoder,
+            "text_encoder_2": pipe.text_encoder_2,
+        }
     stage = Stage(name, s.out, modules, s.unet_lr, s.unet_steps)
     for module in modules.values():
         module.train()
@@ -328,10 +393,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped after {s.stop_after} steps; run the same command again to go on")
         return
     pipe.to(torch.float16).save_pretrained(s.out / "pipeline")  # fp16 on disk: half the size; loads as any dtype
-    if s.family == "sd3":  # recorded absent, as diffusers' docs load SD3 without T5: text_encoder_3=None, tokenizer_3=None
+    if (
+        s.family == "sd3"
+    ):  # recorded absent, as diffusers' docs load SD3 without T5: text_encoder_3=None, tokenizer_3=None
         index = s.out / "pipeline" / "model_index.json"
-        index.write_text(json.dumps({**json.loads(index.read_text()), "text_encoder_3": [None, None],
-                                     "tokenizer_3": [None, None]}, indent=2, sort_keys=True) + "\n")
+        index.write_text(
+            json.dumps(
+                {**json.loads(index.read_text()), "text_encoder_3": [None, None], "tokenizer_3": [None, None]},
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
     print(f"pipeline saved to {s.out / 'pipeline'} after {time.perf_counter() - start:.0f} s")
 
 

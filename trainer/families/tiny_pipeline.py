@@ -77,10 +77,16 @@ def clip_text_encoder(model_class, spec: dict, tokenizer):
     tokenizer's vocabulary and special tokens and CLIP's 77 positions."""
     from transformers import CLIPTextConfig
 
-    return model_class(CLIPTextConfig(
-        **spec, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    return model_class(
+        CLIPTextConfig(
+            **spec,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 def assemble_pipeline(text_encoder, tokenizer, unet, vae):
@@ -88,12 +94,22 @@ def assemble_pipeline(text_encoder, tokenizer, unet, vae):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -123,18 +139,34 @@ def build_tiny_sdxl():
     text_2 = clip_text_encoder(CLIPTextModelWithProjection, SDXL_SPEC["text_2"], tokenizer)
     time_dim = SDXL_SPEC["addition_time_embed_dim"]
     unet = UNet2DConditionModel(
-        sample_size=SDXL_SPEC["resolution"] // 8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=SDXL_SPEC["text"]["hidden_size"] + SDXL_SPEC["text_2"]["hidden_size"], norm_num_groups=16,
-        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        sample_size=SDXL_SPEC["resolution"] // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SDXL_SPEC["text"]["hidden_size"] + SDXL_SPEC["text_2"]["hidden_size"],
+        norm_num_groups=16,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=SDXL_SPEC["text_2"]["projection_dim"] + 6 * time_dim,
         **SDXL_SPEC["unet"],
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     return StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=text_2, tokenizer=base.tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        text_encoder_2=text_2,
+        tokenizer=base.tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
     )
 
 
@@ -144,8 +176,14 @@ def build_tiny_sdxl():
 SD3_SPEC = {
     **SPEC,
     "text_2": {**SPEC["text"], "projection_dim": 16},
-    "transformer": {"patch_size": 2, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4,
-                    "caption_projection_dim": 32, "pos_embed_max_size": 16},
+    "transformer": {
+        "patch_size": 2,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "caption_projection_dim": 32,
+        "pos_embed_max_size": 16,
+    },
     "vae": {**SPEC["vae"], "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609},
     "shift": 3.0,
 }
@@ -168,7 +206,12 @@ def build_tiny_sd3(t5: bool = False):
     """Random-init tiny StableDiffusion3Pipeline, without T5 unless ``t5``; identical for identical specs (the
     parts they share are the same weights)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection
 
     from scorers.tiny_models import clip_tokenizer
@@ -178,24 +221,38 @@ def build_tiny_sd3(t5: bool = False):
     encoders = [clip_text_encoder(CLIPTextModelWithProjection, SD3_SPEC["text_2"], tokenizer) for _ in range(2)]
     hidden, projection = SD3_SPEC["text_2"]["hidden_size"], SD3_SPEC["text_2"]["projection_dim"]
     transformer = SD3Transformer2DModel(
-        sample_size=SD3_SPEC["resolution"] // 8, in_channels=16, out_channels=16,
+        sample_size=SD3_SPEC["resolution"] // 8,
+        in_channels=16,
+        out_channels=16,
         joint_attention_dim=2 * hidden,  # the CLIP pair's hidden states side by side (T5's width when present)
-        pooled_projection_dim=2 * projection, **SD3_SPEC["transformer"],
+        pooled_projection_dim=2 * projection,
+        **SD3_SPEC["transformer"],
     )
     vae_spec = SD3_SPEC["vae"]
     blocks = vae_spec["block_out_channels"]
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks), sample_size=SD3_SPEC["resolution"],
-        use_quant_conv=False, use_post_quant_conv=False, **vae_spec,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        sample_size=SD3_SPEC["resolution"],
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **vae_spec,
     )
     text_encoder_3 = tokenizer_3 = None
     if t5:
         text_encoder_3, tokenizer_3 = tiny_t5(SD3_T5_SPEC)
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SD3_SPEC["shift"]), vae=vae,
-        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SD3_SPEC["shift"]),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
 
 
@@ -222,18 +279,32 @@ def tiny_t5(spec: dict):
 # image size). ``guidance`` False is the schnell-like variant: no guidance input, schnell's fixed shift 1.
 FLUX_SPEC = {
     **SPEC,
-    "transformer": {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
-                    "axes_dims_rope": [4, 6, 6]},
+    "transformer": {
+        "num_layers": 1,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "axes_dims_rope": [4, 6, 6],
+    },
     "t5": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4},
     "t5_tokens": 32,
     "vae": {**SPEC["vae"], "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159},
-    "scheduler": {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                  "max_image_seq_len": 4096, "shift": 3.0},
+    "scheduler": {
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "shift": 3.0,
+    },
 }
 
 
-FLUX_SCHNELL_SPEC = {**FLUX_SPEC, "guidance": False,
-                     "scheduler": {**FLUX_SPEC["scheduler"], "use_dynamic_shifting": False, "shift": 1.0}}
+FLUX_SCHNELL_SPEC = {
+    **FLUX_SPEC,
+    "guidance": False,
+    "scheduler": {**FLUX_SPEC["scheduler"], "use_dynamic_shifting": False, "shift": 1.0},
+}
 
 
 def tiny_flux_path(cache_dir: str | os.PathLike | None = None, guidance: bool = True) -> Path:
@@ -260,17 +331,30 @@ def build_tiny_flux(guidance: bool = True):
     tokenizer_2.model_max_length = FLUX_SPEC["t5_tokens"]
     torch.manual_seed(FLUX_SPEC["seed"] + 4)
     transformer = FluxTransformer2DModel(
-        in_channels=4 * FLUX_SPEC["vae"]["latent_channels"], joint_attention_dim=FLUX_SPEC["t5"]["d_model"],
-        pooled_projection_dim=FLUX_SPEC["text"]["hidden_size"], guidance_embeds=guidance, **FLUX_SPEC["transformer"],
+        in_channels=4 * FLUX_SPEC["vae"]["latent_channels"],
+        joint_attention_dim=FLUX_SPEC["t5"]["d_model"],
+        pooled_projection_dim=FLUX_SPEC["text"]["hidden_size"],
+        guidance_embeds=guidance,
+        **FLUX_SPEC["transformer"],
     )
     blocks = FLUX_SPEC["vae"]["block_out_channels"]
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks), sample_size=FLUX_SPEC["resolution"],
-        use_quant_conv=False, use_post_quant_conv=False, **FLUX_SPEC["vae"],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        sample_size=FLUX_SPEC["resolution"],
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **FLUX_SPEC["vae"],
     )
     schedule = (FLUX_SPEC if guidance else FLUX_SCHNELL_SPEC)["scheduler"]
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**schedule), vae=vae, text_encoder=text_encoder,
-        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**schedule),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
