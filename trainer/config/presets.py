@@ -163,12 +163,15 @@ PRESETS["shapes-sd3-grpo-fast"] = _with(
         "timestep_window_latest_start": 2,
     },
 )
-# DiffusionNFT and AWM as shapes-nft and shapes-awm: ODE rollouts, each image trained at 4 of its 10 steps.
+# DiffusionNFT and AWM as shapes-nft and shapes-awm: ODE rollouts, each image trained at 4 of its 10 steps;
+# rollouts and evaluation without guidance, as both papers sample (guidance 1): both train the conditional
+# velocity alone, and guided rollouts learn far slower (DiffusionNFT's users report the same, NVlabs/DiffusionNFT
+# issue 37; docs/shapes-sd3.md). 130 epochs: about 15 minutes on one core.
 PRESETS["shapes-sd3-nft"] = _with(
     _SHAPES_SD3,
     algorithm="nft",
-    run={"output_dir": "outputs/shapes-sd3-nft", "num_epochs": 50, "eval_every": 50},
-    sample={"eta": 0.0},
+    run={"output_dir": "outputs/shapes-sd3-nft", "num_epochs": 130, "eval_every": 130},
+    sample={"eta": 0.0, "guidance_scale": 1.0},
     nft={"beta": 1.0, "old_decay_rate": 0.0},
     train={
         "learning_rate": 3e-4,
