@@ -107,19 +107,15 @@ def summary(runs: list[dict], presets: list[str]) -> dict:
                 for r in mine
             ]
         )  # (seeds, evaluations, 2): the seeds share the evaluation epochs
+        minutes = np.mean([r["training_cpu_minutes"] for r in mine])
+        change = {where: [r[where]["rise_points"] for r in mine] for where in ("seen", "heldout")}
         per[preset] = {
             "seeds": [r["seed"] for r in mine],
             "training_cpu_minutes": mean_se([r["training_cpu_minutes"] for r in mine]),
-            **{f"{where}_change": mean_se([r[where]["rise_points"] for r in mine]) for where in ("seen", "heldout")},
+            **{f"{where}_change": mean_se(points) for where, points in change.items()},
             **{
-                f"{where}_points_per_cpu_minute": round(
-                    float(
-                        np.mean([r[where]["rise_points"] for r in mine])
-                        / np.mean([r["training_cpu_minutes"] for r in mine])
-                    ),
-                    3,
-                )
-                for where in ("seen", "heldout")
+                f"{where}_points_per_cpu_minute": round(float(np.mean(points) / minutes), 3)
+                for where, points in change.items()
             },
             "seen_curve": [(round(m, 2), round(g, 2)) for m, g in curves.mean(axis=0)],
         }

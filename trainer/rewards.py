@@ -137,9 +137,9 @@ def run_components(cfg: RewardConfig, reward_fn: RewardFn | dict[str, RewardFn] 
             normalize=like.normalize if like else False,
         ), FunctionScorer(functions[name], name)
 
-    configured = cfg.sources()
     if not cfg.components and functions:
         return [component(name) for name in functions]
+    configured = cfg.sources()
     by_name = {c.name: c for c in configured}
     replaced = [component(c.name, c) if c.name in functions else (c, None) for c in configured]
     return replaced + [component(name) for name in functions if name not in by_name]
