@@ -207,3 +207,54 @@ def test_nft_resumes_exactly_with_its_old_policy(tmp_path, tiny_cache):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     lines = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert lines == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["old", "current"])
+def test_nft_rolls_out_with_the_policy_it_is_told(tmp_path, tiny_cache, monkeypatch, policy):
+    """nft.rollout_policy old samples an epoch's images with the lagging weights d theta_0 + (1 - d) theta_1
+    (DiffusionNFT's old adapter), current with theta_1: the epoch's final latents, replayed from the same
+    noise with each set of weights, equal the one and differ from the other."""
+    from safetensors.torch import load_file
+
+    from trainer import epoch as epoch_phases
+    from trainer.forward import train
+
+    calls, real = [], epoch_phases.sample
+
+    def recorded(family, model, *args, **kwargs):  # the real sampler, its inputs and output kept for a replay
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        calls.append({"rng": torch.get_rng_state(), "weights": weights, "args": (family, model, *args), **kwargs})
+        batch, final = real(family, model, *args, **kwargs)
+        calls[-1]["final"] = final.clone()
+        return batch, final
+
+    monkeypatch.setattr(epoch_phases, "sample", recorded)
+    cfg = nft_config(tmp_path, tiny_cache, "tiny-sd3", save_freq=1)
+    cfg.nft.old_decay_rate, cfg.nft.old_decay_max, cfg.nft.rollout_policy = 0.2, 0.9, policy
+    history = train(cfg)
+    assert history[0]["global_step"] == 2 and history[0]["old_policy_decay"] == pytest.approx(0.4)  # min(0.2 x 2, 0.9)
+    theta_0 = calls[0]["weights"]
+    theta_1 = load_file(tmp_path / "checkpoints" / "checkpoint-1" / "trainable.safetensors")
+    lagging = {n: 0.4 * theta_0[n] + 0.6 * theta_1[n] for n in theta_0}
+    assert max((theta_1[n] - lagging[n]).abs().max().item() for n in theta_0) > 1e-4  # the two policies differ
+
+    def replay(weights):
+        call = calls[1]  # epoch 1's only batch
+        model = call["args"][1]
+        saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n])
+        torch.set_rng_state(call["rng"])
+        kwargs = {k: v for k, v in call.items() if k not in ("rng", "weights", "args", "final")}
+        final = real(*call["args"], **kwargs)[1]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        return (final - call["final"]).abs().max().item()
+
+    used, other = (lagging, theta_1) if policy == "old" else (theta_1, lagging)
+    assert replay(used) < 1e-6 and replay(other) > 1e-4

@@ -12,6 +12,7 @@ toward the current ones, log and checkpoint. No log-prob, no stored trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from typing import Any, Callable
@@ -53,9 +54,10 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
         # 1. Sample; keep the clean latents.
         t0 = time.perf_counter()
         run.model.eval()
-        collected = epoch_phases.collect(
-            run, epoch, policy, online.negative, online.resolution, cfg.sample.eta, lambda: None, store=False
-        )
+        with _rollout_weights(run):
+            collected = epoch_phases.collect(
+                run, epoch, policy, online.negative, online.resolution, cfg.sample.eta, lambda: None, store=False
+            )
         # 2. Rewards into advantages.
         scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
         # 3. The forward-process updates.
@@ -79,6 +81,14 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
     if cfg.run.eval_every:
         evaluate_run(run, policy, cfg.run.num_epochs)
     return run_setup.finish(run)
+
+
+def _rollout_weights(run: run_setup.Run):
+    """DiffusionNFT samples with its old policy (NVlabs/DiffusionNFT train_nft_sd3.py switches to the "old"
+    adapter before sampling); AWM, and NFT with nft.rollout_policy current, with the trained weights."""
+    if run.cfg.algorithm == "nft" and run.cfg.nft.rollout_policy == "old":
+        return weights_swapped(run.trainable, run.old_policy.shadow)
+    return contextlib.nullcontext()
 
 
 def _updates(

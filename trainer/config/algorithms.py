@@ -164,6 +164,11 @@ class NFTConfig(_Group):
         description="optimizer steps before the decay starts to grow, d = 0 "
         "until then (DiffusionNFT's OCR schedule: 75, rate 0.0075, max 0.999)",
     )
+    rollout_policy: Literal["old", "current"] = Field(
+        "old",
+        description="which weights sample each epoch's images: old, the lagging old policy (DiffusionNFT samples "
+        "with its old adapter); current, the weights being trained. The same while the decay is 0",
+    )
 
     def old_decay(self, step: int) -> float:
         """DiffusionNFT's return_decay: 0 for the flat steps, then rising by old_decay_rate per step."""
