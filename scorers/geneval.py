@@ -53,6 +53,7 @@ class GenEvalScorer(Scorer):
         checkpoint: str = "facebook/mask2former-swin-small-coco-instance",
         clip: str | None = None,
         strict: bool | str = False,
+        fraction: str = "parts",
         threshold: float = 0.3,
         counting_threshold: float = 0.9,
         max_objects: int = 16,
@@ -64,6 +65,11 @@ class GenEvalScorer(Scorer):
         self.checkpoint = checkpoint
         self.clip_checkpoint = clip or ("tiny" if checkpoint == "tiny" else "openai/clip-vit-large-patch14")
         self.strict = _flag(strict, "strict")
+        if fraction not in ("parts", "flow_grpo"):
+            raise ValueError(f"--options fraction: expected parts or flow_grpo, got {fraction!r}")
+        # parts: each requirement part counted once; flow_grpo: as Flow-GRPO's and DiffusionNFT's gen_eval.py,
+        # which score a failed position 1/4 higher (geneval_rules.fraction says where they differ)
+        self.fraction = fraction
         self.options = {
             "threshold": float(threshold),
             "counting_threshold": float(counting_threshold),
@@ -182,7 +188,9 @@ class GenEvalScorer(Scorer):
             colors_of = lambda name, objs, image=image: self.colors(image, name, objs)  # noqa: E731
             correct, failed = rules.evaluate(objects, meta, colors_of, self.options["position_threshold"])
             info["correct"].append(correct)
-            info["fraction"].append(rules.fraction(objects, meta, colors_of, self.options["position_threshold"]))
+            info["fraction"].append(
+                rules.fraction(objects, meta, colors_of, self.options["position_threshold"], self.fraction)
+            )
             info["category"].append(meta["tag"])
             info["failed"].append(failed)
             info["detected"].append(

@@ -300,9 +300,11 @@ def select(detections: list[Detection], tag: str, options: dict[str, float] = DE
     threshold = options["counting_threshold"] if tag == "counting" else options["threshold"]
     kept: dict[str, list[Detection]] = {}
     for name in dict.fromkeys(d["class"] for d in detections):
+        # GenEval orders by np.argsort(scores)[::-1]: a stable ascending sort reversed, so of two equal scores
+        # the later detection comes first (numpy's default sort is stable on GenEval's at most 16 per class).
         ordering = sorted(
-            (d for d in detections if d["class"] == name and d["score"] > threshold), key=lambda d: -d["score"]
-        )
+            (d for d in detections if d["class"] == name and d["score"] > threshold), key=lambda d: d["score"]
+        )[::-1]
         ordering = ordering[: int(options["max_objects"])]
         while ordering:
             best = ordering.pop(0)
@@ -382,15 +384,25 @@ def evaluate(
 
 
 def fraction(
-    objects: dict[str, list[Detection]], metadata: dict[str, Any], colors_of: ColorsOf, position_threshold: float = 0.1
+    objects: dict[str, list[Detection]],
+    metadata: dict[str, Any],
+    colors_of: ColorsOf,
+    position_threshold: float = 0.1,
+    rule: Literal["parts", "flow_grpo"] = "parts",
 ) -> float:
     """Flow-GRPO's training reward (its evaluate_reward): the mean over the includes' terms. Each include
     gives 1 - |count - n found| / count on all its class's objects (negative beyond twice the count, as
     there; excludes are not read, the count term covers them); a colour, 0 unless exactly ``count`` were
     found, else 1 - |count - n in colour| / count; a position, 1 when every found object is at the relation
-    to every object of an exactly-matched target group, else 0. Differences, on metadata GenEval never
-    writes or on failures only: Flow-GRPO adds a 1 after a failed position's 0 (we count it once, 0), and
-    adds no position term when the colour of the same include failed (we add a 0)."""
+    to every object of an exactly-matched target group, else 0.
+
+    ``rule`` parts (ours) counts each part once. flow_grpo is the reward as Flow-GRPO's and DiffusionNFT's
+    gen_eval.py compute it, which differs on failures only: a failed position adds a 0 and then a 1 (so a
+    "left of" caption with both objects found once and the relation wrong scores 3/4 there, 2/3 here); an
+    include whose count fails adds one 0 for its colour and position together; a failed colour adds no
+    position term."""
+    if rule == "flow_grpo":
+        return _flow_grpo_fraction(objects, metadata, colors_of, position_threshold)
     terms, groups = [], []
     for req in metadata["include"]:
         name, count = req["class"], req["count"]
@@ -408,3 +420,28 @@ def fraction(
             exact = holds
         groups.append(found if exact else None)
     return float(np.mean(terms))
+
+
+def _flow_grpo_fraction(objects, metadata, colors_of: ColorsOf, position_threshold: float) -> float:
+    """``fraction`` with rule flow_grpo: the terms as gen_eval.py's evaluate_reward appends them."""
+    terms, groups = [], []
+    for req in metadata["include"]:
+        name, count = req["class"], req["count"]
+        found = objects.get(name, [])
+        terms.append(1 - abs(count - len(found)) / count)
+        matched = len(found) == count
+        if not matched:
+            terms += [0.0] if "color" in req or "position" in req else []
+        else:
+            if "color" in req:
+                in_color = colors_of(name, found).count(req["color"])
+                terms.append(1 - abs(count - in_color) / count)
+                matched = in_color == count
+            if "position" in req and matched:
+                target = groups[req["position"][1]]
+                failed = target is None or _position_failure(req, found, target, position_threshold) is not None
+                matched = not failed
+                # no target: a 0; a failed relation: a 0, then the 1 every checked position appends
+                terms += [0.0] if target is None else [0.0, 1.0] if failed else [1.0]
+        groups.append(found if matched else None)
+    return float(np.mean(terms)) if terms else 0.0

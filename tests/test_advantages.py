@@ -43,3 +43,29 @@ def test_compute_advantages_dispatch():
     r, prompts = np.array([1.0, 2.0, 3.0, 5.0]), ["a", "a", "b", "b"]
     assert compute_advantages(r, prompts) == pytest.approx(batch_normalize(r))
     assert compute_advantages(r, prompts, groups=np.array([0, 0, 1, 1])) == pytest.approx([-1, 1, -1, 1], abs=1e-5)
+
+
+def anchor_tracker(prompts: list[str], rewards: np.ndarray, global_std: bool) -> np.ndarray:
+    """flow_grpo's PerPromptStatTracker.update as DiffusionNFT and AWM call it (global_std=True, cleared every
+    epoch), written from its published rule: each prompt string's mean over the epoch, std over all rewards
+    (or that prompt's), plus 1e-4."""
+    out = np.zeros_like(rewards)
+    for prompt in set(prompts):
+        mine = np.array([p == prompt for p in prompts])
+        std = (rewards.std() if global_std else rewards[mine].std()) + 1e-4
+        out[mine] = (rewards[mine] - rewards[mine].mean()) / std
+    return out
+
+
+@pytest.mark.parametrize("global_std", [True, False])
+def test_group_by_prompt_pools_a_prompt_drawn_twice_as_the_anchors_do(global_std):
+    from trainer.advantages import advantage_groups
+
+    # Groups of 2; "a cat" drawn twice in the epoch (its two groups disagree), "a dog" once.
+    prompts = ["a cat", "a cat", "a dog", "a dog", "a cat", "a cat"]
+    rewards = np.array([0.1, 0.5, 0.2, 0.9, 0.7, 1.0])
+    pooled = compute_advantages(rewards, prompts, None, advantage_groups(prompts, 2, "prompt"), global_std)
+    np.testing.assert_allclose(pooled, anchor_tracker(prompts, rewards, global_std), rtol=2e-3)
+    per_run = compute_advantages(rewards, prompts, None, advantage_groups(prompts, 2, "group"), global_std)
+    assert np.abs(per_run - pooled).max() > 0.3  # each run of 2 alone: a different baseline for "a cat"
+    assert advantage_groups(prompts, 1, "group") is None

@@ -126,10 +126,10 @@ def nft_config(tmp_path, tiny_cache, preset: str, algorithm: str = "nft", train:
 def test_a_short_run_trains_and_saves_on_every_family(tmp_path, tiny_cache, preset, algorithm):
     from trainer import train
 
-    # AWM's timesteps stratified over the schedule, as its code does
-    cfg = nft_config(
-        tmp_path, tiny_cache, preset, algorithm, {"timestep_selection": "stratified"} if algorithm == "awm" else None
-    )
+    # AWM's timesteps stratified over the schedule and shared by each batch, a prompt's images pooled, as its
+    # code does
+    awm = {"timestep_selection": "stratified", "timestep_shared": True, "group_by": "prompt"}
+    cfg = nft_config(tmp_path, tiny_cache, preset, algorithm, awm if algorithm == "awm" else None)
     history = train(cfg)
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[0]["old_policy_decay"] == pytest.approx(0.002)  # 2 optimizer steps into the run
@@ -258,3 +258,31 @@ def test_nft_rolls_out_with_the_policy_it_is_told(tmp_path, tiny_cache, monkeypa
 
     used, other = (lagging, theta_1) if policy == "old" else (theta_1, lagging)
     assert replay(used) < 1e-6 and replay(other) > 1e-4
+
+
+def test_the_papers_recipes_are_their_configs():
+    """DiffusionNFT's config/nft.py and AWM's configs, read by hand: OCR mixes at b 0.1 with a far slower old
+    policy (0 for 75 steps, then 0.0075 a step up to 0.999) and AWM's KL to the base is 1e-3 (GenEval), 3e-3
+    (OCR) and 1e-4 (PickScore); every NFT recipe samples with the old policy, AWM's share one draw of its 6
+    strata per batch; all pool a prompt's images across the epoch."""
+    ocr = Config(preset="sd3-ocr-nft")
+    assert (ocr.nft.beta, ocr.nft.old_decay_flat_steps, ocr.nft.old_decay_rate, ocr.nft.old_decay_max) == (
+        0.1,
+        75,
+        0.0075,
+        0.999,
+    )
+    for task, kl in (("pickscore", 1e-4), ("geneval", 1e-3), ("ocr", 3e-3)):
+        awm = Config(preset=f"sd3-{task}-awm")
+        assert awm.train.kl_coef == kl and awm.train.timestep_shared and awm.train.timestep_span == 0.9
+        nft = Config(preset=f"sd3-{task}-nft")
+        assert nft.nft.rollout_policy == "old" and nft.train.group_by == awm.train.group_by == "prompt"
+    assert Config(preset="sd3-pickscore-nft").nft.beta == 1.0
+
+
+def test_stratified_steps_need_a_step_per_stratum():
+    with pytest.raises(ValueError, match="timestep_span"):
+        Config(
+            preset="sd3-pickscore-awm",
+            train={"timestep_fraction": 0.5, "timestep_selection": "stratified", "timestep_span": 0.5},
+        )

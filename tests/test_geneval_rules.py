@@ -306,3 +306,41 @@ def test_genevals_rules_on_the_shapes_verifiers_detections_agree_with_the_verifi
     assert agree >= 280
     assert all(verdict for verdict, correct in position if correct)  # GenEval correct => the verifier too
     assert sum(verdict and not correct for verdict, correct in position) <= len(position) // 4
+
+
+def test_equal_scores_rank_the_later_detection_first_as_genevals_argsort():
+    first, second = det("dog", 0.8, (0, 0, 10, 10)), det("dog", 0.8, (50, 0, 60, 10))
+    assert rules.select([det("dog", 0.9), first, second], "single_object")["dog"][1:] == [second, first]
+
+
+def test_the_flow_grpo_fraction_is_its_gen_eval_py():
+    """DiffusionNFT's (and Flow-GRPO's) flow_grpo/gen_eval.py evaluate_reward, its terms worked out by hand for
+    each way an include fails; rule "parts" beside it."""
+    left = rules.parse("a photo of a cup left of a vase")
+    cup, vase, right = det("cup", box=(0, 0, 10, 10)), det("vase", box=(30, 0, 40, 10)), det("cup", box=(60, 0, 70, 10))
+    red_left = {
+        "tag": "color_attr",
+        "include": [
+            {"class": "vase", "count": 1},
+            {"class": "cup", "count": 1, "color": "red", "position": ["left of", 0]},
+        ],
+    }
+    cases = [  # objects, metadata, gen_eval.py's terms, ours
+        ([cup, vase], left, [1, 1, 1], [1, 1, 1]),
+        ([right, vase], left, [1, 1, 0, 1], [1, 1, 0]),  # the failed relation's 0, then its 1
+        ([cup], left, [0, 1, 0], [0, 1, 0]),  # no target: a 0 only
+        ([vase], red_left, [1, 0, 0], [1, 0, 0, 0]),  # no cup: one 0 for colour and position together
+        ([vase, {**cup, "paint": "blue"}], red_left, [1, 1, 0], [1, 1, 0, 0]),  # wrong colour: no position term
+        ([vase, {**cup, "paint": "red"}], red_left, [1, 1, 1, 1], [1, 1, 1, 1]),
+    ]
+    for objects, metadata, theirs, ours in cases:
+        by_class = {}
+        for o in objects:
+            by_class.setdefault(o["class"], []).append(o)
+        assert rules.fraction(by_class, metadata, painted, rule="flow_grpo") == pytest.approx(sum(theirs) / len(theirs))
+        assert rules.fraction(by_class, metadata, painted) == pytest.approx(sum(ours) / len(ours))
+    from scorers.geneval import GenEvalScorer
+
+    assert GenEvalScorer(checkpoint="tiny", fraction="flow_grpo").fraction == "flow_grpo"
+    with pytest.raises(ValueError, match="fraction"):
+        GenEvalScorer(checkpoint="tiny", fraction="anchor")

@@ -60,6 +60,16 @@ def group_normalize(rewards: np.ndarray, groups: np.ndarray, global_std: bool = 
     return advantages
 
 
+def advantage_groups(prompts: list[str], images_per_prompt: int, group_by: str = "group") -> np.ndarray | None:
+    """Each gathered sample's group (train.group_by): group, its run of ``images_per_prompt`` consecutive
+    samples (one prompt, one process and batch; None when 1: the whole epoch); prompt, its prompt string, so
+    a prompt drawn twice in an epoch is one group, as flow_grpo's PerPromptStatTracker (cleared every epoch)
+    pools it in Flow-GRPO, DiffusionNFT and AWM."""
+    if group_by == "prompt":
+        return np.unique(np.array(prompts, dtype=object), return_inverse=True)[1]
+    return np.arange(len(prompts)) // images_per_prompt if images_per_prompt > 1 else None
+
+
 def compute_advantages(
     rewards: np.ndarray,
     prompts: list[str],

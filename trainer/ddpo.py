@@ -127,6 +127,8 @@ def _ppo_updates(
             cfg.train.batch_size,
             run.plan.train_timesteps,  # indices: no copies yet
             cfg.train.timestep_selection,
+            cfg.train.timestep_span,
+            cfg.train.timestep_shared,
         )
         run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)  # train.timesteps_per_forward 0, GPU
         plan = run.plan

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer import tracking
-from trainer.advantages import PerPromptStatTracker, compute_advantages
+from trainer.advantages import PerPromptStatTracker, advantage_groups, compute_advantages
 from trainer.rewards import Pending
 from trainer.sampling import Trajectories, sample
 
@@ -150,9 +150,7 @@ def score(
     samples = gather_object(tracking.sample_records(epoch, accelerator.process_index, prompts, scored))
     for record, reward in zip(samples, rewards):  # gathered in the same (process-major) order
         record["reward"] = float(reward)
-    # Groups: runs of images_per_prompt consecutive samples (same prompt, same process and batch).
-    k = cfg.sample.images_per_prompt
-    groups = np.arange(len(rewards)) // k if k > 1 else None
+    groups = advantage_groups(prompts_all, cfg.sample.images_per_prompt, cfg.train.group_by)
     advantages = compute_advantages(rewards, prompts_all, tracker, groups, cfg.train.group_std == "global")
     mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
 

@@ -28,7 +28,7 @@ from trainer.families.models import adapters_disabled, weights_swapped
 from trainer.loss import awm_loss, nft_loss, nft_optimality
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
-from trainer.sampling import Trajectories, each_tensor, pick_steps
+from trainer.sampling import Trajectories, each_tensor, pick_steps, shared_steps
 
 
 def train(
@@ -105,7 +105,8 @@ def _updates(
     clean, n, stats = batch.path[:, -1], len(advantages), defaultdict(list)
     for _ in range(cfg.train.num_inner_epochs):
         order = torch.randperm(n, device=device)
-        steps = pick_steps(n, cfg.sample.num_steps, plan.train_timesteps, cfg.train.timestep_selection, device)
+        t = cfg.train
+        steps = pick_steps(n, cfg.sample.num_steps, plan.train_timesteps, t.timestep_selection, device, t.timestep_span)
         for i in tqdm(
             range(0, n, cfg.train.batch_size),
             desc=f"epoch {epoch} training",
@@ -116,7 +117,8 @@ def _updates(
             cond = each_tensor(batch.prompt_embeds, lambda t: t[rows])
             for group in plan.step_groups:  # k steps per denoiser forward, a batch of k x train.batch_size
                 with accelerator.accumulate(run.model):
-                    loss, step_stats = _loss(run, policy, clean[rows], cond, steps[rows, group], advantages[rows])
+                    index = shared_steps(steps[rows], t.timestep_shared)[:, group]
+                    loss, step_stats = _loss(run, policy, clean[rows], cond, index, advantages[rows])
                     share = (group.stop - group.start) * len(plan.step_groups) / plan.train_timesteps
                     run_setup.backward_and_step(run, loss * share, stats)
                 stats["loss"].append(loss.detach())

@@ -14,17 +14,24 @@ from typing import Any
 import torch
 
 
-def pick_steps(n: int, total: int, k: int, selection: str = "random", device=None) -> torch.Tensor:
+def pick_steps(n: int, total: int, k: int, selection: str = "random", device=None, span: float = 0.9) -> torch.Tensor:
     """Each of ``n`` samples' ``k`` trained steps of ``total`` (n, k), as train.timestep_selection says: random,
     the first k of a permutation per sample (ddpo-pytorch, DiffusionNFT); first, steps 0..k-1 (Flow-GRPO);
-    stratified, one step drawn uniformly from each of k equal strata of the schedule (AWM: 6 timesteps per
-    sample, stratified), so every sample covers early, middle and late steps."""
+    stratified, one step from each of k strata between step 1 and int(``span`` x total), so every sample
+    covers early, middle and late steps and the pure-noise step 0 is never trained (AWM's ``discrete_wo_init``,
+    scxue/advantage_weighted_matching train_sd3_awm.py: 14 steps at span 0.9 give [1], [2, 3], ..., [10, 11])."""
     if selection == "first":
         return torch.arange(k, device=device).repeat(n, 1)
     if selection == "stratified":
-        edges = torch.arange(k + 1, device=device) * total // k  # strata of total // k or one more steps
+        edges = torch.linspace(1, int(total * span), k + 1, device=device).long()
         return edges[:-1] + (torch.rand(n, k, device=device) * (edges[1:] - edges[:-1])).long()
     return torch.stack([torch.randperm(total, device=device)[:k] for _ in range(n)])
+
+
+def shared_steps(steps: torch.Tensor, shared: bool) -> torch.Tensor:
+    """A training batch's (B, k) steps, or with train.timestep_shared its first sample's for all B (AWM draws
+    one step per stratum for each training batch)."""
+    return steps[:1].expand_as(steps) if shared else steps
 
 
 @dataclass
@@ -53,15 +60,18 @@ class Trajectories:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prompts", "metadata")}
 
     def shuffled(
-        self, batch_size: int, num_timesteps: int, selection: str = "random"
+        self, batch_size: int, num_timesteps: int, selection: str = "random", span: float = 0.9, shared: bool = False
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Random sample order in chunks of ``batch_size``, each sample with its own ``num_timesteps`` stored
         steps as train.timestep_selection picks them (trained_steps.pick_steps), as (rows, steps) index pairs
         for ``chunk``: nothing is copied until a chunk is taken."""
         n, total = self.log_probs.shape
         order = torch.randperm(n, device=self.log_probs.device)
-        steps = pick_steps(n, total, num_timesteps, selection, self.log_probs.device)
-        return [(order[i : i + batch_size], steps[i : i + batch_size]) for i in range(0, n, batch_size)]
+        steps = pick_steps(n, total, num_timesteps, selection, self.log_probs.device, span)
+        return [
+            (order[i : i + batch_size], shared_steps(steps[i : i + batch_size], shared))
+            for i in range(0, n, batch_size)
+        ]
 
     def chunk(self, rows: torch.Tensor, steps: torch.Tensor) -> "Chunk":
         """The samples ``rows`` (B,), each at its stored steps ``steps`` (B, k), gathered for training."""

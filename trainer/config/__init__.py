@@ -98,7 +98,19 @@ class TrainConfig(_Group):
         "random",
         description="which of the stochastic steps train.timestep_fraction picks: random, a permutation "
         "per sample (ddpo-pytorch, DiffusionNFT); first, the first ones in sampling order (Flow-GRPO: 0.99 of 10 "
-        "steps trains 0-8); stratified, one from each of equal strata of the schedule (AWM)",
+        "steps trains 0-8); stratified, one from each of k strata of steps 1 to int(train.timestep_span x steps) (AWM)",
+    )
+    timestep_span: float = Field(
+        0.9,
+        gt=0,
+        le=1.0,
+        description="stratified: the strata cover steps 1 to int(span x steps) of the schedule, the pure-noise "
+        "step 0 never trained (AWM's timestep_fraction, 0.9; ours is the share of steps trained)",
+    )
+    timestep_shared: bool = Field(
+        False,
+        description="one draw of the trained steps per training batch, shared by its samples (AWM's code); "
+        "false: each sample its own",
     )
     timesteps_per_forward: int = Field(
         0,
@@ -158,6 +170,13 @@ class TrainConfig(_Group):
     )
     group_std: Literal["group", "global"] = Field(
         "group", description="with images_per_prompt > 1: divide by each group's std or by the whole epoch's"
+    )
+    group_by: Literal["group", "prompt"] = Field(
+        "group",
+        description="the images whose mean is each one's baseline: group, the sample.images_per_prompt images "
+        "sampled together (1: the whole epoch); prompt, every image of the same prompt string in the "
+        "epoch (flow_grpo's, DiffusionNFT's and AWM's PerPromptStatTracker, cleared each epoch; their std adds "
+        "1e-4, ours 1e-6)",
     )
     decoupled_ppo: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -288,6 +307,11 @@ class Config(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         """Settings that each make sense alone but contradict each other."""
+        if self.train.per_prompt_stat_tracking and self.train.group_by == "prompt":
+            raise ValueError(
+                "train.group_by prompt pools each prompt's images within the epoch, train.per_prompt_stat_tracking "
+                "across epochs: choose one"
+            )
         if self.train.per_prompt_stat_tracking and self.sample.images_per_prompt > 1:
             # compute_advantages normalises per prompt string and never sees the groups.
             raise ValueError(
@@ -307,6 +331,16 @@ class Config(BaseSettings):
                 f"train.timestep_window ({window}) + train.timestep_window_latest_start "
                 f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
                 f"({self.sample.num_steps})"
+            )
+        stochastic = self.train.timestep_window or self.sample.num_steps
+        if self.train.timestep_selection == "stratified" and (
+            int(stochastic * self.train.timestep_span) - 1 < max(1, int(stochastic * self.train.timestep_fraction))
+        ):
+            raise ValueError(
+                f"train.timestep_selection stratified: the {max(1, int(stochastic * self.train.timestep_fraction))} "
+                f"strata need as many steps between 1 and int(train.timestep_span x {stochastic}) = "
+                f"{int(stochastic * self.train.timestep_span)}: raise train.timestep_span or lower "
+                "train.timestep_fraction"
             )
         if self.algorithm == "ddpo":
             check_trained_steps_have_noise(self)

@@ -90,6 +90,7 @@ _FLOW_GRPO = {
         "max_grad_norm": 1.0,
         "cfg": True,
         "group_std": "global",
+        "group_by": "prompt",
         "lora_rank": 32,
         "lora_alpha": 64.0,
         "lora_targets": _SD3_LORA,
@@ -299,23 +300,37 @@ RECIPES["sd3-pickscore-nft"] = _with(
     prompt={"fn": "nouns_activities"},
     reward={"scorer": "pickscore"},
 )
-# AWM: 6 timesteps per sample, one per stratum of the 14 steps (AWM's code stratifies steps 1-12).
+# AWM: 6 timesteps per training batch, one per stratum of steps 1-11 of the 14 (its discrete_wo_init at
+# timestep_fraction 0.9: [1], [2, 3], ..., [10, 11]; never the pure-noise step 0), shared by the batch.
 RECIPES["sd3-pickscore-awm"] = _with(
     _FORWARD,
     algorithm="awm",
     sample={"num_steps": 14},
-    train={"kl_coef": 1e-4, "timestep_fraction": 6 / 14, "timestep_selection": "stratified"},
+    train={
+        "kl_coef": 1e-4,
+        "timestep_fraction": 6 / 14,
+        "timestep_selection": "stratified",
+        "timestep_span": 0.9,
+        "timestep_shared": True,
+    },
     prompt={"fn": "nouns_activities"},
     reward={"scorer": "pickscore"},
 )
-# Their GenEval and OCR runs: the same epochs on those prompts and rewards. DiffusionNFT's KL 1e-4 and AWM's
-# 14 steps are their PickScore run's (not re-read for these tasks); AWM's GenEval KL to the base is 1e-3.
-for _task in ("geneval", "ocr"):
+# Their GenEval and OCR runs: the same epochs on those prompts and rewards. AWM's KL to the base is 1e-3 for
+# GenEval and 3e-3 for OCR; DiffusionNFT's OCR config mixes at b 0.1 and lets the old policy lag far more
+# (d 0 for 75 steps, then min(0.0075 (step - 75), 0.999)). DiffusionNFT's KL 1e-4 and AWM's 14 steps are their
+# PickScore run's.
+_TASKS = {
+    "geneval": {"nft": {}, "awm": {"train": {"kl_coef": 1e-3}}},
+    "ocr": {
+        "nft": {"nft": {"beta": 0.1, "old_decay_flat_steps": 75, "old_decay_rate": 0.0075, "old_decay_max": 0.999}},
+        "awm": {"train": {"kl_coef": 3e-3}},
+    },
+}
+for _task, _methods in _TASKS.items():
     _on = {"prompt": RECIPES[f"sd3-{_task}"]["prompt"], "reward": RECIPES[f"sd3-{_task}"]["reward"]}
-    RECIPES[f"sd3-{_task}-nft"] = _with(RECIPES["sd3-pickscore-nft"], **_on)
-    RECIPES[f"sd3-{_task}-awm"] = _with(
-        RECIPES["sd3-pickscore-awm"], **_on, train={"kl_coef": 1e-3} if _task == "geneval" else {}
-    )
+    for _method, _settings in _methods.items():
+        RECIPES[f"sd3-{_task}-{_method}"] = _with(RECIPES[f"sd3-pickscore-{_method}"], **_on, **_settings)
 # SD1.5 and SDXL (not in the papers): DiffusionNFT on ddpo-pytorch's runs, deterministic DDIM rollouts at their
 # guidance 5 (CFG-free SD1.5 images are poor), 20% of the 50 steps trained per image; unmeasured.
 _NFT_DDIM = {"sample": {"eta": 0.0}, "train": {"timestep_fraction": 0.2, "kl_coef": 1e-4, "ema_decay": 0.9}}
