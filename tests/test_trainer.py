@@ -483,3 +483,24 @@ def test_compiled_channels_last_denoiser_trains_with_kl_and_stale_samples(tmp_pa
     history = train(cfg)
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[0]["clipfrac_first_step"] == 0 and history[1]["kl_to_reference"] > 0
+
+
+def test_a_redirected_stdout_gets_each_line_as_it_is_printed(tmp_path):
+    """`python -m trainer > run.log`: stdout to a file is block-buffered, so a line would wait for the next
+    progress bar to flush it (tqdm flushes stdout as each bar starts), or for the end of the run where no bar
+    follows (the last epoch, the evaluations, the saved weights); the command line makes it line-buffered."""
+    script = (
+        "import sys; from trainer.cli import main; main(['--print-config']); "
+        "print(sys.stdout.line_buffering, file=sys.stderr)"
+    )
+    with (tmp_path / "out").open("w") as out:
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # as a user's shell has it
+            timeout=120,
+        )
+    assert result.returncode == 0 and result.stderr.strip().endswith("True")
+    assert json.loads((tmp_path / "out").read_text())["algorithm"] == "nft"

@@ -71,6 +71,10 @@ def fail(message: str, exc: BaseException | None, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A file or pipe is block-buffered: `python -m trainer > run.log`, nohup and a cluster's job log would
+    # show the epoch lines only when the run ends.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DIFFUSION_RL_DEBUG", "") not in ("", "0")
     print_config = "--print-config" in args
