@@ -123,12 +123,9 @@ def _ppo_updates(
     )
     epoch_start_step = global_step
     for _ in range(cfg.train.num_inner_epochs):
+        t = cfg.train  # the picked steps are indices: no copies yet
         picks = trajectories.shuffled(
-            cfg.train.batch_size,
-            run.plan.train_timesteps,  # indices: no copies yet
-            cfg.train.timestep_selection,
-            cfg.train.timestep_span,
-            cfg.train.timestep_shared,
+            t.batch_size, run.plan.train_timesteps, t.timestep_selection, t.timestep_span, t.timestep_shared
         )
         run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)  # train.timesteps_per_forward 0, GPU
         plan = run.plan
