@@ -76,20 +76,3 @@ def test_shuffled_keeps_each_sample_consistent(pipe):
             assert chunk.log_probs[i].tolist() == [sample_id * t + s for s in steps]
             seen.append(sample_id)
     assert sorted(seen) == list(range(n))
-
-
-def test_stratified_steps_are_awms_strata_never_the_pure_noise_step():
-    """AWM's discrete_wo_init (scxue/advantage_weighted_matching train_sd3_awm.py), at its SD3 settings (14
-    steps, timestep_fraction 0.9, 6 timesteps): strata [1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]."""
-    from trainer.sampling import pick_steps, shared_steps
-
-    torch.manual_seed(0)
-    steps = pick_steps(4000, 14, 6, "stratified", span=0.9)
-    assert [sorted(set(column.tolist())) for column in steps.T] == [[1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
-    # The anchor's rule in numpy: float32 linspace edges from 1 to int(14 x 0.9), truncated
-    edges = np.linspace(1, int(14 * 0.9), 7, dtype=np.float32).astype(int)
-    assert [set(range(lo, max(hi, lo + 1))) for lo, hi in zip(edges[:-1], edges[1:])] == [
-        set(column.tolist()) for column in steps.T
-    ]
-    batch = shared_steps(steps[:3], shared=True)
-    assert torch.equal(batch, steps[:1].repeat(3, 1)) and torch.equal(shared_steps(steps[:3], False), steps[:3])

@@ -168,20 +168,26 @@ def test_a_ddim_schedule_ending_on_alpha_one_is_refused_before_weights_load(tmp_
 
 
 @pytest.mark.parametrize(
-    "total,k,edges", [(20, 4, [0, 5, 10, 15, 20]), (10, 3, [0, 3, 6, 10]), (14, 6, [0, 2, 4, 7, 9, 11, 14])]
+    "total,k,edges", [(20, 4, [1, 5, 9, 13, 18]), (10, 3, [1, 3, 6, 9]), (14, 6, [1, 2, 4, 6, 8, 10, 12])]
 )
 def test_stratified_selection_draws_one_step_per_stratum(total, k, edges):
-    """AWM's stratified timesteps: sample i's j-th step is uniform over stratum j, [edges[j], edges[j + 1])."""
-    from trainer.sampling import pick_steps
+    """AWM's stratified timesteps (its discrete_wo_init, scxue/advantage_weighted_matching train_sd3_awm.py):
+    sample i's j-th step is uniform over stratum j, [edges[j], edges[j + 1]), the edges float32
+    linspace(1, int(0.9 total), k + 1) truncated (worked out by hand here); the pure-noise step 0 is never
+    drawn. At AWM's 14 steps and 6 timesteps: [1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]."""
+    from trainer.sampling import pick_steps, shared_steps
 
     torch.manual_seed(0)
-    steps = pick_steps(4000, total, k, "stratified")
-    assert steps.shape == (4000, k)
+    steps = pick_steps(4000, total, k, "stratified", span=0.9)
+    assert steps.shape == (4000, k) and steps.min() >= 1
     for j in range(k):
         counts = torch.bincount(steps[:, j], minlength=total)
         inside = counts[edges[j] : edges[j + 1]]
         assert counts.sum() == inside.sum() and (inside > 0).all()  # every step of the stratum, none outside
-        assert inside.float().std() / inside.float().mean() < 0.15  # uniform within it (4000 draws)
+        if len(inside) > 1:
+            assert inside.float().std() / inside.float().mean() < 0.15  # uniform within it (4000 draws)
+    batch = shared_steps(steps[:3], shared=True)  # train.timestep_shared: the batch's first draw for all
+    assert torch.equal(batch, steps[:1].repeat(3, 1)) and torch.equal(shared_steps(steps[:3], False), steps[:3])
     assert (pick_steps(3, total, k, "first") == torch.arange(k)).all()
     random = pick_steps(200, total, k)
     assert all(len(set(row.tolist())) == k for row in random) and random.max() == total - 1
