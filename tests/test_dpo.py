@@ -382,14 +382,18 @@ def test_label_samples_pairs_and_the_verifier_chooses(tmp_path, images_per_promp
     from PIL import Image
     import io
 
+    kept_order = 0
     for row in pairs:
         images = np.stack([np.asarray(Image.open(io.BytesIO(row[f"jpg_{k}"])).convert("RGB")) for k in (0, 1)])
         assert row["score_0"] != row["score_1"] and row["label_0"] == float(row["score_0"] > row["score_1"])
         group = row["group_scores"]  # the prompt's best and worst of all its images
         assert len(group) == images_per_prompt and {row["score_0"], row["score_1"]} == {max(group), min(group)}
-        # the scores are of the images as sampled; the JPEG copies score the same but for compression artefacts
+        # The scores are of the images as sampled. A JPEG copy may lose a claim to compression artefacts, which
+        # can tie the pair (measured: 3 of 14 pairs), but never reverses it: a reversal is jpg_0 and jpg_1 swapped.
         again = verifier.score(images, [row["caption"]] * 2, [{}, {}]).scores
-        assert (again[0] > again[1]) == (row["score_0"] > row["score_1"]) or abs(again[0] - again[1]) < 0.34
+        assert (again[0] - again[1]) * (row["score_0"] - row["score_1"]) >= 0, (row["score_0"], row["score_1"], again)
+        kept_order += bool((again[0] - again[1]) * (row["score_0"] - row["score_1"]) > 0)
+    assert kept_order > len(pairs) / 2  # and mostly the copies keep the order strictly: ties are not the rule
 
     # resumable: a lost shard is rewritten, the others are skipped (their files untouched)
     first = (tmp_path / "pairs" / "part-00000.parquet").stat().st_mtime_ns
