@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -130,3 +131,24 @@ def train_one_shapes_epoch(tmp_path: Path, preset: str) -> tuple[Path, list[dict
         )
     )
     return out, [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+
+
+class ModelLoaded(AssertionError):
+    """Raised by ``no_model_loads``: something loaded a model that should have been refused first."""
+
+
+@contextlib.contextmanager
+def no_model_loads():
+    """Every way the trainer loads a model raises ModelLoaded inside the block. "Refused before any model loads"
+    is then proved by the refusal being the error raised; a time limit proves nothing once the tiny model is
+    cached (loading it takes a second)."""
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("a model was loaded before the refusal")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("trainer.run.load_family", refuse)
+        patch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(refuse))
+        patch.setattr(diffusers.ModelMixin, "from_pretrained", classmethod(refuse))
+        yield
