@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -131,6 +132,20 @@ def train_one_shapes_epoch(tmp_path: Path, preset: str) -> tuple[Path, list[dict
         )
     )
     return out, [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+
+
+def assert_trained(out: Path, losses: list[float]) -> None:
+    """What "trains" means in a test: every loss finite and the trainable weights moved. peft's gaussian init
+    starts each LoRA B matrix at zero, so a nonzero one in the run's published lora/ is an optimizer step that
+    reached the adapters; rewards in a verifier's own [0, 1] hold just as well for a model that never changed."""
+    import torch
+    from safetensors.torch import load_file
+
+    assert losses and all(math.isfinite(loss) for loss in losses), losses
+    weights = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    moved = [k for k, w in weights.items() if "lora_B" in k and w.abs().max() > 0]
+    assert moved, "every LoRA B matrix is still zero: the weights never moved"
 
 
 class ModelLoaded(AssertionError):
