@@ -75,6 +75,13 @@ class ServerProcess:
                     return sample.value
         return 0.0
 
+    def wait_metric(self, name: str, value: float, timeout: float = 60.0, **labels: str) -> None:
+        """Poll /metrics until ``name`` reads ``value``: an event to order a test by, where a sleep guesses."""
+        deadline = time.monotonic() + timeout
+        while self.metric(name, **labels) != value:
+            assert time.monotonic() < deadline, f"{name} never read {value}: {self.log.read_text()[-2000:]}"
+            time.sleep(0.01)
+
     def healthy(self) -> bool:
         return httpx.get(f"{self.url}/healthz", timeout=5).json() == {"status": "ok"}
 
