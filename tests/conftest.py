@@ -36,6 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of a reward server's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
 class ServerProcess:
     """A real ``reward-server`` subprocess on 127.0.0.1."""
 
@@ -65,15 +77,7 @@ class ServerProcess:
         raise TimeoutError(f"reward-server not ready after {timeout} s: {self.log.read_text()}")
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample of the server's /metrics (0 when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return metric(self.url, name, **labels)
 
     def wait_metric(self, name: str, value: float, timeout: float = 60.0, **labels: str) -> None:
         """Poll /metrics until ``name`` reads ``value``: an event to order a test by, where a sleep guesses."""
