@@ -178,3 +178,4 @@ assert all(f.cancelled() for f in futures), [f for f in futures]
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Task was destroyed" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
+    server.proc.kill()  # not drained: its scorer would sleep 6 s more per batch for requests nobody waits for
