@@ -165,9 +165,9 @@ class ModelLoaded(AssertionError):
 
 @contextlib.contextmanager
 def no_model_loads():
-    """Every way the trainer loads a model raises ModelLoaded inside the block. "Refused before any model loads"
-    is then proved by the refusal being the error raised; a time limit proves nothing once the tiny model is
-    cached (loading it takes a second)."""
+    """Inside the block the trainer's model loader (trainer.run.load_family) and diffusers' from_pretrained raise
+    ModelLoaded. "Refused before any model loads" is then proved by the refusal being the error raised; a time
+    limit proves nothing once the tiny model is cached (loading it takes a second)."""
     import diffusers
 
     def refuse(*args, **kwargs):
