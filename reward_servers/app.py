@@ -173,7 +173,7 @@ def _add_status_routes(app: FastAPI, service: ScoringService, options: ServingOp
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
     async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(service.render_metrics(), media_type="text/plain; version=0.0.4")
 
 
 _MSGPACK = {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}

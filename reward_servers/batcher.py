@@ -79,6 +79,7 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.pending: deque[_Item] = deque()
         self.queued_images = 0
+        self.busy = 0  # replicas scoring a batch now
         self.incoming = 0  # requests being received or parsed: they will queue soon
         self.returning = 0  # requests the last batch answered whose clients have not sent their next one yet
         self._returning_until = 0.0
@@ -189,7 +190,11 @@ class DynamicBatcher:
             if not batch:
                 continue
             start = time.perf_counter()
-            results = await self._score_batch(replica, batch)
+            self.busy += 1
+            try:
+                results = await self._score_batch(replica, batch)
+            finally:
+                self.busy -= 1
             seconds = time.perf_counter() - start
             images = sum(len(item) for item in batch)
             self.on_batch(replica, images, seconds)

@@ -23,6 +23,7 @@ class ServerMetrics:
         )
         self.model_seconds = Counter("reward_model_seconds", "Time in the model", ["scorer", "replica"], registry=r)
         self.queue_depth = Gauge("reward_queue_images", "Images waiting for a replica", ["scorer"], registry=r)
+        self.busy = Gauge("reward_replicas_busy", "Replicas scoring a batch now", ["scorer"], registry=r)
 
     def request(self, status: str, images: int, seconds: float) -> None:
         """``status``: the HTTP status sent, or ``client_closed`` when the client hung up before its answer."""

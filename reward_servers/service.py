@@ -67,6 +67,14 @@ class ScoringService:
         self.batcher.start()
         self.ready = True
 
+    def render_metrics(self) -> bytes:
+        """/metrics, with the queue and the busy replicas as they are now: set on a request's arrival and reply
+        instead, the queue read full after a replica had taken its batch."""
+        if self.batcher is not None:
+            self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
+            self.metrics.busy.labels(self.name).set(self.batcher.busy)
+        return self.metrics.render()
+
     async def close(self) -> None:
         self.ready = False
         if self.batcher is not None:
@@ -106,9 +114,7 @@ class ScoringService:
                     self.batcher.release(n)
                     raise
                 scored = self.batcher.submit(images, request.prompts, request.metadata, gradient)
-            self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
             output = await scored
-        self.metrics.queue_depth.labels(self.name).set(self.batcher.queued_images)
         reply = dict(
             request_id=request.request_id,
             scores=output.scores.tolist(),

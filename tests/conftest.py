@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shutil
 import socket
@@ -34,6 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of a reward server's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
 class ServerProcess:
     """A real ``reward-server`` subprocess on 127.0.0.1."""
 
@@ -63,15 +77,14 @@ class ServerProcess:
         raise TimeoutError(f"reward-server not ready after {timeout} s: {self.log.read_text()}")
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample of the server's /metrics (0 when absent)."""
-        from prometheus_client.parser import text_string_to_metric_families
+        return metric(self.url, name, **labels)
 
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+    def wait_metric(self, name: str, value: float, timeout: float = 60.0, **labels: str) -> None:
+        """Poll /metrics until ``name`` reads ``value``: an event to order a test by, where a sleep guesses."""
+        deadline = time.monotonic() + timeout
+        while self.metric(name, **labels) != value:
+            assert time.monotonic() < deadline, f"{name} never read {value}: {self.log.read_text()[-2000:]}"
+            time.sleep(0.01)
 
     def healthy(self) -> bool:
         return httpx.get(f"{self.url}/healthz", timeout=5).json() == {"status": "ok"}
@@ -130,3 +143,38 @@ def train_one_shapes_epoch(tmp_path: Path, preset: str) -> tuple[Path, list[dict
         )
     )
     return out, [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+
+
+def assert_trained(out: Path, losses: list[float]) -> None:
+    """What "trains" means in a test: every loss finite and the trainable weights moved. peft's gaussian init
+    starts each LoRA B matrix at zero, so a nonzero one in the run's published lora/ is an optimizer step that
+    reached the adapters; rewards in a verifier's own [0, 1] hold just as well for a model that never changed."""
+    import torch
+    from safetensors.torch import load_file
+
+    assert losses and all(math.isfinite(loss) for loss in losses), losses
+    weights = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    moved = [k for k, w in weights.items() if "lora_B" in k and w.abs().max() > 0]
+    assert moved, "every LoRA B matrix is still zero: the weights never moved"
+
+
+class ModelLoaded(AssertionError):
+    """Raised by ``no_model_loads``: something loaded a model that should have been refused first."""
+
+
+@contextlib.contextmanager
+def no_model_loads():
+    """Inside the block the trainer's model loader (trainer.run.load_family) and diffusers' from_pretrained raise
+    ModelLoaded. "Refused before any model loads" is then proved by the refusal being the error raised; a time
+    limit proves nothing once the tiny model is cached (loading it takes a second)."""
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("a model was loaded before the refusal")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("trainer.run.load_family", refuse)
+        patch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(refuse))
+        patch.setattr(diffusers.ModelMixin, "from_pretrained", classmethod(refuse))
+        yield

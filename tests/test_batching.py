@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,11 +33,13 @@ def post(server, n: int, value: int = 51, **headers) -> httpx.Response:
 def test_two_replicas_score_two_batches_at_once(start_server):
     server = start_server("--model", "synthetic", "--latency-ms", "1000", "--replicas", "2", "--max-batch", "4")
     with ThreadPoolExecutor(2) as pool:
-        start = time.monotonic()
-        replies = list(pool.map(lambda _: post(server, 4), range(2)))
-        wall = time.monotonic() - start
+        futures = [pool.submit(post, server, 4) for _ in range(2)]
+        busy = 0  # the most replicas seen scoring at once, watched until both replies are in
+        while not all(f.done() for f in futures):
+            busy = max(busy, server.metric("reward_replicas_busy"))
+        replies = [f.result() for f in futures]
     assert [r.status_code for r in replies] == [200, 200]
-    assert wall < 1.8, f"two 1 s batches on two replicas took {wall:.2f} s: they did not run in parallel"
+    assert busy == 2, "the two batches never ran at the same time"
     for replica in ("0", "1"):
         assert server.metric("reward_model_seconds_total", replica=replica) >= 0.95
 
@@ -58,10 +59,10 @@ def test_concurrent_clients_are_merged_into_batches(start_server):
 def test_full_queue_answers_503_then_recovers(start_server):
     server = start_server("--model", "synthetic", "--latency-ms", "1500", "--max-batch", "4", "--max-queue", "4")
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(post, server, 4)  # taken by the replica
-        time.sleep(0.4)
-        queued = pool.submit(post, server, 4)  # fills the queue
-        time.sleep(0.4)
+        running = pool.submit(post, server, 4)
+        server.wait_metric("reward_replicas_busy", 1)  # taken by the replica
+        queued = pool.submit(post, server, 4)
+        server.wait_metric("reward_queue_images", 4)  # fills the queue
         refused = post(server, 1)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert unpack(refused.content)["error"]["code"] == "overloaded"
@@ -96,7 +97,7 @@ def test_sigterm_drains_requests_in_flight(start_server):
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("reply", post(server, 2)))
     thread.start()
-    time.sleep(0.5)
+    server.wait_metric("reward_replicas_busy", 1)  # in the model when the signal comes
     server.proc.send_signal(signal.SIGTERM)
     thread.join(timeout=30)
     assert result["reply"].status_code == 200 and len(unpack(result["reply"].content)["scores"]) == 2
@@ -181,14 +182,12 @@ def test_clients_answered_together_are_waited_for_and_batched_together(start_ser
 
 
 def test_a_lone_client_is_not_kept_waiting(start_server):
-    server = start_server("--model", "synthetic", "--max-batch", "8", "--max-wait-ms", "1000")
+    # A batch kept waiting for clients that are not coming waits the whole --max-wait-ms: at 10 s, half of it
+    # is a bound no loaded machine reaches, and the test waits only when the feature is broken.
+    server = start_server("--model", "synthetic", "--max-batch", "8", "--max-wait-ms", "10000")
     with RewardClient(server.url) as client:
-        client.submit(batch(1), ["p"]).result(timeout=60)
-        start = time.monotonic()
-        for _ in range(5):
-            client.submit(batch(1), ["p"]).result(timeout=60)
-        wall = time.monotonic() - start
-    assert wall < 2.5, f"5 sequential requests took {wall:.2f} s: each waited for clients that were not coming"
+        elapsed = [client.submit(batch(1), ["p"]).result(timeout=60).elapsed_ms for _ in range(6)]
+    assert max(elapsed) < 5000, f"server-side ms per request: {elapsed}; they waited for clients not coming"
 
 
 def _queued_behind_a_busy_replica(server, requests: list[tuple[int, str]]) -> list[httpx.Response]:
@@ -201,8 +200,10 @@ def _queued_behind_a_busy_replica(server, requests: list[tuple[int, str]]) -> li
 
     with ThreadPoolExecutor(len(requests) + 1) as pool:
         busy = pool.submit(send, (0, "first"))
-        time.sleep(0.3)  # the replica is now scoring "first"; the rest queue up behind it
-        replies = list(pool.map(send, requests))
+        server.wait_metric("reward_replicas_busy", 1)  # the replica is now scoring "first"
+        replies = [pool.submit(send, request) for request in requests]
+        server.wait_metric("reward_queue_images", len(requests))  # the rest queued up behind it
+        replies = [reply.result() for reply in replies]
         assert busy.result().status_code == 200
     return replies
 
@@ -221,7 +222,9 @@ def test_one_bad_request_fails_alone_not_its_whole_batch(start_server, option, c
     assert error["code"] == "scorer_error" and message in error["message"]
     for reply, value in zip([replies[0], *replies[2:]], (30, 90, 120)):
         assert unpack(reply.content)["scores"] == pytest.approx([value / 255])
-    assert server.metric("reward_batch_images_sum") >= 4 + 1  # the four were batched together first
+    # "first" alone, then the four as one batch (a batch that fails is retried request by request, but recorded
+    # once, as the batch it was)
+    assert server.metric("reward_batch_images_count") == 2 and server.metric("reward_batch_images_sum") == 1 + 4
 
 
 def test_the_scorers_own_batch_limit_is_honoured():
@@ -241,9 +244,7 @@ def test_the_scorers_own_batch_limit_is_honoured():
 def test_a_scorer_error_is_not_retried(start_server):
     server = start_server("--model", "synthetic", "--fail-prompt", "BAD")
     with RewardClient(server.url, retries=8, deadline=60) as client:
-        start = time.monotonic()
         with pytest.raises(RewardServerError, match="500 scorer_error") as err:
             client.submit(batch(1), ["BAD"]).result(timeout=60)
-        assert time.monotonic() - start < 3
     assert "synthetic" in err.value.message and not err.value.retryable
-    assert server.metric("reward_requests_total", status="500") == 1
+    assert server.metric("reward_requests_total", status="500") == 1  # asked once: a retry would be a second

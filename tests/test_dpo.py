@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import assert_trained
 from trainer.loss import diffusion_dpo_loss
 
 
@@ -382,14 +383,18 @@ def test_label_samples_pairs_and_the_verifier_chooses(tmp_path, images_per_promp
     from PIL import Image
     import io
 
+    kept_order = 0
     for row in pairs:
         images = np.stack([np.asarray(Image.open(io.BytesIO(row[f"jpg_{k}"])).convert("RGB")) for k in (0, 1)])
         assert row["score_0"] != row["score_1"] and row["label_0"] == float(row["score_0"] > row["score_1"])
         group = row["group_scores"]  # the prompt's best and worst of all its images
         assert len(group) == images_per_prompt and {row["score_0"], row["score_1"]} == {max(group), min(group)}
-        # the scores are of the images as sampled; the JPEG copies score the same but for compression artefacts
+        # The scores are of the images as sampled. A JPEG copy may lose a claim to compression artefacts, which
+        # can tie the pair (measured: 3 of 14 pairs), but never reverses it: a reversal is jpg_0 and jpg_1 swapped.
         again = verifier.score(images, [row["caption"]] * 2, [{}, {}]).scores
-        assert (again[0] > again[1]) == (row["score_0"] > row["score_1"]) or abs(again[0] - again[1]) < 0.34
+        assert (again[0] - again[1]) * (row["score_0"] - row["score_1"]) >= 0, (row["score_0"], row["score_1"], again)
+        kept_order += bool((again[0] - again[1]) * (row["score_0"] - row["score_1"]) > 0)
+    assert kept_order > len(pairs) / 2  # and mostly the copies keep the order strictly: ties are not the rule
 
     # resumable: a lost shard is rewritten, the others are skipped (their files untouched)
     first = (tmp_path / "pairs" / "part-00000.parquet").stat().st_mtime_ns
@@ -485,7 +490,7 @@ def test_online_rounds_sample_label_and_train(tmp_path):
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # two steps per round of 8 pairs: rounds are sampled before steps 0 and 2, each logged with its first step
     assert [("online_reward_mean" in m) for m in history] == [True, False, True, False]
-    assert all(0 <= m["online_reward_mean"] <= 1 for m in history[::2])
+    assert_trained(cfg.run.output_dir, [m["loss"] for m in history])
     with pytest.raises(ValueError, match="dpo.online_pairs"):
         Config(algorithm="dpo", train={"batch_size": 8}, dpo={"online": True, "online_pairs": 4})
 

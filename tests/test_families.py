@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import assert_trained
 from trainer.config import Config
 from trainer.ddpo import train
 from trainer.families import Family
@@ -287,7 +288,9 @@ def test_the_cli_trains_each_family_preset(tmp_path, tiny_cache, preset):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in history] == [0, 1]
+    assert_trained(out, [m["loss"] for m in history])
     assert (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
 
 

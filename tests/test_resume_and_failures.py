@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from pydantic_settings import CliApp
 
+from tests.conftest import no_model_loads
 from trainer.config import Config
 from trainer.ddpo import train
 
@@ -80,10 +81,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, tin
 
     # Named explicitly, it fails naming the file, before any model loads.
     cfg.run.resume_from = newest
-    start = time.monotonic()
-    with pytest.raises(ValueError, match=re.escape(str(bad))):  # a checkpoint.CheckpointError
+    with no_model_loads(), pytest.raises(ValueError, match=re.escape(str(bad))):  # a checkpoint.CheckpointError
         train(cfg)
-    assert time.monotonic() - start < 10
 
     # The run folder: the newest good checkpoint, said loudly.
     cfg.run.resume_from = out

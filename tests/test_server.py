@@ -158,13 +158,12 @@ def test_an_element_heavy_body_neither_stalls_nor_bloats_the_server(start_server
     answers = []
     sender = threading.Thread(target=lambda: answers.append(_post(server.url, bomb)))
     sender.start()
-    worst = 0.0
+    # Alive throughout (each /healthz within its 5 s timeout). No latency limit: the bomb is refused at its first
+    # header, so parsing it on the event loop measured no slower (/healthz at worst 0.10 s, 0.15 s off the loop);
+    # the element limit is what the memory bound and the 413 below prove.
     while sender.is_alive():
-        start = time.monotonic()
         assert server.healthy()
-        worst = max(worst, time.monotonic() - start)
     sender.join()
-    assert worst < 1.0, f"/healthz took {worst:.2f} s while the body was parsed"
     grown = _peak_rss(server) - peak_before
     assert grown < 10 * len(bomb), f"peak RSS grew by {grown / 2**20:.0f} MiB for a {len(bomb) / 2**20:.0f} MiB body"
     assert answers[0].status_code == 413 and unpack(answers[0].content)["error"]["code"] == "payload_too_large"
@@ -190,16 +189,16 @@ def test_a_client_that_hangs_up_is_counted_as_closed_not_as_a_500(start_server, 
 
 
 def test_a_stalled_upload_times_out_with_408_and_delays_no_batch(start_server):
-    server = start_server("--model", "synthetic", "--max-wait-ms", "500", "--body-timeout-s", "3")
+    # A batch that waited for the stalled upload would wait until its 408 (5 s; --max-wait-ms is longer): half
+    # of that, server-side, is a bound no loaded machine reaches for one 8x8 image.
+    server = start_server("--model", "synthetic", "--max-wait-ms", "10000", "--body-timeout-s", "5")
     stalled = _raw_http(server, _head(server, 1000), b"\x85\xa7")  # 2 of 1,000 bytes, then silence
-    time.sleep(0.2)
+    time.sleep(0.2)  # for the server to take the stalled request first; were it late, nothing would wait for it
     with RewardClient(server.url) as client:
-        client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["p"]).result(timeout=30)
-        start = time.monotonic()
-        for _ in range(4):
-            client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["p"]).result(timeout=30)
-        wall = time.monotonic() - start
-    assert wall < 1.5, f"4 requests took {wall:.2f} s: each batch waited for the stalled upload"
+        elapsed = [
+            client.submit(np.zeros((1, 8, 8, 3), np.uint8), ["p"]).result(timeout=30).elapsed_ms for _ in range(5)
+        ]
+    assert max(elapsed) < 2500, f"server-side ms per request: {elapsed}: batches waited for the stalled upload"
     stalled.settimeout(10)
     answer = b""
     while b"request_timeout" not in answer:  # the status line and the body may come in separate segments
@@ -224,7 +223,7 @@ def test_compressed_images_are_admitted_by_their_decoded_size_before_decoding(st
     first = []
     thread = threading.Thread(target=lambda: first.append(_post(server.url, one)))
     thread.start()
-    time.sleep(0.5)
+    server.wait_metric("reward_replicas_busy", 1)  # the first is decoded and scoring, its 1.03 MiB held
     second = _post(server.url, one)
     thread.join()
     assert first[0].status_code == 200
@@ -256,8 +255,9 @@ def test_readyz_fails_as_soon_as_sigterm_arrives(start_server, images):
     server = start_server("--model", "compression", "--drain-delay-s", "3")
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    ready = httpx.get(f"{server.url}/readyz", timeout=5)
+    deadline = time.monotonic() + 2  # of the 3 s the server keeps serving: time left to score below
+    while (ready := httpx.get(f"{server.url}/readyz", timeout=5)).status_code == 200:
+        assert time.monotonic() < deadline, "/readyz still 200 2 s after SIGTERM"
     assert ready.status_code == 503 and ready.json() == {"ready": False, "draining": True}
     with RewardClient(server.url, retries=0) as client:  # still serving while the balancer notices
         assert len(client.submit(images, ["a"] * 3).result(timeout=30).scores) == 3

@@ -160,11 +160,12 @@ def test_a_ddim_schedule_ending_on_alpha_one_is_refused_before_weights_load(tmp_
     with pytest.raises(PreflightError, match=r"gives step 19 of 20 a std of 0 .* \"set_alpha_to_one\": false"):
         check(cfg, 1, "cpu")
     fixed = Config(pretrained={"model": model}, train={"timestep_fraction": 0.95, "timestep_selection": "first"})
-    assert check(fixed, 1, "cpu") is not None
+    # check returns the batch plan or raises: what the plan holds is the answer, here the steps trained
+    assert check(fixed, 1, "cpu").train_timesteps == 19  # all but the zero-noise last step
     default = Config(
         pretrained={"model": _tiny_copy(tmp_path / "default", tiny_cache)}, train={"timestep_fraction": 1.0}
     )
-    assert check(default, 1, "cpu") is not None  # SD1's own schedule (set_alpha_to_one false): every step has noise
+    assert check(default, 1, "cpu").train_timesteps == 20  # SD1's own schedule (set_alpha_to_one false): all noisy
 
 
 @pytest.mark.parametrize(
