@@ -418,6 +418,8 @@ class Step:
         """``tokens``: FLUX's T5 tokens per prompt (pretrained.max_sequence_length)."""
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+        from trainer.families.ddim import DDIM
+        from trainer.families.flow import FlowMatching
         from trainer.families.flux import Flux
         from trainer.families.sd1 import SD1
         from trainer.families.sd3 import SD3
@@ -435,14 +437,15 @@ class Step:
                 base_image_seq_len=256,
                 max_image_seq_len=4096,
             )
-            pipe = SimpleNamespace(
+            self.pipe = SimpleNamespace(
                 transformer=model,
                 scheduler=self.scheduler,
+                vae=None,
                 vae_scale_factor=8,
                 tokenizer_2=SimpleNamespace(model_max_length=tokens),
             )
-            self.family = Flux(pipe, resolution=512, guidance=sample["guidance_scale"])  # inputs() sets the size
-            self.schedule = self.family
+            self.family = Flux(self.pipe, resolution=512, guidance=sample["guidance_scale"])  # inputs() remakes it
+            self.schedule = self.family.dynamics
             return
         if self.flow:  # SD3.5's scheduler (shift 3): the flow step needs its sigmas
             self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -456,7 +459,7 @@ class Step:
                 steps_offset=1,
             )
         self.scheduler.set_timesteps(sample["num_steps"])
-        self.schedule = self.family(SimpleNamespace(scheduler=self.scheduler))  # the family's x_t and x0 formulas
+        self.schedule = (FlowMatching if self.flow else DDIM)(self.scheduler)  # the dynamics' x_t and x0 formulas
 
     def inputs(self, n: int, resolution: int) -> dict:
         """What the step reads from the stored trajectories: x_t, x_{t-1}, timesteps, conditioning, log-probs."""
@@ -466,8 +469,11 @@ class Step:
                 "prompt_embeds": h(n, self.family.max_sequence_length, c.joint_attention_dim),
                 "pooled_projections": h(n, c.pooled_projection_dim),
             }
-            self.family.resolution = resolution
-            self.family.timesteps(self.sample["num_steps"], "cpu")
+            from trainer.families.flux import Flux
+
+            self.family = Flux(self.pipe, resolution=resolution, guidance=self.sample["guidance_scale"])
+            self.schedule = self.family.dynamics
+            self.schedule.timesteps(self.sample["num_steps"], "cpu")
         elif self.flow:  # CLIP's 77 tokens then T5's 256 (StableDiffusion3Pipeline.encode_prompt)
             cond = {
                 "prompt_embeds": h(n, 77 + 256, c.joint_attention_dim),
@@ -593,13 +599,12 @@ def run_step(
 def run_decode(step: Step, vae, n: int, resolution: int, fake) -> dict:
     """Measure the family's decode of ``n`` sampled latents (trainer/ddpo.py decodes each sampling batch whole,
     outside autocast, in the VAE's own dtype)."""
-    from trainer.families.sd1 import SD1
-    from trainer.families.sd3 import SD3
+    from trainer.families.vae import VAE
 
-    family = (SD3 if step.flow else SD1)(SimpleNamespace(vae=vae))  # FLUX decodes with SD3's code
+    decoder = VAE(vae)  # every family's decode (trainer/families/vae.py)
     with fake, torch.no_grad():
         latents = torch.randn(n, vae.config.latent_channels, resolution // 8, resolution // 8)
-        return measure(lambda: family.decode(latents), vae, None, [latents], BLOCK)
+        return measure(lambda: decoder.decode(latents), vae, None, [latents], BLOCK)
 
 
 # -- the report ------------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def timing(steps: int) -> dict:
                     start = time.perf_counter()
                     x0, _ = rollout(run, run.model, run.family.denoiser, prompts, 64, None)
                     loss = (
-                        torch.relu(cfg.refl.margin - reward(run.family.decode(x0), prompts)).mean()
+                        torch.relu(cfg.refl.margin - reward(run.family.vae.decode(x0), prompts)).mean()
                         * cfg.refl.grad_scale
                     )
                     loss.backward()

@@ -89,7 +89,7 @@ def sd15(fake, unet=None, vae=None):
         steps_offset=1,
     )
     family = SD1(SimpleNamespace(unet=unet, vae=vae.requires_grad_(False), scheduler=scheduler, vae_scale_factor=8))
-    family.timesteps(40, "cpu")
+    family.dynamics.timesteps(40, "cpu")
     return family
 
 
@@ -132,7 +132,7 @@ def refl_step(family, reward, n: int, resolution: int, fake, checkpointing: bool
         def step():
             with CudaAutocast(torch.float16):
                 output = family.predict(unet, latents, timesteps, cond, None, 1.0)
-            images = family.decode(family.predicted_x0(output, MID, latents))
+            images = family.vae.decode(family.dynamics.predicted_x0(output, MID, latents))
             rewards = reward.score_tensor(images, [""] * n) if reward else served(images)
             (torch.relu(2.0 - rewards).mean() * 1e-3).backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -37,7 +37,7 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
 
     def ours():
         _, final = sample(family, family.denoiser, prompts, [{}] * batch, negative, steps, eta, guidance, size)
-        return family.to_uint8(final)
+        return family.vae.to_uint8(final)
 
     def theirs():
         return pipe(

@@ -444,26 +444,22 @@ def test_dpo_on_the_other_families(tmp_path, tiny_cache, pairs_folder, model):
 def test_noised_follows_the_forward_processes():
     """SD1: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with target eps (v = sqrt(abar) eps - sqrt(1 - abar) x0
     for v-prediction); SD3: x_s = (1 - s) x0 + s eps at s = shift u / (1 + (shift - 1) u), target eps - x0."""
-    from types import SimpleNamespace
-
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from trainer.families.sd1 import SD1
-    from trainer.families.sd3 import SD3
+    from trainer.families.ddim import DDIM
+    from trainer.families.flow import FlowMatching
 
     x0, eps = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
     u = torch.tensor([0.0, 0.5, 0.999], dtype=torch.float64)
     for prediction in ("epsilon", "v_prediction"):
         scheduler = DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction)
-        noisy, t, target = SD1(SimpleNamespace(scheduler=scheduler)).noised(x0, eps, u)
+        noisy, t, target = DDIM(scheduler).noised(x0, eps, u)
         assert t.tolist() == [0, 500, 999]
         abar = scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
         torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
         expected = eps if prediction == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
         torch.testing.assert_close(target, expected)
-    family = SD3.__new__(SD3)
-    family.pipe = SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    noisy, t, target = family.noised(x0, eps, u)
+    noisy, t, target = FlowMatching(FlowMatchEulerDiscreteScheduler(shift=3.0)).noised(x0, eps, u)
     s = 3 * u / (1 + 2 * u)
     torch.testing.assert_close(t, s * 1000)
     torch.testing.assert_close(noisy, (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps)

@@ -13,8 +13,9 @@ import torch
 from tests.conftest import assert_trained
 from trainer.config import Config
 from trainer.ddpo import train
-from trainer.families import Family
+from trainer.families import Dynamics, Family
 from trainer.families.models import FAMILIES, load_family, make_trainable
+from trainer.families.vae import VAE
 from trainer.sampling import rescore, sample
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def test_sdxl_first_step_importance_ratio_is_exactly_one(tiny_cache):
     ]
     torch.manual_seed(0)
     batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 4, 1.0, 5.0, 64)
-    assert family.to_uint8(final).shape == (2, 64, 64, 3)
+    assert family.vae.to_uint8(final).shape == (2, 64, 64, 3)
     assert_rescored_exactly(family, batch, negative, 5.0, 1.0)
 
 
@@ -114,7 +115,7 @@ def test_sd3_first_step_importance_ratio_is_exactly_one(tiny_cache):
     negative = family.encode_prompts([""])
     torch.manual_seed(0)
     batch, final = sample(family, family.denoiser, ["a cat", "an owl"], [{}, {}], negative, 6, 0.7, 4.5, 64)
-    assert family.to_uint8(final).shape == (2, 64, 64, 3) and batch.latents.shape == (2, 6, 16, 8, 8)
+    assert family.vae.to_uint8(final).shape == (2, 64, 64, 3) and batch.latents.shape == (2, 6, 16, 8, 8)
     assert_rescored_exactly(family, batch, negative, 4.5, 0.7)
 
 
@@ -156,7 +157,7 @@ def test_sd3_window_stores_only_its_stochastic_steps_and_the_rest_is_the_ode(tin
     ode, _ = sample(*args, 0.0, 4.5, 64, generator=torch.Generator().manual_seed(5))
     windowed, _ = sample(*args, 0.7, 4.5, 64, generator=torch.Generator().manual_seed(5), window=range(2, 5))
     assert windowed.steps.tolist() == [[2, 3, 4]] * 2 and windowed.latents.shape[1] == 3
-    assert torch.equal(windowed.timesteps[0], family.timesteps(8, "cpu")[2:5])
+    assert torch.equal(windowed.timesteps[0], family.dynamics.timesteps(8, "cpu")[2:5])
     assert torch.equal(windowed.latents[:, 0], ode.latents[:, 2])  # deterministic until the window opens
     assert not torch.equal(windowed.next_latents[:, 0], ode.next_latents[:, 2])  # then stochastic
     assert_rescored_exactly(family, windowed, negative, 4.5, 0.7, shuffle=False)
@@ -328,17 +329,34 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
     "preset, name", [("tiny", "SD1"), ("tiny-sdxl", "SDXL"), ("tiny-sd3", "SD3"), ("tiny-flux", "Flux")]
 )
 def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, name):
-    """trainer.families.Family cannot drift from the families: each one loaded is an instance of it, with every
-    method taking the protocol's parameters."""
+    """trainer.families.Family and Dynamics cannot drift from the families: each one loaded is an instance of
+    Family, its ``dynamics`` of Dynamics and its ``vae`` the shared VAE, with every method taking the protocols'
+    parameters."""
     family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
     assert type(family).__name__ == name and isinstance(family, Family)
     assert FAMILIES[family.pipeline_class] is type(family) and isinstance(family.denoiser_name, str)
     assert isinstance(family.denoiser, torch.nn.Module) and family.denoiser is getattr(
         family.pipe, family.denoiser_name
     )
-    for attribute, member in vars(Family).items():
-        if attribute.startswith("_") or isinstance(member, property):
-            continue
-        wanted = list(inspect.signature(getattr(Family, attribute)).parameters)
-        wanted = wanted if isinstance(member, classmethod) else wanted[1:]  # self
-        assert list(inspect.signature(getattr(family, attribute)).parameters) == wanted, attribute
+    assert isinstance(family.dynamics, Dynamics) and family.dynamics.scheduler is family.pipe.scheduler
+    assert type(family.dynamics).__name__ == ("FlowMatching" if name in ("SD3", "Flux") else "DDIM")
+    assert isinstance(family.vae, VAE) and family.vae.autoencoder is family.pipe.vae
+    for protocol, instance in ((Family, family), (Dynamics, family.dynamics)):
+        for attribute, member in vars(protocol).items():
+            if attribute.startswith("_") or isinstance(member, property) or not callable(member):
+                continue
+            wanted = list(inspect.signature(getattr(protocol, attribute)).parameters)
+            wanted = wanted if isinstance(member, classmethod) else wanted[1:]  # self
+            assert list(inspect.signature(getattr(instance, attribute)).parameters) == wanted, attribute
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_no_family_borrows_another_objects_methods(tiny_cache, preset):
+    """Families compose their dynamics and VAE (``family.dynamics``, ``family.vae``), never copy methods bound to
+    another instance into their own attributes (as SDXL once took 11 of an SD1's): every bound method among the
+    attributes of a family, its dynamics and its VAE is bound to that object itself, and none holds a family."""
+    family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
+    for owner in (family, family.dynamics, family.vae):
+        for attribute, value in vars(owner).items():
+            assert getattr(value, "__self__", owner) is owner, f"{type(owner).__name__}.{attribute}"
+            assert not isinstance(value, tuple(FAMILIES.values())), f"{type(owner).__name__}.{attribute}"

@@ -51,10 +51,10 @@ def test_deterministic_sampling_is_the_pipelines_own(tiny_cache, guidance):
     the plain linspace sigmas)."""
     _, family = flux(tiny_cache, guidance)
     if not guidance:
-        family.timesteps(4, "cpu")
+        family.dynamics.timesteps(4, "cpu")
         np.testing.assert_allclose(family.pipe.scheduler.sigmas.numpy(), [1.0, 0.75, 0.5, 0.25, 0.0], rtol=1e-6)
         x0, eps, u = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8), torch.tensor([0.2, 0.7])
-        noisy, timesteps, _ = family.noised(x0, eps, u)  # DPO's noising: unshifted too
+        noisy, timesteps, _ = family.dynamics.noised(x0, eps, u)  # DPO's noising: unshifted too
         torch.testing.assert_close(noisy, (1 - u.view(-1, 1, 1, 1)) * x0 + u.view(-1, 1, 1, 1) * eps)
         torch.testing.assert_close(timesteps, u * 1000)
     prompts, negative = ["a cat", "a red owl"], family.encode_prompts([""])
@@ -87,7 +87,7 @@ def test_deterministic_sampling_is_the_pipelines_own(tiny_cache, guidance):
     assert torch.equal(unpack(drawn, 8, 8), final)
     other = pipeline_latents(family, prompts, start, 8, 5.0)
     assert (float((other - final).abs().max()) > 1e-3) == guidance  # the guidance input is used, or there is none
-    assert family.to_uint8(final).shape == (2, 64, 64, 3)
+    assert family.vae.to_uint8(final).shape == (2, 64, 64, 3)
 
 
 def test_the_schedule_is_shifted_by_image_size_as_flux_computes_it(tiny_cache):
@@ -99,7 +99,7 @@ def test_the_schedule_is_shifted_by_image_size_as_flux_computes_it(tiny_cache):
         mu = 0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256)
         t = np.linspace(1.0, 1 / 6, 6)
         expected = np.append(math.exp(mu) / (math.exp(mu) + 1 / t - 1), 0.0)
-        family.timesteps(6, "cpu")
+        family.dynamics.timesteps(6, "cpu")
         np.testing.assert_allclose(family.pipe.scheduler.sigmas.numpy(), expected, rtol=1e-6)
         np.testing.assert_allclose(family.pipe.scheduler.timesteps.numpy(), expected[:-1] * 1000, rtol=1e-6)
         size = resolution // 8
@@ -108,7 +108,7 @@ def test_the_schedule_is_shifted_by_image_size_as_flux_computes_it(tiny_cache):
             torch.randn(3, 16, size, size, dtype=torch.float64),
         )
         u = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)
-        noisy, timesteps, target = family.noised(x0, eps, u)
+        noisy, timesteps, target = family.dynamics.noised(x0, eps, u)
         s = (math.exp(mu) * u / (math.exp(mu) * u + 1 - u)).view(-1, 1, 1, 1)
         torch.testing.assert_close(noisy, (1 - s) * x0 + s * eps)
         torch.testing.assert_close(timesteps, s.flatten() * 1000)
@@ -287,7 +287,7 @@ def test_refl_steps_move_the_adapters(tmp_path, tiny_cache):
         before = {k: p.detach().clone() for k, p in run.trainable.items()}
         stats: dict = {"grad_norm": []}
         x0, calls = rollout(run, run.model, run.family.denoiser, ["a red circle"] * 2, 64, None)
-        rewards = differentiable_reward(run)(run.family.decode(x0), ["a red circle"] * 2)
+        rewards = differentiable_reward(run)(run.family.vae.decode(x0), ["a red circle"] * 2)
         run_setup.backward_and_step(run, torch.relu(100.0 - rewards).mean(), stats)
     assert calls == 2 and torch.isfinite(rewards).all() and float(stats["grad_norm"][0]) > 0
     assert sum(float((p.detach() - before[k]).abs().max()) > 0 for k, p in run.trainable.items()) > 0
@@ -323,7 +323,7 @@ def test_evaluate_and_label_run_on_it(tmp_path, tiny_cache):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01 and len({im.tobytes() for im in runs[0][0]}) == 3
     # the evaluation is the pipeline's own deterministic sampling, image by image from its seed
     start = family.initial_latents(1, 64, torch.Generator().manual_seed(8), "cpu")
-    theirs = family.to_uint8(pipeline_latents(family, ["an owl"], start, 5, 3.5))
+    theirs = family.vae.to_uint8(pipeline_latents(family, ["an owl"], start, 5, 3.5))
     assert np.abs(theirs.astype(int) - runs[0][0][1]).max() <= 1
 
     counts = label(

@@ -156,15 +156,15 @@ def test_awm_loss_is_the_published_formula_and_its_gradient_the_advantage_weight
 
 @pytest.mark.parametrize("preset, kind", [("tiny", "epsilon"), ("tiny", "v_prediction"), ("tiny-sd3", "flow")])
 def test_the_forward_process_at_the_samplers_steps(tiny_cache, preset, kind):
-    """x_t, target and time of family.noised_at against the formulas: DDIM's alphas, or the flow's sigmas."""
+    """x_t, target and time of family.dynamics.noised_at against the formulas: DDIM's alphas, or the flow's sigmas."""
     from trainer.families.models import load_family
 
     family = load_family(Config(preset=preset, pretrained={"cache_dir": tiny_cache}), torch.device("cpu"))
     if kind == "v_prediction":
         family.pipe.scheduler.register_to_config(prediction_type="v_prediction")
-    family.timesteps(10, torch.device("cpu"))
+    family.dynamics.timesteps(10, torch.device("cpu"))
     x0, noise, index = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 4, 9])
-    x_t, t, target, time = family.noised_at(x0, noise, index)
+    x_t, t, target, time = family.dynamics.noised_at(x0, noise, index)
     scheduler = family.pipe.scheduler
     if kind == "flow":
         s = scheduler.sigmas[index].view(-1, 1, 1, 1)

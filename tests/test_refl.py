@@ -185,7 +185,7 @@ def test_a_refl_step_with_the_reward_served_has_the_local_gradient(tmp_path, sta
                 for p in run.trainable.values():
                     p.copy_(torch.randn_like(p) * 0.01)
             x0, _ = rollout(run, run.model, run.family.denoiser, ["a red circle left of a blue square"] * 2, 64, None)
-            rewards = differentiable_reward(run)(run.family.decode(x0), ["a red circle left of a blue square"] * 2)
+            rewards = differentiable_reward(run)(run.family.vae.decode(x0), ["a red circle left of a blue square"] * 2)
             torch.relu(2.0 - rewards).mean().backward()
             grads[where] = torch.cat([p.grad.flatten() for p in run.trainable.values()])
     assert grads["local"].abs().max() > 0
@@ -257,7 +257,7 @@ def test_refl_on_every_family_and_full_finetuning(tmp_path, model, lora):
         stats: dict = {"grad_norm": []}
         resolution = run.family.native_resolution()
         x0, calls = rollout(run, run.model, run.family.denoiser, ["a red circle"] * 2, resolution, None)
-        rewards = differentiable_reward(run)(run.family.decode(x0), ["a red circle"] * 2)
+        rewards = differentiable_reward(run)(run.family.vae.decode(x0), ["a red circle"] * 2)
         run_setup.backward_and_step(run, torch.relu(100.0 - rewards).mean(), stats)
     assert calls == 2 and torch.isfinite(rewards).all() and float(stats["grad_norm"][0]) > 0
     moved = sum(float((p.detach() - before[k]).abs().max()) > 0 for k, p in run.trainable.items())

@@ -34,7 +34,7 @@ def test_first_step_importance_ratio_is_exactly_one(pipe):
     stored = sum(t.untyped_storage().nbytes() for t in (trajectories.path, trajectories.log_probs))
     assert stored == 4 * 7 * 4 * 8 * 8 * 4 + 4 * 6 * 4  # bytes: (T + 1) latents per sample, not 2 T
 
-    images = family_of(pipe).to_uint8(final)
+    images = family_of(pipe).vae.to_uint8(final)
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
 
     # The training path: shuffled samples, per-sample shuffled timesteps, same batch size as sampling.

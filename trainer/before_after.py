@@ -76,7 +76,7 @@ def render(s: SampleSettings) -> dict:
             family.native_resolution(),
             generator=generator,
         )
-        return family.to_uint8(final)
+        return family.vae.to_uint8(final)
 
     before = images()
     load_tuned(family, s.lora, s.unet)

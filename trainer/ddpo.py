@@ -166,7 +166,7 @@ def _ppo_updates(
                         step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.train.clip_range).float().mean()
                     if cfg.train.kl_coef:
                         reference = _reference_mean(accelerator, policy, family, chunk, steps, guidance)
-                        kl = family.kl(mean, reference, sigma, chunk.steps[:, steps].reshape(-1))
+                        kl = family.dynamics.kl(mean, reference, sigma, chunk.steps[:, steps].reshape(-1))
                         loss = loss + cfg.train.kl_coef * kl.mean()
                         step_stats["kl_to_reference"] = kl.mean().detach()
                     # accelerate averages over the forwards it accumulates; weighting each by its share of

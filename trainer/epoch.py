@@ -118,7 +118,7 @@ def collect(
                 noise=None if noise is None else noise[b * size : (b + 1) * size],
                 store=store,
             )
-        images.append(family.to_uint8(final))
+        images.append(family.vae.to_uint8(final))
         batches.append(batch)
         if cfg.reward.overlap != "none":
             pending.add(run.rewards.submit(images[-1], batch.prompts, batch.metadata))

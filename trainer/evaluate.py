@@ -54,7 +54,7 @@ def evaluate(
     )  # training re-scores with the sampling schedule
     pending, images = Pending(rewards), []
     try:
-        timesteps = family.timesteps(num_steps, device)
+        timesteps = family.dynamics.timesteps(num_steps, device)
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
             x = torch.cat(
@@ -67,12 +67,12 @@ def evaluate(
             # sampling.sample without what training needs: no trajectory kept, no log-probs (eta 0 is the ODE)
             with torch.no_grad(), autocast():
                 for i, t in enumerate(timesteps):
-                    x = family.step(family.predict(model, x, t, cond, negative, guidance_scale), i, x, 0.0)[0]
-            images.append(family.to_uint8(x))
+                    x = family.dynamics.step(family.predict(model, x, t, cond, negative, guidance_scale), i, x, 0.0)[0]
+            images.append(family.vae.to_uint8(x))
             pending.add(rewards.submit(images[-1], prompts[part], metadata[part]))
     finally:
         if restore:
-            family.timesteps(restore, device)
+            family.dynamics.timesteps(restore, device)
     return np.concatenate(images), pending.wait(deadline)
 
 

@@ -101,7 +101,9 @@ def _updates(
     run.ctrl_c.updating()
     run.model.train()
     device = advantages.device
-    run.family.timesteps(cfg.sample.num_steps, device)  # the schedule the steps index (evaluation may use another)
+    run.family.dynamics.timesteps(
+        cfg.sample.num_steps, device
+    )  # the schedule the steps index (evaluation may use another)
     clean, n, stats = batch.path[:, -1], len(advantages), defaultdict(list)
     for _ in range(cfg.train.num_inner_epochs):
         order = torch.randperm(n, device=device)
@@ -135,7 +137,7 @@ def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tenso
     k = index.shape[1]
     x0, index, advantages = x0.repeat_interleave(k, dim=0), index.reshape(-1), advantages.repeat_interleave(k)
     cond = each_tensor(cond, lambda t: t.repeat_interleave(k, dim=0))
-    x_t, t, target, time = family.noised_at(x0, torch.randn_like(x0), index)
+    x_t, t, target, time = family.dynamics.noised_at(x0, torch.randn_like(x0), index)
 
     def predict(model) -> torch.Tensor:  # the conditional prediction: both methods train without guidance
         with accelerator.autocast():
@@ -151,7 +153,7 @@ def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tenso
             prediction,
             lagging,
             x0,
-            lambda p: family.predicted_x0(p, index, x_t),
+            lambda p: family.dynamics.predicted_x0(p, index, x_t),
             nft_optimality(advantages, cfg.train.adv_clip_max),
             cfg.nft.beta,
             cfg.train.adv_clip_max,

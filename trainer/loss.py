@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from trainer.families.ddim import SIGMA_MIN
 from trainer.sampling import each_tensor
 
 
@@ -32,12 +31,6 @@ def ppo_clip_loss(
             "ratio": ratio.mean(),
         }
     return loss, stats
-
-
-def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """KL between two Gaussians of equal sigma, averaged like the log-probs (per sample)."""
-    kl = (mean - reference_mean) ** 2 / (2 * sigma.clamp(min=SIGMA_MIN) ** 2)
-    return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
 def diffusion_dpo_loss(
@@ -155,7 +148,7 @@ def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
     pixels = batch["pixels"].to(device, non_blocking=True)
     n, k = pixels.shape[:2]
     with torch.no_grad():
-        latents = family.encode(pixels.flatten(0, 1)).float()  # (k B, ...): row by row
+        latents = family.vae.encode(pixels.flatten(0, 1)).float()  # (k B, ...): row by row
         cond = family.encode_prompts(batch["captions"], resolution)
         if isinstance(cond, dict) and "time_ids" in cond:  # SDXL: the images' own original sizes and crops
             cond["time_ids"] = batch["time_ids"].to(cond["time_ids"])
@@ -163,7 +156,7 @@ def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
             cond = each_tensor(cond, lambda t: t.repeat_interleave(k, dim=0))
     noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)
     u = torch.rand(n, device=device).repeat_interleave(k)
-    noisy, timesteps, target = family.noised(latents, noise, u)
+    noisy, timesteps, target = family.dynamics.noised(latents, noise, u)
     with run.accelerator.autocast():
         prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
     error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))

@@ -78,7 +78,7 @@ def _refl(run: run_setup.Run) -> list[dict]:
             prompts = [run.prompt_fn(run.prompt_rng)[0] for _ in range(cfg.train.batch_size)]
             with accelerator.accumulate(model):
                 x0, calls = rollout(run, model, policy, prompts, resolution, negative)
-                rewards = reward(family.decode(x0), prompts)
+                rewards = reward(family.vae.decode(x0), prompts)
                 objective = torch.relu(r.margin - rewards) if r.mode == "refl" else -rewards
                 loss = objective.mean() * r.grad_scale
                 run_setup.backward_and_step(run, loss, stats)
@@ -112,7 +112,7 @@ def rollout(run, model, policy, prompts: list[str], resolution: int, negative) -
     gradient. The steps without gradient run the bare denoiser (no DDP bookkeeping)."""
     family, r = run.family, run.cfg.refl
     device = run.accelerator.device
-    timesteps = family.timesteps(r.num_steps, device)
+    timesteps = family.dynamics.timesteps(r.num_steps, device)
     cond = family.encode_prompts(prompts, resolution)
     x = family.initial_latents(len(prompts), resolution, None, device)
     if r.mode == "refl":
@@ -129,13 +129,13 @@ def rollout(run, model, policy, prompts: list[str], resolution: int, negative) -
 
     for i in range(first_with_grad):
         with torch.no_grad():
-            x = family.step(denoise(x, i, policy), i, x, 0.0)[0]
+            x = family.dynamics.step(denoise(x, i, policy), i, x, 0.0)[0]
     for i in range(first_with_grad, last + 1):
         if r.mode == "alignprop":  # recomputed in backward: memory of one step, whatever k
             output = torch.utils.checkpoint.checkpoint(denoise, x, i, model, use_reentrant=False)
         else:
             output = denoise(x, i, model)
         if i == last:
-            return family.predicted_x0(output, i, x), last + 1 - first_with_grad
-        x = family.step(output, i, x, 0.0)[0]
+            return family.dynamics.predicted_x0(output, i, x), last + 1 - first_with_grad
+        x = family.dynamics.step(output, i, x, 0.0)[0]
     raise AssertionError("unreachable")

@@ -1,9 +1,10 @@
 """The rollout, the same for every model family: sampling with log-probabilities, and re-scoring stored steps.
 
-A family (trainer/families/sd1.py, ...) supplies the prediction, one stochastic step's mean and std, and its anchor's
-log-prob of a step; this file draws from that Gaussian and scores it. Sampling and training call the same
-``family.predict``, ``family.step`` and ``family.log_prob``, so both see the same numbers and the importance
-ratio is exactly 1 before the first update.
+A family (trainer/families/sd1.py, ...) supplies the prediction, and its dynamics (``family.dynamics``: DDIM or
+flow matching) one stochastic step's mean and std and its anchor's log-prob of a step; this file draws from that
+Gaussian and scores it. Sampling and training call the same ``family.predict``, ``family.dynamics.step`` and
+``family.dynamics.log_prob``, so both see the same numbers and the importance ratio is exactly 1 before the first
+update.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class Trajectories:
     path: torch.Tensor
     log_probs: torch.Tensor  # (N, T)
     timesteps: torch.Tensor  # (N, T): the denoiser's timestep input at stored step j
-    steps: torch.Tensor  # (N, T): the index of stored step j in the sampler's schedule (what family.step needs)
+    steps: (
+        torch.Tensor
+    )  # (N, T): the index of stored step j in the sampler's schedule (what family.dynamics.step needs)
     prompts: list[str] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
@@ -132,7 +135,7 @@ def sample(
     store: bool = True,
 ) -> tuple[Trajectories, torch.Tensor]:
     """Run the family's sampler from noise; return the trajectories and the final latents
-    (``family.to_uint8`` decodes them). ``negative_embeds`` None samples without guidance.
+    (``family.vae.to_uint8`` decodes them). ``negative_embeds`` None samples without guidance.
 
     ``window``: the step indices that are stochastic (``eta``) and stored; the others are deterministic
     (eta 0: DDIM / the ODE) and not stored, as Flow-GRPO-Fast and MixGRPO train on a window of SDE steps.
@@ -141,7 +144,7 @@ def sample(
     """
     device = model.device  # the bare (unwrapped) denoiser samples
     cond = family.encode_prompts(prompts, resolution)
-    timesteps = family.timesteps(num_steps, device)
+    timesteps = family.dynamics.timesteps(num_steps, device)
     window = range(num_steps) if window is None else window
     assert window.step == 1, "the stored steps must be consecutive (Trajectories.path)"
     x = family.initial_latents(len(prompts), resolution, generator, device) if noise is None else noise
@@ -149,14 +152,14 @@ def sample(
     path, log_probs = [], []
     for i, t in enumerate(timesteps):
         output = family.predict(model, x, t, cond, negative_embeds, guidance_scale)
-        mean, std = family.step(output, i, x, eta if i in window else 0.0)
+        mean, std = family.dynamics.step(output, i, x, eta if i in window else 0.0)
         if i not in window:
             x = mean
             continue
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         if store:
             path += [x, x_next] if not path else [x_next]
-            log_probs.append(family.log_prob(x_next, mean, std))
+            log_probs.append(family.dynamics.log_prob(x_next, mean, std))
         x = x_next
     window = window if store else range(0)
 
@@ -196,6 +199,6 @@ def rescore(
     latents = flat(chunk.latents)
     cond = chunk.prompt_embeds if k == 1 else each_tensor(chunk.prompt_embeds, lambda t: t.repeat_interleave(k, dim=0))
     output = family.predict(model, latents, flat(chunk.timesteps), cond, negative_embeds, guidance_scale)
-    mean, std = family.step(output, flat(chunk.steps), latents, eta)
-    log_prob = family.log_prob(flat(chunk.next_latents), mean, std).reshape(n, k)
+    mean, std = family.dynamics.step(output, flat(chunk.steps), latents, eta)
+    log_prob = family.dynamics.log_prob(flat(chunk.next_latents), mean, std).reshape(n, k)
     return (log_prob[:, 0] if one else log_prob), mean, std

@@ -1,7 +1,10 @@
-"""One DDIM step with the log-probability of its result: the policy of DDPO.
+"""The DDIM dynamics (Song et al. 2021, "Denoising Diffusion Implicit Models"): one stochastic DDIM step with the
+log-probability of its result, the policy of DDPO (Black et al. 2023, github.com/kvablack/ddpo-pytorch), and the
+forward process the other objectives train on.
 
-The same function serves sampling (draws x_{t-1}) and training (re-scores a stored x_{t-1}), so the
-importance ratio is exactly 1 before the first update.
+``DDIM`` is what a UNet family (trainer/families/sd1.py, sdxl.py) composes as its ``dynamics``: it holds the
+pipeline's DDIMScheduler and nothing of the model. The same ``ddim_mean_std`` serves sampling (draws x_{t-1}) and
+training (re-scores a stored x_{t-1}), so the importance ratio is exactly 1 before the first update.
 """
 
 from __future__ import annotations
@@ -114,8 +117,80 @@ def ddim_step_with_logprob(
     return prev_sample, gaussian_log_prob(prev_sample, mean, sigma)
 
 
+def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL between two Gaussians of equal sigma, averaged like the log-probs (per sample)."""
+    kl = (mean - reference_mean) ** 2 / (2 * sigma.clamp(min=SIGMA_MIN) ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, sigma^2) averaged over all but the batch dimension, sigma floored at SIGMA_MIN."""
     std = sigma.clamp(min=SIGMA_MIN)
     log_prob = -((x.float() - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+class DDIM:
+    """The sampler's dynamics on a DDIMScheduler, indexed by step of the schedule ``timesteps`` last set: x_T, the
+    Gaussian p(x_{t-1} | x_t) with its log-prob and KL, the x0 a prediction implies, and the forward process
+    q(x_t | x0) x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at training or sampler timesteps."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler  # the pipeline's own (the pipeline samples with the same schedule)
+
+    def timesteps(self, num_steps: int, device) -> torch.Tensor:
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_steps, device=device)
+        # the step's constants on the device once, not copied from the host at every step
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).to(device)
+        return scheduler.timesteps
+
+    def prior(self, shape: tuple[int, ...], generator, device) -> torch.Tensor:
+        """x_T ~ N(0, init_noise_sigma^2 I) in float32, as StableDiffusionPipeline.prepare_latents draws it."""
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return noise * self.scheduler.init_noise_sigma
+
+    def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
+        """Mean and std of p(x_{t-1} | x_t) at step ``index`` of the schedule (float32)."""
+        scheduler = self.scheduler
+        return ddim_mean_std(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents, eta)
+
+    @staticmethod
+    def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """log N(x_next; mean, std^2) averaged over C, H, W, as ddpo-pytorch."""
+        return gaussian_log_prob(x_next, mean, std)
+
+    @staticmethod
+    def kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The exact KL between the DDIM step's Gaussians under the policy and the reference (same std),
+        averaged like the log-prob. ddpo-pytorch has no KL term; this is Flow-GRPO's penalty with the DDIM
+        step's own std (a DDIM step has no dt to leave out)."""
+        return gaussian_kl(mean, reference_mean, std)
+
+    def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
+        """The clean latents the prediction at step ``index`` implies (float32, differentiable)."""
+        scheduler = self.scheduler
+        return ddim_x0(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
+        """The forward process at training timesteps drawn as ``u`` in [0, 1) (one per sample, uniform over
+        the scheduler's training timesteps): the noisy latents, the timesteps and the model's regression
+        target (the noise, or the velocity for a v-prediction model)."""
+        scheduler = self.scheduler
+        t = (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
+        noisy = scheduler.add_noise(latents, noise, t)
+        if scheduler.config.prediction_type == "v_prediction":
+            return noisy, t, scheduler.get_velocity(latents, noise, t)
+        return noisy, t, noise
+
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
+        """The forward process at step ``index`` of the sampler's schedule (one per sample; DiffusionNFT and
+        AWM train at the sampler's own steps): x_t, the denoiser's timesteps, the regression target (the noise,
+        or the velocity for a v-prediction model) and the time in [0, 1] (t / num_train_timesteps)."""
+        scheduler = self.scheduler
+        t = scheduler.timesteps.to(latents.device)[index]
+        target = (
+            scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        )
+        return scheduler.add_noise(latents, noise, t), t, target, t.float() / scheduler.config.num_train_timesteps

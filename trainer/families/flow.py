@@ -1,5 +1,8 @@
-"""Flow-GRPO's SDE step for flow-matching models (SD3, FLUX): the Gaussian of x_next given x, with its mean
-and std, so that sampling and re-scoring share one function (as trainer/families/ddim.py does for DDIM).
+"""The flow-matching dynamics (SD3, FLUX): Flow-GRPO's SDE step, the Gaussian of x_next given x, with its mean
+and std, so that sampling and re-scoring share one function (as trainer/families/ddim.py does for DDIM), and the
+rectified-flow forward process. ``FlowMatching`` is what a flow-matching family (trainer/families/sd3.py,
+flux.py) composes as its ``dynamics``: it holds the pipeline's FlowMatchEulerDiscreteScheduler, the step's type
+and, where the schedule shifts by image size (FLUX), the run's image tokens.
 
 From Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL" (github.com/yifan123/flow_grpo).
 With the scheduler's sigmas running from 1 down to 0, step i uses s = sigmas[i], s_next = sigmas[i + 1] and
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from trainer.families.ddim import SIGMA_MIN, gaussian_log_prob
@@ -117,3 +121,86 @@ def rectified_flow_noised(latents: torch.Tensor, noise: torch.Tensor, s: torch.T
 
 FLOW_STEPS = {"sde": flow_sde_mean_std, "cps": flow_cps_mean_std}
 FLOW_LOG_PROBS = {"sde": gaussian_log_prob, "cps": cps_log_prob}
+
+
+class FlowMatching:
+    """The sampler's dynamics on a FlowMatchEulerDiscreteScheduler (sigmas from 1, noise, down to 0), indexed by step
+    of the schedule ``timesteps`` last set: x_1, Flow-GRPO's SDE or CPS step (``sde_type``) with its log-prob and
+    KL, x0 = x - s v, and the rectified-flow interpolation x_s = (1 - s) x0 + s noise with target noise - x0.
+
+    ``image_tokens``: None for a fixed shift (SD3: the scheduler's own ``set_timesteps``); for a schedule shifted
+    by image size (FLUX), the packed tokens of the run's images, fixed when the family loads."""
+
+    def __init__(self, scheduler, sde_type: str = "sde", image_tokens: int | None = None):
+        self.scheduler, self.sde_type, self.image_tokens = scheduler, sde_type, image_tokens
+
+    def mu(self, image_tokens: int) -> float:
+        """FluxPipeline's shift of the schedule for ``image_tokens`` packed tokens (its calculate_shift)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.scheduler.config
+        return calculate_shift(
+            image_tokens,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
+        )
+
+    def timesteps(self, num_steps: int, device) -> torch.Tensor:
+        """The scheduler's schedule; with ``image_tokens``, FluxPipeline's: sigmas linspace(1, 1 / n, n), shifted
+        by mu for the run's image size."""
+        if self.image_tokens is None:
+            self.scheduler.set_timesteps(num_steps, device=device)
+        else:
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+            self.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=self.mu(self.image_tokens))
+        return self.scheduler.timesteps
+
+    @staticmethod
+    def prior(shape: tuple[int, ...], generator, device) -> torch.Tensor:
+        """x_1 ~ N(0, I) in float32, as StableDiffusion3Pipeline and FluxPipeline draw it (before FLUX packs it)."""
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
+        """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE or CPS step, float32)."""
+        return FLOW_STEPS[self.sde_type](self.scheduler.sigmas, index, output, latents, noise_level=eta)
+
+    def log_prob(self, x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """log p(x_next | x) per sample as Flow-GRPO computes it: the Gaussian's for the SDE step, every
+        constant dropped for CPS (so its clip ranges transfer)."""
+        return FLOW_LOG_PROBS[self.sde_type](x_next, mean, std)
+
+    def kl(
+        self, mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Flow-GRPO's KL penalty per sample at steps ``index`` (so ``train.kl_coef`` is its beta)."""
+        return flow_grpo_kl(self.scheduler.sigmas, index, mean, reference_mean, std, self.sde_type)
+
+    def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
+        """x - s v: the clean latents the velocity at step ``index`` implies (float32, differentiable)."""
+        s = self.scheduler.sigmas.to(latents.device, torch.float32)[index]
+        return latents.float() - s.reshape(-1, *[1] * (latents.ndim - 1)) * output.float()
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
+        """The rectified-flow interpolation at s = the scheduler's shift of ``u`` in [0, 1) (one per sample), as
+        its own schedule warps sigmas (Diffusion-DPO, ReFL's pre-training): a fixed shift, or one by these
+        latents' size where the scheduler shifts dynamically (FLUX; its 2x2 patches are the image tokens, as
+        FluxPipeline packs them; SD3's loading refuses such a scheduler); the transformer's timesteps
+        (s x num_train_timesteps) and the velocity target noise - x0."""
+        scheduler = self.scheduler
+        if scheduler.config.get("use_dynamic_shifting"):
+            s = scheduler.time_shift(self.mu(latents.shape[-2] * latents.shape[-1] // 4), 1.0, u)
+        else:
+            shift = scheduler.config.get("shift", 1.0)
+            s = shift * u / (1 + (shift - 1) * u)
+        return rectified_flow_noised(latents, noise, s, scheduler.config.num_train_timesteps)
+
+    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
+        """x_s = (1 - s) x0 + s noise at s = sigmas[index] of the sampler's schedule (one per sample; DiffusionNFT
+        and AWM train at the sampler's own steps), the transformer's timesteps, the velocity target noise - x0
+        and the time s."""
+        scheduler = self.scheduler
+        s = scheduler.sigmas.to(latents.device, torch.float32)[index]
+        sigma = s.view(-1, *[1] * (latents.ndim - 1))
+        return (1 - sigma) * latents + sigma * noise, scheduler.timesteps.to(latents.device)[index], noise - latents, s

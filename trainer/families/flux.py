@@ -6,12 +6,14 @@ What differs from SD3, and where it lives here:
 
 - Latents are (N, 16, h, w) everywhere in the trainer, as SD3's; ``predict`` packs them into 2x2 patches of 64
   channels (h w / 4 tokens, with their row/column rotary ids) for the transformer and unpacks its output. The
-  packing is a permutation, so the SDE step, its log-prob (a mean over all elements) and the KL are SD3's own
-  on the unpacked latents: the step's mean and std element for element those of the packed ones (as Flow-GRPO's
-  FLUX script computes them), the log-prob up to the order of its sum.
+  packing is a permutation, so the dynamics are SD3's own (``self.dynamics``, a FlowMatching: the SDE step, its
+  log-prob, a mean over all elements, and the KL) on the unpacked latents: the step's mean and std element for
+  element those of the packed ones (as Flow-GRPO's FLUX script computes them), the log-prob up to the order of
+  its sum.
 - The sigmas are shifted by image size (FluxPipeline's ``calculate_shift``: mu linear in the number of image
   tokens, then the scheduler's exponential time shift), so the schedule is set for the run's resolution
-  (``sample.resolution``, default the VAE's native 1024 px), fixed when the family loads.
+  (``sample.resolution``, default the VAE's native 1024 px), fixed when the family loads: the FlowMatching
+  dynamics hold its image tokens.
 - FLUX.1-dev is guidance-distilled: guidance is a transformer input (``guidance_embeds``), never a second,
   unconditional pass. ``sample.guidance_scale`` is that input (3.5 in FluxPipeline and Flow-GRPO's FLUX runs).
   A caller asking for guidance (a negative prompt and a scale w: sampling, evaluation, DDPO's re-scoring) gets
@@ -28,12 +30,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from trainer.families.flow import rectified_flow_noised
+from trainer.families.flow import FlowMatching
 from trainer.families.sd1 import dtype_kwarg
-from trainer.families.sd3 import SD3
+from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -58,10 +59,8 @@ class Flux:
         self.guided = bool(pipe.transformer.config.get("guidance_embeds"))
         self.max_sequence_length = max_sequence_length or min(PIPELINE_TOKENS, pipe.tokenizer_2.model_max_length)
         self.resolution = resolution or self.native_resolution()
-        # SD3's flow step, log-prob, KL, x0 and noising at the sampler's steps, and its VAE code (shift and scale)
-        sd3 = SD3(pipe, sde_type)
-        self.step, self.log_prob, self.kl, self.predicted_x0 = sd3.step, sd3.log_prob, sd3.kl, sd3.predicted_x0
-        self.noised_at, self.decode, self.to_uint8, self.encode = sd3.noised_at, sd3.decode, sd3.to_uint8, sd3.encode
+        tokens = (self.latent_size(self.resolution) // 2) ** 2  # the 2x2-packed tokens the schedule is shifted for
+        self.dynamics, self.vae = FlowMatching(pipe.scheduler, sde_type, tokens), VAE(pipe.vae)
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "Flux":
@@ -141,30 +140,10 @@ class Flux:
         )[0]
         return unpack(tokens, h, w)
 
-    # -- the schedule ----------------------------------------------------------------------------------------
-    def mu(self, image_tokens: int) -> float:
-        """FluxPipeline's shift of the schedule for ``image_tokens`` packed tokens (its calculate_shift)."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        c = self.pipe.scheduler.config
-        return calculate_shift(
-            image_tokens,
-            c.get("base_image_seq_len", 256),
-            c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5),
-            c.get("max_shift", 1.15),
-        )
-
+    # -- the latents ----------------------------------------------------------------------------------------
     def latent_size(self, resolution: int) -> int:
         """Latent rows (= columns) of a ``resolution`` px image, even for the 2x2 packing (as FluxPipeline rounds)."""
         return 2 * (resolution // (self.pipe.vae_scale_factor * 2))
-
-    def timesteps(self, num_steps: int, device) -> torch.Tensor:
-        """FluxPipeline's schedule for the run's resolution: sigmas linspace(1, 1 / n, n), shifted by mu."""
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = self.mu((self.latent_size(self.resolution) // 2) ** 2)
-        self.pipe.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=mu)
-        return self.pipe.scheduler.timesteps
 
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         """FluxPipeline's noise before it packs it: (n, 16, h, w), the same numbers from the same generator."""
@@ -174,20 +153,7 @@ class Flux:
                 f"when the model loaded), not {resolution}"
             )
         size = self.latent_size(resolution)
-        shape = (n, self.pipe.transformer.config.in_channels // 4, size, size)
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
-        """The rectified-flow interpolation at s = the scheduler's shift of ``u`` in [0, 1) (one per sample) for
-        these latents' size, as its sampling schedule warps sigmas (Diffusion-DPO, ReFL's pre-training); the
-        transformer's timesteps and the velocity target noise - x0 (trainer/families/flow.py)."""
-        scheduler = self.pipe.scheduler
-        if scheduler.config.get("use_dynamic_shifting"):
-            s = scheduler.time_shift(self.mu(latents.shape[-2] * latents.shape[-1] // 4), 1.0, u)
-        else:
-            shift = scheduler.config.get("shift", 1.0)
-            s = shift * u / (1 + (shift - 1) * u)
-        return rectified_flow_noised(latents, noise, s, scheduler.config.num_train_timesteps)
+        return self.dynamics.prior((n, self.pipe.transformer.config.in_channels // 4, size, size), generator, device)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
         from diffusers import FluxPipeline

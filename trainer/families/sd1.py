@@ -1,9 +1,10 @@
 """The SD1.x / SD2.x family: a UNet on one CLIP text encoder, sampled with DDIM.
 
-Everything the algorithms need from a model family, in one place: load the pipeline, encode prompts into
-one conditioning object, predict (with classifier-free guidance when asked), one stochastic step's mean and
-std, decode latents to images differentiably, encode images to latents, and save LoRA so that the family's
-own diffusers pipeline loads it. The rollout (trainer/sampling.py) and the algorithms see only these.
+What the algorithms need from the model, in one place: load the pipeline, encode prompts into one conditioning
+object, predict (with classifier-free guidance when asked), the initial latents' shape, and save LoRA so that the
+family's own diffusers pipeline loads it. The sampler's dynamics are composed in, not written here:
+``self.dynamics`` is a DDIM (trainer/families/ddim.py: the stochastic step, its log-prob and KL, the forward
+process) on the pipeline's scheduler, and ``self.vae`` the shared VAE code (trainer/families/vae.py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from trainer.families.ddim import check_scheduler, ddim_mean_std, ddim_x0, gaussian_log_prob
-from trainer.loss import gaussian_kl
+from trainer.families.ddim import DDIM, check_scheduler
+from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -26,7 +26,7 @@ class SD1:
     denoiser_name = "unet"  # the pipeline component that is trained (and its folder when saved whole)
 
     def __init__(self, pipe):
-        self.pipe = pipe
+        self.pipe, self.dynamics, self.vae = pipe, DDIM(pipe.scheduler), VAE(pipe.vae)
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -72,86 +72,10 @@ class SD1:
         """The model's prediction, with classifier-free guidance when ``negative`` is given."""
         return guided(lambda x, t, c: model(x, t, c).sample, latents, timesteps, cond, negative, guidance_scale)
 
-    # -- the stochastic step ---------------------------------------------------------------------------------
-    def timesteps(self, num_steps: int, device) -> torch.Tensor:
-        scheduler = self.pipe.scheduler
-        scheduler.set_timesteps(num_steps, device=device)
-        # the step's constants on the device once, not copied from the host at every step
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).to(device)
-        return scheduler.timesteps
-
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
+        """The sampler's x_T for ``n`` images of ``resolution`` px: the UNet's channels on the VAE's grid."""
         size = resolution // self.pipe.vae_scale_factor
-        shape = (n, self.pipe.unet.config.in_channels, size, size)
-        return (
-            torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-            * self.pipe.scheduler.init_noise_sigma
-        )
-
-    def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
-        """Mean and std of p(x_{t-1} | x_t) at step ``index`` of the schedule (DDIM, float32)."""
-        scheduler = self.pipe.scheduler
-        return ddim_mean_std(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents, eta)
-
-    @staticmethod
-    def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """log N(x_next; mean, std^2) averaged over C, H, W, as ddpo-pytorch."""
-        return gaussian_log_prob(x_next, mean, std)
-
-    @staticmethod
-    def kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The exact KL between the DDIM step's Gaussians under the policy and the reference (same std),
-        averaged like the log-prob. ddpo-pytorch has no KL term; this is Flow-GRPO's penalty with the DDIM
-        step's own std (a DDIM step has no dt to leave out)."""
-        return gaussian_kl(mean, reference_mean, std)
-
-    def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
-        """The clean latents the prediction at step ``index`` implies (float32, differentiable)."""
-        scheduler = self.pipe.scheduler
-        return ddim_x0(scheduler, output, scheduler.timesteps.to(latents.device)[index], latents)
-
-    # -- the training objective ------------------------------------------------------------------------------
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
-        """The forward process at training timesteps drawn as ``u`` in [0, 1) (one per sample, uniform over
-        the scheduler's training timesteps): the noisy latents, the timesteps and the model's regression
-        target (the noise, or the velocity for a v-prediction model)."""
-        scheduler = self.pipe.scheduler
-        t = (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
-        noisy = scheduler.add_noise(latents, noise, t)
-        if scheduler.config.prediction_type == "v_prediction":
-            return noisy, t, scheduler.get_velocity(latents, noise, t)
-        return noisy, t, noise
-
-    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
-        """The forward process at step ``index`` of the sampler's schedule (one per sample; DiffusionNFT and
-        AWM train at the sampler's own steps): x_t, the denoiser's timesteps, the regression target (the noise,
-        or the velocity for a v-prediction model) and the time in [0, 1] (t / num_train_timesteps)."""
-        scheduler = self.pipe.scheduler
-        t = scheduler.timesteps.to(latents.device)[index]
-        target = (
-            scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-        )
-        return scheduler.add_noise(latents, noise, t), t, target, t.float() / scheduler.config.num_train_timesteps
-
-    # -- pixels ----------------------------------------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], (N, 3, H, W), float32; differentiable."""
-        vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + _shift(vae)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def to_uint8(self, latents: torch.Tensor) -> np.ndarray:
-        """Decoded uint8 NHWC numpy, made on the calling (main) thread: reward futures get numpy, never
-        tensors (torch work handed to a helper thread competes with the training threads)."""
-        return (self.decode(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        """Latents of images in [0, 1], (N, 3, H, W) (for losses on real images: DPO, ReFL's pre-training)."""
-        vae = self.pipe.vae
-        posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
-        return (posterior.sample(generator) - _shift(vae)) * vae.config.scaling_factor
+        return self.dynamics.prior((n, self.pipe.unet.config.in_channels, size, size), generator, device)
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
@@ -173,11 +97,6 @@ def guided(call, latents: torch.Tensor, timesteps: torch.Tensor, cond, negative,
         both = torch.cat([negative.expand_as(cond), cond])
     uncond, conditional = call(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).chunk(2)
     return uncond + guidance_scale * (conditional - uncond)
-
-
-def _shift(vae) -> float:
-    """The VAE's latent shift: SD3's has one (0.0609), SD1's and SDXL's none."""
-    return vae.config.get("shift_factor") or 0.0
 
 
 def load_with_ddim(pipeline_class, path: str, cfg: Config, dtype: torch.dtype, **kwargs):

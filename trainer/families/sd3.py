@@ -6,6 +6,10 @@ ODE (``sample.eta`` 0) is the scheduler's own Euler step; ``sample.eta`` > 0 is 
 (0.7 in its SD3.5 runs), which makes each step a Gaussian with a log-prob (``sample.sde_type cps``: its
 coefficients-preserving variant). T5 (``text_encoder_3``) is optional, as in StableDiffusion3Pipeline:
 without it its tokens are zeros.
+
+The sampler's dynamics are composed in: ``self.dynamics`` is a FlowMatching (trainer/families/flow.py: the SDE or
+CPS step, its log-prob and KL, the rectified-flow forward process) on the pipeline's scheduler, and ``self.vae``
+the shared VAE code, which honours the latent shift SD3's VAE has (trainer/families/vae.py).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.families.flow import FLOW_LOG_PROBS, FLOW_STEPS, flow_grpo_kl, rectified_flow_noised
-from trainer.families.sd1 import SD1, dtype_kwarg, guided
+from trainer.families.flow import FlowMatching
+from trainer.families.sd1 import dtype_kwarg, guided
+from trainer.families.vae import VAE
 from trainer.families.zero_t5 import T5_TOKENS, use_one_zero_token
 
 if TYPE_CHECKING:
@@ -28,10 +33,7 @@ class SD3:
     denoiser_name = "transformer"  # the pipeline component that is trained (and its folder when saved whole)
 
     def __init__(self, pipe, sde_type: str = "sde"):
-        self.pipe, self.sde_type = pipe, sde_type
-        # SD1's VAE code, which honours the latent shift SD3's VAE has
-        sd1 = SD1(pipe)
-        self.decode, self.to_uint8, self.encode = sd1.decode, sd1.to_uint8, sd1.encode
+        self.pipe, self.dynamics, self.vae = pipe, FlowMatching(pipe.scheduler, sde_type), VAE(pipe.vae)
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "SD3":
@@ -111,52 +113,10 @@ class SD3:
 
         return guided(call, latents, timesteps, cond, negative, guidance_scale)
 
-    # -- the stochastic step ---------------------------------------------------------------------------------
-    def timesteps(self, num_steps: int, device) -> torch.Tensor:
-        self.pipe.scheduler.set_timesteps(num_steps, device=device)
-        return self.pipe.scheduler.timesteps
-
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
+        """The sampler's x_1 for ``n`` images of ``resolution`` px: the transformer's channels on the VAE's grid."""
         size = resolution // self.pipe.vae_scale_factor
-        shape = (n, self.pipe.transformer.config.in_channels, size, size)
-        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-
-    def step(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor, eta: float):
-        """Mean and std of p(x_next | x) at step ``index`` of the schedule (Flow-GRPO's SDE or CPS step, float32)."""
-        return FLOW_STEPS[self.sde_type](self.pipe.scheduler.sigmas, index, output, latents, noise_level=eta)
-
-    def log_prob(self, x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """log p(x_next | x) per sample as Flow-GRPO computes it: the Gaussian's for the SDE step, every
-        constant dropped for CPS (so its clip ranges transfer)."""
-        return FLOW_LOG_PROBS[self.sde_type](x_next, mean, std)
-
-    def kl(
-        self, mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor
-    ) -> torch.Tensor:
-        """Flow-GRPO's KL penalty per sample at steps ``index`` (so ``train.kl_coef`` is its beta)."""
-        return flow_grpo_kl(self.pipe.scheduler.sigmas, index, mean, reference_mean, std, self.sde_type)
-
-    def predicted_x0(self, output: torch.Tensor, index: torch.Tensor | int, latents: torch.Tensor) -> torch.Tensor:
-        """x - s v: the clean latents the velocity at step ``index`` implies (float32, differentiable)."""
-        s = self.pipe.scheduler.sigmas.to(latents.device, torch.float32)[index]
-        return latents.float() - s.reshape(-1, *[1] * (latents.ndim - 1)) * output.float()
-
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
-        """The rectified-flow interpolation x_s = (1 - s) x0 + s noise at s = the scheduler's shift applied to
-        ``u`` in [0, 1) (one per sample), as its own schedule warps sigmas; the timesteps the transformer takes
-        (s x num_train_timesteps) and its regression target, the velocity noise - x0."""
-        config = self.pipe.scheduler.config
-        shift = config.get("shift", 1.0)
-        return rectified_flow_noised(latents, noise, shift * u / (1 + (shift - 1) * u), config.num_train_timesteps)
-
-    def noised_at(self, latents: torch.Tensor, noise: torch.Tensor, index: torch.Tensor):
-        """x_s = (1 - s) x0 + s noise at s = sigmas[index] of the sampler's schedule (one per sample; DiffusionNFT
-        and AWM train at the sampler's own steps), the transformer's timesteps, the velocity target noise - x0
-        and the time s."""
-        scheduler = self.pipe.scheduler
-        s = scheduler.sigmas.to(latents.device, torch.float32)[index]
-        sigma = s.view(-1, *[1] * (latents.ndim - 1))
-        return (1 - sigma) * latents + sigma * noise, scheduler.timesteps.to(latents.device)[index], noise - latents, s
+        return self.dynamics.prior((n, self.pipe.transformer.config.in_channels, size, size), generator, device)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
         from diffusers import StableDiffusion3Pipeline

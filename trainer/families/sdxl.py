@@ -2,8 +2,9 @@
 pooled projection and the micro-conditioning (original size, crop, target size) feed its "text_time"
 embedding), sampled with DDIM like SD1.
 
-The DDIM step, the initial noise and the VAE are SD1's (the same UNet-latent layout), so they are SD1's
-code, reached through ``self.sd1``; what differs is loading, the conditioning and the prediction.
+Its dynamics are SD1's: ``self.dynamics`` a DDIM (trainer/families/ddim.py) on the pipeline's scheduler and
+``self.vae`` the shared VAE code (trainer/families/vae.py); what this file holds is what differs from SD1, the
+loading, the conditioning and the prediction.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.families.sd1 import SD1, guided, load_with_ddim
+from trainer.families.ddim import DDIM
+from trainer.families.sd1 import guided, load_with_ddim
+from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -24,16 +27,7 @@ class SDXL:
     denoiser_name = "unet"  # the pipeline component that is trained (and its folder when saved whole)
 
     def __init__(self, pipe):
-        self.pipe, self.sd1 = pipe, SD1(pipe)
-        self.step, self.timesteps, self.initial_latents = self.sd1.step, self.sd1.timesteps, self.sd1.initial_latents
-        self.log_prob, self.kl, self.noised_at = self.sd1.log_prob, self.sd1.kl, self.sd1.noised_at
-        self.predicted_x0 = self.sd1.predicted_x0
-        self.decode, self.to_uint8, self.encode, self.noised = (
-            self.sd1.decode,
-            self.sd1.to_uint8,
-            self.sd1.encode,
-            self.sd1.noised,
-        )
+        self.pipe, self.dynamics, self.vae = pipe, DDIM(pipe.scheduler), VAE(pipe.vae)
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "SDXL":
@@ -52,7 +46,12 @@ class SDXL:
         return [self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.unet]
 
     def native_resolution(self) -> int:
-        return self.sd1.native_resolution()
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
+        """The sampler's x_T for ``n`` images of ``resolution`` px: the UNet's channels on the VAE's grid."""
+        size = resolution // self.pipe.vae_scale_factor
+        return self.dynamics.prior((n, self.pipe.unet.config.in_channels, size, size), generator, device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict[str, torch.Tensor]:
