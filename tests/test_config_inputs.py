@@ -160,6 +160,8 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_loads(t
     assert f"--run.output_dir: {message}" in err
     code, err = trainer_main(capsys, "--run.output_dir", "/dev/null/x")
     assert code == 2 and "--run.output_dir: /dev/null/x: /dev/null is not a folder" in err
+    code, err = trainer_main(capsys, "--out", str(out), "--model", "tiny", module="trainer.label")
+    assert code == 2 and f"--out: {message}" in err and "Traceback" not in err, err
 
 
 def test_every_preset_has_its_own_default_output_folder():

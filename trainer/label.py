@@ -34,6 +34,7 @@ from pydantic import AfterValidator, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from protocol.errors import redact_url
+from trainer.config.run import checked_output_dir
 from trainer.prompts import checked_file  # numpy only: light to import
 
 SETTINGS_FILE = "label-settings.json"
@@ -61,7 +62,7 @@ class LabelSettings(BaseSettings):
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.label", cli_implicit_flags=True)
 
-    out: Path = Field(description="output folder of parquet shards")
+    out: Annotated[Path, AfterValidator(checked_output_dir)] = Field(description="output folder of parquet shards")
     source: str | None = Field(None, description="(a) pairs to relabel: a folder or hub id, as --dpo.dataset")
     model: str | None = Field(None, description="(b) sample pairs from this model (as --pretrained.model)")
     prompt_fn: str = Field("shapes", description="(b) the trainer's prompt.fn names")

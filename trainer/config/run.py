@@ -71,10 +71,7 @@ class RunConfig(_Group):
     @field_validator("output_dir")
     @classmethod
     def _output_dir(cls, path: Path) -> Path:
-        problem = output_dir_problem(path)
-        if problem:
-            raise ValueError(problem)
-        return path
+        return checked_output_dir(path)
 
     @field_validator("eval_scorer")
     @classmethod
@@ -101,6 +98,14 @@ def output_dir_problem(path: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{path}: {existing} is not writable"
     return None
+
+
+def checked_output_dir(path: Path) -> Path:
+    """A settings validator of an output folder (run.output_dir, trainer.label's --out)."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise ValueError(problem)
+    return path
 
 
 class PretrainedConfig(_Group):
