@@ -134,6 +134,15 @@ def test_prompt_files_must_be_regular_files_of_bounded_size(tmp_path, capsys, fl
     assert f"--{flag}: {expected}" in err, err
 
 
+@pytest.mark.timeout(60)
+def test_a_config_file_must_be_a_regular_file_too(tmp_path, capsys):
+    fifo = tmp_path / "c.json"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        code, err = trainer_main(capsys, "--config", str(path), "--print-config")
+        assert code == 2 and f"config: {path} is not a regular file" in err and "Traceback" not in err, err
+
+
 def test_prompt_files_split_on_line_ends_only(tmp_path):
     from trainer.prompts import lines
 

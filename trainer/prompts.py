@@ -27,7 +27,7 @@ ASSETS = Path(__file__).parent / "assets"
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-MAX_PROMPT_FILE = 64 * 1024**2  # bytes: read whole, before any model loads
+MAX_TEXT_FILE = 64 * 1024**2  # bytes of a prompt or --config file: read whole, before any model loads
 
 
 def split_lines(text: str) -> list[str]:
@@ -44,25 +44,33 @@ def lines(path: Path, what: str = "prompt.path") -> tuple[str, ...]:
     return found
 
 
-def file_problem(path: Path) -> str | None:
-    """What keeps ``path`` from being a prompt file (one prompt per line, UTF-8), said before any model loads.
-    Only a regular file of bounded size is opened: a FIFO would wait for a writer, /dev/zero never end."""
+def read_small_text(path: Path, what: str, limit: int = MAX_TEXT_FILE) -> str:
+    """A settings file's text (a prompt file, --config), read whole before any model loads; ValueError saying
+    why not. Only a regular file of bounded size is opened: a FIFO would wait for a writer, /dev/zero never end."""
     import os
     import stat
 
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            return f"{path} is not a regular file"
-        if info.st_size > MAX_PROMPT_FILE:
-            return f"{path} is {info.st_size} bytes; prompt files are at most {MAX_PROMPT_FILE}"
-        text = Path(path).read_text(encoding="utf-8")
+            raise ValueError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path} is {info.st_size} bytes; {what} are at most {limit}")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return f"no such file {path}"
+        raise ValueError(f"no such file {path}") from None
     except UnicodeDecodeError as exc:
-        return f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        return f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
+def file_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a prompt file (one prompt per line, UTF-8), said before any model loads."""
+    try:
+        text = read_small_text(path, "prompt files")
+    except ValueError as exc:
+        return str(exc)
     return None if any(line.strip() for line in split_lines(text)) else f"{path} has no prompts"
 
 

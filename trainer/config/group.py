@@ -33,16 +33,14 @@ class _Group(BaseModel):
 
 def read_settings_file(path: Path) -> dict[str, Any]:
     """The settings of ``--config``; ValueError "config: <file> ..." saying why it cannot be read."""
-    if not path.is_file():
-        raise ValueError(f"config: no such file {path}")
+    from trainer.prompts import read_small_text
+
+    try:
+        text = read_small_text(path, "config files")  # a FIFO or /dev/zero given as --config: refused unread
+    except ValueError as exc:
+        raise ValueError(f"config: {exc}") from None
     if path.suffix not in (".json", ".toml"):
         raise ValueError(f"config: {path} must be .json or .toml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"config: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ValueError(f"config: {path} cannot be read ({exc.strerror or exc})") from None
     too_deep = f"config: {path} nests deeper than {MAX_DEPTH} levels"
     try:
         settings = _parsed(path, text)
