@@ -42,6 +42,25 @@ def test_the_fuzz_covers_the_settings_the_attack_found():
     assert len(SETTINGS) > 50
 
 
+@pytest.mark.parametrize(
+    "module, settings",
+    [
+        ("trainer.evaluate", "EvalSettings"),
+        ("trainer.label", "LabelSettings"),
+        ("trainer.before_after", "SampleSettings"),
+    ],
+)
+def test_the_other_commands_bound_their_numbers_too(capsys, module, settings):
+    from importlib import import_module
+
+    flags = numeric_settings(getattr(import_module(module), settings))
+    assert flags
+    for flag in flags:
+        for value in ("nan", "inf", "1e300", str(10**30)):
+            code, err = trainer_main(capsys, f"--{flag}", value, module=module)
+            assert code == 2 and f"--{flag}:" in err and "Traceback" not in err, (flag, value, err)
+
+
 def run_cli(capsys, *args):
     """trainer_main's exit status and stderr, --print-config returning normally counting as exit 0."""
     from trainer.__main__ import main

@@ -33,6 +33,8 @@ import numpy as np
 from pydantic import AfterValidator, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from trainer.config.group import Bounded
+
 from protocol.errors import redact_url
 from trainer.config.run import checked_output_dir
 from trainer.prompts import checked_file  # numpy only: light to import
@@ -57,7 +59,7 @@ SHAPING = (
 )
 
 
-class LabelSettings(BaseSettings):
+class LabelSettings(Bounded, BaseSettings):
     """Label preference pairs with a scorer (a reward server or in process), in Pick-a-Pic's layout."""
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.label", cli_implicit_flags=True)

@@ -18,17 +18,23 @@ MAGNITUDE = 2**31 - 1
 MAX_DEPTH = 32  # of a --config file's nesting: settings nest 4 deep (reward.components.0.options)
 
 
-class _Group(BaseModel):
+class Bounded(BaseModel):
+    """Every number finite and within +-MAGNITUDE: one check for every numeric setting of every settings class
+    (each group of the trainer's config, and the other commands'), a field's own bounds coming on top."""
+
     # allow_inf_nan: NaN passes every gt/ge/lt bound (all comparisons are false), and inf most of them
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod
     def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
-        """One check for every numeric setting of every group (a field's own bounds come on top)."""
         if type(value) in (int, float) and abs(value) > MAGNITUDE:
             raise ValueError(f"must lie between -{MAGNITUDE} and {MAGNITUDE}")
         return value
+
+
+class _Group(Bounded):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # with Bounded's
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
