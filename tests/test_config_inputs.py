@@ -106,6 +106,17 @@ def test_optimizer_settings_are_bounded(tmp_path, capsys, flag, value):
     assert code == 2 and f"--{flag}:" in err and "Traceback" not in err, err
 
 
+def test_the_attacks_optimizer_setting_exits_2_before_anything_loads(tmp_path):
+    """As the attack ran it: the command line in a process of its own, NaN reaching torch's AdamW after the
+    model had loaded."""
+    from tests.test_data_checks import trainer_cli
+
+    run = trainer_cli("--train.adam_beta1", "nan", "--run.output_dir", str(tmp_path / "run"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "--train.adam_beta1: Input should be a finite number" in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_reward_components_weight_must_be_finite(tmp_path):
     with pytest.raises(ValueError, match="finite"):
         Config(reward={"components": [{"scorer": "compression", "weight": float("nan")}]})
