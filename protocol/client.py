@@ -51,6 +51,7 @@ class RewardClient:
         self._backoff = wait_exponential_jitter(multiplier=0.2, max=max_backoff, jitter=0.2)
         self._headers = {"content-type": MEDIA_TYPE, "accept": MEDIA_TYPE}
         if token:
+            _one_credential(self.urls)
             self._headers["authorization"] = f"Bearer {token}"
         self._next_url = itertools.cycle(range(len(self.urls)))
         self._http: httpx.AsyncClient | None = None
@@ -218,3 +219,17 @@ def _server_error(url: str, response: httpx.Response) -> RewardServerError:
     retry_after = response.headers.get("retry-after", "")
     wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
     return RewardServerError(url, response.status_code, code, message, field, retry_after=wait)
+
+
+def _one_credential(urls: list[str]) -> None:
+    """A request has one Authorization header, and httpx fills it with a URL's userinfo as Basic auth in place
+    of the bearer token: the server would never see the token. Refused, never silently dropped."""
+    from protocol.errors import has_credentials, redact_url
+
+    for url in urls:
+        if has_credentials(url):
+            raise ValueError(
+                f"{redact_url(url)}: URL credentials and a bearer token together; a request carries one of "
+                "them (the URL's as Basic auth would replace the token): give the token alone, or credentials in "
+                "the URL alone for a proxy that checks them"
+            )

@@ -12,15 +12,24 @@ MASK = "*" * 10  # written in place of a secret (a URL's password; older config.
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password of its userinfo masked (``http://user:**********@host``): what any message,
-    log or written config shows; requests still go to the real URL. Works on URLs that do not parse too,
-    since the messages that reject those quote them."""
+    """``url`` with its userinfo's secret masked (``http://user:**********@host``; a user part alone, which may
+    be a token, ``http://**********@host``): what any message, log or written config shows; requests still go
+    to the real URL. Works on URLs that do not parse too, since the messages that reject those quote them."""
     scheme, sep, rest = url.partition("://")
-    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
-    userinfo, at, host = rest[:end].rpartition("@")  # the host follows the last @ of the authority
-    if not (sep and at and ":" in userinfo):
+    if not sep or "@" not in rest:
         return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:{MASK}@{host}{rest[end:]}"
+    # The userinfo ends at the last @ of the whole URL, not of the authority: a password may hold an unencoded
+    # /, ? or #, which a URL parser takes as the end of the authority (the password would then show as a path).
+    # An @ in a path or query masks more than the userinfo: too much for a message, never too little.
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{f'{user}:{MASK}' if colon else MASK}@{host}"
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` carries a userinfo (``user@``, ``user:password@``), which httpx sends as Basic auth."""
+    scheme, sep, rest = url.partition("://")
+    return bool(sep) and "@" in rest
 
 
 class ProtocolError(Exception):

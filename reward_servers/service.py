@@ -93,6 +93,7 @@ class ScoringService:
         if not self.ready:
             raise ProtocolError(503, "not_ready", "the scorer is not loaded (starting or shutting down)")
         start = time.perf_counter()
+        self._check_fits(request)
         try:
             self.probe.check(request.prompts, request.metadata)
         except ValueError as exc:
@@ -130,6 +131,28 @@ class ScoringService:
             gradient_dtype=request.gradient_dtype,
             gradients=[np.ascontiguousarray(g, dtype=dtype).tobytes() for g in output.gradients],
         )
+
+    def _check_fits(self, request: ScoreRequest) -> None:
+        """The scorer's own limits (Scorer.max_prompt_chars, max_side), before any work is queued: a 413 naming
+        the first prompt too long, a 422 naming the first image it cannot take."""
+        limit = self.probe.max_prompt_chars
+        for i, prompt in enumerate(request.prompts):
+            if len(prompt) > limit:
+                raise ProtocolError(
+                    413,
+                    "payload_too_large",
+                    f"{len(prompt)} characters; scorer {self.name} takes prompts of at most {limit}",
+                    f"prompts.{i}",
+                )
+        side = self.probe.max_side
+        for i, image in enumerate(request.images):
+            if side is not None and max(image.height, image.width) > side:
+                raise ProtocolError(
+                    422,
+                    "invalid_request",
+                    f"{image.height}x{image.width} pixels; scorer {self.name} takes sides of at most {side}",
+                    f"images.{i}",
+                )
 
     @contextlib.contextmanager
     def _decoded_budget(self, nbytes: int):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from scorers.devices import dtype_kwarg, half_on_gpu
-from scorers.scorer import ScoreOutput, Scorer
+from scorers.scorer import CHANNELS_LAST, ScoreOutput, Scorer, central
 from scorers.tiny_models import resolve
 
 
@@ -31,6 +31,7 @@ def resize_crop_normalise(images, short: int, crop: tuple[int, int], mean, std):
     import torch
     import torch.nn.functional as F
 
+    images = central(images, -2, -1)
     h, w = images.shape[-2:]
     scale = short / min(h, w)
     x = F.interpolate(
@@ -77,7 +78,9 @@ class ClipEmbedder:
     def images(self, images: np.ndarray):
         """L2-normalised image embeddings, float32 (N, D)."""
         with self.torch.inference_mode():
-            return self.embed(self.processor(images=list(images), return_tensors="pt")["pixel_values"])
+            images = [central(image) for image in images]
+            pixels = self.processor(images=images, return_tensors="pt", **CHANNELS_LAST)["pixel_values"]
+            return self.embed(pixels)
 
     def pixels(self, images):
         """The processor's preprocessing of (N, 3, H, W) float images in [0, 1], in torch and differentiable."""

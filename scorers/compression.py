@@ -39,6 +39,7 @@ class JpegIncompressibility(Scorer):
     name = "incompressibility"
     description = "JPEG size at quality 95 in kB (bytes / 1000); higher = less compressible"
     max_batch = 256
+    max_side = 65_500  # libjpeg's JPEG_MAX_DIMENSION: a longer side does not encode
     sign = 1.0
 
     def __init__(self, quality: int = 95, workers: int | None = None):

@@ -119,7 +119,8 @@ class GenEvalScorer(Scorer):
         torch, F = self.torch, self.torch.nn.functional
         n, h, w = images.shape[:3]
         scale = min(self.resize / min(h, w), self.max_size / max(h, w))
-        size = (round(h * scale), round(w * scale))
+        # at least one pixel a side: a 1x3000 image scales its short side to 0.44 px (PyTorch refuses size 0)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
         x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False) - self.mean) / self.std
         pad = [(-s) % 32 for s in size]  # mmdet pads to a multiple of 32 at the bottom and right

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from scorers.devices import dtype_kwarg, half_on_gpu
-from scorers.scorer import ScoreOutput, Scorer
+from scorers.scorer import CHANNELS_LAST, ScoreOutput, Scorer, central
 from scorers.tiny_models import resolve
 
 QUESTION = "Answer concisely: what is going on in this image?"
@@ -89,7 +89,8 @@ class LlavaScorer(Scorer):
     def answer(self, images: np.ndarray, questions: list[str]) -> list[str]:
         """Greedy answers, one per (image, question) pair, in one batched generate call."""
         texts = [TEMPLATE.format(question=q) for q in questions]
-        inputs = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+        images = [central(image) for image in images]  # LLaVA's processor resizes as CLIP's
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **CHANNELS_LAST)
         inputs = {
             k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in inputs.items()
         }

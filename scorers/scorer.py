@@ -21,6 +21,25 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 
+# Given to every transformers image processor: left to guess, it takes an image 1, 3 or 4 pixels high for
+# channels-first (a 3x20 crop normalised as 20 pixels of 3 channels), and a 1-pixel-high one fails.
+CHANNELS_LAST = {"input_data_format": "channels_last"}
+MAX_ASPECT = 4  # see central
+
+
+def central(image, h_axis: int = 0, w_axis: int = 1, ratio: int = MAX_ASPECT):
+    """The centre of ``image`` (numpy or torch, any layout) with its longer side cut to ``ratio`` times the
+    shorter. CLIP-style preprocessing resizes the shorter side to the model's size and keeps the centre square:
+    a 1 x 1,048,576 image would first become 224 x 234,881,024 pixels (150 GB); cut first, it keeps the same
+    centre (up to a pixel of rounding), and images of aspect ratio up to 4 are untouched."""
+    h, w = image.shape[h_axis], image.shape[w_axis]
+    keep_h, keep_w = min(h, ratio * w), min(w, ratio * h)
+    index = [slice(None)] * image.ndim
+    index[h_axis] = slice((h - keep_h) // 2, (h - keep_h) // 2 + keep_h)
+    index[w_axis] = slice((w - keep_w) // 2, (w - keep_w) // 2 + keep_w)
+    return image[tuple(index)]
+
+
 @dataclass
 class ScoreOutput:
     scores: np.ndarray  # float64, one per image
@@ -58,6 +77,14 @@ class Scorer(ABC):
     name: ClassVar[str]
     description: ClassVar[str]  # what the number means, shown by GET /v1/info
     max_batch: int = 64
+    # Characters per prompt a server takes (a 422 naming the prompt past it): what one request can cost is
+    # bounded by more than the body limit. Captions are far shorter; a scorer whose work grows with the
+    # prompt sets its own (OCR's edit distance).
+    max_prompt_chars: int = 10_000
+    # The longest image side a scorer takes (None: any the protocol allows, 1 pixel up to 1 Mpixel on one
+    # side): past it a server answers 422 naming the image, the one rule every scorer shares. Scorers that
+    # resize keep every side at 1 pixel at least, so that no shape reaches a size of 0.
+    max_side: int | None = None
 
     def load(self, device: str = "cpu") -> None:
         """Load weights onto ``device``; called once before the first ``score``."""

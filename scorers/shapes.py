@@ -24,21 +24,19 @@ NAMES = list(world.COLORS)
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
-    """The 4-connected components of a boolean mask, as arrays of (y, x) pixel coordinates: each pixel takes
-    the smallest label among its neighbours until nothing changes (numpy only, ~30 passes for our shapes)."""
-    h, w = mask.shape
-    big = h * w
-    labels = np.where(mask, np.arange(big).reshape(h, w), big)
-    while True:
-        padded = np.pad(labels, 1, constant_values=big)
-        neighbours = np.minimum.reduce(
-            [padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
-        )
-        new = np.where(mask, neighbours, big)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    return [np.argwhere(labels == label) for label in np.unique(labels[mask])]
+    """The 4-connected components of a boolean mask, as arrays of (y, x) pixel coordinates in row-major order,
+    ordered by their first pixel: scipy's one-pass labelling (propagating labels with numpy took as many passes
+    as a component is long: a 1 x 1,000,000 image held a server for minutes)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)  # the default structure is the 4-neighbour cross; numbered in scan order
+    if n == 0:
+        return []
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n + 1)
+    inside = np.argsort(flat, kind="stable")[counts[0] :]  # each component's pixels in row-major order
+    points = np.stack(np.unravel_index(inside, mask.shape), axis=1)
+    return np.split(points, np.cumsum(counts[1:])[:-1])
 
 
 def ideal_masks(h: int, w: int) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ MASK = "**********"
         "http://host#frag",
         "localhost:8000",
         "http://host:99999",
-        "http://us er@host",
+        "http://my host",
     ],
 )
 def test_a_bad_reward_url_fails_in_the_config_naming_the_field(url):
@@ -178,13 +178,61 @@ def test_reward_server_errors_and_the_reward_name_mask_the_password():
     error = RewardServerError(SECRET_URL, 500, "internal", "boom")
     assert str(error) == f"reward server http://user:{MASK}@127.0.0.1:8101 answered 500 internal: boom"
     assert error.url == SECRET_URL  # the client retries against the real one
-    assert (
-        redact_url("https://u:p@w@h:1/x?y=a:b@c") == f"https://u:{MASK}@h:1/x?y=a:b@c"
-    )  # the last @ ends the userinfo
-    assert redact_url("http://u@h:1") == "http://u@h:1" and redact_url("not a url") == "not a url"
+    # the last @ ends the userinfo: a path's @ masks too much for a message, never too little
+    assert redact_url("https://u:p@w@h:1") == f"https://u:{MASK}@h:1"
+    assert redact_url("https://u:p@h:1/x?y=a:b@c") == f"https://u:{MASK}@c"
+    assert redact_url("http://h:1/x") == "http://h:1/x" and redact_url("not a url") == "not a url"
     cfg = Config(reward={"url": [SECRET_URL], "probe_timeout": 1})
     reward = RemoteReward(cfg.reward.sources()[0], cfg.reward)
     try:
         assert "s3cretPW" not in reward.name and f"user:{MASK}@" in reward.name
     finally:
         reward.close()
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("http://alice:a/PwS3cretXq@127.0.0.1:8121", f"http://alice:{MASK}@127.0.0.1:8121"),
+        ("http://alice:a#PwS3cretXq@127.0.0.1:8121", f"http://alice:{MASK}@127.0.0.1:8121"),
+        ("http://alice:a?PwS3cretXq@127.0.0.1:8121", f"http://alice:{MASK}@127.0.0.1:8121"),
+        ("http://PwS3cretXq@127.0.0.1:8121/x", f"http://{MASK}@127.0.0.1:8121/x"),
+    ],
+)
+def test_a_password_holding_url_delimiters_is_masked_when_the_url_is_refused(url, shown):
+    from protocol.errors import cli_message
+
+    with pytest.raises(ValidationError) as raised:
+        Config(reward={"url": [url]})
+    assert "PwS3cretXq" not in str(raised.value) and "PwS3cretXq" not in cli_message(raised.value)
+    assert repr(shown) in str(raised.value)
+
+
+def test_a_credential_in_the_user_part_alone_is_never_written():
+    """config.json and the tracker's hparams are both this dump."""
+    url = "http://PwS3cretXq@127.0.0.1:8121"
+    cfg = Config(reward={"url": [url]})
+    assert cfg.reward.url == [url]  # requests go to the real URL
+    dumped = json.dumps(cfg.model_dump(mode="json"))
+    assert "PwS3cretXq" not in dumped and f"http://{MASK}@127.0.0.1:8121" in dumped
+    with pytest.raises(ValidationError, match="masked"):  # the dump given back would send the mask
+        Config(reward={"url": [f"http://{MASK}@127.0.0.1:8121"]})
+
+
+@pytest.mark.parametrize("url", ["http://alice:pw@127.0.0.1:8121", "http://TOKEN@127.0.0.1:8121"])
+def test_url_credentials_and_a_token_together_are_refused(url):
+    """A request has one Authorization header: httpx would send the URL's Basic credentials in place of the
+    Bearer token. The config says so before anything loads; the client refuses too."""
+    from protocol import RewardClient
+    from protocol.errors import cli_message
+
+    with pytest.raises(ValidationError) as raised:
+        Config(reward={"url": [url], "token": "tok-123"})
+    message = cli_message(raised.value)
+    assert "reward.token" in message and "credentials" in message and "pw" not in message.replace("password", "")
+    with pytest.raises(ValidationError, match="credentials"):
+        Config(reward={"components": [{"scorer": "aesthetic", "url": [url]}], "token": "tok-123"})
+    with pytest.raises(ValueError, match="credentials"):
+        RewardClient(url, token="tok-123")
+    Config(reward={"url": [url]})  # either alone is fine
+    Config(reward={"url": ["http://127.0.0.1:8121"], "token": "tok-123"})

@@ -18,8 +18,10 @@ from pathlib import Path
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from trainer.config.group import Bounded
 
-class SampleSettings(BaseSettings):
+
+class SampleSettings(Bounded, BaseSettings):
     """Render a before/after grid for given prompts from a base model and a LoRA."""
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.before_after", cli_implicit_flags=True)
@@ -114,8 +116,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         CliApp.run(SampleSettings, cli_args=sys.argv[1:] if argv is None else argv)
-    except ValidationError as exc:
-        raise SystemExit(f"python -m trainer.before_after: {cli_message(exc)}") from None
+    except ValidationError as exc:  # the user's to fix: exit 2, as the other commands
+        print(f"python -m trainer.before_after: {cli_message(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ are checked in full up to ``limit`` (``dpo.check_rows``); ``Pairs`` checks each 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model
+
+from trainer.prompts import split_lines
 
 PAIR_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 JSONL_IMAGES = {"image_0": "jpg_0", "image_1": "jpg_1"}  # pairs.jsonl's names for Pick-a-Pic's columns
@@ -69,13 +72,18 @@ def image_data(value: Any, root: Path | None, allow_outside: bool, flag: str) ->
         return bytes(value)
     path = Path(value)
     full = path if path.is_absolute() or root is None else root / path
-    if not allow_outside and (root is None or not full.resolve().is_relative_to(root.resolve())):
-        raise RowError(f"{value} lies outside the dataset folder (allow it with {flag})")
+    loop = RowError(f"{value} is a symlink loop")
     try:
+        if not allow_outside and (root is None or not full.resolve().is_relative_to(root.resolve())):
+            raise RowError(f"{value} lies outside the dataset folder (allow it with {flag})")
         return full.read_bytes()
+    except RuntimeError:  # Path.resolve's "Symlink loop from ..." (Python < 3.13)
+        raise loop from None
     except FileNotFoundError:
         raise RowError(f"no such file {value}") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise loop from None
         raise RowError(f"{value} cannot be read ({exc.strerror or exc})") from None
 
 
@@ -167,7 +175,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     except (OSError, UnicodeDecodeError) as exc:
         yield 0, None, f"cannot be read ({exc})"
         return
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(split_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -21,6 +21,8 @@ import numpy as np
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from trainer.config.group import Bounded
+
 from trainer import tracking
 from trainer.prompts import checked_file
 
@@ -205,7 +207,7 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
     return result
 
 
-class EvalSettings(BaseSettings):
+class EvalSettings(Bounded, BaseSettings):
     """Deterministic evaluation of a model (and its LoRA or finetuned denoiser) on fixed prompts and seeds."""
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.evaluate", cli_implicit_flags=True)

@@ -33,7 +33,10 @@ import numpy as np
 from pydantic import AfterValidator, Field, ValidationError, field_serializer
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from trainer.config.group import Bounded
+
 from protocol.errors import redact_url
+from trainer.config.run import checked_output_dir
 from trainer.prompts import checked_file  # numpy only: light to import
 
 SETTINGS_FILE = "label-settings.json"
@@ -56,12 +59,12 @@ SHAPING = (
 )
 
 
-class LabelSettings(BaseSettings):
+class LabelSettings(Bounded, BaseSettings):
     """Label preference pairs with a scorer (a reward server or in process), in Pick-a-Pic's layout."""
 
     model_config = SettingsConfigDict(cli_prog_name="python -m trainer.label", cli_implicit_flags=True)
 
-    out: Path = Field(description="output folder of parquet shards")
+    out: Annotated[Path, AfterValidator(checked_output_dir)] = Field(description="output folder of parquet shards")
     source: str | None = Field(None, description="(a) pairs to relabel: a folder or hub id, as --dpo.dataset")
     model: str | None = Field(None, description="(b) sample pairs from this model (as --pretrained.model)")
     prompt_fn: str = Field("shapes", description="(b) the trainer's prompt.fn names")

@@ -27,25 +27,51 @@ ASSETS = Path(__file__).parent / "assets"
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
+MAX_TEXT_FILE = 64 * 1024**2  # bytes of a prompt or --config file: read whole, before any model loads
+
+
+def split_lines(text: str) -> list[str]:
+    """One entry per line, ended by \n or \r\n only: str.splitlines also splits at a form feed, \x1c-\x1e,
+    \x85 or U+2028/2029 inside a prompt."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 @cache
 def lines(path: Path, what: str = "prompt.path") -> tuple[str, ...]:
-    found = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    found = tuple(line.strip() for line in split_lines(Path(path).read_text(encoding="utf-8")) if line.strip())
     if not found:
         raise ValueError(f"{what}: {path} has no prompts")
     return found
 
 
+def read_small_text(path: Path, what: str, limit: int = MAX_TEXT_FILE) -> str:
+    """A settings file's text (a prompt file, --config), read whole before any model loads; ValueError saying
+    why not. Only a regular file of bounded size is opened: a FIFO would wait for a writer, /dev/zero never end."""
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path} is {info.st_size} bytes; {what} are at most {limit}")
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"no such file {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
 def file_problem(path: Path) -> str | None:
     """What keeps ``path`` from being a prompt file (one prompt per line, UTF-8), said before any model loads."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return f"no such file {path}"
-    except UnicodeDecodeError as exc:
-        return f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-    except OSError as exc:
-        return f"{path} cannot be read ({exc.strerror or exc})"
-    return None if any(line.strip() for line in text.splitlines()) else f"{path} has no prompts"
+        text = read_small_text(path, "prompt files")
+    except ValueError as exc:
+        return str(exc)
+    return None if any(line.strip() for line in split_lines(text)) else f"{path} has no prompts"
 
 
 def checked_file(path: Path | None) -> Path | None:

@@ -76,10 +76,10 @@ class TrainConfig(_Group):
     learning_rate: float = Field(5e-3, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up")
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-4, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     num_inner_epochs: int = Field(1, gt=0)
@@ -240,8 +240,8 @@ class PromptConfig(_Group):
     @field_validator("path")
     @classmethod
     def _path(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if info.data.get("fn") == "from_file" and (path is None or not path.is_file()):
-            raise ValueError(f"from_file needs an existing file, got {path}")
+        if info.data.get("fn") == "from_file" and path is None:
+            raise ValueError("from_file needs an existing file, got None")
         return _prompt_file(path)
 
 
@@ -299,7 +299,9 @@ class Config(BaseSettings):
         name = given.get("preset", cls.model_fields["preset"].default)
         if name not in PRESETS:
             raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        layered = PRESETS[name]
+        # Each preset its own default folder, so that two recipes never mix their runs in one (set here, not
+        # in each preset: a preset derived from another would inherit its folder).
+        layered = merge({"run": {"output_dir": f"outputs/{name}"}}, PRESETS[name])
         if given.get("config") is not None:
             layered = merge(layered, read_settings_file(Path(given["config"])))
         return merge(layered, given)

@@ -18,7 +18,7 @@ from trainer.prompts import ASSETS
 # category, deterministic sampling). `python -m trainer` runs "shapes-nft" (DiffusionNFT); what each recipe
 # here measured is in docs/learning.md.
 _SHAPES = {
-    "run": {"output_dir": "outputs/shapes", "num_epochs": 30, "eval_every": 30, "log_images_every": 10},
+    "run": {"num_epochs": 30, "eval_every": 30, "log_images_every": 10},
     "pretrained": {"model": "tiny-shapes"},
     # Groups of 4 images per prompt: advantages relative to the prompt's own group. With the epoch's global
     # statistics instead, hard captions' samples are all pushed down and the model degrades; lr 1e-3 between
@@ -48,11 +48,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # what keeps the adapters' random walk (bench/gradient_snr.py: each step's gradient is mostly noise) from
     # drifting the colours (docs/learning.md, shapes against shapes-nokl over 4 training seeds).
     "shapes": _with(_SHAPES, train={"kl_coef": 0.04, "group_std": "global"}),
-    "shapes-nokl": _with(_SHAPES, run={"output_dir": "outputs/shapes-nokl"}),
+    "shapes-nokl": _with(_SHAPES),
     # ddpo-pytorch's plain recipe on the same budget: one image per prompt, per-prompt statistics.
     "shapes-ddpo": _with(
         _SHAPES,
-        run={"output_dir": "outputs/shapes-ddpo"},
         sample={"images_per_prompt": 1},
         train={"per_prompt_stat_tracking": True, "stat_buffer_size": 16, "stat_min_count": 16},
     ),
@@ -62,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes-nft": _with(
         _SHAPES,
         algorithm="nft",
-        run={"output_dir": "outputs/shapes-nft", "num_epochs": 50, "eval_every": 50},
+        run={"num_epochs": 50, "eval_every": 50},
         sample={"eta": 0.0},
         nft={"beta": 1.0, "old_decay_rate": 0.0},
         train={
@@ -79,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes-awm": _with(
         _SHAPES,
         algorithm="awm",
-        run={"output_dir": "outputs/shapes-awm", "num_epochs": 50, "eval_every": 50},
+        run={"num_epochs": 50, "eval_every": 50},
         sample={"eta": 0.0},
         train={
             "learning_rate": 3e-4,
@@ -91,12 +90,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     ),
     "tiny-sdxl": {
-        "run": {"output_dir": "outputs/tiny-sdxl"},
         "pretrained": {"model": "tiny-sdxl"},
     },  # SDXL's shape, CPU
     # Flow-GRPO's shape on CPU: groups of 4, 10 SDE steps, KL to the reference.
     "tiny-sd3": {
-        "run": {"output_dir": "outputs/tiny-sd3"},
         "pretrained": {"model": "tiny-sd3"},
         "sample": {"num_steps": 10, "eval_num_steps": 40, "eta": 0.7, "guidance_scale": 4.5, "images_per_prompt": 4},
         "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.04, "lora_targets": _SD3_LORA},
@@ -104,7 +101,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # FLUX.1-dev's shape on CPU (trainer/families/flux.py): Flow-GRPO's FLUX run in miniature, 6 SDE steps at noise 0.9,
     # the distilled guidance 3.5 as a transformer input (no second pass), groups of 4, its LoRA targets.
     "tiny-flux": {
-        "run": {"output_dir": "outputs/tiny-flux"},
         "pretrained": {"model": "tiny-flux"},
         "sample": {"num_steps": 6, "eval_num_steps": 28, "eta": 0.9, "guidance_scale": 3.5, "images_per_prompt": 4},
         "train": {
@@ -118,7 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The shapes world: ReFL on tiny-shapes with its tiny CLIP's score as the reward, evaluated by the verifier.
 PRESETS["shapes-refl"] = _with(
     {**_SHAPES, "algorithm": "refl"},
-    run={"output_dir": "outputs/shapes-refl", "eval_every": 100, "eval_scorer": "shapes"},
+    run={"eval_every": 100, "eval_scorer": "shapes"},
     train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
     reward={"scorer": "clipscore", "options": {"checkpoint": "tiny-shapes"}},
     refl={"num_steps": 20, "mid_low": 14, "mid_high": 19, "margin": 100.0, "grad_scale": 1e-3, "max_train_steps": 100},
@@ -138,7 +134,6 @@ _SHAPES_SD3 = _with(
 # r32, lr 3e-4 and weight EMA are SD3.5's).
 PRESETS["shapes-sd3-grpo"] = _with(
     _SHAPES_SD3,
-    run={"output_dir": "outputs/shapes-sd3-grpo"},
     sample={"eta": 0.7},
     train={
         "timestep_fraction": 0.99,
@@ -153,7 +148,6 @@ PRESETS["shapes-sd3-grpo"] = _with(
 # model's unguided images are poorer).
 PRESETS["shapes-sd3-grpo-fast"] = _with(
     PRESETS["shapes-sd3-grpo"],
-    run={"output_dir": "outputs/shapes-sd3-grpo-fast"},
     sample={"eta": 0.8, "sde_type": "cps"},
     train={
         "clip_range": 1e-5,
@@ -170,7 +164,7 @@ PRESETS["shapes-sd3-grpo-fast"] = _with(
 PRESETS["shapes-sd3-nft"] = _with(
     _SHAPES_SD3,
     algorithm="nft",
-    run={"output_dir": "outputs/shapes-sd3-nft", "num_epochs": 130, "eval_every": 130},
+    run={"num_epochs": 130, "eval_every": 130},
     sample={"eta": 0.0, "guidance_scale": 1.0},
     nft={"beta": 1.0, "old_decay_rate": 0.0},
     train={
@@ -182,15 +176,13 @@ PRESETS["shapes-sd3-nft"] = _with(
         "kl_coef": 0.0,
     },
 )
-PRESETS["shapes-sd3-awm"] = _with(
-    PRESETS["shapes-sd3-nft"], algorithm="awm", run={"output_dir": "outputs/shapes-sd3-awm"}, train={"kl_coef": 1e-3}
-)
+PRESETS["shapes-sd3-awm"] = _with(PRESETS["shapes-sd3-nft"], algorithm="awm", train={"kl_coef": 1e-3})
 # Online Diffusion-DPO (as bench/dpo.py's online mode): rounds of 64 pairs, each prompt's best and worst of 2
 # ODE samples, batches of 8, 10% empty captions; beta 5000 is Diffusion-DPO's SD1.5 value, unmeasured on flow.
 PRESETS["shapes-sd3-dpo"] = _with(
     _SHAPES_SD3,
     algorithm="dpo",
-    run={"output_dir": "outputs/shapes-sd3-dpo", "eval_every": 100},
+    run={"eval_every": 100},
     sample={"eta": 0.0, "batch_size": 32},
     train={"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-4},
     dpo={
@@ -204,7 +196,6 @@ PRESETS["shapes-sd3-dpo"] = _with(
 # ReFL as shapes-refl: the tiny CLIP's score, its gradient through one step drawn from the last 3 of 10.
 PRESETS["shapes-sd3-refl"] = _with(
     PRESETS["shapes-refl"],
-    run={"output_dir": "outputs/shapes-sd3-refl"},
     pretrained={"model": "tiny-shapes-sd3"},
     sample={"num_steps": 10, "guidance_scale": 4.5},
     train={"lora_targets": _SD3_LORA},

@@ -226,18 +226,15 @@ _DPO = {
         "dataloader_num_workers": 16,
     },
 }
-RECIPES["sd15-dpo-pickapic"] = _with(_DPO, run={"output_dir": "outputs/sd15-dpo-pickapic"})
+RECIPES["sd15-dpo-pickapic"] = _with(_DPO)
 RECIPES["sdxl-dpo-pickapic"] = _with(
     _DPO,
-    run={"output_dir": "outputs/sdxl-dpo-pickapic"},
     pretrained={"model": "stabilityai/stable-diffusion-xl-base-1.0"},
     train={"use_adafactor": True, "gradient_checkpointing": True},
 )
 # One GPU, the same effective batch of 2048 pairs: 16 x the accumulation (a 16th of the speed; unmeasured).
 for _name in ("sd15-dpo-pickapic", "sdxl-dpo-pickapic"):
-    RECIPES[f"{_name}-1gpu"] = _with(
-        RECIPES[_name], run={"output_dir": f"outputs/{_name}-1gpu"}, train={"gradient_accumulation_steps": 128 * 16}
-    )
+    RECIPES[f"{_name}-1gpu"] = _with(RECIPES[_name], train={"gradient_accumulation_steps": 128 * 16})
 
 # ReFL as ImageReward's (Xu et al. 2023, github.com/THUDM/ImageReward): 40 DDIM steps, the grad
 # step drawn from [30, 39], no CFG, lr 1e-5, effective batch 64 (8 GPUs x 2 x 4), 100 steps, grad clip 1,
@@ -265,19 +262,16 @@ _REFL = _with(
 )
 RECIPES["sd15-refl-aesthetic"] = _with(
     _REFL,
-    run={"output_dir": "outputs/sd15-refl-aesthetic"},
     prompt={"fn": "simple_animals"},
     reward={"scorer": "aesthetic"},
 )
 RECIPES["sd15-refl-pickscore"] = _with(
     _REFL,
-    run={"output_dir": "outputs/sd15-refl-pickscore"},
     prompt={"fn": "nouns_activities"},
     reward={"scorer": "pickscore"},
 )
 RECIPES["sdxl-refl-aesthetic"] = _with(
     _REFL,
-    run={"output_dir": "outputs/sdxl-refl-aesthetic"},
     pretrained={"model": "stabilityai/stable-diffusion-xl-base-1.0"},
     train={"batch_size": 1, "gradient_accumulation_steps": 8},
     prompt={"fn": "simple_animals"},
@@ -334,14 +328,11 @@ for _task, _methods in _TASKS.items():
 # SD1.5 and SDXL (not in the papers): DiffusionNFT on ddpo-pytorch's runs, deterministic DDIM rollouts at their
 # guidance 5 (CFG-free SD1.5 images are poor), 20% of the 50 steps trained per image; unmeasured.
 _NFT_DDIM = {"sample": {"eta": 0.0}, "train": {"timestep_fraction": 0.2, "kl_coef": 1e-4, "ema_decay": 0.9}}
-RECIPES["sd15-aesthetic-nft"] = _with(
-    RECIPES["sd15-aesthetic"], algorithm="nft", **_NFT_DDIM, run={"output_dir": "outputs/sd15-aesthetic-nft"}
-)
+RECIPES["sd15-aesthetic-nft"] = _with(RECIPES["sd15-aesthetic"], algorithm="nft", **_NFT_DDIM)
 RECIPES["sdxl-pickscore-nft"] = _with(
     RECIPES["sdxl-aesthetic"],
     algorithm="nft",
     **_NFT_DDIM,
-    run={"output_dir": "outputs/sdxl-pickscore-nft"},
     prompt={"fn": "nouns_activities"},
     reward={"scorer": "pickscore"},
 )

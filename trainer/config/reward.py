@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_serializer, field_validator
 
-from protocol.errors import MASK, redact_url
+from protocol.errors import MASK, has_credentials, redact_url
 from trainer.config.group import _Group
 
 
@@ -91,10 +91,10 @@ def _server_url(url: str) -> str:
     )
     if problem:
         raise ValueError(f"{shown!r} is not a reward server URL ({problem}); {expected}")
-    if parts.password == MASK:  # a config.json given back: the mask would be sent as the password
+    if MASK in (parts.username, parts.password):  # a config.json given back: the mask would be sent
         raise ValueError(
-            f"the password of {shown!r} is masked, as config.json and --print-config write it; give "
-            "the URL with its password again (e.g. --reward.url on the command line)"
+            f"the password (or token) of {shown!r} is masked, as config.json and --print-config write it; give "
+            "the URL with its credential again (e.g. --reward.url on the command line)"
         )
     return url.rstrip("/")
 
@@ -135,11 +135,20 @@ class RewardConfig(RewardSource):
 
     @field_validator("token")
     @classmethod
-    def _not_the_mask(cls, token: SecretStr | None) -> SecretStr | None:
+    def _not_the_mask(cls, token: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if token is not None and token.get_secret_value() == MASK:
             raise ValueError(
                 f"reward.token: {MASK!r} is the mask older runs wrote to config.json in place of the token, not a "
                 "token; delete it from the file and give the token as DIFFUSION_RL_REWARD__TOKEN"
+            )
+        urls = [*info.data.get("url", []), *(u for c in info.data.get("components", []) for u in c.url)]
+        with_credentials = [redact_url(url) for url in urls if has_credentials(url)]
+        if token is not None and with_credentials:
+            # One Authorization header per request: httpx would send the URL's as Basic auth, not the token.
+            raise ValueError(
+                f"given together with URL credentials ({', '.join(with_credentials)}); a request carries one of "
+                "them: give the token alone (the reward server checks it), or the credentials in the URL alone "
+                "(for a proxy in front of it)"
             )
         return token
 

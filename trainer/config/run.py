@@ -13,7 +13,10 @@ from trainer.config.group import _Group
 
 
 class RunConfig(_Group):
-    output_dir: Path = Field(Path("outputs/tiny"), description="config, metrics.jsonl, logs and weights go here")
+    output_dir: Path = Field(
+        Path("outputs/tiny"),
+        description="config, metrics.jsonl, logs and weights go here; default outputs/<preset name>",
+    )
     seed: int = 42
     num_epochs: int = Field(20, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16: frozen weights in half")
@@ -65,6 +68,11 @@ class RunConfig(_Group):
         "(e.g. train ReFL on a CLIP score, evaluate with the shapes verifier)",
     )
 
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, path: Path) -> Path:
+        return checked_output_dir(path)
+
     @field_validator("eval_scorer")
     @classmethod
     def _eval_scorer(cls, name: str | None) -> str | None:
@@ -73,6 +81,31 @@ class RunConfig(_Group):
 
             scorer_target(name)
         return name
+
+
+def output_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be made or written as an output folder, said before any model loads (os.makedirs
+    would say it with a traceback after): a name too long, a file where a folder must be, no write access."""
+    import os
+
+    existing = next((p for p in [path, *path.parents] if os.path.lexists(p)), Path("."))
+    limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    long = next((part for part in path.parts if len(part.encode()) > limit), None)
+    if long is not None:
+        return f"{path}: the name {long!r} is longer than this file system's {limit} characters"
+    if not existing.is_dir():
+        return f"{path} is not a folder" if existing == path else f"{path}: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{path}: {existing} is not writable"
+    return None
+
+
+def checked_output_dir(path: Path) -> Path:
+    """A settings validator of an output folder (run.output_dir, trainer.label's --out)."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise ValueError(problem)
+    return path
 
 
 class PretrainedConfig(_Group):
