@@ -213,8 +213,10 @@ def _queued_behind_a_busy_replica(server, requests: list[tuple[int, str]]) -> li
     [("--fail-prompt", "BAD", "simulated scorer bug"), ("--nan-prompt", "NAN", "is not finite")],
 )
 def test_one_bad_request_fails_alone_not_its_whole_batch(start_server, option, culprit, message):
+    # 1.5 s a batch: the four requests must be queued while "first" is scored, and on a loaded 2-core machine
+    # sending them took longer than 0.6 s (the worker then took three of them as a batch before the fourth)
     server = start_server(
-        "--model", "synthetic", option, culprit, "--latency-ms", "600", "--max-batch", "16", "--max-wait-ms", "200"
+        "--model", "synthetic", option, culprit, "--latency-ms", "1500", "--max-batch", "16", "--max-wait-ms", "200"
     )
     replies = _queued_behind_a_busy_replica(server, [(30, "a"), (60, culprit), (90, "b"), (120, "c")])
     assert [r.status_code for r in replies] == [200, 500, 200, 200]
