@@ -1,7 +1,8 @@
 """Dynamic batching across requests and clients, over one or more model replicas.
 
-Requests are cut into items of at most ``max_batch`` images and queued. Each replica has a worker that takes
-the oldest item and waits up to ``max_wait_ms`` for more to fill the batch, but only while more are on their
+Requests are cut into items of at most ``max_batch`` images and queued, requests taking turns item by item
+(one request of many batches cannot hold the scorer until it is done). Each replica has a worker that takes
+the next item and waits up to ``max_wait_ms`` for more to fill the batch, but only while more are on their
 way: requests being received, or clients whose replies the last batch just sent (under many clients each
 sends its next request as soon as it has its reply; not waiting for them splits the clients into two
 half-size batches that take turns). A lone client is never kept waiting. It runs the scorer on its own thread
@@ -15,12 +16,12 @@ the request that breaks the scorer fails. Every output goes through ``protocol.c
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import logging
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -39,6 +40,7 @@ class _Item:
     metadata: list[dict[str, Any]]
     future: asyncio.Future
     gradient: bool = False  # /v1/score_grad: scored with gradients, never batched with plain scoring
+    turn: tuple[int, int] = (0, 0)  # (round, arrival): the order the batcher takes items in
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -77,7 +79,8 @@ class DynamicBatcher:
             max_queue,
         )
         self.on_batch = on_batch
-        self.pending: deque[_Item] = deque()
+        self.pending: list[_Item] = []  # in turn order: (round, arrival), see submit
+        self._turn, self._arrivals = 0, 0
         self.queued_images = 0
         self.busy = 0  # replicas scoring a batch now
         self.incoming = 0  # requests being received or parsed: they will queue soon
@@ -98,7 +101,7 @@ class DynamicBatcher:
         await asyncio.gather(*self._workers, return_exceptions=True)
         gone = ProtocolError(503, "not_ready", "the server is shutting down")
         while self.pending:  # nothing waits forever: what was never scored gets a 503 to retry elsewhere
-            item = self.pending.popleft()
+            item = self.pending.pop(0)
             if not item.future.done():
                 item.future.set_exception(gone)
         for pool in self._threads:
@@ -147,7 +150,13 @@ class DynamicBatcher:
             )
             for s in range(0, len(prompts), self.max_batch)
         ]
-        self.pending.extend(items)
+        # Round-robin across requests (fair queueing): this request's j-th item waits behind every queued
+        # item of rounds up to the current one + j, so a request of many batches takes turns with the ones
+        # that arrive after it instead of holding the scorer until it is done.
+        for j, item in enumerate(items):
+            item.turn = (self._turn + j, self._arrivals)
+            bisect.insort(self.pending, item, key=lambda queued: queued.turn)
+        self._arrivals += 1
         self._arrived.set()
         return self._gather(items)
 
@@ -169,7 +178,8 @@ class DynamicBatcher:
                 and size + len(self.pending[0]) <= self.max_batch
                 and (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient) == kind
             ):
-                item = self.pending.popleft()
+                item = self.pending.pop(0)
+                self._turn = item.turn[0]
                 batch.append(item)
                 size += len(item)
             expected = self.incoming or (self.returning and loop.time() < self._returning_until)

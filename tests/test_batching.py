@@ -250,3 +250,17 @@ def test_a_scorer_error_is_not_retried(start_server):
             client.submit(batch(1), ["BAD"]).result(timeout=60)
     assert "synthetic" in err.value.message and not err.value.retryable
     assert server.metric("reward_requests_total", status="500") == 1  # asked once: a retry would be a second
+
+
+def test_a_request_of_many_batches_takes_turns_with_later_ones(start_server):
+    """Requests take turns batch by batch: a one-image request sent while a 16-batch one is being scored is
+    answered after a batch or two, not after all 16 (first come, first served would make it wait 3 s)."""
+    server = start_server("--model", "synthetic", "--latency-ms", "200", "--max-batch", "2", "--max-wait-ms", "0")
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(post, server, 32)
+        server.wait_metric("reward_replicas_busy", 1)  # its first batch is being scored
+        small = post(server, 1)
+        assert small.status_code == 200
+        assert not big.done(), "the small request waited for the whole large one"
+        assert big.result().status_code == 200
+    assert unpack(small.content)["elapsed_ms"] < 1500  # at most a few 200 ms batches ahead of it
