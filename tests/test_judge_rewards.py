@@ -100,3 +100,31 @@ def test_preflight_names_the_setting_of_a_model_the_judge_server_does_not_serve(
     with pytest.raises(PreflightError, match=rf"--reward.options model=\.\.\.: {judge}/v1 serves '{MODEL}', not 'Qwen"):
         check(config("Qwen3-VL"), 1, "cpu")
     check(config(MODEL), 1, "cpu")  # the right name passes
+
+
+def test_a_shapes_run_judged_by_the_vlm_counts_its_drops_and_writes_no_key(judge, tmp_path):  # noqa: F811
+    import json
+    import os
+    import subprocess
+    import sys
+
+    secret = "sk-judge-secret-42"
+    faults(judge, "garbage", "garbage", "garbage")  # the first image's every ask (concurrency 1: in order)
+    options = [f"base_url={judge}/v1", f"model={MODEL}", "mode=yesno", "concurrency=1", "api_key_env=JUDGE_KEY"]
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--preset", "shapes-sd3-nft", "--run.output_dir", str(tmp_path / "run"),
+         "--run.num_epochs", "1", "--run.eval_every", "0", "--run.log_with", "none", "--sample.batch_size", "4",
+         "--sample.num_batches_per_epoch", "1", "--sample.images_per_prompt", "2", "--train.batch_size", "2",
+         "--sample.num_steps", "4", "--reward.scorer", "vlm", *sum((["--reward.options", o] for o in options), [])],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "JUDGE_KEY": secret},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (metrics["reward_vlm_reasked"], metrics["reward_vlm_failed"], metrics["reward_vlm_dropped"]) == (2, 0, 1)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["dropped"] for s in samples] == [1, 0, 0, 0] and "weather" in samples[0]["reply"]
+    assert samples[0]["reward"] == samples[1]["reward"]  # the dropped one's stand-in: its group's other score
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["reward"]["options"]["api_key_env"] == "JUDGE_KEY"
+    written = [p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert not any(secret.encode() in data for data in written) and secret not in result.stdout + result.stderr
