@@ -5,8 +5,8 @@ Where the anchors' clients break, this one does not: flow_grpo and DiffusionNFT 
 0.0 and train on it, Flow-Factory scores a call that failed its retries 0.0. Here such a sample is asked
 again (``reasks`` times), then either dropped from the update (``on_failure=drop``: the info says
 ``dropped`` 1, the trainer gives it no advantage) or the run stops with the reply in the message
-(``on_failure=stop``). Each image's info counts ``reasked``, ``failed`` (asks whose call failed after all
-its retries) and ``dropped``; the trainer sums them into metrics.jsonl. A 4xx other than 408/429 (a wrong
+(``on_failure=stop``). Each image's info counts ``reasked``, ``failed_calls`` (asks whose call failed after
+all its retries) and ``dropped``; the trainer sums them into metrics.jsonl. A 4xx other than 408/429 (a wrong
 model name) always stops: it is a setting to fix, not a sample to lose.
 
 The API key is read from the environment variable ``api_key_env`` names and kept in memory only: options,
@@ -243,7 +243,7 @@ class VlmScorer(Scorer):
             values = [o.value for o in outcomes]
             info = {
                 "reasked": [o.reasked for o in outcomes],
-                "failed": [o.failed for o in outcomes],
+                "failed_calls": [o.failed for o in outcomes],
                 "reply": [o.reply for o in outcomes],
             }
         missing = [i for i, v in enumerate(values) if v is None]
@@ -268,10 +268,10 @@ class VlmScorer(Scorer):
         outcomes = self._all([([urls[i], urls[j]], prompts[i]) for i, j in pairs])
         n = len(prompts)
         wins, comparisons = np.zeros(n), np.zeros(n, dtype=int)
-        info: dict[str, list] = {"reasked": [0] * n, "failed": [0] * n, "reply": [""] * n}
+        info: dict[str, list] = {"reasked": [0] * n, "failed_calls": [0] * n, "reply": [""] * n}
         for (i, j), o in zip(pairs, outcomes):
             info["reasked"][i] += o.reasked
-            info["failed"][i] += o.failed
+            info["failed_calls"][i] += o.failed
             if o.value is None:
                 info["reply"][i] = info["reply"][j] = o.reply
                 continue

@@ -80,11 +80,18 @@ def test_a_dropped_sample_gets_no_advantage_and_moves_no_group_statistic():
 
 
 def test_the_judge_counts_are_summed_per_component():
-    one = [{"reasked": 2, "failed": 1, "dropped": 1}, {"reasked": 0, "failed": 0, "dropped": 0}]
-    assert counts(one, ["vlm"]) == {"reward_vlm_reasked": 2.0, "reward_vlm_failed": 1.0, "reward_vlm_dropped": 1.0}
+    one = [{"reasked": 2, "failed_calls": 1, "dropped": 1}, {"reasked": 0, "failed_calls": 0, "dropped": 0}]
+    assert counts(one, ["vlm"]) == {
+        "reward_vlm_reasked": 2.0,
+        "reward_vlm_failed_calls": 1.0,
+        "reward_vlm_dropped": 1.0,
+    }
     several = [{"vlm/dropped": 0, "clip": 0.3}, {"vlm/dropped": 1, "clip": 0.2}]
     assert counts(several, ["vlm", "clipscore"]) == {"reward_vlm_dropped": 1.0}
     assert dropped(several, ["vlm", "clipscore"]).tolist() == [False, True]
+    # another scorer's info of the same name is not a count (the shapes verifier's failed claims, say)
+    shapes = [{"failed": ["a red circle"], "dropped": "no", "correct": False}, {"failed": [], "dropped": "no"}]
+    assert counts(shapes, ["shapes"]) == {} and not dropped(shapes, ["shapes"]).any()
 
 
 def test_preflight_names_the_setting_of_a_model_the_judge_server_does_not_serve(judge, tmp_path):  # noqa: F811
@@ -120,7 +127,11 @@ def test_a_shapes_run_judged_by_the_vlm_counts_its_drops_and_writes_no_key(judge
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert (metrics["reward_vlm_reasked"], metrics["reward_vlm_failed"], metrics["reward_vlm_dropped"]) == (2, 0, 1)
+    assert (metrics["reward_vlm_reasked"], metrics["reward_vlm_failed_calls"], metrics["reward_vlm_dropped"]) == (
+        2,
+        0,
+        1,
+    )
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [s["dropped"] for s in samples] == [1, 0, 0, 0] and "weather" in samples[0]["reply"]
     assert samples[0]["reward"] == samples[1]["reward"]  # the dropped one's stand-in: its group's other score

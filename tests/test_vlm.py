@@ -121,7 +121,7 @@ def test_every_fault_is_met_and_nothing_is_lost(judge):
     )
     assert seen["judged"] == 9 and seen["requests"] == 9 + 6
     # transport faults are retried inside one ask; the two unreadable 200s are asked again
-    assert sum(out.info["reasked"]) == 2 and sum(out.info["failed"]) == 0 and sum(out.info["dropped"]) == 0
+    assert sum(out.info["reasked"]) == 2 and sum(out.info["failed_calls"]) == 0 and sum(out.info["dropped"]) == 0
 
 
 def test_unreadable_replies_past_the_reasks_are_dropped_or_stop_the_run(judge):
@@ -142,7 +142,7 @@ def test_a_call_failing_past_its_retries_is_counted_and_dropped_or_stops(judge):
     images, prompts, truth = batch()
     faults(judge, *["500"] * 4)  # retries 1 (two calls per ask) x reasks 1 (two asks): all of image 0's
     out = scorer(judge, mode="pointwise", retries=1, reasks=1, concurrency=1).score(images, prompts, [{}] * 9)
-    assert (out.info["failed"][0], out.info["reasked"][0], out.info["dropped"][0]) == (2, 1, 1)
+    assert (out.info["failed_calls"][0], out.info["reasked"][0], out.info["dropped"][0]) == (2, 1, 1)
     assert sum(out.info["dropped"]) == 1 and stats(judge)["requests"] == 4 + 9 - 1
     np.testing.assert_allclose(out.scores[1:], (1 + 4 * truth[1:]) / 5, atol=1e-6)
     faults(judge, *["500"] * 4)

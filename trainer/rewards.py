@@ -213,7 +213,13 @@ def group_zscores(r: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
 
 # Per-sample counts a scorer's info may carry (scorers/vlm.py: re-asks, calls failed after their retries,
 # samples dropped for want of a usable answer); summed into metrics.jsonl, and a dropped sample gets no advantage.
-COUNTED = ("reasked", "failed", "dropped")
+# Only numbers count: another scorer's info may use a name for something else (the shapes verifier's "failed"
+# lists the claims an image fails).
+COUNTED = ("reasked", "failed_calls", "dropped")
+
+
+def _count(value) -> int | None:
+    return int(value) if isinstance(value, (int, float, np.integer, np.floating)) else None
 
 
 def counts(samples: list[dict], names: list[str]) -> dict[str, float]:
@@ -223,15 +229,16 @@ def counts(samples: list[dict], names: list[str]) -> dict[str, float]:
     for name in names:
         for key in COUNTED:
             field = key if len(names) == 1 else f"{name}/{key}"
-            if samples and field in samples[0]:
-                out[f"reward_{name}_{key}"] = float(sum(int(r.get(field) or 0) for r in samples))
+            values = [_count(r.get(field)) for r in samples]
+            if values and all(v is not None for v in values):
+                out[f"reward_{name}_{key}"] = float(sum(values))
     return out
 
 
 def dropped(samples: list[dict], names: list[str]) -> np.ndarray:
     """Which gathered samples some component dropped (its info says ``dropped`` 1): they get no advantage."""
     fields = ["dropped"] if len(names) == 1 else [f"{name}/dropped" for name in names]
-    return np.array([any(bool(r.get(f)) for f in fields) for r in samples], dtype=bool)
+    return np.array([any(_count(r.get(f)) == 1 for f in fields) for r in samples], dtype=bool)
 
 
 def kept_advantages(rewards: np.ndarray, prompts: list[str], tracker, groups, global_std: bool, drop: np.ndarray):
