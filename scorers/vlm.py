@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -32,6 +33,7 @@ from scorers.scorer import ScoreOutput, Scorer
 from scorers.vlm_client import ChatClient, JudgeCallError, data_url
 
 MODES = ("pointwise", "yesno", "pairwise")
+log = logging.getLogger(__name__)
 
 
 class JudgeError(RuntimeError):
@@ -165,6 +167,14 @@ class VlmScorer(Scorer):
         return {}
 
     def load(self, device: str = "cpu") -> None:
+        # Hosted by reward-server nothing ran the trainer's preflight: a model the judge does not serve (or the
+        # key's variable unset) fails start-up here; a judge still starting is only logged, the retries wait.
+        found = self.problems()
+        for option in ("api_key_env", "model"):
+            if option in found:
+                raise ValueError(f"{option}: {found[option]}")
+        if found:
+            log.warning("vlm judge: %s (scoring will retry)", found["base_url"])
         self.client = ChatClient(
             self.base_url, self._api_key(), self.timeout, self.retries, self.backoff, self.max_backoff, self.concurrency
         )

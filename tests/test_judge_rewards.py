@@ -4,7 +4,11 @@ model list checked in preflight."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,33 +113,49 @@ def test_preflight_names_the_setting_of_a_model_the_judge_server_does_not_serve(
     check(config(MODEL), 1, "cpu")  # the right name passes
 
 
-def test_a_shapes_run_judged_by_the_vlm_counts_its_drops_and_writes_no_key(judge, tmp_path):  # noqa: F811
-    import json
-    import os
-    import subprocess
-    import sys
-
-    secret = "sk-judge-secret-42"
-    faults(judge, "garbage", "garbage", "garbage")  # the first image's every ask (concurrency 1: in order)
-    options = [f"base_url={judge}/v1", f"model={MODEL}", "mode=yesno", "concurrency=1", "api_key_env=JUDGE_KEY"]
+def shapes_run(tmp_path, *reward: str, env: dict[str, str] | None = None):
+    """One epoch of shapes-sd3-nft (4 images, groups of 2) rewarded as ``reward`` says; its logs."""
     result = subprocess.run(
         [sys.executable, "-m", "trainer", "--preset", "shapes-sd3-nft", "--run.output_dir", str(tmp_path / "run"),
          "--run.num_epochs", "1", "--run.eval_every", "0", "--run.log_with", "none", "--sample.batch_size", "4",
          "--sample.num_batches_per_epoch", "1", "--sample.images_per_prompt", "2", "--train.batch_size", "2",
-         "--sample.num_steps", "4", "--reward.scorer", "vlm", *sum((["--reward.options", o] for o in options), [])],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "JUDGE_KEY": secret},
+         "--sample.num_steps", "4", *reward],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert (metrics["reward_vlm_reasked"], metrics["reward_vlm_failed_calls"], metrics["reward_vlm_dropped"]) == (
-        2,
-        0,
-        1,
-    )
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    return result, metrics, samples
+
+
+def test_a_shapes_run_judged_by_the_vlm_counts_its_drops_and_writes_no_key(judge, tmp_path):  # noqa: F811
+    secret = "sk-judge-secret-42"
+    faults(judge, "garbage", "garbage", "garbage")  # the first image's every ask (concurrency 1: in order)
+    options = [f"base_url={judge}/v1", f"model={MODEL}", "mode=yesno", "concurrency=1", "api_key_env=JUDGE_KEY"]
+    reward = ["--reward.scorer", "vlm", *sum((["--reward.options", o] for o in options), [])]
+    result, metrics, samples = shapes_run(tmp_path, *reward, env={"JUDGE_KEY": secret})
+    counted = (metrics["reward_vlm_reasked"], metrics["reward_vlm_failed_calls"], metrics["reward_vlm_dropped"])
+    assert counted == (2, 0, 1)
     assert [s["dropped"] for s in samples] == [1, 0, 0, 0] and "weather" in samples[0]["reply"]
     assert samples[0]["reward"] == samples[1]["reward"]  # the dropped one's stand-in: its group's other score
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["reward"]["options"]["api_key_env"] == "JUDGE_KEY"
     written = [p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert not any(secret.encode() in data for data in written) and secret not in result.stdout + result.stderr
+
+
+def test_a_gdpo_run_sums_the_components_normalised_within_each_group(judge, tmp_path):  # noqa: F811
+    faults(judge)
+    components = [
+        {"scorer": "vlm", "options": {"base_url": f"{judge}/v1", "model": MODEL, "mode": "pointwise"}},
+        {"scorer": "compression", "weight": 0.5},
+    ]
+    reward = ["--reward.components", json.dumps(components), "--reward.aggregation", "gdpo"]
+    _, metrics, samples = shapes_run(tmp_path, *reward)
+    groups = [0, 0, 1, 1]
+    expected = gdpo_by_hand(
+        {n: [s[n] for s in samples] for n in ("vlm", "compression")}, {"vlm": 1.0, "compression": 0.5}, groups
+    )
+    np.testing.assert_allclose([s["reward"] for s in samples], expected, rtol=1e-6, atol=1e-6)
+    assert metrics["reward_compression_normalized_std"] == pytest.approx(1.0, abs=1e-6)  # groups of 2 differ
+    assert metrics["reward_vlm_dropped"] == 0 and [s["vlm/dropped"] for s in samples] == [0] * 4

@@ -165,10 +165,13 @@ def test_a_wrong_model_is_named_by_preflight_and_never_retried(judge, monkeypatc
     faults(judge)
     wrong = create_scorer("vlm", base_url=f"{judge}/v1", model="UnifiedReward", backoff=0.01)
     assert wrong.problems() == {"model": f"{judge}/v1 serves '{MODEL}', not 'UnifiedReward'"}
-    wrong.load()
+    with pytest.raises(ValueError, match=f"model: {judge}/v1 serves '{MODEL}', not 'UnifiedReward'"):
+        wrong.load()
+    moved = scorer(judge)
+    moved.model = "UnifiedReward"  # as if the judge had been restarted with another model after load
     images, prompts, _ = batch()
     with pytest.raises(JudgeError, match="answered HTTP 404: .*The model `UnifiedReward` does not exist"):
-        wrong.score(images[:1], prompts[:1], [{}])
+        moved.score(images[:1], prompts[:1], [{}])
     assert stats(judge)["requests"] == 1  # a 4xx is not asked again
     dead = create_scorer("vlm", base_url=f"http://127.0.0.1:{free_port()}/v1", model=MODEL)
     assert "ConnectError" in dead.problems()["base_url"]
@@ -225,3 +228,9 @@ def test_reward_server_hosts_the_judge(judge, start_server):
     assert (bad.status_code, error["field"]) == (422, "prompts.1") and "at least 2 images" in error["message"]
     with RewardClient(server.url) as client:
         assert client.submit(images[:2], prompts[:2]).result(timeout=60).scores == [0.5, 0.5]
+
+
+def test_reward_server_refuses_to_start_with_a_model_the_judge_does_not_serve(judge, start_server):
+    server = start_server("--model", "vlm", "--options", f"base_url={judge}/v1", "--options", "model=nope", wait=False)
+    assert server.proc.wait(timeout=60) != 0
+    assert f"model: {judge}/v1 serves '{MODEL}', not 'nope'" in server.log.read_text()
