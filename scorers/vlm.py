@@ -58,6 +58,23 @@ def _number(name: str, value: Any, kind=float, low: float | None = None) -> Any:
     return number
 
 
+def _template_and_pattern(template: str, pattern: str, mode: str) -> tuple[str, re.Pattern]:
+    """The question's text (a built-in by name, or the text given) and the pointwise score's regex, checked."""
+    text = prompts_.template_text(template, mode)
+    if "{prompt}" in text or mode != "yesno":  # a fixed yes/no question may hold braces of its own
+        try:
+            text.format(prompt="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"template: only {{prompt}} may appear in braces ({exc!r})") from None
+    try:
+        compiled = re.compile(pattern or prompts_.UNIFIEDREWARD_PATTERN)
+    except re.error as exc:
+        raise ValueError(f"pattern: not a regular expression ({exc})") from None
+    if compiled.groups < 1:
+        raise ValueError(f"pattern: {compiled.pattern!r} needs a group capturing the score")
+    return text, compiled
+
+
 class VlmScorer(Scorer):
     name = "vlm"
     description = "a VLM judge over the OpenAI chat API: pointwise score, P(Yes) or pairwise win rate, in [0, 1]"
@@ -106,18 +123,7 @@ class VlmScorer(Scorer):
             mode,
             api_key_env,
         )
-        self.template = prompts_.template_text(str(template), mode)
-        if mode != "yesno" or "{prompt}" in self.template:
-            try:
-                self.template.format(prompt="")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"template: only {{prompt}} may appear in braces ({exc!r})") from None
-        try:
-            self.pattern = re.compile(pattern or prompts_.UNIFIEDREWARD_PATTERN)
-        except re.error as exc:
-            raise ValueError(f"pattern: not a regular expression ({exc})") from None
-        if self.pattern.groups < 1:
-            raise ValueError(f"pattern: {self.pattern.pattern!r} needs a group capturing the score")
+        self.template, self.pattern = _template_and_pattern(str(template), str(pattern), mode)
         self.max_score = _number("max_score", max_score, float)
         if self.max_score <= 0:
             raise ValueError(f"max_score: must be positive, got {max_score!r}")
