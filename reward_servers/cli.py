@@ -72,7 +72,9 @@ class ServerSettings(BaseSettings):
         description="aesthetic: the LAION MLP weights (.pth or .safetensors); "
         "hpsv2: HPS_v2.1_compressed.pt; imagereward: ImageReward.pt",
     )
-    mode: str | None = Field(None, description="llava: bertscore (default) or strict")
+    mode: str | None = Field(
+        None, description="llava: bertscore (default) or strict; vlm: pointwise (default), yesno or pairwise"
+    )
     bertscore_model: str | None = Field(None, description="llava bertscore: encoder id or path")
     bertscore_layer: int | None = Field(None, description="llava bertscore: hidden layer to match (default: last)")
     max_new_tokens: int | None = Field(None, gt=0, description="llava: answer length limit; ocr: the reading's")

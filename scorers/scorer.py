@@ -95,6 +95,11 @@ class Scorer(ABC):
         anything loads (``scorers.hub.problem``)."""
         return {}
 
+    def problems(self) -> dict[str, str]:
+        """What would stop the scorer that only asking outside can tell (a judge server unreachable, its model
+        not served), by option name; checked by the trainer's preflight before anything loads."""
+        return {}
+
     def check(self, prompts: list[str], metadata: list[dict[str, Any]]) -> None:
         """Raise ValueError("metadata.3: ...") for a request this scorer cannot score, before it is batched."""
 
@@ -117,6 +122,7 @@ SCORERS: dict[str, str] = {
     "shapes": "scorers.shapes:ShapesVerifier",
     "geneval": "scorers.geneval:GenEvalScorer",
     "ocr": "scorers.ocr:OcrScorer",
+    "vlm": "scorers.vlm:VlmScorer",
 }
 
 

@@ -7,7 +7,7 @@ loop that calls these in order.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer import tracking
-from trainer.advantages import PerPromptStatTracker, advantage_groups, compute_advantages
-from trainer.rewards import Pending
+from trainer.advantages import PerPromptStatTracker, advantage_groups
+from trainer.rewards import Pending, dropped, kept_advantages
 from trainer.sampling import Trajectories, sample
 
 
@@ -42,6 +42,7 @@ class Scored:
     advantages: torch.Tensor  # this process's samples, float32 on its device
     samples: list[dict]  # the gathered per-sample records (prompt, scores, info, reward)
     wait_seconds: float
+    reward_stats: dict[str, float] = field(default_factory=dict)  # normalised components, judge counts
 
 
 @dataclass
@@ -144,14 +145,16 @@ def score(
         name: accelerator.gather(torch.as_tensor(out.scores, device=accelerator.device)).cpu().numpy()
         for name, out in scored.items()
     }
-    rewards = run.rewards.combine(components)
     prompts = collected.trajectories.prompts
     prompts_all = gather_object(prompts)
+    groups = advantage_groups(prompts_all, cfg.sample.images_per_prompt, cfg.train.group_by)
+    rewards = run.rewards.combine(components, groups)  # groups: for reward.aggregation gdpo
     samples = gather_object(tracking.sample_records(epoch, accelerator.process_index, prompts, scored))
     for record, reward in zip(samples, rewards):  # gathered in the same (process-major) order
         record["reward"] = float(reward)
-    groups = advantage_groups(prompts_all, cfg.sample.images_per_prompt, cfg.train.group_by)
-    advantages = compute_advantages(rewards, prompts_all, tracker, groups, cfg.train.group_std == "global")
+    # a sample a scorer dropped (a VLM judge with no usable answer, scorers/vlm.py) gets no advantage
+    drop = dropped(samples, list(components))
+    advantages = kept_advantages(rewards, prompts_all, tracker, groups, cfg.train.group_std == "global", drop)
     mine = advantages.reshape(accelerator.num_processes, -1)[accelerator.process_index]
 
     last = epoch == cfg.run.num_epochs - 1  # the final epoch's grid is always kept
@@ -161,7 +164,12 @@ def score(
             accelerator, run.out, epoch, collected.images, collected.batches, scored, rewards, image_samples_hook, sheet
         )
     return Scored(
-        rewards, components, torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32), samples, wait
+        rewards,
+        components,
+        torch.as_tensor(mine, device=accelerator.device, dtype=torch.float32),
+        samples,
+        wait,
+        run.rewards.stats(components, groups, samples),
     )
 
 
@@ -187,6 +195,7 @@ def log(
             for name, r in scored.components.items()
             for stat in ("mean", "std")
         },
+        **scored.reward_stats,
         # Stats stay tensors until the epoch ends: reading one (.item()) waits for the GPU.
         **{k: float(torch.stack(v).float().mean()) for k, v in stats.items()},
         **tracking.by_category(scored.samples, rewards),

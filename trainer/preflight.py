@@ -127,11 +127,13 @@ def _scorer_problems(component: RewardComponent, where: str) -> list[str]:
     except (TypeError, ValueError) as exc:
         return [f"{where}.scorer {component.scorer}: {exc}"]
     flag = "--reward.options" if where == "reward" else f"{where}.options"
-    return [
+    found = [
         f"{flag} {option}=...: {found}"
         for option, (kind, ref, what) in scorer.requirements().items()
         if (found := problem(kind, ref, what))
     ]
+    # what only asking outside can tell, e.g. a VLM judge's server and its model list (scorers/vlm.py)
+    return found + [f"{flag} {option}=...: {p}" for option, p in scorer.problems().items()]
 
 
 def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) -> list[str]:

@@ -151,6 +151,7 @@ class Rewards:
     def __init__(self, cfg: RewardConfig, device: str = "cpu", components: list[Component] | None = None):
         components = run_components(cfg) if components is None else components
         self.components = [c for c, _ in components]
+        self.aggregation = cfg.aggregation
         self.sources = {}
         for c, function in components:
             if function is not None:
@@ -163,17 +164,96 @@ class Rewards:
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Future]:
         return {name: source.submit(images, prompts, metadata) for name, source in self.sources.items()}
 
-    def combine(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        """The weighted sum over components of the (optionally standardised) epoch-wide scores."""
-        total = np.zeros_like(next(iter(scores.values())), dtype=np.float64)
+    def normalized(self, scores: dict[str, np.ndarray], groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Each component as the weighted sum takes it: as scored, standardised over the epoch (``normalize``),
+        or, with reward.aggregation gdpo, standardised within each group (the whole epoch when ``groups`` is
+        None), so that a reward of large spread cannot drown the others (GDPO, as Flow-Factory and Pref-GRPO)."""
+        out = {}
         for c in self.components:
-            r = scores[c.name]
-            total += c.weight * ((r - r.mean()) / (r.std() + 1e-8) if c.normalize else r)
+            r = np.asarray(scores[c.name], dtype=np.float64)
+            if self.aggregation == "gdpo":
+                out[c.name] = group_zscores(r, groups)
+            else:
+                out[c.name] = (r - r.mean()) / (r.std() + 1e-8) if c.normalize else r
+        return out
+
+    def combine(self, scores: dict[str, np.ndarray], groups: np.ndarray | None = None) -> np.ndarray:
+        """The weighted sum over components of the (optionally standardised) scores."""
+        parts = self.normalized(scores, groups)
+        total = np.zeros_like(next(iter(parts.values())), dtype=np.float64)
+        for c in self.components:
+            total += c.weight * parts[c.name]
         return total
+
+    def stats(self, scores: dict[str, np.ndarray], groups: np.ndarray | None, samples: list[dict]) -> dict[str, float]:
+        """Metrics beside each component's raw mean and std: the statistics of what the sum took when it
+        standardised the component, and the judge counts the scorers report per sample (COUNTED)."""
+        out = {}
+        parts = self.normalized(scores, groups)
+        for c in self.components:
+            if self.aggregation == "gdpo" or c.normalize:
+                out[f"reward_{c.name}_normalized_mean"] = float(parts[c.name].mean())
+                out[f"reward_{c.name}_normalized_std"] = float(parts[c.name].std())
+        return out | counts(samples, [c.name for c in self.components])
 
     def close(self) -> None:
         for source in self.sources.values():
             source.close()
+
+
+def group_zscores(r: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """(r - its group's mean) / (its group's std + 1e-8); a group of equal scores gives zeros."""
+    groups = np.zeros(len(r), dtype=int) if groups is None else np.asarray(groups)
+    out = np.empty_like(r, dtype=np.float64)
+    for g in np.unique(groups):
+        mask = groups == g
+        out[mask] = (r[mask] - r[mask].mean()) / (r[mask].std() + 1e-8)
+    return out
+
+
+# Per-sample counts a scorer's info may carry (scorers/vlm.py: re-asks, calls failed after their retries,
+# samples dropped for want of a usable answer); summed into metrics.jsonl, and a dropped sample gets no advantage.
+# Only numbers count: another scorer's info may use a name for something else (the shapes verifier's "failed"
+# lists the claims an image fails).
+COUNTED = ("reasked", "failed_calls", "dropped")
+
+
+def _count(value) -> int | None:
+    return int(value) if isinstance(value, (int, float, np.integer, np.floating)) else None
+
+
+def counts(samples: list[dict], names: list[str]) -> dict[str, float]:
+    """``reward_<component>_<count>`` summed over the gathered sample records (keys as tracking.sample_records
+    writes them: bare with one component, ``<component>/<key>`` with several)."""
+    out = {}
+    for name in names:
+        for key in COUNTED:
+            field = key if len(names) == 1 else f"{name}/{key}"
+            values = [_count(r.get(field)) for r in samples]
+            if values and all(v is not None for v in values):
+                out[f"reward_{name}_{key}"] = float(sum(values))
+    return out
+
+
+def dropped(samples: list[dict], names: list[str]) -> np.ndarray:
+    """Which gathered samples some component dropped (its info says ``dropped`` 1): they get no advantage."""
+    fields = ["dropped"] if len(names) == 1 else [f"{name}/dropped" for name in names]
+    return np.array([any(_count(r.get(f)) == 1 for f in fields) for r in samples], dtype=bool)
+
+
+def kept_advantages(rewards: np.ndarray, prompts: list[str], tracker, groups, global_std: bool, drop: np.ndarray):
+    """trainer.advantages.compute_advantages over the samples not dropped only (so that a dropped sample moves
+    no group's mean or std), and 0 for the dropped: they are left out of the update, never trained on as a
+    made-up score."""
+    from trainer.advantages import compute_advantages
+
+    keep = ~drop
+    advantages = np.zeros(len(rewards), dtype=np.float64)
+    if keep.any():
+        kept_groups = None if groups is None else np.asarray(groups)[keep]
+        kept_prompts = [p for p, k in zip(prompts, keep) if k]
+        advantages[keep] = compute_advantages(rewards[keep], kept_prompts, tracker, kept_groups, global_std)
+    return advantages
 
 
 def pair_scores(rewards: "Rewards", scored: dict[str, ScoreOutput], k: int = 2) -> np.ndarray:

@@ -125,6 +125,12 @@ class RewardConfig(RewardSource):
         exclude=True,
         description="bearer token for the reward servers (or DIFFUSION_RL_REWARD__TOKEN); never written to config.json",
     )
+    aggregation: Literal["sum", "gdpo"] = Field(
+        "sum",
+        description="sum: the weighted sum of the components (each standardised over the epoch when it says "
+        "normalize); gdpo: each component standardised within its group first (Flow-Factory's gdpo, Pref-GRPO's "
+        "--apply_gdpo; with train.group_std global the sum is re-standardised over the batch as theirs is)",
+    )
     encoding: Literal["raw", "png", "jpeg"] = "raw"
     timeout: float = Field(120.0, gt=0, description="seconds per request attempt")
     deadline: float = Field(600.0, gt=0, description="seconds to wait for an epoch's rewards before failing")
@@ -159,6 +165,17 @@ class RewardConfig(RewardSource):
         if len(set(names)) != len(names):
             raise ValueError(f"component names must differ (got {names}); set name= on repeated scorers")
         return components
+
+    @field_validator("aggregation")
+    @classmethod
+    def _one_normalisation(cls, aggregation: str, info: ValidationInfo) -> str:
+        for i, c in enumerate(info.data.get("components") or []):
+            if aggregation == "gdpo" and c.normalize:
+                raise ValueError(
+                    f"gdpo standardises every component within its group already: drop normalize from "
+                    f"reward.components[{i}] ({c.name or c.scorer}) or use aggregation sum"
+                )
+        return aggregation
 
     def sources(self) -> list[RewardComponent]:
         """The components with names filled in; the single scorer as one component of weight 1."""
