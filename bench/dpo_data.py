@@ -63,7 +63,7 @@ def supply(folder: Path, resolution: int, workers: int, batches: int) -> float:
 
 def measured_wait(folder: Path, resolution: int, steps: int = 6) -> dict:
     from trainer.config import Config
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config(

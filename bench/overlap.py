@@ -31,7 +31,7 @@ def learning(epochs: int, train_options: dict, names: list[str], seed: int = 42)
     import numpy as np
 
     from trainer.config import Config
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     modes = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +82,7 @@ def main() -> None:
 
     from tests.conftest import ServerProcess
     from trainer.config import Config
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     result = {"benchmark": "overlap", "epochs": args.epochs, "scorer_latency_ms_per_batch": args.latency_ms}
     with tempfile.TemporaryDirectory() as tmp:

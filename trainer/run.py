@@ -188,7 +188,9 @@ def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
     return found, json.loads((found / "state.json").read_text())["epoch"]
 
 
-def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = None) -> dict[str, Any]:
+def load_model(
+    run: Run, optimizer_steps: int, learning_rate: float | None = None, lagging: bool = False
+) -> dict[str, Any]:
     """Load the family, make it trainable, build the optimizer (at ``learning_rate``, default
     train.learning_rate), LR schedule (over ``optimizer_steps``) and EMA, and restore a checkpoint when
     resuming; returns the checkpoint's plain state ({} for a fresh run)."""
@@ -220,8 +222,9 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     )
     run.model, run.optimizer = accelerator.prepare(run.family.denoiser, optimizer)
     run.ema = EMA(run.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    # DiffusionNFT's old policy, AWM's lagging average: the decay is set per epoch
-    run.old_policy = EMA(run.trainable, 0.0) if cfg.algorithm in ("nft", "awm") else None
+    # ``lagging``: the algorithm keeps lagging weights (DiffusionNFT's old policy, AWM's lagging average), whose
+    # decay it sets per epoch; made here so that a resumed run loads them with the rest
+    run.old_policy = EMA(run.trainable, 0.0) if lagging else None
     if run.resume is None:
         return {}
     state = checkpoint.load(
