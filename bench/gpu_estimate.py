@@ -644,7 +644,7 @@ def estimate(name: str, resolutions, fake) -> dict:
         model,
         family["dtype"],
         preset["sample"],
-        preset["train"],
+        {**preset["train"], **preset.get("ddpo", {})},  # DDPO's clip range is in its own group
         preset.get("pretrained", {}).get("max_sequence_length") or 512,
     )
     with torch.device("meta"):

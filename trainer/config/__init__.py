@@ -149,7 +149,8 @@ class TrainConfig(_Group):
         ge=0,
         description="KL penalty toward the adapter-disabled denoiser (LoRA only): "
         "flow models, Flow-GRPO's beta in its convention (mean-squared mean difference over "
-        "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians",
+        "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians; also "
+        "DiffusionNFT's config.train.beta and AWM's beta (not dpo.beta nor nft.beta)",
     )
     ema_decay: float = Field(
         0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA"

@@ -32,7 +32,14 @@ class DPOConfig(_Steps):
     allow_outside_paths: bool = Field(
         False, description="let image paths point outside the dataset folder (absolute, or ../); refused by default"
     )
-    beta: float = Field(5000.0, gt=0, description="the KL weight beta (5000 for SD1.5 and SDXL)")
+    # Named beta as in Diffusion-DPO (Wallace et al. 2023, its --beta_dpo), so that its recipes port unchanged; a
+    # KL weight, unlike nft.beta (a mixing coefficient) and train.kl_coef (a KL penalty added to the loss).
+    beta: float = Field(
+        5000.0,
+        gt=0,
+        description="a KL weight: Diffusion-DPO's beta_dpo, the strength of the implicit KL to the reference "
+        "(5000 for SD1.5 and SDXL); not nft.beta, a mixing coefficient",
+    )
     sft: bool = Field(False, description="supervised finetuning instead: the denoising MSE on the winners only")
     reference: Literal["base", "ema"] = Field(
         "base",

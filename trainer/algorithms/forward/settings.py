@@ -16,6 +16,9 @@ class NFTConfig(_Group):
     better samples and away from the worse through an old policy. The KL to the base model is train.kl_coef
     (DiffusionNFT's config.train.beta, 1e-4: mean squared difference of the predictions)."""
 
+    # Named beta as in DiffusionNFT (Zheng et al. 2025, its config.beta), so that its recipes port unchanged; a
+    # mixing coefficient, unlike dpo.beta (a KL weight). DiffusionNFT's KL weight (its config.train.beta) is ours
+    # train.kl_coef.
     beta: float = Field(
         1.0,
         gt=0,
