@@ -94,7 +94,7 @@ def sd15_pair_flops(resolution: int) -> float:
     its sampling step is 2 forwards, the reference's on the pair. The VAE encode is left out."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from bench.gpu_estimate import FAMILIES, Step, denoiser, run_step
+    from bench.gpu_estimate import FAMILIES, Step, denoiser, run_step, training
     from trainer.config.presets import PRESETS
 
     family, preset = FAMILIES["sd15"], PRESETS[FAMILIES["sd15"]["preset"]]
@@ -103,7 +103,7 @@ def sd15_pair_flops(resolution: int) -> float:
         denoiser(family["config"], family["dtype"], preset["train"], fake),
         family["dtype"],
         preset["sample"],
-        preset["train"],
+        training(preset),  # DDPO's step: its clip range is in the ddpo group
     )
     return (
         run_step(step, "train", 1, resolution, fake)["flops"] + run_step(step, "sampling", 1, resolution, fake)["flops"]

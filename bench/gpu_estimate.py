@@ -632,6 +632,11 @@ def summary(one: dict, two: dict) -> dict:
     }
 
 
+def training(preset: dict) -> dict:
+    """A preset's train settings with DDPO's own (its clip range), which live in the ddpo group."""
+    return {**preset["train"], **preset.get("ddpo", {})}
+
+
 def estimate(name: str, resolutions, fake) -> dict:
     """Every figure of one family, at each resolution."""
     from diffusers import AutoencoderKL
@@ -644,7 +649,7 @@ def estimate(name: str, resolutions, fake) -> dict:
         model,
         family["dtype"],
         preset["sample"],
-        {**preset["train"], **preset.get("ddpo", {})},  # DDPO's clip range is in its own group
+        training(preset),
         preset.get("pretrained", {}).get("max_sequence_length") or 512,
     )
     with torch.device("meta"):
@@ -843,7 +848,7 @@ def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-f
         path, dtype, (sample, train) = (
             getattr(tiny_pipeline, build)(cache_dir) / folder,
             FAMILIES[family]["dtype"],
-            (PRESETS[FAMILIES[family]["preset"]][k] for k in ("sample", "train")),
+            (PRESETS[FAMILIES[family]["preset"]]["sample"], training(PRESETS[FAMILIES[family]["preset"]])),
         )
         config, fake = json.loads((path / "config.json").read_text()), FakeTensorMode(allow_non_fake_inputs=True)
         tokens = tiny_pipeline.FLUX_SPEC["t5_tokens"]

@@ -131,7 +131,7 @@ def _ppo_updates(
         picks = trajectories.shuffled(
             t.batch_size, run.plan.train_timesteps, t.timestep_selection, t.timestep_span, t.timestep_shared
         )
-        run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)  # train.timesteps_per_forward 0, GPU
+        run.fit_timesteps_per_forward(_probe(run, trajectories.chunk(*picks[0]), guidance))  # per forward 0, GPU
         plan = run.plan
         # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples
         # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
@@ -186,6 +186,16 @@ def _ppo_updates(
                     stats["clipfrac_first_step"].append(step_stats["clipfrac"])
                 global_step += accelerator.sync_gradients
     return stats, global_step
+
+
+def _probe(run: run_setup.Run, chunk: Chunk, guidance):
+    """DDPO's training forward of k timesteps of ``chunk``, whose memory run.fit_timesteps_per_forward measures."""
+
+    def forward(k: int) -> torch.Tensor:
+        with run.accelerator.autocast():
+            return rescore(run.family, run.model, chunk, slice(0, k), *guidance)[0]
+
+    return forward
 
 
 @torch.no_grad()
