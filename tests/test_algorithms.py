@@ -30,3 +30,16 @@ def test_train_refuses_what_the_algorithm_does_not_take(algorithm, refused):
     )
     with pytest.raises(ValueError, match=f"algorithm: {algorithm} takes no {refused}"):
         trainer.train(cfg, **{refused: lambda *a: None})
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["trainer.algorithms", *(f"trainer.algorithms.{name}.settings" for name in ("ddpo", "dpo", "forward", "refl"))],
+)
+def test_each_settings_group_imports_first(module):
+    """trainer.config imports every algorithm's settings group: a group imported before trainer.config (as a
+    test or a user's script may) must not find trainer.config half-built (trainer/groups.py holds the bases)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"import {module}; import trainer.config"], check=True)

@@ -4,7 +4,7 @@ Every field can be overridden on the command line with its dotted path: ``--trai
 The defaults are the ``tiny`` run: an embedded random-init pipeline on CPU that finishes in minutes.
 
 This package: ``Config`` and its sample, train and prompt groups here; ``run.py`` the run and pretrained groups,
-``reward.py`` the reward group, ``steps.py`` the base of the step-counted algorithms' groups (each algorithm's own
+``reward.py`` the reward group, the algorithms' groups (each algorithm's own
 group is in its folder, trainer/algorithms/<name>/settings.py), ``renamed.py`` the old spellings of moved settings,
 ``group.py`` the base of every group and the reading of ``--config`` files, ``presets.py`` the named presets
 (``--preset``) and ``recipes.py`` the papers' recipes among them.

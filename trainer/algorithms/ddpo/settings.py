@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from trainer.config.group import _Group
+from trainer.groups import _Group
 
 # The settings that moved here from ``train``: their old spellings still work, with a note of the new name.
 MOVED = ("cfg", "clip_range", "timestep_window", "timestep_window_latest_start", "decoupled_ppo")

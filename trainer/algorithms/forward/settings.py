@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from trainer.config.group import _Group
+from trainer.groups import _Group
 
 
 class NFTConfig(_Group):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from trainer.config.steps import _Steps
+from trainer.groups import _Steps
 
 
 class ReFLConfig(_Steps):
