@@ -69,7 +69,7 @@ def label_pairs(out: Path, pairs: int, images_per_prompt: int = 2) -> dict:
 
 
 def run_mode(mode: str, data: Path, steps: int, extra: list[str], eval_every: int | None = None) -> dict:
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         flags = {"offline": [], "sft": ["--dpo.sft"], "online": ["--dpo.online"]}[mode]

@@ -63,7 +63,7 @@ def supply(folder: Path, resolution: int, workers: int, batches: int) -> float:
 
 def measured_wait(folder: Path, resolution: int, steps: int = 6) -> dict:
     from trainer.config import Config
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config(
@@ -94,7 +94,7 @@ def sd15_pair_flops(resolution: int) -> float:
     its sampling step is 2 forwards, the reference's on the pair. The VAE encode is left out."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from bench.gpu_estimate import FAMILIES, Step, denoiser, run_step
+    from bench.gpu_estimate import FAMILIES, Step, denoiser, run_step, training
     from trainer.config.presets import PRESETS
 
     family, preset = FAMILIES["sd15"], PRESETS[FAMILIES["sd15"]["preset"]]
@@ -103,7 +103,7 @@ def sd15_pair_flops(resolution: int) -> float:
         denoiser(family["config"], family["dtype"], preset["train"], fake),
         family["dtype"],
         preset["sample"],
-        preset["train"],
+        training(preset),  # DDPO's step: its clip range is in the ddpo group
     )
     return (
         run_step(step, "train", 1, resolution, fake)["flops"] + run_step(step, "sampling", 1, resolution, fake)["flops"]

@@ -5,13 +5,14 @@ forward-process methods' (DiffusionNFT, AWM).
 
 Each denoiser (SD1.5's and SDXL's UNet, SD3.5-Medium's MMDiT, FLUX.1-dev's transformer) is built random-init
 from its published config on the meta device with the trainer's LoRA adapters (trainer.families.models.make_trainable:
-frozen base in half, adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE
-step of the DDPO hot path then runs as trainer/ddpo.py runs it: the family's own predict with classifier-free
-guidance (batch doubled; FLUX.1-dev's guidance is an input, one pass), its step's Gaussian (DDIM for SD1/SDXL,
-Flow-GRPO's SDE for SD3 and FLUX) and the log-prob of the stored next latent, PPO-clip, backward, gradient
-clipping, AdamW; with and without gradient checkpointing. DiffusionNFT's and AWM's step as trainer/forward.py
-runs it: clean latents re-noised at a sampler step, the conditional prediction with gradient (no guidance),
-the lagging weights' and the base's without, NFT's loss, backward, clipping, AdamW (AWM's step has the same
+frozen base in half, adapters in fp32) and made fake (FakeTensorMode: shapes, dtypes, storages, no data). ONE step
+of the DDPO hot path then runs as trainer/algorithms/ddpo/loop.py runs it: the family's own predict with
+classifier-free guidance (batch doubled; FLUX.1-dev's guidance is an input, one pass), its step's Gaussian (DDIM for
+SD1/SDXL, Flow-GRPO's SDE for SD3 and FLUX) and the log-prob of the stored next latent, PPO-clip, backward, gradient
+clipping, AdamW; with and without gradient checkpointing. DiffusionNFT's and AWM's step as
+trainer/algorithms/forward/loop.py runs it: clean latents re-noised at a sampler step, the conditional prediction
+with gradient (no guidance), the lagging weights' and the base's without, NFT's loss, backward, clipping, AdamW
+(AWM's step has the same
 forwards and an elementwise loss: the same memory and FLOPs). Also the sampling step alone (no grad) and the
 VAE decode of a sampled batch; and the GenEval and OCR scorers' memory.
 
@@ -49,7 +50,8 @@ from torch.utils._pytree import tree_leaves
 
 from trainer.families.ddim import ddim_mean_std, gaussian_log_prob
 from trainer.families.flow import flow_sde_mean_std
-from trainer.loss import nft_loss, nft_optimality, ppo_clip_loss
+from trainer.algorithms.ddpo.loss import ppo_clip_loss
+from trainer.algorithms.forward.loss import nft_loss, nft_optimality
 
 GB = 1e9
 CARDS_GB = (24, 40, 80)
@@ -412,7 +414,7 @@ def frozen_bytes(cls_name: str, config: dict, dtype: torch.dtype) -> int:
 
 
 class Step:
-    """One family's DDPO step (trainer/ddpo.py's inner loop) on a batch of stored transitions."""
+    """One family's DDPO step (trainer/algorithms/ddpo/loop.py's inner loop) on a batch of stored transitions."""
 
     def __init__(self, model, dtype: torch.dtype, sample: dict, train: dict, tokens: int = 512):
         """``tokens``: FLUX's T5 tokens per prompt (pretrained.max_sequence_length)."""
@@ -516,8 +518,8 @@ class Step:
         self.optimize(loss, optimizer)
 
     def forward_step(self, b: dict, optimizer) -> None:
-        """DiffusionNFT's step (trainer/forward.py): the rollout's clean latents (here ``latents``) at a sampler
-        step, the lagging and the base prediction without gradient (each the same denoiser's forward: swapped
+        """DiffusionNFT's step (trainer/algorithms/forward/loop.py): the rollout's clean latents (here ``latents``) at a
+        sampler step, the lagging and the base prediction without gradient (each the same denoiser's forward: swapped
         LoRA tensors, adapters off), the trained one with; NFT's loss and its KL to the base."""
         x_t, t, _, _ = self.schedule.noised_at(b["latents"], b["next_latents"], b["steps"])
         with CudaAutocast(self.dtype):
@@ -597,8 +599,8 @@ def run_step(
 
 
 def run_decode(step: Step, vae, n: int, resolution: int, fake) -> dict:
-    """Measure the family's decode of ``n`` sampled latents (trainer/ddpo.py decodes each sampling batch whole,
-    outside autocast, in the VAE's own dtype)."""
+    """Measure the family's decode of ``n`` sampled latents (trainer/algorithms/ddpo/loop.py decodes each sampling batch
+    whole, outside autocast, in the VAE's own dtype)."""
     from trainer.families.vae import VAE
 
     decoder = VAE(vae)  # every family's decode (trainer/families/vae.py)
@@ -630,6 +632,11 @@ def summary(one: dict, two: dict) -> dict:
     }
 
 
+def training(preset: dict) -> dict:
+    """A preset's train settings with DDPO's own (its clip range), which live in the ddpo group."""
+    return {**preset["train"], **preset.get("ddpo", {})}
+
+
 def estimate(name: str, resolutions, fake) -> dict:
     """Every figure of one family, at each resolution."""
     from diffusers import AutoencoderKL
@@ -642,7 +649,7 @@ def estimate(name: str, resolutions, fake) -> dict:
         model,
         family["dtype"],
         preset["sample"],
-        preset["train"],
+        training(preset),
         preset.get("pretrained", {}).get("max_sequence_length") or 512,
     )
     with torch.device("meta"):
@@ -841,7 +848,7 @@ def calibrate(cache_dir=None, names=("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-f
         path, dtype, (sample, train) = (
             getattr(tiny_pipeline, build)(cache_dir) / folder,
             FAMILIES[family]["dtype"],
-            (PRESETS[FAMILIES[family]["preset"]][k] for k in ("sample", "train")),
+            (PRESETS[FAMILIES[family]["preset"]]["sample"], training(PRESETS[FAMILIES[family]["preset"]])),
         )
         config, fake = json.loads((path / "config.json").read_text()), FakeTensorMode(allow_non_fake_inputs=True)
         tokens = tiny_pipeline.FLUX_SPEC["t5_tokens"]

@@ -34,7 +34,7 @@ import torch
 
 from bench.learning import bench_config
 from trainer import run as run_setup
-from trainer.ddpo import train
+from trainer.algorithms.ddpo.loop import train
 
 
 def snr(gradients: np.ndarray) -> dict:

@@ -27,11 +27,11 @@ from pathlib import Path
 RUNS = {"epoch": ("epoch", "off"), "next_epoch": ("next_epoch", "off"), "next_epoch_decoupled": ("next_epoch", "on")}
 
 
-def learning(epochs: int, train_options: dict, names: list[str], seed: int = 42) -> dict:
+def learning(epochs: int, ddpo_options: dict, names: list[str], seed: int = 42) -> dict:
     import numpy as np
 
     from trainer.config import Config
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     modes = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,7 +45,7 @@ def learning(epochs: int, train_options: dict, names: list[str], seed: int = 42)
                     "log_images_every": 0,
                     "seed": seed,
                 },
-                train={**train_options, "decoupled_ppo": decoupled},
+                ddpo={**ddpo_options, "decoupled_ppo": decoupled},
                 reward={"overlap": mode},
             )
             history = train(cfg)
@@ -63,7 +63,7 @@ def learning(epochs: int, train_options: dict, names: list[str], seed: int = 42)
                 "reward_mean_per_epoch": [round(float(x), 3) for x in means],
                 "seconds_training": round(float(np.median([m["seconds_training"] for m in history])), 2),
             }
-    return {"benchmark": "overlap-learning", "epochs": epochs, "seed": seed, "train": train_options, "modes": modes}
+    return {"benchmark": "overlap-learning", "epochs": epochs, "seed": seed, "ddpo": ddpo_options, "modes": modes}
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--latency-ms", type=float, default=400.0)
     parser.add_argument("--learning", action="store_true", help="epoch vs next_epoch: clip fractions and reward rise")
-    parser.add_argument("--clip-range", type=float, help="train.clip_range for --learning (default: the tiny run's)")
+    parser.add_argument("--clip-range", type=float, help="ddpo.clip_range for --learning (default: the tiny run's)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"for --learning, some of {', '.join(RUNS)}")
     parser.add_argument("--seed", type=int, default=42, help="run.seed for --learning")
     args = parser.parse_args()
@@ -82,7 +82,7 @@ def main() -> None:
 
     from tests.conftest import ServerProcess
     from trainer.config import Config
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     result = {"benchmark": "overlap", "epochs": args.epochs, "scorer_latency_ms_per_batch": args.latency_ms}
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ from trainer.config import Config
 
 
 def learn(mode: str, steps: int, extra: list[str]) -> dict:
-    from trainer.refl import train
+    from trainer.algorithms.refl.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = CliApp.run(
@@ -110,7 +110,7 @@ def timing(steps: int) -> dict:
     import torch
 
     from trainer import run as run_setup
-    from trainer.refl import differentiable_reward, rollout
+    from trainer.algorithms.refl.loop import differentiable_reward, rollout
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

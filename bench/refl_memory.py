@@ -2,8 +2,8 @@
 
     python -m bench.refl_memory [--batches 1,2] [--skip-calibration]
 
-The step is trainer/refl.py's at its ``mid`` step, with the sd15-refl-aesthetic preset's settings (fp16, LoRA
-on attention, gradient checkpointing on and off, no CFG): the UNet call with gradient, the predicted x0, the
+The step is trainer/algorithms/refl/loop.py's at its ``mid`` step, with the sd15-refl-aesthetic preset's settings (fp16,
+LoRA on attention, gradient checkpointing on and off, no CFG): the UNet call with gradient, the predicted x0, the
 VAE decode with gradient, the reward, ``relu(2 - r).mean() * 1e-3``, backward, gradient clipping, AdamW.
 The reward is either in process, the aesthetic scorer's own tensor path (CLIP ViT-L/14 in fp16 as
 the scorers load it on a GPU, the LAION MLP) or served: what trainer.rewards.remote_scores leaves on the

@@ -20,7 +20,7 @@ from pathlib import Path
 
 def run(out: Path, epochs: int, reward: dict) -> list[dict]:
     from trainer.config import Config
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     cfg = Config(
         run={"output_dir": out, "num_epochs": epochs, "log_with": "none", "log_images_every": 0},

@@ -51,7 +51,7 @@ def main() -> None:
     from pydantic_settings import CliApp
 
     from trainer.config import Config
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--sample-batch", type=int, default=8)

@@ -68,7 +68,7 @@ def ours_command(epochs: int, out: Path, prompts: Path, *extra: str) -> list[str
         str(s["train_batch"]),
         "--train.learning_rate",
         str(s["lr"]),
-        "--train.clip_range",
+        "--ddpo.clip_range",
         str(s["clip"]),
         "--train.timestep_fraction",
         "1.0",

@@ -128,7 +128,7 @@ def train_one_shapes_epoch(tmp_path: Path, preset: str) -> tuple[Path, list[dict
     import json
 
     from trainer.config import Config
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("a triangle\nthree circles\na red triangle\na circle above a square\n" * 2)

@@ -23,7 +23,7 @@ def test_published_presets_and_their_one_gpu_variants(name):
     assert many.effective_train_batch == one.effective_train_batch
     assert single.train.batch_size == 1
     assert full.pretrained.model == "runwayml/stable-diffusion-v1-5" and full.run.mixed_precision == "fp16"
-    assert (full.train.learning_rate, full.train.clip_range, full.sample.num_steps) == (3e-4, 1e-4, 50)
+    assert (full.train.learning_rate, full.ddpo.clip_range, full.sample.num_steps) == (3e-4, 1e-4, 50)
     assert full.train.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"] and full.train.per_prompt_stat_tracking
 
 
@@ -41,7 +41,7 @@ def test_preset_specifics():
 
 def test_layers_preset_then_file_then_command_line(tmp_path):
     (tmp_path / "run.json").write_text(
-        json.dumps({"train": {"learning_rate": 1e-5, "clip_range": 2e-4}, "run": {"num_epochs": 3}})
+        json.dumps({"train": {"learning_rate": 1e-5}, "ddpo": {"clip_range": 2e-4}, "run": {"num_epochs": 3}})
     )
     (tmp_path / "run.toml").write_text("[train]\nlearning_rate = 2e-5\n[sample]\nnum_steps = 30\n")
     cfg = CliApp.run(
@@ -56,10 +56,10 @@ def test_layers_preset_then_file_then_command_line(tmp_path):
         ],
     )
     assert cfg.train.learning_rate == 7e-5  # command line over file
-    assert cfg.train.clip_range == 2e-4 and cfg.run.num_epochs == 3  # file over preset
+    assert cfg.ddpo.clip_range == 2e-4 and cfg.run.num_epochs == 3  # file over preset
     assert cfg.prompt.fn == "simple_animals" and cfg.sample.num_steps == 50  # preset under both
     toml = CliApp.run(Config, cli_args=["--config", str(tmp_path / "run.toml")])
-    assert (toml.train.learning_rate, toml.sample.num_steps, toml.train.clip_range) == (2e-5, 30, 1e-2)
+    assert (toml.train.learning_rate, toml.sample.num_steps, toml.ddpo.clip_range) == (2e-5, 30, 1e-2)
     # the saved config reproduces itself
     assert Config.model_validate_json(cfg.model_dump_json()) == cfg
 

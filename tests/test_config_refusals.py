@@ -68,11 +68,11 @@ def test_per_prompt_stat_tracking_with_groups_is_rejected():
 
 
 def test_unguided_training_of_guided_samples_is_rejected():
-    with pytest.raises(ValidationError, match=r"train.cfg is false .* sample.guidance_scale \(5.0\)"):
-        Config(train={"cfg": False})
+    with pytest.raises(ValidationError, match=r"ddpo.cfg is false .* sample.guidance_scale \(5.0\)"):
+        Config(ddpo={"cfg": False})
     with pytest.raises(ValidationError, match="sample.guidance_scale"):
-        CliApp.run(Config, cli_args=["--no-train.cfg"])
-    assert Config(train={"cfg": False}, sample={"guidance_scale": 1.0}).train.cfg is False
+        CliApp.run(Config, cli_args=["--no-ddpo.cfg"])
+    assert Config(ddpo={"cfg": False}, sample={"guidance_scale": 1.0}).ddpo.cfg is False
 
 
 def test_the_mask_of_an_old_config_json_is_not_a_token(tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def test_every_problem_of_a_pairs_file_is_named_with_its_line_before_any_model_l
     ],
 )
 def test_an_empty_or_all_tied_pairs_file_is_named(tmp_path, lines, message):
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
     from trainer.preflight import PreflightError
 
     from tests.test_dpo import dpo_config
@@ -175,7 +175,7 @@ def test_paths_outside_the_dataset_folder_need_the_option(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_rows_past_the_up_front_check_stop_the_run_before_they_are_trained_on(tmp_path, tiny_cache, workers):
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
     from trainer.pairs import PairsError
 
     from tests.test_dpo import dpo_config
@@ -232,7 +232,7 @@ def test_a_large_dataset_is_checked_up_to_check_rows_before_the_run(tmp_path):
 # -- ReFL's pre-training data ----------------------------------------------------------------------------------
 def test_pretraining_images_are_checked_file_by_file_before_the_model_loads(tmp_path):
     from trainer.preflight import PreflightError
-    from trainer.refl import train
+    from trainer.algorithms.refl.loop import train
 
     from tests.test_refl import refl_config
 

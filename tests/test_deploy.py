@@ -71,7 +71,7 @@ def test_gpus_do_not_overlap_and_scorers_are_healthchecked(compose):
 @pytest.mark.timeout(600)
 def test_topology_runs_as_local_processes(start_server, tmp_path, tiny_cache, monkeypatch):
     """The same services, tiny models on 127.0.0.1, the same token and reward configuration."""
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     token = "topology-test-token"
     env = {"REWARD_SERVER_TOKEN": token}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_trained
-from trainer.loss import diffusion_dpo_loss
+from trainer.algorithms.dpo.loss import diffusion_dpo_loss
 
 
 def reference_loss_and_grad(mw, ml, rw, rl, beta):
@@ -197,7 +197,7 @@ def dpo_config(tmp_path, tiny_cache, pairs_folder, **dpo):
 
 @pytest.mark.slow
 def test_dpo_starts_at_log_2_and_moves_the_adapters_only(tmp_path, tiny_cache, pairs_folder):
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     cfg = dpo_config(tmp_path, tiny_cache, pairs_folder)
     history = train(cfg)
@@ -214,7 +214,7 @@ def test_dpo_starts_at_log_2_and_moves_the_adapters_only(tmp_path, tiny_cache, p
 def test_dpo_resume_is_exact(tmp_path, tiny_cache, pairs_folder):
     from safetensors.torch import load_file
 
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     def run(out, resume=None):
         cfg = dpo_config(tmp_path, tiny_cache, pairs_folder, max_train_steps=4)
@@ -238,7 +238,7 @@ def test_dpo_resume_is_exact(tmp_path, tiny_cache, pairs_folder):
 
 @pytest.mark.slow
 def test_sft_and_full_finetuning_with_a_frozen_reference(tmp_path, tiny_cache, pairs_folder):
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     sft = train(dpo_config(tmp_path / "sft", tiny_cache, pairs_folder, sft=True, max_train_steps=2))
     assert "implicit_accuracy" not in sft[0] and sft[0]["model_mse_winner"] > 0
@@ -260,7 +260,7 @@ def test_an_ema_reference_follows_the_policy(tmp_path, tiny_cache, pairs_folder)
     with train.ema_decay, said before anything loads."""
     from pydantic import ValidationError
 
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     with pytest.raises(ValidationError, match="dpo.reference ema .* train.lora false"):
         dpo_config(tmp_path, tiny_cache, pairs_folder, reference="ema")
@@ -279,7 +279,7 @@ def test_an_ema_reference_follows_the_policy(tmp_path, tiny_cache, pairs_folder)
 
 
 def test_seed_flags_translate():
-    from trainer.seed_flags import translate
+    from trainer.algorithms.dpo.seed_flags import translate
 
     seed = [
         "--pretrained_model_name_or_path=runwayml/stable-diffusion-v1-5",
@@ -428,7 +428,7 @@ def test_label_relabels_pairs_through_a_live_reward_server(tmp_path, pairs_folde
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3"])
 def test_dpo_on_the_other_families(tmp_path, tiny_cache, pairs_folder, model):
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     cfg = dpo_config(tmp_path, tiny_cache, pairs_folder, max_train_steps=2)
     cfg.pretrained.model = model
@@ -469,7 +469,7 @@ def test_noised_follows_the_forward_processes():
 @pytest.mark.slow
 def test_online_rounds_sample_label_and_train(tmp_path):
     from trainer.config import Config
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
 
     cfg = Config(
         algorithm="dpo",
@@ -496,7 +496,7 @@ def test_online_rounds_pair_each_prompts_best_and_worst_image(tmp_path, monkeypa
     """With four images per prompt, each pair trained is its prompt's best- and worst-scored image, winner first;
     with two passes per round, the second trains on the same pairs reshuffled, and no second round is sampled."""
     from scorers.shapes import ShapesVerifier
-    from trainer import dpo
+    from trainer.algorithms.dpo import loop as dpo
     from trainer.config import Config
 
     sampled, batches = [], []

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from protocol import MEDIA_TYPE, build_request
 from tests.conftest import no_model_loads
 from trainer.config import Config
-from trainer.ddpo import train
+from trainer.algorithms.ddpo.loop import train
 
 pytestmark = pytest.mark.timeout(600)
 

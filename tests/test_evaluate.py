@@ -12,7 +12,7 @@ import torch
 
 from scorers.scorer import create_scorer
 from trainer.config import Config
-from trainer.ddpo import train
+from trainer.algorithms.ddpo.loop import train
 from trainer.evaluate import EvalSettings, evaluate, run_evaluation
 from trainer.families.models import load_family
 from trainer.rewards import Rewards

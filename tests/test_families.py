@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import assert_trained
 from trainer.config import Config
-from trainer.ddpo import train
+from trainer.algorithms.ddpo.loop import train
 from trainer.families import Dynamics, Family
 from trainer.families.models import FAMILIES, load_family, make_trainable
 from trainer.families.vae import VAE

@@ -192,7 +192,7 @@ def test_flow_grpo_trains_resumes_exactly_and_saves_a_lora_flux_loads(tmp_path, 
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
     from trainer.families.tiny_pipeline import tiny_flux_path
 
     history = train(run_config(tmp_path / "straight", tiny_cache, 3, sde_type))
@@ -246,7 +246,7 @@ def test_nft_and_awm_train_and_save(tmp_path, tiny_cache, algorithm):
 def test_diffusion_dpo_starts_at_log_2_and_trains(tmp_path, tiny_cache):
     from tests.test_dpo import pick_a_pic_rows
     from trainer.config.presets import PRESETS
-    from trainer.dpo import train
+    from trainer.algorithms.dpo.loop import train
     from trainer.pairs import write_parquet
 
     write_parquet(pick_a_pic_rows(9), tmp_path / "pairs" / "train-0000.parquet")
@@ -271,7 +271,7 @@ def test_diffusion_dpo_starts_at_log_2_and_trains(tmp_path, tiny_cache):
 
 def test_refl_steps_move_the_adapters(tmp_path, tiny_cache):
     from trainer import run as run_setup
-    from trainer.refl import differentiable_reward, rollout
+    from trainer.algorithms.refl.loop import differentiable_reward, rollout
 
     cfg = Config(
         algorithm="refl",

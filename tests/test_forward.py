@@ -11,7 +11,7 @@ import torch
 
 from trainer.config import Config
 from trainer.families.ddim import ddim_x0
-from trainer.loss import awm_loss, nft_loss, nft_optimality
+from trainer.algorithms.forward.loss import awm_loss, nft_loss, nft_optimality
 
 
 def reference_loss(prediction, old, x0, to_x0, r, beta, c=5.0) -> float:
@@ -116,7 +116,8 @@ def nft_config(tmp_path, tiny_cache, preset: str, algorithm: str = "nft", train:
             "images_per_prompt": 2,
             "guidance_scale": 1.0,
         },
-        train={"batch_size": 2, "timestep_fraction": 0.5, "kl_coef": 1e-4, "cfg": False, **(train or {})},
+        train={"batch_size": 2, "timestep_fraction": 0.5, "kl_coef": 1e-4, **(train or {})},
+        ddpo={"cfg": False},
     )
 
 
@@ -186,7 +187,7 @@ def test_the_forward_process_at_the_samplers_steps(tiny_cache, preset, kind):
 def test_nft_resumes_exactly_with_its_old_policy(tmp_path, tiny_cache):
     from safetensors.torch import load_file
 
-    from trainer.forward import train
+    from trainer.algorithms.forward.loop import train
 
     straight = train(nft_config(tmp_path / "straight", tiny_cache, "tiny", num_epochs=3))
     train(nft_config(tmp_path / "resumed", tiny_cache, "tiny", num_epochs=2, save_freq=1))
@@ -218,7 +219,7 @@ def test_nft_rolls_out_with_the_policy_it_is_told(tmp_path, tiny_cache, monkeypa
     from safetensors.torch import load_file
 
     from trainer import epoch as epoch_phases
-    from trainer.forward import train
+    from trainer.algorithms.forward.loop import train
 
     calls, real = [], epoch_phases.sample
 

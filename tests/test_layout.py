@@ -134,3 +134,48 @@ def test_package_does_not_import(package, forbidden):
 def test_the_check_sees_function_level_imports():
     _, names = import_graph()
     assert "scorers.scorer" in names["trainer.before_after"]  # imports create_scorer inside a function
+
+
+def _algorithm_of(module: str) -> str | None:
+    """The algorithm folder a module lies in (trainer.algorithms.<name>...), or None."""
+    parts = module.split(".")
+    return (
+        parts[2] if len(parts) > 3 or (len(parts) == 3 and (ROOT / "trainer/algorithms" / parts[2]).is_dir()) else None
+    )
+
+
+def test_algorithms_never_import_each_other():
+    """Each algorithm is its own folder (trainer/algorithms/<name>/): what two share lives outside every
+    algorithm's folder (the shared engine, or trainer/algorithms/checks.py), so adding or removing one
+    touches no other."""
+    edges, _ = import_graph()
+    crossing = sorted(
+        f"{m} -> {t}"
+        for m, targets in edges.items()
+        if _algorithm_of(m)
+        for t in targets
+        if _algorithm_of(t) and _algorithm_of(t) != _algorithm_of(m)
+    )
+    assert {"ddpo", "forward", "dpo", "refl"} <= {_algorithm_of(m) for m in edges if _algorithm_of(m)}
+    assert not crossing, f"an algorithm imports another: {crossing}"
+
+
+def test_the_shared_engine_names_no_algorithm():
+    """Outside trainer/algorithms/, ``cfg.algorithm`` is only the key of the one dispatch,
+    ``ALGORITHMS[cfg.algorithm]``: no ``cfg.algorithm == "ddpo"`` test, no ``getattr(cfg, cfg.algorithm)``."""
+    offenders = []
+    for module, path in project_modules().items():
+        if not module.startswith("trainer") or module.startswith("trainer.algorithms"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        keys = {
+            id(node.slice)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "ALGORITHMS"
+        }
+        offenders += [
+            f"{path.relative_to(ROOT)}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "algorithm" and id(node) not in keys
+        ]
+    assert not offenders, f"the shared engine tests the algorithm: {offenders}"

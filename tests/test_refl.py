@@ -130,7 +130,7 @@ def count_grad_calls(run_fn, family_model):
 @pytest.mark.parametrize("mode,expected", [("refl", 1), ("draft", 3), ("alignprop", None)])
 def test_truncated_backprop_touches_only_its_steps(tmp_path, mode, expected):
     from trainer import run as run_setup
-    from trainer.refl import rollout
+    from trainer.algorithms.refl.loop import rollout
 
     cfg = refl_config(tmp_path, mode=mode, draft_k=3)
     with run_setup.started(cfg, 1) as run:
@@ -154,7 +154,7 @@ def test_truncated_backprop_touches_only_its_steps(tmp_path, mode, expected):
 def test_refl_moves_the_weights_and_a_zero_grad_scale_does_not(tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.refl import train
+    from trainer.algorithms.refl.loop import train
 
     history = train(refl_config(tmp_path / "a"))
     assert [m["step"] for m in history] == [0, 1] and all(m["denoiser_calls_with_grad"] == 1 for m in history)
@@ -170,7 +170,7 @@ def test_refl_moves_the_weights_and_a_zero_grad_scale_does_not(tmp_path):
 def test_a_refl_step_with_the_reward_served_has_the_local_gradient(tmp_path, start_server):
     """The whole step's parameter gradient through the real server and client equals the in-process one."""
     from trainer import run as run_setup
-    from trainer.refl import differentiable_reward, rollout
+    from trainer.algorithms.refl.loop import differentiable_reward, rollout
 
     server = start_server("--model", "aesthetic", "--checkpoint", "tiny-shapes")
     grads = {}
@@ -215,7 +215,7 @@ def test_the_pretraining_step_alone_moves_the_weights(tmp_path, renders):
     reward step) train the denoising loss on the real images and move the adapters."""
     from safetensors.torch import load_file
 
-    from trainer.refl import train
+    from trainer.algorithms.refl.loop import train
 
     data = image_folder(tmp_path / "real", renders)
     history = train(refl_config(tmp_path, grad_scale=0.0, max_train_steps=4, pretrain_data=str(data), pretrain_every=2))
@@ -247,7 +247,7 @@ def test_refl_on_every_family_and_full_finetuning(tmp_path, model, lora):
     """A DRaFT-2 step through each family's sampler, predicted x0 and decoder moves its weights (LoRA), and
     full finetuning moves the denoiser itself."""
     from trainer import run as run_setup
-    from trainer.refl import differentiable_reward, rollout
+    from trainer.algorithms.refl.loop import differentiable_reward, rollout
 
     cfg = refl_config(tmp_path, mode="draft", draft_k=2, max_train_steps=1)
     cfg.pretrained.model, cfg.train.lora = model, lora

@@ -15,7 +15,7 @@ from pydantic_settings import CliApp
 
 from tests.conftest import no_model_loads
 from trainer.config import Config
-from trainer.ddpo import train
+from trainer.algorithms.ddpo.loop import train
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -287,13 +287,13 @@ def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
     from trainer.sampling import rescore, sample
 
     cfg = Config(
-        pretrained={"cache_dir": tiny_cache}, train={"cfg": False}, sample={"guidance_scale": 1.0, "num_steps": 4}
+        pretrained={"cache_dir": tiny_cache}, ddpo={"cfg": False}, sample={"guidance_scale": 1.0, "num_steps": 4}
     )
     pipe = load_pipeline(cfg, torch.device("cpu"))
     negative = family_of(pipe).encode_prompts([""])
     torch.manual_seed(0)
     batch, _ = sample(family_of(pipe), pipe.unet, ["a cat", "an owl"], [{}, {}], negative, 4, 1.0, 1.0, 64)
-    for j in range(4):  # training (train.cfg false: no negative prompt) re-scores exactly what was sampled
+    for j in range(4):  # training (ddpo.cfg false: no negative prompt) re-scores exactly what was sampled
         log_prob, _, _ = rescore(family_of(pipe), pipe.unet, batch, j, None, 1.0, 1.0)
         assert torch.equal(log_prob, batch.log_probs[:, j])
 
@@ -302,7 +302,7 @@ def test_unguided_training_of_scale_1_samples_starts_at_ratio_1(tiny_cache):
 def test_next_epoch_samples_are_clipped_around_the_current_weights(tmp_path, tiny_cache):
     def run(name, overlap, decoupled="auto"):
         cfg = tiny_run(tmp_path / name, tiny_cache, 2)
-        cfg.run.log_with, cfg.reward.overlap, cfg.train.decoupled_ppo = "none", overlap, decoupled
+        cfg.run.log_with, cfg.reward.overlap, cfg.ddpo.decoupled_ppo = "none", overlap, decoupled
         return train(cfg)
 
     plain, fresh = run("plain", "epoch"), run("fresh", "epoch", "on")

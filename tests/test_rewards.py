@@ -31,7 +31,7 @@ def test_an_unreachable_reward_server_is_found_before_any_model_loads(tmp_path):
         pretrained={"cache_dir": tmp_path / "cache"},
         reward={"url": [dead], "probe_timeout": 1.0},
     )
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     start = time.monotonic()
     with pytest.raises(PreflightError, match=f"(?s)--reward.url {dead}: unreachable .*fix --reward.url"):

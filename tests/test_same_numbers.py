@@ -64,8 +64,8 @@ def numbers(name: str, cache: Path, out: Path) -> list[dict[str, float]]:
     pretrained = {**spec.pop("pretrained", {}), "cache_dir": cache}
     run = {"output_dir": out, "num_epochs": 2, "log_with": "none", "log_images_every": 0, "seed": 7}
     cfg = Config(**spec, run=run, pretrained=pretrained)
-    module = {"ddpo": "trainer.ddpo", "nft": "trainer.forward", "awm": "trainer.forward"}.get(cfg.algorithm)
-    train = importlib.import_module(module or f"trainer.{cfg.algorithm}").train
+    module = {"nft": "forward", "awm": "forward"}.get(cfg.algorithm, cfg.algorithm)
+    train = importlib.import_module(f"trainer.algorithms.{module}.loop").train
     return [{k: v for k, v in m.items() if isinstance(v, float) and not k.startswith(_NOT_NUMBERS)} for m in train(cfg)]
 
 

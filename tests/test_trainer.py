@@ -14,7 +14,7 @@ import torch
 from tests.conftest import assert_trained
 from trainer.config import Config
 from trainer.plan import BatchPlan
-from trainer.ddpo import train
+from trainer.algorithms.ddpo.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -167,12 +167,12 @@ def test_dotted_cli_overrides():
             "http://a:1",
             "--reward.url",
             "http://b:2",
-            "--no-train.cfg",
+            "--no-ddpo.cfg",
             "--sample.guidance_scale",
             "1",
         ],
     )
-    assert cfg.train.learning_rate == 3e-4 and cfg.reward.url == ["http://a:1", "http://b:2"] and cfg.train.cfg is False
+    assert cfg.train.learning_rate == 3e-4 and cfg.reward.url == ["http://a:1", "http://b:2"] and cfg.ddpo.cfg is False
 
 
 def test_a_failing_scorer_stops_the_run_naming_it(tmp_path, tiny_cache, start_server):

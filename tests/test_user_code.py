@@ -113,7 +113,7 @@ def test_reward_and_prompt_functions_from_python(tmp_path, tiny_cache):
     import json
 
     from scorers.scorer import torch_images
-    from trainer.ddpo import train
+    from trainer.algorithms.ddpo.loop import train
 
     seen = {}
 

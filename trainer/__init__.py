@@ -1,9 +1,9 @@
 """A reward-finetuning trainer for text-to-image diffusion models (DDPO / Flow-GRPO, Diffusion-DPO, ReFL /
 DRaFT / AlignProp, DiffusionNFT, AWM), with rewards scored in-process or by reward servers.
 
-``from trainer import Config, train, torch_images`` (imported lazily: ``python -m trainer --help`` and config
-checks stay fast). ``train(cfg, reward_fn, prompt_fn)`` runs the online algorithm ``cfg.algorithm`` names:
-DDPO / Flow-GRPO (ddpo), DiffusionNFT (nft) or AWM (awm).
+``from trainer import Config, train, torch_images`` (imported lazily: ``python -m trainer --help`` and config checks
+stay fast). ``train(cfg, reward_fn, prompt_fn)`` runs the algorithm ``cfg.algorithm`` names (trainer/algorithms/):
+DDPO / Flow-GRPO (ddpo), DiffusionNFT (nft), AWM (awm), Diffusion-DPO (dpo, ``reward_fn`` only) or ReFL (refl).
 """
 
 from __future__ import annotations
@@ -26,14 +26,8 @@ def __getattr__(name: str) -> Any:
 
 
 def _train(cfg, reward_fn=None, prompt_fn=None, image_samples_hook=None) -> list[dict]:
-    """The online algorithm of ``cfg.algorithm`` (trainer.ddpo.train, or trainer.forward.train for nft and awm,
-    which take the same arguments)."""
-    if cfg.algorithm in ("nft", "awm"):
-        from trainer.forward import train
-    elif cfg.algorithm == "ddpo":
-        from trainer.ddpo import train
-    else:
-        raise ValueError(
-            f"algorithm: trainer.train runs ddpo, nft or awm; for {cfg.algorithm} call trainer.{cfg.algorithm}.train"
-        )
-    return train(cfg, reward_fn, prompt_fn, image_samples_hook)
+    """The algorithm ``cfg.algorithm`` names, through the one dispatch (trainer/algorithms/__init__.py); an
+    argument it does not take (dpo: reward_fn only; refl: none) is a ValueError."""
+    from trainer.algorithms import run
+
+    return run(cfg, reward_fn=reward_fn, prompt_fn=prompt_fn, image_samples_hook=image_samples_hook)

@@ -23,6 +23,7 @@ from pydantic_settings import CliApp
 
 from protocol.errors import RewardServerError, cli_message
 from trainer.config import Config
+from trainer.config.renamed import moved_flags
 from trainer.plan import BatchPlanError
 
 PROG = "python -m trainer"
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DIFFUSION_RL_DEBUG", "") not in ("", "0")
     print_config = "--print-config" in args
-    args = [a for a in args if a not in ("--debug", "--print-config")]
+    args = moved_flags([a for a in args if a not in ("--debug", "--print-config")])
     problems = unknown_flags(args)
     if problems:
         fail("\n  ".join(["unknown option(s):", *problems]), None, debug)
@@ -92,14 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.checkpoint import CheckpointError
     from trainer.preflight import PreflightError
     from trainer.rewards import RewardError
-    from trainer.ddpo import train as ddpo
-    from trainer.dpo import train as dpo
-    from trainer.forward import train as forward
+    from trainer.algorithms import run
     from trainer.pairs import PairsError
-    from trainer.refl import train as refl
 
     try:
-        {"ddpo": ddpo, "dpo": dpo, "refl": refl, "nft": forward, "awm": forward}[cfg.algorithm](cfg)
+        run(cfg)  # the one dispatch (trainer/algorithms/__init__.py)
     except (
         PreflightError,
         BatchPlanError,

@@ -58,10 +58,11 @@ class Online:
     resolution: int
 
 
-def start(run: run_setup.Run) -> Online:
-    """Load the model (a checkpoint's state when resuming) for an online algorithm's epochs."""
+def start(run: run_setup.Run, lagging: bool = False) -> Online:
+    """Load the model (a checkpoint's state when resuming) for an online algorithm's epochs; ``lagging``: with
+    the lagging weights ``run.old_policy`` (run.load_model)."""
     cfg = run.cfg
-    state = run_setup.load_model(run, run.plan.optimizer_steps_per_epoch * cfg.run.num_epochs)
+    state = run_setup.load_model(run, run.plan.optimizer_steps_per_epoch * cfg.run.num_epochs, lagging=lagging)
     tracker = None
     if cfg.train.per_prompt_stat_tracking:
         tracker = PerPromptStatTracker(cfg.train.stat_buffer_size, cfg.train.stat_min_count)
@@ -83,12 +84,13 @@ def collect(
     negative,
     resolution: int,
     eta: float,
-    window: Callable[[], range | None],
+    window: Callable[[], range | None] | None = None,
     store: bool = True,
 ) -> Collected:
     """Sample one epoch's batches with ``policy`` (the bare denoiser) at noise ``eta``; each batch goes to the
-    reward functions as reward.overlap says. ``window()`` gives each batch's stochastic steps; ``store`` False
-    keeps only the clean latents (sampling.sample)."""
+        reward functions as reward.overlap says. ``window()``, when given, each batch's stochastic steps (DDPO's
+    timestep window; by default all); ``store`` False
+        keeps only the clean latents (sampling.sample)."""
     cfg, accelerator, family = run.cfg, run.accelerator, run.family
     start = time.perf_counter()
     pending, batches, images = Pending(run.rewards), [], []
@@ -115,7 +117,7 @@ def collect(
                 eta,
                 cfg.sample.guidance_scale,
                 resolution,
-                window=window(),
+                window=window() if window else None,
                 noise=None if noise is None else noise[b * size : (b + 1) * size],
                 store=store,
             )
@@ -181,8 +183,10 @@ def log(
     seconds: dict[str, float],
     global_step: int,
     threads: int,
+    shown: tuple[tuple[str, str, str], ...] = (("kl-ref", "kl_to_reference", ".2e"),),
 ) -> dict:
-    """The epoch's metrics (rewards, the training stats' means, timings) to every log; one line printed."""
+    """The epoch's metrics (rewards, the training stats' means, timings) to every log; one line printed, with
+    ``shown``: the algorithm's own stats to print, (label, metric, format) each, when logged."""
     rewards = scored.rewards
     metrics = {
         "epoch": epoch,
@@ -208,12 +212,7 @@ def log(
         f"epoch {epoch:3d} | reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f} | "
         f"sample {seconds['sampling']:5.1f}s  reward-wait {seconds['reward_wait']:5.1f}s  "
         f"train {seconds['training']:5.1f}s | loss {metrics.get('loss', 0):+.2e} "
-        + " ".join(
-            f"{name} {metrics[key]:.2e}"
-            for name, key in (("kl", "approx_kl"), ("kl-ref", "kl_to_reference"))
-            if key in metrics
-        )
-        + (f" clipfrac {metrics['clipfrac']:.3f}" if "clipfrac" in metrics else "")
+        + " ".join(f"{label} {metrics[key]:{spec}}" for label, key, spec in shown if key in metrics)
         + (f" | accuracy {metrics['accuracy']:.1%}" if "accuracy" in metrics else "")
     )
     return metrics

@@ -54,7 +54,9 @@ class BatchPlan:
 
     @staticmethod
     def train_timesteps_of(cfg: Config) -> int:
-        stochastic = cfg.train.timestep_window or cfg.sample.num_steps
+        from trainer.algorithms import ALGORITHMS
+
+        stochastic = ALGORITHMS[cfg.algorithm].stochastic_steps(cfg)  # DDPO's window, or every step
         return max(1, int(stochastic * cfg.train.timestep_fraction))
 
     @classmethod

@@ -4,7 +4,8 @@ setting that fixes it in the trainer's own syntax.
 Checked: the batch arithmetic, mixed precision against the device, the pretrained model (a local folder,
 the Hugging Face cache or the hub), each in-process scorer's models and files (e.g. the LAION weights),
 each reward server: that it answers /readyz, serves the scorer the config names, and accepts the token;
-and the training data (dpo.dataset, refl.pretrain_data) row by row (trainer/datacheck.py).
+and what the algorithm checks itself (trainer/algorithms/<name>/preflight.py: DDPO the model's schedule,
+DPO and ReFL their training data row by row).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def check(cfg: Config, num_processes: int, device_type: str, components: list | 
     """Raise PreflightError naming every problem; returns the batch plan. ``components``: the run's reward
     components (trainer.rewards.run_components: with ``train(cfg, reward_fn=...)``'s functions, which need no
     check); default the configured ones."""
+    from trainer.algorithms import algorithm_problems
     from trainer.rewards import run_components
 
     problems, plan = [], None
@@ -40,8 +42,6 @@ def check(cfg: Config, num_processes: int, device_type: str, components: list | 
     found = problem("model", cfg.pretrained.model, "the diffusers pipeline", marker="model_index.json")
     if found:
         problems.append(f"--pretrained.model {found}")
-    elif cfg.algorithm == "ddpo":
-        problems += _schedule_problems(cfg)
     for i, (component, function) in enumerate(run_components(cfg.reward) if components is None else components):
         if function is not None:
             continue
@@ -50,42 +50,13 @@ def check(cfg: Config, num_processes: int, device_type: str, components: list | 
             problems += _server_problems(component, cfg.reward, where)
         else:
             problems += _scorer_problems(component, where)
-    problems += _data_problems(cfg)
+    problems += algorithm_problems(cfg, model_found=not found)  # e.g. DDPO's schedule, DPO's pairs
     if problems:
         raise PreflightError("this run cannot start:\n  " + "\n  ".join(problems))
     return plan
 
 
-def _schedule_problems(cfg: Config) -> list[str]:
-    """DDPO trains only steps with noise: a DDIM schedule that ends on alpha 1 makes its last step's std 0,
-    read from the model's scheduler config before any weights load (what holds for every model, eta 0 and
-    CPS's last step, the configuration itself refuses)."""
-    import json
-
-    from trainer.trained_steps import last_step_fix, trainable_steps
-
-    index, config = _local_file(cfg, "model_index.json"), _local_file(cfg, "scheduler/scheduler_config.json")
-    if (
-        index is None
-        or config is None
-        or json.loads(index.read_text()).get("_class_name") == "StableDiffusion3Pipeline"
-    ):
-        return []  # the tiny models' schedules are ours; a flow schedule's steps all have noise at eta > 0
-    from diffusers import DDIMScheduler
-
-    from trainer.families.ddim import zero_std_steps
-
-    scheduler = DDIMScheduler.from_config(json.loads(config.read_text()))
-    steps = zero_std_steps(scheduler, cfg.sample.num_steps, cfg.sample.eta, trainable_steps(cfg))
-    return [
-        f"--pretrained.model {cfg.pretrained.model}: its DDIM schedule gives step {step} of "
-        f'{cfg.sample.num_steps} a std of 0 at any sample.eta ("set_alpha_to_one": true in {config}), and '
-        f'training can pick it: set "set_alpha_to_one": false there, or {last_step_fix(cfg)}'
-        for step in steps
-    ]
-
-
-def _local_file(cfg: Config, name: str):
+def local_file(cfg: Config, name: str):
     """``name`` inside the pretrained model's local folder or Hugging Face cache snapshot; None when neither
     holds it (the embedded tiny models, or a model not downloaded yet)."""
     from pathlib import Path
@@ -99,24 +70,6 @@ def _local_file(cfg: Config, name: str):
 
     found = try_to_load_from_cache(ref, name, revision=cfg.pretrained.revision)
     return Path(found) if isinstance(found, str) else None
-
-
-def _data_problems(cfg: Config) -> list[str]:
-    """Every problem of the files the run will train on, each "setting: file row N: column: problem"."""
-    from trainer import datacheck
-
-    d, r = cfg.dpo, cfg.refl
-    if cfg.algorithm == "dpo" and not d.online:
-        found = datacheck.pairs_problems(
-            d.dataset, split=d.split, cache_dir=d.cache_dir, allow_outside=d.allow_outside_paths, limit=d.check_rows
-        )
-        return [f"dpo.dataset: {p}" for p in found]
-    if cfg.algorithm == "refl" and r.pretrain_data:
-        found = datacheck.images_problems(
-            r.pretrain_data, allow_outside=r.pretrain_allow_outside_paths, limit=r.pretrain_check_rows
-        )
-        return [f"refl.pretrain_data: {p}" for p in found]
-    return []
 
 
 def _scorer_problems(component: RewardComponent, where: str) -> list[str]:

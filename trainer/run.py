@@ -30,7 +30,6 @@ from trainer.interrupt import CtrlC
 from trainer.plan import BatchPlan, fits, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Rewards, run_components
-from trainer.sampling import rescore
 from trainer.threads import fit_threads
 
 if TYPE_CHECKING:
@@ -72,10 +71,11 @@ class Run:
             return fit_threads()
         return torch.get_num_threads()
 
-    def fit_timesteps_per_forward(self, chunk, guidance) -> None:
+    def fit_timesteps_per_forward(self, forward: Callable[[int], torch.Tensor]) -> None:
         """``train.timesteps_per_forward 0`` on a CUDA GPU: as many trained timesteps per forward as its memory
-        holds, measured on a real training batch (``chunk``) at 1 and 2 timesteps; the smallest count of all
-        processes, so each runs as many forwards. Re-plans the run and accelerate's accumulation to match."""
+        holds, measured on a real training batch at 1 and 2 timesteps (``forward(k)``: the algorithm's training
+        forward of k timesteps, a tensor to backpropagate); the smallest count of all processes, so each runs as
+        many forwards. Re-plans the run and accelerate's accumulation to match."""
         cfg, accelerator = self.cfg, self.accelerator
         if (
             self.timesteps_fitted
@@ -90,9 +90,7 @@ class Run:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             with accelerator.no_sync(self.model):  # a probe: no gradient all-reduce, and its gradients dropped
-                with accelerator.autocast():
-                    log_prob = rescore(self.family, self.model, chunk, slice(0, k), *guidance)[0]
-                accelerator.backward(log_prob.sum() * 0)
+                accelerator.backward(forward(k).sum() * 0)
             self.optimizer.zero_grad(set_to_none=True)
             return torch.cuda.max_memory_allocated()
 
@@ -188,7 +186,9 @@ def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
     return found, json.loads((found / "state.json").read_text())["epoch"]
 
 
-def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = None) -> dict[str, Any]:
+def load_model(
+    run: Run, optimizer_steps: int, learning_rate: float | None = None, lagging: bool = False
+) -> dict[str, Any]:
     """Load the family, make it trainable, build the optimizer (at ``learning_rate``, default
     train.learning_rate), LR schedule (over ``optimizer_steps``) and EMA, and restore a checkpoint when
     resuming; returns the checkpoint's plain state ({} for a fresh run)."""
@@ -220,8 +220,9 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
     )
     run.model, run.optimizer = accelerator.prepare(run.family.denoiser, optimizer)
     run.ema = EMA(run.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    # DiffusionNFT's old policy, AWM's lagging average: the decay is set per epoch
-    run.old_policy = EMA(run.trainable, 0.0) if cfg.algorithm in ("nft", "awm") else None
+    # ``lagging``: the algorithm keeps lagging weights (DiffusionNFT's old policy, AWM's lagging average), whose
+    # decay it sets per epoch; made here so that a resumed run loads them with the rest
+    run.old_policy = EMA(run.trainable, 0.0) if lagging else None
     if run.resume is None:
         return {}
     state = checkpoint.load(

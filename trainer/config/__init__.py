@@ -3,10 +3,11 @@
 Every field can be overridden on the command line with its dotted path: ``--train.learning_rate 3e-4``.
 The defaults are the ``tiny`` run: an embedded random-init pipeline on CPU that finishes in minutes.
 
-This package: ``Config`` and its sample, train and prompt groups here; ``run.py`` the run and pretrained
-groups, ``reward.py`` the reward group, ``algorithms.py`` the dpo, refl, nft and awm groups, ``group.py`` the
-base of every group and the reading of ``--config`` files, ``presets.py`` the named presets (``--preset``) and
-``recipes.py`` the papers' recipes among them.
+This package: ``Config`` and its sample, train and prompt groups here; ``run.py`` the run and pretrained groups,
+``reward.py`` the reward group, the algorithms' groups (each algorithm's own
+group is in its folder, trainer/algorithms/<name>/settings.py), ``renamed.py`` the old spellings of moved settings,
+``group.py`` the base of every group and the reading of ``--config`` files, ``presets.py`` the named presets
+(``--preset``) and ``recipes.py`` the papers' recipes among them.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainer.config.algorithms import AWMConfig, DPOConfig, NFTConfig, ReFLConfig
+from trainer.algorithms import ALGORITHMS
+from trainer.algorithms.ddpo.settings import DDPOConfig
+from trainer.algorithms.dpo.settings import DPOConfig
+from trainer.algorithms.forward.settings import AWMConfig, NFTConfig
+from trainer.algorithms.refl.settings import ReFLConfig
 from trainer.config.group import _Group, read_settings_file
+from trainer.config.renamed import moved_settings
 from trainer.config.reward import RewardComponent, RewardConfig
 from trainer.config.run import PretrainedConfig, RunConfig
-from trainer.trained_steps import check_trained_steps_have_noise
 
 __all__ = ["Config", "RewardComponent", "RewardConfig"]  # what the rest of the project imports from here
 
@@ -83,14 +88,7 @@ class TrainConfig(_Group):
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     num_inner_epochs: int = Field(1, gt=0)
-    cfg: bool = Field(True, description="train on the guided prediction, as sampled")
     adv_clip_max: float = Field(5.0, gt=0)
-    clip_range: float = Field(
-        1e-2,
-        gt=0,
-        description="PPO ratio clip (ddpo-pytorch uses 1e-4 for SD1.5); with "
-        "sample.sde_type cps the log-prob drops its constants, as Flow-GRPO (1e-5 there)",
-    )
     timestep_fraction: float = Field(
         0.5, gt=0, le=1.0, description="train on this share of each trajectory's stochastic steps"
     )
@@ -118,18 +116,6 @@ class TrainConfig(_Group):
         description="trained timesteps that go through the denoiser "
         "together, a batch of K x train.batch_size (the same loss and gradient); 0: all "
         "of them on CPU, as many as fit on a CUDA GPU (measured on the first batch)",
-    )
-    timestep_window: int = Field(
-        0,
-        ge=0,
-        description="K > 0: only K consecutive steps of each trajectory are "
-        "stochastic and trained, the others deterministic (Flow-GRPO-Fast, MixGRPO); 0: all",
-    )
-    timestep_window_latest_start: int = Field(
-        0,
-        ge=0,
-        description="the window starts at a step drawn uniformly "
-        "from 0 to this, per sampling batch (0: the first K steps)",
     )
     lora: bool = Field(True, description="train LoRA adapters; false trains the whole UNet")
     lora_rank: int = Field(16, gt=0)
@@ -163,7 +149,8 @@ class TrainConfig(_Group):
         ge=0,
         description="KL penalty toward the adapter-disabled denoiser (LoRA only): "
         "flow models, Flow-GRPO's beta in its convention (mean-squared mean difference over "
-        "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians",
+        "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians; also "
+        "DiffusionNFT's config.train.beta and AWM's beta (not dpo.beta nor nft.beta)",
     )
     ema_decay: float = Field(
         0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA"
@@ -177,12 +164,6 @@ class TrainConfig(_Group):
         "sampled together (1: the whole epoch); prompt, every image of the same prompt string in the "
         "epoch (flow_grpo's, DiffusionNFT's and AWM's PerPromptStatTracker, cleared each epoch; their std adds "
         "1e-4, ours 1e-6)",
-    )
-    decoupled_ppo: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="on: clip the PPO ratio around the weights at the start of each update and weight it "
-        "back to the sampling weights (decoupled PPO), one more forward per trained step; auto: on exactly when "
-        "reward.overlap is next_epoch, whose samples are one update old",
     )
     per_prompt_stat_tracking: bool = Field(False, description="normalise rewards per exact prompt string")
     stat_buffer_size: int = Field(16, gt=0)
@@ -271,7 +252,7 @@ class Config(BaseSettings):
         "tiny, sd15-compressibility, sd15-aesthetic, sd3-pickscore-nft, ... (-1gpu)",
     )
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")
-    algorithm: Literal["ddpo", "dpo", "refl", "nft", "awm"] = Field(
+    algorithm: Literal[tuple(ALGORITHMS)] = Field(
         "ddpo",
         description="ddpo: PPO on sampled trajectories and rewards; dpo: Diffusion-DPO on preference pairs "
         "(dpo.*); refl: ReFL / DRaFT / AlignProp on a differentiable reward (refl.*); nft: DiffusionNFT and awm: "
@@ -281,6 +262,7 @@ class Config(BaseSettings):
     pretrained: PretrainedConfig = PretrainedConfig()
     sample: SampleConfig = SampleConfig()
     train: TrainConfig = TrainConfig()
+    ddpo: DDPOConfig = DDPOConfig()
     prompt: PromptConfig = PromptConfig()
     reward: RewardConfig = RewardConfig()
     dpo: DPOConfig = DPOConfig()
@@ -301,10 +283,10 @@ class Config(BaseSettings):
             raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         # Each preset its own default folder, so that two recipes never mix their runs in one (set here, not
         # in each preset: a preset derived from another would inherit its folder).
-        layered = merge({"run": {"output_dir": f"outputs/{name}"}}, PRESETS[name])
+        layered = merge({"run": {"output_dir": f"outputs/{name}"}}, moved_settings(PRESETS[name], f"preset {name}"))
         if given.get("config") is not None:
-            layered = merge(layered, read_settings_file(Path(given["config"])))
-        return merge(layered, given)
+            layered = merge(layered, moved_settings(read_settings_file(Path(given["config"])), given["config"]))
+        return merge(layered, moved_settings(given, "given"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -321,20 +303,7 @@ class Config(BaseSettings):
                 f"({self.sample.images_per_prompt}) > 1 within each group of one epoch: choose one (set "
                 "--no-train.per_prompt_stat_tracking, or sample.images_per_prompt 1)"
             )
-        if (
-            self.algorithm in ("ddpo", "nft", "awm") and self.train.kl_coef and not self.train.lora
-        ):  # the loops with a KL term
-            raise ValueError(
-                "train.kl_coef: the KL reference is the UNet with its LoRA adapters disabled; enable train.lora"
-            )
-        window, last = self.train.timestep_window, self.train.timestep_window + self.train.timestep_window_latest_start
-        if window and last > self.sample.num_steps:
-            raise ValueError(
-                f"train.timestep_window ({window}) + train.timestep_window_latest_start "
-                f"({self.train.timestep_window_latest_start}) = {last} must not exceed sample.num_steps "
-                f"({self.sample.num_steps})"
-            )
-        stochastic = self.train.timestep_window or self.sample.num_steps
+        stochastic = ALGORITHMS[self.algorithm].stochastic_steps(self)
         if self.train.timestep_selection == "stratified" and (
             int(stochastic * self.train.timestep_span) - 1 < max(1, int(stochastic * self.train.timestep_fraction))
         ):
@@ -344,44 +313,5 @@ class Config(BaseSettings):
                 f"{int(stochastic * self.train.timestep_span)}: raise train.timestep_span or lower "
                 "train.timestep_fraction"
             )
-        if self.algorithm == "ddpo":
-            check_trained_steps_have_noise(self)
-        if self.algorithm == "dpo":
-            if self.dpo.dataset is None and not self.dpo.online:
-                raise ValueError(
-                    "dpo.dataset: --algorithm dpo trains on preference pairs; give a folder or a hub id "
-                    "(or sample them: --dpo.online)"
-                )
-            if self.dpo.reference == "ema" and (self.train.lora or not self.train.ema_decay):
-                raise ValueError(
-                    "dpo.reference ema is the moving average of a fully finetuned policy: it needs "
-                    f"train.lora false (got {self.train.lora}) and train.ema_decay above 0 (got "
-                    f"{self.train.ema_decay}, e.g. 0.999)"
-                )
-            if self.dpo.online and self.dpo.online_pairs < self.train.batch_size:
-                raise ValueError(
-                    f"dpo.online_pairs ({self.dpo.online_pairs}) must fill at least one batch of "
-                    f"train.batch_size ({self.train.batch_size})"
-                )
-        if self.algorithm == "refl":
-            sources = self.reward.sources()
-            if len(sources) != 1:
-                raise ValueError(f"reward.components: refl backpropagates one reward, got {len(sources)}")
-            if not sources[0].url:
-                from scorers.scorer import differentiable, scorer_target
-
-                if not differentiable(scorer_target(sources[0].scorer)):
-                    raise ValueError(
-                        f"reward.scorer: {sources[0].scorer} has no differentiable path (score_tensor); "
-                        "refl takes aesthetic, clipscore, pickscore, hpsv2, imagereward, or a reward server's "
-                        "/v1/score_grad "
-                        "(--reward.url)"
-                    )
-        if not self.train.cfg and self.sample.guidance_scale != 1.0:
-            # The PPO ratio compares the training policy with the sampling one: they must be the same policy.
-            raise ValueError(
-                f"train.cfg is false (train on the unguided prediction) but sample.guidance_scale "
-                f"({self.sample.guidance_scale}) samples guided, so the ratio starts away from 1: set "
-                "sample.guidance_scale 1 or train.cfg true"
-            )
+        ALGORITHMS[self.algorithm].check(self)  # each algorithm's own (trainer/algorithms/<name>/checks.py)
         return self

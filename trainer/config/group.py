@@ -1,7 +1,8 @@
-"""The base of every settings group: unknown keys are errors, not silently ignored; every number is finite and
-bounded; and a rejected value is not echoed in the error (pydantic's input_value), since it may hold a secret
-(a password in a reward URL): each validator's own message says what is wrong, with secrets masked. And the
-reading of ``--config`` files."""
+"""The reading of ``--config`` files, and ``overridden`` (a preset from another). The base of every settings
+group (trainer/groups.py, imported from here too): unknown keys are errors, not silently ignored; every number
+is finite and bounded; and a rejected value is not echoed in the error (pydantic's input_value), since it may
+hold a secret (a password in a reward URL): each validator's own message says what is wrong, with secrets
+masked."""
 
 from __future__ import annotations
 
@@ -10,31 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from trainer.groups import MAGNITUDE, Bounded, _Group  # noqa: F401  (the bases, imported from here too)
 
-# Whatever a setting counts (steps, seconds, images, a seed), past this it is a typo or an attack: torch,
-# numpy and the OS refuse larger seeds, timeouts and sizes later, with a traceback after the model has loaded.
-MAGNITUDE = 2**31 - 1
 MAX_DEPTH = 32  # of a --config file's nesting: settings nest 4 deep (reward.components.0.options)
-
-
-class Bounded(BaseModel):
-    """Every number finite and within +-MAGNITUDE: one check for every numeric setting of every settings class
-    (each group of the trainer's config, and the other commands'), a field's own bounds coming on top."""
-
-    # allow_inf_nan: NaN passes every gt/ge/lt bound (all comparisons are false), and inf most of them
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    @field_validator("*")
-    @classmethod
-    def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
-        if type(value) in (int, float) and abs(value) > MAGNITUDE:
-            raise ValueError(f"must lie between -{MAGNITUDE} and {MAGNITUDE}")
-        return value
-
-
-class _Group(Bounded):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # with Bounded's
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:

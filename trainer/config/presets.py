@@ -138,10 +138,10 @@ PRESETS["shapes-sd3-grpo"] = _with(
     train={
         "timestep_fraction": 0.99,
         "timestep_selection": "first",
-        "clip_range": 1e-4,
         "group_std": "global",
         "kl_coef": 0.04,
     },
+    ddpo={"clip_range": 1e-4},
 )
 # Flow-GRPO-Fast as sd3-pickscore-fast: CPS steps at noise level 0.8 in a window of 2 steps starting at one of the
 # first 3, ODE elsewhere, clip 1e-5 on CPS's constant-free log-prob, no KL; with guidance, unlike there (the tiny
@@ -149,13 +149,8 @@ PRESETS["shapes-sd3-grpo"] = _with(
 PRESETS["shapes-sd3-grpo-fast"] = _with(
     PRESETS["shapes-sd3-grpo"],
     sample={"eta": 0.8, "sde_type": "cps"},
-    train={
-        "clip_range": 1e-5,
-        "kl_coef": 0.0,
-        "timestep_fraction": 1.0,
-        "timestep_window": 2,
-        "timestep_window_latest_start": 2,
-    },
+    train={"kl_coef": 0.0, "timestep_fraction": 1.0},
+    ddpo={"clip_range": 1e-5, "timestep_window": 2, "timestep_window_latest_start": 2},
 )
 # DiffusionNFT and AWM as shapes-nft and shapes-awm: ODE rollouts, each image trained at 4 of its 10 steps;
 # rollouts and evaluation without guidance, as both papers sample (guidance 1): both train the conditional

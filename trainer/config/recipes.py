@@ -23,12 +23,10 @@ _SD15 = {
         "batch_size": 4,
         "gradient_accumulation_steps": 2,
         "learning_rate": 3e-4,
-        "clip_range": 1e-4,
         "adv_clip_max": 5.0,
         "timestep_fraction": 1.0,
         "max_grad_norm": 1.0,
         "num_inner_epochs": 1,
-        "cfg": True,
         "lora_rank": 4,
         "lora_alpha": 4.0,
         "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -37,6 +35,7 @@ _SD15 = {
         "stat_min_count": 16,
         "timesteps_per_forward": 5,  # 20 samples per UNet forward: about 55 GB of 80 (bench/gpu_estimate.py)
     },
+    "ddpo": {"clip_range": 1e-4, "cfg": True},
     "prompt": {"fn": "imagenet_animals"},
 }
 
@@ -83,12 +82,10 @@ _FLOW_GRPO = {
         "batch_size": 9,
         "gradient_accumulation_steps": 8,
         "learning_rate": 3e-4,
-        "clip_range": 1e-4,
         "adv_clip_max": 5.0,
         "timestep_fraction": 0.99,
         "timestep_selection": "first",
         "max_grad_norm": 1.0,
-        "cfg": True,
         "group_std": "global",
         "group_by": "prompt",
         "lora_rank": 32,
@@ -97,6 +94,7 @@ _FLOW_GRPO = {
         "ema_decay": 0.987,  # Flow-GRPO's EMA decays by 0.9 every 8 steps; 0.9 ** (1 / 8) per step
         "timesteps_per_forward": 1,  # 9 samples per forward, T5 on the GPU: about 72 GB of 80
     },
+    "ddpo": {"clip_range": 1e-4, "cfg": True},
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -152,14 +150,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         prompt={"fn": "nouns_activities"},
         reward={"scorer": "pickscore"},
         sample={"guidance_scale": 1.0, "eta": 0.8, "sde_type": "cps"},
-        train={
-            "cfg": False,
-            "clip_range": 1e-5,
-            "kl_coef": 0.0,
-            "timestep_fraction": 1.0,
-            "timestep_window": 3,
-            "timestep_window_latest_start": 2,
-        },
+        train={"kl_coef": 0.0, "timestep_fraction": 1.0},
+        ddpo={"cfg": False, "clip_range": 1e-5, "timestep_window": 3, "timestep_window_latest_start": 2},
     ),
 }
 
@@ -197,7 +189,8 @@ RECIPES["flux-geneval-grpo"] = _with(
     prompt=RECIPES["sd3-geneval"]["prompt"],
     reward=RECIPES["sd3-geneval"]["reward"],
     sample={"eta": 0.8, "sde_type": "cps"},
-    train={"clip_range": 1e-5, "timestep_fraction": 1.0, "timestep_window": 3, "timestep_window_latest_start": 0},
+    train={"timestep_fraction": 1.0},
+    ddpo={"clip_range": 1e-5, "timestep_window": 3, "timestep_window_latest_start": 0},
 )
 
 # Diffusion-DPO's published runs (Wallace et al. 2023; github.com/SalesforceAIResearch/DiffusionDPO,
@@ -285,7 +278,8 @@ RECIPES["sdxl-refl-aesthetic"] = _with(
 _FORWARD = _with(
     _FLOW_GRPO,
     sample={"eta": 0.0, "guidance_scale": 1.0},
-    train={"cfg": False, "timestep_selection": "random", "gradient_accumulation_steps": 16, "ema_decay": 0.9},
+    train={"timestep_selection": "random", "gradient_accumulation_steps": 16, "ema_decay": 0.9},
+    ddpo={"cfg": False},
 )
 RECIPES["sd3-pickscore-nft"] = _with(
     _FORWARD,

@@ -1,5 +1,5 @@
 """``python -m trainer.dpo`` / ``accelerate launch -m trainer.dpo``: the trainer's command line (trainer/cli.py)
-with ``--algorithm dpo``, taking Diffusion-DPO's own flags (trainer/seed_flags.py). Here and not in the
+with ``--algorithm dpo``, taking Diffusion-DPO's own flags (trainer/algorithms/dpo/seed_flags.py). Here and not in the
 algorithm's module, so that the command line depends on the algorithms and not the reverse."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from trainer.cli import main as trainer_main
-from trainer.seed_flags import translate
+from trainer.algorithms.dpo.seed_flags import translate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,10 +2,10 @@
 Reinforcement with Forward Process"; github.com/NVlabs/DiffusionNFT) and Advantage Weighted Matching (Xue et
 al. 2025; github.com/scxue/advantage_weighted_matching).
 
-Reads top to bottom like DDPO (trainer/ddpo.py), on the same epoch phases (trainer/epoch.py): per epoch (1)
-sample with any sampler, keeping only each image's clean latents, while rewards are scored, (2) turn the
+Reads top to bottom like DDPO (trainer/algorithms/ddpo/loop.py), on the same epoch phases (trainer/epoch.py):
+per epoch (1) sample with any sampler, keeping only each image's clean latents, while rewards are scored, (2) turn the
 rewards into advantages, (3) train the denoising loss on the clean latents re-noised at the sampler's own
-steps: NFT mixes the prediction with a lagging old policy's (trainer/loss.py, nft_loss), AWM weights it by the
+steps: NFT mixes the prediction with a lagging old policy's (loss.py here, nft_loss), AWM weights it by the
 advantage with KL terms to the base and to the lagging average (awm_loss), (4) move the lagging weights
 toward the current ones, log and checkpoint. No log-prob, no stored trajectory.
 """
@@ -25,7 +25,7 @@ from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
 from trainer.families.models import adapters_disabled, weights_swapped
-from trainer.loss import awm_loss, nft_loss, nft_optimality
+from trainer.algorithms.forward.loss import awm_loss, nft_loss, nft_optimality
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
 from trainer.sampling import Trajectories, each_tensor, pick_steps, shared_steps
@@ -37,7 +37,7 @@ def train(
     prompt_fn: Callable[..., Any] | None = None,
     image_samples_hook: Callable[[int, list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Run DiffusionNFT or AWM (``cfg.algorithm``); the arguments are DDPO's (trainer.ddpo.train)."""
+    """Run DiffusionNFT or AWM (``cfg.algorithm``); the arguments are DDPO's (trainer.algorithms.ddpo.loop.train)."""
     accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
     with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
         return _forward(run, image_samples_hook)
@@ -45,7 +45,7 @@ def train(
 
 def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
     cfg = run.cfg
-    online = epoch_phases.start(run)
+    online = epoch_phases.start(run, lagging=True)  # DiffusionNFT's old policy, AWM's lagging average
     tracker, global_step, policy = online.tracker, online.global_step, online.policy
     for epoch in range(run.start, cfg.run.num_epochs):
         if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
@@ -56,7 +56,7 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
         run.model.eval()
         with _rollout_weights(run):
             collected = epoch_phases.collect(
-                run, epoch, policy, online.negative, online.resolution, cfg.sample.eta, lambda: None, store=False
+                run, epoch, policy, online.negative, online.resolution, cfg.sample.eta, store=False
             )
         # 2. Rewards into advantages.
         scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
@@ -64,7 +64,7 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
         t2 = time.perf_counter()
         stats, global_step = _updates(run, policy, collected.trajectories, scored.advantages, epoch, global_step)
         # 4. The lagging weights follow the current ones once per epoch (DiffusionNFT's soft update), log, checkpoint.
-        run.old_policy.decay = getattr(cfg, cfg.algorithm).old_decay(global_step)
+        run.old_policy.decay = (cfg.nft if cfg.algorithm == "nft" else cfg.awm).old_decay(global_step)
         run.old_policy.update(run.trainable)
         t3 = time.perf_counter()
         seconds = {

@@ -10,11 +10,11 @@ def trainable_steps(cfg) -> range:
     """The sampler steps (indices into the schedule) that training may pick for some sample: the union over
     window starts of the steps train.timestep_fraction and train.timestep_selection choose (the count per sample
     is BatchPlan.train_timesteps_of's)."""
-    train, num_steps = cfg.train, cfg.sample.num_steps
-    stochastic = train.timestep_window or num_steps
+    train, ddpo, num_steps = cfg.train, cfg.ddpo, cfg.sample.num_steps
+    stochastic = ddpo.timestep_window or num_steps
     count = max(1, int(stochastic * train.timestep_fraction))
     reach = count if train.timestep_selection == "first" else stochastic  # steps past the window's start
-    return range(train.timestep_window_latest_start + reach if train.timestep_window else reach)
+    return range(ddpo.timestep_window_latest_start + reach if ddpo.timestep_window else reach)
 
 
 def last_step_fix(cfg) -> str:
@@ -24,8 +24,8 @@ def last_step_fix(cfg) -> str:
         return "raise sample.num_steps"
     return (
         f"set --train.timestep_selection first --train.timestep_fraction {math.floor(100 * (n - 1) / n) / 100:g} "
-        f"(the first steps only; Flow-GRPO's 0.99 of 10 steps trains 0-8), or a train.timestep_window K with "
-        f"K + train.timestep_window_latest_start < {n}"
+        f"(the first steps only; Flow-GRPO's 0.99 of 10 steps trains 0-8), or a ddpo.timestep_window K with "
+        f"K + ddpo.timestep_window_latest_start < {n}"
     )
 
 
@@ -44,6 +44,6 @@ def check_trained_steps_have_noise(cfg) -> None:
             f"sample.sde_type cps: its last step ({last}) goes to sigma 0 with std 0 and cannot be trained, but "
             f"train.timestep_fraction {cfg.train.timestep_fraction} with train.timestep_selection "
             f"{cfg.train.timestep_selection}"
-            + (f" and train.timestep_window {cfg.train.timestep_window}" if cfg.train.timestep_window else "")
+            + (f" and ddpo.timestep_window {cfg.ddpo.timestep_window}" if cfg.ddpo.timestep_window else "")
             + f" can pick it: {last_step_fix(cfg)}"
         )

@@ -38,7 +38,7 @@ from trainer.loss import denoising_errors
 from trainer.datacheck import images_source
 from trainer.pairs import PairBatches, Pairs, load_images, loader, next_batch
 from trainer.rewards import RemoteReward, remote_scores
-from trainer.steps import Stats, step_loop
+from trainer.step_loop import Stats, step_loop
 
 
 def train(cfg: Config) -> list[dict]:

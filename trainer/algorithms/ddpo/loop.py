@@ -19,7 +19,7 @@ from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
 from trainer.families.models import adapters_disabled
-from trainer.loss import ppo_clip_loss
+from trainer.algorithms.ddpo.loss import ppo_clip_loss
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
 from trainer.sampling import Chunk, Trajectories, rescore
@@ -52,19 +52,23 @@ def train(
         return _ddpo(run, image_samples_hook)
 
 
+# What DDPO's epoch line prints besides the shared numbers: PPO's approximate KL and clipped share.
+SHOWN = (("kl", "approx_kl", ".2e"), ("kl-ref", "kl_to_reference", ".2e"), ("clipfrac", "clipfrac", ".3f"))
+
+
 def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     cfg = run.cfg
     online = epoch_phases.start(run)
     tracker, global_step, policy, negative = online.tracker, online.global_step, online.policy, online.negative
-    guidance = (negative if cfg.train.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
+    guidance = (negative if cfg.ddpo.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
 
     def window() -> range | None:
-        """The stochastic, trained steps of the next sampling batch (train.timestep_window)."""
-        if not cfg.train.timestep_window:
+        """The stochastic, trained steps of the next sampling batch (ddpo.timestep_window)."""
+        if not cfg.ddpo.timestep_window:
             return None
-        latest = cfg.train.timestep_window_latest_start
+        latest = cfg.ddpo.timestep_window_latest_start
         start = int(run.prompt_rng.integers(latest + 1)) if latest else 0  # the rng a checkpoint keeps
-        return range(start, start + cfg.train.timestep_window)
+        return range(start, start + cfg.ddpo.timestep_window)
 
     def collect(epoch: int) -> epoch_phases.Collected:
         run.model.eval()
@@ -95,7 +99,7 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         t3 = time.perf_counter()
         # 4. Log, checkpoint.
         seconds = {"sampling": sampling, "reward_wait": scored.wait_seconds, "training": t3 - t2, "epoch": t3 - t0}
-        epoch_phases.log(run, epoch, scored, stats, seconds, global_step, threads)
+        epoch_phases.log(run, epoch, scored, stats, seconds, global_step, threads, SHOWN)
         run_setup.end_epoch(
             run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
         )
@@ -118,8 +122,8 @@ def _ppo_updates(
     run.ctrl_c.updating()
     unet.train()
     stats = defaultdict(list)
-    decoupled = cfg.train.decoupled_ppo == "on" or (
-        cfg.train.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch"
+    decoupled = cfg.ddpo.decoupled_ppo == "on" or (
+        cfg.ddpo.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch"
     )
     epoch_start_step = global_step
     for _ in range(cfg.train.num_inner_epochs):
@@ -127,7 +131,7 @@ def _ppo_updates(
         picks = trajectories.shuffled(
             t.batch_size, run.plan.train_timesteps, t.timestep_selection, t.timestep_span, t.timestep_shared
         )
-        run.fit_timesteps_per_forward(trajectories.chunk(*picks[0]), guidance)  # train.timesteps_per_forward 0, GPU
+        run.fit_timesteps_per_forward(_probe(run, trajectories.chunk(*picks[0]), guidance))  # per forward 0, GPU
         plan = run.plan
         # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples
         # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
@@ -154,16 +158,16 @@ def _ppo_updates(
                     behaviour, adv_k = chunk.log_probs[:, steps], adv[:, None].expand_as(log_prob)
                     if prox is None:
                         loss, step_stats = ppo_clip_loss(
-                            log_prob, behaviour, adv_k, cfg.train.clip_range, cfg.train.adv_clip_max
+                            log_prob, behaviour, adv_k, cfg.ddpo.clip_range, cfg.train.adv_clip_max
                         )
                     else:
                         weight = torch.exp(prox[:, steps] - behaviour)  # proximal / behaviour
                         clipped = adv_k.clamp(-cfg.train.adv_clip_max, cfg.train.adv_clip_max)
                         # weight > 0 scales both PPO terms alike, so it can ride on the advantages
                         loss, step_stats = ppo_clip_loss(
-                            log_prob, prox[:, steps], clipped * weight, cfg.train.clip_range, float("inf")
+                            log_prob, prox[:, steps], clipped * weight, cfg.ddpo.clip_range, float("inf")
                         )
-                        step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.train.clip_range).float().mean()
+                        step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.ddpo.clip_range).float().mean()
                     if cfg.train.kl_coef:
                         reference = _reference_mean(accelerator, policy, family, chunk, steps, guidance)
                         kl = family.dynamics.kl(mean, reference, sigma, chunk.steps[:, steps].reshape(-1))
@@ -182,6 +186,16 @@ def _ppo_updates(
                     stats["clipfrac_first_step"].append(step_stats["clipfrac"])
                 global_step += accelerator.sync_gradients
     return stats, global_step
+
+
+def _probe(run: run_setup.Run, chunk: Chunk, guidance):
+    """DDPO's training forward of k timesteps of ``chunk``, whose memory run.fit_timesteps_per_forward measures."""
+
+    def forward(k: int) -> torch.Tensor:
+        with run.accelerator.autocast():
+            return rescore(run.family, run.model, chunk, slice(0, k), *guidance)[0]
+
+    return forward
 
 
 @torch.no_grad()
