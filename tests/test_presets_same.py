@@ -1,6 +1,7 @@
 """Issue 40 moved DDPO's settings out of ``train`` into ``ddpo`` and the algorithms into trainer/algorithms/:
 every preset must resolve to the configuration it resolved to before (recorded from main before the move in
-tests/data/presets_before_40.json), dict for dict once the moved keys are put back; and the old spellings
+tests/data/presets_before_40.json; reward.aggregation, added beside the move by the VLM-judge issue, entered at
+its default "sum"), dict for dict once the moved keys are put back; and the old spellings
 (``--train.clip_range``, a file's or a keyword's ``train.clip_range``) still work, naming the new one."""
 
 from __future__ import annotations

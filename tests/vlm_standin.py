@@ -105,7 +105,7 @@ def create_app(model: str) -> FastAPI:
         given = await request.json()
         state["faults"] = deque(given.get("faults", []))
         state["slow_s"] = float(given.get("slow_s", 2.0))
-        state["stats"] = Counter()
+        state["stats"] = Counter()  # a slow reply of the test before, finishing later, counts into its own
         return {"queued": len(state["faults"])}
 
     @app.get("/_stats")
@@ -120,14 +120,15 @@ def create_app(model: str) -> FastAPI:
             body["messages"][-1]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             return JSONResponse({"error": {"message": f"malformed request: {exc!r}"}}, status_code=400)
-        state["stats"]["requests"] += 1
+        stats = state["stats"]  # the counter of the test that sent it, even if the next one has reset them
+        stats["requests"] += 1
         if asked != model:  # as vLLM answers
             return JSONResponse(
                 {"error": {"message": f"The model `{asked}` does not exist.", "type": "NotFoundError"}}, 404
             )
         fault = state["faults"].popleft() if state["faults"] else None
         if fault:
-            state["stats"][f"fault_{fault}"] += 1
+            stats[f"fault_{fault}"] += 1
         if fault == "slow":
             await asyncio.sleep(state["slow_s"])
         elif fault in ("429", "500"):
@@ -136,7 +137,7 @@ def create_app(model: str) -> FastAPI:
             return completion(model, "I would rather talk about the weather.", [{"token": "I", "logprob": -0.01}])
         elif fault == "notjson":
             return PlainTextResponse("<html>bad gateway</html>")
-        state["stats"]["judged"] += 1
+        stats["judged"] += 1
         return judge(body)
 
     async def asgi(scope, receive, send):
