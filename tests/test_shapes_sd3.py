@@ -181,8 +181,7 @@ def test_the_online_presets_train_two_epochs(tmp_path, preset):
     ],
 )
 def test_the_dpo_and_refl_presets_train_two_steps(tmp_path, preset, steps):
-    from importlib import import_module
-
+    from trainer import train
     from trainer.config import Config
 
     cfg = Config(
@@ -192,6 +191,6 @@ def test_the_dpo_and_refl_presets_train_two_steps(tmp_path, preset, steps):
         train={"batch_size": 2},
         **steps,
     )
-    history = import_module(f"trainer.{cfg.algorithm}").train(cfg)
+    history = train(cfg)
     assert [m["step"] for m in history] == [0, 1]
     assert_trained(tmp_path, [m["loss"] for m in history])

@@ -2,7 +2,7 @@
 
 Wallace et al. 2023, "Diffusion Model Alignment Using Direct Preference Optimization"
 (github.com/SalesforceAIResearch/DiffusionDPO). Both images of a pair are noised with the same noise at the
-same timestep; the loss (trainer/loss.py) rewards the model for denoising the winner better, and the loser
+same timestep; the loss (loss.py beside this file) rewards the model for denoising the winner better, and the loser
 worse, than the reference does. For flow-matching models (SD3) it is the same formula on the velocity
 target (the family's ``noised``). ``dpo.sft`` trains the plain denoising loss on the winners instead.
 
