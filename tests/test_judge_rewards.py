@@ -18,7 +18,8 @@ from tests.test_vlm import MODEL, faults, judge  # noqa: F401 - the stand-in jud
 from trainer.advantages import compute_advantages
 from trainer.config import Config, RewardConfig
 from trainer.preflight import PreflightError, check
-from trainer.rewards import Rewards, counts, dropped, kept_advantages
+from trainer.advantages import kept_advantages
+from trainer.rewards import Rewards, counts, dropped
 
 
 def gdpo_by_hand(scores: dict[str, list[float]], weights: dict[str, float], groups: list[int]) -> list[float]:

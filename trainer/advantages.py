@@ -50,13 +50,13 @@ class PerPromptStatTracker:
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
 
-def group_normalize(rewards: np.ndarray, groups: np.ndarray, global_std: bool = False) -> np.ndarray:
-    """(r - mean of its group) / (std of its group, or of all rewards when ``global_std``)."""
+def group_normalize(rewards: np.ndarray, groups: np.ndarray, global_std: bool = False, eps: float = 1e-6) -> np.ndarray:
+    """(r - mean of its group) / (std of its group, or of all rewards when ``global_std``, + ``eps``)."""
     advantages = np.empty_like(rewards, dtype=np.float64)
     for group in np.unique(groups):
         mask = groups == group
         std = rewards.std() if global_std else rewards[mask].std()
-        advantages[mask] = (rewards[mask] - rewards[mask].mean()) / (std + 1e-6)
+        advantages[mask] = (rewards[mask] - rewards[mask].mean()) / (std + eps)
     return advantages
 
 
@@ -83,3 +83,16 @@ def compute_advantages(
     if groups is not None:
         return group_normalize(rewards, groups, global_std)
     return batch_normalize(rewards)
+
+
+def kept_advantages(rewards: np.ndarray, prompts: list[str], tracker, groups, global_std: bool, drop: np.ndarray):
+    """compute_advantages over the samples not dropped only (so that a dropped sample moves
+    no group's mean or std), and 0 for the dropped: they are left out of the update, never trained on as a
+    made-up score."""
+    keep = ~drop
+    advantages = np.zeros(len(rewards), dtype=np.float64)
+    if keep.any():
+        kept_groups = None if groups is None else np.asarray(groups)[keep]
+        kept_prompts = [p for p, k in zip(prompts, keep) if k]
+        advantages[keep] = compute_advantages(rewards[keep], kept_prompts, tracker, kept_groups, global_std)
+    return advantages

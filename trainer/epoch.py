@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from trainer import run as run_setup
 from trainer import tracking
-from trainer.advantages import PerPromptStatTracker, advantage_groups
-from trainer.rewards import Pending, dropped, kept_advantages
+from trainer.advantages import PerPromptStatTracker, advantage_groups, kept_advantages
+from trainer.rewards import Pending, dropped
 from trainer.sampling import Trajectories, sample
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from protocol import check_scores
 from protocol.errors import redact_url
 from scorers.scorer import FunctionScorer, ScoreOutput, Scorer, concat, create_scorer
+from trainer.advantages import group_normalize
 from trainer.config import RewardComponent, RewardConfig
 
 RewardFn = Callable[..., Any]  # fn(images, prompts, metadata) -> (scores, info); see FunctionScorer
@@ -172,7 +173,10 @@ class Rewards:
         for c in self.components:
             r = np.asarray(scores[c.name], dtype=np.float64)
             if self.aggregation == "gdpo":
-                out[c.name] = group_zscores(r, groups)
+                # GDPO's z-score within each group (the whole epoch without groups), epsilon 1e-8
+                out[c.name] = group_normalize(
+                    r, np.zeros(len(r), int) if groups is None else np.asarray(groups), eps=1e-8
+                )
             else:
                 out[c.name] = (r - r.mean()) / (r.std() + 1e-8) if c.normalize else r
         return out
@@ -199,16 +203,6 @@ class Rewards:
     def close(self) -> None:
         for source in self.sources.values():
             source.close()
-
-
-def group_zscores(r: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
-    """(r - its group's mean) / (its group's std + 1e-8); a group of equal scores gives zeros."""
-    groups = np.zeros(len(r), dtype=int) if groups is None else np.asarray(groups)
-    out = np.empty_like(r, dtype=np.float64)
-    for g in np.unique(groups):
-        mask = groups == g
-        out[mask] = (r[mask] - r[mask].mean()) / (r[mask].std() + 1e-8)
-    return out
 
 
 # Per-sample counts a scorer's info may carry (scorers/vlm.py: re-asks, calls failed after their retries,
@@ -239,21 +233,6 @@ def dropped(samples: list[dict], names: list[str]) -> np.ndarray:
     """Which gathered samples some component dropped (its info says ``dropped`` 1): they get no advantage."""
     fields = ["dropped"] if len(names) == 1 else [f"{name}/dropped" for name in names]
     return np.array([any(_count(r.get(f)) == 1 for f in fields) for r in samples], dtype=bool)
-
-
-def kept_advantages(rewards: np.ndarray, prompts: list[str], tracker, groups, global_std: bool, drop: np.ndarray):
-    """trainer.advantages.compute_advantages over the samples not dropped only (so that a dropped sample moves
-    no group's mean or std), and 0 for the dropped: they are left out of the update, never trained on as a
-    made-up score."""
-    from trainer.advantages import compute_advantages
-
-    keep = ~drop
-    advantages = np.zeros(len(rewards), dtype=np.float64)
-    if keep.any():
-        kept_groups = None if groups is None else np.asarray(groups)[keep]
-        kept_prompts = [p for p, k in zip(prompts, keep) if k]
-        advantages[keep] = compute_advantages(rewards[keep], kept_prompts, tracker, kept_groups, global_std)
-    return advantages
 
 
 def pair_scores(rewards: "Rewards", scored: dict[str, ScoreOutput], k: int = 2) -> np.ndarray:
