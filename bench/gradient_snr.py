@@ -67,21 +67,24 @@ def measure(args: list[str], steps: int) -> dict:
     gradients: list[np.ndarray] = []
     kinds: list[str] = []  # per weight: the adapted layer's kind (to_q, conv1, ...), or the parameter's name
 
-    def backward_only(run, loss, stats):
+    def backward_only(run, trained, loss, stats):
         run.accelerator.backward(loss)
         if run.accelerator.sync_gradients:
             if not kinds:
-                for name, p in run.trainable.items():
+                for name, p in trained.trainable.items():
                     kinds.extend([_kind(name)] * p.numel())
             gradients.append(
                 torch.cat(
-                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in run.trainable.values()]
+                    [
+                        (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                        for p in trained.trainable.values()
+                    ]
                 )
                 .double()
                 .cpu()
                 .numpy()
             )
-            run.optimizer.zero_grad()
+            trained.optimizer.zero_grad()
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = bench_config(["--run.eval_every", "0", "--run.log_images_every", "0", *args], tmp)

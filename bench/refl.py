@@ -125,23 +125,23 @@ def timing(steps: int) -> dict:
                     cfg.reward.url, cfg.reward.options = [f"http://127.0.0.1:{port}"], {}
                 stack = run_setup.started(cfg, 1)
                 run = stack.__enter__()
-                run_setup.load_model(run, 1)
-                runs[where] = (stack, run, differentiable_reward(run))
+                trained = run_setup.load_model(run, 1)
+                runs[where] = (stack, run, trained, differentiable_reward(run))
             seconds = {"local": [], "remote": []}
             prompts = ["a red circle left of a blue square"] * cfg.train.batch_size
             for i in range(steps + 1):
-                for where, (_, run, reward) in runs.items():
+                for where, (_, run, trained, reward) in runs.items():
                     start = time.perf_counter()
-                    x0, _ = rollout(run, run.model, run.family.denoiser, prompts, 64, None)
+                    x0, _ = rollout(run, trained, prompts, 64, None)
                     loss = (
-                        torch.relu(cfg.refl.margin - reward(run.family.vae.decode(x0), prompts)).mean()
+                        torch.relu(cfg.refl.margin - reward(trained.family.vae.decode(x0), prompts)).mean()
                         * cfg.refl.grad_scale
                     )
                     loss.backward()
-                    run.optimizer.zero_grad()
+                    trained.optimizer.zero_grad()
                     if i:  # the first of each is a warm-up
                         seconds[where].append(time.perf_counter() - start)
-            for stack, _, _ in runs.values():
+            for stack, *_ in runs.values():
                 stack.__exit__(None, None, None)
         finally:
             server.terminate()

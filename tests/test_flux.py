@@ -283,14 +283,14 @@ def test_refl_steps_move_the_adapters(tmp_path, tiny_cache):
         refl={"mode": "draft", "draft_k": 2, "num_steps": 6, "mid_low": 3, "mid_high": 5, "max_train_steps": 1},
     )
     with run_setup.started(cfg, 1) as run:
-        run_setup.load_model(run, 1)
-        before = {k: p.detach().clone() for k, p in run.trainable.items()}
+        trained = run_setup.load_model(run, 1)
+        before = {k: p.detach().clone() for k, p in trained.trainable.items()}
         stats: dict = {"grad_norm": []}
-        x0, calls = rollout(run, run.model, run.family.denoiser, ["a red circle"] * 2, 64, None)
-        rewards = differentiable_reward(run)(run.family.vae.decode(x0), ["a red circle"] * 2)
-        run_setup.backward_and_step(run, torch.relu(100.0 - rewards).mean(), stats)
+        x0, calls = rollout(run, trained, ["a red circle"] * 2, 64, None)
+        rewards = differentiable_reward(run)(trained.family.vae.decode(x0), ["a red circle"] * 2)
+        run_setup.backward_and_step(run, trained, torch.relu(100.0 - rewards).mean(), stats)
     assert calls == 2 and torch.isfinite(rewards).all() and float(stats["grad_norm"][0]) > 0
-    assert sum(float((p.detach() - before[k]).abs().max()) > 0 for k, p in run.trainable.items()) > 0
+    assert sum(float((p.detach() - before[k]).abs().max()) > 0 for k, p in trained.trainable.items()) > 0
 
 
 def test_evaluate_and_label_run_on_it(tmp_path, tiny_cache):

@@ -134,11 +134,11 @@ def test_truncated_backprop_touches_only_its_steps(tmp_path, mode, expected):
 
     cfg = refl_config(tmp_path, mode=mode, draft_k=3)
     with run_setup.started(cfg, 1) as run:
-        run_setup.load_model(run, 1)
-        unet = run.family.denoiser
+        trained = run_setup.load_model(run, 1)
+        unet = trained.family.denoiser
         out = {}
         calls = count_grad_calls(
-            lambda: out.update(zip(("x0", "n"), rollout(run, run.model, unet, ["a red circle"] * 2, 64, None))), unet
+            lambda: out.update(zip(("x0", "n"), rollout(run, trained, ["a red circle"] * 2, 64, None))), unet
         )
     with_grad = sum(calls)
     assert with_grad == out["n"] and out["x0"].requires_grad
@@ -179,15 +179,17 @@ def test_a_refl_step_with_the_reward_served_has_the_local_gradient(tmp_path, sta
         if where == "remote":
             cfg.reward.url, cfg.reward.options = [server.url], {}
         with run_setup.started(cfg, 1) as run:
-            run_setup.load_model(run, 1)
+            trained = run_setup.load_model(run, 1)
             torch.manual_seed(0)  # the same adapters in both (loading an in-process scorer draws from torch's stream)
             with torch.no_grad():
-                for p in run.trainable.values():
+                for p in trained.trainable.values():
                     p.copy_(torch.randn_like(p) * 0.01)
-            x0, _ = rollout(run, run.model, run.family.denoiser, ["a red circle left of a blue square"] * 2, 64, None)
-            rewards = differentiable_reward(run)(run.family.vae.decode(x0), ["a red circle left of a blue square"] * 2)
+            x0, _ = rollout(run, trained, ["a red circle left of a blue square"] * 2, 64, None)
+            rewards = differentiable_reward(run)(
+                trained.family.vae.decode(x0), ["a red circle left of a blue square"] * 2
+            )
             torch.relu(2.0 - rewards).mean().backward()
-            grads[where] = torch.cat([p.grad.flatten() for p in run.trainable.values()])
+            grads[where] = torch.cat([p.grad.flatten() for p in trained.trainable.values()])
     assert grads["local"].abs().max() > 0
     torch.testing.assert_close(
         grads["remote"], grads["local"], rtol=1e-4, atol=1e-6 * grads["local"].abs().max().item()
@@ -252,13 +254,13 @@ def test_refl_on_every_family_and_full_finetuning(tmp_path, model, lora):
     cfg = refl_config(tmp_path, mode="draft", draft_k=2, max_train_steps=1)
     cfg.pretrained.model, cfg.train.lora = model, lora
     with run_setup.started(cfg, 1) as run:
-        run_setup.load_model(run, 1)
-        before = {k: p.detach().clone() for k, p in run.trainable.items()}
+        trained = run_setup.load_model(run, 1)
+        before = {k: p.detach().clone() for k, p in trained.trainable.items()}
         stats: dict = {"grad_norm": []}
-        resolution = run.family.native_resolution()
-        x0, calls = rollout(run, run.model, run.family.denoiser, ["a red circle"] * 2, resolution, None)
-        rewards = differentiable_reward(run)(run.family.vae.decode(x0), ["a red circle"] * 2)
-        run_setup.backward_and_step(run, torch.relu(100.0 - rewards).mean(), stats)
+        resolution = trained.family.native_resolution()
+        x0, calls = rollout(run, trained, ["a red circle"] * 2, resolution, None)
+        rewards = differentiable_reward(run)(trained.family.vae.decode(x0), ["a red circle"] * 2)
+        run_setup.backward_and_step(run, trained, torch.relu(100.0 - rewards).mean(), stats)
     assert calls == 2 and torch.isfinite(rewards).all() and float(stats["grad_norm"][0]) > 0
-    moved = sum(float((p.detach() - before[k]).abs().max()) > 0 for k, p in run.trainable.items())
-    assert moved > 0 and (lora or len(run.trainable) > 100)  # full finetuning trains every denoiser weight
+    moved = sum(float((p.detach() - before[k]).abs().max()) > 0 for k, p in trained.trainable.items())
+    assert moved > 0 and (lora or len(trained.trainable) > 100)  # full finetuning trains every denoiser weight

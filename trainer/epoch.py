@@ -45,53 +45,53 @@ class Scored:
     reward_stats: dict[str, float] = field(default_factory=dict)  # normalised components, judge counts
 
 
-@dataclass
+@dataclass(frozen=True)
 class Online:
-    """What an online loop holds across epochs: the per-prompt tracker, the optimizer step count, the bare
-    denoiser (sampling and the no-gradient references use it; training goes through the possibly DDP-wrapped
-    ``run.model``), the empty prompt's conditioning and the sampling resolution."""
+    """What an online loop starts its epochs with: the loaded model (``trained``; sampling and the no-gradient
+    references use its bare denoiser ``trained.policy``, training the possibly DDP-wrapped ``trained.model``),
+    the per-prompt tracker, the optimizer steps done, the empty prompt's conditioning and the sampling
+    resolution."""
 
+    trained: run_setup.Trained
     tracker: PerPromptStatTracker | None
-    global_step: int
-    policy: torch.nn.Module
+    global_step: int  # at the start: a resumed run's
     negative: object
     resolution: int
 
 
 def start(run: run_setup.Run, lagging: bool = False) -> Online:
     """Load the model (a checkpoint's state when resuming) for an online algorithm's epochs; ``lagging``: with
-    the lagging weights ``run.old_policy`` (run.load_model)."""
+    the lagging weights ``trained.old_policy`` (run.load_model)."""
     cfg = run.cfg
-    state = run_setup.load_model(run, run.plan.optimizer_steps_per_epoch * cfg.run.num_epochs, lagging=lagging)
+    trained = run_setup.load_model(run, run.plan.optimizer_steps_per_epoch * cfg.run.num_epochs, lagging=lagging)
+    state = trained.resumed
     tracker = None
     if cfg.train.per_prompt_stat_tracking:
         tracker = PerPromptStatTracker(cfg.train.stat_buffer_size, cfg.train.stat_min_count)
         if state.get("tracker"):
             tracker.load_state_dict(state["tracker"])
     return Online(
+        trained,
         tracker,
         state.get("global_step", 0),
-        run.accelerator.unwrap_model(run.model),
-        run.family.encode_prompts([""]),
-        cfg.sample.resolution or run.family.native_resolution(),
+        trained.family.encode_prompts([""]),
+        cfg.sample.resolution or trained.family.native_resolution(),
     )
 
 
 def collect(
     run: run_setup.Run,
+    online: Online,
     epoch: int,
-    policy,
-    negative,
-    resolution: int,
     eta: float,
     window: Callable[[], range | None] | None = None,
     store: bool = True,
 ) -> Collected:
-    """Sample one epoch's batches with ``policy`` (the bare denoiser) at noise ``eta``; each batch goes to the
-        reward functions as reward.overlap says. ``window()``, when given, each batch's stochastic steps (DDPO's
-    timestep window; by default all); ``store`` False
-        keeps only the clean latents (sampling.sample)."""
-    cfg, accelerator, family = run.cfg, run.accelerator, run.family
+    """Sample one epoch's batches with the bare denoiser ``online.trained.policy`` at noise ``eta``; each batch
+    goes to the reward functions as reward.overlap says. ``window()``, when given, each batch's stochastic steps
+    (DDPO's timestep window; by default all); ``store`` False keeps only the clean latents (sampling.sample)."""
+    cfg, accelerator, family = run.cfg, run.accelerator, online.trained.family
+    policy, negative, resolution = online.trained.policy, online.negative, online.resolution
     start = time.perf_counter()
     pending, batches, images = Pending(run.rewards), [], []
     size, k = cfg.sample.batch_size, cfg.sample.images_per_prompt
@@ -177,6 +177,7 @@ def score(
 
 def log(
     run: run_setup.Run,
+    trained: run_setup.Trained,
     epoch: int,
     scored: Scored,
     stats: dict[str, list],
@@ -190,7 +191,7 @@ def log(
     rewards = scored.rewards
     metrics = {
         "epoch": epoch,
-        "weights_spread_across_processes": run_setup.weights_spread(run),
+        "weights_spread_across_processes": run_setup.weights_spread(run.accelerator, trained.trainable),
         "global_step": global_step,
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
@@ -203,7 +204,7 @@ def log(
         # Stats stay tensors until the epoch ends: reading one (.item()) waits for the GPU.
         **{k: float(torch.stack(v).float().mean()) for k, v in stats.items()},
         **tracking.by_category(scored.samples, rewards),
-        "learning_rate": run.optimizer.param_groups[0]["lr"],
+        "learning_rate": trained.optimizer.param_groups[0]["lr"],
         **{f"seconds_{name}": value for name, value in seconds.items()},
         "cpu_threads": threads,
     }

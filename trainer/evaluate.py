@@ -134,11 +134,12 @@ def eval_prompts(cfg, prompt_fn) -> tuple[list[str], list[dict[str, Any]]]:
     return list(prompts), list(metadata)
 
 
-def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: bool | None = None) -> dict:
-    """The trainer's periodic evaluation of the weights after ``after_epochs`` epochs (or optimizer steps:
-    ``unit``; the record's "epoch"), the before/after grid at the ``final`` one (default: after run.num_epochs):
-    each process takes every n-th prompt; the main process writes eval.jsonl and eval/after-NNNN.png and
-    logs ``eval/*``."""
+def evaluate_run(run, trained, after_epochs: int, unit: str = "epochs", final: bool | None = None) -> dict:
+    """The trainer's periodic evaluation of the weights (``trained.policy``, the bare denoiser a
+    ``trainer.run.Trained`` holds) after ``after_epochs`` epochs (or optimizer steps: ``unit``; the record's
+    "epoch"), the before/after grid at the ``final`` one (default: after run.num_epochs): each process takes
+    every n-th prompt; the main process writes eval.jsonl and eval/after-NNNN.png and logs ``eval/*``. What
+    one evaluation leaves the next (the eval scorer, the first evaluation) is ``run.evaluations``."""
     from accelerate.utils import gather_object
 
     from trainer.rewards import ScoreOutput
@@ -148,21 +149,16 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     rewards = run.rewards
     if cfg.run.eval_scorer:  # loaded at the first evaluation, kept for the others
-        from trainer.config import RewardConfig
-        from trainer.rewards import Rewards
-
-        if run.eval_rewards is None:
-            run.eval_rewards = Rewards(RewardConfig(scorer=cfg.run.eval_scorer), device=str(accelerator.device))
-        rewards = run.eval_rewards
+        rewards = run.evaluations.rewards(cfg.run.eval_scorer, accelerator.device)
     images, scored = evaluate(
-        run.family,
-        model,
+        trained.family,
+        trained.policy,
         [prompts[i] for i in mine],
         [metadata[i] for i in mine],
         rewards,
         num_steps=cfg.sample.eval_num_steps or cfg.sample.num_steps,
         guidance_scale=cfg.sample.guidance_scale,
-        resolution=cfg.sample.resolution or run.family.native_resolution(),
+        resolution=cfg.sample.resolution or trained.family.native_resolution(),
         seeds=[cfg.run.eval_seed + i for i in mine],
         batch_size=cfg.sample.batch_size,
         deadline=cfg.reward.deadline,
@@ -194,11 +190,12 @@ def evaluate_run(run, model, after_epochs: int, unit: str = "epochs", final: boo
             f.write(json.dumps(result) + "\n")
         shown = np.stack([row[1] for row in rows])
         save_grid(shown, prompts, total, run.out / "eval" / f"after-{after_epochs:04d}.png", columns=min(8, len(rows)))
-        if run.first_eval is None:  # this process's first evaluation: before training, unless resumed
-            run.first_eval = (after_epochs, shown, total)
+        evaluations = run.evaluations
+        if evaluations.first is None:  # this process's first evaluation: before training, unless resumed
+            evaluations.first = (after_epochs, shown, total)
         elif (after_epochs == cfg.run.num_epochs) if final is None else final:
             save_before_after(
-                run.first_eval, (after_epochs, shown, total), prompts, run.out / "eval" / "before_after.png"
+                evaluations.first, (after_epochs, shown, total), prompts, run.out / "eval" / "before_after.png"
             )
     accuracy = f" | accuracy {result['accuracy']:.1%}" if "accuracy" in result else ""
     accelerator.print(

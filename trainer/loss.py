@@ -10,11 +10,11 @@ import torch
 from trainer.sampling import each_tensor
 
 
-def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
+def denoising_errors(accelerator, family, model, batch: dict[str, Any], resolution: int):
     """Each image's denoising MSE (the family's eps / v / velocity target) of ``batch["pixels"]`` (B, k, 3, R, R)
     in [0, 1], the k images of a row noised with the same noise at the same timestep; and the noised inputs
     (noisy, timesteps, cond, target) for the reference. SFT's loss and ReFL's pre-training step use k = 1."""
-    family, device = run.family, run.accelerator.device
+    device = accelerator.device
     pixels = batch["pixels"].to(device, non_blocking=True)
     n, k = pixels.shape[:2]
     with torch.no_grad():
@@ -27,7 +27,7 @@ def denoising_errors(run, model, batch: dict[str, Any], resolution: int):
     noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)
     u = torch.rand(n, device=device).repeat_interleave(k)
     noisy, timesteps, target = family.dynamics.noised(latents, noise, u)
-    with run.accelerator.autocast():
+    with accelerator.autocast():
         prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
     error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
     return error, (noisy, timesteps, cond, target)

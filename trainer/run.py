@@ -2,9 +2,10 @@
 
 ``started`` opens a run: the accelerator, every pre-flight check, the checkpoint to resume from, the run
 folder and trackers, seeds, prompts, rewards, and Ctrl-C handling; whatever ends the run, the reward
-clients stop and the trackers flush. ``load_model`` loads the model family and makes it trainable (LoRA or
-full), with the optimizer, LR schedule, EMA and the resumed state. ``log_epoch``, ``end_epoch`` (checkpoint)
-and ``finish`` (save and publish the weights) close each epoch and the run.
+clients stop and the trackers flush. It yields a ``Run``: what exists before the model loads, built whole.
+``load_model`` then loads the model family and makes it trainable (LoRA or full), with the optimizer, LR
+schedule, EMA and the resumed state, and returns them as a ``Trained``. ``log_epoch``, ``end_epoch``
+(checkpoint) and ``finish`` (save and publish the weights) close each epoch and the run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from trainer import checkpoint, preflight, tracking
-from trainer.config import Config
+from trainer.config import Config, RewardConfig
 from trainer.ema import EMA
 from trainer.families import Family
 from trainer.families.models import load_family, make_trainable, save_weights
@@ -37,10 +38,30 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class Evaluations:
+    """What the run's evaluations (trainer/evaluate.py, ``evaluate_run``) keep from one to the next."""
+
+    first: tuple[int, np.ndarray, np.ndarray] | None = None  # this process's first: (epochs, images, rewards)
+    scorer: Rewards | None = None  # run.eval_scorer's, loaded at the first evaluation (``rewards``)
+
+    def rewards(self, scorer: str, device: torch.device) -> Rewards:
+        """The rewards of run.eval_scorer ``scorer``: loaded at the first call, kept for the others."""
+        if self.scorer is None:
+            self.scorer = Rewards(RewardConfig(scorer=scorer), device=str(device))
+        return self.scorer
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+@dataclass(frozen=True)
 class Run:
+    """What a run holds before its model loads (``started`` builds it whole); the model is ``load_model``'s."""
+
     cfg: Config
     accelerator: Accelerator
-    plan: BatchPlan
+    plan: BatchPlan  # as the config says; DDPO re-plans its own copy (fit_timesteps_per_forward)
     out: Path
     rewards: Rewards
     prompt_fn: Callable
@@ -48,18 +69,8 @@ class Run:
     ctrl_c: CtrlC
     resume: Path | None
     start: int  # epochs done, or optimizer steps for the step-counted algorithms (a resumed run's checkpoint)
-    # set by load_model (None until then)
-    family: Family = None
-    model: torch.nn.Module = None  # the trained denoiser as accelerate prepared it (DDP-wrapped on several processes)
-    trainable: dict[str, torch.nn.Parameter] = field(default_factory=dict)
-    optimizer: torch.optim.Optimizer = None  # accelerate's wrapper of it
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler = None
-    ema: EMA | None = None
-    old_policy: EMA | None = None  # a lagging average of the trainable weights: DiffusionNFT's old policy, AWM's
-    history: list[dict] = field(default_factory=list)
-    first_eval: tuple | None = None  # (epochs, images, rewards) of this process's first evaluation
-    eval_rewards: Rewards | None = None  # run.eval_scorer's, loaded at the first evaluation
-    timesteps_fitted: bool = False  # train.timesteps_per_forward 0 on a GPU: measured once (fit_timesteps_per_forward)
+    history: list[dict] = field(default_factory=list)  # every logged record (log_epoch), what ``finish`` returns
+    evaluations: Evaluations = field(default_factory=Evaluations)
 
     def fit_threads(self) -> int:
         """On a CPU, the torch threads for the coming epoch (trainer/threads.py); the count in use."""
@@ -71,41 +82,53 @@ class Run:
             return fit_threads()
         return torch.get_num_threads()
 
-    def fit_timesteps_per_forward(self, forward: Callable[[int], torch.Tensor]) -> None:
-        """``train.timesteps_per_forward 0`` on a CUDA GPU: as many trained timesteps per forward as its memory
-        holds, measured on a real training batch at 1 and 2 timesteps (``forward(k)``: the algorithm's training
-        forward of k timesteps, a tensor to backpropagate); the smallest count of all processes, so each runs as
-        many forwards. Re-plans the run and accelerate's accumulation to match."""
-        cfg, accelerator = self.cfg, self.accelerator
-        if (
-            self.timesteps_fitted
-            or cfg.train.timesteps_per_forward
-            or accelerator.device.type != "cuda"
-            or self.plan.train_timesteps == 1
-        ):
-            return
-        self.timesteps_fitted = True  # once per run, on its first training batch
 
-        def peak_bytes(k: int) -> int:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            with accelerator.no_sync(self.model):  # a probe: no gradient all-reduce, and its gradients dropped
-                accelerator.backward(forward(k).sum() * 0)
-            self.optimizer.zero_grad(set_to_none=True)
-            return torch.cuda.max_memory_allocated()
+@dataclass(frozen=True)
+class Trained:
+    """The model ``load_model`` loaded and made trainable, and what trains it."""
 
-        free, _ = torch.cuda.mem_get_info()
-        # AdamW's two moments are allocated at the first optimizer step, after this probe (fp32, as trained).
-        moments = 0 if self.optimizer.state else sum(8 * p.numel() for p in self.trainable.values())
-        budget = int(0.9 * (free + torch.cuda.memory_reserved())) - moments  # 10% for fragmentation, KL forwards
-        k = fits(peak_bytes, self.plan.train_timesteps, budget)
-        k = int(accelerator.gather(torch.tensor([k], device=accelerator.device)).min())
-        self.plan = self.plan.with_timesteps_per_forward(cfg, k)
-        accelerator.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps * len(self.plan.step_groups)
-        accelerator.print(
-            f"train.timesteps_per_forward {k}: {k * cfg.train.batch_size} samples per forward fit "
-            f"in {budget / 2**30:.1f} GiB (measured); batch plan: {self.plan.describe()}"
-        )
+    family: Family
+    model: torch.nn.Module  # the trained denoiser as accelerate prepared it (DDP-wrapped on several processes)
+    policy: torch.nn.Module  # the same denoiser unwrapped: sampling and the no-gradient references use it
+    trainable: dict[str, torch.nn.Parameter]  # the same tensors the optimizer, EMA and checkpoints see
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper of it
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None  # with train.ema_decay
+    old_policy: EMA | None  # a lagging average of the trainable weights: DiffusionNFT's old policy, AWM's
+    resumed: dict[str, Any]  # the checkpoint's plain state ({} for a fresh run): global_step, the algorithm's own
+
+
+def fit_timesteps_per_forward(run: Run, trained: Trained, forward: Callable[[int], torch.Tensor]) -> BatchPlan:
+    """The batch plan to train with: ``run.plan``, or with ``train.timesteps_per_forward 0`` on a CUDA GPU as
+    many trained timesteps per forward as its memory holds, measured on a real training batch at 1 and 2
+    timesteps (``forward(k)``: the algorithm's training forward of k timesteps, a tensor to backpropagate); the
+    smallest count of all processes, so each runs as many forwards. Sets accelerate's accumulation to match.
+    Called once per run, on its first training batch."""
+    cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
+    if cfg.train.timesteps_per_forward or accelerator.device.type != "cuda" or plan.train_timesteps == 1:
+        return plan
+
+    def peak_bytes(k: int) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with accelerator.no_sync(trained.model):  # a probe: no gradient all-reduce, and its gradients dropped
+            accelerator.backward(forward(k).sum() * 0)
+        trained.optimizer.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated()
+
+    free, _ = torch.cuda.mem_get_info()
+    # AdamW's two moments are allocated at the first optimizer step, after this probe (fp32, as trained).
+    moments = 0 if trained.optimizer.state else sum(8 * p.numel() for p in trained.trainable.values())
+    budget = int(0.9 * (free + torch.cuda.memory_reserved())) - moments  # 10% for fragmentation, KL forwards
+    k = fits(peak_bytes, plan.train_timesteps, budget)
+    k = int(accelerator.gather(torch.tensor([k], device=accelerator.device)).min())
+    plan = plan.with_timesteps_per_forward(cfg, k)
+    accelerator.gradient_accumulation_steps = cfg.train.gradient_accumulation_steps * len(plan.step_groups)
+    accelerator.print(
+        f"train.timesteps_per_forward {k}: {k * cfg.train.batch_size} samples per forward fit "
+        f"in {budget / 2**30:.1f} GiB (measured); batch plan: {plan.describe()}"
+    )
+    return plan
 
 
 @contextlib.contextmanager
@@ -160,8 +183,8 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
         try:
             if rewards is not None:
                 rewards.close()
-            if run is not None and run.eval_rewards is not None:
-                run.eval_rewards.close()
+            if run is not None:
+                run.evaluations.close()
         finally:
             accelerator.end_training()
 
@@ -186,57 +209,54 @@ def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
     return found, json.loads((found / "state.json").read_text())["epoch"]
 
 
-def load_model(
-    run: Run, optimizer_steps: int, learning_rate: float | None = None, lagging: bool = False
-) -> dict[str, Any]:
+def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = None, lagging: bool = False) -> Trained:
     """Load the family, make it trainable, build the optimizer (at ``learning_rate``, default
     train.learning_rate), LR schedule (over ``optimizer_steps``) and EMA, and restore a checkpoint when
-    resuming; returns the checkpoint's plain state ({} for a fresh run)."""
+    resuming. ``lagging``: the algorithm keeps lagging weights (DiffusionNFT's old policy, AWM's lagging
+    average), whose decay it sets per epoch; made here so that a resumed run loads them with the rest."""
     cfg, accelerator = run.cfg, run.accelerator
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
     with accelerator.main_process_first():
-        run.family = load_family(cfg, accelerator.device)
-    accelerator.print(
-        f"model: {run.family.pipe.name_or_path}"
-    )  # where the tiny model was built, or the checkpoint loaded
-    run.trainable = make_trainable(run.family.denoiser, cfg)  # the same tensors the optimizer, EMA and checkpoints see
+        family = load_family(cfg, accelerator.device)
+    accelerator.print(f"model: {family.pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
+    denoiser = family.denoiser
+    trainable = make_trainable(denoiser, cfg)
     if cfg.train.gradient_checkpointing:
-        run.family.denoiser.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if cfg.run.channels_last:
-        run.family.denoiser.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if cfg.run.compile:
         # in place (nn.Module.compile): the same module object samples, trains and, adapters off, gives the KL
         # reference, so every path runs compiled and accelerate's unwrap_model still finds it
-        run.family.denoiser.compile(backend=cfg.run.compile)
-    optimizer = _optimizer(cfg, list(run.trainable.values()), learning_rate)
+        denoiser.compile(backend=cfg.run.compile)
+    optimizer = _optimizer(cfg, list(trainable.values()), learning_rate)
     from diffusers.optimization import get_scheduler
 
-    run.lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
+    lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
         cfg.train.lr_scheduler,
         optimizer,
         num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=optimizer_steps,
     )
-    run.model, run.optimizer = accelerator.prepare(run.family.denoiser, optimizer)
-    run.ema = EMA(run.trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    # ``lagging``: the algorithm keeps lagging weights (DiffusionNFT's old policy, AWM's lagging average), whose
-    # decay it sets per epoch; made here so that a resumed run loads them with the rest
-    run.old_policy = EMA(run.trainable, 0.0) if lagging else None
-    if run.resume is None:
-        return {}
-    state = checkpoint.load(
-        accelerator,
-        run.resume,
-        params=run.trainable,
-        optimizer=run.optimizer,
-        prompt_rng=run.prompt_rng,
-        ema=run.ema,
-        old_policy=run.old_policy,
-    )
-    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    accelerator.print(f"resumed from {run.resume} (epoch {run.start}, step {state['global_step']})")
-    return state
+    model, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP-wrapped on several processes
+    ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    old_policy = EMA(trainable, 0.0) if lagging else None
+    resumed = {}
+    if run.resume is not None:
+        resumed = checkpoint.load(
+            accelerator,
+            run.resume,
+            params=trainable,
+            optimizer=optimizer,
+            prompt_rng=run.prompt_rng,
+            ema=ema,
+            old_policy=old_policy,
+        )
+        lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+        accelerator.print(f"resumed from {run.resume} (epoch {run.start}, step {resumed['global_step']})")
+    policy = accelerator.unwrap_model(model)
+    return Trained(family, model, policy, trainable, optimizer, lr_scheduler, ema, old_policy, resumed)
 
 
 def _optimizer(cfg: Config, params: list[torch.nn.Parameter], learning_rate: float | None):
@@ -281,30 +301,37 @@ def log_epoch(run: Run, metrics: dict, components: dict[str, np.ndarray], sample
             f.writelines(json.dumps(sample) + "\n" for sample in samples)
 
 
-def backward_and_step(run: Run, loss: torch.Tensor, stats: dict[str, list]) -> None:
+def backward_and_step(run: Run, trained: Trained, loss: torch.Tensor, stats: dict[str, list]) -> None:
     """Inside ``accelerator.accumulate``: backward, and where the accumulation ends clip the gradients (their
     norm into ``stats``), step the optimizer, the LR schedule and the EMA (accelerate's optimizer skips the
     steps in between)."""
-    accelerator = run.accelerator
+    accelerator, trainable = run.accelerator, trained.trainable
     accelerator.backward(loss)
     if accelerator.sync_gradients:
-        stats["grad_norm"].append(accelerator.clip_grad_norm_(run.trainable.values(), run.cfg.train.max_grad_norm))
-    run.optimizer.step()
+        stats["grad_norm"].append(accelerator.clip_grad_norm_(trainable.values(), run.cfg.train.max_grad_norm))
+    trained.optimizer.step()
     if accelerator.sync_gradients:
-        run.lr_scheduler.step()
-        if run.ema is not None:
-            run.ema.update(run.trainable)
-    run.optimizer.zero_grad()
+        trained.lr_scheduler.step()
+        if trained.ema is not None:
+            trained.ema.update(trainable)
+    trained.optimizer.zero_grad()
 
 
-def weights_spread(run: Run) -> float:
+def weights_spread(accelerator: Accelerator, trainable: dict[str, torch.nn.Parameter]) -> float:
     """0 when every process holds the same weights; above 0 means gradients were not synchronised."""
-    checksum = torch.stack([p.detach().double().sum() for p in run.trainable.values()]).sum().reshape(1)
-    sums = run.accelerator.gather(checksum.to(run.accelerator.device))
+    checksum = torch.stack([p.detach().double().sum() for p in trainable.values()]).sum().reshape(1)
+    sums = accelerator.gather(checksum.to(accelerator.device))
     return float(sums.max() - sums.min())
 
 
-def end_epoch(run: Run, done: int, state: dict[str, Any], total: int | None = None, every: int | None = None) -> None:
+def end_epoch(
+    run: Run,
+    trained: Trained,
+    done: int,
+    state: dict[str, Any],
+    total: int | None = None,
+    every: int | None = None,
+) -> None:
     """Checkpoint after ``done`` epochs when it is due (every ``every``, default run.save_freq, and at
     ``total``, default run.num_epochs: DPO counts optimizer steps); otherwise keep what Ctrl-C would save.
     ``state``: the plain counters to resume (``global_step`` and the algorithm's own)."""
@@ -317,13 +344,13 @@ def end_epoch(run: Run, done: int, state: dict[str, Any], total: int | None = No
         run.out,
         done,
         cfg.run.checkpoint_limit,
-        params=run.trainable,
-        optimizer=run.optimizer,
-        state={**state, "lr_scheduler": run.lr_scheduler.state_dict()},
+        params=trained.trainable,
+        optimizer=trained.optimizer,
+        state={**state, "lr_scheduler": trained.lr_scheduler.state_dict()},
         prompt_rng=run.prompt_rng,
-        ema=run.ema,
+        ema=trained.ema,
         rng=checkpoint.rng_state(run.prompt_rng),
-        old_policy=run.old_policy,
+        old_policy=trained.old_policy,
     )
     due = done == total or (every and done % every == 0)
     if due:
@@ -331,14 +358,15 @@ def end_epoch(run: Run, done: int, state: dict[str, Any], total: int | None = No
     run.ctrl_c.epoch_done(None if due else save)
 
 
-def finish(run: Run) -> list[dict]:
-    """Save the trained weights (the EMA when kept) where diffusers loads them, and publish them if asked."""
+def finish(run: Run, trained: Trained) -> list[dict]:
+    """Save the trained weights (the EMA when kept) where diffusers loads them, and publish them if asked;
+    returns every logged record."""
     cfg, accelerator = run.cfg, run.accelerator
     accelerator.wait_for_everyone()
-    if run.ema is not None:
-        run.ema.copy_to(run.trainable)  # the published weights are the average
+    if trained.ema is not None:
+        trained.ema.copy_to(trained.trainable)  # the published weights are the average
     if accelerator.is_main_process:
-        where = save_weights(run.family, cfg, run.out)
+        where = save_weights(trained.family, cfg, run.out)
         accelerator.print(f"saved weights to {where}")
         if cfg.run.push_to_hub:
             from huggingface_hub import HfApi

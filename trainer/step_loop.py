@@ -19,7 +19,7 @@ Stats = dict[str, list[torch.Tensor]]
 
 def step_loop(
     run: run_setup.Run,
-    policy,
+    trained: run_setup.Trained,
     settings,
     one_step: Callable[[int], Stats],
     shown: dict[str, str],
@@ -33,7 +33,7 @@ def step_loop(
     progress = tqdm(total=total, initial=step, desc=desc, disable=not accelerator.is_local_main_process)
     while step < total:
         if cfg.run.eval_every and step % cfg.run.eval_every == 0:
-            evaluate_run(run, policy, step, unit="steps")
+            evaluate_run(run, trained, step, unit="steps")
         run.ctrl_c.updating()
         start = time.perf_counter()
         stats = one_step(step)
@@ -46,14 +46,14 @@ def step_loop(
                     k: float(accelerator.gather(torch.stack(v).float().mean().reshape(1).to(accelerator.device)).mean())
                     for k, v in stats.items()
                 },
-                "learning_rate": run.optimizer.param_groups[0]["lr"],
+                "learning_rate": trained.optimizer.param_groups[0]["lr"],
                 "seconds_step": time.perf_counter() - start,
                 **logged_with(),
             }
             run_setup.log_epoch(run, metrics, {}, [])
             progress.set_postfix({label: f"{metrics.get(key, 0):.4f}" for label, key in shown.items()})
-        run_setup.end_epoch(run, step, {"global_step": step}, total=total, every=settings.checkpointing_steps)
+        run_setup.end_epoch(run, trained, step, {"global_step": step}, total=total, every=settings.checkpointing_steps)
     progress.close()
     if cfg.run.eval_every:
-        evaluate_run(run, policy, step, unit="steps", final=True)
-    return run_setup.finish(run)
+        evaluate_run(run, trained, step, unit="steps", final=True)
+    return run_setup.finish(run, trained)

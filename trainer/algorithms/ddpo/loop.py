@@ -59,8 +59,9 @@ SHOWN = (("kl", "approx_kl", ".2e"), ("kl-ref", "kl_to_reference", ".2e"), ("cli
 def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     cfg = run.cfg
     online = epoch_phases.start(run)
-    tracker, global_step, policy, negative = online.tracker, online.global_step, online.policy, online.negative
-    guidance = (negative if cfg.ddpo.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
+    trained, tracker, global_step = online.trained, online.tracker, online.global_step
+    guidance = (online.negative if cfg.ddpo.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
+    plan = run.plan  # re-planned at the run's first update with train.timesteps_per_forward 0 on a GPU
 
     def window() -> range | None:
         """The stochastic, trained steps of the next sampling batch (ddpo.timestep_window)."""
@@ -71,13 +72,13 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         return range(start, start + cfg.ddpo.timestep_window)
 
     def collect(epoch: int) -> epoch_phases.Collected:
-        run.model.eval()
-        return epoch_phases.collect(run, epoch, policy, negative, online.resolution, cfg.sample.eta, window)
+        trained.model.eval()
+        return epoch_phases.collect(run, online, epoch, cfg.sample.eta, window)
 
     upcoming = None
     for epoch in range(run.start, cfg.run.num_epochs):
         if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
-            evaluate_run(run, policy, epoch)
+            evaluate_run(run, trained, epoch)
         threads = run.fit_threads()  # fewer when other processes hold cores
         # 1. Sample, unless the previous epoch already did (reward.overlap = next_epoch).
         t0 = time.perf_counter()
@@ -93,32 +94,33 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
         scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
         # 3. PPO-clip updates on the stored trajectories.
         t2 = time.perf_counter()
-        stats, global_step = _ppo_updates(
-            run, policy, collected.trajectories, scored.advantages, guidance, epoch, global_step
+        stats, global_step, plan = _ppo_updates(
+            run, trained, plan, collected.trajectories, scored.advantages, guidance, epoch, global_step
         )
         t3 = time.perf_counter()
         # 4. Log, checkpoint.
         seconds = {"sampling": sampling, "reward_wait": scored.wait_seconds, "training": t3 - t2, "epoch": t3 - t0}
-        epoch_phases.log(run, epoch, scored, stats, seconds, global_step, threads, SHOWN)
+        epoch_phases.log(run, trained, epoch, scored, stats, seconds, global_step, threads, SHOWN)
         run_setup.end_epoch(
-            run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
+            run, trained, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
         )
     if cfg.run.eval_every:
-        evaluate_run(run, policy, cfg.run.num_epochs)
-    return run_setup.finish(run)
+        evaluate_run(run, trained, cfg.run.num_epochs)
+    return run_setup.finish(run, trained)
 
 
 def _ppo_updates(
     run: run_setup.Run,
-    policy,
+    trained: run_setup.Trained,
+    plan: BatchPlan,
     trajectories: Trajectories,
     advantages: torch.Tensor,
     guidance,
     epoch: int,
     global_step: int,
-) -> tuple[dict[str, list], int]:
-    """train.num_inner_epochs passes of PPO-clip over the epoch's stored steps; the stats and the step count."""
-    cfg, accelerator, family, unet = run.cfg, run.accelerator, run.family, run.model
+) -> tuple[dict[str, list], int, BatchPlan]:
+    """train.num_inner_epochs passes of PPO-clip over the epoch's stored steps; the stats, step count and plan."""
+    cfg, accelerator, family, unet, policy = run.cfg, run.accelerator, trained.family, trained.model, trained.policy
     run.ctrl_c.updating()
     unet.train()
     stats = defaultdict(list)
@@ -126,13 +128,13 @@ def _ppo_updates(
         cfg.ddpo.decoupled_ppo == "auto" and cfg.reward.overlap == "next_epoch"
     )
     epoch_start_step = global_step
-    for _ in range(cfg.train.num_inner_epochs):
+    for inner in range(cfg.train.num_inner_epochs):
         t = cfg.train  # the picked steps are indices: no copies yet
         picks = trajectories.shuffled(
-            t.batch_size, run.plan.train_timesteps, t.timestep_selection, t.timestep_span, t.timestep_shared
+            t.batch_size, plan.train_timesteps, t.timestep_selection, t.timestep_span, t.timestep_shared
         )
-        run.fit_timesteps_per_forward(_probe(run, trajectories.chunk(*picks[0]), guidance))  # per forward 0, GPU
-        plan = run.plan
+        if epoch == run.start and inner == 0:  # the run's first update: timesteps_per_forward 0 measured (GPU)
+            plan = _fitted_plan(run, trained, trajectories.chunk(*picks[0]), guidance)
         # Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): samples
         # drawn from older weights (reward.overlap next_epoch) start with ratios outside a narrow clip
         # range and give no gradient; clip around the weights at the start of this update instead (one
@@ -176,7 +178,7 @@ def _ppo_updates(
                     # accelerate averages over the forwards it accumulates; weighting each by its share of
                     # the timesteps makes that the mean over samples and timesteps, for any grouping.
                     share = (steps.stop - steps.start) * len(plan.step_groups) / plan.train_timesteps
-                    run_setup.backward_and_step(run, loss * share, stats)
+                    run_setup.backward_and_step(run, trained, loss * share, stats)
                 stats["loss"].append(loss.detach())
                 for k, v in step_stats.items():
                     stats[k].append(v)
@@ -185,17 +187,18 @@ def _ppo_updates(
                     # 0 when they come from the current weights, large with reward.overlap next_epoch.
                     stats["clipfrac_first_step"].append(step_stats["clipfrac"])
                 global_step += accelerator.sync_gradients
-    return stats, global_step
+    return stats, global_step, plan
 
 
-def _probe(run: run_setup.Run, chunk: Chunk, guidance):
-    """DDPO's training forward of k timesteps of ``chunk``, whose memory run.fit_timesteps_per_forward measures."""
+def _fitted_plan(run: run_setup.Run, trained: run_setup.Trained, chunk: Chunk, guidance) -> BatchPlan:
+    """The plan to train with (run.fit_timesteps_per_forward), measured on DDPO's training forward of k
+    timesteps of ``chunk``."""
 
     def forward(k: int) -> torch.Tensor:
         with run.accelerator.autocast():
-            return rescore(run.family, run.model, chunk, slice(0, k), *guidance)[0]
+            return rescore(trained.family, trained.model, chunk, slice(0, k), *guidance)[0]
 
-    return forward
+    return run_setup.fit_timesteps_per_forward(run, trained, forward)
 
 
 @torch.no_grad()

@@ -48,13 +48,12 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     effective_batch = cfg.train.batch_size * accumulation * accelerator.num_processes
     learning_rate = cfg.train.learning_rate * (effective_batch if d.scale_lr else 1)
     pairs = None if d.online else load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: fails first
-    run_setup.load_model(run, d.max_train_steps, learning_rate)
-    family, model = run.family, run.model
-    policy = accelerator.unwrap_model(model)
-    resolution = cfg.sample.resolution or family.native_resolution()
+    trained = run_setup.load_model(run, d.max_train_steps, learning_rate)
+    model, policy = trained.model, trained.policy
+    resolution = cfg.sample.resolution or trained.family.native_resolution()
     rounds: list[dict] = []  # online: each round's sampled rewards, logged with the next step
     if d.online:
-        data = _online_pairs(run, policy, resolution, rounds)
+        data = _online_pairs(run, trained, resolution, rounds)
         accelerator.print(
             f"online Diffusion-DPO: rounds of {d.online_pairs} pairs (the best and the worst of "
             f"{d.online_images_per_prompt} images per prompt), {d.online_epochs} pass(es) each, "
@@ -86,7 +85,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
             skip=run.start * accumulation,
         )
         data = iter(loader(dataset, batches, d.dataloader_num_workers))
-    reference = None if d.sft else _reference(policy, cfg.train.lora, run.ema if d.reference == "ema" else None)
+    reference = None if d.sft else _reference(policy, cfg.train.lora, trained.ema if d.reference == "ema" else None)
 
     def one_step(step: int) -> Stats:
         model.train()
@@ -97,8 +96,8 @@ def _dpo(run: run_setup.Run) -> list[dict]:
             waited += time.perf_counter() - t
             weights = _relabel(run, batch) if d.relabel else batch.get("weights")
             with accelerator.accumulate(model):
-                loss, step_stats = _pair_loss(run, model, reference, batch, resolution, weights)
-                run_setup.backward_and_step(run, loss, stats)
+                loss, step_stats = _pair_loss(run, trained, reference, batch, resolution, weights)
+                run_setup.backward_and_step(run, trained, loss, stats)
             stats["loss"].append(loss.detach())
             for k, v in step_stats.items():
                 stats[k].append(v)
@@ -108,7 +107,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
 
     return step_loop(
         run,
-        policy,
+        trained,
         d,
         one_step,
         {"loss": "loss", "acc": "implicit_accuracy"},
@@ -117,7 +116,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     )
 
 
-def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
+def _online_pairs(run, trained, resolution: int, rounds: list[dict]):
     """Batches of pairs from rounds sampled by the current policy: per round, ``dpo.online_pairs`` prompts of
     prompt.fn, ``dpo.online_images_per_prompt`` images each (deterministic DDIM from seeds of the prompt
     stream), scored by the reward as each sampling batch finishes (the overlap DDPO has); each prompt's best-
@@ -125,7 +124,7 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
     passes over a round's pairs (reshuffled after the first) before the next is sampled, since sampling costs
     far more than a step. The reference stays the base model. A resumed run starts a fresh round from its
     checkpointed streams."""
-    cfg = run.cfg
+    cfg, policy = run.cfg, trained.policy
     n, k, size = cfg.dpo.online_pairs, cfg.dpo.online_images_per_prompt, cfg.train.batch_size
     while True:
         drawn = [run.prompt_fn(run.prompt_rng) for _ in range(n)]
@@ -133,7 +132,7 @@ def _online_pairs(run, policy, resolution: int, rounds: list[dict]):
         prompts = [p for p, _ in drawn for _ in range(k)]
         with torch.no_grad():
             images, scored = evaluate(
-                run.family,
+                trained.family,
                 policy,
                 prompts,
                 [m for _, m in drawn for _ in range(k)],
@@ -199,15 +198,16 @@ def _reference(policy, lora: bool, ema=None):
     return predict
 
 
-def _pair_loss(run, model, reference, batch: dict[str, Any], resolution: int, weights: torch.Tensor | None):
+def _pair_loss(run, trained, reference, batch: dict[str, Any], resolution: int, weights: torch.Tensor | None):
     """The batch's loss and detached stats. Pairs are (winner, loser) rows of ``batch["pixels"]``."""
-    cfg = run.cfg
+    cfg, accelerator, family, model = run.cfg, run.accelerator, trained.family, trained.model
     if cfg.dpo.sft:
-        error, _ = denoising_errors(run, model, {**batch, "pixels": batch["pixels"][:, :1]}, resolution)
+        winners = {**batch, "pixels": batch["pixels"][:, :1]}
+        error, _ = denoising_errors(accelerator, family, model, winners, resolution)
         return error.mean(), {"model_mse_winner": error.mean().detach()}
-    error, (noisy, timesteps, cond, target) = denoising_errors(run, model, batch, resolution)
-    with run.accelerator.autocast():
-        reference_error = ((reference(run.family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(
+    error, (noisy, timesteps, cond, target) = denoising_errors(accelerator, family, model, batch, resolution)
+    with accelerator.autocast():
+        reference_error = ((reference(family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(
             dim=tuple(range(1, target.ndim))
         )
     return diffusion_dpo_loss(

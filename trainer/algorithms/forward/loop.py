@@ -46,26 +46,24 @@ def train(
 def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
     cfg = run.cfg
     online = epoch_phases.start(run, lagging=True)  # DiffusionNFT's old policy, AWM's lagging average
-    tracker, global_step, policy = online.tracker, online.global_step, online.policy
+    trained, tracker, global_step = online.trained, online.tracker, online.global_step
     for epoch in range(run.start, cfg.run.num_epochs):
         if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
-            evaluate_run(run, policy, epoch)
+            evaluate_run(run, trained, epoch)
         threads = run.fit_threads()
         # 1. Sample; keep the clean latents.
         t0 = time.perf_counter()
-        run.model.eval()
-        with _rollout_weights(run):
-            collected = epoch_phases.collect(
-                run, epoch, policy, online.negative, online.resolution, cfg.sample.eta, store=False
-            )
+        trained.model.eval()
+        with _rollout_weights(run, trained):
+            collected = epoch_phases.collect(run, online, epoch, cfg.sample.eta, store=False)
         # 2. Rewards into advantages.
         scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
         # 3. The forward-process updates.
         t2 = time.perf_counter()
-        stats, global_step = _updates(run, policy, collected.trajectories, scored.advantages, epoch, global_step)
+        stats, global_step = _updates(run, trained, collected.trajectories, scored.advantages, epoch, global_step)
         # 4. The lagging weights follow the current ones once per epoch (DiffusionNFT's soft update), log, checkpoint.
-        run.old_policy.decay = (cfg.nft if cfg.algorithm == "nft" else cfg.awm).old_decay(global_step)
-        run.old_policy.update(run.trainable)
+        trained.old_policy.decay = (cfg.nft if cfg.algorithm == "nft" else cfg.awm).old_decay(global_step)
+        trained.old_policy.update(trained.trainable)
         t3 = time.perf_counter()
         seconds = {
             "sampling": collected.seconds,
@@ -73,35 +71,40 @@ def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
             "training": t3 - t2,
             "epoch": t3 - t0,
         }
-        stats["old_policy_decay"] = [torch.tensor(run.old_policy.decay)]
-        epoch_phases.log(run, epoch, scored, stats, seconds, global_step, threads)
+        stats["old_policy_decay"] = [torch.tensor(trained.old_policy.decay)]
+        epoch_phases.log(run, trained, epoch, scored, stats, seconds, global_step, threads)
         run_setup.end_epoch(
-            run, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
+            run, trained, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
         )
     if cfg.run.eval_every:
-        evaluate_run(run, policy, cfg.run.num_epochs)
-    return run_setup.finish(run)
+        evaluate_run(run, trained, cfg.run.num_epochs)
+    return run_setup.finish(run, trained)
 
 
-def _rollout_weights(run: run_setup.Run):
+def _rollout_weights(run: run_setup.Run, trained: run_setup.Trained):
     """DiffusionNFT samples with its old policy (NVlabs/DiffusionNFT train_nft_sd3.py switches to the "old"
     adapter before sampling); AWM, and NFT with nft.rollout_policy current, with the trained weights."""
     if run.cfg.algorithm == "nft" and run.cfg.nft.rollout_policy == "old":
-        return weights_swapped(run.trainable, run.old_policy.shadow)
+        return weights_swapped(trained.trainable, trained.old_policy.shadow)
     return contextlib.nullcontext()
 
 
 def _updates(
-    run: run_setup.Run, policy, batch: Trajectories, advantages: torch.Tensor, epoch: int, global_step: int
+    run: run_setup.Run,
+    trained: run_setup.Trained,
+    batch: Trajectories,
+    advantages: torch.Tensor,
+    epoch: int,
+    global_step: int,
 ) -> tuple[dict[str, list], int]:
     """train.num_inner_epochs passes over the epoch's clean latents, each sample at its own
     train.timestep_fraction of the sampler's steps (train.timestep_selection; fresh noise each), in
     micro-batches of train.batch_size."""
     cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
     run.ctrl_c.updating()
-    run.model.train()
+    trained.model.train()
     device = advantages.device
-    run.family.dynamics.timesteps(
+    trained.family.dynamics.timesteps(
         cfg.sample.num_steps, device
     )  # the schedule the steps index (evaluation may use another)
     clean, n, stats = batch.path[:, -1], len(advantages), defaultdict(list)
@@ -118,11 +121,11 @@ def _updates(
             rows = order[i : i + cfg.train.batch_size]
             cond = each_tensor(batch.prompt_embeds, lambda t: t[rows])
             for group in plan.step_groups:  # k steps per denoiser forward, a batch of k x train.batch_size
-                with accelerator.accumulate(run.model):
+                with accelerator.accumulate(trained.model):
                     index = shared_steps(steps[rows], t.timestep_shared)[:, group]
-                    loss, step_stats = _loss(run, policy, clean[rows], cond, index, advantages[rows])
+                    loss, step_stats = _loss(run, trained, clean[rows], cond, index, advantages[rows])
                     share = (group.stop - group.start) * len(plan.step_groups) / plan.train_timesteps
-                    run_setup.backward_and_step(run, loss * share, stats)
+                    run_setup.backward_and_step(run, trained, loss * share, stats)
                 stats["loss"].append(loss.detach())
                 for k, v in step_stats.items():
                     stats[k].append(v)
@@ -130,10 +133,17 @@ def _updates(
     return stats, global_step
 
 
-def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tensor, advantages: torch.Tensor):
+def _loss(
+    run: run_setup.Run,
+    trained: run_setup.Trained,
+    x0: torch.Tensor,
+    cond,
+    index: torch.Tensor,
+    advantages: torch.Tensor,
+):
     """The loss of B samples at their (B, k) schedule steps: one forward of the trained denoiser on B x k noisy
     latents and, without gradient, the lagging weights' (swapped in) and, with train.kl_coef, the base's."""
-    cfg, family, accelerator = run.cfg, run.family, run.accelerator
+    cfg, family, accelerator, policy = run.cfg, trained.family, run.accelerator, trained.policy
     k = index.shape[1]
     x0, index, advantages = x0.repeat_interleave(k, dim=0), index.reshape(-1), advantages.repeat_interleave(k)
     cond = each_tensor(cond, lambda t: t.repeat_interleave(k, dim=0))
@@ -145,9 +155,9 @@ def _loss(run: run_setup.Run, policy, x0: torch.Tensor, cond, index: torch.Tenso
 
     lagging = None  # first: the trained forward's saved tensors must not see the swapped weights
     if cfg.algorithm == "nft" or cfg.awm.ema_kl_coef:
-        with torch.no_grad(), weights_swapped(run.trainable, run.old_policy.shadow):
+        with torch.no_grad(), weights_swapped(trained.trainable, trained.old_policy.shadow):
             lagging = predict(policy)
-    prediction = predict(run.model)
+    prediction = predict(trained.model)
     if cfg.algorithm == "nft":
         loss, stats = nft_loss(
             prediction,

@@ -52,9 +52,8 @@ def _refl(run: run_setup.Run) -> list[dict]:
     accumulation = cfg.train.gradient_accumulation_steps
     real = load_images(r.pretrain_data) if r.pretrain_data else None  # before the model: a bad source fails first
     pretrain_steps = r.max_train_steps // r.pretrain_every if real is not None else 0
-    run_setup.load_model(run, r.max_train_steps + pretrain_steps)
-    family, model = run.family, run.model
-    policy = accelerator.unwrap_model(model)
+    trained = run_setup.load_model(run, r.max_train_steps + pretrain_steps)
+    family, model = trained.family, trained.model
     reward = differentiable_reward(run)
     resolution = cfg.sample.resolution or family.native_resolution()
     negative = family.encode_prompts([""]) if r.guidance_scale > 1 else None
@@ -77,11 +76,11 @@ def _refl(run: run_setup.Run) -> list[dict]:
         for _ in range(accumulation):
             prompts = [run.prompt_fn(run.prompt_rng)[0] for _ in range(cfg.train.batch_size)]
             with accelerator.accumulate(model):
-                x0, calls = rollout(run, model, policy, prompts, resolution, negative)
+                x0, calls = rollout(run, trained, prompts, resolution, negative)
                 rewards = reward(family.vae.decode(x0), prompts)
                 objective = torch.relu(r.margin - rewards) if r.mode == "refl" else -rewards
                 loss = objective.mean() * r.grad_scale
-                run_setup.backward_and_step(run, loss, stats)
+                run_setup.backward_and_step(run, trained, loss, stats)
             stats["loss"].append(loss.detach())
             stats["reward_mean"].append(rewards.detach().float().mean())
             stats["denoiser_calls_with_grad"].append(torch.tensor(float(calls)))
@@ -89,13 +88,13 @@ def _refl(run: run_setup.Run) -> list[dict]:
             pretrain_stats = defaultdict(list)
             for _ in range(accumulation):
                 with accelerator.accumulate(model):
-                    error, _ = denoising_errors(run, model, next_batch(real), resolution)
-                    run_setup.backward_and_step(run, error.mean() * r.pretrain_weight, pretrain_stats)
+                    error, _ = denoising_errors(accelerator, family, model, next_batch(real), resolution)
+                    run_setup.backward_and_step(run, trained, error.mean() * r.pretrain_weight, pretrain_stats)
                 stats["pretrain_loss"].append(error.mean().detach())
             stats["pretrain_grad_norm"] += pretrain_stats["grad_norm"]
         return stats
 
-    return step_loop(run, policy, r, one_step, {"reward": "reward_mean"}, r.mode)
+    return step_loop(run, trained, r, one_step, {"reward": "reward_mean"}, r.mode)
 
 
 def differentiable_reward(run) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
@@ -106,11 +105,12 @@ def differentiable_reward(run) -> Callable[[torch.Tensor, list[str]], torch.Tens
     return lambda images, prompts: source.scorer.score_tensor(images, prompts).to(images.device)
 
 
-def rollout(run, model, policy, prompts: list[str], resolution: int, negative) -> tuple[torch.Tensor, int]:
+def rollout(run, trained, prompts: list[str], resolution: int, negative) -> tuple[torch.Tensor, int]:
     """Deterministic sampling from noise, with gradient only where the mode says: the predicted x0 at the
     last step taken (ReFL: ``mid``; DRaFT, AlignProp: the final one) and the number of denoiser calls with
-    gradient. The steps without gradient run the bare denoiser (no DDP bookkeeping)."""
-    family, r = run.family, run.cfg.refl
+    gradient. The steps with gradient run ``trained.model``, those without the bare denoiser
+    ``trained.policy`` (no DDP bookkeeping)."""
+    family, model, policy, r = trained.family, trained.model, trained.policy, run.cfg.refl
     device = run.accelerator.device
     timesteps = family.dynamics.timesteps(r.num_steps, device)
     cond = family.encode_prompts(prompts, resolution)
