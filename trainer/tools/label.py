@@ -234,7 +234,8 @@ def _relabelled(s: LabelSettings):
     """(number of pairs, shard index -> rows): the source's pairs, their images decoded for scoring."""
     import datasets
 
-    from trainer.datacheck import RowError, image_data, pairs_source
+    from trainer.datacheck import pairs_source
+    from trainer.rowcheck import RowError, image_data
     from trainer.pairs import preprocess_image
 
     check = pairs_source(
