@@ -50,7 +50,7 @@ DPO_SHAPES = [
 
 
 def label_pairs(out: Path, pairs: int, images_per_prompt: int = 2) -> dict:
-    from trainer.label import LabelSettings, label
+    from trainer.tools.label import LabelSettings, label
 
     start = time.perf_counter()
     counts = label(

@@ -67,7 +67,7 @@ def shapes_change(
     """``accuracy_change`` of a shapes-world run on ``prompts`` (by default its training captions): the base
     model and the run's saved weights in ``out``, each evaluated as the trainer evaluates (its steps, guidance
     unless ``guidance_scale`` is given, and eval seeds); None for a run outside the shapes world."""
-    from trainer.evaluate import EvalSettings, run_evaluation
+    from trainer.tools.evaluate import EvalSettings, run_evaluation
 
     if cfg.prompt.fn != "shapes":
         return None

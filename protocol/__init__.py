@@ -13,7 +13,7 @@ from protocol.codec import (
     reply_gradients,
     unpack,
 )
-from protocol.errors import ProtocolError, RewardServerError
+from protocol.errors import ProtocolError, RewardServerError, Unreachable
 from protocol.schema import (
     MEDIA_TYPE,
     VERSION,
@@ -40,6 +40,7 @@ __all__ = [
     "ScoreGradRequest",
     "ScoreReply",
     "ScoreRequest",
+    "Unreachable",
     "build_request",
     "check_scores",
     "decode_image",

@@ -5,6 +5,11 @@ Two ways in: ``await client.score(...)`` from async code, and ``client.submit(..
 for ``/v1/score_grad`` (scores and their gradients to the pixels). ``submit`` runs on one background event
 loop thread; it only touches numpy and bytes, never torch, so it cannot slow the caller's torch threads.
 
+One server's status, synchronously and once (no retries: the caller decides whether to ask again):
+``ready(url)`` (``GET /readyz``) and ``info(url, token)`` (``GET /v1/info``), what a trainer asks before any
+model loads (trainer/preflight.py). Both raise ``Unreachable`` when nothing answers and ``RewardServerError``
+for any other answer than the one asked for.
+
 Retries: connection errors, timeouts, 429 and 503 are retried with capped exponential backoff (honouring
 Retry-After), moving to the next URL each time, all under one total deadline. Everything else is final and
 raises at once with the server's message: a 4xx means the request itself is wrong, a 500 ``scorer_error`` (or
@@ -26,7 +31,7 @@ import numpy as np
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from protocol.codec import parse_reply, reply_gradients, request_parts, unpack
-from protocol.errors import ProtocolError, RewardServerError
+from protocol.errors import ProtocolError, RewardServerError, Unreachable
 from protocol.schema import MEDIA_TYPE, Encoding, GradientDtype, ScoreGradReply, ScoreReply
 
 
@@ -49,10 +54,7 @@ class RewardClient:
             raise ValueError("RewardClient needs at least one URL")
         self.timeout, self.retries, self.deadline, self.max_backoff = timeout, retries, deadline, max_backoff
         self._backoff = wait_exponential_jitter(multiplier=0.2, max=max_backoff, jitter=0.2)
-        self._headers = {"content-type": MEDIA_TYPE, "accept": MEDIA_TYPE}
-        if token:
-            _one_credential(self.urls)
-            self._headers["authorization"] = f"Bearer {token}"
+        self._headers = {"content-type": MEDIA_TYPE, "accept": MEDIA_TYPE, **_authorization(self.urls, token)}
         self._next_url = itertools.cycle(range(len(self.urls)))
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
@@ -221,11 +223,14 @@ def _server_error(url: str, response: httpx.Response) -> RewardServerError:
     return RewardServerError(url, response.status_code, code, message, field, retry_after=wait)
 
 
-def _one_credential(urls: list[str]) -> None:
-    """A request has one Authorization header, and httpx fills it with a URL's userinfo as Basic auth in place
-    of the bearer token: the server would never see the token. Refused, never silently dropped."""
+def _authorization(urls: list[str], token: str | None) -> dict[str, str]:
+    """The header that carries ``token`` to ``urls`` (none without one). A request has one Authorization
+    header, and httpx fills it with a URL's userinfo as Basic auth in place of the bearer token: the server
+    would never see the token. Refused, never silently dropped."""
     from protocol.errors import has_credentials, redact_url
 
+    if not token:
+        return {}
     for url in urls:
         if has_credentials(url):
             raise ValueError(
@@ -233,3 +238,38 @@ def _one_credential(urls: list[str]) -> None:
                 "them (the URL's as Basic auth would replace the token): give the token alone, or credentials in "
                 "the URL alone for a proxy that checks them"
             )
+    return {"authorization": f"Bearer {token}"}
+
+
+# -- one server's status, synchronous (JSON endpoints) -----------------------------------------------------------
+def ready(url: str, timeout: float = 5.0) -> None:
+    """Returns when ``GET /readyz`` answers 200: the model is loaded and the server is not draining. Raises
+    RewardServerError with the status otherwise (503: still loading, or draining), Unreachable when nothing
+    answers within ``timeout`` s."""
+    response = _get(url, "/readyz", {}, timeout)
+    if response.status_code != 200:
+        raise _server_error(url, response)
+
+
+def info(url: str, token: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """``GET /v1/info``: what the server scores (``scorer``, ``description``, ``differentiable``), its limits,
+    whether it needs a token (``auth``) and, with ``token`` sent as the scoring requests send it, whether it
+    accepts it (``authorized``; None without a token). RewardServerError for an answer other than 200 with a
+    JSON object (502 ``bad_reply`` for a body that is not one), Unreachable when nothing answers."""
+    response = _get(url, "/v1/info", _authorization([url], token), timeout)
+    if response.status_code != 200:
+        raise _server_error(url, response)
+    try:
+        found = response.json()
+    except ValueError as exc:
+        raise RewardServerError(url, 502, "bad_reply", f"/v1/info is not JSON ({exc})") from None
+    if not isinstance(found, dict):
+        raise RewardServerError(url, 502, "bad_reply", f"/v1/info is a {type(found).__name__}, not an object")
+    return found
+
+
+def _get(url: str, path: str, headers: dict[str, str], timeout: float) -> httpx.Response:
+    try:
+        return httpx.get(f"{url}{path}", headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:  # refused, timed out, reset, a malformed reply...
+        raise Unreachable(url, f"{type(exc).__name__}: {exc}") from exc

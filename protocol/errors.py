@@ -74,6 +74,15 @@ class RewardServerError(RuntimeError):
         return self.status in (429, 503)
 
 
+class Unreachable(ConnectionError):
+    """Nothing answered at a reward server's URL (refused, timed out, reset, a reply that is not HTTP):
+    ``reason`` says which, as "ConnectError: [Errno 111] Connection refused"."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"reward server {redact_url(url)} unreachable ({reason})")
+        self.url, self.reason = url, reason
+
+
 def cli_message(exc: Any, kebab: bool = False) -> str:
     """A pydantic ValidationError of command-line settings as '--flag: problem' lines."""
     lines = []

@@ -9,7 +9,7 @@ grammar's (a reward model knows more than the generator was taught). An aestheti
 embedding is fitted after, to the quality of degraded renders (1 = a clean render; blur and noise lower it),
 so ``--model aesthetic --checkpoint tiny-shapes`` scores image quality without a prompt, as LAION's does.
 
-Seeded and resumable like trainer/families/shapes_model.py; the result (``out/clip``, fp16 safetensors, with its
+Seeded and resumable like trainer/tools/shapes_model.py; the result (``out/clip``, fp16 safetensors, with its
 processor and ``aesthetic-mlp.safetensors``) ships as ``scorers/weights/tiny-shapes-clip``.
 """
 

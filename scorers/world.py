@@ -5,7 +5,7 @@ Evaluating Text-to-Image Alignment"), whose prompts check object presence, count
 with a detector. Here the objects are flat circles, squares and triangles in five named colours on a light,
 lightly textured background, 1-4 of them per image, so a verifier made of arithmetic can check every claim
 (scorers/shapes.py) and a model small enough for two CPU cores can learn to draw them
-(trainer/families/shapes_model.py).
+(trainer/tools/shapes_model.py).
 
 Captions follow GenEval's six categories:
 

@@ -179,3 +179,54 @@ assert all(f.cancelled() for f in futures), [f for f in futures]
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Task was destroyed" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
     server.proc.kill()  # not drained: its scorer would sleep 6 s more per batch for requests nobody waits for
+
+
+# -- one server's status: protocol.client.ready and info (trainer/preflight.py asks them) -----------------------
+def test_ready_and_info_of_a_real_server(compression_server):
+    from protocol.client import info, ready
+
+    ready(compression_server.url)  # 200: returns
+    found = info(compression_server.url)
+    assert found["scorer"] == "compression" and found["auth"] is False and found["authorized"] is None
+    assert found["limits"]["max_body_bytes"] == 1 << 20  # --max-body-mb 1
+    with pytest.raises(RewardServerError) as err:  # not a reward server's /v1/info: named, never read as one
+        info(f"{compression_server.url}/elsewhere")
+    assert err.value.status == 404 and "Not Found" in str(err.value)
+
+
+def test_info_sends_the_token_as_scoring_does(start_server):
+    from protocol.client import info
+
+    server = start_server("--model", "synthetic", env={"REWARD_SERVER_TOKEN": "right-token"})
+    assert info(server.url)["auth"] is True and info(server.url)["authorized"] is None
+    assert info(server.url, "right-token")["authorized"] is True
+    assert info(server.url, "wrong-token")["authorized"] is False
+    with pytest.raises(ValueError, match="URL credentials and a bearer token together"):
+        info(server.url.replace("://", "://user:pw@"), "right-token")
+
+
+def test_ready_says_draining_and_unreachable(start_server):
+    import signal
+
+    from protocol.client import info, ready
+    from protocol.errors import Unreachable
+    from tests.conftest import free_port
+
+    dead = f"http://user:s3cret@127.0.0.1:{free_port()}"
+    for call in (ready, info):
+        with pytest.raises(Unreachable) as err:
+            call(dead, timeout=2)
+        assert (
+            err.value.reason.startswith("ConnectError: ") and err.value.url == dead and "s3cret" not in str(err.value)
+        )
+    server = start_server("--model", "compression", "--drain-delay-s", "3")
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 2  # of the 3 s the server keeps answering
+    while True:
+        try:
+            ready(server.url)
+        except RewardServerError as exc:
+            assert exc.status == 503 and exc.retryable and '"draining":true' in exc.message, exc
+            break
+        assert time.monotonic() < deadline, "/readyz still 200 2 s after SIGTERM"
+    assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)

@@ -45,9 +45,9 @@ def test_the_fuzz_covers_the_settings_the_attack_found():
 @pytest.mark.parametrize(
     "module, settings",
     [
-        ("trainer.evaluate", "EvalSettings"),
-        ("trainer.label", "LabelSettings"),
-        ("trainer.before_after", "SampleSettings"),
+        ("trainer.tools.evaluate", "EvalSettings"),
+        ("trainer.tools.label", "LabelSettings"),
+        ("trainer.tools.before_after", "SampleSettings"),
     ],
 )
 def test_the_other_commands_bound_their_numbers_too(capsys, module, settings):
@@ -199,7 +199,7 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_loads(t
     assert f"--run.output_dir: {message}" in err
     code, err = trainer_main(capsys, "--run.output_dir", "/dev/null/x")
     assert code == 2 and "--run.output_dir: /dev/null/x: /dev/null is not a folder" in err
-    code, err = trainer_main(capsys, "--out", str(out), "--model", "tiny", module="trainer.label")
+    code, err = trainer_main(capsys, "--out", str(out), "--model", "tiny", module="trainer.tools.label")
     assert code == 2 and f"--out: {message}" in err and "Traceback" not in err, err
 
 

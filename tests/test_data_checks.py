@@ -283,12 +283,12 @@ def test_a_prompt_file_without_prompts_fails_in_the_config_naming_the_flag(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("module", ["trainer.evaluate", "trainer.label"])
+@pytest.mark.parametrize("module", ["trainer.tools.evaluate", "trainer.tools.label"])
 def test_the_other_commands_check_their_prompt_files_too(tmp_path, capsys, module):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"\xff\xfe\x00a")
     args = ["--prompts", str(prompts)] + (
-        ["--out", str(tmp_path / "out"), "--model", "tiny"] if module == "trainer.label" else []
+        ["--out", str(tmp_path / "out"), "--model", "tiny"] if module == "trainer.tools.label" else []
     )
     code, err = trainer_main(capsys, *args, module=module)
     assert code == 2 and "Traceback" not in err, err
@@ -344,14 +344,14 @@ def test_a_lora_or_denoiser_folder_is_checked_before_the_model_loads(tmp_path, c
         ),
     ]
     for args, message in cases:
-        code, err = trainer_main(capsys, *args, "--out", str(tmp_path / "eval"), module="trainer.evaluate")
+        code, err = trainer_main(capsys, *args, "--out", str(tmp_path / "eval"), module="trainer.tools.evaluate")
         assert code == 2 and "Traceback" not in err and message in err, err
     assert not (tmp_path / "eval").exists()
 
 
 # -- trainer.label resumes only under the settings that shaped its shards --------------------------------------
 def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tmp_path, capsys, start_server):
-    from trainer.label import LabelSettings, label
+    from trainer.tools.label import LabelSettings, label
     from trainer.pairs import load_pairs, write_parquet
 
     from tests.test_dpo import pick_a_pic_rows
@@ -377,7 +377,7 @@ def test_label_refuses_to_resume_under_other_settings_and_relabels_when_asked(tm
         "64",
         "--shard_size",
         "12",
-        module="trainer.label",
+        module="trainer.tools.label",
     )  # 8 pairs in part-00000, not 12
     assert code == 2
     assert "shard_size: 8 when its shards were written, 12 now" in message and "--relabel" in message, message
@@ -413,7 +413,7 @@ def test_label_checks_its_source_before_the_scorer_loads(tmp_path, capsys):
         str(tmp_path / "source"),
         "--scorer",
         "shapes",
-        module="trainer.label",
+        module="trainer.tools.label",
     )
     assert code == 2 and "Traceback" not in err
     assert (

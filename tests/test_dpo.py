@@ -360,7 +360,7 @@ def test_best_and_worst_pairs_each_groups_extremes_in_sampling_order():
 @pytest.mark.slow
 @pytest.mark.parametrize("images_per_prompt", [2, 4])
 def test_label_samples_pairs_and_the_verifier_chooses(tmp_path, images_per_prompt):
-    from trainer.label import LabelSettings, label
+    from trainer.tools.label import LabelSettings, label
     from trainer.pairs import load_pairs
     from scorers.shapes import ShapesVerifier
 
@@ -405,7 +405,7 @@ def test_label_samples_pairs_and_the_verifier_chooses(tmp_path, images_per_promp
 
 @pytest.mark.slow
 def test_label_relabels_pairs_through_a_live_reward_server(tmp_path, pairs_folder, start_server):
-    from trainer.label import LabelSettings, label
+    from trainer.tools.label import LabelSettings, label
     from trainer.pairs import load_pairs
 
     server = start_server("--model", "shapes")

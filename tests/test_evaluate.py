@@ -13,7 +13,8 @@ import torch
 from scorers.scorer import create_scorer
 from trainer.config import Config
 from trainer.algorithms.ddpo.loop import train
-from trainer.evaluate import EvalSettings, evaluate, run_evaluation
+from trainer.evaluate import evaluate
+from trainer.tools.evaluate import EvalSettings, run_evaluation
 from trainer.families.models import load_family
 from trainer.rewards import Rewards
 

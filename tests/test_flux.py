@@ -295,7 +295,7 @@ def test_refl_steps_move_the_adapters(tmp_path, tiny_cache):
 
 def test_evaluate_and_label_run_on_it(tmp_path, tiny_cache):
     from trainer.evaluate import evaluate
-    from trainer.label import LabelSettings, label
+    from trainer.tools.label import LabelSettings, label
     from trainer.pairs import load_pairs
     from trainer.rewards import Rewards
 

@@ -133,7 +133,7 @@ def test_package_does_not_import(package, forbidden):
 
 def test_the_check_sees_function_level_imports():
     _, names = import_graph()
-    assert "scorers.scorer" in names["trainer.before_after"]  # imports create_scorer inside a function
+    assert "scorers.scorer" in names["trainer.tools.before_after"]  # imports create_scorer inside a function
 
 
 def _algorithm_of(module: str) -> str | None:
@@ -179,3 +179,31 @@ def test_the_shared_engine_names_no_algorithm():
             if isinstance(node, ast.Attribute) and node.attr == "algorithm" and id(node) not in keys
         ]
     assert not offenders, f"the shared engine tests the algorithm: {offenders}"
+
+
+ENTRY_POINTS = ("trainer.evaluate", "trainer.before_after", "trainer.label")  # the commands, kept where they were
+
+
+def test_nothing_that_trains_imports_the_tools():
+    """trainer/tools/ holds the command lines run by hand; the training code never imports them. Only the
+    modules that keep the documented commands (``python -m trainer.before_after``, ``trainer.label``) start them
+    (``trainer.evaluate`` by name, in its ``__main__`` block: trainer.tools.evaluate imports it)."""
+    edges, _ = import_graph()
+    assert {"trainer.tools.evaluate", "trainer.tools.label", "trainer.tools.shapes_model"} <= set(edges)
+    offenders = sorted(
+        f"{m} -> {t}"
+        for m, targets in edges.items()
+        if not m.startswith("trainer.tools") and m not in ENTRY_POINTS
+        for t in targets
+        if t.startswith("trainer.tools")
+    )
+    assert not offenders, f"the training code imports a tool: {offenders}"
+
+
+@pytest.mark.parametrize("command", ENTRY_POINTS)
+def test_the_documented_commands_start_their_tools(command):
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", command, "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and f"usage: python -m {command} " in shown.stdout, shown.stderr[-2000:]

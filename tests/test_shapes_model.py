@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from scorers import shapes_clip, world
 from scorers.shapes import verify
 from scorers.tiny_models import SHIPPED
-from trainer.families import shapes_model
+from trainer.tools import shapes_model
 from trainer.families.models import SHIPPED as SHIPPED_PIPELINES
 
 PIPELINE, CLIP = SHIPPED_PIPELINES["tiny-shapes"], SHIPPED["tiny-shapes", "clip"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from scorers import world
 from tests.conftest import assert_trained
 from scorers.tiny_models import SHIPPED as SHIPPED_CLIP
-from trainer.families import shapes_model
+from trainer.tools import shapes_model, shapes_pipelines
 from trainer.families.models import SHIPPED
 from trainer.families.zero_t5 import use_one_zero_token
 
@@ -60,7 +60,7 @@ def test_the_pretrained_model_has_learned_the_world():
         PIPELINE, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
     )
     use_one_zero_token(pretrained)  # as flow_loss encodes (build_sd3 installs it too)
-    untrained = shapes_model.build_sd3(0)
+    untrained = shapes_pipelines.build_sd3(0)
     rng = np.random.default_rng(0)
     captions = [world.sample_caption(rng, "heldout")[0] for _ in range(32)]
     x = torch.from_numpy(np.stack([world.render(c, rng) for c in captions])).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -77,7 +77,7 @@ def test_the_pretrained_model_has_learned_the_world():
 def test_the_flow_loss_is_sd3s_rectified_flow_objective():
     """flow_loss against the formula written out: t = sigmoid(n), x_t = (1 - t) x0 + t eps, target eps - x0,
     the transformer at t x 1000 on the pipeline's own prompt encoding."""
-    pipe = shapes_model.build_sd3(0)
+    pipe = shapes_pipelines.build_sd3(0)
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     batch = ["a red circle", "", "two squares"]
     loss = shapes_model.flow_loss(pipe, z, batch, torch.Generator().manual_seed(5))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.families import shapes_model
+from trainer.tools import shapes_pipelines
 from trainer.families.models import SHIPPED
 from trainer.families.zero_t5 import T5_TOKENS, use_one_zero_token
 
@@ -29,7 +29,7 @@ def _pipelines(kind: str):
         return load(), load()
     pipes = []
     for _ in range(2):
-        pipe = shapes_model.build_sd3(0)
+        pipe = shapes_pipelines.build_sd3(0)
         torch.manual_seed(1)
         pipe.transformer = SD3Transformer2DModel(  # SD3.5's qk norm and dual attention in its first block
             sample_size=8,

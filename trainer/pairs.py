@@ -29,7 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from trainer.datacheck import JSONL_IMAGES, PAIR_COLUMNS, SOURCE_ROW, RowCheck, RowError, image_columns, jsonl_rows
+from trainer.datacheck import JSONL_IMAGES, PAIR_COLUMNS, SOURCE_ROW, image_columns, jsonl_rows
+from trainer.rowcheck import RowCheck, RowError
 
 
 class PairsError(ValueError):
@@ -161,7 +162,7 @@ def preprocess_image(image, resolution: int, rng: np.random.Generator, random_cr
 
 class Pairs(torch.utils.data.Dataset):
     """Item ``(epoch, i)``: pair i preprocessed with the randomness of that data epoch; ``winners_only``:
-    its winner alone (pixels (1, 3, R, R)). A row that fails ``check`` (trainer/datacheck.py: past the rows
+    its winner alone (pixels (1, 3, R, R)). A row that fails ``check`` (trainer/rowcheck.py: past the rows
     checked up front) is the item ``{"problem": message}``, which ``next_batch`` raises before training."""
 
     def __init__(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from protocol.errors import redact_url
+from protocol.errors import RewardServerError, Unreachable, redact_url
 from scorers.hub import problem
 from trainer.config import Config, RewardComponent, RewardConfig
 from trainer.plan import BatchPlan, BatchPlanError
@@ -90,7 +90,7 @@ def _scorer_problems(component: RewardComponent, where: str) -> list[str]:
 
 
 def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) -> list[str]:
-    import httpx
+    from protocol.client import info as server_info
 
     token = cfg.token.get_secret_value() if cfg.token else None
     ready, problems = probe(component.url, cfg.probe_timeout)
@@ -102,12 +102,14 @@ def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) 
     for url, p in problems.items():
         log.warning("reward server %s: %s; using the other replicas", redact_url(url), p)
     found = []
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     for url in ready:
         shown = redact_url(url)  # for the messages; the request goes to the real one
         try:
-            info = httpx.get(f"{url}/v1/info", headers=headers, timeout=10).json()
-        except (httpx.HTTPError, ValueError) as exc:
+            info = server_info(url, token, timeout=10)
+        except Unreachable as exc:
+            found.append(f"--{where}.url {shown}: /v1/info failed ({exc.reason})")
+            continue
+        except RewardServerError as exc:
             found.append(f"--{where}.url {shown}: /v1/info failed ({type(exc).__name__}: {exc})")
             continue
         if info.get("scorer") != component.scorer:
@@ -127,22 +129,21 @@ def _server_problems(component: RewardComponent, cfg: RewardConfig, where: str) 
 
 def probe(urls: list[str], timeout: float) -> tuple[list[str], dict[str, str]]:
     """Poll every URL's /readyz for up to ``timeout`` s; returns the ready ones and, for the others, why not."""
-    import httpx
+    from protocol.client import ready
 
     deadline, seen, waiting = time.monotonic() + timeout, {}, list(urls)
-    with httpx.Client(timeout=min(5.0, timeout)) as http:
-        while True:
-            for url in list(waiting):
-                try:
-                    status = http.get(f"{url}/readyz").status_code
-                    seen[url] = (
-                        f"/readyz answered {status} after {timeout:g} s (still loading the model, or shutting down)"
-                    )
-                except httpx.HTTPError as exc:
-                    status, seen[url] = None, f"unreachable ({type(exc).__name__}: {exc})"
-                if status == 200:
-                    waiting.remove(url)
-            if not waiting or time.monotonic() >= deadline:
-                break
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    while True:
+        for url in list(waiting):
+            try:
+                ready(url, timeout=min(5.0, timeout))
+                waiting.remove(url)
+            except RewardServerError as exc:
+                seen[url] = (
+                    f"/readyz answered {exc.status} after {timeout:g} s (still loading the model, or shutting down)"
+                )
+            except Unreachable as exc:
+                seen[url] = f"unreachable ({exc.reason})"
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
     return [u for u in urls if u not in waiting], {u: seen[u] for u in waiting}

@@ -120,7 +120,7 @@ PRESETS["shapes-refl"] = _with(
     refl={"num_steps": 20, "mid_low": 14, "mid_high": 19, "margin": 100.0, "grad_scale": 1e-3, "max_train_steps": 100},
 )
 
-# The shapes world on its flow-matching model, tiny-shapes-sd3 (trainer/families/shapes_model.py --family sd3): the
+# The shapes world on its flow-matching model, tiny-shapes-sd3 (trainer/tools/shapes_model.py --family sd3): the
 # shapes presets' prompts, groups of 4, LoRA r8 and held-out evaluation, with 10 sampler steps and guidance 4.5
 # as Flow-GRPO samples SD3.5 (it evaluates at 40 steps; these at 10, the same sampler they train with).
 _SHAPES_SD3 = _with(

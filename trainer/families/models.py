@@ -24,7 +24,7 @@ TINY = {
     "tiny-sd3": "tiny_sd3_path",
     "tiny-flux": "tiny_flux_path",
 }  # built offline (trainer/families/tiny_pipeline.py)
-# pretrained by trainer/families/shapes_model.py (tiny-shapes-sd3: its --family sd3)
+# pretrained by trainer/tools/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 
 
