@@ -14,14 +14,16 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def launch(out: Path, cache: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:
+def launch(
+    out: Path, cache: Path, epochs: int, *extra: str, preset: str = "tiny", processes: int = 2
+) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [
         str(accelerate),
         "launch",
         "--multi_gpu",
         "--num_processes",
-        "2",
+        str(processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -33,7 +35,7 @@ def launch(out: Path, cache: Path, epochs: int, *extra: str) -> subprocess.Compl
         "-m",
         "trainer",
         "--preset",
-        "tiny",
+        preset,
         "--run.output_dir",
         str(out),
         "--run.num_epochs",

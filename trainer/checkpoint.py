@@ -6,7 +6,9 @@ Layout: ``<output_dir>/checkpoints/checkpoint-<epochs done>/``. A checkpoint is 
 folder and renamed into place only when every process has written its part, so a run killed mid-save
 leaves no folder that ``resolve`` would pick. Only the newest ``keep`` checkpoints stay. Nothing is pickled:
 tensors go to safetensors, the rest to JSON; the optimizer's state dict goes through
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. A sharded run (run.sharding) writes its weights, optimizer state, EMA and
+lagging weights with torch.distributed.checkpoint into ``sharded/``, every process its own shards, readable
+on any number of processes (trainer/sharding.py).
 
 The rename does not protect against a file truncated later (a full disk, an interrupted copy, a crash
 before the data reached the disk), so ``manifest.json`` (every file's size and sha256) is written last and
@@ -27,9 +29,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
+from trainer.sharding import is_sharded
+
 PREFIX = "checkpoint-"
+SHARDED = "sharded"  # a sharded run's torch.distributed.checkpoint folder inside a checkpoint
 MANIFEST = "manifest.json"
 
 
@@ -124,10 +130,10 @@ def _write_manifest(folder: Path) -> None:
     """Every file's size and hash, written (and synced) after they all are, before the folder is renamed:
     after a crash, data that never reached the disk shows as a mismatch instead of a loadable-looking file."""
     files = {}
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):  # a sharded checkpoint's shards included
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-        files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        files[str(file.relative_to(folder))] = {"size": file.stat().st_size, "sha256": _sha256(file)}
     with open(folder / MANIFEST, "w") as f:
         json.dump({"files": files}, f, indent=1)
         f.flush()
@@ -163,9 +169,12 @@ def save(
     ema=None,
     rng: tuple | None = None,
     old_policy=None,
+    model: torch.nn.Module | None = None,
 ) -> Path:
     """Collective: every process calls it. ``epoch`` counts the epochs completed. ``rng``: the streams as
-    ``rng_state`` took them when the epoch ended, if they have moved on since (a save after Ctrl-C)."""
+    ``rng_state`` took them when the epoch ended, if they have moved on since (a save after Ctrl-C).
+    ``model``: the denoiser the parameters belong to, whose sharded state (run.sharding) every process writes
+    its part of."""
     root = out / "checkpoints"
     staging, final = root / f".staging-{PREFIX}{epoch}", root / f"{PREFIX}{epoch}"
     if accelerator.is_main_process:
@@ -177,7 +186,9 @@ def save(
     tensors, plain = rng or rng_state(prompt_rng)  # every process has its own streams
     save_file(tensors, str(staging / f"rng-{rank}.safetensors"))
     (staging / f"rng-{rank}.json").write_text(json.dumps(plain))
-    if accelerator.is_main_process:
+    if any(is_sharded(p) for p in params.values()):
+        dcp.save(_sharded_state(model, params, optimizer, ema, old_policy), checkpoint_id=staging / SHARDED)
+    elif accelerator.is_main_process:
         save_file(
             {k: v.detach().float().cpu().contiguous() for k, v in params.items()},
             str(staging / "trainable.safetensors"),
@@ -186,6 +197,7 @@ def save(
         for name, average in (("ema", ema), ("old_policy", old_policy)):  # old_policy: DiffusionNFT's
             if average is not None:
                 save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(staging / f"{name}.safetensors"))
+    if accelerator.is_main_process:
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
         (staging / "state.json").write_text(json.dumps({**state, "epoch": epoch}))  # written last: marks complete
@@ -210,8 +222,29 @@ def load(
     prompt_rng: np.random.Generator,
     ema=None,
     old_policy=None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Restore everything ``save`` wrote; returns the plain state (epoch, global_step, tracker, ...)."""
+    """Restore everything ``save`` wrote; returns the plain state (epoch, global_step, tracker, ...). A sharded
+    checkpoint loads into sharded or whole parameters alike, on any number of processes (``model``: the
+    denoiser the parameters belong to)."""
+    if (path / SHARDED).is_dir():
+        _load_sharded(path, model, params, optimizer, ema, old_policy)
+    else:
+        _load_whole(path, params, optimizer, ema, old_policy)
+    if accelerator.scaler is not None and (path / "scaler.pt").exists():
+        accelerator.scaler.load_state_dict(_read(torch.load, path / "scaler.pt", weights_only=True))
+    rank = accelerator.process_index
+    if not (path / f"rng-{rank}.json").exists():
+        raise ValueError(f"run.resume_from: {path} was written by fewer processes than this run has ({rank + 1}+)")
+    set_rng_state(
+        _read(load_file, path / f"rng-{rank}.safetensors"),
+        json.loads((path / f"rng-{rank}.json").read_text()),
+        prompt_rng,
+    )
+    return json.loads((path / "state.json").read_text())
+
+
+def _load_whole(path: Path, params, optimizer, ema, old_policy) -> None:
     weights = _read(load_file, path / "trainable.safetensors")
     missing = set(params) - set(weights)
     if missing:
@@ -233,17 +266,33 @@ def load(
             if not file.exists():
                 raise ValueError(f"run.resume_from: {path} has no {missing}")
             average.shadow = {k: v.to(params[k].device) for k, v in _read(load_file, file).items()}
-    if accelerator.scaler is not None and (path / "scaler.pt").exists():
-        accelerator.scaler.load_state_dict(_read(torch.load, path / "scaler.pt", weights_only=True))
-    rank = accelerator.process_index
-    if not (path / f"rng-{rank}.json").exists():
-        raise ValueError(f"run.resume_from: {path} was written by fewer processes than this run has ({rank + 1}+)")
-    set_rng_state(
-        _read(load_file, path / f"rng-{rank}.safetensors"),
-        json.loads((path / f"rng-{rank}.json").read_text()),
-        prompt_rng,
-    )
-    return json.loads((path / "state.json").read_text())
+
+
+def _sharded_state(model, params, optimizer, ema, old_policy) -> dict[str, Any]:
+    """What a sharded checkpoint holds, as torch.distributed.checkpoint saves and loads it in place: the
+    trainable weights, the optimizer state by parameter name (get_optimizer_state_dict, so that it reshards),
+    and the EMA and lagging weights (shards beside their parameters)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {
+        "trainable": {name: p.detach() for name, p in params.items()},
+        "optimizer": get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer)),
+    }
+    for name, average in (("ema", ema), ("old_policy", old_policy)):
+        if average is not None:
+            state[name] = average.shadow
+    return state
+
+
+def _load_sharded(path: Path, model, params, optimizer, ema, old_policy) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = _sharded_state(model, params, optimizer, ema, old_policy)
+    try:
+        dcp.load(state, checkpoint_id=path / SHARDED)  # into the tensors above, resharded as this run shards
+    except Exception as exc:  # missing keys (other LoRA settings, no EMA written) and unreadable shards alike
+        raise CheckpointError(f"run.resume_from: cannot load the sharded state in {path / SHARDED}: {exc}") from exc
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state["optimizer"])
 
 
 def _read(reader, file: Path, **kwargs):

@@ -313,5 +313,19 @@ class Config(BaseSettings):
                 f"{int(stochastic * self.train.timestep_span)}: raise train.timestep_span or lower "
                 "train.timestep_fraction"
             )
+        if self.run.sharding != "none":
+            _shardable(self)
         ALGORITHMS[self.algorithm].check(self)  # each algorithm's own (trainer/algorithms/<name>/checks.py)
         return self
+
+
+def _shardable(cfg: Config) -> None:
+    """What run.sharding cannot run with (yet): each a clear error before any model loads."""
+    refused = {
+        "run.mixed_precision fp16": cfg.run.mixed_precision == "fp16",  # needs a sharded grad scaler: use bf16
+        "train.use_8bit_adam": cfg.train.use_8bit_adam,  # bitsandbytes' AdamW does not take DTensors
+        "train.use_adafactor": cfg.train.use_adafactor,  # not tested with DTensors
+    }
+    for setting, given in refused.items():
+        if given:
+            raise ValueError(f"run.sharding {cfg.run.sharding}: not with {setting} (use bf16 and AdamW)")

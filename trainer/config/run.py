@@ -21,6 +21,23 @@ class RunConfig(_Group):
     num_epochs: int = Field(20, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16: frozen weights in half")
     allow_tf32: bool = True
+    sharding: Literal["none", "fsdp", "hybrid"] = Field(
+        "none",
+        description="shard the trained denoiser, its gradients and optimizer state over the processes with "
+        "torch's FSDP2, one unit per block the family names (docs/scale.md): fsdp over all processes "
+        "(FULL_SHARD, ZeRO-3), hybrid within each machine and replicated across machines (HYBRID_SHARD); "
+        "none: every process holds the whole model (DDP)",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="sharding: free a block's gathered weights after its forward and gather them again for "
+        "the backward (FULL_SHARD); false keeps them (SHARD_GRAD_OP, ZeRO-2: more memory, less communication)",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="sharding: keep the sharded weights, gradients and optimizer state in CPU memory between "
+        "uses (FSDP2's CPUOffloadPolicy): less GPU memory, slower steps",
+    )
     compile: str | None = Field(
         None,
         description="torch.compile the denoiser for sampling and training with this "

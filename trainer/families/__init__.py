@@ -69,6 +69,7 @@ class Family(Protocol):
 
     pipeline_class: ClassVar[str]  # the diffusers pipeline class name (model_index.json's _class_name)
     denoiser_name: ClassVar[str]  # the trained pipeline component ("unet", "transformer")
+    shard_blocks: ClassVar[tuple[str, ...]]  # the denoiser's block classes, each one unit of run.sharding
     pipe: Any  # the diffusers pipeline
     dynamics: Dynamics  # the sampler's, on pipe.scheduler
     vae: VAE  # latents to images in [0, 1] and back, on pipe.vae

@@ -46,6 +46,8 @@ PIPELINE_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 class Flux:
     pipeline_class = "FluxPipeline"
     denoiser_name = "transformer"  # the pipeline component that is trained (and its folder when saved whole)
+    # run.sharding's units: the double- and single-stream blocks
+    shard_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
     def __init__(
         self,

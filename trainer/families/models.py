@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.sharding import is_sharded
+
 from trainer.config import Config
 from trainer.families.flux import Flux
 from trainer.families.sd1 import SD1
@@ -95,18 +97,27 @@ def load_tuned(family, lora: Path | None = None, denoiser: Path | None = None) -
         setattr(family.pipe, family.denoiser_name, tuned)
 
 
-def save_weights(family, cfg: Config, output_dir: Path) -> Path:
-    """LoRA in diffusers format (the family pipeline's ``load_lora_weights``) or a full denoiser folder."""
-    denoiser = family.denoiser
-    if not cfg.train.lora:
-        denoiser.save_pretrained(output_dir / family.denoiser_name)
-        return output_dir / family.denoiser_name
+def save_weights(family, cfg: Config, output_dir: Path, gathered: dict[str, torch.Tensor] | None = None) -> Path:
+    """LoRA in diffusers format (the family pipeline's ``load_lora_weights``) or a full denoiser folder.
+    ``gathered``: a sharded denoiser's whole weights (trainer.sharding.gathered_state_dict), saved in their place."""
+    denoiser, where = family.denoiser, output_dir / family.denoiser_name
+    if not cfg.train.lora and gathered is None:
+        denoiser.save_pretrained(where)
+        return where
+    if (
+        not cfg.train.lora
+    ):  # the layout save_pretrained writes (shards and an index past 10 GB), which from_pretrained reads
+        from huggingface_hub import save_torch_state_dict
+
+        denoiser.save_config(where)
+        save_torch_state_dict(gathered, where, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+        return where
     from peft.utils import get_peft_model_state_dict
 
     # peft-format keys on purpose: convert_state_dict_to_diffusers renames attention keys to the old
     # lora.down/up form but leaves conv keys alone, and load_lora_weights then drops the attention adapters.
     # contiguous: safetensors refuses the strided views channels-last conv weights are (run.channels_last)
-    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(denoiser, state_dict=gathered).items()}
     family.save_lora(layers, output_dir / "lora")
     return output_dir / "lora"
 
@@ -123,8 +134,18 @@ def adapters_disabled(model):
 
 @contextlib.contextmanager
 def weights_swapped(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]):
-    """The trainable parameters hold ``tensors`` inside (their storage swapped in, no copy); restored after.
-    DiffusionNFT's old policy runs this way, without a second adapter or model."""
+    """The trainable parameters hold ``tensors`` inside; restored after. DiffusionNFT's old policy and DPO's
+    EMA reference run this way, without a second adapter or model. Whole parameters swap their storage (no
+    copy); sharded ones (run.sharding) are copied into in place, since FSDP gathers from its own storage and
+    would not see a swapped one."""
+    if any(is_sharded(p) for p in params.values()):
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        _copy_into(params, tensors)
+        try:
+            yield
+        finally:
+            _copy_into(params, saved)
+        return
     saved = {name: p.data for name, p in params.items()}
     try:
         for name, p in params.items():
@@ -133,3 +154,9 @@ def weights_swapped(params: dict[str, torch.nn.Parameter], tensors: dict[str, to
     finally:
         for name, p in params.items():
             p.data = saved[name]
+
+
+@torch.no_grad()
+def _copy_into(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        p.copy_(tensors[name])

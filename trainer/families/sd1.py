@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 class SD1:
     pipeline_class = "StableDiffusionPipeline"
     denoiser_name = "unet"  # the pipeline component that is trained (and its folder when saved whole)
+    # run.sharding's units: the UNet's down, mid and up blocks
+    shard_blocks = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D")
 
     def __init__(self, pipe):
         self.pipe, self.dynamics, self.vae = pipe, DDIM(pipe.scheduler), VAE(pipe.vae)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 class SD3:
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_name = "transformer"  # the pipeline component that is trained (and its folder when saved whole)
+    shard_blocks = ("JointTransformerBlock",)  # run.sharding's units: the MMDiT's joint blocks
 
     def __init__(self, pipe, sde_type: str = "sde"):
         self.pipe, self.dynamics, self.vae = pipe, FlowMatching(pipe.scheduler, sde_type), VAE(pipe.vae)
