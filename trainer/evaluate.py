@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from trainer import tracking
+from trainer.sharding import is_sharded
 
 
 def evaluate(
@@ -140,6 +141,11 @@ def evaluate_run(run, trained, after_epochs: int, unit: str = "epochs", final: b
     cfg, accelerator = run.cfg, run.accelerator
     prompts, metadata = eval_prompts(cfg, run.prompt_fn)
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    kept = len(mine)
+    if any(is_sharded(p) for p in trained.trainable.values()):
+        # A sharded denoiser gathers its weights in each forward, with every process: all run as many
+        # batches, a short share topped up with prompt 0, whose results are dropped.
+        mine += [0] * (-(-len(prompts) // accelerator.num_processes) - kept)
     rewards = run.rewards
     if cfg.run.eval_scorer:  # loaded at the first evaluation, kept for the others
         rewards = run.evaluations.rewards(cfg.run.eval_scorer, accelerator.device)
@@ -164,7 +170,7 @@ def evaluate_run(run, trained, after_epochs: int, unit: str = "epochs", final: b
                 images[k],
                 {n: (float(s.scores[k]), {key: v[k] for key, v in s.info.items()}) for n, s in scored.items()},
             )
-            for k, i in enumerate(mine)
+            for k, i in enumerate(mine[:kept])
         ]
     )
     rows.sort(key=lambda row: row[0])

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import torch
 
-from trainer import checkpoint, preflight, tracking
+from trainer import checkpoint, preflight, sharding, tracking
 from trainer.config import Config, RewardConfig
 from trainer.ema import EMA
 from trainer.families import Family
@@ -226,6 +226,8 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
         denoiser.enable_gradient_checkpointing()
     if cfg.run.channels_last:
         denoiser.to(memory_format=torch.channels_last)
+    if cfg.run.sharding != "none":  # before compiling: each FSDP unit compiles with its hooks
+        trainable = sharding.shard_trainable(family, trainable, cfg, accelerator)
     if cfg.run.compile:
         # in place (nn.Module.compile): the same module object samples, trains and, adapters off, gives the KL
         # reference, so every path runs compiled and accelerate's unwrap_model still finds it
@@ -239,7 +241,10 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
         num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=optimizer_steps,
     )
-    model, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP-wrapped on several processes
+    if any(sharding.is_sharded(p) for p in trainable.values()):
+        model, optimizer = denoiser, accelerator.prepare(optimizer)  # FSDP2 in place of accelerate's DDP
+    else:
+        model, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP-wrapped on several processes
     ema = EMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
     old_policy = EMA(trainable, 0.0) if lagging else None
     resumed = {}
@@ -252,6 +257,7 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
             prompt_rng=run.prompt_rng,
             ema=ema,
             old_policy=old_policy,
+            model=denoiser,
         )
         lr_scheduler.load_state_dict(resumed["lr_scheduler"])
         accelerator.print(f"resumed from {run.resume} (epoch {run.start}, step {resumed['global_step']})")
@@ -306,9 +312,11 @@ def backward_and_step(run: Run, trained: Trained, loss: torch.Tensor, stats: dic
     norm into ``stats``), step the optimizer, the LR schedule and the EMA (accelerate's optimizer skips the
     steps in between)."""
     accelerator, trainable = run.accelerator, trained.trainable
+    sharding.set_gradient_sync(trained.model, accelerator.sync_gradients)
     accelerator.backward(loss)
     if accelerator.sync_gradients:
-        stats["grad_norm"].append(accelerator.clip_grad_norm_(trainable.values(), run.cfg.train.max_grad_norm))
+        norm = accelerator.clip_grad_norm_(trainable.values(), run.cfg.train.max_grad_norm)
+        stats["grad_norm"].append(sharding.whole(norm))
     trained.optimizer.step()
     if accelerator.sync_gradients:
         trained.lr_scheduler.step()
@@ -319,7 +327,8 @@ def backward_and_step(run: Run, trained: Trained, loss: torch.Tensor, stats: dic
 
 def weights_spread(accelerator: Accelerator, trainable: dict[str, torch.nn.Parameter]) -> float:
     """0 when every process holds the same weights; above 0 means gradients were not synchronised."""
-    checksum = torch.stack([p.detach().double().sum() for p in trainable.values()]).sum().reshape(1)
+    # (sharded weights are one copy by construction: their sums are gathered whole, the same on every process)
+    checksum = torch.stack([sharding.whole(p.detach().double().sum()) for p in trainable.values()]).sum().reshape(1)
     sums = accelerator.gather(checksum.to(accelerator.device))
     return float(sums.max() - sums.min())
 
@@ -351,6 +360,7 @@ def end_epoch(
         ema=trained.ema,
         rng=checkpoint.rng_state(run.prompt_rng),
         old_policy=trained.old_policy,
+        model=trained.policy,
     )
     due = done == total or (every and done % every == 0)
     if due:
@@ -365,8 +375,11 @@ def finish(run: Run, trained: Trained) -> list[dict]:
     accelerator.wait_for_everyone()
     if trained.ema is not None:
         trained.ema.copy_to(trained.trainable)  # the published weights are the average
+    gathered = None  # a sharded denoiser's weights, gathered whole once, to the main process
+    if any(sharding.is_sharded(p) for p in trained.trainable.values()):
+        gathered = sharding.gathered_state_dict(trained.policy, trainable_only=cfg.train.lora)
     if accelerator.is_main_process:
-        where = save_weights(trained.family, cfg, run.out)
+        where = save_weights(trained.family, cfg, run.out, gathered)
         accelerator.print(f"saved weights to {where}")
         if cfg.run.push_to_hub:
             from huggingface_hub import HfApi

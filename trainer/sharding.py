@@ -109,6 +109,21 @@ def shard(denoiser: torch.nn.Module, blocks: tuple[str, ...], cfg: Config, devic
     return len(units) + 1
 
 
+def shard_trainable(family, trainable: dict[str, torch.nn.Parameter], cfg: Config, accelerator):
+    """run.sharding: the family's denoiser sharded; returns its trainable parameters by the same names (the
+    sharded ones, which replace them) and logs each process's share of them. Unsharded with one process."""
+    units = shard(family.denoiser, family.shard_blocks, cfg, accelerator.device.type)
+    if not units:
+        accelerator.print(f"run.sharding {cfg.run.sharding}: one process, nothing to shard across")
+        return trainable
+    sharded = {name: p for name, p in family.denoiser.named_parameters() if p.requires_grad}
+    print(
+        f"process {accelerator.process_index}: run.sharding {cfg.run.sharding}, {units} units: {share(sharded)}",
+        flush=True,
+    )
+    return sharded
+
+
 def share(params: dict[str, torch.Tensor]) -> str:
     """This process's share of the trainable parameters, for the run's log."""
     mine = sum(local(p).numel() for p in params.values())
