@@ -14,16 +14,22 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def launch(
-    out: Path, cache: Path, epochs: int, *extra: str, preset: str = "tiny", processes: int = 2
-) -> subprocess.CompletedProcess:
+def launch(out: Path, cache: Path, epochs: int, *extra: str, preset: str = "tiny") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command(out, cache, epochs, *extra, preset=preset), capture_output=True, text=True, timeout=500, env=env
+    )
+
+
+def command(out: Path, cache: Path, epochs: int, *extra: str, preset: str = "tiny") -> list[str]:
+    """``accelerate launch`` of two trainer processes on CPU, small batches, checkpoints every epoch."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    command = [
+    return [
         str(accelerate),
         "launch",
         "--multi_gpu",
         "--num_processes",
-        str(processes),
+        "2",
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -59,8 +65,6 @@ def launch(
         "4",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=500, env=env)
 
 
 def _free_port() -> int:

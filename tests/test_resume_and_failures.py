@@ -69,6 +69,20 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path, tiny_cache):
     assert again[0]["reward_mean"] == first[1]["reward_mean"] and again[0]["loss"] == first[1]["loss"]  # exact
 
 
+def test_resume_from_auto_starts_fresh_then_continues(tmp_path, tiny_cache):
+    """run.resume_from auto, what a restarted job is given: the first start finds no checkpoint (and drops the
+    logs of a try that died before its first one), the second continues the first."""
+    cfg = tiny_run(tmp_path, tiny_cache, 1)
+    out, cfg.run.resume_from = cfg.run.output_dir, "auto"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"epoch": 0, "reward_mean": 99}\n')  # an earlier try, no checkpoint
+    first = train(cfg)
+    assert epochs_of(out / "metrics.jsonl") == [0] and json.loads((out / "metrics.jsonl").read_text()) == first[0]
+    cfg.run.num_epochs = 2
+    again = train(cfg)
+    assert [m["epoch"] for m in again] == [1] and epochs_of(out / "metrics.jsonl") == [0, 1]
+
+
 # -- damaged checkpoints ---------------------------------------------------------------------------------------
 def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, tiny_cache, capsys):
     cfg = tiny_run(tmp_path, tiny_cache, 2)

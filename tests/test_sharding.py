@@ -1,37 +1,38 @@
-"""run.sharding with real processes on CPU (gloo): two ``accelerate launch`` processes shard the denoiser with
-torch's FSDP2 and train what the same run trains unsharded (DDP), LoRA and full finetuning, one algorithm of
-each kind; the sharded checkpoint resumes on one process; the saved weights load in the family's pipeline."""
+"""run.sharding with real processes on CPU (gloo). Two ``accelerate launch`` processes shard the denoiser with
+torch's FSDP2 and train what the same run trains unsharded (DDP): LoRA and full finetuning, one algorithm of
+each kind (DDPO's rollouts, DiffusionNFT's forward process with lagging weights, ReFL's step loop). A killed
+rank stops the run; the sharded checkpoint resumes bit-identically, and on one process; two "machines" of two
+processes each (deploy/launch.sh, as a Kubeflow PyTorchJob starts it) train with hybrid sharding and evaluate
+on fewer prompts than processes."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_distributed import launch
+from tests.conftest import free_port
+from tests.test_distributed import command, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SMALL = (
-    "--sample.num_steps",
-    "4",
-    "--sample.batch_size",
-    "2",
-    "--sample.num_batches_per_epoch",
-    "1",
-    "--train.batch_size",
-    "2",
-    "--no-train.per_prompt_stat_tracking",
-    "--run.save_freq",
-    "1",
-)
+REPO = Path(__file__).resolve().parents[1]
+LORA = "lora/pytorch_lora_weights.safetensors"
+SMALL = ("--sample.num_steps", "4", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1")
+SMALL = (*SMALL, "--train.batch_size", "2", "--no-train.per_prompt_stat_tracking", "--run.save_freq", "1")
+DDPO = ("--algorithm", "ddpo", *SMALL)
+SHARE = r"process (\d): run.sharding (\w+), \d+ units: ([\d,]+) of ([\d,]+) trainable"
 
 
 def _ran(done: subprocess.CompletedProcess) -> str:
@@ -48,39 +49,73 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def test_sharded_lora_ddpo_trains_as_unsharded_and_resumes_on_one_process(tmp_path, tiny_cache):
-    args = ("--algorithm", "ddpo", *SMALL)
-    sharded, whole = tmp_path / "fsdp", tmp_path / "ddp"
-    log = _ran(launch(sharded, tiny_cache, 2, *args, "--run.sharding", "fsdp", preset="tiny-sd3"))
-    _ran(launch(whole, tiny_cache, 2, *args, preset="tiny-sd3"))
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_cache) -> tuple[Path, str]:
+    """tiny-sd3, LoRA, DDPO for 2 epochs on 2 sharded processes: its output folder and log."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    return out, _ran(launch(out, tiny_cache, 2, *DDPO, "--run.sharding", "fsdp", preset="tiny-sd3"))
 
-    shares = re.findall(r"process (\d): run.sharding fsdp, \d+ units: ([\d,]+) of ([\d,]+) trainable", log)
-    assert sorted(rank for rank, _, _ in shares) == ["0", "1"], log[-2000:]
-    mine = [int(m.replace(",", "")) for _, m, _ in shares]
-    total = int(shares[0][2].replace(",", ""))
+
+def test_sharded_lora_trains_as_unsharded(sharded, tmp_path, tiny_cache):
+    out, log = sharded
+    shares = re.findall(SHARE, log)
+    assert sorted(rank for rank, *_ in shares) == ["0", "1"], log[-2000:]
+    mine = [int(m.replace(",", "")) for _, _, m, _ in shares]
+    total = int(shares[0][3].replace(",", ""))
     assert sum(mine) == total and max(mine) < total  # each process holds a part, together all of it
-    checkpoint = sharded / "checkpoints" / "checkpoint-2"
+    checkpoint = out / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "trainable.safetensors").exists()
+    assert "sharded/.metadata" in json.loads((checkpoint / "manifest.json").read_text())["files"]
 
-    lora = "lora/pytorch_lora_weights.safetensors"
-    a, b = load_file(sharded / lora), load_file(whole / lora)
-    assert _max_difference(a, b) < 1e-5  # the same updates, sharded or not
-    base = _epochs(whole)
-    assert [m["reward_mean"] for m in _epochs(sharded)] == pytest.approx([m["reward_mean"] for m in base], abs=1e-5)
+    whole = tmp_path / "ddp"
+    _ran(launch(whole, tiny_cache, 2, *DDPO, preset="tiny-sd3"))
+    assert _max_difference(load_file(out / LORA), load_file(whole / LORA)) < 1e-5  # the same updates
+    assert [m["reward_mean"] for m in _epochs(out)] == pytest.approx([m["reward_mean"] for m in _epochs(whole)])
 
-    # The same output directory, resumed by one process: the shards are read back whole.
+
+def test_a_killed_rank_stops_the_run_and_the_checkpoint_resumes_bit_identically(sharded, tmp_path, tiny_cache):
+    reference, _ = sharded
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = command(out, tiny_cache, 4, *DDPO, "--run.sharding", "fsdp", preset="tiny-sd3")
+    job = subprocess.Popen(started, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    first = out / "checkpoints" / "checkpoint-1"
+    deadline = time.monotonic() + 400
+    while not first.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), "the run wrote no first checkpoint"
+    rank_1 = next(p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+    rank_1.send_signal(signal.SIGKILL)  # in epoch 2, before its checkpoint
+    killed_at = time.monotonic()
+    log, _ = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.monotonic() - killed_at < 90  # no hang: the others stopped
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", log), log[-3000:]
+
+    resumed = tmp_path / "resumed"
+    _ran(
+        launch(
+            resumed, tiny_cache, 2, *DDPO, "--run.sharding", "fsdp", "--run.resume_from", str(first), preset="tiny-sd3"
+        )
+    )
+    a, b = load_file(resumed / LORA), load_file(reference / LORA)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # epoch 2 again, from the shards: bit for bit
+
+
+def test_the_sharded_checkpoint_resumes_on_one_process(sharded, tmp_path, tiny_cache):
+    out = tmp_path / "run"
+    shutil.copytree(sharded[0], out)
     resumed = subprocess.run(
-        [sys.executable, "-m", "trainer", "--preset", "tiny-sd3", "--run.output_dir", str(sharded)]
-        + ["--run.num_epochs", "3", "--run.log_with", "none", "--pretrained.cache_dir", str(tiny_cache), *args]
-        + ["--run.sharding", "fsdp", "--run.resume_from", str(sharded)],
+        [sys.executable, "-m", "trainer", "--preset", "tiny-sd3", "--run.output_dir", str(out)]
+        + ["--run.num_epochs", "3", "--run.log_with", "none", "--pretrained.cache_dir", str(tiny_cache), *DDPO]
+        + ["--run.sharding", "fsdp", "--run.resume_from", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert "resumed from" in _ran(resumed)
-    assert [m["epoch"] for m in _epochs(sharded)] == [0, 1, 2]
-    assert _max_difference(load_file(sharded / lora), a) > 0  # it trained on from the shards
+    assert [m["epoch"] for m in _epochs(out)] == [0, 1, 2]
+    assert _max_difference(load_file(out / LORA), load_file(sharded[0] / LORA)) > 0  # trained on from the shards
 
 
 def test_sharded_full_finetune_nft_with_lagging_weights_matches_unsharded(tmp_path, tiny_cache):
@@ -88,13 +123,68 @@ def test_sharded_full_finetune_nft_with_lagging_weights_matches_unsharded(tmp_pa
     on shards): the same weights as the unsharded run, saved whole and loadable by from_pretrained."""
     from diffusers import FluxTransformer2DModel
 
-    args = ("--algorithm", "nft", "--no-train.lora", "--nft.old_decay_rate", "0.3", "--nft.old_decay_max", "0.5")
-    args = (*args, *SMALL, "--sample.eta", "0", "--train.learning_rate", "1e-4")
-    sharded, whole = tmp_path / "fsdp", tmp_path / "ddp"
-    _ran(launch(sharded, tiny_cache, 2, *args, "--run.sharding", "fsdp", preset="tiny-flux"))
+    args = ("--algorithm", "nft", "--no-train.lora", "--train.kl_coef", "0", *SMALL, "--sample.eta", "0")
+    args = (*args, "--nft.old_decay_rate", "0.3", "--nft.old_decay_max", "0.5", "--train.learning_rate", "1e-4")
+    out, whole = tmp_path / "fsdp", tmp_path / "ddp"
+    _ran(launch(out, tiny_cache, 2, *args, "--run.sharding", "fsdp", preset="tiny-flux"))
     _ran(launch(whole, tiny_cache, 2, *args, preset="tiny-flux"))
-    assert _epochs(sharded)[-1]["old_deviation"] > 0  # the lagging weights differ from the trained ones
+    assert _epochs(out)[-1]["old_deviation"] > 0  # the lagging weights differ from the trained ones
 
-    a = FluxTransformer2DModel.from_pretrained(sharded / "transformer").state_dict()
+    a = FluxTransformer2DModel.from_pretrained(out / "transformer").state_dict()
     b = FluxTransformer2DModel.from_pretrained(whole / "transformer").state_dict()
     assert _max_difference(a, b) < 1e-5
+
+
+def test_sharded_refl_step_loop_matches_unsharded(tmp_path, tiny_cache):
+    """DRaFT-1 (ReFL's step loop, which DPO shares) on the shipped tiny-shapes-sd3, LoRA, the reward's gradient
+    through the decoded image: the same adapters sharded or not. ReFL proper draws its stopping step per
+    process; sharded, every process takes rank 0's draw (each forward gathers with all of them)."""
+    args = ("--refl.max_train_steps", "2", "--run.eval_every", "0", "--run.log_images_every", "0")
+    args = (*args, "--no-train.per_prompt_stat_tracking", "--train.batch_size", "2", "--refl.num_steps", "4")
+    draft = (*args, "--refl.mode", "draft", "--refl.draft_k", "1", "--refl.mid_low", "1", "--refl.mid_high", "3")
+    out, whole = tmp_path / "fsdp", tmp_path / "ddp"
+    log = _ran(launch(out, tiny_cache, 1, *draft, "--run.sharding", "fsdp", preset="shapes-sd3-refl"))
+    assert len(re.findall(SHARE, log)) == 2
+    _ran(launch(whole, tiny_cache, 1, *draft, preset="shapes-sd3-refl"))
+    assert _max_difference(load_file(out / LORA), load_file(whole / LORA)) < 1e-5
+
+    refl = (*args, "--refl.mode", "refl", "--refl.mid_low", "1", "--refl.mid_high", "3", "--run.sharding", "fsdp")
+    _ran(launch(tmp_path / "refl", tiny_cache, 1, *refl, preset="shapes-sd3-refl"))  # no collective mismatch
+
+
+def test_two_machines_of_two_processes_train_with_hybrid_sharding(tmp_path, tiny_cache):
+    """deploy/launch.sh on two "machines" (two launchers on 127.0.0.1), told their ranks as a Kubeflow
+    PyTorchJob tells its pods: RANK and WORLD_SIZE per pod, which must not become process ranks."""
+    out, port = tmp_path / "run", free_port()
+    flags = ["--preset", "tiny-sd3", "--run.output_dir", str(out), "--run.num_epochs", "1", "--run.log_with", "none"]
+    flags += ["--pretrained.cache_dir", str(tiny_cache), *DDPO, "--run.sharding", "hybrid"]
+    # One evaluation prompt for four processes: the three without one still run the sharded denoiser with it.
+    (tmp_path / "one.txt").write_text("a red circle\n")
+    flags += ["--run.eval_every", "1", "--prompt.eval_path", str(tmp_path / "one.txt")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env |= {
+        "MASTER_PORT": str(port),
+        "GPUS_PER_NODE": "2",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    machines = [
+        subprocess.Popen(
+            [str(REPO / "deploy" / "launch.sh"), *flags],
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [machine.communicate(timeout=600)[0] for machine in machines]
+    for machine, log in zip(machines, logs):
+        assert machine.returncode == 0, log[-3000:]
+    assert "machine 1 of 2, 2 process(es) here" in logs[1]
+    assert "16 samples per epoch on 4 process(es)" in logs[0]
+    shares = re.findall(SHARE, "".join(logs))
+    # replicated across the two machines, sharded within each: every process holds half
+    assert sorted(rank for rank, *_ in shares) == ["0", "1", "2", "3"] and {s[1] for s in shares} == {"hybrid"}
+    assert all(2 * int(m.replace(",", "")) == int(t.replace(",", "")) for _, _, m, t in shares)
+    assert (out / LORA).is_file()
+    assert [json.loads(line)["epoch"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]

@@ -156,7 +156,7 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # the token is excluded from dumps
-        if resume is not None:
+        if resume is not None or cfg.run.resume_from == "auto":  # auto's fresh start drops a checkpointless try's logs
             tracking.trim_logs(out, start)
         tracking.start_trackers(accelerator, cfg, start)
     if cfg.run.allow_tf32:
@@ -193,14 +193,17 @@ def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
     """The verified checkpoint to resume from (None: a fresh run) and the epoch it ends."""
     from accelerate.utils import gather_object
 
-    if cfg.run.resume_from is None:
+    if cfg.run.resume_from is None or (
+        cfg.run.resume_from == "auto" and not checkpoint.newest_first(cfg.run.output_dir)
+    ):
         return None, 0
+    where = cfg.run.output_dir if cfg.run.resume_from == "auto" else cfg.run.resume_from
 
     def warn(message: str) -> None:
         if accelerator.is_main_process:
             print(message, file=sys.stderr, flush=True)
 
-    found = checkpoint.resolve(cfg.run.resume_from, warn=warn)
+    found = checkpoint.resolve(where, warn=warn)
     chosen = set(gather_object([found.name]))
     if len(chosen) > 1:  # e.g. a machine whose copy of the run folder differs; the processes would diverge
         raise checkpoint.CheckpointError(
@@ -312,7 +315,7 @@ def backward_and_step(run: Run, trained: Trained, loss: torch.Tensor, stats: dic
     norm into ``stats``), step the optimizer, the LR schedule and the EMA (accelerate's optimizer skips the
     steps in between)."""
     accelerator, trainable = run.accelerator, trained.trainable
-    sharding.set_gradient_sync(trained.model, accelerator.sync_gradients)
+    sharding.set_gradient_sync(trained.model, accelerator.sync_gradients, run.cfg.train.lora)
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         norm = accelerator.clip_grad_norm_(trainable.values(), run.cfg.train.max_grad_norm)

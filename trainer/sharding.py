@@ -124,6 +124,17 @@ def shard_trainable(family, trainable: dict[str, torch.nn.Parameter], cfg: Confi
     return sharded
 
 
+def agreed(value: int, trainable: dict[str, torch.Tensor]) -> int:
+    """A draw that decides how many forwards a step runs (ReFL's stopping step, AlignProp's truncation):
+    each process's own, unless the model is sharded, whose forwards every process runs together: then rank
+    0's, everywhere."""
+    if not any(is_sharded(p) for p in trainable.values()):
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def share(params: dict[str, torch.Tensor]) -> str:
     """This process's share of the trainable parameters, for the run's log."""
     mine = sum(local(p).numel() for p in params.values())
@@ -131,11 +142,13 @@ def share(params: dict[str, torch.Tensor]) -> str:
     return f"{mine:,} of {total:,} trainable parameters ({mine / max(total, 1):.1%})"
 
 
-def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
-    """Under gradient accumulation, reduce-scatter the gradients only on the step's last backward (FSDP2's
-    equivalent of DDP's ``no_sync``, which accelerate's ``accumulate`` finds only on DDP models)."""
+def set_gradient_sync(model: torch.nn.Module, last_backward: bool, lora: bool) -> None:
+    """Under gradient accumulation, LoRA reduce-scatters its gradients only on the step's last backward
+    (FSDP2's equivalent of DDP's ``no_sync``, which accelerate's ``accumulate`` finds only on DDP models). A
+    full finetune reduce-scatters after every backward: deferring would keep every process's unsharded fp32
+    gradients of the whole model until the last one (docs/scale.md)."""
     if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
+        model.set_requires_gradient_sync(last_backward or not lora)
 
 
 def gathered_state_dict(denoiser: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:

@@ -66,7 +66,11 @@ class RunConfig(_Group):
         description="hub repo id to upload the final weights to (off by default; "
         "uses HF_TOKEN or your huggingface-cli login)",
     )
-    resume_from: Path | None = Field(None, description="a run folder (its newest checkpoint) or one checkpoint folder")
+    resume_from: Literal["auto"] | Path | None = Field(
+        None,
+        description="a run folder (its newest checkpoint) or one checkpoint folder; auto: run.output_dir's newest "
+        "checkpoint if it has one, else a fresh start (a job that is restarted after preemption)",
+    )
     eval_every: int = Field(
         0,
         ge=0,

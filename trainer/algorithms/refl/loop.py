@@ -38,6 +38,7 @@ from trainer.loss import denoising_errors
 from trainer.datacheck import images_source
 from trainer.pairs import PairBatches, Pairs, load_images, loader, next_batch
 from trainer.rewards import RemoteReward, remote_scores
+from trainer.sharding import agreed
 from trainer.step_loop import Stats, step_loop
 
 
@@ -116,11 +117,15 @@ def rollout(run, trained, prompts: list[str], resolution: int, negative) -> tupl
     cond = family.encode_prompts(prompts, resolution)
     x = family.initial_latents(len(prompts), resolution, None, device)
     if r.mode == "refl":
-        last = int(run.prompt_rng.integers(r.mid_low, r.mid_high + 1))
+        last = agreed(int(run.prompt_rng.integers(r.mid_low, r.mid_high + 1)), trained.trainable)
         first_with_grad = last
     else:
         last = r.num_steps - 1
-        k = r.draft_k if r.mode == "draft" else int(run.prompt_rng.integers(1, r.num_steps + 1))
+        k = (
+            r.draft_k
+            if r.mode == "draft"
+            else agreed(int(run.prompt_rng.integers(1, r.num_steps + 1)), trained.trainable)
+        )
         first_with_grad = r.num_steps - k
 
     def denoise(x: torch.Tensor, i: int, net) -> torch.Tensor:
