@@ -369,13 +369,15 @@ def measure(step, model=None, optimizer=None, inputs=(), block: int = 1, profile
 
 
 # -- the models and the step ---------------------------------------------------------------------------------
-def denoiser(config: dict, dtype: torch.dtype, lora: dict, fake=None, pretrained: str | None = None):
+def denoiser(config: dict, dtype: torch.dtype, lora: dict | None, fake=None, pretrained: str | None = None, cls=None):
     """The denoiser in ``dtype`` with LoRA adapters in fp32, as trainer.families.models.make_trainable makes it:
-    random-init on the meta device, then fake (``fake``: a FakeTensorMode), or ``pretrained``'s weights."""
+    random-init on the meta device, then fake (``fake``: a FakeTensorMode), or ``pretrained``'s weights.
+    ``lora`` None: no adapters, every weight trained in ``dtype`` (a full finetune's compute copy); ``cls``: the
+    diffusers class where the config's keys do not name it (bench/shard_estimate.py's Qwen-Image)."""
     import diffusers
     from peft import LoraConfig
 
-    cls = (
+    cls = cls or (
         diffusers.FluxTransformer2DModel
         if "num_single_layers" in config
         else diffusers.SD3Transformer2DModel
@@ -384,18 +386,19 @@ def denoiser(config: dict, dtype: torch.dtype, lora: dict, fake=None, pretrained
     )
     with contextlib.nullcontext() if pretrained else torch.device("meta"):
         model = cls.from_pretrained(pretrained) if pretrained else cls.from_config(config)
-    model.requires_grad_(False).to(dtype)
-    model.add_adapter(
-        LoraConfig(
-            r=lora["lora_rank"],
-            lora_alpha=lora["lora_alpha"],
-            init_lora_weights="gaussian",
-            target_modules=lora["lora_targets"],
+    model.requires_grad_(lora is None).to(dtype)
+    if lora is not None:
+        model.add_adapter(
+            LoraConfig(
+                r=lora["lora_rank"],
+                lora_alpha=lora["lora_alpha"],
+                init_lora_weights="gaussian",
+                target_modules=lora["lora_targets"],
+            )
         )
-    )
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     if fake is not None:
         with fake:
             model.to_empty(device="cpu")
