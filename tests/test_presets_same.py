@@ -19,8 +19,15 @@ BEFORE = json.loads((Path(__file__).parent / "data" / "presets_before_40.json").
 REPO = str(Path(__file__).resolve().parents[1])  # the recording's paths into the checkout are "<repo>/..."
 
 
+# Settings added since the recording, which every recorded preset leaves at its default.
+ADDED = {"run": {"sharding": "none", "reshard_after_forward": True, "cpu_offload": False}}
+
+
 def _old_names(resolved: dict) -> dict:
-    """A resolved configuration with each moved setting back under its old name."""
+    """A resolved configuration with each moved setting back under its old name, and without the settings
+    added since (each at its default)."""
+    for group, settings in ADDED.items():
+        assert {name: resolved[group].pop(name) for name in settings} == settings
     for old, new in RENAMED.items():
         (old_group, old_name), (new_group, new_name) = old.split("."), new.split(".")
         resolved[old_group][old_name] = resolved[new_group].pop(new_name)
@@ -28,11 +35,11 @@ def _old_names(resolved: dict) -> dict:
     return resolved
 
 
-def test_every_preset_was_recorded():
-    assert sorted(PRESETS) == sorted(BEFORE)
+def test_every_recorded_preset_is_still_there():
+    assert set(BEFORE) <= set(PRESETS)  # presets added since are new ones: nothing recorded to compare
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(BEFORE))
 def test_preset_resolves_as_before(preset):
     resolved = json.loads(json.dumps(Config(preset=preset).model_dump(mode="json")).replace(REPO, "<repo>"))
     assert _old_names(resolved) == BEFORE[preset]

@@ -67,6 +67,19 @@ def test_sharded_lora_trains_as_unsharded(sharded, tmp_path, tiny_cache):
     assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "trainable.safetensors").exists()
     assert "sharded/.metadata" in json.loads((checkpoint / "manifest.json").read_text())["files"]
 
+    # The gathered adapters load in the family's pipeline and change its images.
+    from diffusers import StableDiffusion3Pipeline
+
+    from trainer.families.tiny_pipeline import tiny_sd3_path
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path(tiny_cache), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, height=64, width=64, output_type="np")
+    base = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out / "lora", adapter_name="sharded")
+    tuned = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert float(abs(base - tuned).max()) > 0
+
     whole = tmp_path / "ddp"
     _ran(launch(whole, tiny_cache, 2, *DDPO, preset="tiny-sd3"))
     assert _max_difference(load_file(out / LORA), load_file(whole / LORA)) < 1e-5  # the same updates

@@ -182,6 +182,40 @@ _FLUX_GRPO = _with(
     },
 )
 RECIPES["flux-pickscore-grpo"] = _with(_FLUX_GRPO, prompt={"fn": "nouns_activities"}, reward={"scorer": "pickscore"})
+# Pref-GRPO's FLUX.1-dev LoRA scripts (CodeGoat24/Pref-GRPO scripts/lora/, on DanceGRPO's trainer): 25 steps
+# at SDE noise 0.7, the first 60% trained, clip range 1e-4, lr 1e-5, LoRA r64/a128, no KL, one initial noise per
+# group. UnifiedReward alone judges 16 images per prompt pointwise ("Final Score:" / 5); Pref-GRPO compares 8
+# per prompt pairwise with UnifiedReward-Think (win rates) beside a CLIP score, each reward z-scored within its
+# group before the sum (GDPO; equal weights: we read none in its scripts). Its prompts (UniGenBench's training
+# set) are not packaged here: nouns_activities stands in. The judges are served as docs/rewards.md shows (vLLM,
+# --served-model-name UnifiedReward, port 8080).
+_PREF_GRPO = _with(
+    _FLUX_GRPO,
+    prompt={"fn": "nouns_activities"},
+    sample={"num_steps": 25, "eta": 0.7, "same_noise_per_group": True},
+    train={"learning_rate": 1e-5, "timestep_fraction": 0.6},
+)
+_JUDGE = {"base_url": "http://127.0.0.1:8080/v1", "model": "UnifiedReward"}
+RECIPES["flux-unifiedreward-grpo"] = _with(
+    _PREF_GRPO,
+    sample={"images_per_prompt": 16},
+    reward={"scorer": "vlm", "options": {**_JUDGE, "mode": "pointwise"}},
+)
+RECIPES["flux-unifiedreward-clip-grpo"] = _with(
+    _PREF_GRPO,
+    sample={"images_per_prompt": 8},
+    reward={
+        "aggregation": "gdpo",
+        "components": [
+            {
+                "scorer": "vlm",
+                "name": "unifiedreward_think",
+                "options": {**_JUDGE, "mode": "pairwise", "image_format": "jpeg"},
+            },
+            {"scorer": "clipscore"},
+        ],
+    },
+)
 # GenEval: Flow-GRPO's FLUX recipe is its Fast one (3 CPS steps at noise 0.8 in the first half, the rest ODE,
 # clip range 1e-5), on sd3-geneval's prompts and scorer.
 RECIPES["flux-geneval-grpo"] = _with(
