@@ -32,6 +32,7 @@ LORA = "lora/pytorch_lora_weights.safetensors"
 SMALL = ("--sample.num_steps", "4", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1")
 SMALL = (*SMALL, "--train.batch_size", "2", "--no-train.per_prompt_stat_tracking", "--run.save_freq", "1")
 DDPO = ("--algorithm", "ddpo", *SMALL)
+SHARDED = ("--run.sharding", "fsdp", "--run.shard_text_encoders")  # the denoiser, and the CLIP text encoders
 SHARE = r"process (\d): run.sharding (\w+), \d+ units: ([\d,]+) of ([\d,]+) trainable"
 
 
@@ -53,7 +54,7 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 def sharded(tmp_path_factory, tiny_cache) -> tuple[Path, str]:
     """tiny-sd3, LoRA, DDPO for 2 epochs on 2 sharded processes: its output folder and log."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    return out, _ran(launch(out, tiny_cache, 2, *DDPO, "--run.sharding", "fsdp", preset="tiny-sd3"))
+    return out, _ran(launch(out, tiny_cache, 2, *DDPO, *SHARDED, preset="tiny-sd3"))
 
 
 def test_sharded_lora_trains_as_unsharded(sharded, tmp_path, tiny_cache):
@@ -63,6 +64,7 @@ def test_sharded_lora_trains_as_unsharded(sharded, tmp_path, tiny_cache):
     mine = [int(m.replace(",", "")) for _, _, m, _ in shares]
     total = int(shares[0][3].replace(",", ""))
     assert sum(mine) == total and max(mine) < total  # each process holds a part, together all of it
+    assert "run.shard_text_encoders: text_encoder, text_encoder_2" in log
     checkpoint = out / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "trainable.safetensors").exists()
     assert "sharded/.metadata" in json.loads((checkpoint / "manifest.json").read_text())["files"]
@@ -90,7 +92,7 @@ def test_a_killed_rank_stops_the_run_and_the_checkpoint_resumes_bit_identically(
     reference, _ = sharded
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = command(out, tiny_cache, 4, *DDPO, "--run.sharding", "fsdp", preset="tiny-sd3")
+    started = command(out, tiny_cache, 4, *DDPO, *SHARDED, preset="tiny-sd3")
     job = subprocess.Popen(started, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     first = out / "checkpoints" / "checkpoint-1"
     deadline = time.monotonic() + 400
@@ -105,11 +107,7 @@ def test_a_killed_rank_stops_the_run_and_the_checkpoint_resumes_bit_identically(
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", log), log[-3000:]
 
     resumed = tmp_path / "resumed"
-    _ran(
-        launch(
-            resumed, tiny_cache, 2, *DDPO, "--run.sharding", "fsdp", "--run.resume_from", str(first), preset="tiny-sd3"
-        )
-    )
+    _ran(launch(resumed, tiny_cache, 2, *DDPO, *SHARDED, "--run.resume_from", str(first), preset="tiny-sd3"))
     a, b = load_file(resumed / LORA), load_file(reference / LORA)
     assert all(torch.equal(a[k], b[k]) for k in a)  # epoch 2 again, from the shards: bit for bit
 

@@ -109,6 +109,29 @@ def shard(denoiser: torch.nn.Module, blocks: tuple[str, ...], cfg: Config, devic
     return len(units) + 1
 
 
+def shard_text_encoders(pipe, cfg: Config, device_type: str) -> list[str]:
+    """run.shard_text_encoders: each frozen text encoder of the pipeline sharded like the denoiser, one unit per
+    layer its class names unsplittable (transformers' ``_no_split_modules``: T5Block, CLIPEncoderLayer,
+    Qwen2_5_VLDecoderLayer), as flow_grpo shards Qwen-Image's Qwen2.5-VL. Frozen: no gradients, no optimizer
+    state, only their share of the memory. Returns the encoders sharded."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return []
+    mesh, sharded = _mesh(cfg.run.sharding, device_type), []
+    for name, encoder in pipe.components.items():
+        blocks = set(getattr(encoder, "_no_split_modules", None) or ())
+        if not name.startswith("text_encoder") or not blocks:
+            continue  # absent (SD3 without T5), or not a transformers model
+        options = {"mesh": mesh, "reshard_after_forward": True, "mp_policy": MixedPrecisionPolicy()}
+        for module in [m for m in encoder.modules() if type(m).__name__ in blocks]:
+            fully_shard(module, **options)
+        fully_shard(encoder, **options)
+        sharded.append(name)
+    return sharded
+
+
 def shard_trainable(family, trainable: dict[str, torch.nn.Parameter], cfg: Config, accelerator):
     """run.sharding: the family's denoiser sharded; returns its trainable parameters by the same names (the
     sharded ones, which replace them) and logs each process's share of them. Unsharded with one process."""
@@ -117,6 +140,9 @@ def shard_trainable(family, trainable: dict[str, torch.nn.Parameter], cfg: Confi
         accelerator.print(f"run.sharding {cfg.run.sharding}: one process, nothing to shard across")
         return trainable
     sharded = {name: p for name, p in family.denoiser.named_parameters() if p.requires_grad}
+    if cfg.run.shard_text_encoders:
+        encoders = shard_text_encoders(family.pipe, cfg, accelerator.device.type)
+        accelerator.print(f"run.shard_text_encoders: {', '.join(encoders) or 'none to shard'}")
     print(
         f"process {accelerator.process_index}: run.sharding {cfg.run.sharding}, {units} units: {share(sharded)}",
         flush=True,

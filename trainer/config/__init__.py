@@ -315,6 +315,8 @@ class Config(BaseSettings):
             )
         if self.run.sharding != "none":
             _shardable(self)
+        elif self.run.shard_text_encoders:
+            raise ValueError("run.shard_text_encoders: shards beside the denoiser; set run.sharding fsdp or hybrid")
         ALGORITHMS[self.algorithm].check(self)  # each algorithm's own (trainer/algorithms/<name>/checks.py)
         return self
 

@@ -33,6 +33,11 @@ class RunConfig(_Group):
         description="sharding: free a block's gathered weights after its forward and gather them again for "
         "the backward (FULL_SHARD); false keeps them (SHARD_GRAD_OP, ZeRO-2: more memory, less communication)",
     )
+    shard_text_encoders: bool = Field(
+        False,
+        description="sharding: shard the frozen text encoders too, one unit per layer (T5-XXL, Qwen2.5-VL: what "
+        "flow_grpo shards for Qwen-Image); false: each process holds them whole",
+    )
     cpu_offload: bool = Field(
         False,
         description="sharding: keep the sharded weights, gradients and optimizer state in CPU memory between "
