@@ -84,7 +84,7 @@ def shapes_change(
         steps=cfg.sample.eval_num_steps or cfg.sample.num_steps,
         guidance_scale=cfg.sample.guidance_scale if guidance_scale is None else guidance_scale,
         batch_size=cfg.sample.batch_size,
-        reward=cfg.run.eval_scorer or cfg.reward.scorer,
+        reward="shapes",  # the world's accuracy is its verifier's, whatever rewarded the run (a judge, CLIP)
     )
     key, name = (
         json.dumps(settings, default=str, sort_keys=True),
