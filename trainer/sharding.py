@@ -66,6 +66,23 @@ def _mesh(strategy: str, device_type: str):
     return init_device_mesh(device_type, (world // per_machine, per_machine), mesh_dim_names=("replicate", "shard"))
 
 
+def _several_processes() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _fully_shard(module: torch.nn.Module, blocks: set[str] | tuple[str, ...], options: dict) -> int:
+    """Each submodule whose class is named in ``blocks`` one FSDP unit, then the root; the number of units."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for m in module.modules() if type(m).__name__ in blocks]
+    for unit in units:
+        fully_shard(unit, **options)
+    fully_shard(module, **options)
+    return len(units) + 1
+
+
 def _same_start(denoiser: torch.nn.Module) -> None:
     """Every process starts from rank 0's trainable weights, as DDP does when it wraps a model: peft draws the
     LoRA initialisation from each process's own seed, and sharding would otherwise stitch the shards of
@@ -82,10 +99,9 @@ def shard(denoiser: torch.nn.Module, blocks: tuple[str, ...], cfg: Config, devic
     """Shard ``denoiser`` in place: each module whose class is named in ``blocks`` one FSDP unit, then the root.
     Call after the adapters are added and the weights are set to train (the sharded parameters replace the
     module's); returns the number of units. One process: nothing to shard across, the denoiser is left whole."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _several_processes():
         return 0
     _same_start(denoiser)
     options = {
@@ -97,16 +113,12 @@ def shard(denoiser: torch.nn.Module, blocks: tuple[str, ...], cfg: Config, devic
         else MixedPrecisionPolicy(),
         "offload_policy": CPUOffloadPolicy() if cfg.run.cpu_offload else OffloadPolicy(),
     }
-    units = [module for module in denoiser.modules() if type(module).__name__ in blocks]
-    if not units:
+    if not any(type(module).__name__ in blocks for module in denoiser.modules()):
         raise ValueError(
             f"run.sharding: the {type(denoiser).__name__} has none of the blocks {blocks} to shard: "
             "is the family's shard_blocks right for this checkpoint?"
         )
-    for module in units:
-        fully_shard(module, **options)
-    fully_shard(denoiser, **options)
-    return len(units) + 1
+    return _fully_shard(denoiser, blocks, options)
 
 
 def shard_text_encoders(pipe, cfg: Config, device_type: str) -> list[str]:
@@ -114,21 +126,14 @@ def shard_text_encoders(pipe, cfg: Config, device_type: str) -> list[str]:
     layer its class names unsplittable (transformers' ``_no_split_modules``: T5Block, CLIPEncoderLayer,
     Qwen2_5_VLDecoderLayer), as flow_grpo shards Qwen-Image's Qwen2.5-VL. Frozen: no gradients, no optimizer
     state, only their share of the memory. Returns the encoders sharded."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _several_processes():
         return []
-    mesh, sharded = _mesh(cfg.run.sharding, device_type), []
+    options, sharded = {"mesh": _mesh(cfg.run.sharding, device_type), "reshard_after_forward": True}, []
     for name, encoder in pipe.components.items():
         blocks = set(getattr(encoder, "_no_split_modules", None) or ())
-        if not name.startswith("text_encoder") or not blocks:
-            continue  # absent (SD3 without T5), or not a transformers model
-        options = {"mesh": mesh, "reshard_after_forward": True, "mp_policy": MixedPrecisionPolicy()}
-        for module in [m for m in encoder.modules() if type(m).__name__ in blocks]:
-            fully_shard(module, **options)
-        fully_shard(encoder, **options)
-        sharded.append(name)
+        if name.startswith("text_encoder") and blocks:  # not: absent (SD3 without T5), or not a transformers model
+            _fully_shard(encoder, blocks, options)
+            sharded.append(name)
     return sharded
 
 
