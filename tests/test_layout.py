@@ -146,7 +146,7 @@ def _algorithm_of(module: str) -> str | None:
 
 def test_algorithms_never_import_each_other():
     """Each algorithm is its own folder (trainer/algorithms/<name>/): what two share lives outside every
-    algorithm's folder (the shared engine, or trainer/algorithms/checks.py), so adding or removing one
+    algorithm's folder (the shared engine), so adding or removing one
     touches no other."""
     edges, _ = import_graph()
     crossing = sorted(

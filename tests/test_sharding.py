@@ -131,15 +131,18 @@ def test_the_sharded_checkpoint_resumes_on_one_process(sharded, tmp_path, tiny_c
 
 def test_sharded_full_finetune_nft_with_lagging_weights_matches_unsharded(tmp_path, tiny_cache):
     """Full finetuning of tiny-flux with DiffusionNFT rolling out with its lagging weights (swapped in by copy
-    on shards): the same weights as the unsharded run, saved whole and loadable by from_pretrained."""
+    on shards) and a KL to the base (a frozen copy, sharded too): the same weights as the unsharded run, saved
+    whole and loadable by from_pretrained."""
     from diffusers import FluxTransformer2DModel
 
-    args = ("--algorithm", "nft", "--no-train.lora", "--train.kl_coef", "0", *SMALL, "--sample.eta", "0")
+    args = ("--algorithm", "nft", "--no-train.lora", "--train.kl_coef", "0.01", *SMALL, "--sample.eta", "0")
     args = (*args, "--nft.old_decay_rate", "0.3", "--nft.old_decay_max", "0.5", "--train.learning_rate", "1e-4")
     out, whole = tmp_path / "fsdp", tmp_path / "ddp"
     _ran(launch(out, tiny_cache, 2, *args, "--run.sharding", "fsdp", preset="tiny-flux"))
     _ran(launch(whole, tiny_cache, 2, *args, preset="tiny-flux"))
     assert _epochs(out)[-1]["old_deviation"] > 0  # the lagging weights differ from the trained ones
+    assert _epochs(out)[-1]["kl_to_reference"] == pytest.approx(_epochs(whole)[-1]["kl_to_reference"], rel=1e-4)
+    assert _epochs(out)[-1]["kl_to_reference"] > 0
 
     a = FluxTransformer2DModel.from_pretrained(out / "transformer").state_dict()
     b = FluxTransformer2DModel.from_pretrained(whole / "transformer").state_dict()

@@ -289,6 +289,30 @@ def test_kl_penalty_ema_and_gradient_checkpointing(tmp_path, tiny_cache, monkeyp
     assert any(not torch.equal(online[k], published["unet." + k.replace(".default", "")]) for k in lora_b)  # EMA
 
 
+def test_full_finetuning_keeps_a_frozen_base_for_the_kl(tmp_path, tiny_cache):
+    """train.kl_coef without LoRA: the KL's reference is a frozen copy of the denoiser as loaded. It stays the
+    base while the denoiser trains, and the KL to it grows from 0."""
+    from trainer import run as run_setup
+
+    cfg = small_config(tmp_path, tiny_cache)
+    cfg = Config.model_validate(
+        {**cfg.model_dump(), "train": {**cfg.train.model_dump(), "lora": False, "kl_coef": 0.1}}
+    )
+    with run_setup.started(cfg, 1) as run:
+        trained = run_setup.load_model(run, 1)
+        base = {name: p.detach().clone() for name, p in trained.policy.named_parameters()}
+        assert all(torch.equal(p.float(), base[name]) for name, p in trained.frozen.named_parameters())
+        assert not any(p.requires_grad for p in trained.frozen.parameters())
+        loss = sum(p.float().pow(2).sum() for p in trained.trainable.values())  # any step moves every weight
+        run_setup.backward_and_step(run, trained, loss, {"grad_norm": []})
+        assert not all(torch.equal(p, base[name]) for name, p in trained.policy.named_parameters())
+        assert all(torch.equal(p.float(), base[name]) for name, p in trained.frozen.named_parameters())
+        with trained.base() as reference:
+            assert reference is trained.frozen
+    cfg.run.num_epochs, cfg.run.output_dir = 1, tmp_path / "run"
+    assert train(cfg)[0]["kl_to_reference"] > 0
+
+
 def test_ema_update_math():
     from trainer.ema import EMA
 
@@ -302,11 +326,6 @@ def test_ema_update_math():
 def test_knobs_that_cannot_work_fail_in_the_config():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="kl_coef: the KL reference is the UNet with its LoRA adapters disabled"):
-        Config(train={"kl_coef": 0.1, "lora": False})
-    # DDPO's KL only: DPO's full finetuning on a preset with a KL (`--preset shapes --algorithm dpo
-    # --no-train.lora`) needs no adapters, and its reference is a frozen copy
-    assert not Config(algorithm="dpo", train={"kl_coef": 0.04, "lora": False}, dpo={"online": True}).train.lora
     with pytest.raises(ValidationError, match="use_8bit_adam: needs `pip install bitsandbytes` and a CUDA GPU"):
         Config(train={"use_8bit_adam": True})
 

@@ -26,8 +26,9 @@ from trainer import checkpoint, preflight, sharding, tracking
 from trainer.config import Config, RewardConfig
 from trainer.ema import EMA
 from trainer.families import Family
-from trainer.families.models import load_family, make_trainable, save_weights
+from trainer.families.models import adapters_disabled, frozen_copy, load_family, make_trainable, save_weights
 from trainer.interrupt import CtrlC
+from trainer.optimizer import make_optimizer
 from trainer.plan import BatchPlan, fits, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
 from trainer.rewards import Rewards, run_components
@@ -96,6 +97,13 @@ class Trained:
     ema: EMA | None  # with train.ema_decay
     old_policy: EMA | None  # a lagging average of the trainable weights: DiffusionNFT's old policy, AWM's
     resumed: dict[str, Any]  # the checkpoint's plain state ({} for a fresh run): global_step, the algorithm's own
+    frozen: (
+        torch.nn.Module | None
+    )  # full finetuning with train.kl_coef: the base's frozen copy (trainer.families.models)
+
+    def base(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The base model, the KL's reference: the frozen copy, or the denoiser with its LoRA adapters off."""
+        return contextlib.nullcontext(self.frozen) if self.frozen is not None else adapters_disabled(self.policy)
 
 
 def fit_timesteps_per_forward(run: Run, trained: Trained, forward: Callable[[int], torch.Tensor]) -> BatchPlan:
@@ -224,6 +232,7 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
         family = load_family(cfg, accelerator.device)
     accelerator.print(f"model: {family.pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
     denoiser = family.denoiser
+    frozen = frozen_copy(denoiser, cfg)  # before anything trains
     trainable = make_trainable(denoiser, cfg)
     if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -231,11 +240,13 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
         denoiser.to(memory_format=torch.channels_last)
     if cfg.run.sharding != "none":  # before compiling: each FSDP unit compiles with its hooks
         trainable = sharding.shard_trainable(family, trainable, cfg, accelerator)
+        if frozen is not None:
+            sharding.shard(frozen, family.shard_blocks, cfg, accelerator.device.type)
     if cfg.run.compile:
         # in place (nn.Module.compile): the same module object samples, trains and, adapters off, gives the KL
         # reference, so every path runs compiled and accelerate's unwrap_model still finds it
         denoiser.compile(backend=cfg.run.compile)
-    optimizer = _optimizer(cfg, list(trainable.values()), learning_rate)
+    optimizer = make_optimizer(cfg, list(trainable.values()), learning_rate)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(  # stepped once per optimizer step, on every process alike
@@ -265,32 +276,7 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
         lr_scheduler.load_state_dict(resumed["lr_scheduler"])
         accelerator.print(f"resumed from {run.resume} (epoch {run.start}, step {resumed['global_step']})")
     policy = accelerator.unwrap_model(model)
-    return Trained(family, model, policy, trainable, optimizer, lr_scheduler, ema, old_policy, resumed)
-
-
-def _optimizer(cfg: Config, params: list[torch.nn.Parameter], learning_rate: float | None):
-    t = cfg.train
-    lr = t.learning_rate if learning_rate is None else learning_rate
-    if t.use_adafactor:  # a fixed learning rate, as Diffusion-DPO runs it (no relative step, no parameter scaling)
-        from transformers.optimization import Adafactor
-
-        return Adafactor(
-            params,
-            lr=lr,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-            weight_decay=t.adam_weight_decay,
-        )
-    if t.use_8bit_adam:  # availability was checked with the config
-        import bitsandbytes as bnb
-
-        adamw = bnb.optim.AdamW8bit
-    else:
-        adamw = torch.optim.AdamW
-    return adamw(
-        params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon
-    )
+    return Trained(family, model, policy, trainable, optimizer, lr_scheduler, ema, old_policy, resumed, frozen)
 
 
 def log_epoch(run: Run, metrics: dict, components: dict[str, np.ndarray], samples: list[dict]) -> None:

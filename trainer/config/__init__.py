@@ -147,7 +147,8 @@ class TrainConfig(_Group):
     kl_coef: float = Field(
         0.0,
         ge=0,
-        description="KL penalty toward the adapter-disabled denoiser (LoRA only): "
+        description="KL penalty toward the base model (LoRA: the denoiser with its adapters off; full "
+        "finetuning: a frozen copy of it as loaded): "
         "flow models, Flow-GRPO's beta in its convention (mean-squared mean difference over "
         "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians; also "
         "DiffusionNFT's config.train.beta and AWM's beta (not dpo.beta nor nft.beta)",

@@ -65,6 +65,17 @@ def load_pipeline(cfg: Config, device: torch.device):
     return load_family(cfg, device).pipe
 
 
+def frozen_copy(denoiser, cfg: Config) -> torch.nn.Module | None:
+    """Full finetuning with a KL to the base (train.kl_coef): a frozen copy of the denoiser as loaded, in the
+    frozen weights' dtype, the KL's reference (sharded like the denoiser under run.sharding). LoRA needs none:
+    its base is the same denoiser with the adapters off."""
+    if cfg.train.lora or not cfg.train.kl_coef:
+        return None
+    import copy
+
+    return copy.deepcopy(denoiser).requires_grad_(False).to(DTYPES[cfg.run.mixed_precision]).eval()
+
+
 def make_trainable(denoiser, cfg: Config) -> dict[str, torch.nn.Parameter]:
     """Adapters (or the whole denoiser) set to train; returns them by name (the names checkpoints use)."""
     if not cfg.train.lora:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from trainer.algorithms.checks import kl_needs_lora
 from trainer.algorithms.ddpo.trained_steps import check_trained_steps_have_noise
 
 
 def check(cfg) -> None:
     """Settings that each make sense alone but contradict each other in a DDPO run."""
-    kl_needs_lora(cfg)
     d = cfg.ddpo
     window, last = d.timestep_window, d.timestep_window + d.timestep_window_latest_start
     if window and last > cfg.sample.num_steps:

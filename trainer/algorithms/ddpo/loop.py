@@ -18,7 +18,6 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
-from trainer.families.models import adapters_disabled
 from trainer.algorithms.ddpo.loss import ppo_clip_loss
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
@@ -171,7 +170,7 @@ def _ppo_updates(
                         )
                         step_stats["stale_clipfrac"] = ((weight - 1).abs() > cfg.ddpo.clip_range).float().mean()
                     if cfg.train.kl_coef:
-                        reference = _reference_mean(accelerator, policy, family, chunk, steps, guidance)
+                        reference = _reference_mean(accelerator, trained, chunk, steps, guidance)
                         kl = family.dynamics.kl(mean, reference, sigma, chunk.steps[:, steps].reshape(-1))
                         loss = loss + cfg.train.kl_coef * kl.mean()
                         step_stats["kl_to_reference"] = kl.mean().detach()
@@ -209,7 +208,7 @@ def _proximal(accelerator, unet, family, chunk: Chunk, step_groups, guidance) ->
 
 
 @torch.no_grad()
-def _reference_mean(accelerator, base, family, chunk, steps, guidance) -> torch.Tensor:
-    """The steps' means under the base model: the same (unwrapped) denoiser with its LoRA adapters switched off."""
-    with adapters_disabled(base), accelerator.autocast():
-        return rescore(family, base, chunk, steps, *guidance)[1]
+def _reference_mean(accelerator, trained, chunk, steps, guidance) -> torch.Tensor:
+    """The steps' means under the base model (``trained.base()``: LoRA's adapters off, or the frozen copy)."""
+    with trained.base() as base, accelerator.autocast():
+        return rescore(trained.family, base, chunk, steps, *guidance)[1]

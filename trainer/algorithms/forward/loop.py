@@ -24,7 +24,7 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate_run
-from trainer.families.models import adapters_disabled, weights_swapped
+from trainer.families.models import weights_swapped
 from trainer.algorithms.forward.loss import awm_loss, nft_loss, nft_optimality
 from trainer.plan import BatchPlan
 from trainer.rewards import RewardFn
@@ -174,8 +174,8 @@ def _loss(
             ema_kl = ((prediction - lagging) ** 2).mean()
             loss, stats["kl_to_average"] = loss + cfg.awm.ema_kl_coef * ema_kl, ema_kl.detach()
     if cfg.train.kl_coef:
-        with torch.no_grad(), adapters_disabled(policy):
-            reference = predict(policy)
+        with torch.no_grad(), trained.base() as base:
+            reference = predict(base)
         kl = ((prediction - reference) ** 2).mean()
         loss = loss + cfg.train.kl_coef * kl
         stats["kl_to_reference"] = kl.detach()
