@@ -202,3 +202,12 @@ def test_two_machines_of_two_processes_train_with_hybrid_sharding(tmp_path, tiny
     assert all(2 * int(m.replace(",", "")) == int(t.replace(",", "")) for _, _, m, t in shares)
     assert (out / LORA).is_file()
     assert [json.loads(line)["epoch"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_the_unet_families_train_sharded(preset, tmp_path, tiny_cache):
+    """SD1's and SDXL's UNets, sharded per down, mid and up block (the family's shard_blocks)."""
+    out = tmp_path / preset
+    log = _ran(launch(out, tiny_cache, 1, *DDPO, "--run.sharding", "fsdp", preset=preset))
+    assert sorted((rank, strategy) for rank, strategy, *_ in re.findall(SHARE, log)) == [("0", "fsdp"), ("1", "fsdp")]
+    assert "6 units" in log and (out / LORA).is_file()
