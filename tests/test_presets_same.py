@@ -20,7 +20,15 @@ REPO = str(Path(__file__).resolve().parents[1])  # the recording's paths into th
 
 
 # Settings added since the recording, which every recorded preset leaves at its default.
-ADDED = {"run": {"sharding": "none", "reshard_after_forward": True, "shard_text_encoders": False, "cpu_offload": False}}
+ADDED = {
+    "run": {
+        "sharding": "none",
+        "reshard_after_forward": True,
+        "shard_text_encoders": False,
+        "cpu_offload": False,
+        "stop_grace_s": 25.0,
+    }
+}
 
 
 def _old_names(resolved: dict) -> dict:

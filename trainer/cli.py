@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.preflight import PreflightError
     from trainer.rewards import RewardError
     from trainer.algorithms import run
+    from trainer.interrupt import Stopped
     from trainer.pairs import PairsError
+    from trainer.run_folder import RunFolderError
 
     try:
         run(cfg)  # the one dispatch (trainer/algorithms/__init__.py)
@@ -105,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         RewardError,
         RewardServerError,
         PairsError,
+        RunFolderError,
     ) as exc:  # the user's to fix
         fail(str(exc), exc, debug)
+    except Stopped:  # SIGTERM: saved what it could within run.stop_grace_s and printed how to resume
+        raise SystemExit(Stopped.exit_status) from None
     except KeyboardInterrupt:  # the trainer has saved what it could and printed how to resume
         raise SystemExit(130) from None

@@ -105,6 +105,7 @@ def collect(
     )
     quiet = not accelerator.is_local_main_process
     for b in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch} sampling", disable=quiet, leave=False):
+        run.interrupts.check()  # SIGTERM: every process stops before the same batch (trainer/interrupt.py)
         prompts, metadata = zip(*epoch_prompts[b * size : (b + 1) * size])
         with accelerator.autocast():
             batch, final = sample(

@@ -1,8 +1,9 @@
 """The run set-up every algorithm shares, so that each algorithm file is only its own loop.
 
 ``started`` opens a run: the accelerator, every pre-flight check, the checkpoint to resume from, the run
-folder and trackers, seeds, prompts, rewards, and Ctrl-C handling; whatever ends the run, the reward
-clients stop and the trackers flush. It yields a ``Run``: what exists before the model loads, built whole.
+folder (refused if it holds another run: trainer/run_folder.py) and trackers, seeds, prompts, rewards, and
+Ctrl-C and SIGTERM handling (trainer/interrupt.py); whatever ends the run, the reward clients stop and the
+trackers flush. It yields a ``Run``: what exists before the model loads, built whole.
 ``load_model`` then loads the model family and makes it trainable (LoRA or full), with the optimizer, LR
 schedule, EMA and the resumed state, and returns them as a ``Trained``. ``log_epoch``, ``end_epoch``
 (checkpoint) and ``finish`` (save and publish the weights) close each epoch and the run.
@@ -14,7 +15,6 @@ import contextlib
 import functools
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import torch
 
-from trainer import checkpoint, preflight, sharding, tracking
+from trainer import checkpoint, preflight, run_folder, sharding, tracking
 from trainer.config import Config, RewardConfig
 from trainer.ema import EMA
 from trainer.families import Family
 from trainer.families.models import adapters_disabled, frozen_copy, load_family, make_trainable, save_weights
-from trainer.interrupt import CtrlC
+from trainer.interrupt import Interrupts
 from trainer.optimizer import make_optimizer
 from trainer.plan import BatchPlan, fits, on_accelerator
 from trainer.prompts import make_prompt_fn, user_prompt_fn
@@ -67,7 +67,7 @@ class Run:
     rewards: Rewards
     prompt_fn: Callable
     prompt_rng: np.random.Generator
-    ctrl_c: CtrlC
+    interrupts: Interrupts  # Ctrl-C and SIGTERM
     resume: Path | None
     start: int  # epochs done, or optimizer steps for the step-counted algorithms (a resumed run's checkpoint)
     history: list[dict] = field(default_factory=list)  # every logged record (log_epoch), what ``finish`` returns
@@ -97,9 +97,7 @@ class Trained:
     ema: EMA | None  # with train.ema_decay
     old_policy: EMA | None  # a lagging average of the trainable weights: DiffusionNFT's old policy, AWM's
     resumed: dict[str, Any]  # the checkpoint's plain state ({} for a fresh run): global_step, the algorithm's own
-    frozen: (
-        torch.nn.Module | None
-    )  # full finetuning with train.kl_coef: the base's frozen copy (trainer.families.models)
+    frozen: torch.nn.Module | None  # full finetuning with train.kl_coef: the base's frozen copy
 
     def base(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """The base model, the KL's reference: the frozen copy, or the denoiser with its LoRA adapters off."""
@@ -146,6 +144,7 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     from accelerate.utils import set_seed
 
     out = Path(cfg.run.output_dir)
+    run_folder.check_same_run(cfg)  # before anything loads or is written (and before any process writes config.json)
     accelerator = Accelerator(
         # Without a GPU, several processes must be told to use CPU (gloo); with one, accelerate picks it.
         cpu=not on_accelerator(),
@@ -160,10 +159,10 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     accelerator.print(f"batch plan: {plan.describe()}")
     # The checkpoint is chosen (and verified) first: a damaged one fails before any model loads, and the
     # logs are trimmed to its epoch before anything is logged.
-    resume, start = _resume_point(accelerator, cfg)
+    resume, start = run_folder.resume_point(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # the token is excluded from dumps
+        run_folder.write_config(cfg, out)
         if resume is not None or cfg.run.resume_from == "auto":  # auto's fresh start drops a checkpointless try's logs
             tracking.trim_logs(out, start)
         tracking.start_trackers(accelerator, cfg, start)
@@ -175,19 +174,19 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
     prompt_rng = np.random.default_rng([cfg.run.seed, accelerator.process_index])
     prompt_fn = user_prompt_fn(prompt_fn) if prompt_fn is not None else make_prompt_fn(cfg.prompt.fn, cfg.prompt.path)
     rewards = run = None
-    ctrl_c = CtrlC(out, accelerator.num_processes)
-    # Whatever ends the run (an error, Ctrl-C), the reward clients' threads and event loops stop and the
+    interrupts = Interrupts(out, accelerator, cfg.run.stop_grace_s)
+    # Whatever ends the run (an error, Ctrl-C, SIGTERM), the reward clients' threads and event loops stop and the
     # trackers flush; the newest checkpoint stays the last complete one (checkpoint.save renames it into place).
     try:
         # Local scorers load here, on the training device: their errors come before the big models.
         rewards = Rewards(cfg.reward, device=str(accelerator.device), components=components)
-        run = Run(cfg, accelerator, plan, out, rewards, prompt_fn, prompt_rng, ctrl_c, resume, start)
+        run = Run(cfg, accelerator, plan, out, rewards, prompt_fn, prompt_rng, interrupts, resume, start)
         yield run
-    except KeyboardInterrupt:
-        ctrl_c.interrupted(accelerator.is_main_process)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's Stopped
+        interrupts.interrupted(exc)
         raise
     finally:
-        ctrl_c.restore()
+        interrupts.close()
         try:
             if rewards is not None:
                 rewards.close()
@@ -195,29 +194,6 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
                 run.evaluations.close()
         finally:
             accelerator.end_training()
-
-
-def _resume_point(accelerator, cfg: Config) -> tuple[Path | None, int]:
-    """The verified checkpoint to resume from (None: a fresh run) and the epoch it ends."""
-    from accelerate.utils import gather_object
-
-    if cfg.run.resume_from is None or (
-        cfg.run.resume_from == "auto" and not checkpoint.newest_first(cfg.run.output_dir)
-    ):
-        return None, 0
-    where = cfg.run.output_dir if cfg.run.resume_from == "auto" else cfg.run.resume_from
-
-    def warn(message: str) -> None:
-        if accelerator.is_main_process:
-            print(message, file=sys.stderr, flush=True)
-
-    found = checkpoint.resolve(where, warn=warn)
-    chosen = set(gather_object([found.name]))
-    if len(chosen) > 1:  # e.g. a machine whose copy of the run folder differs; the processes would diverge
-        raise checkpoint.CheckpointError(
-            f"run.resume_from: the processes found different checkpoints: {sorted(chosen)}"
-        )
-    return found, json.loads((found / "state.json").read_text())["epoch"]
 
 
 def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = None, lagging: bool = False) -> Trained:
@@ -311,6 +287,7 @@ def backward_and_step(run: Run, trained: Trained, loss: torch.Tensor, stats: dic
         trained.lr_scheduler.step()
         if trained.ema is not None:
             trained.ema.update(trainable)
+        run.interrupts.check()  # every process alike: SIGTERM's grace period may end the updates here
     trained.optimizer.zero_grad()
 
 
@@ -331,12 +308,12 @@ def end_epoch(
     every: int | None = None,
 ) -> None:
     """Checkpoint after ``done`` epochs when it is due (every ``every``, default run.save_freq, and at
-    ``total``, default run.num_epochs: DPO counts optimizer steps); otherwise keep what Ctrl-C would save.
+    ``total``, default run.num_epochs: DPO counts optimizer steps); otherwise keep what a stop would save.
     ``state``: the plain counters to resume (``global_step`` and the algorithm's own)."""
     cfg = run.cfg
     total = cfg.run.num_epochs if total is None else total
     every = cfg.run.save_freq if every is None else every
-    save = functools.partial(  # bound now: what the epoch ended with, should Ctrl-C ask for it later
+    save = functools.partial(  # bound now: what the epoch ended with, should a stop ask for it later
         checkpoint.save,
         run.accelerator,
         run.out,
@@ -351,10 +328,7 @@ def end_epoch(
         old_policy=trained.old_policy,
         model=trained.policy,
     )
-    due = done == total or (every and done % every == 0)
-    if due:
-        save()
-    run.ctrl_c.epoch_done(None if due else save)
+    run.interrupts.epoch_done(save, due=done == total or bool(every and done % every == 0))
 
 
 def finish(run: Run, trained: Trained) -> list[dict]:

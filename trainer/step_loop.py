@@ -34,7 +34,7 @@ def step_loop(
     while step < total:
         if cfg.run.eval_every and step % cfg.run.eval_every == 0:
             evaluate_run(run, trained, step, unit="steps")
-        run.ctrl_c.updating()
+        run.interrupts.updating()
         start = time.perf_counter()
         stats = one_step(step)
         step += 1

@@ -71,6 +71,15 @@ class RunConfig(_Group):
         description="hub repo id to upload the final weights to (off by default; "
         "uses HF_TOKEN or your huggingface-cli login)",
     )
+    stop_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="seconds from SIGTERM to a saved checkpoint (trainer/interrupt.py): outside the updates the "
+        "last finished epoch is saved at once; during them they finish and the epoch is saved if that fits in "
+        "this time, else they are dropped; then exit status 143. 25 fits the 30 s that Kubernetes "
+        "(terminationGracePeriodSeconds), Slurm (KillWait; --signal=TERM@N sends it N s early) and torchrun / "
+        "accelerate launch (--shutdown_timeout) wait before they kill",
+    )
     resume_from: Literal["auto"] | Path | None = Field(
         None,
         description="a run folder (its newest checkpoint) or one checkpoint folder; auto: run.output_dir's newest "

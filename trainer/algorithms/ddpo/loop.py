@@ -120,7 +120,7 @@ def _ppo_updates(
 ) -> tuple[dict[str, list], int, BatchPlan]:
     """train.num_inner_epochs passes of PPO-clip over the epoch's stored steps; the stats, step count and plan."""
     cfg, accelerator, family, unet, policy = run.cfg, run.accelerator, trained.family, trained.model, trained.policy
-    run.ctrl_c.updating()
+    run.interrupts.updating()
     unet.train()
     stats = defaultdict(list)
     decoupled = cfg.ddpo.decoupled_ppo == "on" or (

@@ -101,7 +101,7 @@ def _updates(
     train.timestep_fraction of the sampler's steps (train.timestep_selection; fresh noise each), in
     micro-batches of train.batch_size."""
     cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
-    run.ctrl_c.updating()
+    run.interrupts.updating()
     trained.model.train()
     device = advantages.device
     trained.family.dynamics.timesteps(
