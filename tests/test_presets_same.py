@@ -21,6 +21,8 @@ REPO = str(Path(__file__).resolve().parents[1])  # the recording's paths into th
 
 # Settings added since the recording, which every recorded preset leaves at its default.
 ADDED = {"run": {"sharding": "none", "reshard_after_forward": True, "shard_text_encoders": False, "cpu_offload": False}}
+# Groups added since (issue 45's dgpo), which every recorded preset leaves at their defaults.
+NEW_GROUPS = ("dgpo",)
 
 
 def _old_names(resolved: dict) -> dict:
@@ -28,6 +30,8 @@ def _old_names(resolved: dict) -> dict:
     added since (each at its default)."""
     for group, settings in ADDED.items():
         assert {name: resolved[group].pop(name) for name in settings} == settings
+    for group in NEW_GROUPS:
+        assert resolved.pop(group) == Config.model_fields[group].default.model_dump(mode="json")
     for old, new in RENAMED.items():
         (old_group, old_name), (new_group, new_name) = old.split("."), new.split(".")
         resolved[old_group][old_name] = resolved[new_group].pop(new_name)
