@@ -64,20 +64,17 @@ def test_the_gradient_fits_the_better_samples():
     assert (dsm.grad[:, 0] * a > 0).all()  # d L / d dsm has A's sign: descent lowers dsm where A > 0
 
 
+# Groups of 2, 4 sampler steps with guidance (DGPO's rollouts are guided), one batch an epoch.
+SAMPLE = dict(num_steps=4, eta=0.0, batch_size=4, num_batches_per_epoch=1, images_per_prompt=2, guidance_scale=2.0)
+
+
 def cfg_for(tmp_path, tiny_cache, preset: str, dgpo: dict | None = None, **run) -> Config:
     return Config(
         preset=preset,
         algorithm="dgpo",
         run={"output_dir": tmp_path, "num_epochs": 2, "log_with": "none", "log_images_every": 0, **run},
         pretrained={"cache_dir": tiny_cache},
-        sample={
-            "num_steps": 4,
-            "eta": 0.0,
-            "batch_size": 4,
-            "num_batches_per_epoch": 1,
-            "images_per_prompt": 2,
-            "guidance_scale": 2.0,
-        },
+        sample=SAMPLE,
         train={"batch_size": 2, "kl_coef": 1e-4},
         dgpo={"num_timesteps": 2, "trunc": 0.75, "beta_dpo": 10.0, "clip": 1e-3, "switch_ema_ref": 2, **(dgpo or {})},
     )

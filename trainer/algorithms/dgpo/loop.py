@@ -13,9 +13,8 @@ weights with the rest).
 from __future__ import annotations
 
 import contextlib
-import time
+import functools
 from collections import defaultdict
-from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -24,54 +23,19 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.algorithms.dgpo.loss import denoising_error, dgpo_loss
 from trainer.config import Config
-from trainer.evaluate import evaluate_run
 from trainer.families.models import adapters_disabled, weights_swapped
-from trainer.plan import BatchPlan
-from trainer.rewards import RewardFn
 from trainer.sampling import Trajectories, each_tensor
 
 
-def train(
-    cfg: Config,
-    reward_fn: RewardFn | dict[str, RewardFn] | None = None,
-    prompt_fn: Callable[..., Any] | None = None,
-    image_samples_hook: Callable[[int, list[dict]], None] | None = None,
-) -> list[dict]:
-    """Run DGPO; the arguments are DDPO's (trainer.algorithms.ddpo.loop.train)."""
-    accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
-    with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
-        return _dgpo(run, image_samples_hook)
-
-
 def _dgpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
-    cfg = run.cfg
-    online = epoch_phases.start(run, lagging=True)  # trained.old_policy: DGPO's EMA old model (ema_ref)
-    trained, tracker, global_step = online.trained, online.tracker, online.global_step
-    for epoch in range(run.start, cfg.run.num_epochs):
-        if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
-            evaluate_run(run, trained, epoch)
-        threads = run.fit_threads()
-        t0 = time.perf_counter()
-        trained.model.eval()
-        with rollout_weights(cfg, trained, global_step):
-            collected = epoch_phases.collect(run, online, epoch, cfg.sample.eta, store=False)
-        scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
-        t2 = time.perf_counter()
-        stats, global_step = _updates(run, trained, collected.trajectories, scored.advantages, epoch, global_step)
-        t3 = time.perf_counter()
-        seconds = {"sampling": collected.seconds, "reward_wait": scored.wait_seconds, "training": t3 - t2}
-        stats["old_policy_decay"] = [torch.tensor(trained.old_policy.decay)]
-        shown = (
-            ("w", "group_weight", ".3f"),
-            ("clipped", "clip_fraction", ".2f"),
-            ("kl-ref", "kl_to_reference", ".2e"),
-        )
-        epoch_phases.log(run, trained, epoch, scored, stats, {**seconds, "epoch": t3 - t0}, global_step, threads, shown)
-        state = {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
-        run_setup.end_epoch(run, trained, epoch + 1, state)
-    if cfg.run.eval_every:
-        evaluate_run(run, trained, cfg.run.num_epochs)
-    return run_setup.finish(run, trained)
+    """The forward-process epochs (trainer/epoch.py) with DGPO's rollout weights and updates; its EMA old model
+    (``trained.old_policy``, DGPO's ema_ref) steps inside the updates, after every optimizer step."""
+    shown = (("w", "group_weight", ".3f"), ("clipped", "clip_fraction", ".2f"), ("kl-ref", "kl_to_reference", ".2e"))
+    rollout = functools.partial(rollout_weights, run.cfg)
+    return epoch_phases.forward_epochs(run, image_samples_hook, rollout, _updates, lambda *_: None, shown)
+
+
+train = epoch_phases.online_train(_dgpo, "Run DGPO; the arguments are DDPO's (trainer.algorithms.ddpo.loop.train).")
 
 
 def rollout_weights(cfg: Config, trained: run_setup.Trained, global_step: int):
@@ -101,14 +65,7 @@ def group_draws(
     return steps.repeat_interleave(g, dim=0), noise
 
 
-def _updates(
-    run: run_setup.Run,
-    trained: run_setup.Trained,
-    batch: Trajectories,
-    advantages: torch.Tensor,
-    epoch: int,
-    global_step: int,
-) -> tuple[dict[str, list], int]:
+def _updates(run: run_setup.Run, trained: run_setup.Trained, batch: Trajectories, advantages, epoch: int, step: int):
     """train.num_inner_epochs passes over the epoch's clean latents in batches of train.batch_size samples,
     whole groups (the groups' order shuffled), each batch's M steps in the plan's denoiser forwards; the EMA
     old model steps after each optimizer step."""
@@ -135,10 +92,10 @@ def _updates(
                 for k, v in step_stats.items():
                     stats[k].append(v)
                 if accelerator.sync_gradients:  # DGPO's ema_ref steps with every optimizer step
-                    trained.old_policy.decay = cfg.dgpo.old_decay(global_step)
+                    trained.old_policy.decay = cfg.dgpo.old_decay(step)
                     trained.old_policy.update(trained.trainable)
-                global_step += accelerator.sync_gradients
-    return stats, global_step
+                step += accelerator.sync_gradients
+    return stats, step
 
 
 def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise, advantages):
