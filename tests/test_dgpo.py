@@ -164,3 +164,27 @@ def test_rollouts_switch_to_the_ema_weights(tmp_path, tiny_cache, monkeypatch):
     monkeypatch.setattr(epoch_phases, "collect", recorded)
     train(cfg_for(tmp_path, tiny_cache, "tiny-sd3", {"switch_ema_ref": 4, "old_decay_rate": 0.2}, num_epochs=3))
     assert seen[0] == 0 and seen[1] > 1e-5 and seen[2] == 0
+
+
+def test_the_presets_are_dgpos_configs():
+    """DGPO's GenEval and PickScore values (config/dgpo.py, ANCHORS 17.1) and the shapes preset."""
+    from trainer.plan import BatchPlan
+
+    geneval, pickscore = Config(preset="sd3-geneval-dgpo"), Config(preset="sd3-pickscore-dgpo")
+    for cfg in (geneval, pickscore):
+        assert cfg.algorithm == "dgpo" and cfg.sample.eta == 0 and cfg.sample.guidance_scale == 4.5
+        assert cfg.sample.num_steps == 10 and cfg.sample.resolution == 512 and cfg.train.learning_rate == 3e-4
+        assert cfg.dgpo.num_timesteps == 4 and cfg.dgpo.clip == 1e-2 and cfg.dgpo.use_shared_noise
+        assert BatchPlan.of(cfg, 4).optimizer_steps_per_epoch == 1  # one step per epoch on 4 GPUs
+    assert (geneval.sample.images_per_prompt, geneval.dgpo.beta_dpo, geneval.train.kl_coef) == (16, 100.0, 0.02)
+    assert (geneval.dgpo.trunc_steps(10), geneval.dgpo.switch_ema_ref, geneval.reward.scorer) == (4, 500, "geneval")
+    assert BatchPlan.of(geneval, 4).samples_per_epoch == 8 * 16  # 8 groups of 16
+    assert (pickscore.sample.images_per_prompt, pickscore.dgpo.beta_dpo, pickscore.train.kl_coef) == (24, 10.0, 1e-3)
+    assert (pickscore.dgpo.trunc_steps(10), pickscore.dgpo.switch_ema_ref, pickscore.reward.scorer) == (
+        6,
+        200,
+        "pickscore",
+    )
+    assert pickscore.prompt.eval_path is None and pickscore.prompt.fn == "nouns_activities"
+    shapes = Config(preset="shapes-sd3-dgpo")
+    assert shapes.pretrained.model == "tiny-shapes-sd3" and shapes.algorithm == "dgpo" and shapes.sample.eta == 0
