@@ -122,7 +122,10 @@ def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise
         with torch.no_grad(), adapters_disabled(policy):
             base = predict(policy)
     prediction = predict(trained.model)
-    per_row = lambda p: denoising_error(p, target).reshape(b, k)  # noqa: E731
+
+    def per_row(p: torch.Tensor) -> torch.Tensor:  # dsm per sample and step, (B, k)
+        return denoising_error(p, target).reshape(b, k)
+
     old_dsm = per_row(old) if old is not None else None
     ref = old_dsm if d.use_ema_ref else per_row(base)
     loss, stats = dgpo_loss(

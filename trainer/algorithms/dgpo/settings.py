@@ -23,7 +23,10 @@ class DGPOConfig(_Group):
         "beta_dpo: 100 GenEval, 10 PickScore; 2000-5000 with use_ema_ref)",
     )
     num_timesteps: int = Field(
-        4, gt=0, description="M, the steps each sample trains at, drawn once per group (DGPO: 4)"
+        4,
+        gt=0,
+        description="M, the steps each sample trains at, drawn once per group (DGPO's num_train_timesteps: 4); "
+        "train.timestep_fraction and train.timestep_selection do not apply",
     )
     trunc: float = Field(
         0.6,
