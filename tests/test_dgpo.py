@@ -107,6 +107,7 @@ def test_the_settings_are_checked(tmp_path, tiny_cache):
     with pytest.raises(ValueError, match="use_ema_ref"):
         Config(algorithm="dgpo", train={"lora": False})
     assert Config(algorithm="dgpo", train={"lora": False}, dgpo={"use_ema_ref": True}).dgpo.use_ema_ref
+    assert Config(algorithm="dgpo", train={"lora": False, "kl_coef": 1e-3}).train.kl_coef  # the frozen copy
     from trainer.plan import BatchPlan
 
     assert BatchPlan.of(Config(algorithm="dgpo", dgpo={"num_timesteps": 3}), 1).train_timesteps == 3

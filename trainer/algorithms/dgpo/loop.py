@@ -23,7 +23,7 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.algorithms.dgpo.loss import denoising_error, dgpo_loss
 from trainer.config import Config
-from trainer.families.models import adapters_disabled, weights_swapped
+from trainer.families.models import weights_swapped
 from trainer.sampling import Trajectories, each_tensor
 
 
@@ -119,8 +119,8 @@ def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise
         with torch.no_grad(), weights_swapped(trained.trainable, trained.old_policy.shadow):
             old = predict(policy)
     if not d.use_ema_ref or cfg.train.kl_coef:
-        with torch.no_grad(), adapters_disabled(policy):
-            base = predict(policy)
+        with torch.no_grad(), trained.base() as reference:
+            base = predict(reference)
     prediction = predict(trained.model)
 
     def per_row(p: torch.Tensor) -> torch.Tensor:  # dsm per sample and step, (B, k)

@@ -47,7 +47,8 @@ class DGPOConfig(_Group):
     )
     use_ema_ref: bool = Field(
         False,
-        description="ref_i from the EMA old model instead of the base (the LoRA-disabled denoiser; DGPO's use_ema_ref)",
+        description="ref_i from the EMA old model instead of the base (the denoiser with its LoRA adapters off, "
+        "or with full finetuning the frozen copy train.kl_coef keeps; DGPO's use_ema_ref)",
     )
     old_decay_rate: float = Field(
         0.001, ge=0, description="the EMA old model's decay min(rate x optimizer steps, old_decay_max) (DGPO: 0.001)"
