@@ -127,6 +127,15 @@ def test_a_short_run_trains_on_each_family(tmp_path, tiny_cache, preset):
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
 
 
+def test_full_finetuning_takes_the_frozen_copy_as_its_reference(tmp_path, tiny_cache):
+    from trainer import train
+
+    cfg = cfg_for(tmp_path, tiny_cache, "tiny")
+    cfg.train.lora = False
+    history = train(cfg)
+    assert all(np.isfinite(m["loss"]) for m in history) and history[-1]["kl_to_reference"] > 0
+
+
 def test_a_resumed_run_continues_exactly(tmp_path, tiny_cache):
     from safetensors.torch import load_file
 
