@@ -29,6 +29,8 @@ ADDED = {
         "stop_grace_s": 25.0,
     }
 }
+# Groups added since (issue 45's dgpo), which every recorded preset leaves at their defaults.
+NEW_GROUPS = ("dgpo",)
 
 
 def _old_names(resolved: dict) -> dict:
@@ -36,6 +38,8 @@ def _old_names(resolved: dict) -> dict:
     added since (each at its default)."""
     for group, settings in ADDED.items():
         assert {name: resolved[group].pop(name) for name in settings} == settings
+    for group in NEW_GROUPS:
+        assert resolved.pop(group) == Config.model_fields[group].default.model_dump(mode="json")
     for old, new in RENAMED.items():
         (old_group, old_name), (new_group, new_name) = old.split("."), new.split(".")
         resolved[old_group][old_name] = resolved[new_group].pop(new_name)

@@ -1,9 +1,10 @@
 """A reward-finetuning trainer for text-to-image diffusion models (DDPO / Flow-GRPO, Diffusion-DPO, ReFL /
-DRaFT / AlignProp, DiffusionNFT, AWM), with rewards scored in-process or by reward servers.
+DRaFT / AlignProp, DiffusionNFT, AWM, DGPO), with rewards scored in-process or by reward servers.
 
 ``from trainer import Config, train, torch_images`` (imported lazily: ``python -m trainer --help`` and config checks
 stay fast). ``train(cfg, reward_fn, prompt_fn)`` runs the algorithm ``cfg.algorithm`` names (trainer/algorithms/):
-DDPO / Flow-GRPO (ddpo), DiffusionNFT (nft), AWM (awm), Diffusion-DPO (dpo, ``reward_fn`` only) or ReFL (refl).
+DDPO / Flow-GRPO (ddpo), DiffusionNFT (nft), AWM (awm), DGPO (dgpo), Diffusion-DPO (dpo, ``reward_fn`` only) or
+ReFL (refl).
 """
 
 from __future__ import annotations

@@ -258,7 +258,7 @@ def _load_whole(path: Path, params, optimizer, ema, old_policy) -> None:
     optimizer.load_state_dict(_read(torch.load, path / "optimizer.pt", map_location="cpu", weights_only=True))
     averages = (
         ("ema", ema, "EMA weights; it was written with train.ema_decay 0"),
-        ("old_policy", old_policy, "old policy; it was not written by --algorithm nft or awm"),
+        ("old_policy", old_policy, "old policy; it was not written by --algorithm nft, awm or dgpo"),
     )
     for name, average, missing in averages:
         if average is not None:

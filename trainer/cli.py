@@ -1,7 +1,7 @@
 """The command line of ``python -m trainer`` / ``accelerate launch -m trainer`` (trainer/__main__.py): DDPO
 finetuning (``--algorithm dpo``: Diffusion-DPO, also ``python -m trainer.dpo`` with that project's flags, in
-trainer/dpo/__main__.py; ``--algorithm refl``: ReFL, DRaFT, AlignProp; ``--algorithm nft`` / ``awm``:
-DiffusionNFT, AWM); ``--help`` lists every option.
+trainer/dpo/__main__.py; ``--algorithm refl``: ReFL, DRaFT, AlignProp; ``--algorithm nft`` / ``awm`` /
+``dgpo``: DiffusionNFT, AWM, DGPO); ``--help`` lists every option.
 
 A mistake of the user's (an option, a value, a file, an unreachable or refusing scorer) is one short message
 naming the setting and the fix, exit status 2 and no traceback; ``--debug`` (or ``DIFFUSION_RL_DEBUG=1``)

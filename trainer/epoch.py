@@ -1,14 +1,15 @@
 """The phases of an online epoch that every reward-driven algorithm shares (DDPO and Flow-GRPO on per-step
-log-probs, DiffusionNFT and AWM on the forward process): sample the epoch's prompts in groups while each batch
-is scored, turn the epoch's rewards into advantages, log. Each algorithm's file is its training phase and the
-loop that calls these in order.
+log-probs, DiffusionNFT, AWM and DGPO on the forward process): sample the epoch's prompts in groups while each
+batch is scored, turn the epoch's rewards into advantages, log. Each algorithm's file is its training phase and
+the loop that calls these in order (``online_train`` makes its ``train``); the forward-process algorithms share
+that loop too (``forward_epochs``), each handing it its rollout weights, its updates and what follows them.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -17,7 +18,10 @@ from tqdm.auto import tqdm
 from trainer import run as run_setup
 from trainer import tracking
 from trainer.advantages import PerPromptStatTracker, advantage_groups, kept_advantages
-from trainer.rewards import Pending, dropped
+from trainer.config import Config
+from trainer.evaluate import evaluate_run
+from trainer.plan import BatchPlan
+from trainer.rewards import Pending, RewardFn, dropped
 from trainer.sampling import Trajectories, sample
 
 
@@ -218,3 +222,62 @@ def log(
         + (f" | accuracy {metrics['accuracy']:.1%}" if "accuracy" in metrics else "")
     )
     return metrics
+
+
+def online_train(body: Callable[[run_setup.Run, Any], list[dict]], doc: str) -> Callable[..., list[dict]]:
+    """The ``train(cfg, reward_fn, prompt_fn, image_samples_hook)`` of an online algorithm (the arguments
+    documented in trainer.algorithms.ddpo.loop.DOC), its docstring ``doc``: the run set up, then
+    ``body(run, image_samples_hook)``."""
+
+    def train(
+        cfg: Config,
+        reward_fn: RewardFn | dict[str, RewardFn] | None = None,
+        prompt_fn: Callable[..., Any] | None = None,
+        image_samples_hook: Callable[[int, list[dict]], None] | None = None,
+    ) -> list[dict]:
+        # One optimizer step spans the accumulated batches and, within each, every forward of trained timesteps.
+        accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
+        with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
+            return body(run, image_samples_hook)
+
+    train.__doc__ = doc
+    return train
+
+
+def forward_epochs(
+    run: run_setup.Run,
+    image_samples_hook,
+    rollout_weights: Callable[[run_setup.Trained, int], ContextManager],
+    updates: Callable[..., tuple[dict[str, list], int]],
+    after_updates: Callable[[run_setup.Trained, int], None],
+    shown: tuple[tuple[str, str, str], ...] = (("kl-ref", "kl_to_reference", ".2e"),),
+) -> list[dict]:
+    """The forward-process algorithms' epochs (DiffusionNFT, AWM, DGPO), with the lagging weights
+    ``trained.old_policy``: (1) sample inside ``rollout_weights(trained, optimizer steps)``, keeping only the
+    clean latents, while rewards are scored, (2) turn the rewards into advantages, (3) ``updates(run, trained,
+    trajectories, advantages, epoch, optimizer steps)``, returning its stats and the steps after, then
+    ``after_updates(trained, optimizer steps)``, (4) log (``shown``) and checkpoint; evaluations as due."""
+    cfg = run.cfg
+    online = start(run, lagging=True)
+    trained, tracker, global_step = online.trained, online.tracker, online.global_step
+    for epoch in range(run.start, cfg.run.num_epochs):
+        if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
+            evaluate_run(run, trained, epoch)
+        threads = run.fit_threads()
+        t0 = time.perf_counter()
+        trained.model.eval()
+        with rollout_weights(trained, global_step):
+            collected = collect(run, online, epoch, cfg.sample.eta, store=False)
+        scored = score(run, epoch, collected, tracker, image_samples_hook)
+        t2 = time.perf_counter()
+        stats, global_step = updates(run, trained, collected.trajectories, scored.advantages, epoch, global_step)
+        after_updates(trained, global_step)
+        t3 = time.perf_counter()
+        seconds = {"sampling": collected.seconds, "reward_wait": scored.wait_seconds, "training": t3 - t2}
+        stats["old_policy_decay"] = [torch.tensor(trained.old_policy.decay)]
+        log(run, trained, epoch, scored, stats, {**seconds, "epoch": t3 - t0}, global_step, threads, shown)
+        state = {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
+        run_setup.end_epoch(run, trained, epoch + 1, state)
+    if cfg.run.eval_every:
+        evaluate_run(run, trained, cfg.run.num_epochs)
+    return run_setup.finish(run, trained)

@@ -56,7 +56,10 @@ class BatchPlan:
     def train_timesteps_of(cfg: Config) -> int:
         from trainer.algorithms import ALGORITHMS
 
-        stochastic = ALGORITHMS[cfg.algorithm].stochastic_steps(cfg)  # DDPO's window, or every step
+        algorithm = ALGORITHMS[cfg.algorithm]
+        if algorithm.trained_steps is not None:  # DGPO's dgpo.num_timesteps
+            return algorithm.trained_steps(cfg)
+        stochastic = algorithm.stochastic_steps(cfg)  # DDPO's window, or every step
         return max(1, int(stochastic * cfg.train.timestep_fraction))
 
     @classmethod

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainer.algorithms.ddpo import checks as ddpo_checks
+from trainer.algorithms.dgpo import checks as dgpo_checks
 from trainer.algorithms.dpo import checks as dpo_checks
 from trainer.algorithms.forward import checks as forward_checks
 from trainer.algorithms.refl import checks as refl_checks
@@ -32,6 +33,8 @@ class Algorithm:
     check: Callable[[Any], None]  # configuration checks (raise ValueError), run while Config validates
     preflight: str | None = None  # "module:function", problems(cfg, model_found) -> list[str], before loading
     stochastic_steps: Callable[[Any], int] = _all_steps  # the sampler steps training picks among
+    # how many of them each sample trains at; None: train.timestep_fraction of them
+    trained_steps: Callable[[Any], int] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -49,6 +52,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     ),
     "nft": Algorithm("trainer.algorithms.forward.loop:train", forward_checks.check),
     "awm": Algorithm("trainer.algorithms.forward.loop:train", forward_checks.check),
+    "dgpo": Algorithm("trainer.algorithms.dgpo.loop:train", dgpo_checks.check, trained_steps=dgpo_checks.trained_steps),
 }
 
 

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainer.algorithms import ALGORITHMS
 from trainer.algorithms.ddpo.settings import DDPOConfig
+from trainer.algorithms.dgpo.settings import DGPOConfig
 from trainer.algorithms.dpo.settings import DPOConfig
 from trainer.algorithms.forward.settings import AWMConfig, NFTConfig
 from trainer.algorithms.refl.settings import ReFLConfig
@@ -235,7 +236,8 @@ def _prompt_file(path: Path | None) -> Path | None:
 
 class Config(BaseSettings):
     """Reward finetuning of a text-to-image diffusion model: DDPO / Flow-GRPO (ddpo), Diffusion-DPO on preference
-    pairs (dpo), ReFL / DRaFT / AlignProp on a differentiable reward (refl), DiffusionNFT (nft) and AWM (awm)."""
+    pairs (dpo), ReFL / DRaFT / AlignProp on a differentiable reward (refl), DiffusionNFT (nft), AWM (awm) and
+    DGPO (dgpo)."""
 
     model_config = SettingsConfigDict(
         extra="forbid",
@@ -257,7 +259,8 @@ class Config(BaseSettings):
         "ddpo",
         description="ddpo: PPO on sampled trajectories and rewards; dpo: Diffusion-DPO on preference pairs "
         "(dpo.*); refl: ReFL / DRaFT / AlignProp on a differentiable reward (refl.*); nft: DiffusionNFT and awm: "
-        "Advantage Weighted Matching, the denoising loss on rewarded samples (nft.*, awm.*)",
+        "Advantage Weighted Matching, the denoising loss on rewarded samples (nft.*, awm.*); dgpo: DGPO, that "
+        "loss weighted by each group's preference (dgpo.*)",
     )
     run: RunConfig = RunConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
@@ -270,6 +273,7 @@ class Config(BaseSettings):
     refl: ReFLConfig = ReFLConfig()
     nft: NFTConfig = NFTConfig()
     awm: AWMConfig = AWMConfig()
+    dgpo: DGPOConfig = DGPOConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 
 ``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` the same on those
 families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and
-tiny-shapes-sd3. The recipes of the papers on real checkpoints are in trainer/config/recipes.py.
+tiny-shapes-sd3. The recipes of the papers on real checkpoints are in trainer/config/recipes.py (DGPO's here,
+beside its shapes preset).
 """
 
 from __future__ import annotations
@@ -172,6 +173,18 @@ PRESETS["shapes-sd3-nft"] = _with(
     },
 )
 PRESETS["shapes-sd3-awm"] = _with(PRESETS["shapes-sd3-nft"], algorithm="awm", train={"kl_coef": 1e-3})
+# DGPO (arXiv 2510.08425; github.com/Luo-Yihong/DGPO config/dgpo.py) on the same world: ODE rollouts with
+# guidance 4.5 as DGPO samples, 8 groups of 4, each sample trained at 4 steps of the first 6 of 10 shared by
+# its group, one noise per group and step, advantages within each group; its GenEval values (beta_dpo 100, KL
+# 0.02, clip 1e-2); rollouts from the EMA old weights after 200 optimizer steps (4 an epoch). Unmeasured.
+PRESETS["shapes-sd3-dgpo"] = _with(
+    _SHAPES_SD3,
+    algorithm="dgpo",
+    run={"num_epochs": 130, "eval_every": 130},
+    sample={"eta": 0.0},
+    train={"learning_rate": 3e-4, "gradient_accumulation_steps": 1, "kl_coef": 0.02},
+    dgpo={"beta_dpo": 100.0, "num_timesteps": 4, "trunc": 0.6, "clip": 1e-2, "switch_ema_ref": 200},
+)
 # Online Diffusion-DPO (as bench/dpo.py's online mode): rounds of 64 pairs, each prompt's best and worst of 2
 # ODE samples, batches of 8, 10% empty captions; beta 5000 is Diffusion-DPO's SD1.5 value, unmeasured on flow.
 PRESETS["shapes-sd3-dpo"] = _with(
@@ -195,6 +208,33 @@ PRESETS["shapes-sd3-refl"] = _with(
     sample={"num_steps": 10, "guidance_scale": 4.5},
     train={"lora_targets": _SD3_LORA},
     refl={"num_steps": 10, "mid_low": 7, "mid_high": 9},
+)
+
+# DGPO's SD3.5-M recipes (config/dgpo.py geneval_sd3_4gpu; ANCHORS 17.1), here beside its shapes preset, for 4 GPUs:
+# per GPU 2 batches of 16 from the ODE sampler at guidance 4.5 (groups of 16, 8 groups an epoch), one optimizer
+# step per epoch over batches of whole groups, each sample at 4 steps of the first 4 of 10 (GenEval's trunc_steps),
+# beta_dpo 100, KL 0.02 to the base, clip 1e-2 against the EMA old model, rollouts from it after 500 steps;
+# advantages within each group (its per-prompt statistics of one epoch). PickScore (the paper's): groups of 24,
+# beta_dpo 10, KL 1e-3, the first 6 of 10 steps, the switch after 200; gradient checkpointing for 24 samples a
+# forward. Both evaluate at 40 steps as sd3-geneval (DGPO at 14); unmeasured here.
+_DGPO = {
+    "algorithm": "dgpo",
+    "sample": {
+        "eta": 0.0,
+        "guidance_scale": 4.5,
+        "batch_size": 16,
+        "num_batches_per_epoch": 2,
+        "images_per_prompt": 16,
+    },
+    "train": {"batch_size": 16, "gradient_accumulation_steps": 2, "group_std": "group", "group_by": "group"},
+    "dgpo": {"beta_dpo": 100.0, "num_timesteps": 4, "trunc": 0.4, "clip": 1e-2, "switch_ema_ref": 500},
+}
+PRESETS["sd3-geneval-dgpo"] = _with(_with(RECIPES["sd3-geneval"], **_DGPO), train={"kl_coef": 0.02})
+PRESETS["sd3-pickscore-dgpo"] = _with(
+    _with(RECIPES["sd3-pickscore"], **_DGPO),
+    sample={"batch_size": 24, "images_per_prompt": 24},
+    train={"batch_size": 24, "kl_coef": 1e-3, "gradient_checkpointing": True},
+    dgpo={"beta_dpo": 10.0, "trunc": 0.6, "switch_ema_ref": 200},
 )
 
 PRESETS.update(RECIPES)

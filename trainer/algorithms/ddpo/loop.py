@@ -9,46 +9,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from trainer import epoch as epoch_phases
 from trainer import run as run_setup
-from trainer.config import Config
 from trainer.evaluate import evaluate_run
 from trainer.algorithms.ddpo.loss import ppo_clip_loss
 from trainer.plan import BatchPlan
-from trainer.rewards import RewardFn
 from trainer.sampling import Chunk, Trajectories, rescore
-
-
-def train(
-    cfg: Config,
-    reward_fn: RewardFn | dict[str, RewardFn] | None = None,
-    prompt_fn: Callable[..., Any] | None = None,
-    image_samples_hook: Callable[[int, list[dict]], None] | None = None,
-) -> list[dict]:
-    """Run DDPO; returns the per-epoch metrics.
-
-    ``reward_fn(images, prompts, metadata) -> (scores, info)``, as ddpo-pytorch's and TRL's: images uint8
-    numpy (N, H, W, 3) (a torch tensor in [0, 1], (N, 3, H, W), for a function marked ``torch_images``),
-    ``info`` a dict of per-image lists or omitted; it may return a Future instead. A dict of name ->
-    function gives several, weighted and normalised like ``reward.components`` of the same names. They
-    replace ``reward.scorer``, or join ``reward.components``.
-
-    ``prompt_fn(rng)`` or ``prompt_fn()`` returns a prompt or ``(prompt, metadata)`` (see trainer.prompts);
-    it replaces ``prompt.fn``.
-
-    ``image_samples_hook(epoch, batches)``, as TRL's, receives this process's sampling batches of the epoch:
-    dicts with ``images`` (uint8 NHWC), ``prompts``, ``metadata``, ``rewards`` and ``info`` (each reward
-    component's per-image extras).
-    """
-    # One optimizer step spans the accumulated batches and, within each, every forward of trained timesteps.
-    accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
-    with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
-        return _ddpo(run, image_samples_hook)
 
 
 # What DDPO's epoch line prints besides the shared numbers: PPO's approximate KL and clipped share.
@@ -106,6 +76,25 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     if cfg.run.eval_every:
         evaluate_run(run, trained, cfg.run.num_epochs)
     return run_setup.finish(run, trained)
+
+
+# The shared train(cfg, reward_fn, prompt_fn, image_samples_hook) of the online algorithms (trainer/epoch.py).
+DOC = """Run DDPO; returns the per-epoch metrics.
+
+``reward_fn(images, prompts, metadata) -> (scores, info)``, as ddpo-pytorch's and TRL's: images uint8
+numpy (N, H, W, 3) (a torch tensor in [0, 1], (N, 3, H, W), for a function marked ``torch_images``),
+``info`` a dict of per-image lists or omitted; it may return a Future instead. A dict of name ->
+function gives several, weighted and normalised like ``reward.components`` of the same names. They
+replace ``reward.scorer``, or join ``reward.components``.
+
+``prompt_fn(rng)`` or ``prompt_fn()`` returns a prompt or ``(prompt, metadata)`` (see trainer.prompts);
+it replaces ``prompt.fn``.
+
+``image_samples_hook(epoch, batches)``, as TRL's, receives this process's sampling batches of the epoch:
+dicts with ``images`` (uint8 NHWC), ``prompts``, ``metadata``, ``rewards`` and ``info`` (each reward
+component's per-image extras).
+"""
+train = epoch_phases.online_train(_ddpo, DOC)
 
 
 def _ppo_updates(

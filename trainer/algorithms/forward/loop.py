@@ -13,75 +13,38 @@ toward the current ones, log and checkpoint. No log-prob, no stored trajectory.
 from __future__ import annotations
 
 import contextlib
-import time
+import functools
 from collections import defaultdict
-from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from trainer import epoch as epoch_phases
 from trainer import run as run_setup
-from trainer.config import Config
-from trainer.evaluate import evaluate_run
 from trainer.families.models import weights_swapped
 from trainer.algorithms.forward.loss import awm_loss, nft_loss, nft_optimality
-from trainer.plan import BatchPlan
-from trainer.rewards import RewardFn
 from trainer.sampling import Trajectories, each_tensor, pick_steps, shared_steps
-
-
-def train(
-    cfg: Config,
-    reward_fn: RewardFn | dict[str, RewardFn] | None = None,
-    prompt_fn: Callable[..., Any] | None = None,
-    image_samples_hook: Callable[[int, list[dict]], None] | None = None,
-) -> list[dict]:
-    """Run DiffusionNFT or AWM (``cfg.algorithm``); the arguments are DDPO's (trainer.algorithms.ddpo.loop.train)."""
-    accumulation = cfg.train.gradient_accumulation_steps * len(BatchPlan.step_groups_of(cfg))
-    with run_setup.started(cfg, accumulation, reward_fn, prompt_fn) as run:
-        return _forward(run, image_samples_hook)
 
 
 def _forward(run: run_setup.Run, image_samples_hook) -> list[dict]:
     cfg = run.cfg
-    online = epoch_phases.start(run, lagging=True)  # DiffusionNFT's old policy, AWM's lagging average
-    trained, tracker, global_step = online.trained, online.tracker, online.global_step
-    for epoch in range(run.start, cfg.run.num_epochs):
-        if cfg.run.eval_every and epoch % cfg.run.eval_every == 0:
-            evaluate_run(run, trained, epoch)
-        threads = run.fit_threads()
-        # 1. Sample; keep the clean latents.
-        t0 = time.perf_counter()
-        trained.model.eval()
-        with _rollout_weights(run, trained):
-            collected = epoch_phases.collect(run, online, epoch, cfg.sample.eta, store=False)
-        # 2. Rewards into advantages.
-        scored = epoch_phases.score(run, epoch, collected, tracker, image_samples_hook)
-        # 3. The forward-process updates.
-        t2 = time.perf_counter()
-        stats, global_step = _updates(run, trained, collected.trajectories, scored.advantages, epoch, global_step)
-        # 4. The lagging weights follow the current ones once per epoch (DiffusionNFT's soft update), log, checkpoint.
+
+    def lagging(trained: run_setup.Trained, global_step: int) -> None:
+        """The lagging weights follow the current ones once per epoch (DiffusionNFT's soft update)."""
         trained.old_policy.decay = (cfg.nft if cfg.algorithm == "nft" else cfg.awm).old_decay(global_step)
         trained.old_policy.update(trained.trainable)
-        t3 = time.perf_counter()
-        seconds = {
-            "sampling": collected.seconds,
-            "reward_wait": scored.wait_seconds,
-            "training": t3 - t2,
-            "epoch": t3 - t0,
-        }
-        stats["old_policy_decay"] = [torch.tensor(trained.old_policy.decay)]
-        epoch_phases.log(run, trained, epoch, scored, stats, seconds, global_step, threads)
-        run_setup.end_epoch(
-            run, trained, epoch + 1, {"global_step": global_step, "tracker": tracker.state_dict() if tracker else None}
-        )
-    if cfg.run.eval_every:
-        evaluate_run(run, trained, cfg.run.num_epochs)
-    return run_setup.finish(run, trained)
+
+    rollout = functools.partial(_rollout_weights, run)
+    return epoch_phases.forward_epochs(run, image_samples_hook, rollout, _updates, lagging)
 
 
-def _rollout_weights(run: run_setup.Run, trained: run_setup.Trained):
+train = epoch_phases.online_train(
+    _forward,
+    "Run DiffusionNFT or AWM (``cfg.algorithm``); the arguments are DDPO's (trainer.algorithms.ddpo.loop.train).",
+)
+
+
+def _rollout_weights(run: run_setup.Run, trained: run_setup.Trained, global_step: int):
     """DiffusionNFT samples with its old policy (NVlabs/DiffusionNFT train_nft_sd3.py switches to the "old"
     adapter before sampling); AWM, and NFT with nft.rollout_policy current, with the trained weights."""
     if run.cfg.algorithm == "nft" and run.cfg.nft.rollout_policy == "old":
