@@ -70,7 +70,7 @@ def _updates(run: run_setup.Run, trained: run_setup.Trained, batch: Trajectories
     whole groups (the groups' order shuffled), each batch's M steps in the plan's denoiser forwards; the EMA
     old model steps after each optimizer step."""
     cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
-    run.ctrl_c.updating()
+    run.interrupts.updating()
     trained.model.train()
     device, g = advantages.device, cfg.sample.images_per_prompt
     trained.family.dynamics.timesteps(cfg.sample.num_steps, device)  # the schedule the steps index
