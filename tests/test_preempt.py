@@ -305,7 +305,7 @@ def test_what_counts_as_another_run(tmp_path):
         "more epochs and checkpoints": lambda c: c["run"].update(num_epochs=99, save_freq=1, checkpoint_limit=2),
         "another place": lambda c: c["run"].update(output_dir="/elsewhere/run", resume_from="auto"),
         "sharded, compiled, other threads": lambda c: c["run"].update(
-            sharding="fsdp", compile="inductor", cpu_threads=3
+            sharding="fsdp", shard_text_encoders=True, compile="inductor", cpu_threads=3
         ),
         "written before a setting existed": lambda c: c["run"].pop("stop_grace_s"),
         "evaluated otherwise": lambda c: c["run"].update(eval_every=3, eval_scorer="aesthetic"),

@@ -52,6 +52,7 @@ RUN_CONTROL = (
     "run.channels_last",
     "run.sharding",
     "run.reshard_after_forward",
+    "run.shard_text_encoders",
     "run.cpu_offload",
     "train.gradient_checkpointing",
     "train.timesteps_per_forward",
