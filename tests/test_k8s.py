@@ -289,12 +289,17 @@ def test_pods_run_as_non_root_on_a_read_only_root(rendered):
 
 # The pod's filesystem, as far as a mount namespace can make it: the root read-only, a tmpfs for /tmp holding the
 # cache emptyDir too (/cache cannot be created on a read-only root here), then the server in place of the shell.
+# The pod's writable volumes (emptyDirs at /tmp and /cache) as fresh tmpfs mounts on two directories made
+# beforehand ($1, $2), not on /tmp itself: a checkout or virtual environment under /tmp stays visible. TMPDIR
+# and the cache variables point at them.
 READ_ONLY_ROOT = """set -e
+scratch=$1 cache=$2
+shift 2
 mount --make-rprivate /
 mount -o remount,ro,bind /
 if touch /.k8s-read-only-check 2>/dev/null; then rm /.k8s-read-only-check; echo "the root is writable" >&2; exit 1; fi
-mount -t tmpfs -o size=256m tmpfs /tmp
-mkdir /tmp/cache
+mount -t tmpfs -o size=256m tmpfs "$scratch"
+mount -t tmpfs -o size=256m tmpfs "$cache"
 exec "$@"
 """
 
@@ -304,14 +309,18 @@ def test_a_scorer_serves_on_a_read_only_root_with_the_manifests_volumes(rendered
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare -m needs root (CAP_SYS_ADMIN)")
     deployment = reward_servers(rendered["base"])["compression"]
-    variables = {n: e["value"].replace("/cache", "/tmp/cache") for n, e in env(deployment).items() if "value" in e}
+    scratch, cache = tmp_path / "tmp", tmp_path / "cache"
+    scratch.mkdir()
+    cache.mkdir()
+    variables = {n: e["value"].replace("/cache", str(cache)) for n, e in env(deployment).items() if "value" in e}
+    variables["TMPDIR"] = str(scratch)
     token = {name: "k8s-token" for name in secret_variables(deployment)}
     port = free_port()
     exe = shutil.which("reward-server", path=str(Path(sys.executable).parent))
     command = [*container(deployment)["command"][1:], "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path / "server.log"
+    log = tmp_path / "server.log"  # written from outside the namespace (the shell's redirect), not by the server
     proc = subprocess.Popen(
-        ["unshare", "-m", "sh", "-c", READ_ONLY_ROOT, "sh", exe, *command],
+        ["unshare", "-m", "sh", "-c", READ_ONLY_ROOT, "sh", str(scratch), str(cache), exe, *command],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, **variables, **token},

@@ -118,7 +118,7 @@ def test_the_sharded_checkpoint_resumes_on_one_process(sharded, tmp_path, tiny_c
     resumed = subprocess.run(
         [sys.executable, "-m", "trainer", "--preset", "tiny-sd3", "--run.output_dir", str(out)]
         + ["--run.num_epochs", "3", "--run.log_with", "none", "--pretrained.cache_dir", str(tiny_cache), *DDPO]
-        + ["--run.sharding", "fsdp", "--run.resume_from", str(out)],
+        + ["--train.stat_min_count", "4", *SHARDED, "--run.resume_from", str(out)],  # launch()'s settings
         capture_output=True,
         text=True,
         timeout=600,
