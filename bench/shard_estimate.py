@@ -58,7 +58,7 @@ import torch
 
 from bench import gpu_estimate as ge
 from bench.shard_models import BF16, Simulation
-from bench.shard_setups import ANCHORS, RECIPES
+from bench.shard_setups import PUBLISHED, RECIPES
 
 GPU_COUNTS, PER_NODE, CARD_GB = (1, 2, 4, 8, 16, 32), 8, 80.0
 FP32, ADAM = 4, 8  # bytes a parameter: master weight or gradient; AdamW's two moments (BF16: the compute copy)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "assumptions": __doc__.split("\n\n", 2)[2].strip(),
         "recipes": {key: estimate(sim, key) for key in keys},
     }
-    report["anchors"] = [compare(sim, a) for a in ANCHORS if a["recipe"] is None or a["recipe"] in keys]
+    report["anchors"] = [compare(sim, a) for a in PUBLISHED if a["recipe"] is None or a["recipe"] in keys]
     report["seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(report, indent=1)
     print(markdown(report) if args.markdown else text)

@@ -56,7 +56,7 @@ QWEN25_VL_7B = {
     },
     "tie_word_embeddings": False,
 }
-# flow_grpo config/grpo.py pickscore_qwenimage (ANCHORS 15.1): r64 a128 on attention and both MLPs
+# flow_grpo config/grpo.py pickscore_qwenimage: r64 a128 on attention and both MLPs
 QWEN_LORA = {
     "lora_rank": 64,
     "lora_alpha": 128.0,

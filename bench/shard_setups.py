@@ -1,6 +1,6 @@
 """What bench/shard_estimate.py estimates: the recipes (a family, LoRA or full, the resolution, per-GPU batch,
 gradient checkpointing and micro-batches per optimizer step, each with its source), and what the anchors run
-(ANCHORS.md 14 and 15.1) beside our estimate of it."""
+(Flow-Factory, flow_grpo, DanceGRPO and verl-omni: their configs and READMEs) beside our estimate of it."""
 
 # batch: samples per GPU per forward (train.batch_size x timesteps_per_forward); micro_batches: forwards (each
 # with its backward) per optimizer step, train.gradient_accumulation_steps x the trained timesteps' forwards.
@@ -61,9 +61,10 @@ RECIPES = {
     ),
 }
 
-# What the anchors run (ANCHORS.md 14, 15.1) and the estimate set beside it: a recipe, a variant of it (their
+# What Flow-Factory, flow_grpo, DanceGRPO and verl-omni run (their configs and READMEs) and the estimate set
+# beside it: a recipe, a variant of it (their
 # resolution and batch), "none" for unsharded data parallel (every GPU holds everything: N = 1's need).
-ANCHORS = [
+PUBLISHED = [
     dict(
         project="flow_grpo",
         runs="Qwen-Image LoRA r64, FSDP1 FULL_SHARD (Qwen2.5-VL sharded too), AC, optimizer offload, 512 px, batch 4",

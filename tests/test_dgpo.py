@@ -177,7 +177,7 @@ def test_rollouts_switch_to_the_ema_weights(tmp_path, tiny_cache, monkeypatch):
 
 
 def test_the_presets_are_dgpos_configs():
-    """DGPO's GenEval and PickScore values (config/dgpo.py, ANCHORS 17.1) and the shapes preset."""
+    """DGPO's GenEval and PickScore values (Luo-Yihong/DGPO config/dgpo.py) and the shapes preset."""
     from trainer.plan import BatchPlan
 
     geneval, pickscore = Config(preset="sd3-geneval-dgpo"), Config(preset="sd3-pickscore-dgpo")

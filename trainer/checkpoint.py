@@ -32,7 +32,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
-from trainer.sharding import is_sharded
+from trainer.sharding import any_sharded
 
 PREFIX = "checkpoint-"
 SHARDED = "sharded"  # a sharded run's torch.distributed.checkpoint folder inside a checkpoint
@@ -186,7 +186,7 @@ def save(
     tensors, plain = rng or rng_state(prompt_rng)  # every process has its own streams
     save_file(tensors, str(staging / f"rng-{rank}.safetensors"))
     (staging / f"rng-{rank}.json").write_text(json.dumps(plain))
-    if any(is_sharded(p) for p in params.values()):
+    if any_sharded(params):
         dcp.save(_sharded_state(model, params, optimizer, ema, old_policy), checkpoint_id=staging / SHARDED)
     elif accelerator.is_main_process:
         save_file(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from trainer import tracking
-from trainer.sharding import is_sharded
+from trainer.sharding import any_sharded
 
 
 def evaluate(
@@ -142,7 +142,7 @@ def evaluate_run(run, trained, after_epochs: int, unit: str = "epochs", final: b
     prompts, metadata = eval_prompts(cfg, run.prompt_fn)
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     kept = len(mine)
-    if any(is_sharded(p) for p in trained.trainable.values()):
+    if any_sharded(trained.trainable):
         # A sharded denoiser gathers its weights in each forward, with every process: all run as many
         # batches, a short share topped up with prompt 0, whose results are dropped.
         mine += [0] * (-(-len(prompts) // accelerator.num_processes) - kept)

@@ -231,7 +231,7 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
         num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=optimizer_steps,
     )
-    if any(sharding.is_sharded(p) for p in trainable.values()):
+    if sharding.any_sharded(trainable):
         model, optimizer = denoiser, accelerator.prepare(optimizer)  # FSDP2 in place of accelerate's DDP
     else:
         model, optimizer = accelerator.prepare(denoiser, optimizer)  # DDP-wrapped on several processes
@@ -339,7 +339,7 @@ def finish(run: Run, trained: Trained) -> list[dict]:
     if trained.ema is not None:
         trained.ema.copy_to(trained.trainable)  # the published weights are the average
     gathered = None  # a sharded denoiser's weights, gathered whole once, to the main process
-    if any(sharding.is_sharded(p) for p in trained.trainable.values()):
+    if sharding.any_sharded(trained.trainable):
         gathered = sharding.gathered_state_dict(trained.policy, trainable_only=cfg.train.lora)
     if accelerator.is_main_process:
         where = save_weights(trained.family, cfg, run.out, gathered)

@@ -40,6 +40,11 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def any_sharded(params: dict[str, torch.Tensor]) -> bool:
+    """Whether the run shards these parameters (they are sharded together or not at all)."""
+    return any(is_sharded(p) for p in params.values())
+
+
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a shard (collective: every process calls it), or the tensor itself."""
     return tensor.full_tensor() if is_sharded(tensor) else tensor
@@ -159,7 +164,7 @@ def agreed(value: int, trainable: dict[str, torch.Tensor]) -> int:
     """A draw that decides how many forwards a step runs (ReFL's stopping step, AlignProp's truncation):
     each process's own, unless the model is sharded, whose forwards every process runs together: then rank
     0's, everywhere."""
-    if not any(is_sharded(p) for p in trainable.values()):
+    if not any_sharded(trainable):
         return value
     from accelerate.utils import broadcast_object_list
 

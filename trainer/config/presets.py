@@ -210,7 +210,7 @@ PRESETS["shapes-sd3-refl"] = _with(
     refl={"num_steps": 10, "mid_low": 7, "mid_high": 9},
 )
 
-# DGPO's SD3.5-M recipes (config/dgpo.py geneval_sd3_4gpu; ANCHORS 17.1), here beside its shapes preset, for 4 GPUs:
+# DGPO's SD3.5-M recipes (Luo-Yihong/DGPO config/dgpo.py geneval_sd3_4gpu), here beside its shapes preset, for 4 GPUs:
 # per GPU 2 batches of 16 from the ODE sampler at guidance 4.5 (groups of 16, 8 groups an epoch), one optimizer
 # step per epoch over batches of whole groups, each sample at 4 steps of the first 4 of 10 (GenEval's trunc_steps),
 # beta_dpo 100, KL 0.02 to the base, clip 1e-2 against the EMA old model, rollouts from it after 500 steps;

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.sharding import is_sharded
+from trainer.sharding import any_sharded
 
 from trainer.config import Config
 from trainer.families.flux import Flux
@@ -149,7 +149,7 @@ def weights_swapped(params: dict[str, torch.nn.Parameter], tensors: dict[str, to
     EMA reference run this way, without a second adapter or model. Whole parameters swap their storage (no
     copy); sharded ones (run.sharding) are copied into in place, since FSDP gathers from its own storage and
     would not see a swapped one."""
-    if any(is_sharded(p) for p in params.values()):
+    if any_sharded(params):
         saved = {name: p.detach().clone() for name, p in params.items()}
         _copy_into(params, tensors)
         try:
