@@ -67,6 +67,14 @@ def test_per_prompt_stat_tracking_with_groups_is_rejected():
     Config(sample={"batch_size": 4, "images_per_prompt": 2})  # groups alone: fine
 
 
+def test_norm_guard_on_a_loss_without_a_velocity_and_two_text_encoder_placements_are_rejected():
+    with pytest.raises(ValidationError, match=r"train.norm_guard_coef: .* --algorithm nft, awm, dgpo"):
+        Config(train={"norm_guard_coef": 0.1})  # ddpo: a log-prob ratio, no velocity loss to add it to
+    assert Config(preset="shapes-sd3-nft", train={"norm_guard_coef": 0.1}).train.norm_guard_coef == 0.1
+    with pytest.raises(ValidationError, match="run.offload_text_encoders and run.shard_text_encoders"):
+        Config(run={"sharding": "fsdp", "shard_text_encoders": True, "offload_text_encoders": True})
+
+
 def test_unguided_training_of_guided_samples_is_rejected():
     with pytest.raises(ValidationError, match=r"ddpo.cfg is false .* sample.guidance_scale \(5.0\)"):
         Config(ddpo={"cfg": False})

@@ -254,6 +254,29 @@ def test_sd3_with_t5_encodes_its_tokens_and_leaves_them_out_when_asked(tiny_cach
     assert torch.equal(a["pooled_projections"], b["pooled_projections"])
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_offloaded_text_encoders_encode_as_the_resident_ones(tiny_cache, preset):
+    """run.offload_text_encoders: the encoders' weights stay in CPU memory (the modules hold none: accelerate's
+    hooks bring each layer's to the device for its forward) and the prompts encode the same."""
+    from trainer.families import text_encoders
+
+    cfg = Config(preset=preset, pretrained={"cache_dir": tiny_cache})
+    resident = load_family(cfg, torch.device("cpu"))
+    offloaded = load_family(
+        cfg.model_copy(update={"run": cfg.run.model_copy(update={"offload_text_encoders": True})}), torch.device("cpu")
+    )
+    encoders = text_encoders(offloaded.pipe)
+    assert len(encoders) == (1 if preset == "tiny" else 2)
+    assert all(p.device.type == "meta" for encoder in encoders.values() for p in encoder.parameters())
+    assert all(p.device.type == "cpu" for p in offloaded.denoiser.parameters())
+    a, b = (
+        resident.encode_prompts(["a red cat", "two blue squares"]),
+        offloaded.encode_prompts(["a red cat", "two blue squares"]),
+    )
+    a, b = (a, b) if isinstance(a, dict) else (vars(a), vars(b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_the_cli_trains_each_family_preset(tmp_path, tiny_cache, preset):
     import subprocess

@@ -25,9 +25,12 @@ ADDED = {
         "sharding": "none",
         "reshard_after_forward": True,
         "shard_text_encoders": False,
+        "offload_text_encoders": False,
         "cpu_offload": False,
         "stop_grace_s": 25.0,
-    }
+        "eval_drift": True,
+    },
+    "train": {"norm_guard_coef": 0.0},
 }
 # Groups added since (issue 45's dgpo), which every recorded preset leaves at their defaults.
 NEW_GROUPS = ("dgpo",)

@@ -2,8 +2,8 @@
 torch's FSDP2 and train what the same run trains unsharded (DDP): LoRA and full finetuning, one algorithm of
 each kind (DDPO's rollouts, DiffusionNFT's forward process with lagging weights, ReFL's step loop). A killed
 rank stops the run; the sharded checkpoint resumes bit-identically, and on one process; two "machines" of two
-processes each (deploy/launch.sh, as a Kubeflow PyTorchJob starts it) train with hybrid sharding and evaluate
-on fewer prompts than processes."""
+processes each (deploy/launch.sh, as a Kubeflow PyTorchJob starts it) train with hybrid sharding, evaluate
+on fewer prompts than processes, and resume on two."""
 
 from __future__ import annotations
 
@@ -171,7 +171,15 @@ def test_two_machines_of_two_processes_train_with_hybrid_sharding(tmp_path, tiny
     PyTorchJob tells its pods: RANK and WORLD_SIZE per pod, which must not become process ranks."""
     out, port = tmp_path / "run", free_port()
     flags = ["--preset", "tiny-sd3", "--run.output_dir", str(out), "--run.num_epochs", "1", "--run.log_with", "none"]
-    flags += ["--pretrained.cache_dir", str(tiny_cache), *DDPO, "--run.sharding", "hybrid"]
+    flags += [
+        "--pretrained.cache_dir",
+        str(tiny_cache),
+        *DDPO,
+        "--run.sharding",
+        "hybrid",
+        "--train.stat_min_count",
+        "4",
+    ]
     # One evaluation prompt for four processes: the three without one still run the sharded denoiser with it.
     (tmp_path / "one.txt").write_text("a red circle\n")
     flags += ["--run.eval_every", "1", "--prompt.eval_path", str(tmp_path / "one.txt")]
@@ -203,11 +211,45 @@ def test_two_machines_of_two_processes_train_with_hybrid_sharding(tmp_path, tiny
     assert (out / LORA).is_file()
     assert [json.loads(line)["epoch"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]
 
+    # 4 -> 2: the four processes' shards (weights, AdamW's moments) resharded over two, which train on
+    four = load_file(out / LORA)
+    evaluating = ("--run.eval_every", "1", "--prompt.eval_path", str(tmp_path / "one.txt"), "--run.resume_from", "auto")
+    log = _ran(launch(out, tiny_cache, 2, *DDPO, "--run.sharding", "fsdp", *evaluating, preset="tiny-sd3"))
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-1'}" in log and "8 samples per epoch on 2" in log
+    assert [m["epoch"] for m in _epochs(out)] == [0, 1]
+    assert _max_difference(load_file(out / LORA), four) > 0
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
-def test_the_unet_families_train_sharded(preset, tmp_path, tiny_cache):
-    """SD1's and SDXL's UNets, sharded per down, mid and up block (the family's shard_blocks)."""
-    out = tmp_path / preset
-    log = _ran(launch(out, tiny_cache, 1, *DDPO, "--run.sharding", "fsdp", preset=preset))
+
+def test_sdxl_trains_sharded(tmp_path, tiny_cache):
+    """SDXL's UNet, sharded per down, mid and up block (the family's shard_blocks; SD1's UNet, the same class,
+    trains sharded in the Diffusion-DPO test above)."""
+    out = tmp_path / "sdxl"
+    log = _ran(launch(out, tiny_cache, 1, *DDPO, "--run.sharding", "fsdp", preset="tiny-sdxl"))
     assert sorted((rank, strategy) for rank, strategy, *_ in re.findall(SHARE, log)) == [("0", "fsdp"), ("1", "fsdp")]
     assert "6 units" in log and (out / LORA).is_file()
+
+
+def test_sharded_full_finetune_dpo_with_an_ema_reference_matches_unsharded(tmp_path, tiny_cache):
+    """Diffusion-DPO fully finetuning SD1's UNet against its moving average (dpo.reference ema): the reference
+    is the base's frozen copy, sharded like the policy, holding the average's shards (copied in, as FSDP
+    gathers from its own storage); the losses and the saved UNet are those of the unsharded run."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.test_dpo import pick_a_pic_rows
+    from trainer.pairs import write_parquet
+
+    write_parquet(pick_a_pic_rows(12), tmp_path / "pairs" / "train-0000.parquet")
+    args = ("--algorithm", "dpo", "--dpo.dataset", str(tmp_path / "pairs"), "--dpo.max_train_steps", "2")
+    args = (*args, "--no-train.lora", "--train.ema_decay", "0.5", "--dpo.reference", "ema", "--train.batch_size", "1")
+    args = (*args, "--train.learning_rate", "1e-4", "--run.eval_every", "0", "--run.log_images_every", "0")
+    out, whole = tmp_path / "fsdp", tmp_path / "ddp"
+    log = _ran(launch(out, tiny_cache, 1, *args, "--run.sharding", "fsdp"))
+    assert len(re.findall(SHARE, log)) == 2
+    _ran(launch(whole, tiny_cache, 1, *args))
+    steps = [[(m["loss"], m["reference_mse_winner"]) for m in _epochs(run)] for run in (out, whole)]
+    assert len(steps[0]) == 2 and steps[0] == pytest.approx(steps[1], rel=1e-4)
+    assert steps[0][1][0] != pytest.approx(steps[0][0][0])  # the policy moved from its reference
+
+    a = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    b = UNet2DConditionModel.from_pretrained(whole / "unet").state_dict()
+    assert _max_difference(a, b) < 1e-5

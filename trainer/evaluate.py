@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from trainer import tracking
+from trainer.drift import Drift
+from trainer.drift import summary as drift_summary
 from trainer.sharding import any_sharded
 
 
@@ -35,9 +37,11 @@ def evaluate(
     batch_size: int,
     deadline: float = 600.0,
     autocast=contextlib.nullcontext,
+    probe=None,
 ) -> tuple[np.ndarray, dict]:
     """uint8 NHWC images and the scorers' outputs ({component: ScoreOutput}) of ``prompts``, image i from
-    noise seeded by ``seeds[i]``."""
+    noise seeded by ``seeds[i]``. ``probe(latents, cond, seeds)``, when given, sees each batch's final latents
+    (trainer.drift.Drift)."""
     import torch
 
     from trainer.rewards import Pending
@@ -64,6 +68,8 @@ def evaluate(
             with torch.no_grad(), autocast():
                 for i, t in enumerate(timesteps):
                     x = family.dynamics.step(family.predict(model, x, t, cond, negative, guidance_scale), i, x, 0.0)[0]
+            if probe is not None:
+                probe(x, cond, seeds[part])
             images.append(family.vae.to_uint8(x))
             pending.add(rewards.submit(images[-1], prompts[part], metadata[part]))
     finally:
@@ -128,16 +134,41 @@ def eval_prompts(cfg, prompt_fn) -> tuple[list[str], list[dict[str, Any]]]:
     return list(prompts), list(metadata)
 
 
+def _gathered(mine: list[int], images: np.ndarray, scored: dict, drift: dict[str, list[float]]):
+    """Every process's evaluated prompts (``mine``: their indices, this process's) gathered in prompt order:
+    the rows (index, image, scores), the scorers' outputs and the drift values of all of them."""
+    from accelerate.utils import gather_object
+
+    from trainer.rewards import ScoreOutput
+
+    rows = gather_object(
+        [
+            (
+                i,
+                images[k],
+                {n: (float(s.scores[k]), {key: v[k] for key, v in s.info.items()}) for n, s in scored.items()},
+                {n: v[k] for n, v in drift.items()},
+            )
+            for k, i in enumerate(mine)
+        ]
+    )
+    rows.sort(key=lambda row: row[0])
+    scored = {
+        n: ScoreOutput(
+            np.array([row[2][n][0] for row in rows]),
+            {key: [row[2][n][1][key] for row in rows] for key in scored[n].info},
+        )
+        for n in scored
+    }
+    return rows, scored, {n: np.array([row[3][n] for row in rows]) for n in drift}
+
+
 def evaluate_run(run, trained, after_epochs: int, unit: str = "epochs", final: bool | None = None) -> dict:
     """The trainer's periodic evaluation of the weights (``trained.policy``, the bare denoiser a
     ``trainer.run.Trained`` holds) after ``after_epochs`` epochs (or optimizer steps: ``unit``; the record's
     "epoch"), the before/after grid at the ``final`` one (default: after run.num_epochs): each process takes
     every n-th prompt; the main process writes eval.jsonl and eval/after-NNNN.png and logs ``eval/*``. What
     one evaluation leaves the next (the eval scorer, the first evaluation) is ``run.evaluations``."""
-    from accelerate.utils import gather_object
-
-    from trainer.rewards import ScoreOutput
-
     cfg, accelerator = run.cfg, run.accelerator
     prompts, metadata = eval_prompts(cfg, run.prompt_fn)
     mine = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
@@ -149,6 +180,9 @@ def evaluate_run(run, trained, after_epochs: int, unit: str = "epochs", final: b
     rewards = run.rewards
     if cfg.run.eval_scorer:  # loaded at the first evaluation, kept for the others
         rewards = run.evaluations.rewards(cfg.run.eval_scorer, accelerator.device)
+    drift = None
+    if cfg.run.eval_drift and (cfg.train.lora or trained.frozen is not None):  # a base model to compare with
+        drift = Drift(trained.family, trained.policy, trained.base, accelerator.autocast)
     images, scored = evaluate(
         trained.family,
         trained.policy,
@@ -162,27 +196,14 @@ def evaluate_run(run, trained, after_epochs: int, unit: str = "epochs", final: b
         batch_size=cfg.sample.batch_size,
         deadline=cfg.reward.deadline,
         autocast=accelerator.autocast,
+        probe=drift,
     )
-    rows = gather_object(
-        [
-            (
-                i,
-                images[k],
-                {n: (float(s.scores[k]), {key: v[k] for key, v in s.info.items()}) for n, s in scored.items()},
-            )
-            for k, i in enumerate(mine[:kept])
-        ]
-    )
-    rows.sort(key=lambda row: row[0])
-    scored = {
-        n: ScoreOutput(
-            np.array([row[2][n][0] for row in rows]),
-            {key: [row[2][n][1][key] for row in rows] for key in scored[n].info},
-        )
-        for n in scored
-    }
+    rows, scored, drifted = _gathered(mine[:kept], images, scored, drift.values if drift else {})
     total = rewards.combine({n: s.scores for n, s in scored.items()})
-    result = {"epoch": after_epochs, **summary([prompts[row[0]] for row in rows], scored, total)}
+    shown_prompts = [prompts[row[0]] for row in rows]
+    result = {"epoch": after_epochs, **summary(shown_prompts, scored, total)}
+    if drift:
+        result |= drift_summary(drifted, tracking.categories(tracking.sample_records(0, 0, shown_prompts, scored)))
     accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "per_prompt"}, step=after_epochs)
     if accelerator.is_main_process:
         with open(run.out / "eval.jsonl", "a") as f:

@@ -1,5 +1,6 @@
-"""The loss the algorithms share: the plain denoising error that Diffusion-DPO, its SFT and ReFL's pre-training
-step use. Each algorithm's own objective is in its folder (trainer/algorithms/<name>/loss.py)."""
+"""The losses the algorithms share: the plain denoising error that Diffusion-DPO, its SFT and ReFL's pre-training
+step use, and NormGuard's hinge on the velocity's norm. Each algorithm's own objective is in its folder
+(trainer/algorithms/<name>/loss.py)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def denoising_errors(accelerator, family, model, batch: dict[str, Any], resoluti
         prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
     error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
     return error, (noisy, timesteps, cond, target)
+
+
+def rms(prediction: torch.Tensor) -> torch.Tensor:
+    """Each sample's root-mean-square over its elements: a norm that does not grow with the resolution."""
+    return prediction.float().pow(2).mean(dim=tuple(range(1, prediction.ndim))).sqrt()
+
+
+def norm_hinge(prediction: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NormGuard (arXiv 2606.27771): RL finetuning inflates the velocity's norm over the base model's on the same
+    inputs, and only a penalty in training undoes it: mean over samples of max(0, ||v_policy|| - ||v_base||),
+    zero while the policy's norm stays at or below the base's. The paper's exact form is not published; ours
+    is per sample with ``rms`` norms, unsquared. Returns it and the mean norm ratio (logged)."""
+    policy, base = rms(prediction), rms(reference.detach())
+    hinge = torch.relu(policy - base).mean()
+    return hinge, {"norm_hinge": hinge.detach(), "norm_ratio": (policy / base.clamp(min=1e-12)).mean().detach()}

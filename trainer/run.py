@@ -196,11 +196,15 @@ def started(cfg: Config, accumulation_steps: int, reward_fn=None, prompt_fn=None
             accelerator.end_training()
 
 
-def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = None, lagging: bool = False) -> Trained:
+def load_model(
+    run: Run, optimizer_steps: int, learning_rate: float | None = None, lagging: bool = False, reference: bool = False
+) -> Trained:
     """Load the family, make it trainable, build the optimizer (at ``learning_rate``, default
     train.learning_rate), LR schedule (over ``optimizer_steps``) and EMA, and restore a checkpoint when
     resuming. ``lagging``: the algorithm keeps lagging weights (DiffusionNFT's old policy, AWM's lagging
-    average), whose decay it sets per epoch; made here so that a resumed run loads them with the rest."""
+    average), whose decay it sets per epoch; made here so that a resumed run loads them with the rest.
+    ``reference``: the algorithm compares with the base model whatever train.kl_coef (Diffusion-DPO); a full
+    finetune then keeps the base's frozen copy (``Trained.frozen``, sharded like the denoiser)."""
     cfg, accelerator = run.cfg, run.accelerator
     # One process builds the tiny model (save_pretrained writes weights only on rank 0 once torch.distributed
     # is up, so a build elsewhere would be empty); the others load it after.
@@ -208,7 +212,7 @@ def load_model(run: Run, optimizer_steps: int, learning_rate: float | None = Non
         family = load_family(cfg, accelerator.device)
     accelerator.print(f"model: {family.pipe.name_or_path}")  # where the tiny model was built, or the checkpoint loaded
     denoiser = family.denoiser
-    frozen = frozen_copy(denoiser, cfg)  # before anything trains
+    frozen = frozen_copy(denoiser, cfg, reference)  # before anything trains
     trainable = make_trainable(denoiser, cfg)
     if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -36,6 +36,7 @@ RUN_CONTROL = (
     "*.log_every",
     "run.log_with",
     "run.log_images_every",
+    "run.eval_drift",
     "run.push_to_hub",
     "run.stop_grace_s",
     # evaluation: what is measured, with its own seeds and streams, not what is trained
@@ -53,6 +54,7 @@ RUN_CONTROL = (
     "run.sharding",
     "run.reshard_after_forward",
     "run.shard_text_encoders",
+    "run.offload_text_encoders",
     "run.cpu_offload",
     "train.gradient_checkpointing",
     "train.timesteps_per_forward",

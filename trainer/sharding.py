@@ -133,10 +133,12 @@ def shard_text_encoders(pipe, cfg: Config, device_type: str) -> list[str]:
     state, only their share of the memory. Returns the encoders sharded."""
     if not _several_processes():
         return []
+    from trainer.families import text_encoders
+
     options, sharded = {"mesh": _mesh(cfg.run.sharding, device_type), "reshard_after_forward": True}, []
-    for name, encoder in pipe.components.items():
+    for name, encoder in text_encoders(pipe).items():
         blocks = set(getattr(encoder, "_no_split_modules", None) or ())
-        if name.startswith("text_encoder") and blocks:  # not: absent (SD3 without T5), or not a transformers model
+        if blocks:  # not a transformers model: nothing it names unsplittable
             _fully_shard(encoder, blocks, options)
             sharded.append(name)
     return sharded

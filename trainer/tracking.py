@@ -83,22 +83,31 @@ def sample_records(epoch: int, process: int, prompts: list[str], scored: dict) -
     return records
 
 
+def _category_key(records: list[dict]) -> str | None:
+    return next((k for k in (records[0] if records else {}) if k == "category" or k.endswith("/category")), None)
+
+
+def categories(records: list[dict]) -> np.ndarray | None:
+    """Each image's GenEval-style category, when a scorer tells it."""
+    key = _category_key(records)
+    return None if key is None else np.array([str(r[key]) for r in records])
+
+
 def by_category(records: list[dict], rewards: np.ndarray) -> dict[str, float]:
     """A GenEval-style breakdown, when a scorer says each image's ``category`` (and whether it is fully
     ``correct``, as the shapes verifier does): ``accuracy`` and, per category, the mean reward and accuracy."""
-    key = next((k for k in (records[0] if records else {}) if k == "category" or k.endswith("/category")), None)
-    if key is None:
+    labels = categories(records)
+    if labels is None:
         return {}
-    categories = np.array([str(r[key]) for r in records])
-    correct_key = key[: -len("category")] + "correct"
+    correct_key = _category_key(records)[: -len("category")] + "correct"
     correct = np.array([bool(r[correct_key]) for r in records]) if correct_key in records[0] else None
     out = {} if correct is None else {"accuracy": float(correct.mean())}
-    for c in sorted(set(categories)):
-        out[f"category/{c}/reward_mean"] = float(np.asarray(rewards)[categories == c].mean())
+    for c in sorted(set(labels)):
+        out[f"category/{c}/reward_mean"] = float(np.asarray(rewards)[labels == c].mean())
         if correct is not None:
-            out[f"category/{c}/accuracy"] = float(correct[categories == c].mean())
+            out[f"category/{c}/accuracy"] = float(correct[labels == c].mean())
     if correct is not None:  # GenEval's overall score (Ghosh et al. 2023): the mean of its tags' accuracies
-        out["accuracy_category_mean"] = float(np.mean([correct[categories == c].mean() for c in set(categories)]))
+        out["accuracy_category_mean"] = float(np.mean([correct[labels == c].mean() for c in set(labels)]))
     return out
 
 

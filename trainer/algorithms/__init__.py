@@ -35,6 +35,8 @@ class Algorithm:
     stochastic_steps: Callable[[Any], int] = _all_steps  # the sampler steps training picks among
     # how many of them each sample trains at; None: train.timestep_fraction of them
     trained_steps: Callable[[Any], int] | None = None
+    # the loss is local in the velocity (or noise) prediction: train.norm_guard_coef adds NormGuard's hinge to it
+    norm_guard: bool = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -50,9 +52,14 @@ ALGORITHMS: dict[str, Algorithm] = {
     "refl": Algorithm(
         "trainer.algorithms.refl.loop:train", refl_checks.check, "trainer.algorithms.refl.preflight:problems"
     ),
-    "nft": Algorithm("trainer.algorithms.forward.loop:train", forward_checks.check),
-    "awm": Algorithm("trainer.algorithms.forward.loop:train", forward_checks.check),
-    "dgpo": Algorithm("trainer.algorithms.dgpo.loop:train", dgpo_checks.check, trained_steps=dgpo_checks.trained_steps),
+    "nft": Algorithm("trainer.algorithms.forward.loop:train", forward_checks.check, norm_guard=True),
+    "awm": Algorithm("trainer.algorithms.forward.loop:train", forward_checks.check, norm_guard=True),
+    "dgpo": Algorithm(
+        "trainer.algorithms.dgpo.loop:train",
+        dgpo_checks.check,
+        trained_steps=dgpo_checks.trained_steps,
+        norm_guard=True,
+    ),
 }
 
 

@@ -154,6 +154,14 @@ class TrainConfig(_Group):
         "2 std_t^2, std_t without sqrt(-dt)); DDIM, the exact KL of the steps' Gaussians; also "
         "DiffusionNFT's config.train.beta and AWM's beta (not dpo.beta nor nft.beta)",
     )
+    norm_guard_coef: float = Field(
+        0.0,
+        ge=0,
+        description="NormGuard's hinge (arXiv 2606.27771: RL finetuning inflates the velocity's norm 5-15% over "
+        "the base's): coef x mean over samples of max(0, rms(v_policy) - rms(v_base)), on the same noisy "
+        "inputs, added to the velocity-local losses (nft, awm, dgpo); 0: off. The paper's exact form is not "
+        "published: ours is per sample, root-mean-square over its elements, unsquared",
+    )
     ema_decay: float = Field(
         0.0, ge=0, lt=1, description="EMA of trainable weights (0: off); saved weights are the EMA"
     )
@@ -317,6 +325,17 @@ class Config(BaseSettings):
                 f"strata need as many steps between 1 and int(train.timestep_span x {stochastic}) = "
                 f"{int(stochastic * self.train.timestep_span)}: raise train.timestep_span or lower "
                 "train.timestep_fraction"
+            )
+        if self.train.norm_guard_coef and not ALGORITHMS[self.algorithm].norm_guard:
+            guarded = ", ".join(name for name, a in ALGORITHMS.items() if a.norm_guard)
+            raise ValueError(
+                f"train.norm_guard_coef: NormGuard's hinge is added to a loss local in the velocity, which only "
+                f"--algorithm {guarded} train with; set it to 0 for this one"
+            )
+        if self.run.offload_text_encoders and self.run.shard_text_encoders:
+            raise ValueError(
+                "run.offload_text_encoders and run.shard_text_encoders: two ways to take the text encoders off "
+                "each GPU; choose one"
             )
         if self.run.sharding != "none":
             _shardable(self)

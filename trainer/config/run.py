@@ -38,6 +38,12 @@ class RunConfig(_Group):
         description="sharding: shard the frozen text encoders too, one unit per layer (T5-XXL, Qwen2.5-VL: what "
         "flow_grpo shards for Qwen-Image); false: each process holds them whole",
     )
+    offload_text_encoders: bool = Field(
+        False,
+        description="keep the frozen text encoders' weights in CPU memory, each layer's moved to the device for "
+        "its forward (accelerate's cpu_offload, as diffusers' sequential offload): T5-XXL's 9.5 GB or "
+        "Qwen2.5-VL's 16.6 GB off every GPU, prompt encoding slower; the alternative to run.shard_text_encoders",
+    )
     cpu_offload: bool = Field(
         False,
         description="sharding: keep the sharded weights, gradients and optimizer state in CPU memory between "
@@ -101,6 +107,12 @@ class RunConfig(_Group):
         None,
         description="evaluate with this in-process scorer instead of the reward "
         "(e.g. train ReFL on a CLIP score, evaluate with the shapes verifier)",
+    )
+    eval_drift: bool = Field(
+        True,
+        description="each evaluation also logs, on the policy's own samples, its prediction's norm over the base "
+        "model's (NormGuard's measure of reward hacking) and the base's and its own denoising loss "
+        "(trainer/drift.py): two more forwards per image; needs LoRA or a full finetune's frozen base copy",
     )
 
     @field_validator("output_dir")

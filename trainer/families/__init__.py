@@ -102,3 +102,8 @@ class Family(Protocol):
 
     # -- saving
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None: ...
+
+
+def text_encoders(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders by component name (text_encoder, text_encoder_2, ...), the absent left out."""
+    return {name: m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None}

@@ -11,6 +11,7 @@ import torch
 from trainer.sharding import any_sharded
 
 from trainer.config import Config
+from trainer.families import text_encoders
 from trainer.families.flux import Flux
 from trainer.families.sd1 import SD1
 from trainer.families.sd3 import SD3
@@ -46,8 +47,16 @@ def load_family(cfg: Config, device: torch.device):
         raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")
     dtype = DTYPES[cfg.run.mixed_precision]
     family = FAMILIES[kind].load(path, cfg, dtype)  # each family takes the settings it has
+    offloaded = text_encoders(family.pipe) if cfg.run.offload_text_encoders else {}
     for module in family.frozen_modules():
-        module.requires_grad_(False).to(device)
+        module.requires_grad_(False)
+        if all(module is not encoder for encoder in offloaded.values()):
+            module.to(device)
+    if offloaded:
+        from accelerate import cpu_offload
+
+        for encoder in offloaded.values():  # weights kept on the CPU, each layer's moved to the device for its forward
+            cpu_offload(encoder, execution_device=device)
     if not cfg.train.lora and dtype != torch.float32:
         family.denoiser.to(dtype=torch.float32)  # full finetuning keeps fp32 master weights; LoRA's base stays half
     return family
@@ -65,11 +74,12 @@ def load_pipeline(cfg: Config, device: torch.device):
     return load_family(cfg, device).pipe
 
 
-def frozen_copy(denoiser, cfg: Config) -> torch.nn.Module | None:
-    """Full finetuning with a KL to the base (train.kl_coef): a frozen copy of the denoiser as loaded, in the
-    frozen weights' dtype, the KL's reference (sharded like the denoiser under run.sharding). LoRA needs none:
-    its base is the same denoiser with the adapters off."""
-    if cfg.train.lora or not cfg.train.kl_coef:
+def frozen_copy(denoiser, cfg: Config, reference: bool = False) -> torch.nn.Module | None:
+    """Full finetuning with a KL to the base (train.kl_coef), NormGuard's hinge (train.norm_guard_coef), or an
+    algorithm that compares with the base (``reference``: Diffusion-DPO): a frozen copy of the denoiser as
+    loaded, in the frozen weights' dtype (sharded like the denoiser under run.sharding). LoRA needs none: its
+    base is the same denoiser with the adapters off."""
+    if cfg.train.lora or not (cfg.train.kl_coef or cfg.train.norm_guard_coef or reference):
         return None
     import copy
 

@@ -60,7 +60,7 @@ class SD1:
         tokens = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         )
-        return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+        return text_encoder(tokens.input_ids.to(self.pipe.unet.device))[0]  # where it runs, offloaded or not
 
     @staticmethod
     def predict(

@@ -69,7 +69,7 @@ class SDXL:
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
-            ).input_ids.to(encoder.device)
+            ).input_ids.to(self.pipe.unet.device)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's projected pooled output

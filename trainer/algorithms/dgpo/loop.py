@@ -24,6 +24,7 @@ from trainer import run as run_setup
 from trainer.algorithms.dgpo.loss import denoising_error, dgpo_loss
 from trainer.config import Config
 from trainer.families.models import weights_swapped
+from trainer.loss import norm_hinge
 from trainer.sampling import Trajectories, each_tensor
 
 
@@ -118,7 +119,7 @@ def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise
     if d.clip or d.use_ema_ref:
         with torch.no_grad(), weights_swapped(trained.trainable, trained.old_policy.shadow):
             old = predict(policy)
-    if not d.use_ema_ref or cfg.train.kl_coef:
+    if not d.use_ema_ref or cfg.train.kl_coef or cfg.train.norm_guard_coef:
         with torch.no_grad(), trained.base() as reference:
             base = predict(reference)
     prediction = predict(trained.model)
@@ -135,4 +136,7 @@ def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise
     if cfg.train.kl_coef:
         kl = ((prediction - base) ** 2).mean()
         loss, stats["kl_to_reference"] = loss + cfg.train.kl_coef * kl, kl.detach()
+    if cfg.train.norm_guard_coef:
+        hinge, hinge_stats = norm_hinge(prediction, base)
+        loss, stats = loss + cfg.train.norm_guard_coef * hinge, stats | hinge_stats
     return loss, stats

@@ -20,9 +20,3 @@ def check(cfg) -> None:
             f"dpo.online_pairs ({cfg.dpo.online_pairs}) must fill at least one batch of "
             f"train.batch_size ({cfg.train.batch_size})"
         )
-    if cfg.run.sharding != "none" and not cfg.train.lora:
-        # The full finetune's reference is a deep copy of the policy, which FSDP's shards do not survive yet.
-        raise ValueError(
-            f"run.sharding {cfg.run.sharding}: Diffusion-DPO shards LoRA runs only (train.lora true); the fully "
-            "finetuned policy's frozen reference copy is not sharded yet"
-        )

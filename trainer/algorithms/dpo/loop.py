@@ -14,7 +14,6 @@ evaluate, checkpoint. Steps count optimizer steps; checkpoints are ``checkpoint-
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate
+from trainer import sharding
 from trainer.families.models import adapters_disabled
 from trainer.algorithms.dpo.loss import diffusion_dpo_loss
 from trainer.loss import denoising_errors
@@ -48,8 +48,8 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     effective_batch = cfg.train.batch_size * accumulation * accelerator.num_processes
     learning_rate = cfg.train.learning_rate * (effective_batch if d.scale_lr else 1)
     pairs = None if d.online else load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: fails first
-    trained = run_setup.load_model(run, d.max_train_steps, learning_rate)
-    model, policy = trained.model, trained.policy
+    trained = run_setup.load_model(run, d.max_train_steps, learning_rate, reference=not d.sft)
+    model = trained.model
     resolution = cfg.sample.resolution or trained.family.native_resolution()
     rounds: list[dict] = []  # online: each round's sampled rewards, logged with the next step
     if d.online:
@@ -85,7 +85,7 @@ def _dpo(run: run_setup.Run) -> list[dict]:
             skip=run.start * accumulation,
         )
         data = iter(loader(dataset, batches, d.dataloader_num_workers))
-    reference = None if d.sft else _reference(policy, cfg.train.lora, trained.ema if d.reference == "ema" else None)
+    reference = None if d.sft else _reference(trained, trained.ema if d.reference == "ema" else None)
 
     def one_step(step: int) -> Stats:
         model.train()
@@ -178,22 +178,26 @@ def _row_check(cfg: Config):
         raise PairsError(f"dpo.dataset: {exc}") from None
 
 
-def _reference(policy, lora: bool, ema=None):
+def _reference(trained: run_setup.Trained, ema=None):
     """The reference's prediction, without gradient: with LoRA the same denoiser with its adapters switched
-    off (no second copy in memory), else a frozen copy made before the first update; with ``ema`` (the run's
-    moving average of the weights, restored already when resuming) that copy's weights are the average's own
-    tensors, which the optimizer steps update in place: no second copy, and a resumed run has them back."""
-    frozen = None if lora else copy.deepcopy(policy).requires_grad_(False)
-    if ema is not None:
+    off (no second copy in memory), else the base's frozen copy made before the first update (sharded like the
+    policy under run.sharding). With ``ema`` (the run's moving average of the weights, restored already when
+    resuming) that copy holds the average instead: its parameters are the average's own tensors, which every
+    optimizer step updates in place (no second copy, and a resumed run has them back); sharded, FSDP gathers
+    from its own storage, so the average's shards are copied in before each prediction."""
+    frozen, sharded = trained.frozen, sharding.any_sharded(trained.trainable)
+    if ema is not None and not sharded:
         for name, param in frozen.named_parameters():
             param.data = ema.shadow[name]
 
     @torch.no_grad()
     def predict(family, latents, timesteps, cond):
-        if frozen is not None:
-            return family.predict(frozen, latents, timesteps, cond, None, 1.0)
-        with adapters_disabled(policy):
-            return family.predict(policy, latents, timesteps, cond, None, 1.0)
+        if frozen is None:
+            with adapters_disabled(trained.policy):
+                return family.predict(trained.policy, latents, timesteps, cond, None, 1.0)
+        if ema is not None and sharded:
+            ema.copy_to(dict(frozen.named_parameters()))
+        return family.predict(frozen, latents, timesteps, cond, None, 1.0)
 
     return predict
 

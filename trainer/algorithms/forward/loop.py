@@ -23,6 +23,7 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.families.models import weights_swapped
 from trainer.algorithms.forward.loss import awm_loss, nft_loss, nft_optimality
+from trainer.loss import norm_hinge
 from trainer.sampling import Trajectories, each_tensor, pick_steps, shared_steps
 
 
@@ -136,10 +137,14 @@ def _loss(
         if lagging is not None:
             ema_kl = ((prediction - lagging) ** 2).mean()
             loss, stats["kl_to_average"] = loss + cfg.awm.ema_kl_coef * ema_kl, ema_kl.detach()
-    if cfg.train.kl_coef:
+    if cfg.train.kl_coef or cfg.train.norm_guard_coef:
         with torch.no_grad(), trained.base() as base:
             reference = predict(base)
+    if cfg.train.kl_coef:
         kl = ((prediction - reference) ** 2).mean()
         loss = loss + cfg.train.kl_coef * kl
         stats["kl_to_reference"] = kl.detach()
+    if cfg.train.norm_guard_coef:
+        hinge, hinge_stats = norm_hinge(prediction, reference)
+        loss, stats = loss + cfg.train.norm_guard_coef * hinge, stats | hinge_stats
     return loss, stats
