@@ -136,6 +136,21 @@ def test_full_finetuning_takes_the_frozen_copy_as_its_reference(tmp_path, tiny_c
     assert all(np.isfinite(m["loss"]) for m in history) and history[-1]["kl_to_reference"] > 0
 
 
+def test_the_reference_is_guided_by_kl_cfg(tmp_path, tiny_cache):
+    """dgpo.kl_cfg: the base's reference prediction guided against the empty prompt (DGPO's CFG-free mode). With
+    the weights held at the base (lr 0), the conditional reference is the policy itself (dsm - ref and the KL
+    exactly 0), the guided one is not."""
+    from trainer import train
+
+    runs = {}
+    for kl_cfg in (1.0, 4.5):
+        cfg = cfg_for(tmp_path / str(kl_cfg), tiny_cache, "tiny-sd3", {"kl_cfg": kl_cfg}, num_epochs=1)
+        cfg.train.learning_rate = 0.0
+        runs[kl_cfg] = train(cfg)[-1]
+    assert runs[1.0]["dsm_minus_ref"] == 0 and runs[1.0]["kl_to_reference"] == 0
+    assert runs[4.5]["dsm_minus_ref"] != 0 and runs[4.5]["kl_to_reference"] > 0
+
+
 def test_a_resumed_run_continues_exactly(tmp_path, tiny_cache):
     from safetensors.torch import load_file
 

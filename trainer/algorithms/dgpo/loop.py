@@ -76,6 +76,7 @@ def _updates(run: run_setup.Run, trained: run_setup.Trained, batch: Trajectories
     device, g = advantages.device, cfg.sample.images_per_prompt
     trained.family.dynamics.timesteps(cfg.sample.num_steps, device)  # the schedule the steps index
     clean, n, stats = batch.path[:, -1], len(advantages), defaultdict(list)
+    negative = trained.family.encode_prompts([""]) if cfg.dgpo.kl_cfg != 1 else None  # the guided reference's
     for inner in range(cfg.train.num_inner_epochs):
         steps, noise = group_draws(cfg, epoch, inner, n, tuple(clean.shape[1:]))
         order = (torch.randperm(n // g)[:, None] * g + torch.arange(g)).reshape(-1).to(device)
@@ -86,7 +87,7 @@ def _updates(run: run_setup.Run, trained: run_setup.Trained, batch: Trajectories
             for group in plan.step_groups:  # k steps per denoiser forward, a batch of k x train.batch_size
                 with accelerator.accumulate(trained.model):
                     index, eps = steps[rows.cpu()][:, group].to(device), noise[rows.cpu()][:, group].to(device)
-                    loss, step_stats = _loss(run, trained, clean[rows], cond, index, eps, advantages[rows])
+                    loss, step_stats = _loss(run, trained, clean[rows], cond, index, eps, advantages[rows], negative)
                     share = (group.stop - group.start) * len(plan.step_groups) / plan.train_timesteps
                     run_setup.backward_and_step(run, trained, loss * share, stats)
                 stats["loss"].append(loss.detach())
@@ -99,10 +100,11 @@ def _updates(run: run_setup.Run, trained: run_setup.Trained, batch: Trajectories
     return stats, step
 
 
-def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise, advantages):
+def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise, advantages, negative=None):
     """DGPO's loss of B samples (whole groups) at their (B, k) steps with noises (B, k, ...): the trained
     denoiser's forward on the B x k noisy latents and, without gradient, the EMA old weights' (for the clip,
-    or as the reference with dgpo.use_ema_ref) and the base's (the reference, and train.kl_coef's KL)."""
+    or as the reference with dgpo.use_ema_ref) and the base's (the reference, and train.kl_coef's KL), guided
+    by dgpo.kl_cfg against ``negative`` (the empty prompt's conditioning) when it is above 1."""
     cfg, family, accelerator, policy, d = run.cfg, trained.family, run.accelerator, trained.policy, run.cfg.dgpo
     b, k = index.shape
     x0 = x0.repeat_interleave(k, dim=0)
@@ -111,9 +113,9 @@ def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise
         x0, noise.reshape(b * k, *x0.shape[1:]).to(x0.dtype), index.reshape(-1)
     )
 
-    def predict(model) -> torch.Tensor:  # the conditional prediction: DGPO trains without guidance
+    def predict(model, guidance: float = 1.0) -> torch.Tensor:  # DGPO trains the conditional prediction
         with accelerator.autocast():
-            return family.predict(model, x_t, t, cond, None, 1.0).float()
+            return family.predict(model, x_t, t, cond, negative if guidance != 1 else None, guidance).float()
 
     old = base = None  # the no-gradient forwards first: the trained one's saved tensors must not see swapped weights
     if d.clip or d.use_ema_ref:
@@ -121,7 +123,7 @@ def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise
             old = predict(policy)
     if not d.use_ema_ref or cfg.train.kl_coef or cfg.train.norm_guard_coef:
         with torch.no_grad(), trained.base() as reference:
-            base = predict(reference)
+            base = predict(reference, d.kl_cfg)
     prediction = predict(trained.model)
 
     def per_row(p: torch.Tensor) -> torch.Tensor:  # dsm per sample and step, (B, k)

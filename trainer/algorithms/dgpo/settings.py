@@ -50,6 +50,14 @@ class DGPOConfig(_Group):
         description="ref_i from the EMA old model instead of the base (the denoiser with its LoRA adapters off, "
         "or with full finetuning the frozen copy train.kl_coef keeps; DGPO's use_ema_ref)",
     )
+    kl_cfg: float = Field(
+        1.0,
+        ge=1.0,
+        description="classifier-free guidance of the base's reference prediction (ref_i and train.kl_coef's KL) "
+        "against the empty prompt (DGPO's kl_cfg: 4.5 in its CFG-free mode, where rollouts sample at "
+        "sample.guidance_scale 1 and the reference carries the guidance; clip 1e-5..1e-4 there); 1: the "
+        "conditional prediction, as DGPO's rollout-CFG recipes",
+    )
     old_decay_rate: float = Field(
         0.001, ge=0, description="the EMA old model's decay min(rate x optimizer steps, old_decay_max) (DGPO: 0.001)"
     )
