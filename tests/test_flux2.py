@@ -273,3 +273,37 @@ def test_the_shard_units_are_the_transformers_blocks(tiny_cache):
     assert set(family.shard_blocks) <= found
     counts = [sum(type(m).__name__ == name for m in family.denoiser.modules()) for name in family.shard_blocks]
     assert counts == [1, 2]  # tiny-flux2's one double-stream and two single-stream blocks
+
+
+def test_the_flow_factory_recipes():
+    """flux2-klein-pickscore-grpo and -nft as Flow-Factory's examples run them on 8 GPUs: 48 groups of 16 an
+    epoch at 384 px, two optimizer steps (GRPO) or one (NFT), their steps, guidance, noise and learning rates."""
+    from trainer.plan import BatchPlan
+
+    grpo, nft = Config(preset="flux2-klein-pickscore-grpo"), Config(preset="flux2-klein-pickscore-nft")
+    for cfg, steps in ((grpo, 2), (nft, 1)):
+        plan = BatchPlan.of(cfg, 8)
+        assert (plan.samples_per_epoch, plan.optimizer_steps_per_epoch) == (48 * 16, steps)
+        assert (cfg.sample.resolution, cfg.sample.images_per_prompt, cfg.train.lora_rank, cfg.train.lora_alpha) == (
+            384,
+            16,
+            64,
+            128.0,
+        )
+        assert cfg.reward.scorer == "pickscore" and cfg.train.kl_coef == 0.0 and cfg.run.mixed_precision == "bf16"
+    assert grpo.pretrained.model == "black-forest-labs/FLUX.2-klein-4B" and grpo.algorithm == "ddpo"
+    assert (grpo.sample.num_steps, grpo.sample.guidance_scale, grpo.sample.eta, grpo.train.learning_rate) == (
+        4,
+        1.0,
+        0.5,
+        3e-4,
+    )
+    assert (grpo.ddpo.timestep_window, grpo.ddpo.clip_range) == (1, 1e-4)
+    assert nft.pretrained.model == "black-forest-labs/FLUX.2-klein-base-4B" and nft.algorithm == "nft"
+    assert (nft.sample.num_steps, nft.sample.guidance_scale, nft.sample.eta, nft.train.learning_rate) == (
+        8,
+        4.0,
+        0.0,
+        1e-4,
+    )
+    assert nft.nft.beta == 0.1 and BatchPlan.of(nft, 8).train_timesteps == 2
