@@ -27,8 +27,8 @@ TINY = {
     "tiny-sdxl": "tiny_sdxl_path",
     "tiny-sd3": "tiny_sd3_path",
     "tiny-flux": "tiny_flux_path",
-    "tiny-flux2": "tiny_flux2:tiny_flux2_path",
-}  # built offline: a function of trainer/families/tiny_pipeline.py, or "module:function" of another module there
+    "tiny-flux2": "tiny_flux2_path",
+}  # built offline by these functions of trainer/families/tiny_pipeline.py or tiny_flux2.py
 # pretrained by trainer/tools/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 
@@ -40,11 +40,10 @@ def load_family(cfg: Config, device: torch.device):
 
     path = cfg.pretrained.model
     if path in TINY:
-        import importlib
+        from trainer.families import tiny_flux2, tiny_pipeline
 
-        module, _, builder = TINY[path].rpartition(":")
-        builders = importlib.import_module(f"trainer.families.{module or 'tiny_pipeline'}")
-        path = str(getattr(builders, builder)(cfg.pretrained.cache_dir))
+        build = getattr(tiny_pipeline, TINY[path], None) or getattr(tiny_flux2, TINY[path])
+        path = str(build(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
     if kind not in FAMILIES:
