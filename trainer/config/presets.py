@@ -1,7 +1,7 @@
 """Named starting points: ``--preset NAME``; anything given on the command line or in ``--config`` wins.
 
-``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` the same on those
-families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and
+``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux`` and ``tiny-flux2`` the
+same on those families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and
 tiny-shapes-sd3. The recipes of the papers on real checkpoints are in trainer/config/recipes.py (DGPO's here,
 beside its shapes preset).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config.group import overridden as _with
-from trainer.config.recipes import _FLUX_LORA, _SD3_LORA, RECIPES
+from trainer.config.recipes import _FLOW_GRPO, _FLUX_LORA, _SD3_LORA, RECIPES
 from trainer.prompts import ASSETS
 
 # The shapes world (scorers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
@@ -111,6 +111,26 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora_targets": _FLUX_LORA,
         },
     },
+}
+# Flow-Factory's FLUX.2 [klein] LoRA targets (github.com/X-GenGroup/Flow-Factory, models/flux/flux2_klein.py
+# default_target_modules): the double-stream blocks' attention and feed-forwards, the single-stream blocks' fused
+# qkv+mlp input. Its list also names attn.to_out.0 for the single-stream blocks, whose output projection is a
+# plain attn.to_out (no .0): it matches none there, so theirs stays untrained, as here.
+_FLUX2_LORA = [
+    *_SD3_LORA,
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+    "attn.to_qkv_mlp_proj",
+]
+# FLUX.2-klein's shape on CPU (trainer/families/flux2.py): flux2-klein-pickscore-grpo in miniature, the distilled
+# model's 4 steps with an SDE step at noise 0.5 on one of the first 3 (the rest ODE), no CFG, groups of 4.
+PRESETS["tiny-flux2"] = {
+    "pretrained": {"model": "tiny-flux2"},
+    "sample": {"num_steps": 4, "eval_num_steps": 4, "eta": 0.5, "guidance_scale": 1.0, "images_per_prompt": 4},
+    "train": {"timestep_fraction": 1.0, "lora_targets": _FLUX2_LORA},
+    "ddpo": {"cfg": False, "timestep_window": 1, "timestep_window_latest_start": 2},
 }
 # The shapes world: ReFL on tiny-shapes with its tiny CLIP's score as the reward, evaluated by the verifier.
 PRESETS["shapes-refl"] = _with(
@@ -235,6 +255,61 @@ PRESETS["sd3-pickscore-dgpo"] = _with(
     sample={"batch_size": 24, "images_per_prompt": 24},
     train={"batch_size": 24, "kl_coef": 1e-3, "gradient_checkpointing": True},
     dgpo={"beta_dpo": 10.0, "trunc": 0.6, "switch_ema_ref": 200},
+)
+
+# Flow-Factory's FLUX.2 [klein] GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/flux2_klein/
+# default.yaml, on FLUX.2-klein-4B, the example's other checkpoint beside 9B): 48 groups of 16 per epoch at 384 px,
+# the distilled 4 steps at guidance 1 (no CFG), Flow-SDE noise 0.5 on one step a trajectory (theirs drawn from
+# steps 1 and 2; here from 0, 1 and 2: ddpo has no earliest start), clip 1e-4, no KL, lr 3e-4, weight decay 1e-4,
+# two optimizer steps per epoch, advantages within each group, LoRA r64/a128 on their targets, PickScore (served
+# by reward-server or in-process). Their 8 GPUs as ours; per-GPU batches not sized by bench/gpu_estimate.
+PRESETS["flux2-klein-pickscore-grpo"] = _with(
+    _FLOW_GRPO,
+    pretrained={"model": "black-forest-labs/FLUX.2-klein-4B"},
+    sample={
+        "num_steps": 4,
+        "eval_num_steps": 10,
+        "eta": 0.5,
+        "guidance_scale": 1.0,
+        "resolution": 384,
+        "batch_size": 16,
+        "num_batches_per_epoch": 6,
+        "images_per_prompt": 16,
+    },
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 12,
+        "kl_coef": 0.0,
+        "timestep_fraction": 1.0,
+        "adam_weight_decay": 1e-4,
+        "group_std": "group",
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "lora_targets": _FLUX2_LORA,
+    },
+    ddpo={"cfg": False, "clip_range": 1e-4, "timestep_window": 1, "timestep_window_latest_start": 2},
+    prompt={"fn": "nouns_activities"},
+    reward={"scorer": "pickscore"},
+)
+# Its DiffusionNFT example on the base model (examples/nft/lora/flux2_klein_base/default.yaml, FLUX.2-klein-base-
+# 4B): ODE rollouts of 8 steps with real CFG at 4.0 from the old policy, b 0.1, its old-policy decay (flat 0, rate
+# 0.001, max 0.5: ours by default), 2 steps per image stratified over the noisier half and shared by the batch
+# (theirs may draw step 0, ours never), lr 1e-4, one optimizer step per epoch, no KL; evaluated at 28 steps.
+PRESETS["flux2-klein-pickscore-nft"] = _with(
+    PRESETS["flux2-klein-pickscore-grpo"],
+    algorithm="nft",
+    pretrained={"model": "black-forest-labs/FLUX.2-klein-base-4B"},
+    sample={"num_steps": 8, "eval_num_steps": 28, "eta": 0.0, "guidance_scale": 4.0},
+    train={
+        "learning_rate": 1e-4,
+        "gradient_accumulation_steps": 24,
+        "timestep_fraction": 2 / 8,
+        "timestep_selection": "stratified",
+        "timestep_span": 0.5,
+        "timestep_shared": True,
+    },
+    ddpo={"timestep_window": 0, "timestep_window_latest_start": 0},
+    nft={"beta": 0.1},
 )
 
 PRESETS.update(RECIPES)

@@ -1,4 +1,4 @@
-"""The flow-matching dynamics (SD3, FLUX): Flow-GRPO's SDE step, the Gaussian of x_next given x, with its mean
+"""The flow-matching dynamics (SD3, FLUX.1, FLUX.2): Flow-GRPO's SDE step, the Gaussian of x_next given x, with its mean
 and std, so that sampling and re-scoring share one function (as trainer/families/ddim.py does for DDIM), and the
 rectified-flow forward process. ``FlowMatching`` is what a flow-matching family (trainer/families/sd3.py,
 flux.py) composes as its ``dynamics``: it holds the pipeline's FlowMatchEulerDiscreteScheduler, the step's type
@@ -129,13 +129,18 @@ class FlowMatching:
     KL, x0 = x - s v, and the rectified-flow interpolation x_s = (1 - s) x0 + s noise with target noise - x0.
 
     ``image_tokens``: None for a fixed shift (SD3: the scheduler's own ``set_timesteps``); for a schedule shifted
-    by image size (FLUX), the packed tokens of the run's images, fixed when the family loads."""
+    by image size (FLUX), the packed tokens of the run's images, fixed when the family loads. ``shift``: where the
+    pipeline computes that shift its own way, its function of (image tokens, sampler steps) (FLUX.2's
+    ``compute_empirical_mu``); None: FluxPipeline's ``calculate_shift``, which the steps do not change."""
 
-    def __init__(self, scheduler, sde_type: str = "sde", image_tokens: int | None = None):
-        self.scheduler, self.sde_type, self.image_tokens = scheduler, sde_type, image_tokens
+    def __init__(self, scheduler, sde_type: str = "sde", image_tokens: int | None = None, shift=None):
+        self.scheduler, self.sde_type, self.image_tokens, self.shift = scheduler, sde_type, image_tokens, shift
 
-    def mu(self, image_tokens: int) -> float:
-        """FluxPipeline's shift of the schedule for ``image_tokens`` packed tokens (its calculate_shift)."""
+    def mu(self, image_tokens: int, num_steps: int | None = None) -> float:
+        """The schedule's shift for ``image_tokens`` packed tokens and ``num_steps`` sampler steps: ``shift``'s,
+        or FluxPipeline's (its calculate_shift)."""
+        if self.shift is not None:
+            return self.shift(image_tokens, num_steps)
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         c = self.scheduler.config
@@ -154,7 +159,8 @@ class FlowMatching:
             self.scheduler.set_timesteps(num_steps, device=device)
         else:
             sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-            self.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=self.mu(self.image_tokens))
+            mu = self.mu(self.image_tokens, num_steps)
+            self.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=mu)
         return self.scheduler.timesteps
 
     @staticmethod
@@ -186,11 +192,13 @@ class FlowMatching:
         """The rectified-flow interpolation at s = the scheduler's shift of ``u`` in [0, 1) (one per sample), as
         its own schedule warps sigmas (Diffusion-DPO, ReFL's pre-training): a fixed shift, or one by these
         latents' size where the scheduler shifts dynamically (FLUX; its 2x2 patches are the image tokens, as
-        FluxPipeline packs them; SD3's loading refuses such a scheduler); the transformer's timesteps
-        (s x num_train_timesteps) and the velocity target noise - x0."""
+        FluxPipeline packs them; SD3's loading refuses such a scheduler; at the sampler's step count where the
+        shift depends on it, FLUX.2's); the transformer's timesteps (s x num_train_timesteps) and the velocity
+        target noise - x0."""
         scheduler = self.scheduler
         if scheduler.config.get("use_dynamic_shifting"):
-            s = scheduler.time_shift(self.mu(latents.shape[-2] * latents.shape[-1] // 4), 1.0, u)
+            mu = self.mu(latents.shape[-2] * latents.shape[-1] // 4, scheduler.num_inference_steps)
+            s = scheduler.time_shift(mu, 1.0, u)
         else:
             shift = scheduler.config.get("shift", 1.0)
             s = shift * u / (1 + (shift - 1) * u)
