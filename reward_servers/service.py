@@ -105,7 +105,7 @@ class ScoringService:
         if not self.ready:
             raise ProtocolError(503, "not_ready", "the scorer is not loaded (starting or shutting down)")
         start = time.perf_counter()
-        self._check_fits(request)
+        self.check_fits(request)
         self.check(request.prompts, request.metadata)
         n = len(request.images)
         with self.decoded_budget(
@@ -148,7 +148,7 @@ class ScoringService:
             field, _, message = message.partition(": ") if ": " in message else (None, "", message)
             raise ProtocolError(422, "invalid_request", message, field) from None
 
-    def _check_fits(self, request: ScoreRequest | VideoScoreRequest) -> None:
+    def check_fits(self, request: ScoreRequest | VideoScoreRequest) -> None:
         """The scorer's own limits (Scorer.max_prompt_chars, max_side), before any work is queued: a 413 naming
         the first prompt too long, a 422 naming the first image (or video) it cannot take."""
         limit = self.probe.max_prompt_chars

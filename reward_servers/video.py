@@ -48,7 +48,7 @@ async def score_videos(service: "ScoringService", request: VideoScoreRequest) ->
     start = time.perf_counter()
     whole = native(service.probe)
     check_frames(request, service.probe.min_frames, service.name)
-    service._check_fits(request)
+    service.check_fits(request)
     service.check(request.prompts, request.metadata)
     # the queue counts what a model call takes: whole videos for score_videos, frames for an image scorer
     queued = len(request.videos) if whole else sum(video.frames for video in request.videos)
