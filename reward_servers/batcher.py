@@ -124,11 +124,12 @@ class DynamicBatcher:
             self.incoming -= 1
             self._arrived.set()  # a waiting worker re-checks whether anything is still coming
 
-    def reserve(self, n: int, field: str = "images") -> None:
-        """Claim queue room for a request of ``n`` images before it is decoded (413: never fits; 503: full)."""
+    def reserve(self, n: int, field: str = "images", unit: str = "images") -> None:
+        """Claim queue room for a request of ``n`` images (a video request: its frames, or its videos for a video
+        scorer) before it is decoded (413 naming ``field``: never fits; 503: full)."""
         if n > self.max_queue:  # it would never fit: a retry cannot help
             raise ProtocolError(
-                413, "payload_too_large", f"{n} {field} exceed the server's queue of {self.max_queue}", field
+                413, "payload_too_large", f"{n} {unit} exceed the server's queue of {self.max_queue}", field
             )
         if self.queued_images + n > self.max_queue:
             raise ProtocolError(

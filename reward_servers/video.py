@@ -54,7 +54,7 @@ async def score_videos(service: "ScoringService", request: VideoScoreRequest) ->
     queued = len(request.videos) if whole else sum(video.frames for video in request.videos)
     with service.decoded_budget(request.decoded_bytes, "videos"):
         with service.batcher.receiving():
-            service.batcher.reserve(queued, "videos" if whole else "frames")
+            service.batcher.reserve(queued, "videos", "videos" if whole else "frames")
             try:
                 if all(video.encoding == "raw" for video in request.videos):
                     videos = decode_videos(request)  # views of the body; the batcher copies them once

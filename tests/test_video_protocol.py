@@ -220,8 +220,9 @@ class CheckoutServer(ServerProcess):
 
 
 SERVERS = {
-    # small limits: 4 videos, 6 frames, 0.1 MiB of decoded video per request
-    "mean": ["--model", "compression", "--max-videos", "4", "--max-frames", "6", "--max-video-mb", "0.1"],
+    # small limits: 4 videos, 6 frames, 0.1 MiB of decoded video per request, 20 frames queued
+    "mean": ["--model", "compression", "--max-videos", "4", "--max-frames", "6", "--max-video-mb", "0.1"]
+    + ["--max-queue", "20"],
     "min": ["--model", "compression", "--video-pooling", "min"],
     "none": ["--model", "compression", "--video-pooling", "none"],
     "temporal": ["--model", "temporal", "--checkpoint", "tiny-shapes"],
@@ -270,8 +271,9 @@ def test_frame_scores_are_pooled_per_video_as_scored_in_process(servers, pooling
         (videos_of(1, frames=7), 422, "videos.0.frames"),  # --max-frames 6
         (videos_of(5, frames=1), 422, "videos"),  # --max-videos 4
         (videos_of(2, frames=6, height=48, width=64), 413, "videos"),  # 110,592 bytes > --max-video-mb 0.1
+        (videos_of(4, frames=6), 413, "videos"),  # 24 frames > --max-queue 20
     ],
-    ids=["frames", "videos", "bytes"],
+    ids=["frames", "videos", "bytes", "queue"],
 )
 def test_limits_name_their_field_and_the_server_serves_the_next_request(servers, videos, status, field):
     server = servers["mean"]
