@@ -24,8 +24,11 @@ from protocol.schema import (
     ScoreGradRequest,
     ScoreReply,
     ScoreRequest,
+    Video,
+    VideoScoreRequest,
     check_scores,
 )
+from protocol.video import build_video_request, decode_videos, video_request_parts
 
 __all__ = [
     "MEDIA_TYPE",
@@ -41,15 +44,20 @@ __all__ = [
     "ScoreReply",
     "ScoreRequest",
     "Unreachable",
+    "Video",
+    "VideoScoreRequest",
     "build_request",
+    "build_video_request",
     "check_scores",
     "decode_image",
     "decode_image_list",
     "decode_images",
+    "decode_videos",
     "encode_image",
     "pack",
     "parse_reply",
     "parse_request",
     "reply_gradients",
     "unpack",
+    "video_request_parts",
 ]

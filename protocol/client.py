@@ -2,7 +2,8 @@
 
 Two ways in: ``await client.score(...)`` from async code, and ``client.submit(...)`` which returns a
 ``concurrent.futures.Future`` for synchronous loops (the trainer); ``score_grad`` / ``submit_grad`` the same
-for ``/v1/score_grad`` (scores and their gradients to the pixels). ``submit`` runs on one background event
+for ``/v1/score_grad`` (scores and their gradients to the pixels); ``score_videos`` / ``submit_videos`` for
+uint8 (N, F, H, W, 3) videos (one score per video). ``submit`` runs on one background event
 loop thread; it only touches numpy and bytes, never torch, so it cannot slow the caller's torch threads.
 
 One server's status, synchronously and once (no retries: the caller decides whether to ask again):
@@ -33,6 +34,11 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop
 from protocol.codec import parse_reply, reply_gradients, request_parts, unpack
 from protocol.errors import ProtocolError, RewardServerError, Unreachable
 from protocol.schema import MEDIA_TYPE, Encoding, GradientDtype, ScoreGradReply, ScoreReply
+from protocol.video import video_request_parts
+
+# Decoded pixels per video request: 64 MiB is 8 videos of 33 frames at 256 x 256, well under the server's default
+# body (256 MiB) and video (2 GiB) limits; a raw 81-frame Wan 480p video (97 MB) goes alone.
+DEFAULT_VIDEO_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -92,6 +98,37 @@ class RewardClient:
             return reply, reply_gradients(reply, images.shape[1:3])
         except ProtocolError as exc:
             raise RewardServerError(self.urls[0], 502, "bad_reply", exc.message, exc.field) from None
+
+    async def score_videos(
+        self,
+        videos: np.ndarray | Sequence[np.ndarray],
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any]] | None = None,
+        encoding: Encoding = "raw",
+        request_id: str | None = None,
+        max_request_bytes: int = DEFAULT_VIDEO_REQUEST_BYTES,
+    ) -> ScoreReply:
+        """Score a uint8 (N, F, H, W, 3) batch of videos; one score per video, in order (protocol/README.md,
+        "Video"). Sent as several concurrent requests of at most ``max_request_bytes`` decoded pixels each (one
+        video at least), so that a batch of long videos stays within the server's body and video limits; the
+        replies are joined into one, each retried on its own."""
+        metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
+        if len(videos) != len(prompts) or len(metadata) != len(prompts):
+            raise ValueError(f"{len(videos)} videos, {len(prompts)} prompts and {len(metadata)} metadata entries")
+        rid = request_id or uuid.uuid4().hex
+        chunks = video_chunks([v.nbytes for v in videos], max_request_bytes)
+        replies = await asyncio.gather(
+            *(
+                self.score_body(
+                    video_request_parts(
+                        videos[a:b], prompts[a:b], metadata[a:b], rid if len(chunks) == 1 else f"{rid}.{k}", encoding
+                    ),
+                    expected=b - a,
+                )
+                for k, (a, b) in enumerate(chunks)
+            )
+        )
+        return join_replies(replies, rid)
 
     async def score_body(
         self,
@@ -155,6 +192,21 @@ class RewardClient:
         coroutine = self.score(images, prompts, metadata, encoding, request_id)
         return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())
 
+    def submit_videos(
+        self,
+        videos: np.ndarray | Sequence[np.ndarray],
+        prompts,
+        metadata=None,
+        encoding: Encoding = "raw",
+        request_id=None,
+        max_request_bytes: int = DEFAULT_VIDEO_REQUEST_BYTES,
+    ):
+        """``score_videos`` in the background: a ``concurrent.futures.Future[ScoreReply]`` with one score per
+        video of the uint8 (N, F, H, W, 3) batch."""
+        videos = np.ascontiguousarray(videos) if isinstance(videos, np.ndarray) else list(videos)
+        coroutine = self.score_videos(videos, prompts, metadata, encoding, request_id, max_request_bytes)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._background_loop())
+
     def submit_grad(
         self,
         images: np.ndarray,
@@ -208,6 +260,31 @@ class RewardClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def video_chunks(sizes: Sequence[int], max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of videos whose ``sizes`` (bytes) sum to at most ``max_bytes`` each, one
+    video at least (a video over the limit alone goes as it is: the server's 413 says which limit)."""
+    chunks, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > max_bytes:
+            chunks.append((start, i))
+            start, total = i, 0
+        total += size
+    return [*chunks, (start, len(sizes))] if sizes else []
+
+
+def join_replies(replies: Sequence[ScoreReply], request_id: str) -> ScoreReply:
+    """The replies of consecutive parts of one batch as one reply (info keys as the first part's)."""
+    if len(replies) == 1:
+        return replies[0]
+    return ScoreReply(
+        request_id=request_id,
+        scores=[s for r in replies for s in r.scores],
+        info={key: [e for r in replies for e in r.info.get(key, [None] * len(r.scores))] for key in replies[0].info},
+        scorer=replies[0].scorer,
+        elapsed_ms=max(r.elapsed_ms for r in replies),
+    )
 
 
 def _server_error(url: str, response: httpx.Response) -> RewardServerError:

@@ -21,6 +21,7 @@ from protocol.schema import (
     ScoreGradReply,
     ScoreReply,
     ScoreRequest,
+    VideoScoreRequest,
 )
 from protocol.zero_copy import TooManyValues, unpack_views
 
@@ -152,9 +153,11 @@ def build_request(*args: Any, **kwargs: Any) -> bytes:
     return b"".join(request_parts(*args, **kwargs))
 
 
-def parse_request(body: bytes | bytearray | memoryview, limits: Limits = Limits(), model=ScoreRequest) -> ScoreRequest:
-    """A validated request (``model``: ScoreGradRequest for /v1/score_grad); its raw image data are views of
-    ``body`` (see ``protocol.zero_copy``)."""
+def parse_request(
+    body: bytes | bytearray | memoryview, limits: Limits = Limits(), model=ScoreRequest
+) -> ScoreRequest | VideoScoreRequest:
+    """A validated request (``model``: ScoreGradRequest for /v1/score_grad; a /v1/score body with ``videos``
+    gives a VideoScoreRequest); its raw image and video data are views of ``body`` (see ``protocol.zero_copy``)."""
     try:
         obj = unpack_views(body, limits.max_elements)
     except TooManyValues as exc:
@@ -163,10 +166,24 @@ def parse_request(body: bytes | bytearray | memoryview, limits: Limits = Limits(
         raise ProtocolError(400, "malformed_body", f"body is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(400, "malformed_body", f"body must be a msgpack map, got {type(obj).__name__}")
+    if "videos" in obj:  # the video extension (protocol/README.md, "Video"); a body without it is as before
+        if model is not ScoreRequest:
+            raise ProtocolError(422, "invalid_request", f"{model.__name__} takes images only, not videos", "videos")
+        model = VideoScoreRequest
     try:
-        return model.model_validate(obj, context={"limits": limits})
+        request = model.model_validate(obj, context={"limits": limits})
     except ValidationError as exc:
         raise ProtocolError.from_validation(exc) from None
+    if isinstance(request, VideoScoreRequest) and request.decoded_bytes > limits.max_video_bytes:
+        # declared sizes only: nothing has been decoded yet
+        raise ProtocolError(
+            413,
+            "payload_too_large",
+            f"the videos decode to {request.decoded_bytes} bytes; the limit is {limits.max_video_bytes} per request "
+            "(max_video_bytes)",
+            "videos",
+        )
+    return request
 
 
 def decode_image_list(request: ScoreRequest) -> list[np.ndarray]:

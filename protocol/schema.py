@@ -41,6 +41,11 @@ class Limits:
     max_pixels: int = 1024 * 1024  # per image (height x width)
     max_body_bytes: int = 256 * 1024 * 1024
     max_elements: int = MAX_ELEMENTS  # msgpack values per body (see protocol.zero_copy)
+    # Video requests (protocol/README.md, "Video"); frames share max_pixels. Wan 2.1 and HunyuanVideo sample 81
+    # and 129 frames; 2 GiB is 27 Wan 480p videos (81 x 480 x 832 x 3 bytes, 97 MB each).
+    max_videos: int = 64
+    max_frames: int = 256  # per video
+    max_video_bytes: int = 2 * 1024**3  # decoded bytes of all the videos of one request
 
 
 def _binary(value: Any) -> bytes | memoryview:
@@ -136,6 +141,92 @@ class ScoreGradRequest(ScoreRequest):
     encodings: ClassVar[tuple[str, ...]] = tuple(FLOAT_ENCODINGS)
 
     gradient_dtype: GradientDtype = "float32"
+
+
+VIDEO_VERSION = 1  # the layout of a video item (protocol/README.md, "Video"); bumped if it ever changes
+
+
+class Video(_Wire):
+    """F frames of height x width x 3 uint8: ``raw``, one bin of F x H x W x 3 bytes (frame-major, each frame
+    HWC row-major, as numpy's (F, H, W, 3)); ``png`` / ``jpeg``, a list of F files, one per frame."""
+
+    frames: int = Field(gt=0, strict=True)
+    height: int = Field(gt=0, strict=True)
+    width: int = Field(gt=0, strict=True)
+    channels: Annotated[Literal[3], BeforeValidator(_integer)] = 3
+    encoding: Literal["raw", "png", "jpeg"]
+    data: Annotated[Any, WithJsonSchema({"oneOf": [{"type": "string", "format": "binary"}, {"type": "array"}]})]
+
+    @model_validator(mode="after")
+    def _size(self, info: ValidationInfo) -> "Video":
+        limits = _limits(info)
+        if self.frames > limits.max_frames:
+            raise ValueError(f"frames: {self.frames} frames exceed the limit of {limits.max_frames} per video")
+        if self.height * self.width > limits.max_pixels:
+            raise ValueError(
+                f"height: {self.height}x{self.width} pixels exceed the limit of {limits.max_pixels} per frame"
+            )
+        if self.encoding == "raw":
+            expected = self.frames * self.height * self.width * self.channels
+            try:
+                data = _binary(self.data)
+            except ValueError as exc:
+                raise ValueError(f"data: raw video {exc}") from None
+            if len(data) != expected:
+                raise ValueError(f"data: raw data has {len(data)} bytes, frames x height x width x 3 = {expected}")
+        else:
+            if not isinstance(self.data, list) or len(self.data) != self.frames:
+                got = f"{len(self.data)} entries" if isinstance(self.data, list) else type(self.data).__name__
+                raise ValueError(f"data: {self.encoding} video data must be a list of {self.frames} files, got {got}")
+            data = []
+            for j, frame in enumerate(self.data):
+                try:
+                    data.append(_binary(frame))
+                except ValueError as exc:
+                    raise ValueError(f"data.{j}: {exc}") from None
+        object.__setattr__(self, "data", data)  # frozen model: bytearray made bytes, as Image's data
+        return self
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.frames * self.height * self.width * self.channels
+
+
+class VideoScoreRequest(_Wire):
+    """``/v1/score`` with ``videos`` in place of ``images``: one score per video (protocol/README.md)."""
+
+    version: Version = VERSION
+    video_version: Annotated[Literal[1], BeforeValidator(_integer)]  # required: the client says which layout
+    request_id: str = Field(max_length=200)
+    videos: list[Video] = Field(min_length=1)
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+
+    @field_validator("videos", mode="before")
+    @classmethod
+    def _count(cls, videos: Any, info: ValidationInfo) -> Any:
+        limit = _limits(info).max_videos
+        if isinstance(videos, list) and len(videos) > limit:
+            raise ValueError(f"{len(videos)} videos exceed the limit of {limit} per request")
+        return videos
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "VideoScoreRequest":
+        for name in ("prompts", "metadata"):
+            if len(getattr(self, name)) != len(self.videos):
+                raise ValueError(f"{name}: has {len(getattr(self, name))} entries for {len(self.videos)} videos")
+        first = self.videos[0]
+        for i, video in enumerate(self.videos):
+            if (video.frames, video.height, video.width) != (first.frames, first.height, first.width):
+                raise ValueError(
+                    f"videos.{i}: video is {video.frames}x{video.height}x{video.width} (frames x height x width) "
+                    f"but videos.0 is {first.frames}x{first.height}x{first.width}; send videos of one shape per request"
+                )
+        return self
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(video.decoded_bytes for video in self.videos)
 
 
 def check_scores(scores: Any, info: Any, expected: int) -> tuple[list[float], dict[str, list[Any]]]:

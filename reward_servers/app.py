@@ -17,8 +17,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from protocol import MEDIA_TYPE, VERSION, ProtocolError, ScoreGradRequest, ScoreRequest, pack, parse_request
+from protocol import (
+    MEDIA_TYPE,
+    VERSION,
+    ProtocolError,
+    ScoreGradRequest,
+    ScoreRequest,
+    VideoScoreRequest,
+    pack,
+    parse_request,
+)
 from reward_servers.service import ScoringService, ServingOptions
+from reward_servers.video import video_info
 from scorers.scorer import Scorer
 
 log = logging.getLogger("reward_servers")
@@ -80,7 +90,10 @@ def _add_score_routes(app: FastAPI, service: ScoringService, options: ServingOpt
             # Off the event loop: even within the element budget a body can take tens of milliseconds to walk,
             # and /healthz and every other client must not wait for it.
             parsed = await run_in_threadpool(parse_request, body, limits, model)
-            images = len(parsed.images)
+            # counted in images a model looks at: a video's frames
+            images = (
+                sum(v.frames for v in parsed.videos) if isinstance(parsed, VideoScoreRequest) else len(parsed.images)
+            )
             reply = await service.score(parsed)
             status = "200"
             return _msgpack(reply.model_dump(), 200)
@@ -96,7 +109,7 @@ def _add_score_routes(app: FastAPI, service: ScoringService, options: ServingOpt
 
     @app.post(
         "/v1/score",
-        summary="Score a batch of images (msgpack body and reply; see protocol/README.md)",
+        summary="Score a batch of images or videos (msgpack body and reply; see protocol/README.md)",
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -151,12 +164,17 @@ def _add_status_routes(app: FastAPI, service: ScoringService, options: ServingOp
             "description": service.description,
             "max_batch": service.max_batch,
             "differentiable": service.differentiable,  # whether /v1/score_grad serves
+            "images": service.probe.scores_images,  # whether /v1/score takes images (temporal: videos only)
+            "video": video_info(service),  # how videos are scored (protocol/README.md, "Video"); None: refused
             "replicas": options.devices,
             "limits": {
                 "max_images": limits.max_images,
                 "max_pixels": limits.max_pixels,
                 "max_body_bytes": limits.max_body_bytes,
                 "max_elements": limits.max_elements,
+                "max_videos": limits.max_videos,
+                "max_frames": limits.max_frames,
+                "max_video_bytes": limits.max_video_bytes,
                 "max_queue": options.max_queue,
                 "max_decoded_bytes": options.max_decoded_bytes,
                 "body_timeout_s": options.body_timeout_s,

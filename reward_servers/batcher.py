@@ -40,10 +40,16 @@ class _Item:
     metadata: list[dict[str, Any]]
     future: asyncio.Future
     gradient: bool = False  # /v1/score_grad: scored with gradients, never batched with plain scoring
+    video: bool = False  # whole videos (F, H, W, 3) for a scorer's score_videos, never batched with images
     turn: tuple[int, int] = (0, 0)  # (round, arrival): the order the batcher takes items in
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def kind(self) -> tuple:
+        """What a model batch must share: the array shape and dtype, and how it is scored."""
+        return self.images[0].shape, self.images[0].dtype, self.gradient, self.video
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -118,11 +124,12 @@ class DynamicBatcher:
             self.incoming -= 1
             self._arrived.set()  # a waiting worker re-checks whether anything is still coming
 
-    def reserve(self, n: int) -> None:
-        """Claim queue room for a request of ``n`` images before it is decoded (413: never fits; 503: full)."""
+    def reserve(self, n: int, field: str = "images", unit: str = "images") -> None:
+        """Claim queue room for a request of ``n`` images (a video request: its frames, or its videos for a video
+        scorer) before it is decoded (413 naming ``field``: never fits; 503: full)."""
         if n > self.max_queue:  # it would never fit: a retry cannot help
             raise ProtocolError(
-                413, "payload_too_large", f"{n} images exceed the server's queue of {self.max_queue}", "images"
+                413, "payload_too_large", f"{n} {unit} exceed the server's queue of {self.max_queue}", field
             )
         if self.queued_images + n > self.max_queue:
             raise ProtocolError(
@@ -136,9 +143,15 @@ class DynamicBatcher:
         self._arrived.set()
 
     def submit(
-        self, images: list[np.ndarray], prompts: list[str], metadata: list[dict[str, Any]], gradient: bool = False
+        self,
+        images: list[np.ndarray],
+        prompts: list[str],
+        metadata: list[dict[str, Any]],
+        gradient: bool = False,
+        video: bool = False,
     ) -> Awaitable[ScoreOutput]:
-        """Queue a reserved request now; returns what to await for its scores (and gradients), in order."""
+        """Queue a reserved request now; returns what to await for its scores (and gradients), in order.
+        ``video``: ``images`` are whole videos (F, H, W, 3) for the scorer's ``score_videos``."""
         loop = asyncio.get_running_loop()
         items = [
             _Item(
@@ -147,6 +160,7 @@ class DynamicBatcher:
                 metadata[s : s + self.max_batch],
                 loop.create_future(),
                 gradient,
+                video,
             )
             for s in range(0, len(prompts), self.max_batch)
         ]
@@ -170,14 +184,10 @@ class DynamicBatcher:
             await self._arrived.wait()
         loop = asyncio.get_running_loop()
         batch, size, deadline = [], 0, loop.time() + self.max_wait
-        # one model batch holds one image size, and scoring or scoring with gradients
-        kind = (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient)
+        # one model batch holds one image (or video) shape, and scoring, scoring with gradients or scoring videos
+        kind = self.pending[0].kind
         while True:
-            while (
-                self.pending
-                and size + len(self.pending[0]) <= self.max_batch
-                and (self.pending[0].images[0].shape, self.pending[0].images[0].dtype, self.pending[0].gradient) == kind
-            ):
+            while self.pending and size + len(self.pending[0]) <= self.max_batch and self.pending[0].kind == kind:
                 item = self.pending.pop(0)
                 self._turn = item.turn[0]
                 batch.append(item)
@@ -231,7 +241,7 @@ class DynamicBatcher:
             # allocated on a replica thread comes from a fresh glibc arena and page-faults every time.
             images = np.stack([image for item in batch for image in item.images])
             output = await asyncio.get_running_loop().run_in_executor(
-                self._threads[replica], self._run, replica, images, prompts, metadata, batch[0].gradient
+                self._threads[replica], self._run, replica, images, prompts, metadata, batch[0].gradient, batch[0].video
             )
             return split(output, [len(item) for item in batch])
         except Exception as exc:
@@ -257,13 +267,17 @@ class DynamicBatcher:
         prompts: list[str],
         metadata: list[dict[str, Any]],
         gradient: bool = False,
+        video: bool = False,
     ) -> ScoreOutput:
         """Score on the replica's thread; on out-of-memory, halve the batch and try again."""
         scorer = self.replicas[replica]
         try:
-            output = (
-                score_grad(scorer, images, prompts, metadata) if gradient else scorer.score(images, prompts, metadata)
-            )
+            if gradient:
+                output = score_grad(scorer, images, prompts, metadata)
+            elif video:
+                output = scorer.score_videos(images, prompts, metadata)
+            else:
+                output = scorer.score(images, prompts, metadata)
         except Exception as exc:
             if not is_out_of_memory(exc) or len(prompts) == 1:
                 raise
@@ -274,8 +288,8 @@ class DynamicBatcher:
             log.warning("out of memory on %d images; retrying as %d + %d", len(prompts), half, len(prompts) - half)
             return concat(
                 [
-                    self._run(replica, images[:half], prompts[:half], metadata[:half], gradient),
-                    self._run(replica, images[half:], prompts[half:], metadata[half:], gradient),
+                    self._run(replica, images[:half], prompts[:half], metadata[:half], gradient, video),
+                    self._run(replica, images[half:], prompts[half:], metadata[half:], gradient, video),
                 ]
             )
         scores, info = check_scores(output.scores, output.info, len(prompts))

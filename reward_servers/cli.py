@@ -6,6 +6,7 @@ import ctypes
 import functools
 import logging
 import sys
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
@@ -56,6 +57,16 @@ class ServerSettings(BaseSettings):
     max_elements: int = Field(100_000, gt=0, description="msgpack values per request body (refused with 413 beyond)")
     max_decoded_mb: float = Field(
         2048.0, gt=0, description="MiB of decoded pixels held by all requests in flight; beyond it 503 + Retry-After"
+    )
+    max_videos: int = Field(64, gt=0, description="videos per request")
+    max_frames: int = Field(256, gt=0, description="frames per video")
+    max_video_mb: float = Field(
+        2048.0, gt=0, description="MiB of decoded pixels of all the videos of one request (413 beyond)"
+    )
+    video_pooling: Literal["mean", "min", "none"] = Field(
+        "mean",
+        description="how an image scorer's frame scores become a video's score; none: refuse videos "
+        "(a video scorer such as temporal scores whole videos whatever this says)",
     )
     body_timeout_s: float = Field(30.0, gt=0, description="seconds a request body may take to arrive (408 after)")
     drain_delay_s: float = Field(
@@ -144,7 +155,16 @@ class ServerSettings(BaseSettings):
             body_timeout_s=self.body_timeout_s,
             drain_delay_s=self.drain_delay_s,
             token=self.token.get_secret_value() if self.token else None,
-            limits=Limits(self.max_images, self.max_pixels, int(self.max_body_mb * 1024 * 1024), self.max_elements),
+            limits=Limits(
+                self.max_images,
+                self.max_pixels,
+                int(self.max_body_mb * 1024 * 1024),
+                self.max_elements,
+                max_videos=self.max_videos,
+                max_frames=self.max_frames,
+                max_video_bytes=int(self.max_video_mb * 1024 * 1024),
+            ),
+            video_pooling=None if self.video_pooling == "none" else self.video_pooling,
         )
         scorer_options = {
             **self.options,

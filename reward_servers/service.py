@@ -21,11 +21,13 @@ from protocol import (
     ScoreGradRequest,
     ScoreReply,
     ScoreRequest,
+    VideoScoreRequest,
     decode_image_list,
 )
 from protocol.schema import GRADIENT_DTYPES, ITEMSIZE
 from reward_servers.batcher import DynamicBatcher
 from reward_servers.metrics import ServerMetrics
+from reward_servers.video import score_videos
 from scorers.scorer import Scorer, differentiable
 
 
@@ -40,6 +42,9 @@ class ServingOptions:
     drain_delay_s: float = 0.0
     token: str | None = None
     limits: Limits = Limits()
+    # How an image scorer's frame scores become a video's score (scorers/video.py): "mean", "min", or None to
+    # refuse videos (a scorer with score_videos scores them whatever this says).
+    video_pooling: str | None = "mean"
 
 
 class ScoringService:
@@ -80,8 +85,15 @@ class ScoringService:
         if self.batcher is not None:
             await self.batcher.stop()
 
-    async def score(self, request: ScoreRequest) -> ScoreReply:
-        """A /v1/score request's reply; a ScoreGradRequest (/v1/score_grad) also gets each score's gradient."""
+    async def score(self, request: ScoreRequest | VideoScoreRequest) -> ScoreReply:
+        """A /v1/score request's reply; a ScoreGradRequest (/v1/score_grad) also gets each score's gradient, a
+        VideoScoreRequest one score per video (reward_servers/video.py)."""
+        if isinstance(request, VideoScoreRequest):
+            return await score_videos(self, request)
+        if not self.probe.scores_images:
+            raise ProtocolError(
+                422, "invalid_request", f"scorer {self.name} scores videos only: send videos (N, F, H, W, 3)", "images"
+            )
         gradient = isinstance(request, ScoreGradRequest)
         if gradient and not self.differentiable:  # final: no retry or other replica can change it
             raise ProtocolError(
@@ -93,15 +105,10 @@ class ScoringService:
         if not self.ready:
             raise ProtocolError(503, "not_ready", "the scorer is not loaded (starting or shutting down)")
         start = time.perf_counter()
-        self._check_fits(request)
-        try:
-            self.probe.check(request.prompts, request.metadata)
-        except ValueError as exc:
-            message = str(exc)
-            field, _, message = message.partition(": ") if ": " in message else (None, "", message)
-            raise ProtocolError(422, "invalid_request", message, field) from None
+        self.check_fits(request)
+        self.check(request.prompts, request.metadata)
         n = len(request.images)
-        with self._decoded_budget(
+        with self.decoded_budget(
             sum(i.height * i.width * i.channels * ITEMSIZE.get(i.encoding, 1) for i in request.images)
         ):
             with self.batcher.receiving():  # from here until queued, a forming batch may wait for it
@@ -132,9 +139,18 @@ class ScoringService:
             gradients=[np.ascontiguousarray(g, dtype=dtype).tobytes() for g in output.gradients],
         )
 
-    def _check_fits(self, request: ScoreRequest) -> None:
+    def check(self, prompts: list[str], metadata: list[dict]) -> None:
+        """The scorer's own check of a request's prompts and metadata, as a 422 naming the field."""
+        try:
+            self.probe.check(prompts, metadata)
+        except ValueError as exc:
+            message = str(exc)
+            field, _, message = message.partition(": ") if ": " in message else (None, "", message)
+            raise ProtocolError(422, "invalid_request", message, field) from None
+
+    def check_fits(self, request: ScoreRequest | VideoScoreRequest) -> None:
         """The scorer's own limits (Scorer.max_prompt_chars, max_side), before any work is queued: a 413 naming
-        the first prompt too long, a 422 naming the first image it cannot take."""
+        the first prompt too long, a 422 naming the first image (or video) it cannot take."""
         limit = self.probe.max_prompt_chars
         for i, prompt in enumerate(request.prompts):
             if len(prompt) > limit:
@@ -145,17 +161,18 @@ class ScoringService:
                     f"prompts.{i}",
                 )
         side = self.probe.max_side
-        for i, image in enumerate(request.images):
+        name = "videos" if isinstance(request, VideoScoreRequest) else "images"
+        for i, image in enumerate(getattr(request, name)):
             if side is not None and max(image.height, image.width) > side:
                 raise ProtocolError(
                     422,
                     "invalid_request",
                     f"{image.height}x{image.width} pixels; scorer {self.name} takes sides of at most {side}",
-                    f"images.{i}",
+                    f"{name}.{i}",
                 )
 
     @contextlib.contextmanager
-    def _decoded_budget(self, nbytes: int):
+    def decoded_budget(self, nbytes: int, field: str = "images"):
         """Hold ``nbytes`` of the decoded-pixel budget while a request is decoded, queued and scored.
 
         ``max_queue`` counts images; this bounds memory, whatever the images' size and however well they
@@ -166,8 +183,8 @@ class ScoringService:
             raise ProtocolError(
                 413,
                 "payload_too_large",
-                f"the images decode to {nbytes} bytes; the server's limit is {limit}",
-                "images",
+                f"the {field} decode to {nbytes} bytes; the server's limit is {limit}",
+                field,
             )
         if self.decoded_bytes + nbytes > limit:
             raise ProtocolError(

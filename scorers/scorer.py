@@ -85,6 +85,13 @@ class Scorer(ABC):
     # side): past it a server answers 422 naming the image, the one rule every scorer shares. Scorers that
     # resize keep every side at 1 pixel at least, so that no shape reaches a size of 0.
     max_side: int | None = None
+    # Videos (scorers/video.py). An image scorer scores a video frame by frame, the server pooling the frame
+    # scores per video, when a frame's score does not depend on the other images of its batch (not so for the
+    # VLM judge's pairwise mode). A scorer with ``score_videos`` scores whole videos itself (temporal
+    # consistency), of at least ``min_frames`` frames; one that takes videos only sets ``scores_images`` False.
+    per_frame: bool = True
+    scores_images: ClassVar[bool] = True
+    min_frames: ClassVar[int] = 1
 
     def load(self, device: str = "cpu") -> None:
         """Load weights onto ``device``; called once before the first ``score``."""
@@ -123,6 +130,7 @@ SCORERS: dict[str, str] = {
     "geneval": "scorers.geneval:GenEvalScorer",
     "ocr": "scorers.ocr:OcrScorer",
     "vlm": "scorers.vlm:VlmScorer",
+    "temporal": "scorers.temporal:TemporalConsistency",
 }
 
 

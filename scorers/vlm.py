@@ -137,6 +137,9 @@ class VlmScorer(Scorer):
         self.max_backoff = _number("max_backoff", max_backoff, float, 0)
         self.reasks = _number("reasks", reasks, int, 0)
         self.on_failure = on_failure
+        # pairwise ranks the images of one prompt against each other: a video's frames would be ranked against
+        # each other and the frames of the other videos, which says nothing about the video (scorers/video.py)
+        self.per_frame = mode != "pairwise"
         self.max_tokens = _number("max_tokens", max_tokens, int, 0) or (4096 if mode == "pairwise" else 0)
         self.top_logprobs = _number("top_logprobs", top_logprobs, int, 1)
         self.pairs_per_image = _number("pairs_per_image", pairs_per_image, int, 0)

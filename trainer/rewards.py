@@ -18,6 +18,7 @@ import numpy as np
 from protocol import check_scores
 from protocol.errors import redact_url
 from scorers.scorer import FunctionScorer, ScoreOutput, Scorer, concat, create_scorer
+from scorers.video import score_videos
 from trainer.advantages import group_normalize
 from trainer.config import RewardComponent, RewardConfig
 
@@ -37,10 +38,15 @@ class LocalReward:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"reward-{self.name}")
 
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]) -> Future:
+        """``images``: uint8 (N, H, W, 3), or videos (N, F, H, W, 3) for one score per video."""
         return self._pool.submit(self._score, images, prompts, metadata)
 
     def _score(self, images, prompts, metadata) -> ScoreOutput:
-        output = self.scorer.score(images, prompts, metadata)
+        # videos (N, F, H, W, 3): one score per video, an image scorer's frame scores pooled by their mean
+        if getattr(images, "ndim", None) == 5:
+            output = score_videos(self.scorer, images, prompts, metadata, pooling="mean")
+        else:
+            output = self.scorer.score(images, prompts, metadata)
         # The same check a reward server makes: a NaN must not reach the advantages, nor a short info list
         # the logs, and every process must gather the same number of rewards.
         scores, info = check_scores(output.scores, output.info, len(prompts))
@@ -78,7 +84,11 @@ class RemoteReward:
                 r = reply.result()
                 result.set_result(ScoreOutput(np.asarray(r.scores, dtype=np.float64), r.info))
 
-        self.client.submit(images, prompts, metadata, encoding=self.encoding).add_done_callback(done)
+        # videos (N, F, H, W, 3): one score per video, the server pooling frame scores (its --video-pooling)
+        if getattr(images, "ndim", None) == 5:
+            self.client.submit_videos(images, prompts, metadata, encoding=self.encoding).add_done_callback(done)
+        else:
+            self.client.submit(images, prompts, metadata, encoding=self.encoding).add_done_callback(done)
         return result
 
     def close(self) -> None:
