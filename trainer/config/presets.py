@@ -1,7 +1,7 @@
 """Named starting points: ``--preset NAME``; anything given on the command line or in ``--config`` wins.
 
-``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` the same on those
-families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and
+``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux`` and ``tiny-qwenimage``
+the same on those families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and
 tiny-shapes-sd3. The recipes of the papers on real checkpoints are in trainer/config/recipes.py (DGPO's here,
 beside its shapes preset).
 """
@@ -13,6 +13,10 @@ from typing import Any
 from trainer.config.group import overridden as _with
 from trainer.config.recipes import _FLUX_LORA, _SD3_LORA, RECIPES
 from trainer.prompts import ASSETS
+
+# flow_grpo's Qwen-Image LoRA (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): the joint
+# attention as SD3's, and both streams' feed-forwards (QwenImageTransformerBlock's img_mlp and txt_mlp).
+_QWEN_LORA = [*_SD3_LORA, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
 # The shapes world (scorers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
 # captions as the verifier checks them; evaluated before and after on the held-out captions (60 images per
@@ -109,6 +113,26 @@ PRESETS: dict[str, dict[str, Any]] = {
             "timestep_selection": "first",
             "kl_coef": 0.04,
             "lora_targets": _FLUX_LORA,
+        },
+    },
+    # Qwen-Image's shape on CPU (trainer/families/qwenimage.py, trainer/families/tiny_qwenimage.py): flow_grpo's
+    # pickscore_qwenimage in miniature, 6 SDE steps at its noise level 1.2, true CFG 4 (norm-rescaled, a second
+    # pass on the empty prompt), groups of 4, its LoRA targets, at 64 px (the schedule is shifted for that size).
+    "tiny-qwenimage": {
+        "pretrained": {"model": "tiny-qwenimage"},
+        "sample": {
+            "num_steps": 6,
+            "eval_num_steps": 10,
+            "eta": 1.2,
+            "guidance_scale": 4.0,
+            "images_per_prompt": 4,
+            "resolution": 64,
+        },
+        "train": {
+            "timestep_fraction": 0.99,
+            "timestep_selection": "first",
+            "kl_coef": 0.04,
+            "lora_targets": _QWEN_LORA,
         },
     },
 }
