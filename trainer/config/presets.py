@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config.group import overridden as _with
-from trainer.config.recipes import _FLUX_LORA, _SD3_LORA, RECIPES
+from trainer.config.recipes import _FLOW_GRPO, _FLUX_LORA, _SD3_LORA, RECIPES
 from trainer.prompts import ASSETS
 
 # flow_grpo's Qwen-Image LoRA (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): the joint
@@ -259,6 +259,48 @@ PRESETS["sd3-pickscore-dgpo"] = _with(
     sample={"batch_size": 24, "images_per_prompt": 24},
     train={"batch_size": 24, "kl_coef": 1e-3, "gradient_checkpointing": True},
     dgpo={"beta_dpo": 10.0, "trunc": 0.6, "switch_ema_ref": 200},
+)
+
+# Qwen-Image (Qwen/Qwen-Image, trainer/families/qwenimage.py; here beside tiny-qwenimage, recipes.py being full).
+# Flow-GRPO-Fast as flow_grpo runs it (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): groups of
+# 16 at 512 px, 10 steps with true CFG 4, SDE noise level 1.2 in a window of 2 steps starting at one of steps 0-3
+# (its sde_window_range (0, 5): randint(0, 5 - 2)), the rest ODE, both window steps trained; clip 1e-4, KL 0, EMA
+# off, advantages over the epoch's std, LoRA r64/a128 on the attention and both streams' feed-forwards, lr 3e-4,
+# gradient checkpointing; per GPU 4 batches of 4 on its 32 GPUs (32 groups an epoch), two optimizer steps an
+# epoch. The 20B transformer and the 7B Qwen2.5-VL are sharded (FSDP, as flow_grpo and verl-omni shard both;
+# docs/scale.md: 32.74 GB a GPU on 8). PickScore in-process, or served: reward-server and --reward.url.
+# Its negative prompt is " "; ours the empty prompt (trainer/families/qwenimage.py).
+_QWEN = {
+    "run": {"save_freq": 30, "sharding": "fsdp", "shard_text_encoders": True},
+    "pretrained": {"model": "Qwen/Qwen-Image"},
+    "sample": {"resolution": 512, "guidance_scale": 4.0},
+    "train": {"gradient_checkpointing": True},
+    "prompt": {"fn": "nouns_activities"},
+    "reward": {"scorer": "pickscore"},
+}
+PRESETS["qwenimage-pickscore-grpo"] = _with(
+    _with(_FLOW_GRPO, **_QWEN),
+    sample={"eval_num_steps": 50, "eta": 1.2, "batch_size": 4, "num_batches_per_epoch": 4, "images_per_prompt": 16},
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "timestep_fraction": 1.0,
+        "kl_coef": 0.0,
+        "ema_decay": 0.0,
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "lora_targets": _QWEN_LORA,
+    },
+    ddpo={"clip_range": 1e-4, "timestep_window": 2, "timestep_window_latest_start": 3},
+)
+# DiffusionNFT's SD3.5-M PickScore recipe (NVlabs/DiffusionNFT config/nft.py, as sd3-pickscore-nft) on Qwen-Image at
+# 512 px: 48 groups of 24 from the deterministic sampler without guidance, 10 steps, KL 1e-4, EMA 0.9, LoRA
+# r32/a64 on the joint attention, one optimizer step an epoch (1152 samples), in flow_grpo's per-GPU batches of 4
+# on 8 GPUs (36 sampling batches, 36 accumulations), sharded as above. Unmeasured.
+PRESETS["qwenimage-pickscore-nft"] = _with(
+    _with(RECIPES["sd3-pickscore-nft"], **_QWEN),
+    sample={"guidance_scale": 1.0, "batch_size": 4, "num_batches_per_epoch": 36},
+    train={"batch_size": 4, "gradient_accumulation_steps": 36},
 )
 
 PRESETS.update(RECIPES)
