@@ -40,11 +40,11 @@ def load_family(cfg: Config, device: torch.device):
 
     path = cfg.pretrained.model
     if path in TINY:
-        import importlib
+        from trainer.families import tiny_pipeline, tiny_qwenimage  # imported by name: tests/test_layout.py sees them
 
         module, _, build = TINY[path].rpartition(":")
-        builder = getattr(importlib.import_module(f"trainer.families.{module or 'tiny_pipeline'}"), build)
-        path = str(builder(cfg.pretrained.cache_dir))
+        builders = {"tiny_pipeline": tiny_pipeline, "tiny_qwenimage": tiny_qwenimage}[module or "tiny_pipeline"]
+        path = str(getattr(builders, build)(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
     if kind not in FAMILIES:
