@@ -1,12 +1,12 @@
 """Our sampler (log-probs, stored trajectory) vs each family's own diffusers pipeline call: same model, steps,
 guidance, batch.
 
-    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2] [--steps 20]
-                                      [--batch 8] [--repeats 7]
+    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2,tiny-qwenimage]
+                                      [--steps 20] [--batch 8] [--repeats 7]
 
 Prints JSON with the median seconds of each and their ratio per family (target <= 1.10). Both decode to uint8
 images; ours samples the policy's noise (DDIM eta 1, Flow-GRPO's SDE at its noise level), the pipelines their
-defaults (DDIM eta 1 asked for; SD3's, FLUX's and FLUX.2's ODE).
+defaults (DDIM eta 1 asked for; SD3's, FLUX's, FLUX.2's and Qwen-Image's ODE).
 """
 
 from __future__ import annotations
@@ -30,9 +30,16 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
     pipe, size, guidance, eta = family.pipe, family.native_resolution(), cfg.sample.guidance_scale, cfg.sample.eta
     prompts = ["a photo of a cat"] * batch
     negative = family.encode_prompts([""])
-    # DDIM's eta for SD1/SDXL; FLUX's T5 and FLUX.2's Qwen3 tokens as ours encode them (the pipelines' default: 512)
+    # DDIM's eta for SD1/SDXL; FLUX's T5 and FLUX.2's Qwen3 tokens as ours encode them (the pipelines' default:
+    # 512); Qwen-Image's guidance is true CFG on the negative prompt ours uses (its guidance_scale is a distilled
+    # model's input)
     tokens = {"max_sequence_length": getattr(family, "max_sequence_length", None)}
-    extra = {"SD3": {}, "Flux": tokens, "Flux2": tokens}.get(type(family).__name__, {"eta": 1.0})
+    extra = {
+        "SD3": {},
+        "Flux": tokens,
+        "Flux2": tokens,
+        "QwenImage": {"true_cfg_scale": guidance, "negative_prompt": [""] * batch, "guidance_scale": None},
+    }.get(type(family).__name__, {"eta": 1.0})
 
     def ours():
         _, final = sample(family, family.denoiser, prompts, [{}] * batch, negative, steps, eta, guidance, size)
@@ -42,11 +49,10 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
         return pipe(
             prompt=prompts,  # by name: Flux2KleinPipeline's first argument is its conditioning image
             num_inference_steps=steps,
-            guidance_scale=guidance,
             height=size,
             width=size,
             output_type="np",
-            **extra,
+            **{"guidance_scale": guidance, **extra},
         ).images
 
     med = interleaved_medians({"ours": ours, "diffusers": theirs}, repeats)
@@ -61,7 +67,9 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--families", default="tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2", help="presets of the tiny models"
+        "--families",
+        default="tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2,tiny-qwenimage",
+        help="presets of the tiny models",
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)

@@ -9,20 +9,16 @@ same size, and the frame scores are pooled per video (``--video-pooling``, score
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
 from starlette.concurrency import run_in_threadpool
 
 from protocol import ProtocolError, ScoreReply, VideoScoreRequest
 from protocol.video import check_frames, decode_videos
 from scorers.video import frames_of, native, pool, unsupported
 
-if TYPE_CHECKING:
-    from reward_servers.service import ScoringService
 
-
-def video_info(service: "ScoringService") -> dict | None:
-    """``GET /v1/info``'s ``video``: how this server scores videos, or None when it refuses them."""
+def video_info(service) -> dict | None:
+    """``GET /v1/info``'s ``video`` (``service``: the reward_servers.service.ScoringService): how this server
+    scores videos, or None when it refuses them."""
     from protocol.schema import VIDEO_VERSION
 
     pooling = service.options.video_pooling
@@ -37,7 +33,7 @@ def video_info(service: "ScoringService") -> dict | None:
     }
 
 
-async def score_videos(service: "ScoringService", request: VideoScoreRequest) -> ScoreReply:
+async def score_videos(service, request: VideoScoreRequest) -> ScoreReply:
     """One score per video of ``request``; refused (4xx naming the field) before anything is decoded when the
     scorer cannot score videos, the videos are too short for it, or they do not fit the server's budgets."""
     reason = unsupported(service.probe, service.options.video_pooling)

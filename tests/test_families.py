@@ -350,7 +350,14 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
 
 @pytest.mark.parametrize(
     "preset, name",
-    [("tiny", "SD1"), ("tiny-sdxl", "SDXL"), ("tiny-sd3", "SD3"), ("tiny-flux", "Flux"), ("tiny-flux2", "Flux2")],
+    [
+        ("tiny", "SD1"),
+        ("tiny-sdxl", "SDXL"),
+        ("tiny-sd3", "SD3"),
+        ("tiny-flux", "Flux"),
+        ("tiny-flux2", "Flux2"),
+        ("tiny-qwenimage", "QwenImage"),
+    ],
 )
 def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, name):
     """trainer.families.Family and Dynamics cannot drift from the families: each one loaded is an instance of
@@ -363,7 +370,9 @@ def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, nam
         family.pipe, family.denoiser_name
     )
     assert isinstance(family.dynamics, Dynamics) and family.dynamics.scheduler is family.pipe.scheduler
-    assert type(family.dynamics).__name__ == ("FlowMatching" if name in ("SD3", "Flux", "Flux2") else "DDIM")
+    assert type(family.dynamics).__name__ == (
+        "FlowMatching" if name in ("SD3", "Flux", "Flux2", "QwenImage") else "DDIM"
+    )
     assert isinstance(family.vae, VAE) and family.vae.autoencoder is family.pipe.vae
     for protocol, instance in ((Family, family), (Dynamics, family.dynamics)):
         for attribute, member in vars(protocol).items():
@@ -374,7 +383,7 @@ def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, nam
             assert list(inspect.signature(getattr(instance, attribute)).parameters) == wanted, attribute
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage"])
 def test_no_family_borrows_another_objects_methods(tiny_cache, preset):
     """Families compose their dynamics and VAE (``family.dynamics``, ``family.vae``), never copy methods bound to
     another instance into their own attributes (as SDXL once took 11 of an SD1's): every bound method among the

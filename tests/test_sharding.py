@@ -229,6 +229,21 @@ def test_sdxl_trains_sharded(tmp_path, tiny_cache):
     assert "6 units" in log and (out / LORA).is_file()
 
 
+def test_qwenimage_trains_sharded_with_its_text_encoder(tmp_path, tiny_cache):
+    """Qwen-Image's transformer sharded per QwenImageTransformerBlock (2 in tiny-qwenimage, and the root), its
+    Qwen2.5-VL text encoder per decoder layer (run.shard_text_encoders, as flow_grpo shards it); the adapters train."""
+    from tests.conftest import assert_trained
+
+    out = tmp_path / "qwenimage"
+    log = _ran(launch(out, tiny_cache, 1, *DDPO, *SHARDED, preset="tiny-qwenimage"))
+    shares = re.findall(SHARE, log)
+    assert sorted((rank, strategy) for rank, strategy, *_ in shares) == [("0", "fsdp"), ("1", "fsdp")]
+    mine, total = [int(m.replace(",", "")) for *_, m, _ in shares], int(shares[0][3].replace(",", ""))
+    assert sum(mine) == total and max(mine) < total
+    assert "3 units" in log and "run.shard_text_encoders: text_encoder" in log
+    assert_trained(out, [m["loss"] for m in _epochs(out)])
+
+
 def test_sharded_full_finetune_dpo_with_an_ema_reference_matches_unsharded(tmp_path, tiny_cache):
     """Diffusion-DPO fully finetuning SD1's UNet against its moving average (dpo.reference ema): the reference
     is the base's frozen copy, sharded like the policy, holding the average's shards (copied in, as FSDP

@@ -158,10 +158,10 @@ def checked_output_dir(path: Path) -> Path:
 class PretrainedConfig(_Group):
     model: str = Field(
         "tiny",
-        description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" / "tiny-flux2" (embedded, built offline), '
-        '"tiny-shapes" / "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a diffusers '
-        "model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline "
-        "FluxPipeline or Flux2KleinPipeline)",
+        description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" / "tiny-flux2" / "tiny-qwenimage" (embedded, '
+        'built offline), "tiny-shapes" / "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a diffusers '
+        "model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, "
+        "FluxPipeline, Flux2KleinPipeline or QwenImagePipeline)",
     )
     revision: str | None = None
     load_t5: bool = Field(
@@ -176,6 +176,7 @@ class PretrainedConfig(_Group):
         description="FLUX: T5 tokens per prompt (at most 512, "
         "as FluxPipeline allows); default FluxPipeline's "
         "512 (fewer if its tokenizer's model_max_length is smaller); Flow-GRPO's "
-        "FLUX runs encode 128; FLUX.2 [klein]: Qwen3 tokens per prompt, default Flux2KleinPipeline's 512",
+        "FLUX runs encode 128; FLUX.2 [klein]: Qwen3 tokens per prompt, default Flux2KleinPipeline's 512; "
+        "Qwen-Image: its prompt tokens after the template's, default QwenImagePipeline's 512",
     )
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")

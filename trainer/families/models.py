@@ -14,21 +14,23 @@ from trainer.config import Config
 from trainer.families import text_encoders
 from trainer.families.flux import Flux
 from trainer.families.flux2 import Flux2
+from trainer.families.qwenimage import QwenImage
 from trainer.families.sd1 import SD1
 from trainer.families.sd3 import SD3
 from trainer.families.sdxl import SDXL
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = {
-    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux, Flux2)
+    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux, Flux2, QwenImage)
 }  # a diffusers pipeline class -> its family
 TINY = {
     "tiny": "tiny_pipeline_path",
     "tiny-sdxl": "tiny_sdxl_path",
     "tiny-sd3": "tiny_sd3_path",
     "tiny-flux": "tiny_flux_path",
-    "tiny-flux2": "tiny_flux2_path",
-}  # built offline by these functions of trainer/families/tiny_pipeline.py or tiny_flux2.py
+    "tiny-flux2": "tiny_flux2:tiny_flux2_path",
+    "tiny-qwenimage": "tiny_qwenimage:tiny_qwenimage_path",
+}  # built offline: a function of trainer/families/tiny_pipeline.py, or "module:function" of another module there
 # pretrained by trainer/tools/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 
@@ -40,10 +42,15 @@ def load_family(cfg: Config, device: torch.device):
 
     path = cfg.pretrained.model
     if path in TINY:
-        from trainer.families import tiny_flux2, tiny_pipeline
+        from trainer.families import (
+            tiny_flux2,
+            tiny_pipeline,
+            tiny_qwenimage,
+        )  # by name: tests/test_layout.py sees them
 
-        build = getattr(tiny_pipeline, TINY[path], None) or getattr(tiny_flux2, TINY[path])
-        path = str(build(cfg.pretrained.cache_dir))
+        module, _, build = TINY[path].rpartition(":")
+        modules = {"tiny_pipeline": tiny_pipeline, "tiny_flux2": tiny_flux2, "tiny_qwenimage": tiny_qwenimage}
+        path = str(getattr(modules[module or "tiny_pipeline"], build)(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
     if kind not in FAMILIES:

@@ -2,7 +2,10 @@
 shares as it is: each family holds a ``VAE`` (``family.vae``) beside its ``dynamics``.
 
 The latents the trainer handles are the VAE's scaled ones, z = (E(x) - shift) x scaling_factor, as the
-diffusers pipelines make them: SD3's and FLUX's VAEs have a shift (0.0609, 0.1159), SD1's and SDXL's none.
+diffusers pipelines make them: SD3's and FLUX's VAEs have a shift (0.0609, 0.1159), SD1's and SDXL's none. The
+video-style VAEs (diffusers' AutoencoderKLQwenImage, Qwen-Image's) scale per channel instead, z = (E(x) - mean) /
+std with their config's ``latents_mean`` and ``latents_std``, and take (N, C, frames, h, w): an image is one
+frame, added here and dropped again, so the trainer's latents are (N, C, h, w) for every family.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ class VAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (N, 3, H, W), float32; differentiable."""
         vae = self.autoencoder
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + _shift(vae)).sample
+        latents = latents.to(vae.dtype)
+        if _per_channel(vae):  # as QwenImagePipeline decodes: z / (1 / std) + mean, then the one frame
+            mean, inverse_std = _channel_stats(vae, latents)
+            images = vae.decode((latents / inverse_std + mean)[:, :, None]).sample[:, :, 0]
+        else:
+            images = vae.decode(latents / vae.config.scaling_factor + _shift(vae)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -30,10 +38,27 @@ class VAE:
     def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """Latents of images in [0, 1], (N, 3, H, W) (for losses on real images: DPO, ReFL's pre-training)."""
         vae = self.autoencoder
-        posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+        images = (images * 2 - 1).to(vae.dtype)
+        if _per_channel(vae):  # as diffusers' Qwen-Image pipelines encode: (z - mean) x (1 / std), one frame
+            latents = vae.encode(images[:, :, None]).latent_dist.sample(generator)[:, :, 0]
+            mean, inverse_std = _channel_stats(vae, latents)
+            return (latents - mean) * inverse_std
+        posterior = vae.encode(images).latent_dist
         return (posterior.sample(generator) - _shift(vae)) * vae.config.scaling_factor
 
 
 def _shift(vae) -> float:
     """The VAE's latent shift: SD3's and FLUX's have one, SD1's and SDXL's none."""
     return vae.config.get("shift_factor") or 0.0
+
+
+def _per_channel(vae) -> bool:
+    """A video-style VAE scaled per channel (AutoencoderKLQwenImage): ``latents_mean``/``latents_std``, a frame axis."""
+    return vae.config.get("latents_mean") is not None and vae.config.get("latents_std") is not None
+
+
+def _channel_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and 1 / std, (1, C, 1, 1), in ``like``'s dtype and device (as the pipelines make them)."""
+    shape = (1, vae.config.z_dim, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+    return mean, 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
