@@ -1,9 +1,9 @@
 """Named starting points: ``--preset NAME``; anything given on the command line or in ``--config`` wins.
 
-``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` the same on those
-families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and
+``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux`` and ``tiny-zimage`` the
+same on those families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and
 tiny-shapes-sd3. The recipes of the papers on real checkpoints are in trainer/config/recipes.py (DGPO's here,
-beside its shapes preset).
+beside its shapes preset, and Flow-Factory's Z-Image recipe).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config.group import overridden as _with
-from trainer.config.recipes import _FLUX_LORA, _SD3_LORA, RECIPES
+from trainer.config.recipes import _FLOW_GRPO, _FLUX_LORA, _SD3_LORA, RECIPES, one_gpu
 from trainer.prompts import ASSETS
 
 # The shapes world (scorers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
@@ -42,6 +42,18 @@ _SHAPES = {
     "prompt": {"fn": "shapes", "eval_path": str(ASSETS / "shapes_eval.txt")},
     "reward": {"scorer": "shapes"},
 }
+
+# Flow-Factory's Z-Image LoRA targets (its ZImageAdapter.default_target_modules): every ZImageTransformerBlock's
+# attention and SwiGLU feed-forward (the refiners' and the main layers').
+_ZIMAGE_LORA = [
+    "attention.to_q",
+    "attention.to_k",
+    "attention.to_v",
+    "attention.to_out.0",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
@@ -109,6 +121,18 @@ PRESETS: dict[str, dict[str, Any]] = {
             "timestep_selection": "first",
             "kl_coef": 0.04,
             "lora_targets": _FLUX_LORA,
+        },
+    },
+    # Z-Image's shape on CPU (trainer/families/zimage.py): Flow-GRPO's SDE steps at noise 0.7, guidance 5 in our
+    # convention (ZImagePipeline's 4), groups of 4, Flow-Factory's Z-Image LoRA targets.
+    "tiny-zimage": {
+        "pretrained": {"model": "tiny-zimage"},
+        "sample": {"num_steps": 6, "eval_num_steps": 10, "eta": 0.7, "guidance_scale": 5.0, "images_per_prompt": 4},
+        "train": {
+            "timestep_fraction": 0.99,
+            "timestep_selection": "first",
+            "kl_coef": 0.04,
+            "lora_targets": _ZIMAGE_LORA,
         },
     },
 }
@@ -236,6 +260,38 @@ PRESETS["sd3-pickscore-dgpo"] = _with(
     train={"batch_size": 24, "kl_coef": 1e-3, "gradient_checkpointing": True},
     dgpo={"beta_dpo": 10.0, "trunc": 0.6, "switch_ema_ref": 200},
 )
+
+# Flow-Factory's Z-Image GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/z_image/default.yaml)
+# on Tongyi-MAI/Z-Image: 48 prompts x groups of 16 an epoch at 512 px, 10 steps, guidance 4 in ZImagePipeline's
+# convention (5 in ours: trainer/families/zimage.py), Flow-GRPO's SDE at noise 0.7 on one step per trajectory drawn
+# from its sde_steps [1, 2, 3] (ours: the window's start drawn from 0 to 3), the rest ODE; clip 1e-4, no KL,
+# advantages within each group (its global_std false), two optimizer steps an epoch, lr 3e-4, weight decay 1e-4,
+# gradient norm 1, EMA 0.9 every 4 epochs (8 steps: 0.987 a step), LoRA r64/a128 (fp32) on _ZIMAGE_LORA, bf16;
+# evaluated at 40 steps (Flow-Factory's at 1024 px). Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6
+# sampling batches of one group and train batches of 4 over 12 accumulation steps (not sized by bench.gpu_estimate,
+# which has no Z-Image). PickScore as sd3-pickscore (served: --reward.url); nouns_activities stand in for its
+# PickScore prompts.
+PRESETS["zimage-pickscore-grpo"] = _with(
+    _FLOW_GRPO,
+    run={"save_freq": 40},
+    pretrained={"model": "Tongyi-MAI/Z-Image"},
+    sample={"guidance_scale": 5.0, "batch_size": 16, "num_batches_per_epoch": 6, "images_per_prompt": 16},
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 12,
+        "timestep_fraction": 1.0,
+        "group_std": "group",
+        "group_by": "group",
+        "kl_coef": 0.0,
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "lora_targets": _ZIMAGE_LORA,
+    },
+    ddpo={"timestep_window": 1, "timestep_window_latest_start": 3},
+    prompt={"fn": "nouns_activities"},
+    reward={"scorer": "pickscore"},
+)
+PRESETS["zimage-pickscore-grpo-1gpu"] = one_gpu(PRESETS["zimage-pickscore-grpo"], 8)
 
 PRESETS.update(RECIPES)
 

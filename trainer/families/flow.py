@@ -119,6 +119,11 @@ def rectified_flow_noised(latents: torch.Tensor, noise: torch.Tensor, s: torch.T
     return (1 - sigma) * latents + sigma * noise, s * num_train_timesteps, noise - latents
 
 
+def linear_sigmas(num_steps: int) -> np.ndarray:
+    """FluxPipeline's unshifted sigmas: float64 linspace(1, 1 / n, n)."""
+    return np.linspace(1.0, 1 / num_steps, num_steps)
+
+
 FLOW_STEPS = {"sde": flow_sde_mean_std, "cps": flow_cps_mean_std}
 FLOW_LOG_PROBS = {"sde": gaussian_log_prob, "cps": cps_log_prob}
 
@@ -129,10 +134,14 @@ class FlowMatching:
     KL, x0 = x - s v, and the rectified-flow interpolation x_s = (1 - s) x0 + s noise with target noise - x0.
 
     ``image_tokens``: None for a fixed shift (SD3: the scheduler's own ``set_timesteps``); for a schedule shifted
-    by image size (FLUX), the packed tokens of the run's images, fixed when the family loads."""
+    by image size (FLUX), the packed tokens of the run's images, fixed when the family loads. ``sigmas``: with
+    ``image_tokens``, the pipeline's unshifted sigmas for n steps (default FluxPipeline's float64
+    ``np.linspace(1, 1 / n, n)``; a pipeline that computes them otherwise passes its own function, since one
+    differing last bit in a sigma moves every later step)."""
 
-    def __init__(self, scheduler, sde_type: str = "sde", image_tokens: int | None = None):
+    def __init__(self, scheduler, sde_type: str = "sde", image_tokens: int | None = None, sigmas=None):
         self.scheduler, self.sde_type, self.image_tokens = scheduler, sde_type, image_tokens
+        self.sigmas = sigmas or linear_sigmas
 
     def mu(self, image_tokens: int) -> float:
         """FluxPipeline's shift of the schedule for ``image_tokens`` packed tokens (its calculate_shift)."""
@@ -148,12 +157,12 @@ class FlowMatching:
         )
 
     def timesteps(self, num_steps: int, device) -> torch.Tensor:
-        """The scheduler's schedule; with ``image_tokens``, FluxPipeline's: sigmas linspace(1, 1 / n, n), shifted
-        by mu for the run's image size."""
+        """The scheduler's schedule; with ``image_tokens``, FluxPipeline's: sigmas linspace(1, 1 / n, n) (or the
+        family's ``sigmas``), shifted by mu for the run's image size."""
         if self.image_tokens is None:
             self.scheduler.set_timesteps(num_steps, device=device)
         else:
-            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+            sigmas = self.sigmas(num_steps)
             self.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=self.mu(self.image_tokens))
         return self.scheduler.timesteps
 

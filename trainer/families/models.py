@@ -16,17 +16,19 @@ from trainer.families.flux import Flux
 from trainer.families.sd1 import SD1
 from trainer.families.sd3 import SD3
 from trainer.families.sdxl import SDXL
+from trainer.families.zimage import ZImage
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = {
-    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux)
+    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux, ZImage)
 }  # a diffusers pipeline class -> its family
 TINY = {
     "tiny": "tiny_pipeline_path",
     "tiny-sdxl": "tiny_sdxl_path",
     "tiny-sd3": "tiny_sd3_path",
     "tiny-flux": "tiny_flux_path",
-}  # built offline (trainer/families/tiny_pipeline.py)
+    "tiny-zimage": "tiny_zimage:tiny_zimage_path",
+}  # built offline by trainer/families/tiny_pipeline.py's function, or "module:function" of another module there
 # pretrained by trainer/tools/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 
@@ -38,9 +40,11 @@ def load_family(cfg: Config, device: torch.device):
 
     path = cfg.pretrained.model
     if path in TINY:
-        from trainer.families import tiny_pipeline
+        import importlib
 
-        path = str(getattr(tiny_pipeline, TINY[path])(cfg.pretrained.cache_dir))
+        module, _, name = TINY[path].rpartition(":")
+        build = getattr(importlib.import_module(f"trainer.families.{module or 'tiny_pipeline'}"), name)
+        path = str(build(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
     if kind not in FAMILIES:
