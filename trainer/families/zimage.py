@@ -90,10 +90,11 @@ class ZImage:
         """The pipeline's own encoding (its chat template, Qwen3's second-to-last hidden states, the real tokens
         only), padded with zeros to ``max_sequence_length`` tokens beside the mask of the real ones
         (``resolution``: unused)."""
-        # a copy: ZImagePipeline writes the chat-templated prompts into the list it is given
+        # a copy: ZImagePipeline writes the chat-templated prompts into the list it is given. The transformer's
+        # device: an offloaded text encoder's (run.offload_text_encoders) is "meta"
         embeds = self.pipe.encode_prompt(
             list(prompts),
-            device=self.pipe.text_encoder.device,
+            device=self.pipe.transformer.device,
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )[0]
