@@ -1,12 +1,12 @@
 """Our sampler (log-probs, stored trajectory) vs each family's own diffusers pipeline call: same model, steps,
 guidance, batch.
 
-    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux] [--steps 20] [--batch 8]
-                                      [--repeats 7]
+    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-zimage] [--steps 20]
+                                      [--batch 8] [--repeats 7]
 
 Prints JSON with the median seconds of each and their ratio per family (target <= 1.10). Both decode to uint8
 images; ours samples the policy's noise (DDIM eta 1, Flow-GRPO's SDE at its noise level), the pipelines their
-defaults (DDIM eta 1 asked for; SD3's and FLUX's ODE).
+defaults (DDIM eta 1 asked for; SD3's, FLUX's and Z-Image's ODE).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
     prompts = ["a photo of a cat"] * batch
     negative = family.encode_prompts([""])
     # DDIM's eta for SD1/SDXL; FLUX's T5 tokens as ours encode them (FluxPipeline's default is 512)
-    extra = {"SD3": {}, "Flux": {"max_sequence_length": getattr(family, "max_sequence_length", None)}}.get(
-        type(family).__name__, {"eta": 1.0}
-    )
+    tokens = {"max_sequence_length": getattr(family, "max_sequence_length", None)}
+    extra = {"SD3": {}, "Flux": tokens, "ZImage": tokens}.get(type(family).__name__, {"eta": 1.0})
+    # ZImagePipeline's guidance_scale g is pos + g (pos - neg): our w - 1 (trainer/families/zimage.py)
+    theirs_guidance = guidance - 1 if type(family).__name__ == "ZImage" else guidance
 
     def ours():
         _, final = sample(family, family.denoiser, prompts, [{}] * batch, negative, steps, eta, guidance, size)
@@ -41,9 +42,9 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
 
     def theirs():
         return pipe(
-            prompts,
+            list(prompts),  # a copy: ZImagePipeline writes its chat-templated prompts into the list
             num_inference_steps=steps,
-            guidance_scale=guidance,
+            guidance_scale=theirs_guidance,
             height=size,
             width=size,
             output_type="np",
@@ -61,7 +62,9 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--families", default="tiny,tiny-sdxl,tiny-sd3,tiny-flux", help="presets of the tiny models")
+    parser.add_argument(
+        "--families", default="tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-zimage", help="presets of the tiny models"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
