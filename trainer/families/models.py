@@ -27,8 +27,8 @@ TINY = {
     "tiny-sdxl": "tiny_sdxl_path",
     "tiny-sd3": "tiny_sd3_path",
     "tiny-flux": "tiny_flux_path",
-    "tiny-zimage": "tiny_zimage:tiny_zimage_path",
-}  # built offline by trainer/families/tiny_pipeline.py's function, or "module:function" of another module there
+    "tiny-zimage": "tiny_zimage_path",
+}  # built offline by this function of trainer/families/tiny_pipeline.py (or of tiny_zimage.py)
 # pretrained by trainer/tools/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
 
@@ -40,10 +40,9 @@ def load_family(cfg: Config, device: torch.device):
 
     path = cfg.pretrained.model
     if path in TINY:
-        import importlib
+        from trainer.families import tiny_pipeline, tiny_zimage
 
-        module, _, name = TINY[path].rpartition(":")
-        build = getattr(importlib.import_module(f"trainer.families.{module or 'tiny_pipeline'}"), name)
+        build = next(getattr(m, TINY[path]) for m in (tiny_pipeline, tiny_zimage) if hasattr(m, TINY[path]))
         path = str(build(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
