@@ -1,12 +1,13 @@
 """Our sampler (log-probs, stored trajectory) vs each family's own diffusers pipeline call: same model, steps,
 guidance, batch.
 
-    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2,tiny-qwenimage]
+    python -m bench.sampling_overhead [--families tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2,tiny-qwenimage,
+                                      tiny-zimage]
                                       [--steps 20] [--batch 8] [--repeats 7]
 
 Prints JSON with the median seconds of each and their ratio per family (target <= 1.10). Both decode to uint8
 images; ours samples the policy's noise (DDIM eta 1, Flow-GRPO's SDE at its noise level), the pipelines their
-defaults (DDIM eta 1 asked for; SD3's, FLUX's, FLUX.2's and Qwen-Image's ODE).
+defaults (DDIM eta 1 asked for; SD3's, FLUX's, FLUX.2's, Qwen-Image's and Z-Image's ODE).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
         "Flux": tokens,
         "Flux2": tokens,
         "QwenImage": {"true_cfg_scale": guidance, "negative_prompt": [""] * batch, "guidance_scale": None},
+        "ZImage": tokens,
     }.get(type(family).__name__, {"eta": 1.0})
+    # ZImagePipeline's guidance_scale g is pos + g (pos - neg): our w - 1 (trainer/families/zimage.py)
+    theirs_guidance = guidance - 1 if type(family).__name__ == "ZImage" else guidance
 
     def ours():
         _, final = sample(family, family.denoiser, prompts, [{}] * batch, negative, steps, eta, guidance, size)
@@ -47,8 +51,10 @@ def measure(preset: str, steps: int, batch: int, repeats: int) -> dict:
 
     def theirs():
         return pipe(
-            prompt=prompts,  # by name: Flux2KleinPipeline's first argument is its conditioning image
+            prompt=list(prompts),  # by name (Flux2KleinPipeline's first argument is its image); a copy (ZImagePipeline
+            # writes its chat-templated prompts into the list)
             num_inference_steps=steps,
+            guidance_scale=theirs_guidance,
             height=size,
             width=size,
             output_type="np",
@@ -68,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--families",
-        default="tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2,tiny-qwenimage",
+        default="tiny,tiny-sdxl,tiny-sd3,tiny-flux,tiny-flux2,tiny-qwenimage,tiny-zimage",
         help="presets of the tiny models",
     )
     parser.add_argument("--steps", type=int, default=20)

@@ -254,7 +254,7 @@ def test_sd3_with_t5_encodes_its_tokens_and_leaves_them_out_when_asked(tiny_cach
     assert torch.equal(a["pooled_projections"], b["pooled_projections"])
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-zimage"])
 def test_offloaded_text_encoders_encode_as_the_resident_ones(tiny_cache, preset):
     """run.offload_text_encoders: the encoders' weights stay in CPU memory (the modules hold none: accelerate's
     hooks bring each layer's to the device for its forward) and the prompts encode the same."""
@@ -266,7 +266,7 @@ def test_offloaded_text_encoders_encode_as_the_resident_ones(tiny_cache, preset)
         cfg.model_copy(update={"run": cfg.run.model_copy(update={"offload_text_encoders": True})}), torch.device("cpu")
     )
     encoders = text_encoders(offloaded.pipe)
-    assert len(encoders) == (1 if preset in ("tiny", "tiny-flux2") else 2)
+    assert len(encoders) == (1 if preset in ("tiny", "tiny-flux2", "tiny-zimage") else 2)
     assert all(p.device.type == "meta" for encoder in encoders.values() for p in encoder.parameters())
     assert all(p.device.type == "cpu" for p in offloaded.denoiser.parameters())
     a, b = (
@@ -277,7 +277,7 @@ def test_offloaded_text_encoders_encode_as_the_resident_ones(tiny_cache, preset)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"])
 def test_the_cli_trains_each_family_preset(tmp_path, tiny_cache, preset):
     import subprocess
     import sys
@@ -357,6 +357,7 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
         ("tiny-flux", "Flux"),
         ("tiny-flux2", "Flux2"),
         ("tiny-qwenimage", "QwenImage"),
+        ("tiny-zimage", "ZImage"),
     ],
 )
 def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, name):
@@ -370,9 +371,7 @@ def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, nam
         family.pipe, family.denoiser_name
     )
     assert isinstance(family.dynamics, Dynamics) and family.dynamics.scheduler is family.pipe.scheduler
-    assert type(family.dynamics).__name__ == (
-        "FlowMatching" if name in ("SD3", "Flux", "Flux2", "QwenImage") else "DDIM"
-    )
+    assert type(family.dynamics).__name__ == ("DDIM" if name in ("SD1", "SDXL") else "FlowMatching")
     assert isinstance(family.vae, VAE) and family.vae.autoencoder is family.pipe.vae
     for protocol, instance in ((Family, family), (Dynamics, family.dynamics)):
         for attribute, member in vars(protocol).items():
@@ -383,7 +382,9 @@ def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, nam
             assert list(inspect.signature(getattr(instance, attribute)).parameters) == wanted, attribute
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage"])
+@pytest.mark.parametrize(
+    "preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage"]
+)
 def test_no_family_borrows_another_objects_methods(tiny_cache, preset):
     """Families compose their dynamics and VAE (``family.dynamics``, ``family.vae``), never copy methods bound to
     another instance into their own attributes (as SDXL once took 11 of an SD1's): every bound method among the

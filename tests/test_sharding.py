@@ -244,6 +244,15 @@ def test_qwenimage_trains_sharded_with_its_text_encoder(tmp_path, tiny_cache):
     assert_trained(out, [m["loss"] for m in _epochs(out)])
 
 
+def test_zimage_trains_sharded(tmp_path, tiny_cache):
+    """Z-Image's transformer, sharded per ZImageTransformerBlock (the family's shard_blocks: tiny-zimage's noise and
+    context refiners' one each and its two main layers, and the root), fed lists of per-image tensors."""
+    out = tmp_path / "zimage"
+    log = _ran(launch(out, tiny_cache, 1, *DDPO, "--run.sharding", "fsdp", preset="tiny-zimage"))
+    assert sorted((rank, strategy) for rank, strategy, *_ in re.findall(SHARE, log)) == [("0", "fsdp"), ("1", "fsdp")]
+    assert "5 units" in log and (out / LORA).is_file()
+
+
 def test_sharded_full_finetune_dpo_with_an_ema_reference_matches_unsharded(tmp_path, tiny_cache):
     """Diffusion-DPO fully finetuning SD1's UNet against its moving average (dpo.reference ema): the reference
     is the base's frozen copy, sharded like the policy, holding the average's shards (copied in, as FSDP

@@ -1,9 +1,9 @@
 """Named starting points: ``--preset NAME``; anything given on the command line or in ``--config`` wins.
 
-``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux2`` and
-``tiny-qwenimage`` the same on those families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on
-tiny-shapes (SD1) and tiny-shapes-sd3. The recipes of the papers on real checkpoints are in
-trainer/config/recipes.py (DGPO's, FLUX.2 [klein]'s and Qwen-Image's here, recipes.py being full).
+``tiny`` is the built-in default (CPU, minutes); ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` the same on those
+families' shapes; ``shapes*`` the shapes world (scorers/world.py) on CPU, on tiny-shapes (SD1) and tiny-shapes-sd3.
+The recipes of the papers on real checkpoints are in trainer/config/recipes.py (DGPO's here, beside its shapes
+preset); FLUX.2 [klein]'s, Qwen-Image's and Z-Image's, tiny and published, in trainer/config/family_presets.py.
 """
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config.group import overridden as _with
-from trainer.config.recipes import _FLOW_GRPO, _FLUX_LORA, _SD3_LORA, RECIPES
+from trainer.config.family_presets import FAMILY_PRESETS
+from trainer.config.recipes import _FLUX_LORA, _SD3_LORA, RECIPES
 from trainer.prompts import ASSETS
-
-# flow_grpo's Qwen-Image LoRA (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): the joint
-# attention as SD3's, and both streams' feed-forwards (QwenImageTransformerBlock's img_mlp and txt_mlp).
-_QWEN_LORA = [*_SD3_LORA, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
 
 # The shapes world (scorers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
 # captions as the verifier checks them; evaluated before and after on the held-out captions (60 images per
@@ -115,46 +112,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora_targets": _FLUX_LORA,
         },
     },
-    # Qwen-Image's shape on CPU (trainer/families/qwenimage.py, trainer/families/tiny_qwenimage.py): flow_grpo's
-    # pickscore_qwenimage in miniature, 6 SDE steps at its noise level 1.2, true CFG 4 (norm-rescaled, a second
-    # pass on the empty prompt), groups of 4, its LoRA targets, at 64 px (the schedule is shifted for that size).
-    "tiny-qwenimage": {
-        "pretrained": {"model": "tiny-qwenimage"},
-        "sample": {
-            "num_steps": 6,
-            "eval_num_steps": 10,
-            "eta": 1.2,
-            "guidance_scale": 4.0,
-            "images_per_prompt": 4,
-            "resolution": 64,
-        },
-        "train": {
-            "timestep_fraction": 0.99,
-            "timestep_selection": "first",
-            "kl_coef": 0.04,
-            "lora_targets": _QWEN_LORA,
-        },
-    },
-}
-# Flow-Factory's FLUX.2 [klein] LoRA targets (github.com/X-GenGroup/Flow-Factory, models/flux/flux2_klein.py
-# default_target_modules): the double-stream blocks' attention and feed-forwards, the single-stream blocks' fused
-# qkv+mlp input. Its list also names attn.to_out.0 for the single-stream blocks, whose output projection is a
-# plain attn.to_out (no .0): it matches none there, so theirs stays untrained, as here.
-_FLUX2_LORA = [
-    *_SD3_LORA,
-    "ff.linear_in",
-    "ff.linear_out",
-    "ff_context.linear_in",
-    "ff_context.linear_out",
-    "attn.to_qkv_mlp_proj",
-]
-# FLUX.2-klein's shape on CPU (trainer/families/flux2.py): flux2-klein-pickscore-grpo in miniature, the distilled
-# model's 4 steps with an SDE step at noise 0.5 on one of the first 3 (the rest ODE), no CFG, groups of 4.
-PRESETS["tiny-flux2"] = {
-    "pretrained": {"model": "tiny-flux2"},
-    "sample": {"num_steps": 4, "eval_num_steps": 4, "eta": 0.5, "guidance_scale": 1.0, "images_per_prompt": 4},
-    "train": {"timestep_fraction": 1.0, "lora_targets": _FLUX2_LORA},
-    "ddpo": {"cfg": False, "timestep_window": 1, "timestep_window_latest_start": 2},
 }
 # The shapes world: ReFL on tiny-shapes with its tiny CLIP's score as the reward, evaluated by the verifier.
 PRESETS["shapes-refl"] = _with(
@@ -281,102 +238,7 @@ PRESETS["sd3-pickscore-dgpo"] = _with(
     dgpo={"beta_dpo": 10.0, "trunc": 0.6, "switch_ema_ref": 200},
 )
 
-# Flow-Factory's FLUX.2 [klein] GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/flux2_klein/
-# default.yaml, on FLUX.2-klein-4B, the example's other checkpoint beside 9B): 48 groups of 16 per epoch at 384 px,
-# the distilled 4 steps at guidance 1 (no CFG), Flow-SDE noise 0.5 on one step a trajectory (theirs drawn from
-# steps 1 and 2; here from 0, 1 and 2: ddpo has no earliest start), clip 1e-4, no KL, lr 3e-4, weight decay 1e-4,
-# two optimizer steps per epoch, advantages within each group, LoRA r64/a128 on their targets, PickScore (served
-# by reward-server or in-process). Their 8 GPUs as ours; per-GPU batches not sized by bench/gpu_estimate.
-PRESETS["flux2-klein-pickscore-grpo"] = _with(
-    _FLOW_GRPO,
-    pretrained={"model": "black-forest-labs/FLUX.2-klein-4B"},
-    sample={
-        "num_steps": 4,
-        "eval_num_steps": 10,
-        "eta": 0.5,
-        "guidance_scale": 1.0,
-        "resolution": 384,
-        "batch_size": 16,
-        "num_batches_per_epoch": 6,
-        "images_per_prompt": 16,
-    },
-    train={
-        "batch_size": 4,
-        "gradient_accumulation_steps": 12,
-        "kl_coef": 0.0,
-        "timestep_fraction": 1.0,
-        "adam_weight_decay": 1e-4,
-        "group_std": "group",
-        "lora_rank": 64,
-        "lora_alpha": 128.0,
-        "lora_targets": _FLUX2_LORA,
-    },
-    ddpo={"cfg": False, "clip_range": 1e-4, "timestep_window": 1, "timestep_window_latest_start": 2},
-    prompt={"fn": "nouns_activities"},
-    reward={"scorer": "pickscore"},
-)
-# Its DiffusionNFT example on the base model (examples/nft/lora/flux2_klein_base/default.yaml, FLUX.2-klein-base-
-# 4B): ODE rollouts of 8 steps with real CFG at 4.0 from the old policy, b 0.1, its old-policy decay (flat 0, rate
-# 0.001, max 0.5: ours by default), 2 steps per image stratified over the noisier half and shared by the batch
-# (theirs may draw step 0, ours never), lr 1e-4, one optimizer step per epoch, no KL; evaluated at 28 steps.
-PRESETS["flux2-klein-pickscore-nft"] = _with(
-    PRESETS["flux2-klein-pickscore-grpo"],
-    algorithm="nft",
-    pretrained={"model": "black-forest-labs/FLUX.2-klein-base-4B"},
-    sample={"num_steps": 8, "eval_num_steps": 28, "eta": 0.0, "guidance_scale": 4.0},
-    train={
-        "learning_rate": 1e-4,
-        "gradient_accumulation_steps": 24,
-        "timestep_fraction": 2 / 8,
-        "timestep_selection": "stratified",
-        "timestep_span": 0.5,
-        "timestep_shared": True,
-    },
-    ddpo={"timestep_window": 0, "timestep_window_latest_start": 0},
-    nft={"beta": 0.1},
-)
-# Qwen-Image (Qwen/Qwen-Image, trainer/families/qwenimage.py; here beside tiny-qwenimage, recipes.py being full).
-# Flow-GRPO-Fast as flow_grpo runs it (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): groups of
-# 16 at 512 px, 10 steps with true CFG 4, SDE noise level 1.2 in a window of 2 steps starting at one of steps 0-3
-# (its sde_window_range (0, 5): randint(0, 5 - 2)), the rest ODE, both window steps trained; clip 1e-4, KL 0, EMA
-# off, advantages over the epoch's std, LoRA r64/a128 on the attention and both streams' feed-forwards, lr 3e-4,
-# gradient checkpointing; per GPU 4 batches of 4 on its 32 GPUs (32 groups an epoch), two optimizer steps an
-# epoch. The 20B transformer and the 7B Qwen2.5-VL are sharded (FSDP, as flow_grpo and verl-omni shard both;
-# docs/scale.md: 32.74 GB a GPU on 8). PickScore in-process, or served: reward-server and --reward.url.
-# Its negative prompt is " "; ours the empty prompt (trainer/families/qwenimage.py).
-_QWEN = {
-    "run": {"save_freq": 30, "sharding": "fsdp", "shard_text_encoders": True},
-    "pretrained": {"model": "Qwen/Qwen-Image"},
-    "sample": {"resolution": 512, "guidance_scale": 4.0},
-    "train": {"gradient_checkpointing": True},
-    "prompt": {"fn": "nouns_activities"},
-    "reward": {"scorer": "pickscore"},
-}
-PRESETS["qwenimage-pickscore-grpo"] = _with(
-    _with(_FLOW_GRPO, **_QWEN),
-    sample={"eval_num_steps": 50, "eta": 1.2, "batch_size": 4, "num_batches_per_epoch": 4, "images_per_prompt": 16},
-    train={
-        "batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "timestep_fraction": 1.0,
-        "kl_coef": 0.0,
-        "ema_decay": 0.0,
-        "lora_rank": 64,
-        "lora_alpha": 128.0,
-        "lora_targets": _QWEN_LORA,
-    },
-    ddpo={"clip_range": 1e-4, "timestep_window": 2, "timestep_window_latest_start": 3},
-)
-# DiffusionNFT's SD3.5-M PickScore recipe (NVlabs/DiffusionNFT config/nft.py, as sd3-pickscore-nft) on Qwen-Image at
-# 512 px: 48 groups of 24 from the deterministic sampler without guidance, 10 steps, KL 1e-4, EMA 0.9, LoRA
-# r32/a64 on the joint attention, one optimizer step an epoch (1152 samples), in flow_grpo's per-GPU batches of 4
-# on 8 GPUs (36 sampling batches, 36 accumulations), sharded as above. Unmeasured.
-PRESETS["qwenimage-pickscore-nft"] = _with(
-    _with(RECIPES["sd3-pickscore-nft"], **_QWEN),
-    sample={"guidance_scale": 1.0, "batch_size": 4, "num_batches_per_epoch": 36},
-    train={"batch_size": 4, "gradient_accumulation_steps": 36},
-)
-
+PRESETS.update(FAMILY_PRESETS)
 PRESETS.update(RECIPES)
 
 

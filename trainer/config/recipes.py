@@ -386,15 +386,21 @@ _GPUS = {
     "flux-pickscore-grpo": 8,
     "flux-geneval-grpo": 8,
 }
-for _name, _gpus in _GPUS.items():
-    _p, _t = RECIPES[_name], RECIPES[_name]["train"]
-    RECIPES[f"{_name}-1gpu"] = _with(
-        _p,
-        sample={"num_batches_per_epoch": _p["sample"]["num_batches_per_epoch"] * _gpus},
+
+
+def one_gpu(preset: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """``preset``'s ``-1gpu`` variant: the same epoch and effective train batch on one GPU."""
+    t = preset["train"]
+    return _with(
+        preset,
+        sample={"num_batches_per_epoch": preset["sample"]["num_batches_per_epoch"] * gpus},
         # the same samples per denoiser forward as each of the GPUs had: the same memory
         train={
             "batch_size": 1,
-            "gradient_accumulation_steps": _t["batch_size"] * _gpus * _t["gradient_accumulation_steps"],
-            "timesteps_per_forward": _t["timesteps_per_forward"] * _t["batch_size"],
+            "gradient_accumulation_steps": t["batch_size"] * gpus * t["gradient_accumulation_steps"],
+            "timesteps_per_forward": t["timesteps_per_forward"] * t["batch_size"],
         },
     )
+
+
+RECIPES.update({f"{name}-1gpu": one_gpu(RECIPES[name], gpus) for name, gpus in _GPUS.items()})

@@ -119,6 +119,11 @@ def rectified_flow_noised(latents: torch.Tensor, noise: torch.Tensor, s: torch.T
     return (1 - sigma) * latents + sigma * noise, s * num_train_timesteps, noise - latents
 
 
+def linear_sigmas(num_steps: int) -> np.ndarray:
+    """FluxPipeline's unshifted sigmas: float64 linspace(1, 1 / n, n)."""
+    return np.linspace(1.0, 1 / num_steps, num_steps)
+
+
 FLOW_STEPS = {"sde": flow_sde_mean_std, "cps": flow_cps_mean_std}
 FLOW_LOG_PROBS = {"sde": gaussian_log_prob, "cps": cps_log_prob}
 
@@ -131,10 +136,14 @@ class FlowMatching:
     ``image_tokens``: None for a fixed shift (SD3: the scheduler's own ``set_timesteps``); for a schedule shifted
     by image size (FLUX), the packed tokens of the run's images, fixed when the family loads. ``shift``: where the
     pipeline computes that shift its own way, its function of (image tokens, sampler steps) (FLUX.2's
-    ``compute_empirical_mu``); None: FluxPipeline's ``calculate_shift``, which the steps do not change."""
+    ``compute_empirical_mu``); None: FluxPipeline's ``calculate_shift``, which the steps do not change.
+    ``sigmas``: with ``image_tokens``, the pipeline's unshifted sigmas for n steps (default FluxPipeline's float64
+    ``np.linspace(1, 1 / n, n)``; a pipeline that computes them otherwise passes its own function, since one
+    differing last bit in a sigma moves every later step)."""
 
-    def __init__(self, scheduler, sde_type: str = "sde", image_tokens: int | None = None, shift=None):
+    def __init__(self, scheduler, sde_type: str = "sde", image_tokens: int | None = None, shift=None, sigmas=None):
         self.scheduler, self.sde_type, self.image_tokens, self.shift = scheduler, sde_type, image_tokens, shift
+        self.sigmas = sigmas or linear_sigmas
 
     def mu(self, image_tokens: int, num_steps: int | None = None) -> float:
         """The schedule's shift for ``image_tokens`` packed tokens and ``num_steps`` sampler steps: ``shift``'s,
@@ -153,12 +162,12 @@ class FlowMatching:
         )
 
     def timesteps(self, num_steps: int, device) -> torch.Tensor:
-        """The scheduler's schedule; with ``image_tokens``, FluxPipeline's: sigmas linspace(1, 1 / n, n), shifted
-        by mu for the run's image size."""
+        """The scheduler's schedule; with ``image_tokens``, FluxPipeline's: sigmas linspace(1, 1 / n, n) (or the
+        family's ``sigmas``), shifted by mu for the run's image size."""
         if self.image_tokens is None:
             self.scheduler.set_timesteps(num_steps, device=device)
         else:
-            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+            sigmas = self.sigmas(num_steps)
             mu = self.mu(self.image_tokens, num_steps)
             self.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=mu)
         return self.scheduler.timesteps

@@ -108,7 +108,7 @@ class Flux2:
         self.resolution = resolution or self.native_resolution()
         tokens = (self.latent_size(self.resolution) // 2) ** 2  # the 2x2-packed tokens the schedule is shifted for
         shift = functools.partial(empirical_mu, default_steps=num_steps)
-        self.dynamics, self.vae = FlowMatching(pipe.scheduler, sde_type, tokens, shift), Flux2VAE(pipe.vae)
+        self.dynamics, self.vae = FlowMatching(pipe.scheduler, sde_type, tokens, shift=shift), Flux2VAE(pipe.vae)
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "Flux2":

@@ -18,10 +18,11 @@ from trainer.families.qwenimage import QwenImage
 from trainer.families.sd1 import SD1
 from trainer.families.sd3 import SD3
 from trainer.families.sdxl import SDXL
+from trainer.families.zimage import ZImage
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = {
-    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux, Flux2, QwenImage)
+    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux, Flux2, QwenImage, ZImage)
 }  # a diffusers pipeline class -> its family
 TINY = {
     "tiny": "tiny_pipeline_path",
@@ -30,6 +31,7 @@ TINY = {
     "tiny-flux": "tiny_flux_path",
     "tiny-flux2": "tiny_flux2:tiny_flux2_path",
     "tiny-qwenimage": "tiny_qwenimage:tiny_qwenimage_path",
+    "tiny-zimage": "tiny_zimage:tiny_zimage_path",
 }  # built offline: a function of trainer/families/tiny_pipeline.py, or "module:function" of another module there
 # pretrained by trainer/tools/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
@@ -42,14 +44,20 @@ def load_family(cfg: Config, device: torch.device):
 
     path = cfg.pretrained.model
     if path in TINY:
-        from trainer.families import (
+        from trainer.families import (  # by name: tests/test_layout.py sees them
             tiny_flux2,
             tiny_pipeline,
             tiny_qwenimage,
-        )  # by name: tests/test_layout.py sees them
+            tiny_zimage,
+        )
 
         module, _, build = TINY[path].rpartition(":")
-        modules = {"tiny_pipeline": tiny_pipeline, "tiny_flux2": tiny_flux2, "tiny_qwenimage": tiny_qwenimage}
+        modules = {
+            "tiny_pipeline": tiny_pipeline,
+            "tiny_flux2": tiny_flux2,
+            "tiny_qwenimage": tiny_qwenimage,
+            "tiny_zimage": tiny_zimage,
+        }
         path = str(getattr(modules[module or "tiny_pipeline"], build)(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")

@@ -1,0 +1,208 @@
+"""The presets of the families added in 2026 (trainer/families/flux2.py, qwenimage.py, zimage.py): each one's tiny
+CPU preset and the published recipes of the frameworks that train it (Flow-Factory, flow_grpo), merged into
+trainer.config.presets.PRESETS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.config.group import overridden as _with
+from trainer.config.recipes import _FLOW_GRPO, _SD3_LORA, RECIPES, one_gpu
+
+# flow_grpo's Qwen-Image LoRA (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): the joint
+# attention as SD3's, and both streams' feed-forwards (QwenImageTransformerBlock's img_mlp and txt_mlp).
+_QWEN_LORA = [*_SD3_LORA, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+
+# Flow-Factory's Z-Image LoRA targets (its ZImageAdapter.default_target_modules): every ZImageTransformerBlock's
+# attention and SwiGLU feed-forward (the refiners' and the main layers').
+_ZIMAGE_LORA = [
+    "attention.to_q",
+    "attention.to_k",
+    "attention.to_v",
+    "attention.to_out.0",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+]
+
+FAMILY_PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen-Image's shape on CPU (trainer/families/qwenimage.py, trainer/families/tiny_qwenimage.py): flow_grpo's
+    # pickscore_qwenimage in miniature, 6 SDE steps at its noise level 1.2, true CFG 4 (norm-rescaled, a second
+    # pass on the empty prompt), groups of 4, its LoRA targets, at 64 px (the schedule is shifted for that size).
+    "tiny-qwenimage": {
+        "pretrained": {"model": "tiny-qwenimage"},
+        "sample": {
+            "num_steps": 6,
+            "eval_num_steps": 10,
+            "eta": 1.2,
+            "guidance_scale": 4.0,
+            "images_per_prompt": 4,
+            "resolution": 64,
+        },
+        "train": {
+            "timestep_fraction": 0.99,
+            "timestep_selection": "first",
+            "kl_coef": 0.04,
+            "lora_targets": _QWEN_LORA,
+        },
+    },
+    # Z-Image's shape on CPU (trainer/families/zimage.py): Flow-GRPO's SDE steps at noise 0.7, guidance 5 in our
+    # convention (ZImagePipeline's 4), groups of 4, Flow-Factory's Z-Image LoRA targets.
+    "tiny-zimage": {
+        "pretrained": {"model": "tiny-zimage"},
+        "sample": {"num_steps": 6, "eval_num_steps": 10, "eta": 0.7, "guidance_scale": 5.0, "images_per_prompt": 4},
+        "train": {
+            "timestep_fraction": 0.99,
+            "timestep_selection": "first",
+            "kl_coef": 0.04,
+            "lora_targets": _ZIMAGE_LORA,
+        },
+    },
+}
+# Flow-Factory's FLUX.2 [klein] LoRA targets (github.com/X-GenGroup/Flow-Factory, models/flux/flux2_klein.py
+# default_target_modules): the double-stream blocks' attention and feed-forwards, the single-stream blocks' fused
+# qkv+mlp input. Its list also names attn.to_out.0 for the single-stream blocks, whose output projection is a
+# plain attn.to_out (no .0): it matches none there, so theirs stays untrained, as here.
+_FLUX2_LORA = [
+    *_SD3_LORA,
+    "ff.linear_in",
+    "ff.linear_out",
+    "ff_context.linear_in",
+    "ff_context.linear_out",
+    "attn.to_qkv_mlp_proj",
+]
+# FLUX.2-klein's shape on CPU (trainer/families/flux2.py): flux2-klein-pickscore-grpo in miniature, the distilled
+# model's 4 steps with an SDE step at noise 0.5 on one of the first 3 (the rest ODE), no CFG, groups of 4.
+FAMILY_PRESETS["tiny-flux2"] = {
+    "pretrained": {"model": "tiny-flux2"},
+    "sample": {"num_steps": 4, "eval_num_steps": 4, "eta": 0.5, "guidance_scale": 1.0, "images_per_prompt": 4},
+    "train": {"timestep_fraction": 1.0, "lora_targets": _FLUX2_LORA},
+    "ddpo": {"cfg": False, "timestep_window": 1, "timestep_window_latest_start": 2},
+}
+# Flow-Factory's FLUX.2 [klein] GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/flux2_klein/
+# default.yaml, on FLUX.2-klein-4B, the example's other checkpoint beside 9B): 48 groups of 16 per epoch at 384 px,
+# the distilled 4 steps at guidance 1 (no CFG), Flow-SDE noise 0.5 on one step a trajectory (theirs drawn from
+# steps 1 and 2; here from 0, 1 and 2: ddpo has no earliest start), clip 1e-4, no KL, lr 3e-4, weight decay 1e-4,
+# two optimizer steps per epoch, advantages within each group, LoRA r64/a128 on their targets, PickScore (served
+# by reward-server or in-process). Their 8 GPUs as ours; per-GPU batches not sized by bench/gpu_estimate.
+FAMILY_PRESETS["flux2-klein-pickscore-grpo"] = _with(
+    _FLOW_GRPO,
+    pretrained={"model": "black-forest-labs/FLUX.2-klein-4B"},
+    sample={
+        "num_steps": 4,
+        "eval_num_steps": 10,
+        "eta": 0.5,
+        "guidance_scale": 1.0,
+        "resolution": 384,
+        "batch_size": 16,
+        "num_batches_per_epoch": 6,
+        "images_per_prompt": 16,
+    },
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 12,
+        "kl_coef": 0.0,
+        "timestep_fraction": 1.0,
+        "adam_weight_decay": 1e-4,
+        "group_std": "group",
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "lora_targets": _FLUX2_LORA,
+    },
+    ddpo={"cfg": False, "clip_range": 1e-4, "timestep_window": 1, "timestep_window_latest_start": 2},
+    prompt={"fn": "nouns_activities"},
+    reward={"scorer": "pickscore"},
+)
+# Its DiffusionNFT example on the base model (examples/nft/lora/flux2_klein_base/default.yaml, FLUX.2-klein-base-
+# 4B): ODE rollouts of 8 steps with real CFG at 4.0 from the old policy, b 0.1, its old-policy decay (flat 0, rate
+# 0.001, max 0.5: ours by default), 2 steps per image stratified over the noisier half and shared by the batch
+# (theirs may draw step 0, ours never), lr 1e-4, one optimizer step per epoch, no KL; evaluated at 28 steps.
+FAMILY_PRESETS["flux2-klein-pickscore-nft"] = _with(
+    FAMILY_PRESETS["flux2-klein-pickscore-grpo"],
+    algorithm="nft",
+    pretrained={"model": "black-forest-labs/FLUX.2-klein-base-4B"},
+    sample={"num_steps": 8, "eval_num_steps": 28, "eta": 0.0, "guidance_scale": 4.0},
+    train={
+        "learning_rate": 1e-4,
+        "gradient_accumulation_steps": 24,
+        "timestep_fraction": 2 / 8,
+        "timestep_selection": "stratified",
+        "timestep_span": 0.5,
+        "timestep_shared": True,
+    },
+    ddpo={"timestep_window": 0, "timestep_window_latest_start": 0},
+    nft={"beta": 0.1},
+)
+# Qwen-Image (Qwen/Qwen-Image, trainer/families/qwenimage.py; here beside tiny-qwenimage, recipes.py being full).
+# Flow-GRPO-Fast as flow_grpo runs it (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): groups of
+# 16 at 512 px, 10 steps with true CFG 4, SDE noise level 1.2 in a window of 2 steps starting at one of steps 0-3
+# (its sde_window_range (0, 5): randint(0, 5 - 2)), the rest ODE, both window steps trained; clip 1e-4, KL 0, EMA
+# off, advantages over the epoch's std, LoRA r64/a128 on the attention and both streams' feed-forwards, lr 3e-4,
+# gradient checkpointing; per GPU 4 batches of 4 on its 32 GPUs (32 groups an epoch), two optimizer steps an
+# epoch. The 20B transformer and the 7B Qwen2.5-VL are sharded (FSDP, as flow_grpo and verl-omni shard both;
+# docs/scale.md: 32.74 GB a GPU on 8). PickScore in-process, or served: reward-server and --reward.url.
+# Its negative prompt is " "; ours the empty prompt (trainer/families/qwenimage.py).
+_QWEN = {
+    "run": {"save_freq": 30, "sharding": "fsdp", "shard_text_encoders": True},
+    "pretrained": {"model": "Qwen/Qwen-Image"},
+    "sample": {"resolution": 512, "guidance_scale": 4.0},
+    "train": {"gradient_checkpointing": True},
+    "prompt": {"fn": "nouns_activities"},
+    "reward": {"scorer": "pickscore"},
+}
+FAMILY_PRESETS["qwenimage-pickscore-grpo"] = _with(
+    _with(_FLOW_GRPO, **_QWEN),
+    sample={"eval_num_steps": 50, "eta": 1.2, "batch_size": 4, "num_batches_per_epoch": 4, "images_per_prompt": 16},
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "timestep_fraction": 1.0,
+        "kl_coef": 0.0,
+        "ema_decay": 0.0,
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "lora_targets": _QWEN_LORA,
+    },
+    ddpo={"clip_range": 1e-4, "timestep_window": 2, "timestep_window_latest_start": 3},
+)
+# DiffusionNFT's SD3.5-M PickScore recipe (NVlabs/DiffusionNFT config/nft.py, as sd3-pickscore-nft) on Qwen-Image at
+# 512 px: 48 groups of 24 from the deterministic sampler without guidance, 10 steps, KL 1e-4, EMA 0.9, LoRA
+# r32/a64 on the joint attention, one optimizer step an epoch (1152 samples), in flow_grpo's per-GPU batches of 4
+# on 8 GPUs (36 sampling batches, 36 accumulations), sharded as above. Unmeasured.
+FAMILY_PRESETS["qwenimage-pickscore-nft"] = _with(
+    _with(RECIPES["sd3-pickscore-nft"], **_QWEN),
+    sample={"guidance_scale": 1.0, "batch_size": 4, "num_batches_per_epoch": 36},
+    train={"batch_size": 4, "gradient_accumulation_steps": 36},
+)
+
+# Flow-Factory's Z-Image GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/z_image/default.yaml)
+# on Tongyi-MAI/Z-Image: 48 prompts x groups of 16 an epoch at 512 px, 10 steps, guidance 4 in ZImagePipeline's
+# convention (5 in ours: trainer/families/zimage.py), Flow-GRPO's SDE at noise 0.7 on one step per trajectory drawn
+# from its sde_steps [1, 2, 3] (ours: the window's start drawn from 0 to 3), the rest ODE; clip 1e-4, no KL,
+# advantages within each group (its global_std false), two optimizer steps an epoch, lr 3e-4, weight decay 1e-4,
+# gradient norm 1, EMA 0.9 every 4 epochs (8 steps: 0.987 a step), LoRA r64/a128 (fp32) on _ZIMAGE_LORA, bf16;
+# evaluated at 40 steps (Flow-Factory's at 1024 px). Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6
+# sampling batches of one group and train batches of 4 over 12 accumulation steps (not sized by bench.gpu_estimate,
+# which has no Z-Image). PickScore as sd3-pickscore (served: --reward.url); nouns_activities stand in for its
+# PickScore prompts.
+FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
+    _FLOW_GRPO,
+    run={"save_freq": 40},
+    pretrained={"model": "Tongyi-MAI/Z-Image"},
+    sample={"guidance_scale": 5.0, "batch_size": 16, "num_batches_per_epoch": 6, "images_per_prompt": 16},
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 12,
+        "timestep_fraction": 1.0,
+        "group_std": "group",
+        "group_by": "group",
+        "kl_coef": 0.0,
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "lora_targets": _ZIMAGE_LORA,
+    },
+    ddpo={"timestep_window": 1, "timestep_window_latest_start": 3},
+    prompt={"fn": "nouns_activities"},
+    reward={"scorer": "pickscore"},
+)
+FAMILY_PRESETS["zimage-pickscore-grpo-1gpu"] = one_gpu(FAMILY_PRESETS["zimage-pickscore-grpo"], 8)
