@@ -126,8 +126,29 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" in result.stderr and "PreflightError" in result.stderr
 
 
+CTRL_C_ARGS = ["--run.num_epochs", "4", "--run.save_freq", "0", "--run.log_with", "none", "--run.log_images_every", "0"]
+CTRL_C_ARGS += ["--sample.num_steps", "12", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "2"]
+CTRL_C_ARGS += ["--train.batch_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_cache):
+    """The uninterrupted run both interruptions must end at."""
+    out = tmp_path_factory.mktemp("ctrl_c") / "straight"
+    command = [sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(out)]
+    done = subprocess.run(
+        [*command, "--pretrained.cache_dir", str(tiny_cache), *CTRL_C_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
 @pytest.mark.parametrize("when", ["sampling", "training"])
-def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, tiny_cache, when):
+def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, tiny_cache, straight, when):
     """SIGINT to a real trainer: it saves the last finished epoch (or finishes the epoch it is training),
     prints the command, and that command continues to the very weights of an uninterrupted run."""
     import codecs
@@ -137,35 +158,7 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, t
 
     from safetensors.torch import load_file
 
-    args = [
-        "--pretrained.cache_dir",
-        str(tiny_cache),
-        "--run.num_epochs",
-        "4",
-        "--run.save_freq",
-        "0",
-        "--run.log_with",
-        "none",
-        "--run.log_images_every",
-        "0",
-        "--sample.num_steps",
-        "12",
-        "--sample.batch_size",
-        "4",
-        "--sample.num_batches_per_epoch",
-        "2",
-        "--train.batch_size",
-        "2",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run(
-        [sys.executable, "-m", "trainer", "--preset", "tiny", "--run.output_dir", str(tmp_path / "straight"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    args, env = [*CTRL_C_ARGS, "--pretrained.cache_dir", str(tiny_cache)], {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "stopped"
     # SIGINT's default disposition in the child whatever the test process inherited (an ignored SIGINT is
     # inherited by children, and Python then installs no KeyboardInterrupt handler).
@@ -209,7 +202,7 @@ def test_ctrl_c_leaves_a_resumable_run_and_prints_the_resume_command(tmp_path, t
         [sys.executable, *command.split()[1:]], capture_output=True, text=True, timeout=300, env=env
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    one = load_file(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors")
+    one = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
     two = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
     assert one.keys() == two.keys() and all((one[k] == two[k]).all() for k in one)
 
