@@ -270,9 +270,11 @@ def test_sharded_full_finetune_dpo_with_an_ema_reference_matches_unsharded(tmp_p
     log = _ran(launch(out, tiny_cache, 1, *args, "--run.sharding", "fsdp"))
     assert len(re.findall(SHARE, log)) == 2
     _ran(launch(whole, tiny_cache, 1, *args))
-    steps = [[(m["loss"], m["reference_mse_winner"]) for m in _epochs(run)] for run in (out, whole)]
-    assert len(steps[0]) == 2 and steps[0] == pytest.approx(steps[1], rel=1e-4)
-    assert steps[0][1][0] != pytest.approx(steps[0][0][0])  # the policy moved from its reference
+    (a, b), key = [_epochs(run) for run in (out, whole)], "reference_mse_winner"
+    assert len(a) == 2 and [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-5)
+    # the loss amplifies float rounding by beta (5000): the reduction orders differ, sharded or not
+    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=2e-3)
+    assert a[1]["loss"] != pytest.approx(a[0]["loss"])  # the loss left log 2: the policy moved from its reference
 
     a = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
     b = UNet2DConditionModel.from_pretrained(whole / "unet").state_dict()
