@@ -3,7 +3,7 @@ torch's FSDP2 and train what the same run trains unsharded (DDP): LoRA and full 
 each kind (DDPO's rollouts, DiffusionNFT's forward process with lagging weights, ReFL's step loop). A killed
 rank stops the run; the sharded checkpoint resumes bit-identically, and on one process; two "machines" of two
 processes each (deploy/launch.sh, as a Kubeflow PyTorchJob starts it) train with hybrid sharding, evaluate
-on fewer prompts than processes, and resume on two."""
+on fewer prompts than processes, and resume on two launched by torchrun (c10d rendezvous)."""
 
 from __future__ import annotations
 
@@ -211,11 +211,23 @@ def test_two_machines_of_two_processes_train_with_hybrid_sharding(tmp_path, tiny
     assert (out / LORA).is_file()
     assert [json.loads(line)["epoch"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]
 
-    # 4 -> 2: the four processes' shards (weights, AdamW's moments) resharded over two, which train on
+    # 4 -> 2: the four processes' shards (weights, AdamW's moments) resharded over two, which train on; the two
+    # as two "machines" of one process each, two torchrun launchers meeting at a c10d rendezvous
     four = load_file(out / LORA)
-    evaluating = ("--run.eval_every", "1", "--prompt.eval_path", str(tmp_path / "one.txt"), "--run.resume_from", "auto")
-    log = _ran(launch(out, tiny_cache, 2, *DDPO, "--run.sharding", "fsdp", *evaluating, preset="tiny-sd3"))
+    flags[flags.index("--run.num_epochs") + 1], flags[flags.index("hybrid")] = "2", "fsdp"
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    rendezvous += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "resume"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), *rendezvous, "-m", "trainer", *flags]
+    torchrun += ["--run.resume_from", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    machines = [
+        subprocess.Popen(torchrun, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in (0, 1)
+    ]
+    logs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert all(machine.returncode == 0 for machine in machines), logs[0][-3000:] + logs[1][-3000:]
+    log = "".join(logs)
     assert f"resumed from {out / 'checkpoints' / 'checkpoint-1'}" in log and "8 samples per epoch on 2" in log
+    assert sorted(rank for rank, *_ in re.findall(SHARE, log)) == ["0", "1"]
     assert [m["epoch"] for m in _epochs(out)] == [0, 1]
     assert _max_difference(load_file(out / LORA), four) > 0
 
