@@ -270,8 +270,9 @@ def test_an_ema_reference_follows_the_policy(tmp_path, tiny_cache, pairs_folder)
         cfg.train.lora, cfg.train.learning_rate, cfg.train.ema_decay = False, 1e-4, 0.01
         cfg.dpo.reference = reference
         losses[reference] = [m["loss"] for m in train(cfg)]
+    # both start at log 2: beta (5000) amplifies the base copy's float rounding (1e-7 in its errors) to 1e-4
     assert losses["ema"][0] == pytest.approx(math.log(2), abs=1e-3) and losses["base"][0] == pytest.approx(
-        losses["ema"][0]
+        losses["ema"][0], abs=1e-3
     )
     far = [abs(a - math.log(2)) for a in losses["base"][1:]]
     near = [abs(b - math.log(2)) for b in losses["ema"][1:]]

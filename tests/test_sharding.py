@@ -267,8 +267,8 @@ def test_zimage_trains_sharded(tmp_path, tiny_cache):
 
 def test_sharded_full_finetune_dpo_with_an_ema_reference_matches_unsharded(tmp_path, tiny_cache):
     """Diffusion-DPO fully finetuning SD1's UNet against its moving average (dpo.reference ema): the reference
-    is the base's frozen copy, sharded like the policy, holding the average's shards (copied in, as FSDP
-    gathers from its own storage); the losses and the saved UNet are those of the unsharded run."""
+    is the sharded policy with the average's shards copied in (FSDP gathers from its own storage, so a storage
+    swap would go unseen); the reference's errors and the saved UNet are those of the unsharded run."""
     from diffusers import UNet2DConditionModel
 
     from tests.test_dpo import pick_a_pic_rows

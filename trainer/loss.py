@@ -11,10 +11,13 @@ import torch
 from trainer.sampling import each_tensor
 
 
-def denoising_errors(accelerator, family, model, batch: dict[str, Any], resolution: int):
+def denoising_errors(accelerator, family, model, batch: dict[str, Any], resolution: int, reference=None):
     """Each image's denoising MSE (the family's eps / v / velocity target) of ``batch["pixels"]`` (B, k, 3, R, R)
-    in [0, 1], the k images of a row noised with the same noise at the same timestep; and the noised inputs
-    (noisy, timesteps, cond, target) for the reference. SFT's loss and ReFL's pre-training step use k = 1."""
+    in [0, 1], the k images of a row noised with the same noise at the same timestep; and, with ``reference``
+    (a no-gradient ``predict(family, noisy, timesteps, cond)``, e.g. Diffusion-DPO's reference model), its
+    errors on the same inputs, else None. The reference predicts first: weights swapped into the model for it
+    must not be what the model's own forward saved for its backward. SFT's loss and ReFL's pre-training step
+    use k = 1."""
     device = accelerator.device
     pixels = batch["pixels"].to(device, non_blocking=True)
     n, k = pixels.shape[:2]
@@ -28,10 +31,14 @@ def denoising_errors(accelerator, family, model, batch: dict[str, Any], resoluti
     noise = torch.randn_like(latents[::k]).repeat_interleave(k, dim=0)
     u = torch.rand(n, device=device).repeat_interleave(k)
     noisy, timesteps, target = family.dynamics.noised(latents, noise, u)
+    dims = tuple(range(1, target.ndim))
+    reference_error = None
+    if reference is not None:
+        with torch.no_grad(), accelerator.autocast():
+            reference_error = ((reference(family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(dims)
     with accelerator.autocast():
         prediction = family.predict(model, noisy, timesteps, cond, None, 1.0)
-    error = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
-    return error, (noisy, timesteps, cond, target)
+    return ((prediction.float() - target.float()) ** 2).mean(dim=dims), reference_error
 
 
 def rms(prediction: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,7 @@ import torch
 from trainer import run as run_setup
 from trainer.config import Config
 from trainer.evaluate import evaluate
-from trainer import sharding
-from trainer.families.models import adapters_disabled
+from trainer.families.models import adapters_disabled, weights_swapped
 from trainer.algorithms.dpo.loss import diffusion_dpo_loss
 from trainer.loss import denoising_errors
 from trainer.datacheck import RowError, pairs_source
@@ -48,7 +47,8 @@ def _dpo(run: run_setup.Run) -> list[dict]:
     effective_batch = cfg.train.batch_size * accumulation * accelerator.num_processes
     learning_rate = cfg.train.learning_rate * (effective_batch if d.scale_lr else 1)
     pairs = None if d.online else load_pairs(d.dataset, d.split, d.cache_dir)  # before the model: fails first
-    trained = run_setup.load_model(run, d.max_train_steps, learning_rate, reference=not d.sft)
+    base = not d.sft and d.reference == "base"  # a full finetune keeps the base's frozen copy for it
+    trained = run_setup.load_model(run, d.max_train_steps, learning_rate, reference=base)
     model = trained.model
     resolution = cfg.sample.resolution or trained.family.native_resolution()
     rounds: list[dict] = []  # online: each round's sampled rewards, logged with the next step
@@ -182,22 +182,18 @@ def _reference(trained: run_setup.Trained, ema=None):
     """The reference's prediction, without gradient: with LoRA the same denoiser with its adapters switched
     off (no second copy in memory), else the base's frozen copy made before the first update (sharded like the
     policy under run.sharding). With ``ema`` (the run's moving average of the weights, restored already when
-    resuming) that copy holds the average instead: its parameters are the average's own tensors, which every
-    optimizer step updates in place (no second copy, and a resumed run has them back); sharded, FSDP gathers
-    from its own storage, so the average's shards are copied in before each prediction."""
-    frozen, sharded = trained.frozen, sharding.any_sharded(trained.trainable)
-    if ema is not None and not sharded:
-        for name, param in frozen.named_parameters():
-            param.data = ema.shadow[name]
+    resuming), the policy itself with the average's weights swapped in (trainer.families.models.weights_swapped:
+    no copy unsharded, copied into the shards sharded), before the policy's own forward."""
 
     @torch.no_grad()
     def predict(family, latents, timesteps, cond):
-        if frozen is None:
+        if ema is not None:
+            with weights_swapped(trained.trainable, ema.shadow):
+                return family.predict(trained.policy, latents, timesteps, cond, None, 1.0)
+        if trained.frozen is None:
             with adapters_disabled(trained.policy):
                 return family.predict(trained.policy, latents, timesteps, cond, None, 1.0)
-        if ema is not None and sharded:
-            ema.copy_to(dict(frozen.named_parameters()))
-        return family.predict(frozen, latents, timesteps, cond, None, 1.0)
+        return family.predict(trained.frozen, latents, timesteps, cond, None, 1.0)
 
     return predict
 
@@ -209,11 +205,7 @@ def _pair_loss(run, trained, reference, batch: dict[str, Any], resolution: int, 
         winners = {**batch, "pixels": batch["pixels"][:, :1]}
         error, _ = denoising_errors(accelerator, family, model, winners, resolution)
         return error.mean(), {"model_mse_winner": error.mean().detach()}
-    error, (noisy, timesteps, cond, target) = denoising_errors(accelerator, family, model, batch, resolution)
-    with accelerator.autocast():
-        reference_error = ((reference(family, noisy, timesteps, cond).float() - target.float()) ** 2).mean(
-            dim=tuple(range(1, target.ndim))
-        )
+    error, reference_error = denoising_errors(accelerator, family, model, batch, resolution, reference)
     return diffusion_dpo_loss(
         error[0::2], error[1::2], reference_error[0::2], reference_error[1::2], cfg.dpo.beta, weights=weights
     )
