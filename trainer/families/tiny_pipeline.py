@@ -3,6 +3,8 @@
 The trainer loads every model through ``from_pretrained``; ``"tiny"`` only decides where that path comes
 from. Building writes a complete diffusers pipeline folder (tokenizer, CLIP text encoder, UNet, an f8 VAE,
 DDIM scheduler) so the code path a user runs with ``runwayml/stable-diffusion-v1-5`` is the one tested here.
+The other tiny builders share its parts: ``SPEC``, ``tiny_vae``, ``clip_text_encoder``, ``tiny_t5``, and for
+Qwen-style text encoders ``byte_level_bpe`` and ``QWEN3_CHAT_TEMPLATE``.
 """
 
 from __future__ import annotations
