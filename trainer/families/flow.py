@@ -240,7 +240,8 @@ class FlowMatching:
         target noise - x0."""
         scheduler = self.scheduler
         if scheduler.config.get("use_dynamic_shifting"):
-            mu = self.mu(latents.shape[-2] * latents.shape[-1] // 4, scheduler.num_inference_steps)
+            # the sampler's step count; before any schedule is set (the scheduler has none yet), the shift's default
+            mu = self.mu(latents.shape[-2] * latents.shape[-1] // 4, getattr(scheduler, "num_inference_steps", None))
             s = scheduler.time_shift(mu, 1.0, u)
         else:
             shift = scheduler.config.get("shift", 1.0)
