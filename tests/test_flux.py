@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_families import assert_rescored_exactly
 from trainer.config import Config
 from trainer.families.flux import pack, unpack
 from trainer.families.models import load_family, make_trainable
-from trainer.sampling import rescore, sample
+from trainer.sampling import sample
 
 pytestmark = pytest.mark.slow
 
@@ -148,16 +149,6 @@ def test_the_guidance_input_is_the_callers_scale_or_the_runs(tiny_cache):
     handle.remove()
     assert torch.equal(plain, guided) and float((plain - other).abs().max()) > 1e-3
     assert [g.tolist() for g in calls] == [[3.5, 3.5], [3.5, 3.5], [1.0, 1.0]]
-
-
-def assert_rescored_exactly(family, batch, negative, guidance: float, eta: float) -> None:
-    """Training's re-scoring of every stored step equals the sampled log-prob bit for bit (first ratio 1)."""
-    chunks = [batch.chunk(*pick) for pick in batch.shuffled(len(batch.prompts), batch.log_probs.shape[1])]
-    for chunk in chunks:
-        for j in range(batch.log_probs.shape[1]):
-            with torch.no_grad():
-                log_prob, _, _ = rescore(family, family.denoiser, chunk, j, negative, guidance, eta)
-            assert torch.equal(log_prob, chunk.log_probs[:, j]), j
 
 
 @pytest.mark.parametrize("sde_type, eta", [("sde", 0.9), ("cps", 0.8)])

@@ -1,8 +1,10 @@
-"""The flow-matching dynamics (SD3, FLUX.1, FLUX.2): Flow-GRPO's SDE step, the Gaussian of x_next given x, with its mean
+"""The flow-matching dynamics: Flow-GRPO's SDE step, the Gaussian of x_next given x, with its mean
 and std, so that sampling and re-scoring share one function (as trainer/families/ddim.py does for DDIM), and the
 rectified-flow forward process. ``FlowMatching`` is what a flow-matching family (trainer/families/sd3.py,
-flux.py) composes as its ``dynamics``: it holds the pipeline's FlowMatchEulerDiscreteScheduler, the step's type
-and, where the schedule shifts by image size (FLUX), the run's image tokens.
+flux.py, flux2.py, qwenimage.py, zimage.py) composes as its ``dynamics``: it holds the pipeline's
+FlowMatchEulerDiscreteScheduler, the step's type and, where the schedule shifts by image size (FLUX), the run's
+image tokens. The helpers those families share are here too: ``load_flow_pipeline`` (loading with the scheduler
+check), ``check_resolution`` (a size-shifted schedule's one resolution) and ``packed_latent_size``.
 
 From Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL" (github.com/yifan123/flow_grpo).
 With the scheduler's sigmas running from 1 down to 0, step i uses s = sigmas[i], s_next = sigmas[i + 1] and
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 
 from trainer.families.ddim import SIGMA_MIN, gaussian_log_prob
+from trainer.families.sd1 import dtype_kwarg
 
 NOISE_LEVEL = 0.7  # Flow-GRPO's default
 
@@ -122,6 +125,37 @@ def rectified_flow_noised(latents: torch.Tensor, noise: torch.Tensor, s: torch.T
 def linear_sigmas(num_steps: int) -> np.ndarray:
     """FluxPipeline's unshifted sigmas: float64 linspace(1, 1 / n, n)."""
     return np.linspace(1.0, 1 / num_steps, num_steps)
+
+
+def load_flow_pipeline(pipeline_class, path: str, cfg, dtype: torch.dtype, **kwargs):
+    """``pipeline_class.from_pretrained`` in ``dtype``, checked to have the FlowMatchEulerDiscreteScheduler whose
+    sigmas the SDE step models, its progress bars off (the flow-matching families' sd1.load_with_ddim)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = pipeline_class.from_pretrained(path, revision=cfg.pretrained.revision, **kwargs, **dtype_kwarg(dtype))
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(
+            f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
+            f"not a {type(pipe.scheduler).__name__}"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_resolution(resolution: int, loaded: int, schedule: str) -> None:
+    """Refuse ``resolution`` px images where ``schedule`` (e.g. "the FLUX schedule") is shifted by image size and
+    was fixed for ``loaded`` px ones when the family loaded."""
+    if resolution != loaded:
+        raise ValueError(
+            f"sample.resolution: {schedule} is shifted for {loaded} px images (set when the model loaded), "
+            f"not {resolution}"
+        )
+
+
+def packed_latent_size(vae_scale_factor: int, resolution: int) -> int:
+    """Latent rows (= columns) of a ``resolution`` px image, rounded down to even for the 2x2 packing (as the
+    pipelines that pack or patchify latents round)."""
+    return 2 * (resolution // (vae_scale_factor * 2))
 
 
 FLOW_STEPS = {"sde": flow_sde_mean_std, "cps": flow_cps_mean_std}
@@ -206,7 +240,8 @@ class FlowMatching:
         target noise - x0."""
         scheduler = self.scheduler
         if scheduler.config.get("use_dynamic_shifting"):
-            mu = self.mu(latents.shape[-2] * latents.shape[-1] // 4, scheduler.num_inference_steps)
+            # the sampler's step count; before any schedule is set (the scheduler has none yet), the shift's default
+            mu = self.mu(latents.shape[-2] * latents.shape[-1] // 4, getattr(scheduler, "num_inference_steps", None))
             s = scheduler.time_shift(mu, 1.0, u)
         else:
             shift = scheduler.config.get("shift", 1.0)

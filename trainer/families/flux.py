@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.families.flow import FlowMatching
-from trainer.families.sd1 import dtype_kwarg
+from trainer.families.flow import FlowMatching, check_resolution, load_flow_pipeline, packed_latent_size
+from trainer.families.sd1 import save_lora_layers
 from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
@@ -66,22 +66,16 @@ class Flux:
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "Flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from diffusers import FluxPipeline
 
         if not cfg.pretrained.load_t5:  # before any weights load
             raise ValueError(
                 "pretrained.load_t5: false leaves SD3's T5 out; FLUX's prompt tokens are T5's, which "
                 "FluxPipeline cannot do without"
             )
-        pipe = FluxPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
-        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(
-                f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
-                f"not a {type(pipe.scheduler).__name__}"
-            )
+        pipe = load_flow_pipeline(FluxPipeline, path, cfg, dtype)
         if pipe.vae.config.get("force_upcast") and dtype == torch.float16:
             pipe.vae.to(torch.float32)  # as SDXL's, FLUX's VAE overflows in fp16
-        pipe.set_progress_bar_config(disable=True)
         return cls(
             pipe,
             cfg.sample.sde_type,
@@ -145,22 +139,16 @@ class Flux:
     # -- the latents ----------------------------------------------------------------------------------------
     def latent_size(self, resolution: int) -> int:
         """Latent rows (= columns) of a ``resolution`` px image, even for the 2x2 packing (as FluxPipeline rounds)."""
-        return 2 * (resolution // (self.pipe.vae_scale_factor * 2))
+        return packed_latent_size(self.pipe.vae_scale_factor, resolution)
 
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         """FluxPipeline's noise before it packs it: (n, 16, h, w), the same numbers from the same generator."""
-        if resolution != self.resolution:
-            raise ValueError(
-                f"sample.resolution: the FLUX schedule is shifted for {self.resolution} px images (set "
-                f"when the model loaded), not {resolution}"
-            )
+        check_resolution(resolution, self.resolution, "the FLUX schedule")
         size = self.latent_size(resolution)
         return self.dynamics.prior((n, self.pipe.transformer.config.in_channels // 4, size, size), generator, device)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
-        from diffusers import FluxPipeline
-
-        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+        save_lora_layers(self.pipeline_class, self.denoiser_name, layers, folder)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

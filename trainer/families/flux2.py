@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.families.flow import FlowMatching
+from trainer.families.flow import FlowMatching, check_resolution, load_flow_pipeline, packed_latent_size
 from trainer.families.flux import pack, unpack
-from trainer.families.sd1 import dtype_kwarg
+from trainer.families.sd1 import save_lora_layers
 from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
@@ -112,15 +112,9 @@ class Flux2:
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "Flux2":
-        from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+        from diffusers import Flux2KleinPipeline
 
-        pipe = Flux2KleinPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
-        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(
-                f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
-                f"not a {type(pipe.scheduler).__name__}"
-            )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_flow_pipeline(Flux2KleinPipeline, path, cfg, dtype)
         return cls(
             pipe,
             cfg.sample.sde_type,
@@ -188,26 +182,20 @@ class Flux2:
     # -- the latents ----------------------------------------------------------------------------------------
     def latent_size(self, resolution: int) -> int:
         """Latent rows (= columns) of a ``resolution`` px image, even for the 2x2 packing (as the pipeline rounds)."""
-        return 2 * (resolution // (self.pipe.vae_scale_factor * 2))
+        return packed_latent_size(self.pipe.vae_scale_factor, resolution)
 
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         """The pipeline's noise, drawn patchified (n, 4C, h / 2, w / 2) from the same generator, put back on the
         VAE's grid: (n, C, h, w)."""
         from diffusers import Flux2KleinPipeline
 
-        if resolution != self.resolution:
-            raise ValueError(
-                f"sample.resolution: the FLUX.2 schedule is shifted for {self.resolution} px images (set "
-                f"when the model loaded), not {resolution}"
-            )
+        check_resolution(resolution, self.resolution, "the FLUX.2 schedule")
         size = self.latent_size(resolution) // 2
         noise = self.dynamics.prior((n, self.pipe.transformer.config.in_channels, size, size), generator, device)
         return Flux2KleinPipeline._unpatchify_latents(noise)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
-        from diffusers import Flux2KleinPipeline
-
-        Flux2KleinPipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+        save_lora_layers(self.pipeline_class, self.denoiser_name, layers, folder)
 
 
 def image_ids(rows: int, cols: int, device) -> torch.Tensor:

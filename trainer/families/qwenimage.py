@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.families.flow import FlowMatching
+from trainer.families.flow import FlowMatching, check_resolution, load_flow_pipeline, packed_latent_size
 from trainer.families.flux import pack, unpack
-from trainer.families.sd1 import dtype_kwarg
+from trainer.families.sd1 import save_lora_layers
 from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
@@ -62,22 +62,16 @@ class QwenImage:
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "QwenImage":
-        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+        from diffusers import QwenImagePipeline
 
         if not cfg.pretrained.load_t5:  # before any weights load
             raise ValueError("pretrained.load_t5: false leaves SD3's T5 out; Qwen-Image has no T5 to leave out")
-        pipe = QwenImagePipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
-        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(
-                f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
-                f"not a {type(pipe.scheduler).__name__}"
-            )
+        pipe = load_flow_pipeline(QwenImagePipeline, path, cfg, dtype)
         if pipe.transformer.config.get("guidance_embeds"):
             raise ValueError(
                 "pretrained.model: a guidance-distilled Qwen-Image (guidance_embeds) takes guidance as an input; "
                 "only true CFG (sample.guidance_scale with a negative prompt) is supported"
             )
-        pipe.set_progress_bar_config(disable=True)
         return cls(pipe, cfg.sample.sde_type, cfg.sample.resolution, cfg.pretrained.max_sequence_length)
 
     @property
@@ -140,20 +134,14 @@ class QwenImage:
     # -- the latents ----------------------------------------------------------------------------------------
     def latent_size(self, resolution: int) -> int:
         """Latent rows (= columns) of a ``resolution`` px image, even for the 2x2 packing (as the pipeline rounds)."""
-        return 2 * (resolution // (self.pipe.vae_scale_factor * 2))
+        return packed_latent_size(self.pipe.vae_scale_factor, resolution)
 
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         """QwenImagePipeline's noise before it packs it: (n, 16, h, w), the same numbers from the same generator
         (it draws (n, 1, 16, h, w), the frame axis of 1 changing no number)."""
-        if resolution != self.resolution:
-            raise ValueError(
-                f"sample.resolution: the Qwen-Image schedule is shifted for {self.resolution} px images (set "
-                f"when the model loaded), not {resolution}"
-            )
+        check_resolution(resolution, self.resolution, "the Qwen-Image schedule")
         size = self.latent_size(resolution)
         return self.dynamics.prior((n, self.pipe.transformer.config.in_channels // 4, size, size), generator, device)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
-        from diffusers import QwenImagePipeline
-
-        QwenImagePipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+        save_lora_layers(self.pipeline_class, self.denoiser_name, layers, folder)

@@ -81,9 +81,7 @@ class SD1:
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        save_lora_layers(self.pipeline_class, self.denoiser_name, layers, folder)
 
 
 def guided(call, latents: torch.Tensor, timesteps: torch.Tensor, cond, negative, guidance_scale: float) -> torch.Tensor:
@@ -124,3 +122,13 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
     new = tuple(map(int, diffusers.__version__.split(".")[:2])) >= (0, 36)
     return {"dtype" if new else "torch_dtype": dtype}
+
+
+def save_lora_layers(pipeline_class: str, denoiser_name: str, layers: dict[str, torch.Tensor], folder: Path) -> None:
+    """The denoiser's LoRA ``layers`` saved by the diffusers pipeline ``pipeline_class``'s own save_lora_weights
+    (as its ``<denoiser_name>_lora_layers``), so that the pipeline's load_lora_weights loads them."""
+    import diffusers
+
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        folder, **{f"{denoiser_name}_lora_layers": layers}, safe_serialization=True
+    )

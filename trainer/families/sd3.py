@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.families.flow import FlowMatching
-from trainer.families.sd1 import dtype_kwarg, guided
+from trainer.families.flow import FlowMatching, load_flow_pipeline
+from trainer.families.sd1 import guided, save_lora_layers
 from trainer.families.vae import VAE
 from trainer.families.zero_t5 import T5_TOKENS, use_one_zero_token
 
@@ -38,24 +38,18 @@ class SD3:
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "SD3":
-        from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+        from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
         revision = cfg.pretrained.revision
         index = DiffusionPipeline.load_config(path, revision=revision)
         absent = {"text_encoder_3": None, "tokenizer_3": None}  # a pipeline saved without T5 records it as null
         kwargs = absent if not cfg.pretrained.load_t5 or index.get("text_encoder_3", [None])[0] is None else {}
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, revision=revision, **kwargs, **dtype_kwarg(dtype))
-        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(
-                f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
-                f"not a {type(pipe.scheduler).__name__}"
-            )
+        pipe = load_flow_pipeline(StableDiffusion3Pipeline, path, cfg, dtype, **kwargs)
         if pipe.scheduler.config.get("use_dynamic_shifting"):
             raise ValueError(
                 "pretrained.model: its scheduler shifts sigmas by resolution (use_dynamic_shifting); "
                 "set a fixed shift in scheduler/scheduler_config.json"
             )
-        pipe.set_progress_bar_config(disable=True)
         if pipe.text_encoder_3 is None:
             use_one_zero_token(pipe)
         return cls(pipe, cfg.sample.sde_type)
@@ -120,6 +114,4 @@ class SD3:
         return self.dynamics.prior((n, self.pipe.transformer.config.in_channels, size, size), generator, device)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
-        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+        save_lora_layers(self.pipeline_class, self.denoiser_name, layers, folder)

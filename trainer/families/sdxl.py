@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer.families.ddim import DDIM
-from trainer.families.sd1 import guided, load_with_ddim
+from trainer.families.sd1 import guided, load_with_ddim, save_lora_layers
 from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
@@ -100,6 +100,4 @@ class SDXL:
         return guided(call, latents, timesteps, cond, negative, guidance_scale)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
-        from diffusers import StableDiffusionXLPipeline
-
-        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        save_lora_layers(self.pipeline_class, self.denoiser_name, layers, folder)

@@ -24,16 +24,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.families.tiny_pipeline import SPEC
+from trainer.families.tiny_pipeline import FLUX_SPEC, QWEN3_CHAT_TEMPLATE, SPEC, byte_level_bpe, tiny_vae
 
-CHAT_TEMPLATE = (  # Qwen3's template for what the pipeline sends: user turns, then the assistant's, thinking off
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 FLUX2_SPEC = {
@@ -60,15 +52,7 @@ FLUX2_SPEC = {
         "axes_dims_rope": [4, 4, 4, 4],
     },
     "vae": {**SPEC["vae"], "latent_channels": 8},
-    "scheduler": {
-        "use_dynamic_shifting": True,
-        "base_shift": 0.5,
-        "max_shift": 1.15,
-        "base_image_seq_len": 256,
-        "max_image_seq_len": 4096,
-        "shift": 3.0,
-        "time_shift_type": "exponential",
-    },
+    "scheduler": {**FLUX_SPEC["scheduler"], "time_shift_type": "exponential"},  # FLUX.1-dev's, the time shift stated
 }
 
 
@@ -87,21 +71,7 @@ def qwen_tokenizer(words: list[str], model_max_length: int):
     ``words``, alone or after a space, is one token, with Qwen3's special tokens and chat template."""
     from transformers import Qwen2TokenizerFast
 
-    from scorers.tiny_models import byte_alphabet
-
-    alphabet = byte_alphabet()
-    space = alphabet[ord(" ")]  # "Ġ": byte-level BPE's stand-in for the space before a word
-    tokens, merges = list(alphabet), []
-    for word in words:  # left to right, then the space onto the whole word (BPE applies merges by rank)
-        symbols, pairs = list(word), []
-        while len(symbols) > 1:
-            pairs.append((symbols[0], symbols[1]))
-            symbols = [symbols[0] + symbols[1], *symbols[2:]]
-        for pair in [*pairs, (space, word)]:
-            if pair not in merges:
-                merges.append(pair)
-                tokens.append(pair[0] + pair[1])
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys([*tokens, *SPECIAL]))}
+    vocab, merges = byte_level_bpe(words, SPECIAL)
     tokenizer = Qwen2TokenizerFast(
         vocab=vocab,
         merges=merges,
@@ -111,7 +81,7 @@ def qwen_tokenizer(words: list[str], model_max_length: int):
         model_max_length=model_max_length,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -144,13 +114,7 @@ def build_tiny_flux2(distilled: bool = True):
         guidance_embeds=False,  # klein has no guidance input, distilled or not
         **spec["transformer"],
     )
-    blocks = spec["vae"]["block_out_channels"]
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        sample_size=spec["resolution"],
-        **spec["vae"],
-    )
+    vae = tiny_vae(AutoencoderKLFlux2, spec)
     with torch.no_grad():  # a trained VAE's running statistics of its patchified latents, not BatchNorm's 0 and 1
         vae.bn.running_mean.copy_(0.2 * torch.randn(4 * latent_channels))
         vae.bn.running_var.copy_(torch.rand(4 * latent_channels) * 1.5 + 0.5)

@@ -3,6 +3,8 @@
 The trainer loads every model through ``from_pretrained``; ``"tiny"`` only decides where that path comes
 from. Building writes a complete diffusers pipeline folder (tokenizer, CLIP text encoder, UNet, an f8 VAE,
 DDIM scheduler) so the code path a user runs with ``runwayml/stable-diffusion-v1-5`` is the one tested here.
+The other tiny builders share its parts: ``SPEC``, ``tiny_vae``, ``clip_text_encoder``, ``tiny_t5``, and for
+Qwen-style text encoders ``byte_level_bpe`` and ``QWEN3_CHAT_TEMPLATE``.
 """
 
 from __future__ import annotations
@@ -59,16 +61,7 @@ def build_tiny_pipeline():
         norm_num_groups=16,
         **SPEC["unet"],
     )
-    vae_blocks = SPEC["vae"]["block_out_channels"]
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
-        latent_channels=4,
-        sample_size=SPEC["resolution"],
-        **SPEC["vae"],
-    )
+    vae = tiny_vae(AutoencoderKL, SPEC, in_channels=3, out_channels=3, latent_channels=4)
     return assemble_pipeline(text_encoder, tokenizer, unet, vae)
 
 
@@ -86,6 +79,23 @@ def clip_text_encoder(model_class, spec: dict, tokenizer):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+    )
+
+
+NO_QUANT_CONV = {"in_channels": 3, "out_channels": 3, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def tiny_vae(vae_class, spec: dict, **kwargs):
+    """A random-init ``vae_class`` of ``spec["vae"]``'s sizes for ``spec["resolution"]`` px images: one plain
+    encoder and one decoder block per width (``NO_QUANT_CONV``: without the quant convs, as the flow-matching
+    pipelines' VAEs)."""
+    blocks = spec["vae"]["block_out_channels"]
+    return vae_class(
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        sample_size=spec["resolution"],
+        **kwargs,
+        **spec["vae"],
     )
 
 
@@ -228,18 +238,7 @@ def build_tiny_sd3(t5: bool = False):
         pooled_projection_dim=2 * projection,
         **SD3_SPEC["transformer"],
     )
-    vae_spec = SD3_SPEC["vae"]
-    blocks = vae_spec["block_out_channels"]
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        sample_size=SD3_SPEC["resolution"],
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **vae_spec,
-    )
+    vae = tiny_vae(AutoencoderKL, SD3_SPEC, **NO_QUANT_CONV)
     text_encoder_3 = tokenizer_3 = None
     if t5:
         text_encoder_3, tokenizer_3 = tiny_t5(SD3_T5_SPEC)
@@ -337,17 +336,7 @@ def build_tiny_flux(guidance: bool = True):
         guidance_embeds=guidance,
         **FLUX_SPEC["transformer"],
     )
-    blocks = FLUX_SPEC["vae"]["block_out_channels"]
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        sample_size=FLUX_SPEC["resolution"],
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **FLUX_SPEC["vae"],
-    )
+    vae = tiny_vae(AutoencoderKL, FLUX_SPEC, **NO_QUANT_CONV)
     schedule = (FLUX_SPEC if guidance else FLUX_SCHNELL_SPEC)["scheduler"]
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**schedule),
@@ -358,3 +347,34 @@ def build_tiny_flux(guidance: bool = True):
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+
+
+# -- the Qwen tokenizers' parts (the tiny text encoders of Qwen2/Qwen3 kind) ------------------------------------
+QWEN3_CHAT_TEMPLATE = (  # Qwen3's template for what the pipelines send: user turns, the assistant's, thinking off
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def byte_level_bpe(words: list[str], special: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of a byte-level BPE (GPT-2's byte alphabet, Qwen2's kind) in which each of
+    ``words``, alone or after a space ("Ġ"), can merge into one token: its letters left to right, then the space
+    onto the whole word (BPE applies merges by rank, so a word another's chain splits first stays in pieces);
+    ``special`` tokens last."""
+    from scorers.tiny_models import byte_alphabet
+
+    alphabet = byte_alphabet()
+    merges = []
+    for word in dict.fromkeys(words):
+        symbols = list(word)
+        while len(symbols) > 1:
+            merges.append((symbols[0], symbols[1]))
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+        merges.append((alphabet[ord(" ")], word))
+    merges = list(dict.fromkeys(merges))
+    tokens = [*alphabet, *(a + b for a, b in merges), *special]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges

@@ -12,18 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.families.tiny_pipeline import SPEC
+from trainer.families.tiny_pipeline import NO_QUANT_CONV, QWEN3_CHAT_TEMPLATE, SPEC, byte_level_bpe, tiny_vae
 
-# Qwen3's chat template reduced to what ZImagePipeline asks of it: one user turn, the assistant's turn opened,
-# and with enable_thinking false the empty thinking block Qwen3 writes (ZImagePipeline passes true: none).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's pad/end-of-text and chat-turn markers
 
 ZIMAGE_SPEC = {
@@ -66,26 +56,14 @@ def qwen_tokenizer(words: list[str], model_max_length: int):
     tokens and a chat template in Qwen3's form."""
     from transformers import Qwen2Tokenizer
 
-    from scorers.tiny_models import byte_alphabet
-
-    alphabet = byte_alphabet()
-    tokens, merges = list(alphabet), []
-    for word in dict.fromkeys(words):
-        symbols = list(word)
-        while len(symbols) > 1:
-            merges.append((symbols[0], symbols[1]))
-            symbols = [symbols[0] + symbols[1]] + symbols[2:]
-        merges.append((alphabet[ord(" ")], word))  # the word after a space: its letters merge first, then this
-    merges = list(dict.fromkeys(merges))
-    tokens += [a + b for a, b in merges]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys([*tokens, *SPECIAL]))}
+    vocab, merges = byte_level_bpe(words, SPECIAL)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         model_max_length=model_max_length,
         additional_special_tokens=SPECIAL[1:],
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE  # ZImagePipeline passes enable_thinking true: no think block
     return tokenizer
 
 
@@ -112,17 +90,7 @@ def build_tiny_zimage():
         in_channels=spec["vae"]["latent_channels"], cap_feat_dim=spec["text"]["hidden_size"], **spec["transformer"]
     )
     _random_pad_tokens(transformer)
-    blocks = spec["vae"]["block_out_channels"]
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        sample_size=spec["resolution"],
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **spec["vae"],
-    )
+    vae = tiny_vae(AutoencoderKL, spec, **NO_QUANT_CONV)
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**spec["scheduler"]),
         vae=vae,

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.families.flow import FlowMatching
-from trainer.families.sd1 import dtype_kwarg
+from trainer.families.flow import FlowMatching, check_resolution, load_flow_pipeline, packed_latent_size
+from trainer.families.sd1 import save_lora_layers
 from trainer.families.vae import VAE
 
 if TYPE_CHECKING:
@@ -60,17 +60,11 @@ class ZImage:
 
     @classmethod
     def load(cls, path: str, cfg: Config, dtype: torch.dtype) -> "ZImage":
-        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+        from diffusers import ZImagePipeline
 
-        pipe = ZImagePipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
-        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            raise ValueError(
-                f"pretrained.model: the SDE step models FlowMatchEulerDiscreteScheduler's sigmas, "
-                f"not a {type(pipe.scheduler).__name__}"
-            )
+        pipe = load_flow_pipeline(ZImagePipeline, path, cfg, dtype)
         if pipe.vae.config.get("force_upcast") and dtype == torch.float16:
             pipe.vae.to(torch.float32)  # FLUX's VAE, which Z-Image uses, overflows in fp16
-        pipe.set_progress_bar_config(disable=True)
         return cls(pipe, cfg.sample.sde_type, cfg.sample.resolution, cfg.pretrained.max_sequence_length)
 
     @property
@@ -138,22 +132,17 @@ class ZImage:
     def latent_size(self, resolution: int) -> int:
         """Latent rows (= columns) of a ``resolution`` px image, even for the 2x2 patches (ZImagePipeline's
         prepare_latents; it refuses sizes not a multiple of 16)."""
-        return 2 * (resolution // (self.pipe.vae_scale_factor * 2))
+        return packed_latent_size(self.pipe.vae_scale_factor, resolution)
 
     def initial_latents(self, n: int, resolution: int, generator, device) -> torch.Tensor:
         """ZImagePipeline's noise: (n, 16, h, w) float32, the same numbers from the same generator."""
-        if resolution != self.resolution and self.pipe.scheduler.config.get("use_dynamic_shifting"):
-            raise ValueError(
-                f"sample.resolution: this Z-Image schedule is shifted for {self.resolution} px images (set "
-                f"when the model loaded), not {resolution}"
-            )
+        if self.pipe.scheduler.config.get("use_dynamic_shifting"):
+            check_resolution(resolution, self.resolution, "this Z-Image schedule")
         size = self.latent_size(resolution)
         return self.dynamics.prior((n, self.pipe.transformer.config.in_channels, size, size), generator, device)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
-        from diffusers import ZImagePipeline
-
-        ZImagePipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+        save_lora_layers(self.pipeline_class, self.denoiser_name, layers, folder)
 
 
 def unpadded(cond: dict[str, torch.Tensor], n: int) -> list[torch.Tensor]:
