@@ -206,3 +206,25 @@ FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
     reward={"scorer": "pickscore"},
 )
 FAMILY_PRESETS["zimage-pickscore-grpo-1gpu"] = one_gpu(FAMILY_PRESETS["zimage-pickscore-grpo"], 8)
+
+# Wan's LoRA targets (trainer/families/wan.py): every WanTransformerBlock's self- and cross-attention projections
+# (attn1, attn2: to_q/k/v, to_out.0), as flow_grpo's Wan2.1 script (scripts/train_wan2_1.py) and Flow-Factory's Wan
+# adapter; Wan's T2V blocks have no add_k_proj/add_v_proj (only the I2V image branch does).
+_WAN_LORA = ["to_q", "to_k", "to_v", "to_out.0"]
+# Wan's shape on CPU (trainer/families/wan.py, tiny_wan.py): wan21-t2v-ocr-grpo in miniature, 5-frame videos
+# (2 latent frames) at 48 x 64 px (non-square on purpose), 4 SDE steps at noise 0.7, CFG 4.5 (a second pass on the
+# empty prompt), groups of 4, its LoRA targets; the reward (compression) pools its frame scores per video.
+FAMILY_PRESETS["tiny-wan"] = {
+    "pretrained": {"model": "tiny-wan"},
+    "sample": {
+        "num_steps": 4,
+        "eval_num_steps": 4,
+        "eta": 0.7,
+        "guidance_scale": 4.5,
+        "images_per_prompt": 4,
+        "resolution": 48,
+        "width": 64,
+        "num_frames": 5,
+    },
+    "train": {"timestep_fraction": 0.99, "timestep_selection": "first", "kl_coef": 0.004, "lora_targets": _WAN_LORA},
+}
