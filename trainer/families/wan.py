@@ -19,9 +19,11 @@ What differs from SD3 and FLUX, and where it lives here:
 - The schedule: the real checkpoints ship a UniPCMultistepScheduler (a multistep solver on flow sigmas shifted by
   ``flow_shift``: 3.0 at 480p, 5.0 at 720p). The SDE step and its log-prob model one Euler step of a
   FlowMatchEulerDiscreteScheduler, so loading replaces UniPC by FlowMatchEulerDiscreteScheduler(shift=flow_shift),
-  the same shifted sigmas, as flow_grpo's and Flow-Factory's Wan trainers sample with their own flow SDE/Euler step
-  (a deterministic evaluation is then the Euler ODE, not UniPC: close, not equal, to the pipeline's default
-  sampling). A pipeline saved with a FlowMatchEulerDiscreteScheduler (the tiny one) keeps it.
+  as flow_grpo's and Flow-Factory's Wan trainers sample with their own flow SDE/Euler step. The shift is the same,
+  the grid is Euler's: shift(linspace(1, shift(1/1000), n)) then 0, where UniPC's are shift(linspace(1, 1/n, n))
+  (at 10 steps, shift 3: Euler's last nonzero sigma 0.0089, UniPC's 0.252, which its multistep solver jumps from).
+  A deterministic evaluation is the Euler ODE, not the pipeline's default UniPC sampling. A pipeline saved with a
+  FlowMatchEulerDiscreteScheduler (the tiny one) keeps it.
 - Guidance is the pipeline's classifier-free guidance, two passes, conditional first: uncond + w (cond - uncond)
   for w = ``sample.guidance_scale`` > 1 (the pipeline's ``do_classifier_free_guidance``); w <= 1 or no negative is
   the conditional prediction alone. No guidance input, no rescaling.
@@ -204,7 +206,7 @@ def guided_twice(model, latents, timesteps, cond, negative, guidance_scale: floa
 def flow_euler(scheduler):
     """The scheduler the flow SDE step models: a FlowMatchEulerDiscreteScheduler as it is; Wan's
     UniPCMultistepScheduler on flow sigmas (use_flow_sigmas) replaced by FlowMatchEulerDiscreteScheduler with its
-    flow_shift, the same shifted sigmas stepped by Euler; anything else refused."""
+    flow_shift (Euler's grid of sigmas, not UniPC's: module docstring); anything else refused."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
