@@ -145,6 +145,23 @@ def test_two_experts_are_the_pipelines_dispatch(tiny_cache):
         wan(tiny_cache, 1, pretrained={"train_experts": "low"})
 
 
+def test_the_vae_decodes_and_encodes_videos(tiny_cache):
+    """Video latents (N, 16, f, h, w) decode as WanPipeline decodes them (z / (1 / std) + mean per channel, the real
+    checkpoints' statistics, far from 0 and 1) to (N, 3, F, H, W) in [0, 1], and encode back to their shape."""
+    _, family = wan(tiny_cache)
+    config = family.pipe.vae.config
+    assert max(map(abs, config.latents_mean)) > 0.5 and max(abs(s - 1) for s in config.latents_std) > 0.5
+    latents = torch.randn(2, 16, 2, 6, 8, generator=torch.Generator().manual_seed(0))
+    videos = family.vae.decode(latents)
+    mean = torch.tensor(config.latents_mean).view(1, 16, 1, 1, 1)
+    inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, 16, 1, 1, 1)
+    with torch.no_grad():
+        theirs = family.pipe.vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+    assert videos.shape == (2, 3, FRAMES, HEIGHT, WIDTH) and torch.equal(videos, (theirs / 2 + 0.5).clamp(0, 1))
+    again = family.vae.encode(videos, torch.Generator().manual_seed(0))
+    assert again.shape == latents.shape and torch.isfinite(again).all()
+
+
 def test_video_settings_are_checked(tiny_cache):
     with pytest.raises(ValueError, match="1 \\+ 4 k"):
         wan(tiny_cache, sample={"num_frames": 6})
@@ -293,3 +310,51 @@ def test_the_shard_units_are_the_transformers_blocks(tiny_cache):
     _, family = wan(tiny_cache)
     counts = [sum(type(m).__name__ == name for m in family.denoiser.modules()) for name in family.shard_blocks]
     assert counts == [2]  # tiny-wan's two WanTransformerBlocks
+
+
+def test_the_published_recipes():
+    """wan21-t2v-ocr-grpo as flow_grpo's general_ocr_wan2_1 (per GPU: 2 batches of 8, groups of 4, two optimizer
+    steps an epoch), wan22-t2v-pickscore-grpo as Flow-Factory's A14B example on 8 GPUs (48 groups of 16, two steps),
+    wan21-t2v-pickscore-nft at 256 px and 5 frames."""
+    from trainer.plan import BatchPlan
+
+    ocr, a14b, nft = (
+        Config(preset=p) for p in ("wan21-t2v-ocr-grpo", "wan22-t2v-pickscore-grpo", "wan21-t2v-pickscore-nft")
+    )
+    assert ocr.pretrained.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" and ocr.algorithm == "ddpo"
+    s, t = ocr.sample, ocr.train
+    assert (s.resolution, s.width, s.num_frames, s.num_steps, s.eval_num_steps, s.guidance_scale) == (
+        240,
+        416,
+        33,
+        20,
+        50,
+        4.5,
+    )
+    assert (t.kl_coef, t.learning_rate, ocr.ddpo.clip_range, t.lora_rank, t.lora_alpha, t.group_std) == (
+        0.004,
+        1e-4,
+        1e-3,
+        32,
+        64.0,
+        "group",
+    )
+    assert t.ema_decay > 0 and ocr.reward.scorer == "ocr" and t.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    plan = BatchPlan.of(ocr, 8)
+    assert (plan.samples_per_epoch, plan.optimizer_steps_per_epoch) == (8 * 16, 2)
+    assert a14b.pretrained.train_experts == "high" and a14b.pretrained.model == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert (a14b.sample.guidance_scale, a14b.sample.guidance_scale_2, a14b.sample.eta, a14b.sample.num_frames) == (
+        4.0,
+        3.0,
+        0.9,
+        5,
+    )
+    plan = BatchPlan.of(a14b, 8)
+    assert (plan.samples_per_epoch, plan.optimizer_steps_per_epoch) == (48 * 16, 2)
+    assert (a14b.ddpo.clip_range, a14b.train.kl_coef, a14b.train.lora_rank, a14b.reward.scorer) == (
+        1e-4,
+        0.0,
+        64,
+        "pickscore",
+    )
+    assert nft.algorithm == "nft" and (nft.sample.resolution, nft.sample.width, nft.sample.num_frames) == (256, None, 5)
