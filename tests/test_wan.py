@@ -162,7 +162,11 @@ def test_the_vae_decodes_and_encodes_videos(tiny_cache):
     assert again.shape == latents.shape and torch.isfinite(again).all()
 
 
-def test_video_settings_are_checked(tiny_cache):
+def test_video_settings_are_checked(tmp_path, tiny_cache):
+    from diffusers import WanPipeline
+
+    from trainer.families.tiny_wan import tiny_wan_path
+
     with pytest.raises(ValueError, match="1 \\+ 4 k"):
         wan(tiny_cache, sample={"num_frames": 6})
     with pytest.raises(ValueError, match="sample.num_frames: a FluxPipeline has no such setting"):
@@ -171,6 +175,11 @@ def test_video_settings_are_checked(tiny_cache):
     with pytest.raises(ValueError, match="multiples of 16"):
         family.initial_latents(1, 40, None, "cpu")
     assert family.initial_latents(1, 32, None, "cpu").shape == (1, 16, 3, 4, 8)  # 9 frames: 3 latent frames
+    pipe = WanPipeline.from_pretrained(tiny_wan_path(tiny_cache))
+    pipe.register_to_config(expand_timesteps=True)  # Wan2.2-TI2V-5B's per-token timesteps
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="expand_timesteps"):
+        load_family(Config(preset="tiny-wan", pretrained={"model": str(tmp_path)}), "cpu")
 
 
 def test_unipc_is_replaced_by_flow_euler_at_its_shift():

@@ -96,6 +96,10 @@ class Wan:
         if not cfg.pretrained.load_t5:  # before any weights load
             raise ValueError("pretrained.load_t5: false leaves SD3's T5 out; Wan's prompt tokens are UMT5's")
         pipe = WanPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
+        if pipe.config.get("expand_timesteps"):  # Wan2.2-TI2V-5B: a timestep per latent token, not per video
+            raise ValueError(
+                "pretrained.model: Wan2.2-TI2V-5B's per-token timesteps (expand_timesteps) are not supported"
+            )
         pipe.scheduler = flow_euler(pipe.scheduler)
         pipe.set_progress_bar_config(disable=True)
         s = cfg.sample
