@@ -358,6 +358,7 @@ def test_sd3_cps_first_ratio_is_one_and_sde_type_is_refused_for_ddim_families(ti
         ("tiny-flux2", "Flux2"),
         ("tiny-qwenimage", "QwenImage"),
         ("tiny-zimage", "ZImage"),
+        ("tiny-wan", "Wan"),
     ],
 )
 def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, name):
@@ -383,7 +384,7 @@ def test_every_family_has_what_the_family_protocol_lists(tiny_cache, preset, nam
 
 
 @pytest.mark.parametrize(
-    "preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage"]
+    "preset", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage", "tiny-wan"]
 )
 def test_no_family_borrows_another_objects_methods(tiny_cache, preset):
     """Families compose their dynamics and VAE (``family.dynamics``, ``family.vae``), never copy methods bound to

@@ -265,6 +265,18 @@ def test_zimage_trains_sharded(tmp_path, tiny_cache):
     assert "5 units" in log and (out / LORA).is_file()
 
 
+def test_wan_trains_sharded(tmp_path, tiny_cache):
+    """Wan's video transformer, sharded per WanTransformerBlock (the family's shard_blocks: tiny-wan's two, and the
+    root), on video latents (N, 16, f, h, w); the adapters train."""
+    from tests.conftest import assert_trained
+
+    out = tmp_path / "wan"
+    log = _ran(launch(out, tiny_cache, 1, *DDPO, "--run.sharding", "fsdp", preset="tiny-wan"))
+    assert sorted((rank, strategy) for rank, strategy, *_ in re.findall(SHARE, log)) == [("0", "fsdp"), ("1", "fsdp")]
+    assert "3 units" in log
+    assert_trained(out, [m["loss"] for m in _epochs(out)])
+
+
 def test_sharded_full_finetune_dpo_with_an_ema_reference_matches_unsharded(tmp_path, tiny_cache):
     """Diffusion-DPO fully finetuning SD1's UNet against its moving average (dpo.reference ema): the reference
     is the sharded policy with the average's shards copied in (FSDP gathers from its own storage, so a storage

@@ -39,9 +39,9 @@ def evaluate(
     autocast=contextlib.nullcontext,
     probe=None,
 ) -> tuple[np.ndarray, dict]:
-    """uint8 NHWC images and the scorers' outputs ({component: ScoreOutput}) of ``prompts``, image i from
-    noise seeded by ``seeds[i]``. ``probe(latents, cond, seeds)``, when given, sees each batch's final latents
-    (trainer.drift.Drift)."""
+    """uint8 NHWC images (videos: (N, F, H, W, 3)) and the scorers' outputs ({component: ScoreOutput}) of
+    ``prompts``, image i from noise seeded by ``seeds[i]``. ``probe(latents, cond, seeds)``, when given, sees each
+    batch's final latents (trainer.drift.Drift)."""
     import torch
 
     from trainer.rewards import Pending
@@ -101,16 +101,18 @@ def summary(prompts: list[str], scored: dict, total: np.ndarray) -> dict:
 
 
 def save_grid(images: np.ndarray, prompts: list[str], total: np.ndarray, path: Path, columns: int) -> None:
-    from trainer.grid import grid
+    """The captioned grid at ``path``; videos: frame strips there and the animation beside it (.gif)."""
+    from trainer.grid import save_sheet
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid(list(images), [f"{r:+.3f} {p}" for p, r in zip(prompts, total)], columns=columns).save(path)
+    save_sheet(list(images), [f"{r:+.3f} {p}" for p, r in zip(prompts, total)], columns, path)
 
 
 def save_before_after(first: tuple, last: tuple, prompts: list[str], path: Path, count: int = 24) -> None:
     """The first image of each of the first ``count`` distinct prompts at two evaluations, side by side:
-    the same seeds, so a cell pair differs only by training. ``first``/``last``: (epochs, images, rewards)."""
-    from trainer.grid import grid
+    the same seeds, so a cell pair differs only by training. ``first``/``last``: (epochs, images, rewards); videos
+    as ``save_grid``'s."""
+    from trainer.grid import save_sheet
 
     firsts = [prompts.index(p) for p in list(dict.fromkeys(prompts))[:count]]
     cells, captions = [], []
@@ -118,7 +120,7 @@ def save_before_after(first: tuple, last: tuple, prompts: list[str], path: Path,
         for epochs, images, rewards in (first, last):
             cells.append(images[i])
             captions.append(f"epoch {epochs}: {rewards[i]:+.2f} {prompts[i]}")
-    grid(cells, captions, columns=8).save(path)
+    save_sheet(cells, captions, 8, path)
 
 
 def eval_prompts(cfg, prompt_fn) -> tuple[list[str], list[dict[str, Any]]]:

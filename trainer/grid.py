@@ -1,4 +1,5 @@
-"""Image grids with captions: the per-epoch sample sheet and the before/after comparison.
+"""Image grids with captions: the per-epoch sample sheet and the before/after comparison; for videos (uint8
+(F, H, W, 3) cells, a video family's), a still sheet of frame strips and an animated GIF of the same grid beside it.
 
 Tiny images are enlarged (nearest neighbour, an integer factor) to at least ``MIN_CELL_PX`` wide, and each
 caption is wrapped over as many lines as it needs under its image: the whole prompt and reward stay
@@ -12,6 +13,23 @@ from PIL import Image, ImageDraw, ImageFont
 
 MIN_CELL_PX = 192
 PAD_PX = 2
+FRAME_MS = 125  # the animation's frame time: 8 frames a second (Wan's 81 frames play in about 10 s, theirs at 16 fps)
+
+
+def save_sheet(cells: list[np.ndarray], captions: list[str], columns: int, path) -> Image.Image:
+    """``grid`` of the cells saved at ``path`` (and returned). Videos: each cell its frames side by side (a frame
+    strip) at ``path``, and the grid animated frame by frame at ``path`` with the suffix .gif (pillow)."""
+    from pathlib import Path
+
+    if cells[0].ndim == 3:  # images: the sheet as it always was
+        picture = grid(cells, captions, columns)
+        picture.save(path)
+        return picture
+    picture = grid([np.concatenate(list(video), axis=1) for video in cells], captions, columns)
+    picture.save(path)
+    frames = [grid([video[f] for video in cells], captions, columns) for f in range(len(cells[0]))]
+    frames[0].save(Path(path).with_suffix(".gif"), save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0)
+    return picture
 
 
 def grid(images: list[np.ndarray], captions: list[str], columns: int) -> Image.Image:

@@ -43,13 +43,14 @@ def show_samples(accelerator, out, epoch, images, batches, scored, rewards, hook
         hook(epoch, per_batch)
     if not (sheet and accelerator.is_main_process):
         return
-    from trainer.grid import grid
+    from trainer.grid import save_sheet
 
     first, total = per_batch[0], rewards[: len(per_batch[0]["prompts"])]  # the main process's first batch
     captions = [f"{r:+.3f} {p}" for p, r in zip(first["prompts"], total)]
-    picture = grid(list(first["images"]), captions, columns=min(8, len(captions)))
-    (out / "images").mkdir(exist_ok=True)
-    picture.save(out / "images" / f"epoch-{epoch:04d}.png")
+    (out / "images").mkdir(exist_ok=True)  # videos: frame strips, and the animation beside them
+    picture = save_sheet(
+        list(first["images"]), captions, min(8, len(captions)), out / "images" / f"epoch-{epoch:04d}.png"
+    )
     board = tensorboard(accelerator)
     if board is not None:
         board.add_image("samples", np.asarray(picture), epoch, dataformats="HWC")

@@ -54,6 +54,14 @@ class SampleConfig(_Group):
     batch_size: int = Field(8, gt=0, description="images per sampling batch, per process")
     num_batches_per_epoch: int = Field(4, gt=0)
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
+    # the settings of video and two-expert families (Wan: trainer/families/wan.py); the others refuse them at load
+    num_frames: int | None = Field(None, gt=0, description="video families: frames per video; default the pipeline's")
+    width: int | None = Field(
+        None, gt=0, description="video families: pixels wide, sample.resolution the height; default square"
+    )
+    guidance_scale_2: float | None = Field(
+        None, ge=1.0, description="Wan2.2's low-noise expert's guidance; default sample.guidance_scale"
+    )
     images_per_prompt: int = Field(
         1,
         ge=1,

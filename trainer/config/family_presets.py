@@ -206,3 +206,118 @@ FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
     reward={"scorer": "pickscore"},
 )
 FAMILY_PRESETS["zimage-pickscore-grpo-1gpu"] = one_gpu(FAMILY_PRESETS["zimage-pickscore-grpo"], 8)
+
+# Wan's LoRA targets (trainer/families/wan.py): every WanTransformerBlock's self- and cross-attention projections
+# (attn1, attn2: to_q/k/v, to_out.0), as flow_grpo's Wan2.1 script (scripts/train_wan2_1.py) and Flow-Factory's Wan
+# adapter; Wan's T2V blocks have no add_k_proj/add_v_proj (only the I2V image branch does).
+_WAN_LORA = ["to_q", "to_k", "to_v", "to_out.0"]
+# Wan's shape on CPU (trainer/families/wan.py, tiny_wan.py): wan21-t2v-ocr-grpo in miniature, 5-frame videos
+# (2 latent frames) at 48 x 64 px (non-square on purpose), 4 SDE steps at noise 0.7, CFG 4.5 (a second pass on the
+# empty prompt), groups of 4, 8 videos an epoch, its LoRA targets; the reward (compression) pools its frame scores
+# per video.
+FAMILY_PRESETS["tiny-wan"] = {
+    "pretrained": {"model": "tiny-wan"},
+    "sample": {
+        "num_steps": 4,
+        "eval_num_steps": 4,
+        "eta": 0.7,
+        "guidance_scale": 4.5,
+        "images_per_prompt": 4,
+        "resolution": 48,
+        "width": 64,
+        "num_frames": 5,
+        "batch_size": 4,
+        "num_batches_per_epoch": 2,
+    },
+    "train": {
+        "batch_size": 2,
+        "timestep_fraction": 0.99,
+        "timestep_selection": "first",
+        "kl_coef": 0.004,
+        "lora_targets": _WAN_LORA,
+    },
+}
+# Flow-GRPO on Wan2.1-T2V-1.3B (github.com/yifan123/flow_grpo, config/grpo.py general_ocr_wan2_1,
+# scripts/train_wan2_1.py): 33-frame videos at 240 x 416, 20 SDE steps at noise 0.7, CFG 4.5, groups of 4 in
+# sampling batches of 8 (2 a GPU an epoch), one optimizer step per 8 samples (two an epoch), advantages within each
+# group (its global_std false), KL beta 0.004, lr 1e-4, clip 1e-3, EMA, LoRA r32/a64 on _WAN_LORA, bf16, evaluated
+# at 50 steps. Its reward, video_ocr, is here the image OCR scorer on every frame, mean-pooled per video
+# (trainer/rewards.py, scorers/video.py). Its GPU count is not in the config: 8 here (_FLOW_GRPO's). The real
+# checkpoint's UniPC scheduler samples as flow Euler at its flow_shift 3 (trainer/families/wan.py).
+FAMILY_PRESETS["wan21-t2v-ocr-grpo"] = _with(
+    _FLOW_GRPO,
+    pretrained={"model": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"},
+    sample={
+        "num_steps": 20,
+        "eval_num_steps": 50,
+        "guidance_scale": 4.5,
+        "resolution": 240,
+        "width": 416,
+        "num_frames": 33,
+        "batch_size": 8,
+        "num_batches_per_epoch": 2,
+        "images_per_prompt": 4,
+    },
+    train={
+        "batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-4,
+        "kl_coef": 0.004,
+        "group_std": "group",
+        "lora_targets": _WAN_LORA,
+    },
+    ddpo={"clip_range": 1e-3},
+    reward={"scorer": "ocr"},
+    prompt={"fn": "ocr", "eval_path": RECIPES["sd3-ocr"]["prompt"]["eval_path"]},
+)
+# DiffusionNFT's sd3-pickscore-nft settings (trainer/config/recipes.py) on Wan2.1-T2V-1.3B at Flow-Factory's Wan
+# video size (examples/grpo/full/wan22/t2v.yaml: 256 px, 5 frames), LoRA on _WAN_LORA. UNMEASURED: no published
+# DiffusionNFT run on Wan; a starting point, not a reproduction.
+FAMILY_PRESETS["wan21-t2v-pickscore-nft"] = _with(
+    RECIPES["sd3-pickscore-nft"],
+    pretrained={"model": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"},
+    sample={"resolution": 256, "num_frames": 5},
+    train={"lora_targets": _WAN_LORA},
+)
+# Flow-Factory's Wan2.2-A14B GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/wan22/t2v.yaml):
+# 48 groups of 16 an epoch, 5 frames at 480 px, 10 steps, CFG 4.0 on the high-noise expert and 3.0 on the low-noise
+# one, Flow-SDE noise 0.9 on one step a trajectory, clip 1e-4, no KL, lr 1e-4, weight decay 1e-4, two optimizer
+# steps an epoch, advantages within each group, EMA 0.9 every 4 epochs (8 steps: 0.987 a step), LoRA r64/a128,
+# PickScore, bf16, evaluated at 28 steps. Theirs trains LoRA on both experts (its SDE step drawn from steps 1-3;
+# step 3, t 858 < 875, is the low-noise expert's); ours trains the high-noise expert alone
+# (pretrained.train_experts high: both at once is not supported) with the SDE step drawn from steps 0-2, all
+# high-noise. Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6 sampling batches of one group and train
+# batches of 4 over 12 accumulation steps; not sized by bench.gpu_estimate. nouns_activities stand in for its
+# PickScore prompts.
+FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
+    _FLOW_GRPO,
+    run={"save_freq": 20},
+    pretrained={"model": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "train_experts": "high"},
+    sample={
+        "num_steps": 10,
+        "eval_num_steps": 28,
+        "eta": 0.9,
+        "guidance_scale": 4.0,
+        "guidance_scale_2": 3.0,
+        "resolution": 480,
+        "num_frames": 5,
+        "batch_size": 16,
+        "num_batches_per_epoch": 6,
+        "images_per_prompt": 16,
+    },
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 12,
+        "learning_rate": 1e-4,
+        "timestep_fraction": 1.0,
+        "group_std": "group",
+        "group_by": "group",
+        "kl_coef": 0.0,
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "lora_targets": _WAN_LORA,
+    },
+    ddpo={"timestep_window": 1, "timestep_window_latest_start": 2},
+    prompt={"fn": "nouns_activities"},
+    reward={"scorer": "pickscore"},
+)

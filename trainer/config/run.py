@@ -158,10 +158,10 @@ def checked_output_dir(path: Path) -> Path:
 class PretrainedConfig(_Group):
     model: str = Field(
         "tiny",
-        description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" / "tiny-flux2" / "tiny-qwenimage" (embedded, '
-        'built offline), "tiny-shapes" / "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a diffusers '
-        "model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, "
-        "FluxPipeline, Flux2KleinPipeline or QwenImagePipeline)",
+        description='"tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" / "tiny-flux2" / "tiny-qwenimage" / "tiny-wan" '
+        '(embedded, built offline), "tiny-shapes" / "tiny-shapes-sd3" (shipped, pretrained on the shapes world) or a '
+        "diffusers model id / path (a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, "
+        "FluxPipeline, Flux2KleinPipeline, QwenImagePipeline or WanPipeline)",
     )
     revision: str | None = None
     load_t5: bool = Field(
@@ -177,6 +177,12 @@ class PretrainedConfig(_Group):
         "as FluxPipeline allows); default FluxPipeline's "
         "512 (fewer if its tokenizer's model_max_length is smaller); Flow-GRPO's "
         "FLUX runs encode 128; FLUX.2 [klein]: Qwen3 tokens per prompt, default Flux2KleinPipeline's 512; "
-        "Qwen-Image: its prompt tokens after the template's, default QwenImagePipeline's 512",
+        "Qwen-Image: its prompt tokens after the template's, default QwenImagePipeline's 512; Wan: UMT5 tokens, "
+        "default WanPipeline's 512",
+    )
+    train_experts: Literal["high", "low"] | None = Field(
+        None,
+        description="Wan2.2's two experts: which trains, the high-noise transformer (default) or the low-noise "
+        "transformer_2; the other samples frozen",
     )
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")

@@ -1,10 +1,10 @@
 """The model families: one file per diffusers pipeline the trainer trains (``sd1.py`` SD1.x/SD2.x, ``sdxl.py``,
-``sd3.py``, ``flux.py``, ``flux2.py``, ``qwenimage.py``, ``zimage.py``), the sampler dynamics they compose
-(``ddim.py``'s ``DDIM``, ``flow.py``'s ``FlowMatching``: Flow-GRPO's flow-matching SDE and CPS steps), the VAE
-code they share (``vae.py``), ``zero_t5.py`` (SD3 without T5), loading a family and making its denoiser
+``sd3.py``, ``flux.py``, ``flux2.py``, ``qwenimage.py``, ``zimage.py``, ``wan.py``: video), the sampler dynamics
+they compose (``ddim.py``'s ``DDIM``, ``flow.py``'s ``FlowMatching``: Flow-GRPO's flow-matching SDE and CPS steps),
+the VAE code they share (``vae.py``), ``zero_t5.py`` (SD3 without T5), loading a family and making its denoiser
 trainable (``models.py``: ``load_family``, ``FAMILIES``, ``TINY``, ``SHIPPED``) and the tiny test pipelines
-(``tiny_pipeline.py``, ``tiny_flux2.py``, ``tiny_qwenimage.py``, ``tiny_zimage.py``). The pretraining of the
-shipped tiny-shapes models is a tool, trainer/tools/shapes_model.py.
+(``tiny_pipeline.py``, ``tiny_flux2.py``, ``tiny_qwenimage.py``, ``tiny_zimage.py``, ``tiny_wan.py``). The
+pretraining of the shipped tiny-shapes models is a tool, trainer/tools/shapes_model.py.
 
 A family is the model: conditioning, prediction, the latents' shape, loading and saving (``Family`` below). The
 sampler's dynamics are not the model's: each family holds one ``Dynamics`` object, ``family.dynamics``, chosen

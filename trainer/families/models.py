@@ -18,11 +18,12 @@ from trainer.families.qwenimage import QwenImage
 from trainer.families.sd1 import SD1
 from trainer.families.sd3 import SD3
 from trainer.families.sdxl import SDXL
+from trainer.families.wan import Wan
 from trainer.families.zimage import ZImage
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = {
-    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux, Flux2, QwenImage, ZImage)
+    family.pipeline_class: family for family in (SD1, SDXL, SD3, Flux, Flux2, QwenImage, ZImage, Wan)
 }  # a diffusers pipeline class -> its family
 TINY = {
     "tiny": "tiny_pipeline_path",
@@ -32,6 +33,7 @@ TINY = {
     "tiny-flux2": "tiny_flux2:tiny_flux2_path",
     "tiny-qwenimage": "tiny_qwenimage:tiny_qwenimage_path",
     "tiny-zimage": "tiny_zimage:tiny_zimage_path",
+    "tiny-wan": "tiny_wan:tiny_wan_path",
 }  # built offline: a function of trainer/families/tiny_pipeline.py, or "module:function" of another module there
 # pretrained by trainer/tools/shapes_model.py (tiny-shapes-sd3: its --family sd3)
 SHIPPED = {name: Path(__file__).parent.parent / "weights" / name for name in ("tiny-shapes", "tiny-shapes-sd3")}
@@ -48,6 +50,7 @@ def load_family(cfg: Config, device: torch.device):
             tiny_flux2,
             tiny_pipeline,
             tiny_qwenimage,
+            tiny_wan,
             tiny_zimage,
         )
 
@@ -57,12 +60,18 @@ def load_family(cfg: Config, device: torch.device):
             "tiny_flux2": tiny_flux2,
             "tiny_qwenimage": tiny_qwenimage,
             "tiny_zimage": tiny_zimage,
+            "tiny_wan": tiny_wan,
         }
         path = str(getattr(modules[module or "tiny_pipeline"], build)(cfg.pretrained.cache_dir))
     path = str(SHIPPED.get(path, path))
     kind = DiffusionPipeline.load_config(path, revision=cfg.pretrained.revision).get("_class_name")
     if kind not in FAMILIES:
         raise ValueError(f"pretrained.model: {path} is a {kind}; supported pipelines: {', '.join(FAMILIES)}")
+    extra = {"sample": ("num_frames", "width", "guidance_scale_2"), "pretrained": ("train_experts",)}
+    taken = getattr(FAMILIES[kind], "settings", ())  # the settings of a video or two-expert family, where it has some
+    for name in (f"{g}.{k}" for g, keys in extra.items() for k in keys if getattr(getattr(cfg, g), k) is not None):
+        if name not in taken:
+            raise ValueError(f"{name}: a {kind} has no such setting (a video or two-expert family's)")
     dtype = DTYPES[cfg.run.mixed_precision]
     family = FAMILIES[kind].load(path, cfg, dtype)  # each family takes the settings it has
     offloaded = text_encoders(family.pipe) if cfg.run.offload_text_encoders else {}

@@ -258,18 +258,25 @@ def build_tiny_sd3(t5: bool = False):
 def tiny_t5(spec: dict):
     """A random-init T5 encoder and a word-level tokenizer of the vocabulary (no sentencepiece model needed)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
-    words = ["<pad>", "</s>", "<unk>", *dict.fromkeys(spec["vocabulary"])]
-    vocab = {word: i for i, word in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer = t5_tokenizer(spec["vocabulary"])
+    torch.manual_seed(spec["seed"] + 3)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **spec["t5"]))
+    return encoder, tokenizer
+
+
+def t5_tokenizer(vocabulary: list[str]):
+    """A word-level tokenizer of ``vocabulary`` with T5's pad (0), end (1) and unknown tokens, ending each text
+    with </s> as T5's does (T5 and UMT5 alike: no sentencepiece model needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", *dict.fromkeys(vocabulary)]
+    tok = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])  # as T5's
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(spec["seed"] + 3)
-    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, **spec["t5"]))
-    return encoder, tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 # FLUX.1's shape in miniature: a FluxTransformer2DModel (double- and single-stream blocks, rotary ids) on 2x2-packed

@@ -55,7 +55,7 @@ def render(s: SampleSettings) -> dict:
     from scorers.scorer import create_scorer
     from trainer.config import Config
     from trainer.families.models import load_family, load_tuned
-    from trainer.grid import grid
+    from trainer.grid import save_sheet
     from trainer.sampling import sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +100,7 @@ def render(s: SampleSettings) -> dict:
                 captions.append(
                     f"{tag} {rewards[i]:+.3f} {prompts[i]}" if rewards[i] is not None else f"{tag} {prompts[i]}"
                 )
-    grid(cells, captions, columns=2 * s.per_prompt).save(s.out)
+    save_sheet(cells, captions, 2 * s.per_prompt, s.out)  # videos: frame strips and a .gif beside
     summary = {"out": str(s.out), "prompts": s.prompts, "per_prompt": s.per_prompt}
     if scorer:
         summary |= {

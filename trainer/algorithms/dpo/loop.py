@@ -153,7 +153,7 @@ def _online_pairs(run, trained, resolution: int, rounds: list[dict]):
             {"online_reward_mean": float(groups.mean()), "online_ties": float((scores[:, 0] == scores[:, 1]).mean())}
         ]
         pixels = torch.from_numpy(images.reshape(n, k, *images.shape[1:])[np.arange(n)[:, None], chosen])
-        pixels = pixels.permute(0, 1, 4, 2, 3).float().div(255)
+        pixels = pixels.movedim(-1, 2).float().div(255)  # (n, 2, 3, H, W), videos (n, 2, 3, F, H, W)
         pixels, weights = _winner_first(pixels, scores, run.accelerator.device)
         for epoch in range(cfg.dpo.online_epochs):
             order = np.arange(n) if epoch == 0 else run.prompt_rng.permutation(n)
@@ -215,7 +215,7 @@ def _relabel(run, batch: dict[str, Any]) -> torch.Tensor:
     """Score both images of every pair with the run's reward and put the higher first (in place); returns
     each pair's weight: 0 for a tie, which teaches nothing (Diffusion-DPO's --choice_model, AI feedback)."""
     pixels = batch["pixels"]
-    images = (pixels.flatten(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = (pixels.flatten(0, 1) * 255).round().to(torch.uint8).movedim(1, -1).numpy()  # NHWC (videos NFHWC)
     prompts = [p for p in batch["prompts"] for _ in range(2)]
     pending = Pending(run.rewards)
     pending.add(run.rewards.submit(images, prompts, [{} for _ in prompts]))

@@ -99,11 +99,26 @@ def _refl(run: run_setup.Run) -> list[dict]:
 
 
 def differentiable_reward(run) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
-    """``reward(images (N, 3, H, W) in [0, 1], prompts) -> (N,)`` with a gradient to the images."""
+    """``reward(images (N, 3, H, W) in [0, 1], prompts) -> (N,)`` with a gradient to the images; videos
+    (N, 3, F, H, W) score each frame as an image and take the mean per video (the pooling of trainer/rewards.py's
+    in-process video scores)."""
     (source,) = run.rewards.sources.values()  # the config allows one reward for refl
     if isinstance(source, RemoteReward):
-        return lambda images, prompts: remote_scores(source.client, images, prompts)
-    return lambda images, prompts: source.scorer.score_tensor(images, prompts).to(images.device)
+        return per_frame(lambda images, prompts: remote_scores(source.client, images, prompts))
+    return per_frame(lambda images, prompts: source.scorer.score_tensor(images, prompts).to(images.device))
+
+
+def per_frame(score: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> Callable:
+    """``score`` of images as it is; of videos, the mean of their frames' scores."""
+
+    def scored(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if images.ndim == 4:
+            return score(images, prompts)
+        n, frames = images.shape[0], images.shape[2]
+        each = score(images.movedim(2, 1).flatten(0, 1), [p for p in prompts for _ in range(frames)])
+        return each.view(n, frames).mean(dim=1)
+
+    return scored
 
 
 def rollout(run, trained, prompts: list[str], resolution: int, negative) -> tuple[torch.Tensor, int]:
