@@ -287,11 +287,15 @@ def test_the_lora_loads_into_the_pipeline_and_changes_its_videos(tmp_path, tiny_
     assert np.array_equal(pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames, base)
 
 
-def test_the_cli_trains_nft_and_evaluates_with_animations(tmp_path, tiny_cache):
+def test_the_cli_trains_nft_scored_over_the_wire_and_evaluates_with_animations(tmp_path, tiny_cache, start_server):
+    """The rollouts and evaluations scored as videos by a real reward-server (compression per frame, pooled by
+    the worst frame), the evaluation written as animations."""
     from PIL import Image
 
+    server = start_server("--model", "compression", "--video-pooling", "min")
     out = tmp_path / "run"
     flags = ["--pretrained.cache_dir", str(tiny_cache), "--run.output_dir", str(out), "--run.log_with", "none"]
+    flags += ["--reward.scorer", "compression", "--reward.url", server.url]
     flags += ["--run.eval_every", "1", "--sample.batch_size", "4", "--sample.num_batches_per_epoch", "1"]
     flags += ["--prompt.eval_count", "4", "--run.log_images_every", "1"]
     done = subprocess.run(
@@ -308,6 +312,9 @@ def test_the_cli_trains_nft_and_evaluates_with_animations(tmp_path, tiny_cache):
     assert_trained(out, [m["loss"] for m in history])
     evaluations = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evaluations] == [0, 1] and all(math.isfinite(e["reward_mean"]) for e in evaluations)
+    # the epoch's 4 videos and two evaluations of 4, each batch one request (none refused)
+    assert server.metric("reward_requests_total", status="200") >= 3
+    assert server.metric("reward_requests_total", status="422") == 0
     for sheet in ("eval/after-0001", "eval/before_after", "images/epoch-0000"):
         with Image.open(out / f"{sheet}.gif") as animation:
             assert animation.n_frames == FRAMES, sheet  # one grid per video frame
