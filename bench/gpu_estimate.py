@@ -264,7 +264,9 @@ class CudaAutocast(TorchFunctionMode):
 
     LOWER = {
         F.linear,
+        F.conv1d,
         F.conv2d,
+        F.conv3d,  # Wan's patch embedding (bench/gpu_families.py)
         torch.matmul,
         torch.Tensor.matmul,
         torch.bmm,

@@ -115,7 +115,9 @@ def smallest(need, limit: int = 1024) -> int | None:
 def need(sim: Simulation, recipe: dict, n: int, strategy: str, replicated: bool = True, offload: bool = False) -> dict:
     """Per-GPU bytes of ``recipe`` on ``n`` GPUs. ``replicated`` false: no text encoder on the GPU (precomputed
     embeddings); ``offload``: the sharded state in CPU memory (run.cpu_offload)."""
-    acts = sim.activations(recipe["family"], recipe["lora"], recipe["resolution"], recipe["checkpointing"])
+    acts = sim.activations(
+        recipe["family"], recipe["lora"], recipe["resolution"], recipe["checkpointing"], recipe.get("kind", "train")
+    )
     frozen = sum(v for k, v in sim.frozen(recipe["family"]).items() if replicated or not k.startswith("text"))
     activations = acts["batch1"] + (recipe["batch"] - 1) * acts["per_sample"]
     row = per_gpu(sim.sizes(recipe["family"], recipe["lora"]), n, strategy, activations, frozen, recipe["lora"])

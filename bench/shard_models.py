@@ -124,8 +124,21 @@ FAMILIES = {
         checkpointed=({"num_layers": 1}, {"transformer_blocks": {0: 59}}),
         preset="sd3-pickscore",  # only its clip range and grad norm (no Qwen-Image preset yet)
         lora=QWEN_LORA,
+        frozen=lambda: qwen_frozen(),
     ),
 }
+
+
+def qwen_frozen() -> dict:
+    """Bytes of Qwen-Image's frozen modules in bf16: Qwen2.5-VL-7B whole (vision tower and lm_head, as loaded), the
+    VAE (AutoencoderKLQwenImage's defaults)."""
+    import diffusers
+    import transformers
+
+    with torch.device("meta"):
+        text = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**QWEN25_VL_7B))
+        vae = diffusers.AutoencoderKLQwenImage()
+    return {"text_encoder": _numel(text) * BF16, "vae": _numel(vae) * BF16}
 
 
 # -- the measured activations ---------------------------------------------------------------------------------
@@ -208,8 +221,11 @@ def _numel(module) -> int:
 class Simulation:
     """The families' parameter counts, frozen parts and measured activations, each computed once."""
 
-    def __init__(self, fake):
-        self.fake, self.cache = fake, {}
+    def __init__(self, fake, families: dict | None = None):
+        """``families``: shard_models.FAMILIES's entries, or others of the same form (bench/gpu_families.py's adds
+        ``frozen``, a function of nothing giving the frozen modules' bytes, and ``step``, one of the model and the
+        preset giving the step)."""
+        self.fake, self.cache, self.families = fake, {}, families or FAMILIES
 
     def _once(self, key, compute):
         if key not in self.cache:
@@ -222,7 +238,7 @@ class Simulation:
 
         from trainer.config.presets import PRESETS
 
-        f = FAMILIES[family]
+        f = self.families[family]
         config = f.get("shape", lambda c, k: {**c, **k})(f["config"], counts)
         adapters = (f.get("lora") or PRESETS[f["preset"]]["train"]) if lora else None
         model = ge.denoiser(config, torch.bfloat16, adapters, fake, cls=getattr(diffusers, f["cls"]))
@@ -234,8 +250,8 @@ class Simulation:
 
     def sizes(self, family: str, lora: bool) -> dict:
         def compute():
-            model = self.model(family, FAMILIES[family]["layers"], lora)
-            units = [m for m in model.modules() if type(m).__name__ in FAMILIES[family]["units"]]
+            model = self.model(family, self.families[family]["layers"], lora)
+            units = [m for m in model.modules() if type(m).__name__ in self.families[family]["units"]]
             unit = max(units, key=_numel)
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             return {
@@ -254,15 +270,10 @@ class Simulation:
 
         def compute():
             import diffusers
-            import transformers
 
-            if family == "qwen":
-                with torch.device("meta"):
-                    config = transformers.Qwen2_5_VLConfig(**QWEN25_VL_7B)
-                    text = transformers.Qwen2_5_VLForConditionalGeneration(config)
-                    vae = diffusers.AutoencoderKLQwenImage()
-                return {"text_encoder": _numel(text) * BF16, "vae": _numel(vae) * BF16}
-            f = FAMILIES[family]
+            if "frozen" in self.families[family]:
+                return self.families[family]["frozen"]()
+            f = self.families[family]
             with torch.device("meta"):
                 vae = diffusers.AutoencoderKL.from_config(f["vae"])
             return {
@@ -275,7 +286,9 @@ class Simulation:
     def step(self, family: str, model):
         from trainer.config.presets import PRESETS
 
-        preset = PRESETS[FAMILIES[family]["preset"]]
+        preset = PRESETS[self.families[family]["preset"]]
+        if "step" in self.families[family]:
+            return self.families[family]["step"](model, preset)
         if family == "qwen":
             return QwenStep(model, torch.bfloat16, QWEN_SAMPLE, ge.training(preset))
         tokens = preset.get("pretrained", {}).get("max_sequence_length") or 512
@@ -284,7 +297,7 @@ class Simulation:
     def padded(self, family: str, lora: bool):
         """The denoiser at full depth for a checkpointed step: the last block of each kind real, every other one a
         ``StandIn`` (fake tensors)."""
-        counts, stand_ins = FAMILIES[family]["checkpointed"]
+        counts, stand_ins = self.families[family]["checkpointed"]
         model, stand_in = self.model(family, counts, lora, self.fake), StandIn()
         with self.fake:
             stand_in.to_empty(device="cpu")
@@ -294,32 +307,43 @@ class Simulation:
             for index in sorted(where, reverse=True):
                 blocks[index:index] = [stand_in] * where[index]
             setattr(model, name, torch.nn.ModuleList(blocks))
-        if sum(len(getattr(model, name)) for name in stand_ins) != sum(FAMILIES[family]["layers"].values()):
+        if sum(len(getattr(model, name)) for name in stand_ins) != sum(self.families[family]["layers"].values()):
             raise ValueError(f"{family}: the stand-ins do not make up the full depth")
         return model
 
-    def activations(self, family: str, lora: bool, resolution: int, checkpointing: bool) -> dict:
-        """Activation bytes at the peak of one train step, batch 1 and each further sample, at full depth.
-        Checkpointed: measured on ``padded``'s model. Not: measured with one block of each kind and with two of
-        one kind, extrapolated linearly per kind (each block keeps its own activations until its backward)."""
+    def activations(
+        self, family: str, lora: bool, resolution, checkpointing: bool, kind: str = "train"
+    ) -> dict:
+        """Activation bytes at the peak of one ``kind`` step (gpu_estimate's run_step: "train" DDPO's, "forward_train"
+        DiffusionNFT's), batch 1 and each further sample, at full depth. Checkpointed: measured on ``padded``'s model.
+        Not: measured with one block of each kind and with two of one kind, extrapolated linearly per kind (each
+        block keeps its own activations until its backward); its FLOPs too (``flops_batch1``, ``flops_per_sample``:
+        not under checkpointing, whose stand-ins compute nothing)."""
 
-        def run(model) -> list[int]:
+        def run(model) -> list[tuple[int, int]]:
             step = self.step(family, model)
-            runs = [ge.run_step(step, "train", n, resolution, self.fake, checkpointing=checkpointing) for n in (1, 2)]
-            return [r["by_category"]["activations"] for r in runs]
+            runs = [ge.run_step(step, kind, n, resolution, self.fake, checkpointing=checkpointing) for n in (1, 2)]
+            return [(r["by_category"]["activations"], r["flops"]) for r in runs]
 
         def compute():
             if checkpointing:
                 full = run(self.padded(family, lora))
             else:
-                layers = FAMILIES[family]["layers"]
+                layers = self.families[family]["layers"]
                 base = dict.fromkeys(layers, 1)
                 first, *more = [
                     run(self.model(family, {**base, **c}, lora, self.fake)) for c in [{}, *({k: 2} for k in layers)]
                 ]
                 full = [
-                    first[i] + sum((layers[k] - 1) * (m[i] - first[i]) for k, m in zip(layers, more)) for i in (0, 1)
+                    tuple(
+                        first[i][j] + sum((layers[k] - 1) * (m[i][j] - first[i][j]) for k, m in zip(layers, more))
+                        for j in (0, 1)
+                    )
+                    for i in (0, 1)
                 ]
-            return {"batch1": full[0], "per_sample": full[1] - full[0]}
+            out = {"batch1": full[0][0], "per_sample": full[1][0] - full[0][0]}
+            if not checkpointing:
+                out |= {"flops_batch1": full[0][1], "flops_per_sample": full[1][1] - full[0][1]}
+            return out
 
-        return self._once(("activations", family, lora, resolution, checkpointing), compute)
+        return self._once(("activations", family, lora, resolution, checkpointing, kind), compute)
