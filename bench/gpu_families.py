@@ -100,6 +100,7 @@ MODELS = {
         config=ZIMAGE_6B,
         units=("ZImageTransformerBlock",),
         layers={"n_layers": 30},  # the 4 refiner blocks stay in the 1- and 2-layer models
+        checkpointed=({"n_layers": 1}, {"layers": {0: 29}}),
         published=6.15e9,
     ),
     "wan21-1.3b": dict(
@@ -107,12 +108,17 @@ MODELS = {
         config=WAN21_1_3B,
         units=("WanTransformerBlock",),
         layers={"num_layers": 30},
+        checkpointed=({"num_layers": 1}, {"blocks": {0: 29}}),
         published=1.3e9,
     ),
     "wan-14b": dict(
-        cls="WanTransformer3DModel", config=WAN_14B, units=("WanTransformerBlock",), layers={"num_layers": 40}
-    )
-    | {"published": 14.0e9},
+        cls="WanTransformer3DModel",
+        config=WAN_14B,
+        units=("WanTransformerBlock",),
+        layers={"num_layers": 40},
+        checkpointed=({"num_layers": 1}, {"blocks": {0: 39}}),
+        published=14.0e9,
+    ),
     "qwen-image-20b": dict(
         cls=sm.FAMILIES["qwen"]["cls"],
         config=sm.QWEN_IMAGE_TRANSFORMER,
@@ -122,6 +128,13 @@ MODELS = {
         published=20.0e9,
     ),
 }
+
+
+class StandIn(sm.StandIn):
+    """shard_models.StandIn for blocks that return their hidden states alone (Wan's, Z-Image's)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.nn.functional.gelu(hidden_states) * self.scale
 
 
 def params(model: str) -> int:
@@ -264,6 +277,7 @@ def families() -> dict:
     """shard_models.Simulation's family entries, one per recipe."""
     return {
         name: {**MODELS[r["model"]], "preset": name, "step": r["step"], "frozen": r["frozen"]}
+        | ({} if r["model"] == "qwen-image-20b" else {"stand_in": StandIn})
         for name, r in RECIPES.items()
     }
 
@@ -296,20 +310,31 @@ def gb(nbytes: float) -> float:
     return round(nbytes / ge.GB, 2)
 
 
+def peaks(sim: sm.Simulation, r: dict, gpus: int = 8) -> dict:
+    """Per-GPU need of recipe ``r`` unsharded and with fsdp on ``gpus`` (shard_estimate.need), whether it fits an
+    80 GB card, and the largest train batch that would."""
+    acts = sim.activations(r["family"], True, r["resolution"], r["checkpointing"], r["kind"])
+    out = {"activations_gb": {"batch1": gb(acts["batch1"]), "per_sample": gb(acts["per_sample"])}}
+    out["activations_gb"]["at_batch"] = gb(acts["batch1"] + (r["batch"] - 1) * acts["per_sample"])
+    out |= {"per_gpu_gb": {}, "fits_80gb": {}, "largest_batch_80gb": {}}
+    for key, n in (("unsharded", 1), (f"fsdp{gpus}", gpus)):
+        need = se.need(sim, r, n, "fsdp")
+        out["per_gpu_gb"][key] = {k: gb(v) for k, v in need.items()}
+        out["fits_80gb"][key] = se.need_fits(need["total"])
+        batch1 = se.need(sim, {**r, "batch": 1}, n, "fsdp")["total"]
+        out["largest_batch_80gb"][key] = ge.largest_batch(batch1, acts["per_sample"], se.CARD_GB)
+    return out
+
+
 def row(sim: sm.Simulation, name: str, gpus: int = 8) -> dict:
     """One recipe's figures: weights, activations, per-GPU peak unsharded and with fsdp on ``gpus``, the largest
-    train batch fitting 80 GB each way, FLOPs per sample (and per video frame)."""
+    train batch fitting 80 GB each way (and the same with gradient checkpointing where the preset has it off), FLOPs
+    per sample (and per video frame)."""
     r, model = recipe(name), RECIPES[name]["model"]
     sizes = sim.sizes(name, True)
-    acts = sim.activations(name, True, r["resolution"], r["checkpointing"], r["kind"])
     plain = sim.activations(name, True, r["resolution"], False, r["kind"])
     sampling = sim.activations(name, True, r["resolution"], False, "sampling")
     frozen = sim.frozen(name)
-    peaks, largest = {}, {}
-    for key, n in (("unsharded", 1), (f"fsdp{gpus}", gpus)):
-        peaks[key] = {k: gb(v) for k, v in se.need(sim, r, n, "fsdp").items()}
-        batch1 = se.need(sim, {**r, "batch": 1}, n, "fsdp")["total"]
-        largest[key] = ge.largest_batch(batch1, acts["per_sample"], se.CARD_GB)
     count = sizes["frozen"]
     out = {
         "model": model,
@@ -323,18 +348,13 @@ def row(sim: sm.Simulation, name: str, gpus: int = 8) -> dict:
         "checkpointing": r["checkpointing"],
         "preset_sharding": r["sharding"],
         "weights_gb": {"denoiser": gb(count * BF16 + sizes["trained"] * se.FP32), **{k: gb(v) for k, v in frozen.items()}},
-        "activations_gb": {
-            "batch1": gb(acts["batch1"]),
-            "per_sample": gb(acts["per_sample"]),
-            "at_batch": gb(acts["batch1"] + (r["batch"] - 1) * acts["per_sample"]),
-        },
-        "per_gpu_gb": peaks,
-        "fits_80gb": {k: se.need_fits(v["total"] * ge.GB) for k, v in peaks.items()},
-        "largest_batch_80gb": largest,
+        **peaks(sim, r, gpus),
         "tflop_per_sample": round(plain["flops_batch1"] / 1e12, 3),
         "sampling_tflop_per_step": round(sampling["flops_batch1"] / 1e12, 3),
         "rollout_tflop_per_sample": round(r["num_steps"] * sampling["flops_batch1"] / 1e12, 2),
     }
+    if not r["checkpointing"] and "checkpointed" in MODELS[model]:
+        out["with_checkpointing"] = peaks(sim, {**r, "checkpointing": True}, gpus)
     if r["frames"]:
         out["frames"] = r["frames"]
         out["tflop_per_frame"] = round(plain["flops_batch1"] / r["frames"] / 1e12, 4)
@@ -365,6 +385,22 @@ def markdown(rows: dict, gpus: int = 8) -> str:
             f"{e['largest_batch_80gb']['unsharded']} / {e['largest_batch_80gb'][f'fsdp{gpus}']} | "
             f"{flops} / {e['rollout_tflop_per_sample']} |"
         )
+    lines += [
+        "",
+        f"| recipe, with gradient checkpointing (off in the preset) | activations GB | peak GB, 1 GPU | peak GB, "
+        f"fsdp {gpus} | largest batch on 80 GB: 1 GPU / fsdp {gpus} |",
+        "|---" * 5 + "|",
+    ]
+    for name, e in rows.items():
+        if "with_checkpointing" in e:
+            c = e["with_checkpointing"]
+            p1, p8 = c["per_gpu_gb"]["unsharded"]["total"], c["per_gpu_gb"][f"fsdp{gpus}"]["total"]
+            fits = {k: "" if v else " (over)" for k, v in c["fits_80gb"].items()}
+            lines.append(
+                f"| {name} | {c['activations_gb']['at_batch']} | {p1}{fits['unsharded']} | "
+                f"{p8}{fits[f'fsdp{gpus}']} | {c['largest_batch_80gb']['unsharded']} / "
+                f"{c['largest_batch_80gb'][f'fsdp{gpus}']} |"
+            )
     return "\n".join(lines)
 
 

@@ -298,7 +298,7 @@ class Simulation:
         """The denoiser at full depth for a checkpointed step: the last block of each kind real, every other one a
         ``StandIn`` (fake tensors)."""
         counts, stand_ins = self.families[family]["checkpointed"]
-        model, stand_in = self.model(family, counts, lora, self.fake), StandIn()
+        model, stand_in = self.model(family, counts, lora, self.fake), self.families[family].get("stand_in", StandIn)()
         with self.fake:
             stand_in.to_empty(device="cpu")
         stand_in.scale.register_post_accumulate_grad_hook(_drop_gradient)
