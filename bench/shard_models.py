@@ -311,9 +311,7 @@ class Simulation:
             raise ValueError(f"{family}: the stand-ins do not make up the full depth")
         return model
 
-    def activations(
-        self, family: str, lora: bool, resolution, checkpointing: bool, kind: str = "train"
-    ) -> dict:
+    def activations(self, family: str, lora: bool, resolution, checkpointing: bool, kind: str = "train") -> dict:
         """Activation bytes at the peak of one ``kind`` step (gpu_estimate's run_step: "train" DDPO's, "forward_train"
         DiffusionNFT's), batch 1 and each further sample, at full depth. Checkpointed: measured on ``padded``'s model.
         Not: measured with one block of each kind and with two of one kind, extrapolated linearly per kind (each
