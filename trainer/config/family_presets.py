@@ -133,6 +133,15 @@ FAMILY_PRESETS["flux2-klein-pickscore-nft"] = _with(
     ddpo={"timestep_window": 0, "timestep_window_latest_start": 0},
     nft={"beta": 0.1},
 )
+# One GPU holds either klein recipe unsharded (bench.gpu_families, estimates: 35.3 GB at 4 samples a forward, up to
+# 12 on 80 GB; the -1gpu variants put 1 (GRPO) or 2 (NFT) through a forward): the same epoch and effective batch on
+# one process.
+FAMILY_PRESETS.update(
+    {
+        f"{name}-1gpu": one_gpu(FAMILY_PRESETS[name], 8)
+        for name in ("flux2-klein-pickscore-grpo", "flux2-klein-pickscore-nft")
+    }
+)
 # Qwen-Image (Qwen/Qwen-Image, trainer/families/qwenimage.py; here beside tiny-qwenimage, recipes.py being full).
 # Flow-GRPO-Fast as flow_grpo runs it (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): groups of
 # 16 at 512 px, 10 steps with true CFG 4, SDE noise level 1.2 in a window of 2 steps starting at one of steps 0-3
@@ -279,6 +288,8 @@ FAMILY_PRESETS["wan21-t2v-pickscore-nft"] = _with(
     sample={"resolution": 256, "num_frames": 5},
     train={"lora_targets": _WAN_LORA},
 )
+# One GPU holds it unsharded (bench.gpu_families, estimates: 30.7 GB at its 9 samples a forward, up to 32 on 80 GB).
+FAMILY_PRESETS["wan21-t2v-pickscore-nft-1gpu"] = one_gpu(FAMILY_PRESETS["wan21-t2v-pickscore-nft"], 8)
 # Flow-Factory's Wan2.2-A14B GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/wan22/t2v.yaml):
 # 48 groups of 16 an epoch, 5 frames at 480 px, 10 steps, CFG 4.0 on the high-noise expert and 3.0 on the low-noise
 # one, Flow-SDE noise 0.9 on one step a trajectory, clip 1e-4, no KL, lr 1e-4, weight decay 1e-4, two optimizer
