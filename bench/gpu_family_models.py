@@ -41,11 +41,11 @@ ZIMAGE_6B: dict = {}
 # 40 layers of 40 heads x 128, FFN 13824, UMT5's 4096 in; 14.288e9 parameters ("14B"). Each of Wan2.2-T2V-A14B's two
 # experts is the same transformer.
 WAN_14B = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40}
-# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (as recalled): 30 layers of 12 heads x 128 (1536 wide), FFN 8960;
-# 1.419e9 parameters (the name rounds down: "1.3B").
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (as recalled): 30 layers of 12 heads x 128 (1536 wide),
+# FFN 8960; 1.419e9 parameters (the name rounds down: "1.3B").
 WAN21_1_3B = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30}
-# Qwen/Qwen3-4B config.json (as recalled; FLUX.2-klein-4B's text_encoder, Qwen3ForCausalLM; Z-Image's, Qwen3Model): 36 layers,
-# 2560 wide, GQA 32/8 heads of 128, tied embeddings; 4.022e9 parameters.
+# Qwen/Qwen3-4B config.json (as recalled; FLUX.2-klein-4B's text_encoder, Qwen3ForCausalLM; Z-Image's, Qwen3Model):
+# 36 layers, 2560 wide, GQA 32/8 heads of 128, tied embeddings; 4.022e9 parameters.
 QWEN3_4B = {
     "hidden_size": 2560,
     "intermediate_size": 9728,
@@ -56,8 +56,8 @@ QWEN3_4B = {
     "vocab_size": 151936,
     "tie_word_embeddings": True,
 }
-# google/umt5-xxl's encoder (as recalled; Wan's text_encoder, UMT5EncoderModel): T5-XXL's shape with UMT5's 256384 tokens;
-# 5.681e9 parameters.
+# google/umt5-xxl's encoder (as recalled; Wan's text_encoder, UMT5EncoderModel): T5-XXL's shape with UMT5's 256384
+# tokens; 5.681e9 parameters.
 UMT5_XXL = {**ge.T5_XXL, "vocab_size": 256384}
 
 # name: the denoiser's class, config, FSDP units and depth; its published size (the name's) and what the config gives

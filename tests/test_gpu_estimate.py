@@ -170,3 +170,83 @@ def test_scorer_rows_count_the_published_sizes():
     assert rows["ocr"]["weights_gb"] == pytest.approx(2 * 716.03e6 / 1e9, abs=2e-3)
     for row in rows.values():
         assert row["weights_gb"] < row["need_gb_at_batch1"] < row["need_gb_at_batch2"]
+
+
+# -- the families added in 2026 (bench.gpu_families): one cheap recipe's rows, the published sizes ---------------
+@pytest.fixture(scope="module")
+def wan_nft(tmp_path_factory):
+    """wan21-t2v-pickscore-nft's rows (Wan2.1-1.3B at 256 px, 5 frames; ~20 s): the cheapest video recipe."""
+    from bench import gpu_families as gf
+
+    out = tmp_path_factory.mktemp("families") / "families.json"
+    result = gf.main(["--recipes", "wan21-t2v-pickscore-nft", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    return result["recipes"]["wan21-t2v-pickscore-nft"]
+
+
+def test_family_configs_give_the_published_sizes():
+    """The configs' parameter counts: Z-Image's within 2% of its report's 6.15B; the others' names round them
+    (FLUX.2-klein-4B 3.88B, Wan2.1-1.3B 1.42B, Wan 14B 14.29B, Qwen-Image 20.43B: 2-9% from the name)."""
+    from bench import gpu_family_models as gfm
+
+    counts = {name: gfm.params(name) for name in gfm.MODELS}
+    assert counts == {
+        "flux2-klein-4b": 3_875_544_576,
+        "zimage-6b": 6_154_908_736,
+        "wan21-1.3b": 1_418_996_800,
+        "wan-14b": 14_288_491_584,
+        "qwen-image-20b": 20_430_401_088,
+    }
+    assert counts["zimage-6b"] == pytest.approx(gfm.MODELS["zimage-6b"]["published"], rel=0.02)
+    for name, count in counts.items():
+        assert count == pytest.approx(gfm.MODELS[name]["published"], rel=0.1), name
+
+
+def test_family_row_sharded_below_unsharded(wan_nft):
+    from bench import gpu_family_models as gfm
+
+    assert wan_nft["params"] == gfm.params("wan21-1.3b") and wan_nft["frames"] == 5
+    assert wan_nft["weights_gb"]["denoiser"] == pytest.approx(
+        (wan_nft["params"] * 2 + wan_nft["lora_params"] * 4) / 1e9, abs=0.01
+    )
+    peaks = wan_nft["per_gpu_gb"]
+    assert peaks["fsdp8"]["total"] < peaks["unsharded"]["total"]
+    assert peaks["fsdp8"]["sharded_weights"] == pytest.approx(peaks["unsharded"]["sharded_weights"] / 8, abs=0.01)
+    assert wan_nft["fits_80gb"]["unsharded"] and wan_nft["largest_batch_80gb"]["unsharded"] >= wan_nft["batch"]
+    ckpt = wan_nft["with_checkpointing"]
+    assert ckpt["activations_gb"]["per_sample"] < wan_nft["activations_gb"]["per_sample"] / 2
+    # NFT's step: three forwards without guidance and one backward, about four times a sampling step's one pass
+    assert 3.5 < wan_nft["tflop_per_sample"] / wan_nft["sampling_tflop_per_step"] < 4.5
+    assert wan_nft["tflop_per_frame"] == pytest.approx(wan_nft["tflop_per_sample"] / 5, rel=1e-3)
+
+
+def test_wan_flops_scale_with_frames():
+    """A Wan forward's FLOPs grow with the latent frames ((F - 1) / 4 + 1 of F video frames): each latent frame adds
+    its tokens' projections (linear) and self-attention (a little more each frame), over a fixed part (the 512 text
+    tokens' cross-attention keys and values, the embeddings)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench import gpu_family_models as gfm
+    from bench import shard_models as sm
+
+    sim = sm.Simulation(FakeTensorMode(allow_non_fake_inputs=True), gfm.families())
+    flops = {
+        f: sim.activations("wan21-t2v-pickscore-nft", True, (128, 128, f), False, "sampling")["flops_batch1"]
+        for f in (5, 9, 17)
+    }
+    latent = {f: (f - 1) // 4 + 1 for f in flops}  # 2, 3, 5
+    first = (flops[9] - flops[5]) / (latent[9] - latent[5])
+    then = (flops[17] - flops[9]) / (latent[17] - latent[9])
+    assert 0 < first < then < 1.3 * first
+    assert flops[17] < flops[5] * latent[17] / latent[5]  # the fixed part: less than proportional
+
+
+def test_one_gpu_variants_keep_the_epoch():
+    from trainer.config import Config
+    from trainer.plan import BatchPlan
+
+    for name in ("flux2-klein-pickscore-grpo", "flux2-klein-pickscore-nft", "wan21-t2v-pickscore-nft"):
+        many, one = BatchPlan.of(Config(preset=name), 8), BatchPlan.of(Config(preset=f"{name}-1gpu"), 1)
+        assert (
+            many.samples_per_epoch == one.samples_per_epoch and many.effective_train_batch == one.effective_train_batch
+        )
