@@ -27,6 +27,10 @@ autocast's dtype policy does, so ``CudaAutocast`` applies CUDA's lists (aten/src
 and matmuls in half, norms, exp and pow in fp32, so GroupNorm outputs fp32 as on a GPU), and attention runs
 CPU's fused flash kernel, which keeps for backward what CUDA's flash kernel keeps (q, k, v, out, logsumexp).
 
+The families added in 2026 (FLUX.2-klein, Qwen-Image, Wan2.1/2.2, Z-Image) are estimated per recipe by
+bench/gpu_families.py (their configs in bench/gpu_family_models.py), on this module's step and bench/shard_estimate.py's
+arithmetic.
+
 Calibration runs the same code on the repo's tiny models, fake and for real on the CPU, where the CPU
 allocator's own events (torch.profiler, profile_memory) give the measured peak.
 """

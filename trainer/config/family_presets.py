@@ -84,7 +84,8 @@ FAMILY_PRESETS["tiny-flux2"] = {
 # the distilled 4 steps at guidance 1 (no CFG), Flow-SDE noise 0.5 on one step a trajectory (theirs drawn from
 # steps 1 and 2; here from 0, 1 and 2: ddpo has no earliest start), clip 1e-4, no KL, lr 3e-4, weight decay 1e-4,
 # two optimizer steps per epoch, advantages within each group, LoRA r64/a128 on their targets, PickScore (served
-# by reward-server or in-process). Their 8 GPUs as ours; per-GPU batches not sized by bench/gpu_estimate.
+# by reward-server or in-process). Their 8 GPUs as ours; bench.gpu_families
+# estimates 35 GB a GPU unsharded (docs/scale.md).
 FAMILY_PRESETS["flux2-klein-pickscore-grpo"] = _with(
     _FLOW_GRPO,
     pretrained={"model": "black-forest-labs/FLUX.2-klein-4B"},
@@ -191,9 +192,9 @@ FAMILY_PRESETS["qwenimage-pickscore-nft"] = _with(
 # advantages within each group (its global_std false), two optimizer steps an epoch, lr 3e-4, weight decay 1e-4,
 # gradient norm 1, EMA 0.9 every 4 epochs (8 steps: 0.987 a step), LoRA r64/a128 (fp32) on _ZIMAGE_LORA, bf16;
 # evaluated at 40 steps (Flow-Factory's at 1024 px). Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6
-# sampling batches of one group and train batches of 4 over 12 accumulation steps (not sized by bench.gpu_estimate,
-# which has no Z-Image). PickScore as sd3-pickscore (served: --reward.url); nouns_activities stand in for its
-# PickScore prompts.
+# sampling batches of one group and train batches of 4 over 12 accumulation steps (bench.gpu_families: 4 a forward
+# need 108 GB without gradient checkpointing, 30 GB with it; docs/scale.md). PickScore as sd3-pickscore (served:
+# --reward.url); nouns_activities stand in for its PickScore prompts.
 FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
     _FLOW_GRPO,
     run={"save_freq": 40},
@@ -298,7 +299,8 @@ FAMILY_PRESETS["wan21-t2v-pickscore-nft-1gpu"] = one_gpu(FAMILY_PRESETS["wan21-t
 # step 3, t 858 < 875, is the low-noise expert's); ours trains the high-noise expert alone
 # (pretrained.train_experts high: both at once is not supported) with the SDE step drawn from steps 0-2, all
 # high-noise. Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6 sampling batches of one group and train
-# batches of 4 over 12 accumulation steps; not sized by bench.gpu_estimate. nouns_activities stand in for its
+# batches of 4 over 12 accumulation steps (bench.gpu_families: no card holds it without gradient
+# checkpointing; with it, fsdp on 2 or more GPUs; docs/scale.md). nouns_activities stand in for its
 # PickScore prompts.
 FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
     _FLOW_GRPO,
