@@ -193,8 +193,8 @@ FAMILY_PRESETS["qwenimage-pickscore-nft"] = _with(
 # gradient norm 1, EMA 0.9 every 4 epochs (8 steps: 0.987 a step), LoRA r64/a128 (fp32) on _ZIMAGE_LORA, bf16;
 # evaluated at 40 steps (Flow-Factory's at 1024 px). Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6
 # sampling batches of one group and train batches of 4 over 12 accumulation steps (bench.gpu_families: 4 a forward
-# need 108 GB without gradient checkpointing, 30 GB with it; docs/scale.md). PickScore as sd3-pickscore (served:
-# --reward.url); nouns_activities stand in for its PickScore prompts.
+# need 108 GB without gradient checkpointing, 30 GB with it; docs/scale.md: so on here). PickScore as sd3-pickscore
+# (served: --reward.url); nouns_activities stand in for its PickScore prompts.
 FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
     _FLOW_GRPO,
     run={"save_freq": 40},
@@ -210,6 +210,7 @@ FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
         "lora_rank": 64,
         "lora_alpha": 128.0,
         "lora_targets": _ZIMAGE_LORA,
+        "gradient_checkpointing": True,
     },
     ddpo={"timestep_window": 1, "timestep_window_latest_start": 3},
     prompt={"fn": "nouns_activities"},
@@ -253,7 +254,8 @@ FAMILY_PRESETS["tiny-wan"] = {
 # group (its global_std false), KL beta 0.004, lr 1e-4, clip 1e-3, EMA, LoRA r32/a64 on _WAN_LORA, bf16, evaluated
 # at 50 steps. Its reward, video_ocr, is here the image OCR scorer on every frame, mean-pooled per video
 # (trainer/rewards.py, scorers/video.py). Its GPU count is not in the config: 8 here (_FLOW_GRPO's). The real
-# checkpoint's UniPC scheduler samples as flow Euler at its flow_shift 3 (trainer/families/wan.py).
+# checkpoint's UniPC scheduler samples as flow Euler at its flow_shift 3 (trainer/families/wan.py). Gradient
+# checkpointing on: 8 videos a forward need 176 GB without it, 24 GB with it (bench.gpu_families, docs/scale.md).
 FAMILY_PRESETS["wan21-t2v-ocr-grpo"] = _with(
     _FLOW_GRPO,
     pretrained={"model": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"},
@@ -275,6 +277,7 @@ FAMILY_PRESETS["wan21-t2v-ocr-grpo"] = _with(
         "kl_coef": 0.004,
         "group_std": "group",
         "lora_targets": _WAN_LORA,
+        "gradient_checkpointing": True,
     },
     ddpo={"clip_range": 1e-3},
     reward={"scorer": "ocr"},
@@ -300,11 +303,11 @@ FAMILY_PRESETS["wan21-t2v-pickscore-nft-1gpu"] = one_gpu(FAMILY_PRESETS["wan21-t
 # (pretrained.train_experts high: both at once is not supported) with the SDE step drawn from steps 0-2, all
 # high-noise. Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6 sampling batches of one group and train
 # batches of 4 over 12 accumulation steps (bench.gpu_families: no card holds it without gradient
-# checkpointing; with it, fsdp on 2 or more GPUs; docs/scale.md). nouns_activities stand in for its
+# checkpointing; with it, fsdp on 2 or more GPUs: both on here; docs/scale.md). nouns_activities stand in for its
 # PickScore prompts.
 FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
     _FLOW_GRPO,
-    run={"save_freq": 20},
+    run={"save_freq": 20, "sharding": "fsdp"},
     pretrained={"model": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "train_experts": "high"},
     sample={
         "num_steps": 10,
@@ -329,6 +332,7 @@ FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
         "lora_rank": 64,
         "lora_alpha": 128.0,
         "lora_targets": _WAN_LORA,
+        "gradient_checkpointing": True,
     },
     ddpo={"timestep_window": 1, "timestep_window_latest_start": 2},
     prompt={"fn": "nouns_activities"},
