@@ -111,7 +111,7 @@ PUBLISHED = [
         gpus=32,
         card_gb=80,
         recipe=None,
-        why="no Wan family here; our hybrid is the same mesh (shard 8, replicate 4)",
+        why="not in this table (Wan's recipes: bench.gpu_families); our hybrid is the same mesh (shard 8, replicate 4)",
     ),
     dict(
         project="DanceGRPO",

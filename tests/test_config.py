@@ -27,6 +27,20 @@ def test_published_presets_and_their_one_gpu_variants(name):
     assert full.train.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"] and full.train.per_prompt_stat_tracking
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["flux2-klein-pickscore-grpo", "flux2-klein-pickscore-nft", "wan21-t2v-pickscore-nft", "zimage-pickscore-grpo"],
+)
+def test_the_new_families_one_gpu_variants_keep_the_epoch_and_the_effective_batch(name):
+    """bench.gpu_families sized these for one 80 GB GPU: the same samples an epoch and effective train batch as
+    the 8-GPU recipe, one sample a training forward, the rest of the recipe unchanged."""
+    full, single = Config(preset=name), Config(preset=f"{name}-1gpu")
+    many, one = BatchPlan.of(full, 8), BatchPlan.of(single, 1)
+    assert many.samples_per_epoch == one.samples_per_epoch and many.effective_train_batch == one.effective_train_batch
+    assert single.train.batch_size == 1 and single.train.learning_rate == full.train.learning_rate
+    assert single.pretrained.model == full.pretrained.model and single.algorithm == full.algorithm
+
+
 def test_preset_specifics():
     assert Config(preset="sd15-incompressibility").reward.scorer == "incompressibility"
     aesthetic = Config(preset="sd15-aesthetic")
