@@ -145,6 +145,23 @@ def test_two_experts_are_the_pipelines_dispatch(tiny_cache):
         wan(tiny_cache, 1, pretrained={"train_experts": "low"})
 
 
+def test_the_low_noise_experts_lora_loads_back_into_transformer_2(tmp_path, tiny_cache):
+    """train_experts low saves a LoRA of transformer_2 that trainer.evaluate's load_tuned puts back into
+    transformer_2 (WanPipeline's load_into_transformer_2), not into the high-noise transformer."""
+    from trainer import train
+    from trainer.families.models import load_tuned
+
+    cfg, _ = wan(tiny_cache, 2, pretrained={"train_experts": "low"})
+    cfg.run.output_dir, cfg.run.num_epochs, cfg.run.log_with, cfg.algorithm = tmp_path, 1, "none", "nft"
+    cfg.sample.eta = 0.0
+    train(cfg)
+    _, fresh = wan(tiny_cache, 2, pretrained={"train_experts": "low"})
+    load_tuned(fresh, tmp_path / "lora")
+    assert getattr(fresh.pipe.transformer_2, "peft_config", None) and not getattr(
+        fresh.pipe.transformer, "peft_config", None
+    )
+
+
 def test_the_vae_decodes_and_encodes_videos(tiny_cache):
     """Video latents (N, 16, f, h, w) decode as WanPipeline decodes them (z / (1 / std) + mean per channel, the real
     checkpoints' statistics, far from 0 and 1) to (N, 3, F, H, W) in [0, 1], and encode back to their shape."""

@@ -136,9 +136,10 @@ def make_trainable(denoiser, cfg: Config) -> dict[str, torch.nn.Parameter]:
 
 def load_tuned(family, lora: Path | None = None, denoiser: Path | None = None) -> None:
     """A run's saved weights into the family's pipeline: its ``lora/`` folder (the pipeline's own
-    ``load_lora_weights``) or a fully finetuned denoiser folder (``unet/``, ``transformer/``); neither: as is."""
+    ``load_lora_weights``, with the family's ``lora_load_kwargs`` where it has them: Wan2.2's low-noise expert) or
+    a fully finetuned denoiser folder (``unet/``, ``transformer/``); neither: as is."""
     if lora is not None:
-        family.pipe.load_lora_weights(lora)
+        family.pipe.load_lora_weights(lora, **getattr(family, "lora_load_kwargs", {}))
     elif denoiser is not None:
         base = family.denoiser
         tuned = type(base).from_pretrained(denoiser).to(base.device, base.dtype)

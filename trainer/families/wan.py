@@ -83,6 +83,8 @@ class Wan:
                 "(Wan2.2-A14B's two experts need transformer_2 and boundary_ratio)"
             )
         self.denoiser_name = EXPERTS[train_experts or "high"]
+        # the saved LoRA is a "transformer" LoRA either way; WanPipeline loads the low-noise expert's with this flag
+        self.lora_load_kwargs = {"load_into_transformer_2": True} if self.denoiser_name == "transformer_2" else {}
         if (self.num_frames - 1) % pipe.vae_scale_factor_temporal:
             raise ValueError(
                 f"sample.num_frames: {self.num_frames} frames; Wan's VAE takes 1 + {pipe.vae_scale_factor_temporal} k"
