@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.config.group import one_gpu
 from trainer.config.group import overridden as _with
-from trainer.config.recipes import _FLOW_GRPO, _SD3_LORA, RECIPES, one_gpu
+from trainer.config.recipes import _FLOW_GRPO, _SD3_LORA, RECIPES
 
 # flow_grpo's Qwen-Image LoRA (config/grpo.py pickscore_qwenimage, scripts/train_qwenimage.py): the joint
 # attention as SD3's, and both streams' feed-forwards (QwenImageTransformerBlock's img_mlp and txt_mlp).
@@ -79,6 +80,25 @@ FAMILY_PRESETS["tiny-flux2"] = {
     "train": {"timestep_fraction": 1.0, "lora_targets": _FLUX2_LORA},
     "ddpo": {"cfg": False, "timestep_window": 1, "timestep_window_latest_start": 2},
 }
+# Flow-Factory's GRPO examples (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/*) share one layout on 8
+# GPUs: 48 groups of 16 an epoch (per GPU 6 sampling batches of one group), train batches of 4 over 12
+# accumulation steps (two optimizer steps an epoch), the whole trajectory's steps trained, advantages within each
+# group, no KL, LoRA r64/a128, PickScore; nouns_activities stand in for its PickScore prompts.
+_FLOW_FACTORY_GRPO = _with(
+    _FLOW_GRPO,
+    sample={"batch_size": 16, "num_batches_per_epoch": 6, "images_per_prompt": 16},
+    train={
+        "batch_size": 4,
+        "gradient_accumulation_steps": 12,
+        "kl_coef": 0.0,
+        "timestep_fraction": 1.0,
+        "group_std": "group",
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+    },
+    prompt={"fn": "nouns_activities"},
+    reward={"scorer": "pickscore"},
+)
 # Flow-Factory's FLUX.2 [klein] GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/flux2_klein/
 # default.yaml, on FLUX.2-klein-4B, the example's other checkpoint beside 9B): 48 groups of 16 per epoch at 384 px,
 # the distilled 4 steps at guidance 1 (no CFG), Flow-SDE noise 0.5 on one step a trajectory (theirs drawn from
@@ -87,7 +107,7 @@ FAMILY_PRESETS["tiny-flux2"] = {
 # by reward-server or in-process). Their 8 GPUs as ours; bench.gpu_families
 # estimates 35 GB a GPU unsharded (docs/scale.md).
 FAMILY_PRESETS["flux2-klein-pickscore-grpo"] = _with(
-    _FLOW_GRPO,
+    _FLOW_FACTORY_GRPO,
     pretrained={"model": "black-forest-labs/FLUX.2-klein-4B"},
     sample={
         "num_steps": 4,
@@ -95,24 +115,12 @@ FAMILY_PRESETS["flux2-klein-pickscore-grpo"] = _with(
         "eta": 0.5,
         "guidance_scale": 1.0,
         "resolution": 384,
-        "batch_size": 16,
-        "num_batches_per_epoch": 6,
-        "images_per_prompt": 16,
     },
     train={
-        "batch_size": 4,
-        "gradient_accumulation_steps": 12,
-        "kl_coef": 0.0,
-        "timestep_fraction": 1.0,
         "adam_weight_decay": 1e-4,
-        "group_std": "group",
-        "lora_rank": 64,
-        "lora_alpha": 128.0,
         "lora_targets": _FLUX2_LORA,
     },
     ddpo={"cfg": False, "clip_range": 1e-4, "timestep_window": 1, "timestep_window_latest_start": 2},
-    prompt={"fn": "nouns_activities"},
-    reward={"scorer": "pickscore"},
 )
 # Its DiffusionNFT example on the base model (examples/nft/lora/flux2_klein_base/default.yaml, FLUX.2-klein-base-
 # 4B): ODE rollouts of 8 steps with real CFG at 4.0 from the old policy, b 0.1, its old-policy decay (flat 0, rate
@@ -196,25 +204,16 @@ FAMILY_PRESETS["qwenimage-pickscore-nft"] = _with(
 # need 108 GB without gradient checkpointing, 30 GB with it; docs/scale.md: so on here). PickScore as sd3-pickscore
 # (served: --reward.url); nouns_activities stand in for its PickScore prompts.
 FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
-    _FLOW_GRPO,
+    _FLOW_FACTORY_GRPO,
     run={"save_freq": 40},
     pretrained={"model": "Tongyi-MAI/Z-Image"},
-    sample={"guidance_scale": 5.0, "batch_size": 16, "num_batches_per_epoch": 6, "images_per_prompt": 16},
+    sample={"guidance_scale": 5.0},
     train={
-        "batch_size": 4,
-        "gradient_accumulation_steps": 12,
-        "timestep_fraction": 1.0,
-        "group_std": "group",
         "group_by": "group",
-        "kl_coef": 0.0,
-        "lora_rank": 64,
-        "lora_alpha": 128.0,
         "lora_targets": _ZIMAGE_LORA,
         "gradient_checkpointing": True,
     },
     ddpo={"timestep_window": 1, "timestep_window_latest_start": 3},
-    prompt={"fn": "nouns_activities"},
-    reward={"scorer": "pickscore"},
 )
 FAMILY_PRESETS["zimage-pickscore-grpo-1gpu"] = one_gpu(FAMILY_PRESETS["zimage-pickscore-grpo"], 8)
 
@@ -306,7 +305,7 @@ FAMILY_PRESETS["wan21-t2v-pickscore-nft-1gpu"] = one_gpu(FAMILY_PRESETS["wan21-t
 # checkpointing; with it, fsdp on 2 or more GPUs: both on here; docs/scale.md). nouns_activities stand in for its
 # PickScore prompts.
 FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
-    _FLOW_GRPO,
+    _FLOW_FACTORY_GRPO,
     run={"save_freq": 20, "sharding": "fsdp"},
     pretrained={"model": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "train_experts": "high"},
     sample={
@@ -317,24 +316,12 @@ FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
         "guidance_scale_2": 3.0,
         "resolution": 480,
         "num_frames": 5,
-        "batch_size": 16,
-        "num_batches_per_epoch": 6,
-        "images_per_prompt": 16,
     },
     train={
-        "batch_size": 4,
-        "gradient_accumulation_steps": 12,
         "learning_rate": 1e-4,
-        "timestep_fraction": 1.0,
-        "group_std": "group",
         "group_by": "group",
-        "kl_coef": 0.0,
-        "lora_rank": 64,
-        "lora_alpha": 128.0,
         "lora_targets": _WAN_LORA,
         "gradient_checkpointing": True,
     },
     ddpo={"timestep_window": 1, "timestep_window_latest_start": 2},
-    prompt={"fn": "nouns_activities"},
-    reward={"scorer": "pickscore"},
 )

@@ -74,3 +74,18 @@ def overridden(base: dict, **groups: dict | str) -> dict:
         else:  # a top-level setting (algorithm)
             out[group] = values
     return out
+
+
+def one_gpu(preset: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """``preset``'s ``-1gpu`` variant: the same epoch and effective train batch on one GPU."""
+    t = preset["train"]
+    return overridden(
+        preset,
+        sample={"num_batches_per_epoch": preset["sample"]["num_batches_per_epoch"] * gpus},
+        # the same samples per denoiser forward as each of the GPUs had: the same memory
+        train={
+            "batch_size": 1,
+            "gradient_accumulation_steps": t["batch_size"] * gpus * t["gradient_accumulation_steps"],
+            "timesteps_per_forward": t["timesteps_per_forward"] * t["batch_size"],
+        },
+    )

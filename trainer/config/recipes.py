@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.config.group import one_gpu
 from trainer.config.group import overridden as _with
 from trainer.prompts import ASSETS
 
@@ -386,21 +387,6 @@ _GPUS = {
     "flux-pickscore-grpo": 8,
     "flux-geneval-grpo": 8,
 }
-
-
-def one_gpu(preset: dict[str, Any], gpus: int) -> dict[str, Any]:
-    """``preset``'s ``-1gpu`` variant: the same epoch and effective train batch on one GPU."""
-    t = preset["train"]
-    return _with(
-        preset,
-        sample={"num_batches_per_epoch": preset["sample"]["num_batches_per_epoch"] * gpus},
-        # the same samples per denoiser forward as each of the GPUs had: the same memory
-        train={
-            "batch_size": 1,
-            "gradient_accumulation_steps": t["batch_size"] * gpus * t["gradient_accumulation_steps"],
-            "timesteps_per_forward": t["timesteps_per_forward"] * t["batch_size"],
-        },
-    )
 
 
 RECIPES.update({f"{name}-1gpu": one_gpu(RECIPES[name], gpus) for name, gpus in _GPUS.items()})

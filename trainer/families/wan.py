@@ -136,7 +136,7 @@ class Wan:
             prompts,
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
-            device=self.pipe.text_encoder.device,
+            device=self.pipe.transformer.device,  # where it runs: an offloaded encoder's device is meta
         )
         return {"prompt_embeds": embeds}
 
