@@ -63,6 +63,7 @@ def one_run(preset: str, epochs: int, seed: int, evals: int, args: list[str]) ->
         "preset": preset,
         "seed": seed,
         "epochs": epochs,
+        "settings": args,
         "cpu_threads": sorted({m["cpu_threads"] for m in history}),
         "training_cpu_minutes": round(minutes, 2),
         "curve": [
