@@ -299,6 +299,8 @@ def test_the_flow_factory_recipes():
         3e-4,
     )
     assert (grpo.ddpo.timestep_window, grpo.ddpo.clip_range) == (1, 1e-4)
+    d = grpo.ddpo  # its sde_steps [1, 2]
+    assert (d.timestep_window_earliest_start, d.timestep_window_latest_start) == (1, 2)
     assert nft.pretrained.model == "black-forest-labs/FLUX.2-klein-base-4B" and nft.algorithm == "nft"
     assert (nft.sample.num_steps, nft.sample.guidance_scale, nft.sample.eta, nft.train.learning_rate) == (
         8,

@@ -33,6 +33,7 @@ ADDED = {
     "train": {"norm_guard_coef": 0.0},
     "sample": {"num_frames": None, "width": None, "guidance_scale_2": None},  # the video and two-expert families'
     "pretrained": {"train_experts": None},
+    "ddpo": {"timestep_window_earliest_start": 0},
 }
 # Groups added since (issue 45's dgpo), which every recorded preset leaves at their defaults.
 NEW_GROUPS = ("dgpo",)

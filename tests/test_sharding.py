@@ -265,16 +265,25 @@ def test_zimage_trains_sharded(tmp_path, tiny_cache):
     assert "5 units" in log and (out / LORA).is_file()
 
 
-def test_wan_trains_sharded(tmp_path, tiny_cache):
-    """Wan's video transformer, sharded per WanTransformerBlock (the family's shard_blocks: tiny-wan's two, and the
-    root), on video latents (N, 16, f, h, w); the adapters train."""
-    from tests.conftest import assert_trained
+def test_wan22s_two_experts_train_together_sharded(tmp_path, tiny_cache):
+    """Wan2.2's two video transformers trained together (pretrained.train_experts both), each sharded per
+    WanTransformerBlock (the family's shard_blocks: two per expert, and the root), on video latents (N, 16, f, h,
+    w); a chunk of one expert's timesteps leaves the other's adapters without gradients, which FSDP takes and
+    DDP does not (refused before any model loads). Both train."""
+    from trainer.families.tiny_wan import tiny_wan_path
+    from trainer.families.wan import LOW_LORA
 
-    out = tmp_path / "wan"
-    log = _ran(launch(out, tiny_cache, 1, *DDPO, "--run.sharding", "fsdp", preset="tiny-wan"))
+    out, model = tmp_path / "wan", str(tiny_wan_path(tiny_cache, experts=2))  # built before the processes load it
+    both = ("--pretrained.model", model, "--pretrained.train_experts", "both")
+    refused = launch(tmp_path / "ddp", tiny_cache, 2, *DDPO, *both, preset="tiny-wan")
+    assert refused.returncode and "pretrained.train_experts: both experts on several processes train sharded" in (
+        refused.stdout + refused.stderr
+    )
+    log = _ran(launch(out, tiny_cache, 2, *DDPO, *both, "--run.sharding", "fsdp", preset="tiny-wan"))
     assert sorted((rank, strategy) for rank, strategy, *_ in re.findall(SHARE, log)) == [("0", "fsdp"), ("1", "fsdp")]
-    assert "3 units" in log
-    assert_trained(out, [m["loss"] for m in _epochs(out)])
+    assert "5 units" in log
+    for layers in (load_file(out / LORA), load_file(out / "lora" / LOW_LORA)):
+        assert max(float(v.abs().max()) for k, v in layers.items() if "lora_B" in k) > 0  # peft's B starts at 0
 
 
 def test_sharded_full_finetune_dpo_with_an_ema_reference_matches_unsharded(tmp_path, tiny_cache):

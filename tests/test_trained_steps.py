@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 
 from trainer.config import Config
-from trainer.algorithms.ddpo.trained_steps import trainable_steps
+from trainer.algorithms.ddpo.trained_steps import draw_window, trainable_steps
 
 
 def groups(train: dict) -> dict:
@@ -35,6 +35,10 @@ def cps(**train) -> dict:
         ({"timestep_fraction": 0.99, "timestep_selection": "first"}, range(9)),  # Flow-GRPO: steps 0-8
         ({"timestep_fraction": 0.5, "timestep_selection": "first"}, range(5)),
         ({"timestep_window": 3, "timestep_window_latest_start": 2, "timestep_fraction": 1.0}, range(5)),
+        (  # Flow-Factory's sde_steps [1, 2, 3]
+            {"timestep_window": 1, "timestep_window_earliest_start": 1, "timestep_window_latest_start": 3},
+            range(1, 4),
+        ),
         (
             {
                 "timestep_window": 4,
@@ -49,6 +53,28 @@ def cps(**train) -> dict:
 def test_trainable_steps(train, steps):
     cfg = Config(preset="tiny-sd3", **groups(train))
     assert trainable_steps(cfg) == steps
+
+
+def test_the_window_starts_between_its_earliest_and_latest_start():
+    """Every start from earliest to latest is drawn, no other; from 0 the draws are those made before the earliest
+    start existed (rng.integers(latest + 1)), so a checkpoint's rng resumes the same windows."""
+    import numpy as np
+
+    window = {"timestep_window": 2, "timestep_fraction": 1.0}
+    ff = Config(
+        preset="tiny-sd3", **groups({**window, "timestep_window_earliest_start": 1, "timestep_window_latest_start": 3})
+    )
+    rng = np.random.default_rng(0)
+    windows = [draw_window(ff.ddpo, rng) for _ in range(200)]
+    assert {w.start for w in windows} == {1, 2, 3} and {len(w) for w in windows} == {2}
+    old = Config(preset="tiny-sd3", **groups({**window, "timestep_window_latest_start": 3}))
+    rng, before = np.random.default_rng(0), np.random.default_rng(0)
+    assert [draw_window(old.ddpo, rng).start for _ in range(50)] == [int(before.integers(4)) for _ in range(50)]
+    with pytest.raises(ValidationError, match=r"ddpo.timestep_window_earliest_start \(3\) must not exceed"):
+        Config(
+            preset="tiny-sd3",
+            **groups({**window, "timestep_window_earliest_start": 3, "timestep_window_latest_start": 1}),
+        )
 
 
 @pytest.mark.parametrize(

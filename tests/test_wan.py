@@ -146,20 +146,67 @@ def test_two_experts_are_the_pipelines_dispatch(tiny_cache):
 
 
 def test_the_low_noise_experts_lora_loads_back_into_transformer_2(tmp_path, tiny_cache):
-    """train_experts low saves a LoRA of transformer_2 that trainer.evaluate's load_tuned puts back into
-    transformer_2 (WanPipeline's load_into_transformer_2), not into the high-noise transformer."""
+    """train_experts low saves a LoRA of transformer_2, named for it, that load_tuned puts back into transformer_2
+    (WanPipeline's load_into_transformer_2), not into the high-noise transformer, in a family loaded as
+    trainer.evaluate and trainer.before_after load it: from the model alone."""
     from trainer import train
     from trainer.families.models import load_tuned
+    from trainer.families.wan import LOW_LORA
 
     cfg, _ = wan(tiny_cache, 2, pretrained={"train_experts": "low"})
     cfg.run.output_dir, cfg.run.num_epochs, cfg.run.log_with, cfg.algorithm = tmp_path, 1, "none", "nft"
     cfg.sample.eta = 0.0
     train(cfg)
-    _, fresh = wan(tiny_cache, 2, pretrained={"train_experts": "low"})
+    assert sorted(p.name for p in (tmp_path / "lora").glob("*.safetensors")) == [LOW_LORA]
+    _, fresh = wan(tiny_cache, 2)
     load_tuned(fresh, tmp_path / "lora")
     assert getattr(fresh.pipe.transformer_2, "peft_config", None) and not getattr(
         fresh.pipe.transformer, "peft_config", None
     )
+
+
+def test_both_experts_train_and_their_loras_load_back_each_into_its_own(tmp_path, tiny_cache):
+    """train_experts both (Flow-Factory's default): one LoRA per expert, each trained on its own timesteps, saved
+    as two files that load_tuned (WanPipeline's load_lora_weights twice) puts back each into its transformer."""
+    from safetensors.torch import load_file
+
+    from trainer import train
+    from trainer.families.models import load_tuned
+    from trainer.families.wan import LOW_LORA
+
+    with pytest.raises(ValueError, match="pretrained.train_experts: both experts train as LoRA only"):
+        wan(tiny_cache, 2, pretrained={"train_experts": "both"}, train={"lora": False})
+    cfg, _ = wan(tiny_cache, 2, pretrained={"train_experts": "both"})
+    cfg.run.output_dir, cfg.run.num_epochs, cfg.run.log_with, cfg.algorithm = tmp_path, 1, "none", "nft"
+    cfg.sample.eta, cfg.train.timestep_fraction = 0.0, 1.0  # every step trains: both experts' timesteps
+    train(cfg)
+    saved = {name: load_file(tmp_path / "lora" / name) for name in ("pytorch_lora_weights.safetensors", LOW_LORA)}
+    for layers in saved.values():  # trained: peft's gaussian init starts lora_B at zero
+        assert layers and max(float(v.abs().max()) for k, v in layers.items() if "lora_B" in k) > 0
+    high, low = saved.values()
+    assert high.keys() == low.keys() and any(not torch.equal(high[k], low[k]) for k in high)
+    _, fresh = wan(tiny_cache, 2)  # as trainer.evaluate and trainer.before_after load it: the model alone
+    load_tuned(fresh, tmp_path / "lora")
+    for expert, layers in (("transformer", high), ("transformer_2", low)):
+        from peft.utils import get_peft_model_state_dict
+
+        loaded = get_peft_model_state_dict(getattr(fresh.pipe, expert), adapter_name="default_0")
+        assert all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in layers.items()), expert
+
+    # trainer.before_after on the run's LoRA: videos scored per frame, pooled by the worst, and animated
+    from trainer.families.tiny_wan import tiny_wan_path
+    from trainer.tools.before_after import SampleSettings, render
+
+    settings = dict(model=str(tiny_wan_path(tiny_cache, experts=2)), lora=tmp_path / "lora", prompts=["a cat"])
+    settings |= dict(per_prompt=1, steps=2, resolution=HEIGHT, num_frames=FRAMES, video_pooling="min")
+    summary = render(SampleSettings(**settings, out=tmp_path / "before_after.png"))
+    assert summary["reward"] == "compression" and summary["mean_before"] != summary["mean_after"]
+    assert (tmp_path / "before_after.png").is_file() and (tmp_path / "before_after.gif").is_file()
+    from trainer.tools.evaluate import EvalSettings, run_evaluation
+
+    settings = dict(model=settings["model"], lora=tmp_path / "lora", count=2, steps=2, resolution=HEIGHT)
+    result = run_evaluation(EvalSettings(**settings, num_frames=FRAMES, out=tmp_path / "eval"))
+    assert result["lora"] and (tmp_path / "eval" / "eval.png").is_file() and (tmp_path / "eval" / "eval.gif").is_file()
 
 
 def test_the_vae_decodes_and_encodes_videos(tiny_cache):
@@ -375,7 +422,7 @@ def test_the_published_recipes():
     assert t.ema_decay > 0 and ocr.reward.scorer == "ocr" and t.lora_targets == ["to_q", "to_k", "to_v", "to_out.0"]
     plan = BatchPlan.of(ocr, 8)
     assert (plan.samples_per_epoch, plan.optimizer_steps_per_epoch) == (8 * 16, 2)
-    assert a14b.pretrained.train_experts == "high" and a14b.pretrained.model == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert a14b.pretrained.train_experts == "both" and a14b.pretrained.model == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     assert (a14b.sample.guidance_scale, a14b.sample.guidance_scale_2, a14b.sample.eta, a14b.sample.num_frames) == (
         4.0,
         3.0,
@@ -384,6 +431,8 @@ def test_the_published_recipes():
     )
     plan = BatchPlan.of(a14b, 8)
     assert (plan.samples_per_epoch, plan.optimizer_steps_per_epoch) == (48 * 16, 2)
+    d = a14b.ddpo  # its sde_steps [1, 2, 3]: the window of one step starts at 1, 2 or 3
+    assert (d.timestep_window, d.timestep_window_earliest_start, d.timestep_window_latest_start) == (1, 1, 3)
     assert (a14b.ddpo.clip_range, a14b.train.kl_coef, a14b.train.lora_rank, a14b.reward.scorer) == (
         1e-4,
         0.0,

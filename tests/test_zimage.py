@@ -303,3 +303,15 @@ def test_shard_blocks_are_every_block_of_the_transformer(tiny_cache):
     _, family = zimage(tiny_cache)
     blocks = [n for n, m in family.denoiser.named_modules() if type(m).__name__ in family.shard_blocks]
     assert blocks == ["noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"]
+
+
+def test_the_published_recipe():
+    """zimage-pickscore-grpo as Flow-Factory's Z-Image GRPO example: guidance 4 in the pipeline's convention (5 in
+    ours), one SDE step drawn from its sde_steps [1, 2, 3], lr 3e-4, weight decay 1e-4, 48 groups of 16 on 8 GPUs."""
+    from trainer.plan import BatchPlan
+
+    cfg = Config(preset="zimage-pickscore-grpo")
+    d, t = cfg.ddpo, cfg.train
+    assert (d.timestep_window, d.timestep_window_earliest_start, d.timestep_window_latest_start) == (1, 1, 3)
+    assert (cfg.sample.guidance_scale, t.learning_rate, t.adam_weight_decay, d.clip_range) == (5.0, 3e-4, 1e-4, 1e-4)
+    assert BatchPlan.of(cfg, 8).samples_per_epoch == 48 * 16

@@ -37,6 +37,10 @@ def check(cfg: Config, num_processes: int, device_type: str, components: list | 
         plan = BatchPlan.of(cfg, num_processes)
     except BatchPlanError as exc:
         problems += [line.strip() for line in str(exc).splitlines()[1:]]
+    if cfg.pretrained.train_experts == "both" and num_processes > 1 and cfg.run.sharding == "none":
+        # DDP cannot: a step's forwards (CFG's two passes, each expert's rows) may leave one expert's adapters
+        # without gradients, which DDP takes only with find_unused_parameters, and that allows one forward a step
+        problems.append("pretrained.train_experts: both experts on several processes train sharded (run.sharding)")
     if cfg.run.mixed_precision == "fp16" and device_type == "cpu":  # half weights, no autocast there
         problems.append("run.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no (--run.mixed_precision no)")
     found = problem("model", cfg.pretrained.model, "the diffusers pipeline", marker="model_index.json")

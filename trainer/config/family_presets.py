@@ -101,8 +101,8 @@ _FLOW_FACTORY_GRPO = _with(
 )
 # Flow-Factory's FLUX.2 [klein] GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/flux2_klein/
 # default.yaml, on FLUX.2-klein-4B, the example's other checkpoint beside 9B): 48 groups of 16 per epoch at 384 px,
-# the distilled 4 steps at guidance 1 (no CFG), Flow-SDE noise 0.5 on one step a trajectory (theirs drawn from
-# steps 1 and 2; here from 0, 1 and 2: ddpo has no earliest start), clip 1e-4, no KL, lr 3e-4, weight decay 1e-4,
+# the distilled 4 steps at guidance 1 (no CFG), Flow-SDE noise 0.5 on one step a trajectory drawn from steps 1
+# and 2 (its sde_steps), clip 1e-4, no KL, lr 3e-4, weight decay 1e-4 (our default),
 # two optimizer steps per epoch, advantages within each group, LoRA r64/a128 on their targets, PickScore (served
 # by reward-server or in-process). Their 8 GPUs as ours; bench.gpu_families
 # estimates 35 GB a GPU unsharded (docs/scale.md).
@@ -120,7 +120,13 @@ FAMILY_PRESETS["flux2-klein-pickscore-grpo"] = _with(
         "adam_weight_decay": 1e-4,
         "lora_targets": _FLUX2_LORA,
     },
-    ddpo={"cfg": False, "clip_range": 1e-4, "timestep_window": 1, "timestep_window_latest_start": 2},
+    ddpo={
+        "cfg": False,
+        "clip_range": 1e-4,
+        "timestep_window": 1,
+        "timestep_window_earliest_start": 1,
+        "timestep_window_latest_start": 2,
+    },
 )
 # Its DiffusionNFT example on the base model (examples/nft/lora/flux2_klein_base/default.yaml, FLUX.2-klein-base-
 # 4B): ODE rollouts of 8 steps with real CFG at 4.0 from the old policy, b 0.1, its old-policy decay (flat 0, rate
@@ -196,8 +202,8 @@ FAMILY_PRESETS["qwenimage-pickscore-nft"] = _with(
 # Flow-Factory's Z-Image GRPO example (github.com/X-GenGroup/Flow-Factory, examples/grpo/lora/z_image/default.yaml)
 # on Tongyi-MAI/Z-Image: 48 prompts x groups of 16 an epoch at 512 px, 10 steps, guidance 4 in ZImagePipeline's
 # convention (5 in ours: trainer/families/zimage.py), Flow-GRPO's SDE at noise 0.7 on one step per trajectory drawn
-# from its sde_steps [1, 2, 3] (ours: the window's start drawn from 0 to 3), the rest ODE; clip 1e-4, no KL,
-# advantages within each group (its global_std false), two optimizer steps an epoch, lr 3e-4, weight decay 1e-4,
+# from its sde_steps [1, 2, 3], the rest ODE; clip 1e-4, no KL, advantages within each group (its global_std
+# false), two optimizer steps an epoch, lr 3e-4, weight decay 1e-4 (our default),
 # gradient norm 1, EMA 0.9 every 4 epochs (8 steps: 0.987 a step), LoRA r64/a128 (fp32) on _ZIMAGE_LORA, bf16;
 # evaluated at 40 steps (Flow-Factory's at 1024 px). Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6
 # sampling batches of one group and train batches of 4 over 12 accumulation steps (bench.gpu_families: 4 a forward
@@ -213,7 +219,7 @@ FAMILY_PRESETS["zimage-pickscore-grpo"] = _with(
         "lora_targets": _ZIMAGE_LORA,
         "gradient_checkpointing": True,
     },
-    ddpo={"timestep_window": 1, "timestep_window_latest_start": 3},
+    ddpo={"timestep_window": 1, "timestep_window_earliest_start": 1, "timestep_window_latest_start": 3},
 )
 FAMILY_PRESETS["zimage-pickscore-grpo-1gpu"] = one_gpu(FAMILY_PRESETS["zimage-pickscore-grpo"], 8)
 
@@ -297,17 +303,15 @@ FAMILY_PRESETS["wan21-t2v-pickscore-nft-1gpu"] = one_gpu(FAMILY_PRESETS["wan21-t
 # 48 groups of 16 an epoch, 5 frames at 480 px, 10 steps, CFG 4.0 on the high-noise expert and 3.0 on the low-noise
 # one, Flow-SDE noise 0.9 on one step a trajectory, clip 1e-4, no KL, lr 1e-4, weight decay 1e-4, two optimizer
 # steps an epoch, advantages within each group, EMA 0.9 every 4 epochs (8 steps: 0.987 a step), LoRA r64/a128,
-# PickScore, bf16, evaluated at 28 steps. Theirs trains LoRA on both experts (its SDE step drawn from steps 1-3;
-# step 3, t 858 < 875, is the low-noise expert's); ours trains the high-noise expert alone
-# (pretrained.train_experts high: both at once is not supported) with the SDE step drawn from steps 0-2, all
-# high-noise. Its 8 GPUs with per-GPU batches of 1 become, per GPU, 6 sampling batches of one group and train
-# batches of 4 over 12 accumulation steps (bench.gpu_families: no card holds it without gradient
-# checkpointing; with it, fsdp on 2 or more GPUs: both on here; docs/scale.md). nouns_activities stand in for its
-# PickScore prompts.
+# PickScore, bf16, evaluated at 28 steps; LoRA on both experts (pretrained.train_experts both), the SDE step drawn
+# from steps 1-3 (step 3, t 858 < 875, is the low-noise expert's). Its 8 GPUs with per-GPU batches of 1 become,
+# per GPU, 6 sampling batches of one group and train batches of 4 over 12 accumulation steps (bench.gpu_families:
+# no card holds it without gradient checkpointing; with it, fsdp on 2 or more GPUs: both on here; docs/scale.md).
+# nouns_activities stand in for its PickScore prompts.
 FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
     _FLOW_FACTORY_GRPO,
     run={"save_freq": 20, "sharding": "fsdp"},
-    pretrained={"model": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "train_experts": "high"},
+    pretrained={"model": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "train_experts": "both"},
     sample={
         "num_steps": 10,
         "eval_num_steps": 28,
@@ -323,5 +327,5 @@ FAMILY_PRESETS["wan22-t2v-pickscore-grpo"] = _with(
         "lora_targets": _WAN_LORA,
         "gradient_checkpointing": True,
     },
-    ddpo={"timestep_window": 1, "timestep_window_latest_start": 2},
+    ddpo={"timestep_window": 1, "timestep_window_earliest_start": 1, "timestep_window_latest_start": 3},
 )

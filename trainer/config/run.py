@@ -180,9 +180,9 @@ class PretrainedConfig(_Group):
         "Qwen-Image: its prompt tokens after the template's, default QwenImagePipeline's 512; Wan: UMT5 tokens, "
         "default WanPipeline's 512",
     )
-    train_experts: Literal["high", "low"] | None = Field(
+    train_experts: Literal["high", "low", "both"] | None = Field(
         None,
         description="Wan2.2's two experts: which trains, the high-noise transformer (default) or the low-noise "
-        "transformer_2; the other samples frozen",
+        "transformer_2, the other sampling frozen; or both (Flow-Factory's default; LoRA only)",
     )
     cache_dir: Path | None = Field(None, description="where the tiny model is built (default ~/.cache/diffusion-rl)")

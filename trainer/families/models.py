@@ -136,10 +136,13 @@ def make_trainable(denoiser, cfg: Config) -> dict[str, torch.nn.Parameter]:
 
 def load_tuned(family, lora: Path | None = None, denoiser: Path | None = None) -> None:
     """A run's saved weights into the family's pipeline: its ``lora/`` folder (the pipeline's own
-    ``load_lora_weights``, with the family's ``lora_load_kwargs`` where it has them: Wan2.2's low-noise expert) or
+    ``load_lora_weights``, or the family's ``load_lora`` where it has one: Wan2.2's experts, each from its file) or
     a fully finetuned denoiser folder (``unet/``, ``transformer/``); neither: as is."""
     if lora is not None:
-        family.pipe.load_lora_weights(lora, **getattr(family, "lora_load_kwargs", {}))
+        if hasattr(family, "load_lora"):
+            family.load_lora(lora)
+        else:
+            family.pipe.load_lora_weights(lora)
     elif denoiser is not None:
         base = family.denoiser
         tuned = type(base).from_pretrained(denoiser).to(base.device, base.dtype)

@@ -29,16 +29,21 @@ What differs from SD3 and FLUX, and where it lives here:
   the conditional prediction alone. No guidance input, no rescaling.
 - Wan2.2-A14B's two experts (``transformer_2``, ``boundary_ratio`` in model_index.json: 0.875): timesteps t >=
   boundary_ratio x 1000 go to ``transformer`` (high noise), the others to ``transformer_2`` (low noise) with
-  ``sample.guidance_scale_2`` (default ``sample.guidance_scale``, as the pipeline), per sample. One expert trains,
-  ``pretrained.train_experts`` (high, default, or low): the trainer's model stands for it, the other runs frozen.
-  Training both at once is not supported. A low-noise expert's LoRA loads with
-  ``WanPipeline.load_lora_weights(folder, load_into_transformer_2=True)``.
+  ``sample.guidance_scale_2`` (default ``sample.guidance_scale``, as the pipeline), per sample.
+  ``pretrained.train_experts`` says which train: ``high`` (the default) or ``low`` (the trainer's model is that
+  expert, the other runs frozen), or ``both``, Flow-Factory's default (LoRA only: the trainer's model is
+  ``Experts``, the two transformers as one module, each sample routed to its own). The saved files say which
+  expert each LoRA is for: the high-noise one's is the usual ``pytorch_lora_weights.safetensors``, the low-noise
+  one's ``LOW_LORA``, which loads with ``WanPipeline.load_lora_weights(folder, weight_name=LOW_LORA,
+  load_into_transformer_2=True)``; ``Wan.load_lora`` loads whichever a folder holds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import functools
 
 import torch
 
@@ -53,6 +58,8 @@ PIPELINE_TOKENS = 512  # WanPipeline.__call__'s default max_sequence_length
 PIPELINE_FRAMES = 81  # WanPipeline's default num_frames
 PIPELINE_HEIGHT = 480  # WanPipeline's default height (its width: 832)
 EXPERTS = {"high": "transformer", "low": "transformer_2"}  # pretrained.train_experts -> the trained component
+HIGH_LORA = "pytorch_lora_weights.safetensors"  # diffusers' default name: the (high-noise) transformer's LoRA
+LOW_LORA = "pytorch_lora_weights_transformer_2.safetensors"  # the low-noise expert's LoRA
 
 
 class Wan:
@@ -82,9 +89,9 @@ class Wan:
                 "pretrained.train_experts / sample.guidance_scale_2: this Wan pipeline has one transformer "
                 "(Wan2.2-A14B's two experts need transformer_2 and boundary_ratio)"
             )
-        self.denoiser_name = EXPERTS[train_experts or "high"]
-        # the saved LoRA is a "transformer" LoRA either way; WanPipeline loads the low-noise expert's with this flag
-        self.lora_load_kwargs = {"load_into_transformer_2": True} if self.denoiser_name == "transformer_2" else {}
+        self.both = train_experts == "both"
+        self.experts = Experts(pipe.transformer, pipe.transformer_2) if self.both else None
+        self.denoiser_name = "transformer" if self.both else EXPERTS[train_experts or "high"]
         if (self.num_frames - 1) % pipe.vae_scale_factor_temporal:
             raise ValueError(
                 f"sample.num_frames: {self.num_frames} frames; Wan's VAE takes 1 + {pipe.vae_scale_factor_temporal} k"
@@ -97,6 +104,8 @@ class Wan:
 
         if not cfg.pretrained.load_t5:  # before any weights load
             raise ValueError("pretrained.load_t5: false leaves SD3's T5 out; Wan's prompt tokens are UMT5's")
+        if cfg.pretrained.train_experts == "both" and not cfg.train.lora:
+            raise ValueError("pretrained.train_experts: both experts train as LoRA only (train.lora true)")
         pipe = WanPipeline.from_pretrained(path, revision=cfg.pretrained.revision, **dtype_kwarg(dtype))
         if pipe.config.get("expand_timesteps"):  # Wan2.2-TI2V-5B: a timestep per latent token, not per video
             raise ValueError(
@@ -117,7 +126,7 @@ class Wan:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self.denoiser_name)
+        return self.experts if self.both else getattr(self.pipe, self.denoiser_name)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         pipe = self.pipe
@@ -151,7 +160,8 @@ class Wan:
     ) -> torch.Tensor:
         """The velocity for (N, 16, f, h, w) latents, as WanPipeline calls its transformer: the latents as they are,
         the timesteps t (0 to 1000), CFG in two passes above scale 1; with two experts, each sample to its expert by
-        its t (``model`` is the trained one, the other runs frozen), the low-noise one at ``guidance_scale_2``."""
+        its t (``model`` is the trained one, the other runs frozen; with both trained, ``Experts``), the low-noise
+        one at ``guidance_scale_2``."""
         n = latents.shape[0]
         timesteps = timesteps.expand(n) if timesteps.ndim == 0 else timesteps
         if self.boundary is None:
@@ -159,7 +169,10 @@ class Wan:
         high = timesteps >= self.boundary
         low_scale = guidance_scale if self.guidance_scale_2 is None or negative is None else self.guidance_scale_2
         experts = {"transformer": self.pipe.transformer, "transformer_2": self.pipe.transformer_2}
-        experts[self.denoiser_name] = model
+        if self.both:  # through the trained module itself, so DDP, FSDP and compile see each call
+            experts = {name: functools.partial(model, expert=name) for name in experts}
+        else:
+            experts[self.denoiser_name] = model
         if bool(high.all()) or not bool(high.any()):  # one expert for the whole batch (always, when sampling)
             expert, scale = ("transformer", guidance_scale) if bool(high[0]) else ("transformer_2", low_scale)
             return guided_twice(experts[expert], latents, timesteps, cond, negative, scale)
@@ -184,9 +197,75 @@ class Wan:
         return self.dynamics.prior((n, channels, frames, height // scale, width // scale), generator, device)
 
     def save_lora(self, layers: dict[str, torch.Tensor], folder: Path) -> None:
+        """Each trained expert's LoRA in its own file (HIGH_LORA, LOW_LORA), a "transformer" LoRA either way."""
         from diffusers import WanPipeline
 
-        WanPipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+        if self.both:  # Experts' keys start with the expert's name
+            parts = {
+                name: {k.removeprefix(f"{name}."): v for k, v in layers.items() if k.startswith(f"{name}.")}
+                for name in ("transformer", "transformer_2")
+            }
+        else:
+            parts = {self.denoiser_name: layers}
+        for name, mine in parts.items():
+            weight_name = LOW_LORA if name == "transformer_2" else HIGH_LORA
+            WanPipeline.save_lora_weights(folder, transformer_lora_layers=mine, weight_name=weight_name)
+
+    def load_lora(self, folder: Path) -> None:
+        """A run's ``lora/`` into the pipeline: HIGH_LORA into ``transformer``, LOW_LORA into ``transformer_2``
+        (WanPipeline's ``load_into_transformer_2``), whichever the folder holds."""
+        folder = Path(folder)
+        if (folder / HIGH_LORA).is_file():
+            self.pipe.load_lora_weights(folder, weight_name=HIGH_LORA)
+        if (folder / LOW_LORA).is_file():
+            if self.pipe.transformer_2 is None:
+                raise ValueError(
+                    f"{folder / LOW_LORA}: a low-noise expert's LoRA; this Wan pipeline has one transformer"
+                )
+            self.pipe.load_lora_weights(folder, weight_name=LOW_LORA, load_into_transformer_2=True)
+
+
+class Experts(torch.nn.Module):
+    """Wan2.2's two experts trained together (``pretrained.train_experts both``), as one module: ``forward(...,
+    expert=name)`` calls that transformer, so a distributed wrapper's hooks see every call, and the adapter
+    methods the trainer calls act on both. Its LoRA state dict's keys start with ``transformer.`` or
+    ``transformer_2.``, which ``Wan.save_lora`` splits into the two files."""
+
+    def __init__(self, transformer, transformer_2):
+        super().__init__()
+        self.transformer, self.transformer_2 = transformer, transformer_2
+
+    def forward(self, *args, expert: str, **kwargs):
+        return getattr(self, expert)(*args, **kwargs)
+
+    @property
+    def config(self):  # the experts share their shapes
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def add_adapter(self, config) -> None:
+        for expert in (self.transformer, self.transformer_2):
+            expert.add_adapter(config)
+        self.peft_config = self.transformer.peft_config  # what peft's get_peft_model_state_dict reads
+
+    def disable_adapters(self) -> None:
+        self.transformer.disable_adapters()
+        self.transformer_2.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        self.transformer.enable_adapters()
+        self.transformer_2.enable_adapters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+        self.transformer_2.enable_gradient_checkpointing()
 
 
 def guided_twice(model, latents, timesteps, cond, negative, guidance_scale: float) -> torch.Tensor:

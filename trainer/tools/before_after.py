@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
@@ -38,7 +39,10 @@ class SampleSettings(Bounded, BaseSettings):
     steps: int = Field(20, gt=0)
     guidance_scale: float = 5.0
     eta: float = 1.0
+    resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
+    num_frames: int | None = Field(None, gt=0, description="a video model's frames; default: its pipeline's")
     reward: str | None = Field("compression", description="in-process scorer for the captions (none: no scores)")
+    video_pooling: Literal["mean", "min"] = Field("mean", description="a video's reward from its frames' scores")
     out: Path | None = Field(None, description="where the grid goes (default: before_after.png in the run folder)")
 
     def cli_cmd(self) -> None:
@@ -53,13 +57,15 @@ def render(s: SampleSettings) -> dict:
     import torch
 
     from scorers.scorer import create_scorer
+    from scorers.video import score_videos
     from trainer.config import Config
     from trainer.families.models import load_family, load_tuned
     from trainer.grid import save_sheet
     from trainer.sampling import sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir})
+    frames = {"num_frames": s.num_frames} if s.num_frames else {}  # refused by a family without frames
+    cfg = Config(pretrained={"model": s.model, "cache_dir": s.cache_dir}, sample=frames)
     family = load_family(cfg, device)
     negative = family.encode_prompts([""])
     prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
@@ -75,7 +81,7 @@ def render(s: SampleSettings) -> dict:
             s.steps,
             s.eta,
             s.guidance_scale,
-            family.native_resolution(),
+            s.resolution or family.native_resolution(),
             generator=generator,
         )
         return family.vae.to_uint8(final)
@@ -88,7 +94,14 @@ def render(s: SampleSettings) -> dict:
     if s.reward:
         scorer = create_scorer(s.reward)
         scorer.load("cpu")
-    score = (lambda x: scorer.score(x, prompts, [{}] * len(prompts)).scores) if scorer else (lambda x: [None] * len(x))
+
+    def score(x: "np.ndarray") -> list:  # noqa: F821
+        if scorer is None:
+            return [None] * len(x)
+        if x.ndim == 5:  # videos (N, F, H, W, 3): frame scores pooled per video
+            return score_videos(scorer, x, prompts, pooling=s.video_pooling).scores
+        return scorer.score(x, prompts, [{}] * len(prompts)).scores
+
     r_before, r_after = score(before), score(after)
 
     cells, captions = [], []

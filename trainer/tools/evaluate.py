@@ -46,6 +46,7 @@ class EvalSettings(Bounded, BaseSettings):
     steps: int = Field(40, gt=0, description="deterministic sampler steps")
     guidance_scale: float = Field(5.0, ge=1.0)
     resolution: int | None = Field(None, gt=0, description="pixels; default: the model's native size")
+    num_frames: int | None = Field(None, gt=0, description="a video model's frames; default: its pipeline's")
     batch_size: int = Field(8, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     reward: str = Field("compression", description="a scorer name, or module:function (with --reward_url: a label)")
@@ -56,7 +57,7 @@ class EvalSettings(Bounded, BaseSettings):
     @field_validator("lora")
     @classmethod
     def _lora(cls, folder: Path | None) -> Path | None:
-        return _weights_folder(folder, "pytorch_lora_weights.safetensors", "a run's lora/ folder")
+        return _weights_folder(folder, "pytorch_lora_weights*.safetensors", "a run's lora/ folder")
 
     @field_validator("denoiser")
     @classmethod
@@ -74,13 +75,14 @@ class EvalSettings(Bounded, BaseSettings):
 
 
 def _weights_folder(folder: Path | None, marker: str, what: str) -> Path | None:
-    """A weights folder checked before any model loads: it exists, holds ``marker``, and each safetensors
+    """A weights folder checked before any model loads: it exists, holds ``marker`` (a file name or a glob: Wan2.2's
+    low-noise expert's LoRA alone is pytorch_lora_weights_transformer_2.safetensors), and each safetensors
     file in it has a readable header whose tensors fit the file (a copy cut short fails here)."""
     if folder is None:
         return None
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder")
-    if not (folder / marker).is_file():
+    if not any(path.is_file() for path in folder.glob(marker)):
         raise ValueError(f"{folder} holds no {marker} ({what})")
     if marker == "config.json" and not any(folder.glob("diffusion_pytorch_model*")):
         raise ValueError(f"{folder} holds no diffusion_pytorch_model weights ({what})")
@@ -133,6 +135,7 @@ def run_evaluation(s: EvalSettings) -> dict:
         run={"mixed_precision": s.mixed_precision, "eval_seed": s.seed},
         prompt={"fn": s.prompt_fn, "eval_path": s.prompts, "eval_count": s.count},
         reward={"scorer": s.reward, "url": s.reward_url, "options": s.reward_options},
+        sample={"num_frames": s.num_frames} if s.num_frames else {},  # refused by a family without frames
     )
     prompts, metadata = eval_prompts(cfg, make_prompt_fn(cfg.prompt.fn))
     prompts = [p for p in prompts for _ in range(s.per_prompt)]

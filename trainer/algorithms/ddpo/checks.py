@@ -9,6 +9,11 @@ def check(cfg) -> None:
     """Settings that each make sense alone but contradict each other in a DDPO run."""
     d = cfg.ddpo
     window, last = d.timestep_window, d.timestep_window + d.timestep_window_latest_start
+    if d.timestep_window_earliest_start > d.timestep_window_latest_start:
+        raise ValueError(
+            f"ddpo.timestep_window_earliest_start ({d.timestep_window_earliest_start}) must not exceed "
+            f"ddpo.timestep_window_latest_start ({d.timestep_window_latest_start})"
+        )
     if window and last > cfg.sample.num_steps:
         raise ValueError(
             f"ddpo.timestep_window ({window}) + ddpo.timestep_window_latest_start "

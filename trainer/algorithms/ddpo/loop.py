@@ -7,6 +7,7 @@ train on the stored trajectories, (4) log and checkpoint.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 
@@ -17,6 +18,7 @@ from trainer import epoch as epoch_phases
 from trainer import run as run_setup
 from trainer.evaluate import evaluate_run
 from trainer.algorithms.ddpo.loss import ppo_clip_loss
+from trainer.algorithms.ddpo.trained_steps import draw_window
 from trainer.plan import BatchPlan
 from trainer.sampling import Chunk, Trajectories, rescore
 
@@ -32,16 +34,9 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     guidance = (online.negative if cfg.ddpo.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
     plan = run.plan  # re-planned at the run's first update with train.timesteps_per_forward 0 on a GPU
 
-    def window() -> range | None:
-        """The stochastic, trained steps of the next sampling batch (ddpo.timestep_window)."""
-        if not cfg.ddpo.timestep_window:
-            return None
-        latest = cfg.ddpo.timestep_window_latest_start
-        start = int(run.prompt_rng.integers(latest + 1)) if latest else 0  # the rng a checkpoint keeps
-        return range(start, start + cfg.ddpo.timestep_window)
-
     def collect(epoch: int) -> epoch_phases.Collected:
         trained.model.eval()
+        window = functools.partial(draw_window, cfg.ddpo, run.prompt_rng)  # the rng a checkpoint keeps
         return epoch_phases.collect(run, online, epoch, cfg.sample.eta, window)
 
     upcoming = None

@@ -35,7 +35,13 @@ class DDPOConfig(_Group):
         0,
         ge=0,
         description="the window starts at a step drawn uniformly "
-        "from 0 to this, per sampling batch (0: the first K steps)",
+        "from ddpo.timestep_window_earliest_start to this, per sampling batch (0: the first K steps)",
+    )
+    timestep_window_earliest_start: int = Field(
+        0,
+        ge=0,
+        description="the earliest step the window may start at (Flow-Factory's sde_steps [1, 2, 3]: "
+        "earliest 1, latest 3)",
     )
     decoupled_ppo: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -14,7 +14,19 @@ def trainable_steps(cfg) -> range:
     stochastic = ddpo.timestep_window or num_steps
     count = max(1, int(stochastic * train.timestep_fraction))
     reach = count if train.timestep_selection == "first" else stochastic  # steps past the window's start
-    return range(ddpo.timestep_window_latest_start + reach if ddpo.timestep_window else reach)
+    if not ddpo.timestep_window:
+        return range(reach)
+    return range(ddpo.timestep_window_earliest_start, ddpo.timestep_window_latest_start + reach)
+
+
+def draw_window(ddpo, rng) -> range | None:
+    """The stochastic, trained steps of the next sampling batch (ddpo.timestep_window, Flow-GRPO-Fast): K steps
+    from a start drawn uniformly between the earliest and latest start; None: every step."""
+    if not ddpo.timestep_window:
+        return None
+    earliest, latest = ddpo.timestep_window_earliest_start, ddpo.timestep_window_latest_start
+    start = int(rng.integers(earliest, latest + 1)) if latest > earliest else earliest
+    return range(start, start + ddpo.timestep_window)
 
 
 def last_step_fix(cfg) -> str:
