@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.algorithms.dgpo.loss import dgpo_loss
+from trainer.algorithms.dgpo.loss import clip_mask, dgpo_loss, kl_to_base
 from trainer.config import Config
 
 torch.set_num_threads(1)
@@ -54,6 +54,30 @@ def test_the_loss_is_the_published_formula(clip, beta):
         assert 0 < stats["clip_fraction"] < 1
     weights = stats["group_weight"].item()
     assert 0 < weights < 1 and (beta == 1.0 or abs(weights - 0.5) > 1e-3)
+
+
+def test_the_kl_mask_stops_the_masked_samples_kl_gradient_only():
+    """dgpo.kl_mask: the KL's value is the unmasked mean of (v - v_ref)^2 and its gradient 2 (v - v_ref) / n on
+    the rows the clip leaves, 0 on the rows it masks (written out per row here)."""
+    generator = torch.Generator().manual_seed(1)
+    b, k, size = 4, 2, 6  # B samples at k steps, each prediction of `size` elements, rows sample-major
+    v = torch.randn(b * k, size, generator=generator, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(b * k, size, generator=generator, dtype=torch.float64)
+    dsm = torch.rand(b, k, generator=generator, dtype=torch.float64) * 0.2 + 0.1
+    old = dsm + torch.randn(b, k, generator=generator, dtype=torch.float64) * 0.05
+    a = torch.tensor([1.0, -1.0, 2.0, -0.5], dtype=torch.float64)
+    masked = clip_mask(dsm, old, a, 1e-2)
+    assert 0 < masked.sum() < b * k
+    kl = kl_to_base(v, base, masked)
+    kl.backward()
+    assert kl.item() == pytest.approx(((v - base) ** 2).mean().item(), rel=1e-12)
+    vn, bn = v.detach().numpy(), base.numpy()
+    for row in range(b * k):
+        i, j = divmod(row, k)
+        expected = 0.0 if masked[i, j] else 2 * (vn[row] - bn[row]) / (b * k * size)
+        np.testing.assert_allclose(v.grad[row].numpy(), expected, rtol=1e-12, atol=1e-18)
+    with pytest.raises(ValueError, match="dgpo.kl_mask applies dgpo.clip's mask"):
+        Config(algorithm="dgpo", dgpo={"kl_mask": True}, train={"kl_coef": 0.0})
 
 
 def test_the_gradient_fits_the_better_samples():
@@ -119,7 +143,7 @@ def test_the_settings_are_checked(tmp_path, tiny_cache):
 def test_a_short_run_trains_on_each_family(tmp_path, tiny_cache, preset):
     from trainer import train
 
-    history = train(cfg_for(tmp_path, tiny_cache, preset))
+    history = train(cfg_for(tmp_path, tiny_cache, preset, {"kl_mask": preset == "tiny-sd3"}))  # one with the mask
     assert [m["epoch"] for m in history] == [0, 1] and all(np.isfinite(m["loss"]) for m in history)
     assert history[-1]["global_step"] == 4 and history[-1]["kl_to_reference"] > 0  # the weights moved
     assert 0 < history[-1]["group_weight"] < 1 and "clip_fraction" in history[-1]

@@ -23,6 +23,11 @@ def check(cfg) -> None:
             "finetuning a frozen copy kept for train.kl_coef; enable train.lora, set train.kl_coef or set "
             "dgpo.use_ema_ref"
         )
+    if d.kl_mask and not (d.clip and cfg.train.kl_coef):
+        raise ValueError(
+            f"dgpo.kl_mask applies dgpo.clip's mask to train.kl_coef's KL: it needs both above 0 (dgpo.clip "
+            f"{d.clip}, train.kl_coef {cfg.train.kl_coef})"
+        )
     if cfg.train.batch_size % g:
         raise ValueError(
             f"dgpo: train.batch_size ({cfg.train.batch_size}) must be a multiple of sample.images_per_prompt ({g}): "

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from trainer import epoch as epoch_phases
 from trainer import run as run_setup
-from trainer.algorithms.dgpo.loss import denoising_error, dgpo_loss
+from trainer.algorithms.dgpo.loss import clip_mask, denoising_error, dgpo_loss, kl_to_base
 from trainer.config import Config
 from trainer.families.models import weights_swapped
 from trainer.loss import norm_hinge
@@ -129,14 +129,15 @@ def _loss(run: run_setup.Run, trained: run_setup.Trained, x0, cond, index, noise
     def per_row(p: torch.Tensor) -> torch.Tensor:  # dsm per sample and step, (B, k)
         return denoising_error(p, target).reshape(b, k)
 
-    old_dsm = per_row(old) if old is not None else None
+    dsm, old_dsm = per_row(prediction), per_row(old) if old is not None else None
     ref = old_dsm if d.use_ema_ref else per_row(base)
     loss, stats = dgpo_loss(
-        per_row(prediction), ref, old_dsm if d.clip else None, advantages, cfg.sample.images_per_prompt,
+        dsm, ref, old_dsm if d.clip else None, advantages, cfg.sample.images_per_prompt,
         d.beta_dpo, d.clip, cfg.train.adv_clip_max,
     )  # fmt: skip
     if cfg.train.kl_coef:
-        kl = ((prediction - base) ** 2).mean()
+        masked = clip_mask(dsm.detach(), old_dsm, advantages, d.clip) if d.kl_mask else None
+        kl = kl_to_base(prediction, base, masked)
         loss, stats["kl_to_reference"] = loss + cfg.train.kl_coef * kl, kl.detach()
     if cfg.train.norm_guard_coef:
         hinge, hinge_stats = norm_hinge(prediction, base)

@@ -33,6 +33,16 @@ def clip_mask(dsm: torch.Tensor, old_dsm: torch.Tensor, advantages: torch.Tensor
         return ((ratio > 1 + clip) & (a > 0)) | ((ratio < 1 - clip) & (a <= 0))
 
 
+def kl_to_base(prediction: torch.Tensor, base: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+    """train.kl_coef's KL, the mean of (v_theta - v_ref)^2 over B x k rows (``prediction`` and ``base`` (B k, ...),
+    each sample's k steps contiguous). ``masked`` (B, k): DGPO's option to apply the clip's mask to the KL as
+    well, so a masked row's KL gives no gradient (its value still counts, as a masked dsm's does)."""
+    if masked is None:
+        return ((prediction - base) ** 2).mean()
+    per_row = ((prediction - base) ** 2).reshape(*masked.shape, -1).mean(dim=-1)
+    return torch.where(masked, per_row.detach(), per_row).mean()
+
+
 def dgpo_loss(
     dsm: torch.Tensor,
     ref: torch.Tensor,

@@ -45,6 +45,11 @@ class DGPOConfig(_Group):
         "exp(old_dsm - dsm), a sample's dsm stops its gradient when ratio > 1 + c with A > 0 or ratio < 1 - c "
         "with A <= 0; 0: no clip (1e-2 GenEval; 1e-3..1e-2 with rollout guidance)",
     )
+    kl_mask: bool = Field(
+        False,
+        description="apply the clip's mask to train.kl_coef's KL as well: a masked sample's KL gives no gradient "
+        "(DGPO's option; needs dgpo.clip and train.kl_coef)",
+    )
     use_ema_ref: bool = Field(
         False,
         description="ref_i from the EMA old model instead of the base (the denoiser with its LoRA adapters off, "
