@@ -73,3 +73,24 @@ def test_head_to_head_summary_times_both_methods_to_the_smaller_mean_seen_gain()
 def test_head_to_head_has_no_time_ratio_when_a_method_lost_ground():
     runs = [_run("a", 1, [(0, 0), (10, 2)], 0.0), _run("b", 1, [(0, 0), (10, -1)], 0.0)]
     assert summary(runs, ["a", "b"])["time_to_same_seen_gain"].startswith("undefined")
+
+
+def test_ceiling_measures_against_numbers_worked_by_hand():
+    """bench.ceiling on rendered images: caption A (2 lines in the file) with samples correct, wrong, and B (1
+    line) with none correct; A's two samples are one picture drawn twice (one layout), B's two pictures."""
+    from collections import Counter
+
+    import numpy as np
+
+    from bench.ceiling import layout, measure
+    from scorers import world
+
+    a, b = "a red circle", "a blue square"
+    one, other = world.render(b, 0), world.render(b, 1)
+    assert layout(one) != layout(other) and [o[:2] for o in layout(world.render(a, 3))] == [("red", "circle")]
+    images = np.stack([world.render(a, 3), world.render(a, 3), one, other])
+    correct = np.array([True, False, False, False])
+    result = measure(images, correct, [a, b], 2, Counter([a, a, b]), {a: "single_object", b: "colors"}.get)
+    # accuracy: A 50% (weight 2), B 0% (weight 1) -> 33.3; best of 2: A yes, B no -> 66.7; layouts 1/2 and 2/2
+    assert (result["accuracy"], result["best_of_n"], result["distinct_layouts"]) == (33.3, 66.7, 75.0)
+    assert result["per_category"]["colors"] == {"accuracy": 0.0, "best_of_n": 0.0, "distinct_layouts": 100.0}
