@@ -209,6 +209,16 @@ def test_both_experts_train_and_their_loras_load_back_each_into_its_own(tmp_path
     assert result["lora"] and (tmp_path / "eval" / "eval.png").is_file() and (tmp_path / "eval" / "eval.gif").is_file()
 
 
+def test_labelling_pairs_refuses_a_video_model(tmp_path, tiny_cache):
+    """trainer.label writes image pairs; a video model's samples are refused by name, pointing to online DPO
+    (which trains on tiny-wan below)."""
+    from trainer.tools.label import LabelSettings, label
+
+    settings = LabelSettings(out=tmp_path / "pairs", model="tiny-wan", cache_dir=tiny_cache, pairs=2, steps=2)
+    with pytest.raises(ValueError, match="--model tiny-wan: a video model; preference pairs hold images"):
+        label(settings)
+
+
 def test_the_vae_decodes_and_encodes_videos(tiny_cache):
     """Video latents (N, 16, f, h, w) decode as WanPipeline decodes them (z / (1 / std) + mean per channel, the real
     checkpoints' statistics, far from 0 and 1) to (N, 3, F, H, W) in [0, 1], and encode back to their shape."""

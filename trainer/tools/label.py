@@ -307,6 +307,11 @@ def _sampled(s: LabelSettings):
         if not loaded:
             loaded.append(load_family(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
         family = loaded[0]
+        if "sample.num_frames" in getattr(family, "settings", ()):  # a video family's (trainer/families/models.py)
+            raise ValueError(
+                f"--model {s.model}: a video model; preference pairs hold images (Diffusion-DPO trains on videos "
+                "online, sampling and scoring its own pairs: --algorithm dpo --dpo.online)"
+            )
         part, k = range(index * s.shard_size, min(s.pairs, (index + 1) * s.shard_size)), s.images_per_prompt
         prompts = [drawn[i][0] for i in part for _ in range(k)]
         seeds = [s.seed * 1_000_003 + k * i + j for i in part for j in range(k)]
