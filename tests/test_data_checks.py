@@ -328,7 +328,7 @@ def test_a_lora_or_denoiser_folder_is_checked_before_the_model_loads(tmp_path, c
     (cut / "pytorch_lora_weights.safetensors").write_bytes(whole[:-10])  # a copy cut short
     cases = [
         (["--lora", str(tmp_path / "nowhere")], f"--lora: {tmp_path / 'nowhere'}: no such folder"),
-        (["--lora", str(empty)], f"--lora: {empty} holds no pytorch_lora_weights.safetensors (a run's lora/ folder)"),
+        (["--lora", str(empty)], f"--lora: {empty} holds no pytorch_lora_weights*.safetensors (a run's lora/ folder)"),
         (
             ["--lora", str(damaged)],
             f"--lora: {damaged / 'pytorch_lora_weights.safetensors'} is not a readable safetensors file",
