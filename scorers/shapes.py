@@ -129,9 +129,14 @@ class ShapesVerifier(Scorer):
     name = "shapes"
     description = (
         "fraction of the caption's claims (objects, counts, colours, positions) the image satisfies, "
-        "checked by the shapes world's verifier; 1.0 = fully correct"
+        "checked by the shapes world's verifier; 1.0 = fully correct (option strict: 1 or 0, all claims or not)"
     )
     max_batch = 256
+
+    def __init__(self, strict: bool = False):
+        # strict: 1 only when every claim holds, what the evaluation's accuracy (and GenEval) counts; the
+        # fraction of claims gives partial credit, a denser reward that need not raise the accuracy
+        self.strict = strict
 
     def check(self, prompts, metadata) -> None:
         for i, (prompt, meta) in enumerate(zip(prompts, metadata)):
@@ -142,7 +147,7 @@ class ShapesVerifier(Scorer):
         for i, (image, prompt, meta) in enumerate(zip(images, prompts, metadata)):
             claims = _claims(i, prompt, meta)  # in process nothing called check() first
             score, details = verify(image, claims)
-            scores.append(score)
+            scores.append(float(details["correct"]) if self.strict else score)
             info["category"].append(claims.get("category"))
             for key in ("correct", "failed", "found"):
                 info[key].append(details[key])

@@ -108,6 +108,10 @@ def test_the_scorer_prefers_metadata_claims_and_refuses_other_captions():
     assert out.scores.tolist() == [1.0] and out.info["category"] == ["colors"] and out.info["correct"] == [True]
     with pytest.raises(ValueError, match=r"prompts\.1: caption 'a dog'"):
         scorer.check(["a circle", "a dog"], [{}, {}])
+    images = np.stack([image, world.render("a red circle left of a blue square", 7)])
+    partial = ["a red circle", "a red circle right of a blue square"]  # all claims, then 2 of 3
+    assert scorer.score(images, partial, [{}, {}]).scores.tolist() == [1.0, pytest.approx(2 / 3)]
+    assert ShapesVerifier(strict=True).score(images, partial, [{}, {}]).scores.tolist() == [1.0, 0.0]
 
 
 def test_reward_server_serves_the_verifier(start_server):
