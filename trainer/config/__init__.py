@@ -267,7 +267,7 @@ class Config(BaseSettings):
 
     preset: str = Field(
         "tiny",
-        description="starting point: shapes-nft, shapes-awm, shapes, shapes-nokl, shapes-ddpo, "
+        description="starting point: shapes-sd3-nft, shapes-nft, shapes-awm, shapes, shapes-nokl, shapes-ddpo, "
         "tiny, sd15-compressibility, sd15-aesthetic, sd3-pickscore-nft, ... (-1gpu)",
     )
     config: Path | None = Field(None, description="a JSON or TOML file of settings; the command line wins over it")

@@ -17,8 +17,8 @@ from trainer.prompts import ASSETS
 
 # The shapes world (scorers/world.py): tiny-shapes, pretrained on it, finetuned toward GenEval-style
 # captions as the verifier checks them; evaluated before and after on the held-out captions (60 images per
-# category, deterministic sampling). `python -m trainer` runs "shapes-nft" (DiffusionNFT); what each recipe
-# here measured is in docs/learning.md.
+# category, deterministic sampling). `python -m trainer` runs "shapes-sd3-nft" (DiffusionNFT on the flow-matching
+# world, below); what each recipe here measured is in docs/learning.md.
 _SHAPES = {
     "run": {"num_epochs": 30, "eval_every": 30, "log_images_every": 10},
     "pretrained": {"model": "tiny-shapes"},
@@ -157,7 +157,7 @@ PRESETS["shapes-sd3-grpo-fast"] = _with(
 # DiffusionNFT and AWM as shapes-nft and shapes-awm: ODE rollouts, each image trained at 4 of its 10 steps;
 # rollouts and evaluation without guidance, as both papers sample (guidance 1): both train the conditional
 # velocity alone, and guided rollouts learn far slower (DiffusionNFT's users report the same, NVlabs/DiffusionNFT
-# issue 37; docs/shapes-sd3.md). 130 epochs: about 15 minutes on one core.
+# issue 37; docs/shapes-sd3.md). 130 epochs: about 15 minutes on one core, 10 on two; the command line's default.
 PRESETS["shapes-sd3-nft"] = _with(
     _SHAPES_SD3,
     algorithm="nft",
