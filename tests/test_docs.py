@@ -48,7 +48,7 @@ def test_every_relative_link_resolves(page):
 def test_the_readme_is_a_short_front_door():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 200
-    assert "](bench/figures/shapes_before_after.png)" in readme
+    assert "](bench/figures/shapes_sd3_before_after.png)" in readme
     # .ci/run installs exactly as the README says and runs its test command
     ci = (ROOT / ".ci/run").read_text()
     for command in ("pip install torch==2.13.0", "pip install -e '.[dev]' -c constraints.txt", "python -m pytest -q"):
