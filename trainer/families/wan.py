@@ -40,10 +40,9 @@ What differs from SD3 and FLUX, and where it lives here:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import functools
 
 import torch
 
