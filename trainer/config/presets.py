@@ -157,7 +157,7 @@ PRESETS["shapes-sd3-grpo-fast"] = _with(
 # DiffusionNFT and AWM as shapes-nft and shapes-awm: ODE rollouts, each image trained at 4 of its 10 steps;
 # rollouts and evaluation without guidance, as both papers sample (guidance 1): both train the conditional
 # velocity alone, and guided rollouts learn far slower (DiffusionNFT's users report the same, NVlabs/DiffusionNFT
-# issue 37; docs/shapes-sd3.md). 130 epochs: about 15 minutes on one core, 10 on two; the command line's default.
+# issue 37; docs/shapes-sd3.md). 130 epochs: about 15 minutes on one core, 11 on two; the command line's default.
 PRESETS["shapes-sd3-nft"] = _with(
     _SHAPES_SD3,
     algorithm="nft",
