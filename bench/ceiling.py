@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = FILES[known.prompts].read_text().splitlines()
     weights, captions = Counter(lines), list(dict.fromkeys(lines))
     prompts = [c for c in captions for _ in range(known.n)]
+    claims = {c: world.claims(c) for c in captions}  # parsed once per caption
     if cfg.prompt.fn != "shapes" or cfg.reward.scorer != "shapes":
         raise SystemExit(f"--preset {known.preset}: a shapes-world preset rewarded by its verifier")
     family = load_family(cfg, torch.device("cpu"))
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             family,
             family.denoiser,
             prompts,
-            [{"claims": world.claims(p)} for p in prompts],
+            [{"claims": claims[p]} for p in prompts],
             rewards,
             num_steps=cfg.sample.eval_num_steps or cfg.sample.num_steps,
             guidance_scale=cfg.sample.guidance_scale,
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         rewards.close()
     correct = scored["shapes"].scores == 1.0
-    category = {c: world.claims(c)["category"] for c in captions}.get
+    category = {c: claims[c]["category"] for c in captions}.get
     result = {
         "benchmark": "ceiling",
         "preset": known.preset,

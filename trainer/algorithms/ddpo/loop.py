@@ -34,9 +34,10 @@ def _ddpo(run: run_setup.Run, image_samples_hook) -> list[dict]:
     guidance = (online.negative if cfg.ddpo.cfg else None, cfg.sample.guidance_scale, cfg.sample.eta)
     plan = run.plan  # re-planned at the run's first update with train.timesteps_per_forward 0 on a GPU
 
+    window = functools.partial(draw_window, cfg.ddpo, run.prompt_rng)  # from the rng a checkpoint keeps
+
     def collect(epoch: int) -> epoch_phases.Collected:
         trained.model.eval()
-        window = functools.partial(draw_window, cfg.ddpo, run.prompt_rng)  # the rng a checkpoint keeps
         return epoch_phases.collect(run, online, epoch, cfg.sample.eta, window)
 
     upcoming = None
